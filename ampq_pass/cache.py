@@ -1,0 +1,75 @@
+"""A small on-disk cache of JSON results keyed by content hashes.
+
+Entries are written atomically (temp file + rename), so a killed run never leaves a
+corrupt entry and a rerun picks up every finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import AmpqError
+
+
+def digest(*parts: object) -> str:
+    """A stable sha256 hex digest of JSON-serialisable parts (bytes are hashed raw)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, (bytes, bytearray, memoryview)):
+            h.update(bytes(part))
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """Digest of a model's graph and weights (external data included, once loaded)."""
+    h = hashlib.sha256()
+    for t in model.graph.initializer:
+        h.update(t.name.encode())
+        h.update(t.raw_data if t.raw_data else t.SerializeToString())
+    g = onnx.GraphProto()
+    g.CopyFrom(model.graph)
+    del g.initializer[:]
+    h.update(g.SerializeToString(deterministic=True))
+    return h.hexdigest()
+
+
+class Cache:
+    """JSON entries under ``root/<kind>/<key>.json``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.json"
+
+    def get(self, kind: str, key: str) -> dict | None:
+        try:
+            return json.loads(self.path(kind, key).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def put(self, kind: str, key: str, value: dict) -> None:
+        target = self.path(kind, key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise AmpqError(f"cache directory {self.root}: cannot write ({exc.strerror or exc})") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise AmpqError(f"cache directory {self.root}: cannot write ({exc.strerror or exc})") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,153 @@
+"""Command line: a thin shell over the Python API.
+
+    ampq-pass MODEL -o OUT --plan PLAN [--calib CALIB]   rewrite MODEL with a given plan
+    ampq-pass inspect MODEL [--calib CALIB] [--json]     list quantizable layers
+    ampq-pass demo                                       the embedded default (MiniLM)
+
+Bad input exits with code 2 and one line naming what is wrong; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AmpqError
+
+#: subcommand -> module with ``add_arguments(parser)`` and ``run(args) -> int``; "" = this module.
+#: Modules are imported only when their command runs, so the CLI starts fast.
+COMMANDS = {
+    "inspect": "",
+    "demo": "",
+    "sensitivity": "ampq_pass.cli_sensitivity",
+    "partition": "ampq_pass.cli_partition",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", help=".npz (one array per model input, axis 0 = samples) or a directory of them")
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"],
+                   help="ONNX Runtime calibrator for activation ranges (default: minmax)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
+    p.add_argument("--cache-dir", default=".ampq-cache", help="on-disk cache of ranges and timings")
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    if command == "inspect":
+        p = argparse.ArgumentParser(prog="ampq-pass inspect", description="List the quantizable layers of a model.")
+        p.add_argument("model")
+        add_calib_args(p)
+        p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    elif command in COMMANDS and COMMANDS[command]:
+        import importlib
+
+        module = importlib.import_module(COMMANDS[command])
+        p = argparse.ArgumentParser(prog=f"ampq-pass {command}", description=module.__doc__.strip().splitlines()[0])
+        module.add_arguments(p)
+    elif command == "demo":
+        p = argparse.ArgumentParser(prog="ampq-pass demo", description="Run on the embedded all-MiniLM-L6-v2.")
+        p.add_argument("--out", default="out", help="folder for the exported and rewritten models (default: out)")
+    else:
+        p = argparse.ArgumentParser(
+            prog="ampq-pass", description="Write MODEL with a mixed-precision plan as QDQ nodes.",
+            epilog="Other commands: " + ", ".join(f"ampq-pass {c} -h" for c in COMMANDS))
+        p.add_argument("model")
+        p.add_argument("-o", "--output", required=True, help="output model path (never the input)")
+        p.add_argument("--plan", help='JSON {"formats": {"<node name>": "<format>"}}; unnamed layers stay hp')
+        add_calib_args(p)
+    _common(p)
+    return p
+
+
+def samples_from_args(args, model):
+    from .calibration import load_samples, synthetic_samples
+
+    return load_samples(args.calib, model) if args.calib else synthetic_samples(model)
+
+
+def cmd_inspect(args) -> int:
+    from .layers import find_layers, layer_macs
+    from .model import load_model
+
+    model = load_model(args.model)
+    layers = find_layers(model)
+    samples = samples_from_args(args, model)
+    batch = next(samples.batches(args.batch_size))
+    macs = layer_macs(model, layers, batch)
+    n = len(next(iter(batch.values())))
+    if args.json:
+        print(json.dumps([dict(l.to_dict(), macs=macs[l.name], batch=n) for l in layers], indent=1))
+        return 0
+    from .report_text import table
+
+    rows = [[l.name, l.op_type, "x".join(map(str, l.weight_shape or ())) or "-", f"{macs[l.name] / 1e6:,.1f}",
+             ",".join(l.formats)] for l in layers]
+    print(table(["node", "op", "weight", f"MMACs (batch {n})", "formats"], rows))
+    print(f"{len(layers)} quantizable layers, {sum(macs.values()) / 1e9:.2f} GMACs per batch of {n}")
+    return 0
+
+
+def cmd_rewrite(args) -> int:
+    from .cache import Cache
+    from .layers import find_layers
+    from .model import check_output_path, load_model, save_model
+    from .plan import load_plan, validate_plan
+    from .rewrite import rewrite
+    from .stages import compute_ranges
+
+    model = load_model(args.model)
+    check_output_path(args.output, args.model)
+    if not args.plan:
+        raise AmpqError("--plan is required: the automatic plan (solve stage) is not available in this version")
+    plan = load_plan(args.plan)
+    layers = find_layers(model)
+    validate_plan(plan, layers, source=args.plan)
+    ranges = None
+    if plan.used_formats():
+        samples = samples_from_args(args, model)
+        ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
+                                cache=Cache(args.cache_dir))
+    out = rewrite(model, layers, plan, ranges)
+    save_model(out, args.output, source=args.model)
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[plan.format_of(layer.name)] = counts.get(plan.format_of(layer.name), 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    print(f"wrote {args.output}: {len(layers)} layers ({summary})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv[1:] if command else argv)
+    try:
+        if command == "inspect":
+            return cmd_inspect(args)
+        if command == "demo":
+            from .demo import run_demo
+
+            return run_demo(Path(args.out))
+        if command:
+            import importlib
+
+            return importlib.import_module(COMMANDS[command]).run(args)
+        return cmd_rewrite(args)
+    except AmpqError as exc:
+        if args.debug:
+            raise
+        print(f"ampq-pass: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("ampq-pass: interrupted; finished work is in the cache and a rerun resumes from it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Numeric formats: one small class per format, one table to add a format.
+
+Each format knows three things, and they must agree bit for bit:
+- how a weight is stored and dequantized in the rewritten graph (:meth:`weight_nodes`),
+- how an activation is quantized in the graph (:meth:`activation_nodes`),
+- the same two operations in numpy (:meth:`fake_weight`, :meth:`fake_activation`), which
+  sensitivity uses to compute the quantization errors E^W and E^A of design.md §3.
+
+Graph conventions follow ONNX Runtime's QDQ format so that its CPU EP fuses kernels:
+weights are stored quantized and enter the op through DequantizeLinear; activations go
+through a QuantizeLinear -> DequantizeLinear pair. Scales are derived only from the weight
+itself and from the calibrated :class:`~ampq_pass.calibration.Ranges`, so every stage
+computes the same scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+HP = "hp"
+
+
+@dataclass
+class Emitted:
+    """New initializers and nodes for a rewrite, and the tensor name that replaces the original."""
+
+    initializers: list[TensorProto]
+    nodes: list[onnx.NodeProto]
+    output: str
+
+
+def _per_channel_absmax(w: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is None:
+        return np.asarray(np.abs(w).max(), dtype=np.float32)
+    reduce = tuple(a for a in range(w.ndim) if a != axis)
+    return np.abs(w).max(axis=reduce).astype(np.float32)
+
+
+def _expand(v: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or v.ndim == 0:
+        return v
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def _safe_scale(scale: np.ndarray) -> np.ndarray:
+    # An all-zero channel gets scale 1 (as ONNX Runtime's quantizer does): any scale is exact for 0.
+    scale = np.asarray(scale, dtype=np.float32)
+    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
+
+
+def _dq_node(name: str, inputs: list[str], output: str, axis: int | None, block_size: int | None = None):
+    attrs = {}
+    if axis is not None:
+        attrs["axis"] = axis
+    if block_size is not None:
+        attrs["block_size"] = block_size
+    return helper.make_node("DequantizeLinear", inputs, [output], name=name, **attrs)
+
+
+class Format:
+    """Base class: a format for a layer's weight and (optionally) its input activation."""
+
+    name: str = ""
+    #: minimum default-domain opset for the nodes this format emits
+    opset: int = 13
+    #: bits per stored weight element (memory model)
+    weight_bits: float = 32
+    #: whether the layer's input activation is quantized too
+    quantizes_activation: bool = True
+
+    def fake_weight(self, w: np.ndarray, axis: int | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def fake_activation(self, x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def weight_nodes(self, name: str, w: np.ndarray, axis: int | None) -> Emitted:
+        raise NotImplementedError
+
+    def activation_nodes(self, name: str, lo: float, hi: float) -> Emitted:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+class Int8(Format):
+    """int8: weights symmetric per output channel in [-127, 127]; activations uint8 per tensor
+    with asymmetric scale/zero-point (the U8S8 pair ONNX Runtime's x86 kernels are fastest at)."""
+
+    name = "int8"
+    opset = 13
+    weight_bits = 8
+
+    # ---- parameters
+    @staticmethod
+    def weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
+        # Vectorised over channels; ORT's compute_scale_zp works on one scalar range at a time.
+        # Symmetric int8 in ORT maps [-absmax, absmax] to [-127, 127]: scale = 2*absmax/254.
+        return _safe_scale(_per_channel_absmax(w, axis) * np.float32(2.0) / np.float32(254.0))
+
+    @staticmethod
+    def activation_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+        from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+        zp, scale = compute_scale_zp(np.array(lo, np.float32), np.array(hi, np.float32),
+                                     np.array(0, np.uint8), np.array(255, np.uint8))
+        return np.float32(scale), np.uint8(zp)
+
+    # ---- numpy reference
+    def quantize_weight(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+        scale = self.weight_scale(w, axis)
+        q = np.clip(np.rint(w / _expand(scale, w.ndim, axis)), -127, 127).astype(np.int8)
+        return q, scale
+
+    def fake_weight(self, w, axis):
+        q, scale = self.quantize_weight(w, axis)
+        return (q.astype(np.float32) * _expand(scale, w.ndim, axis)).astype(np.float32)
+
+    def fake_activation(self, x, lo, hi):
+        scale, zp = self.activation_params(lo, hi)
+        q = np.clip(np.rint(x.astype(np.float32) / scale) + np.float32(zp), 0, 255)
+        return ((q - np.float32(zp)) * scale).astype(np.float32)
+
+    # ---- graph
+    def weight_nodes(self, name, w, axis):
+        q, scale = self.quantize_weight(w, axis)
+        base = f"{name}_int8"
+        inits = [numpy_helper.from_array(q, base),
+                 numpy_helper.from_array(scale, base + "_scale"),
+                 numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero_point")]
+        dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale", base + "_zero_point"],
+                      base + "_dequantized", axis if scale.ndim else None)
+        return Emitted(inits, [dq], base + "_dequantized")
+
+    def activation_nodes(self, name, lo, hi):
+        scale, zp = self.activation_params(lo, hi)
+        base = f"{name}_int8"
+        inits = [numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
+                 numpy_helper.from_array(np.asarray(zp, np.uint8), base + "_zero_point")]
+        q = helper.make_node("QuantizeLinear", [name, base + "_scale", base + "_zero_point"],
+                             [base + "_quantized"], name=base + "_QuantizeLinear")
+        dq = _dq_node(base + "_DequantizeLinear", [base + "_quantized", base + "_scale", base + "_zero_point"],
+                      base + "_dequantized", None)
+        return Emitted(inits, [q, dq], base + "_dequantized")
+
+    def bias_nodes(self, name: str, bias: np.ndarray, act_scale: np.float32, w_scale: np.ndarray) -> Emitted:
+        """int32 bias with scale = activation scale x weight scale (what QLinearConv/QGemm expect)."""
+        scale = _safe_scale(np.float32(act_scale) * w_scale.astype(np.float32))
+        q = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = f"{name}_int32"
+        inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                 numpy_helper.from_array(np.zeros(scale.shape, np.int32), base + "_zero_point")]
+        dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale", base + "_zero_point"],
+                      base + "_dequantized", 0 if scale.ndim else None)
+        return Emitted(inits, [dq], base + "_dequantized")
+
+
+class Fp8E4M3(Format):
+    """fp8 e4m3 (finite-only variant): scales map the absmax onto 448, the largest finite value;
+    weights per output channel, activations per tensor. Needs opset 19 QDQ."""
+
+    name = "fp8_e4m3"
+    opset = 19
+    weight_bits = 8
+    MAX = 448.0
+
+    def _scale(self, absmax):
+        return _safe_scale(np.asarray(absmax, np.float32) / np.float32(self.MAX))
+
+    @staticmethod
+    def _to_fp8(v: np.ndarray) -> np.ndarray:
+        # QuantizeLinear saturates by default; a plain cast would turn overflow into NaN.
+        return np.clip(v, -448.0, 448.0).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+
+    def fake_weight(self, w, axis):
+        scale = _expand(self._scale(_per_channel_absmax(w, axis)), w.ndim, axis)
+        return (self._to_fp8(w / scale).astype(np.float32) * scale).astype(np.float32)
+
+    def fake_activation(self, x, lo, hi):
+        scale = self._scale(max(abs(lo), abs(hi)))
+        return (self._to_fp8(x.astype(np.float32) / scale).astype(np.float32) * scale).astype(np.float32)
+
+    def weight_nodes(self, name, w, axis):
+        scale = self._scale(_per_channel_absmax(w, axis))
+        q = self._to_fp8(w / _expand(scale, w.ndim, axis))
+        base = f"{name}_fp8"
+        inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                 numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.float8_e4m3fn), base + "_zero_point")]
+        dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale", base + "_zero_point"],
+                      base + "_dequantized", axis if scale.ndim else None)
+        return Emitted(inits, [dq], base + "_dequantized")
+
+    def activation_nodes(self, name, lo, hi):
+        scale = self._scale(max(abs(lo), abs(hi)))
+        base = f"{name}_fp8"
+        inits = [numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
+                 numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), base + "_zero_point")]
+        q = helper.make_node("QuantizeLinear", [name, base + "_scale", base + "_zero_point"],
+                             [base + "_quantized"], name=base + "_QuantizeLinear")
+        dq = _dq_node(base + "_DequantizeLinear", [base + "_quantized", base + "_scale", base + "_zero_point"],
+                      base + "_dequantized", None)
+        return Emitted(inits, [q, dq], base + "_dequantized")
+
+
+class _Float16Like(Format):
+    """16-bit float: the weight is stored in 16 bits and Cast up into the op; the activation
+    passes a Cast down/up pair. Backends that run 16-bit kernels fold the casts; ONNX
+    Runtime's CPU EP does not, so its adapter does not offer these formats."""
+
+    opset = 13
+    weight_bits = 16
+    np_type: type = np.float16
+    onnx_type: int = TensorProto.FLOAT16
+
+    def fake_weight(self, w, axis):
+        return w.astype(self.np_type).astype(np.float32)
+
+    def fake_activation(self, x, lo, hi):
+        return x.astype(np.float32).astype(self.np_type).astype(np.float32)
+
+    def weight_nodes(self, name, w, axis):
+        base = f"{name}_{self.name}"
+        cast = helper.make_node("Cast", [base], [base + "_float"], name=base + "_Cast", to=TensorProto.FLOAT)
+        return Emitted([numpy_helper.from_array(w.astype(self.np_type), base)], [cast], base + "_float")
+
+    def activation_nodes(self, name, lo, hi):
+        base = f"{name}_{self.name}"
+        down = helper.make_node("Cast", [name], [base], name=base + "_CastDown", to=self.onnx_type)
+        up = helper.make_node("Cast", [base], [base + "_float"], name=base + "_CastUp", to=TensorProto.FLOAT)
+        return Emitted([], [down, up], base + "_float")
+
+
+class Fp16(_Float16Like):
+    name = "fp16"
+    np_type = np.float16
+    onnx_type = TensorProto.FLOAT16
+
+
+class Bf16(_Float16Like):
+    name = "bf16"
+    np_type = ml_dtypes.bfloat16
+    onnx_type = TensorProto.BFLOAT16
+
+
+class Int4(Format):
+    """int4 weight-only, block-wise along the reduction axis (K) with symmetric per-block
+    scales; the blocked DequantizeLinear (opset 21) -> MatMul pattern is what ONNX Runtime
+    fuses into MatMulNBits. Activations stay in high precision."""
+
+    name = "int4"
+    opset = 21
+    weight_bits = 4
+    quantizes_activation = False
+    BLOCK = 32
+
+    def quantize_weight(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, n = w.shape
+        pad = (-k) % self.BLOCK
+        wp = np.pad(w, ((0, pad), (0, 0))) if pad else w
+        blocks = wp.reshape(-1, self.BLOCK, n)
+        scale = _safe_scale(np.abs(blocks).max(axis=1) / np.float32(7.0))  # [K/B, N]
+        q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).reshape(-1, n)[:k]
+        return q.astype(ml_dtypes.int4), scale
+
+    def fake_weight(self, w, axis):
+        q, scale = self.quantize_weight(w)
+        return (q.astype(np.float32) * np.repeat(scale, self.BLOCK, axis=0)[: w.shape[0]]).astype(np.float32)
+
+    def fake_activation(self, x, lo, hi):
+        return x
+
+    def weight_nodes(self, name, w, axis):
+        if w.ndim != 2:
+            raise ValueError(f"int4 block-wise needs a 2-D MatMul weight, {name!r} has shape {list(w.shape)}")
+        q, scale = self.quantize_weight(w)
+        base = f"{name}_int4"
+        inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")]
+        dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale"], base + "_dequantized", 0, self.BLOCK)
+        return Emitted(inits, [dq], base + "_dequantized")
+
+    def activation_nodes(self, name, lo, hi):
+        return Emitted([], [], name)
+
+
+#: The table of formats: add a class above and a line here.
+FORMATS: dict[str, Format] = {f.name: f for f in (Int8(), Fp8E4M3(), Fp16(), Bf16(), Int4())}
+ALL_FORMATS: tuple[str, ...] = (HP, *FORMATS)
+
+
+def get_format(name: str) -> Format:
+    from .errors import AmpqError
+
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise AmpqError(f"unknown format {name!r}; expected one of {', '.join(ALL_FORMATS)}") from None

@@ -1,0 +1,120 @@
+"""Small models built in the tests: an MLP, a residual CNN, a transformer encoder block."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+
+def mlp(seed: int = 0, sizes=(16, 32, 32, 8)) -> onnx.ModelProto:
+    """x -> MatMul+Add -> Relu -> Gemm(transB) -> Relu -> MatMul, built with onnx.helper."""
+    rng = np.random.default_rng(seed)
+    a, b, c, d = sizes
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32) / np.sqrt(a), "w1"),
+        numpy_helper.from_array(rng.standard_normal(b).astype(np.float32) * 0.1, "b1"),
+        numpy_helper.from_array(rng.standard_normal((c, b)).astype(np.float32) / np.sqrt(b), "w2"),
+        numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "b2"),
+        numpy_helper.from_array(rng.standard_normal((c, d)).astype(np.float32) / np.sqrt(c), "w3"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1b"], ["r1"], name="relu1"),
+        helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], name="fc2", transB=1),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "w3"], ["y"], name="fc3"),
+    ]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", a])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes, opset=17) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, buf, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+class ResBlock(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self, c=8, classes=10):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.block1 = ResBlock(c)
+        self.block2 = ResBlock(c)
+        self.head = torch.nn.Linear(c, classes)
+
+    def forward(self, x):
+        h = self.block2(self.block1(torch.relu(self.stem(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def cnn(seed: int = 0) -> onnx.ModelProto:
+    torch.manual_seed(seed)
+    return _export(SmallCNN(), (torch.randn(2, 3, 16, 16),), ["image"], ["logits"],
+                   {"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
+class EncoderBlock(torch.nn.Module):
+    """Post-LN BERT-style block with explicit q/k/v projections and an attention mask."""
+
+    def __init__(self, d=32, heads=4, ff=64):
+        super().__init__()
+        self.h, self.d = heads, d
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.ff1, self.ff2 = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        split = lambda z: z.reshape(b, t, self.h, d // self.h).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.h) ** 0.5 + bias, dim=-1)
+        ctx = (att @ v).transpose(1, 2).reshape(b, t, d)
+        x = self.ln1(x + self.o(ctx))
+        return self.ln2(x + self.ff2(torch.nn.functional.gelu(self.ff1(x))))
+
+
+def transformer_block(seed: int = 0, d: int = 32) -> onnx.ModelProto:
+    torch.manual_seed(seed)
+    return _export(EncoderBlock(d=d), (torch.randn(2, 8, d), torch.ones(2, 8, dtype=torch.int64)),
+                   ["hidden", "mask"], ["out"],
+                   {"hidden": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}, "out": {0: "batch", 1: "seq"}})
+
+
+def feeds_for(model: onnx.ModelProto, n: int = 16, seed: int = 1, seq: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        shape = [n] + [d if d else seq for d in dims[1:]]
+        if tt.elem_type == TensorProto.INT64:
+            arr = np.ones(shape, np.int64)
+            arr[: n // 2, -2:] = 0  # some padding in the mask
+            out[vi.name] = arr
+        else:
+            out[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
