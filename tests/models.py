@@ -118,3 +118,26 @@ def feeds_for(model: onnx.ModelProto, n: int = 16, seed: int = 1, seq: int = 8) 
         else:
             out[vi.name] = rng.standard_normal(shape).astype(np.float32)
     return out
+
+
+def llama_decoder(seed: int = 0, layers: int = 2, hidden: int = 64) -> onnx.ModelProto:
+    """A Llama-style decoder from a transformers config (random init: structure, not quality)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    hf = LlamaForCausalLM(cfg).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, 128, (2, 8))
+    return _export(Wrapper(hf), (ids, torch.ones(2, 8, dtype=torch.int64)), ["input_ids", "attention_mask"], ["logits"],
+                   {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                    "logits": {0: "batch", 1: "seq"}})
