@@ -228,7 +228,12 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
     with tempfile.TemporaryDirectory(prefix="ampq-calib-") as tmp:
         src = Path(tmp) / "model.onnx"
         large = model.ByteSize() > 2**31 - 2**21
-        onnx.save_model(model, str(src), save_as_external_data=large, location="model.onnx.data")
+        if large:
+            from .model import save_external
+
+            save_external(model, src, "model.onnx.data")
+        else:
+            onnx.save_model(model, str(src))
         # ORT's calibrator picks tensors by op type; we narrow to what the plan needs below.
         op_types = sorted({n.op_type for n in model.graph.node if set(n.input) & wanted or set(n.output) & wanted})
         calibrator = create_calibrator(

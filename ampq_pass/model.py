@@ -92,10 +92,15 @@ def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None 
     folder = path.parent
     if not folder.is_dir():
         raise AmpqError(f"{path}: output directory {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise AmpqError(f"{path}: output directory {folder} is not writable")
     if path.is_dir():
         raise AmpqError(f"{path}: output path is a directory, expected a file name")
+    # A real write probe: os.access says yes to root on read-only and virtual filesystems.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise AmpqError(f"{path}: output directory {folder} is not writable ({exc.strerror or exc})") from None
     return path
 
 
@@ -114,10 +119,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     tmp_data = folder / (Path(tmp).name + ".data")
     try:
         if large:
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                location=tmp_data.name, size_threshold=1024,
-            )
+            save_external(model, tmp, tmp_data.name)
             # The model refers to its data file by name: rewrite that name before the renames.
             _relocate_external(tmp, tmp_data.name, data_name)
             os.replace(tmp_data, folder / data_name)
@@ -131,6 +133,19 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
             if leftover.exists():
                 leftover.unlink()
     return path
+
+
+def save_external(model: onnx.ModelProto, path: str | os.PathLike, location: str) -> None:
+    """Save with all tensors in one external file ``location`` beside ``path``.
+
+    onnx's saver moves the tensors out of the in-memory proto; they are read back so the
+    caller's model is unchanged (copying a >2 GB model first would double peak memory).
+    """
+    from onnx.external_data_helper import load_external_data_for_model
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=1024)
+    load_external_data_for_model(model, str(Path(path).parent))
 
 
 def _cheap_size_ok(model: onnx.ModelProto) -> bool:

@@ -16,11 +16,11 @@ def mlp(seed: int = 0, sizes=(16, 32, 32, 8)) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     a, b, c, d = sizes
     inits = [
-        numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32) / np.sqrt(a), "w1"),
+        numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32) / np.float32(np.sqrt(a)), "w1"),
         numpy_helper.from_array(rng.standard_normal(b).astype(np.float32) * 0.1, "b1"),
-        numpy_helper.from_array(rng.standard_normal((c, b)).astype(np.float32) / np.sqrt(b), "w2"),
+        numpy_helper.from_array(rng.standard_normal((c, b)).astype(np.float32) / np.float32(np.sqrt(b)), "w2"),
         numpy_helper.from_array(rng.standard_normal(c).astype(np.float32) * 0.1, "b2"),
-        numpy_helper.from_array(rng.standard_normal((c, d)).astype(np.float32) / np.sqrt(c), "w3"),
+        numpy_helper.from_array(rng.standard_normal((c, d)).astype(np.float32) / np.float32(np.sqrt(c)), "w3"),
     ]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),

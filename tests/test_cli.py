@@ -1,0 +1,134 @@
+"""Bad input: exit code 2, one line naming the file/tensor/node, input untouched, no partial output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from ampq_pass.cli import main
+
+
+@pytest.fixture()
+def work(tmp_path, block_model):
+    src = tmp_path / "block.onnx"
+    onnx.save(block_model, src)
+    np.savez(tmp_path / "calib.npz", **models.feeds_for(block_model, n=8))
+    (tmp_path / "plan.json").write_text(json.dumps({"formats": {"/q/MatMul": "int8", "/ff1/MatMul": "int4"}}))
+    return tmp_path
+
+
+def _fails(capsys, argv, pattern, work):
+    before = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [l for l in err.splitlines() if not l.startswith("WARNING")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    after = {p.name: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    assert after == before  # input untouched, nothing half-written
+    return lines[0]
+
+
+def test_rewrite_with_plan_works(work, capsys):
+    out = work / "out.onnx"
+    rc = main([str(work / "block.onnx"), "-o", str(out), "--plan", str(work / "plan.json"),
+               "--calib", str(work / "calib.npz"), "--cache-dir", str(work / "cache")])
+    assert rc == 0
+    onnx.checker.check_model(onnx.load(out))
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_not_onnx(work, capsys):
+    (work / "junk.onnx").write_text("not a model")
+    _fails(capsys, [work / "junk.onnx", "-o", work / "o.onnx", "--plan", work / "plan.json"], r"junk\.onnx", work)
+
+
+def test_truncated(work, capsys):
+    data = (work / "block.onnx").read_bytes()
+    (work / "cut.onnx").write_bytes(data[: len(data) // 3])
+    _fails(capsys, [work / "cut.onnx", "-o", work / "o.onnx", "--plan", work / "plan.json"], r"cut\.onnx", work)
+
+
+def test_missing_external_data(work, capsys):
+    m = models.transformer_block()
+    onnx.save_model(m, work / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0)
+    os.unlink(work / "ext.bin")
+    _fails(capsys, [work / "ext.onnx", "-o", work / "o.onnx", "--plan", work / "plan.json"],
+           r"external data file .*ext\.bin", work)
+
+
+def test_unknown_node(work, capsys):
+    (work / "bad.json").write_text(json.dumps({"formats": {"/nope/MatMul": "int8"}}))
+    _fails(capsys, [work / "block.onnx", "-o", work / "o.onnx", "--plan", work / "bad.json"],
+           r"node '/nope/MatMul' is not a quantizable layer", work)
+
+
+def test_unknown_format(work, capsys):
+    (work / "bad.json").write_text(json.dumps({"formats": {"/q/MatMul": "int2"}}))
+    _fails(capsys, [work / "block.onnx", "-o", work / "o.onnx", "--plan", work / "bad.json"],
+           r"unknown format 'int2'", work)
+
+
+def test_plan_not_json(work, capsys):
+    (work / "bad.json").write_text("{formats: ")
+    _fails(capsys, [work / "block.onnx", "-o", work / "o.onnx", "--plan", work / "bad.json"], r"bad\.json: not a JSON", work)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda f: f.pop("mask"), r"model input 'mask' is missing"),
+    (lambda f: f.update(mask=f["mask"].astype(np.int32)), r"input 'mask' has dtype int32, expected int64"),
+    (lambda f: f.update(hidden=f["hidden"][..., :5]), r"input 'hidden' has shape \[8, 8, 5\], expected \[batch, seq, 32\]"),
+])
+def test_bad_calibration(work, capsys, change, pattern):
+    feeds = models.feeds_for(models.transformer_block(), n=8)
+    change(feeds)
+    np.savez(work / "bad.npz", **feeds)
+    _fails(capsys, [work / "block.onnx", "-o", work / "o.onnx", "--plan", work / "plan.json", "--calib", work / "bad.npz"],
+           pattern, work)
+
+
+def test_output_is_input(work, capsys):
+    _fails(capsys, [work / "block.onnx", "-o", work / "block.onnx", "--plan", work / "plan.json"],
+           r"block\.onnx: output path is the input model", work)
+
+
+def test_output_dir_missing(work, capsys):
+    _fails(capsys, [work / "block.onnx", "-o", work / "nodir" / "o.onnx", "--plan", work / "plan.json"],
+           r"output directory .*nodir does not exist", work)
+
+
+def test_output_dir_unwritable(work, capsys):
+    if os.geteuid() == 0:
+        target = Path("/sys/o.onnx")  # root may write anywhere but to a virtual filesystem
+    else:
+        ro = work / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "o.onnx"
+    _fails(capsys, [work / "block.onnx", "-o", target, "--plan", work / "plan.json"], r"is not writable", work)
+
+
+def test_debug_shows_traceback(work):
+    (work / "junk.onnx").write_text("not a model")
+    r = subprocess.run([sys.executable, "-m", "ampq_pass.cli", str(work / "junk.onnx"), "-o", str(work / "o.onnx"),
+                        "--plan", str(work / "plan.json"), "--debug"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ampq_pass.cli", str(work / "junk.onnx"), "-o", str(work / "o.onnx"),
+                        "--plan", str(work / "plan.json")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_inspect_json(work, capsys):
+    assert main(["inspect", str(work / "block.onnx"), "--calib", str(work / "calib.npz"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows][:3] == ["/q/MatMul", "/k/MatMul", "/v/MatMul"]
+    assert all({"name", "op_type", "macs"} <= set(r) for r in rows)

@@ -1,0 +1,77 @@
+"""The numpy reference of each format equals what the rewritten ONNX graph computes."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ampq_pass.backends.ort import make_session
+from ampq_pass.formats import FORMATS, Int8, get_format
+from ampq_pass.errors import AmpqError
+
+
+def _run_emitted(emitted, feeds, opset):
+    inputs = [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in feeds.items()]
+    graph = helper.make_graph(emitted.nodes or [helper.make_node("Identity", [emitted.output], ["out"])],
+                              "g", inputs, [helper.make_tensor_value_info(
+                                  emitted.output if emitted.nodes else "out", TensorProto.FLOAT,
+                                  list(next(iter(feeds.values())).shape))],
+                              emitted.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return make_session(model).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_activation_reference_matches_graph(name):
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 64)) * 3).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    got = _run_emitted(fmt.activation_nodes("x", lo, hi), {"x": x}, fmt.opset)
+    np.testing.assert_array_equal(got, fmt.fake_activation(x, lo, hi))
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_weight_reference_matches_graph(name):
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 24)).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero channel must not produce NaN scales
+    emitted = fmt.weight_nodes("w", w, 1)
+    dummy = {"unused": np.zeros(1, np.float32)}
+    graph = helper.make_graph(emitted.nodes, "g", [helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(emitted.output, TensorProto.FLOAT, None)],
+                              emitted.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", fmt.opset)])
+    model.ir_version = 10
+    got = make_session(model).run(None, dummy)[0]
+    ref = fmt.fake_weight(w, 1)
+    np.testing.assert_array_equal(got, ref)
+    assert np.all(np.isfinite(ref)) and np.all(ref[:, 3] == 0)
+
+
+def test_int8_weight_error_bound_and_symmetry():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    q, scale = Int8().quantize_weight(w, 1)
+    assert q.min() >= -127 and q.max() <= 127
+    assert np.all(np.abs(Int8().fake_weight(w, 1) - w) <= scale[None, :] / 2 + 1e-7)
+    # each channel's absmax lands on +-127
+    assert np.all(np.abs(q).max(axis=0) == 127)
+
+
+def test_int4_blocks_along_k():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((70, 8)).astype(np.float32)  # K not a multiple of the block
+    fmt = FORMATS["int4"]
+    q, scale = fmt.quantize_weight(w)
+    assert q.shape == w.shape and scale.shape == (3, 8)
+    err = np.abs(fmt.fake_weight(w, 1) - w)
+    assert np.all(err <= np.repeat(scale, 32, axis=0)[:70] / 2 + 1e-6)
+
+
+def test_unknown_format():
+    with pytest.raises(AmpqError, match="unknown format 'int3'"):
+        get_format("int3")

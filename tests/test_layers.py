@@ -1,0 +1,35 @@
+import numpy as np
+
+import models
+from ampq_pass.layers import count_macs, find_layers, layer_macs
+
+
+def test_mlp_layers(mlp_model):
+    layers = find_layers(mlp_model)
+    assert [(l.name, l.op_type) for l in layers] == [("fc1", "MatMul"), ("fc2", "Gemm"), ("fc3", "MatMul")]
+    fc2 = layers[1]
+    assert fc2.weight_shape == (32, 32) and fc2.channel_axis == 0  # transB=1: weight is [N, K]
+    assert "int4" in layers[0].formats and "int4" not in fc2.formats
+
+
+def test_cnn_and_block_layers(cnn_model, block_model):
+    cnn = find_layers(cnn_model)
+    assert [l.op_type for l in cnn] == ["Conv"] * 5 + ["Gemm"]
+    assert all(l.channel_axis == 0 for l in cnn[:5])
+    block = find_layers(block_model)
+    assert len(block) == 6 and all(l.op_type == "MatMul" for l in block)
+    # attention-score MatMuls have no constant weight: only listed on request
+    with_act = find_layers(block_model, activation_matmuls=True)
+    assert len(with_act) == 8
+    assert sum(l.weight is None for l in with_act) == 2
+
+
+def test_macs_match_hand_count(mlp_model, cnn_model):
+    feeds = {"x": np.zeros((4, 16), np.float32)}
+    macs = layer_macs(mlp_model, find_layers(mlp_model), feeds)
+    assert macs == {"fc1": 4 * 16 * 32, "fc2": 4 * 32 * 32, "fc3": 4 * 32 * 8}
+    layers = find_layers(cnn_model)
+    macs = layer_macs(cnn_model, layers, {"image": np.zeros((2, 3, 16, 16), np.float32)})
+    assert macs["/stem/Conv"] == 2 * 8 * 16 * 16 * (3 * 3 * 3)
+    assert macs["/block1/conv1/Conv"] == 2 * 8 * 16 * 16 * (8 * 3 * 3)
+    assert count_macs(layers[-1], (2, 8), (2, 10)) == 2 * 10 * 8
