@@ -1,0 +1,293 @@
+"""Measured time gain per subgraph configuration (design.md §3 "Time gain", "Timing protocol").
+
+For each sequential subgraph: extract it as a standalone model, rewrite it once per
+configuration with the same :class:`Ranges` as everywhere, time all configurations of
+that subgraph *together* (interleaved) on real activations captured at its inputs, and
+record ``gain = T(hp) - T(config)`` with its noise. A gain inside the noise counts as zero
+and is flagged. Results are cached on disk per subgraph, keyed by what the timing depends
+on, so a rerun times nothing it knows and an interrupted run resumes at the first
+subgraph it had not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Union
+
+import numpy as np
+import onnx
+
+from .backends.base import Backend, CostModel, Timing, median_ci
+from .cache import Cache, digest, model_digest
+from .calibration import Ranges
+from .errors import AmpqError
+from .formats import HP
+from .layers import Layer
+from .plan import Plan
+from .rewrite import rewrite
+
+Measurer = Union[Backend, CostModel]
+
+#: bump when the meaning of a cached entry changes
+_CACHE_VERSION = 1
+
+
+@dataclass
+class ConfigGain:
+    """One configuration of one subgraph: ``gain`` is ``measured_gain`` or 0 when not significant."""
+
+    formats: dict[str, str]
+    time: float
+    gain: float
+    noise: float
+    significant: bool
+    measured_gain: float
+    ci: tuple[float, float] = (math.nan, math.nan)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ci"] = list(self.ci)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ConfigGain":
+        return cls(dict(d["formats"]), float(d["time"]), float(d["gain"]), float(d["noise"]), bool(d["significant"]),
+                   float(d["measured_gain"]), tuple(float(x) for x in d.get("ci", (math.nan, math.nan))))
+
+
+@dataclass
+class SubgraphGains:
+    index: int
+    name: str
+    layers: list[str]
+    hp_time: float
+    configs: list[ConfigGain]
+    cached: bool = False
+
+    def lookup(self, formats: dict[str, str]) -> ConfigGain:
+        """The configuration that gives each layer of this subgraph its format in ``formats``."""
+        want = {l: formats.get(l, HP) for l in self.layers}
+        for c in self.configs:
+            if {l: c.formats.get(l, HP) for l in self.layers} == want:
+                return c
+        raise AmpqError(f"subgraph {self.index} ({self.name}): configuration {want} was not timed "
+                        f"(tied layers must share one format)")
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "name": self.name, "layers": list(self.layers), "hp_time": self.hp_time,
+                "configs": [c.to_json() for c in self.configs], "cached": self.cached}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SubgraphGains":
+        return cls(int(d["index"]), d["name"], list(d["layers"]), float(d["hp_time"]),
+                   [ConfigGain.from_json(c) for c in d["configs"]], bool(d.get("cached", False)))
+
+
+@dataclass
+class GainTable:
+    """Per subgraph: hp time and every configuration's time, gain and noise; plain data."""
+
+    backend: str
+    key: dict
+    unit: str
+    subgraphs: list[SubgraphGains] = field(default_factory=list)
+    #: measured end-to-end hp time of the whole model (same unit), when it was measured
+    hp_total: float | None = None
+    hp_total_noise: float | None = None
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "key": self.key, "unit": self.unit, "hp_total": self.hp_total,
+                "hp_total_noise": self.hp_total_noise, "subgraphs": [s.to_json() for s in self.subgraphs]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "GainTable":
+        return cls(d["backend"], dict(d["key"]), d["unit"], [SubgraphGains.from_json(s) for s in d["subgraphs"]],
+                   d.get("hp_total"), d.get("hp_total_noise"))
+
+    def total_gain(self, formats: dict[str, str] | Plan) -> float:
+        """G(plan) = sum over subgraphs of the chosen configuration's gain."""
+        formats = formats.formats if isinstance(formats, Plan) else formats
+        return float(sum(s.lookup(formats).gain for s in self.subgraphs))
+
+    @property
+    def n_configs(self) -> int:
+        return sum(len(s.configs) for s in self.subgraphs)
+
+
+def predict_speedup(table: GainTable, plan_formats: dict[str, str] | Plan, *, significant_only: bool = True) -> float:
+    """``T_hp_total / (T_hp_total - sum_s g_s)`` for the plan, from the gain table alone.
+
+    ``T_hp_total`` is the measured end-to-end hp time; without it (a table built without
+    model inputs) the sum of the subgraphs' hp times stands in, which leaves out the
+    side chains and is said here rather than hidden. With ``significant_only=False`` the
+    raw measured gains are used, noise included.
+    """
+    formats = plan_formats.formats if isinstance(plan_formats, Plan) else plan_formats
+    total = table.hp_total if table.hp_total is not None else sum(s.hp_time for s in table.subgraphs)
+    pick = (lambda c: c.gain) if significant_only else (lambda c: c.measured_gain)
+    gain = sum(pick(s.lookup(formats)) for s in table.subgraphs)
+    if total - gain <= 0:
+        raise AmpqError(f"predicted time is not positive (T_hp {total:.4g} - gain {gain:.4g}); the gain table is inconsistent")
+    return float(total / (total - gain))
+
+
+# ----------------------------------------------------------------------------- keys
+
+def input_signature(inputs: list[dict[str, np.ndarray]]) -> list:
+    """Shapes and dtypes of the timing inputs: they set the time; their values barely do,
+    and keying on values would make every new calibration set re-time everything."""
+    return [sorted((k, str(v.dtype), list(v.shape)) for k, v in feeds.items()) for feeds in inputs]
+
+
+def subgraph_key(sub: onnx.ModelProto, configs: list[dict[str, str]], inputs: list[dict[str, np.ndarray]],
+                 measurer: Measurer) -> str:
+    """Cache key: subgraph (ops, attributes, shapes, dtypes, weight digests via
+    :func:`model_digest`), configurations, input shapes and the backend key.
+
+    The calibrated ranges are not part of it: they only change scale values, not which
+    kernels run, so they do not change the time.
+    """
+    canon = [sorted(c.items()) for c in configs]
+    return digest("gain", _CACHE_VERSION, model_digest(sub), canon, input_signature(inputs), measurer.key())
+
+
+# ----------------------------------------------------------------------------- one subgraph
+
+def config_name(formats: dict[str, str]) -> str:
+    used = sorted((l, f) for l, f in formats.items() if f != HP)
+    return ",".join(f"{l}={f}" for l, f in used) or HP
+
+
+def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]], ranges: Ranges | None,
+                  inputs: list[dict[str, np.ndarray]], measurer: Measurer, *, index: int = 0, name: str = "",
+                  cache: Cache | None = None) -> SubgraphGains:
+    """Time every configuration of one standalone subgraph model (hp first) and derive gains."""
+    names = [l.name for l in layers]
+    configs = [{l: c.get(l, HP) for l in names} for c in configs]
+    hp_config = {l: HP for l in names}
+    if hp_config not in configs:
+        configs = [hp_config] + configs
+    key = subgraph_key(sub, configs, inputs, measurer)
+    if cache is not None and (hit := cache.get("gain", key)) is not None:
+        out = SubgraphGains.from_json(hit)
+        out.index, out.name, out.cached = index, name, True
+        return out
+
+    labels = [config_name(c) for c in configs]
+    if isinstance(measurer, CostModel):
+        timings = {lab: Timing.exact(measurer.cost(sub, layers, c, inputs)) for lab, c in zip(labels, configs)}
+    else:
+        models = {lab: rewrite(sub, layers, Plan(dict(c)), ranges) for lab, c in zip(labels, configs)}
+        timings = measurer.time(models, inputs)
+    hp = timings[config_name(hp_config)]
+    results = []
+    for lab, c in zip(labels, configs):
+        t = timings[lab]
+        measured = hp.median - t.median
+        noise = gain_noise(hp, t)
+        significant = abs(measured) > noise
+        results.append(ConfigGain(dict(c), t.median, measured if significant else 0.0, noise, significant,
+                                  measured, (t.ci_low, t.ci_high)))
+    out = SubgraphGains(index, name, names, hp.median, results)
+    if cache is not None:
+        cache.put("gain", key, out.to_json())
+    return out
+
+
+def gain_noise(hp: Timing, other: Timing) -> float:
+    """Half-width of the 95% CI of the gain.
+
+    Interleaved rounds pair the samples (same round, same inputs), so the CI of the
+    median of per-round differences is used: drift common to both cancels. Unpaired
+    samples fall back to combining the two medians' half-widths in quadrature.
+    """
+    if hp is other:
+        return 0.0
+    a, b = np.asarray(hp.samples), np.asarray(other.samples)
+    if len(a) == len(b) and len(a) >= 2:
+        lo, hi = median_ci(a - b)
+        return float((hi - lo) / 2.0)
+    return float(math.hypot(hp.half_width, other.half_width))
+
+
+# ----------------------------------------------------------------------------- whole model
+
+def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: Ranges | None,
+               inputs_by_subgraph: dict[int, list[dict[str, np.ndarray]]], backend: Measurer, *,
+               formats: Iterable[str] | None = None, cache: Cache | None = None, progress: bool = True,
+               model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None) -> GainTable:
+    """The gain table of every configuration of every subgraph of ``partition``.
+
+    ``formats`` narrows the candidates; only formats the backend runs fast are used.
+    ``model_inputs`` (batches for the whole model) also measures the end-to-end hp time
+    that :func:`predict_speedup` divides by. ``max_batches`` bounds the captured batches
+    used per subgraph (one batch per timing round, cycled).
+    """
+    from .partition import configs as partition_configs
+    from .subgraphs import extract
+
+    caps = backend.capabilities()
+    wanted = caps.formats if formats is None else caps.filter(tuple(formats))
+    by_name = {l.name: l for l in layers}
+    table = GainTable(getattr(backend, "name", type(backend).__name__), backend.key(), backend.unit)
+    plan_cfgs = [(sg, partition_configs(sg, wanted)) for sg in partition.subgraphs]
+    total = sum(len(c) for _, c in plan_cfgs)
+    bar = _progress(total, progress, backend)
+    try:
+        for sg, cfgs in plan_cfgs:
+            sub_layers = [by_name[_layer_name(l)] for l in sg.layers]
+            inputs = inputs_by_subgraph.get(sg.index)
+            if not inputs:
+                raise AmpqError(f"subgraph {sg.index} ({sg.name}): no captured inputs to time it on")
+            if max_batches is not None:
+                inputs = inputs[:max_batches]
+            bar.set_postfix_str(f"subgraph {sg.index} {sg.name}"[:40])
+            sub = extract(model, sg)
+            table.subgraphs.append(time_subgraph(sub, sub_layers, cfgs, ranges, inputs, backend,
+                                                 index=sg.index, name=sg.name, cache=cache))
+            bar.update(len(cfgs))
+    finally:
+        bar.close()
+    if model_inputs:
+        table.hp_total, table.hp_total_noise = measure_hp_total(model, layers, model_inputs, backend, cache=cache)
+    return table
+
+
+def _layer_name(layer) -> str:
+    return layer if isinstance(layer, str) else layer.name
+
+
+def measure_hp_total(model: onnx.ModelProto, layers: list[Layer], inputs: list[dict[str, np.ndarray]],
+                     backend: Measurer, *, cache: Cache | None = None) -> tuple[float, float]:
+    """End-to-end hp time of the whole model (median, CI half-width), cached like a subgraph."""
+    if isinstance(backend, CostModel):
+        return backend.cost(model, layers, {}, inputs), 0.0
+    key = digest("hp_total", _CACHE_VERSION, model_digest(model), input_signature(inputs), backend.key())
+    if cache is not None and (hit := cache.get("gain", key)) is not None:
+        return float(hit["median"]), float(hit["noise"])
+    t = backend.time({"hp": model}, inputs)["hp"]
+    if cache is not None:
+        cache.put("gain", key, {"median": t.median, "noise": t.half_width})
+    return t.median, t.half_width
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool, backend: Measurer):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"timing on {getattr(backend, 'name', '')}", unit="config")
+
+
+def table_json(table: GainTable) -> str:
+    return json.dumps(table.to_json(), indent=1)

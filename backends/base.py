@@ -1,0 +1,203 @@
+"""The backend interface (design.md §4) and the timing protocol shared by all adapters.
+
+A :class:`Backend` times several configurations of one subgraph *together*: every round
+runs each configuration once, in a rotating order, so drift of a shared, noisy machine
+(frequency scaling, other processes) hits all configurations alike and per-round
+differences cancel it. A :class:`CostModel` answers the same question from a formula
+(MAC counts, bytes) and needs no hardware; both produce the same gain table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from ..layers import Layer
+
+#: two-sided 95% normal quantile, for the order-statistic confidence interval of a median
+_Z95 = 1.959963984540054
+
+
+def median_ci(samples: list[float] | np.ndarray, z: float = _Z95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median from order statistics.
+
+    The number of samples below the true median is Binomial(n, 1/2); with its normal
+    approximation the interval is [x_(j), x_(k)] with j, k = n/2 -+ z*sqrt(n)/2. Timing
+    samples are skewed (a run can only be slowed down), so a mean +- sd interval would
+    be wrong; order statistics need no distribution.
+    """
+    a = np.sort(np.asarray(samples, dtype=float))
+    n = len(a)
+    if n == 0:
+        return (math.nan, math.nan)
+    half = z * math.sqrt(n) / 2.0
+    lo = max(int(math.floor(n / 2.0 - half)), 0)
+    hi = min(int(math.ceil(n / 2.0 + half)), n - 1)
+    return float(a[lo]), float(a[hi])
+
+
+@dataclass
+class Timing:
+    """Seconds (or cost units) per run: median, its 95% CI, p90-p10 spread and every sample.
+
+    ``samples`` are kept in round order: sample ``r`` of two configurations timed by
+    :func:`interleave` ran in the same round, which lets callers pair them.
+    """
+
+    median: float
+    ci_low: float
+    ci_high: float
+    spread: float
+    samples: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, samples: list[float]) -> "Timing":
+        a = np.asarray(samples, dtype=float)
+        lo, hi = median_ci(a)
+        return cls(float(np.median(a)), lo, hi, float(np.percentile(a, 90) - np.percentile(a, 10)),
+                   [float(x) for x in a])
+
+    @classmethod
+    def exact(cls, value: float) -> "Timing":
+        """A cost without noise (cost models)."""
+        return cls(float(value), float(value), float(value), 0.0, [float(value)])
+
+    @property
+    def half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2.0
+
+    @property
+    def p10(self) -> float:
+        return float(np.percentile(self.samples, 10))
+
+    @property
+    def p90(self) -> float:
+        return float(np.percentile(self.samples, 90))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Timing":
+        return cls(float(data["median"]), float(data["ci_low"]), float(data["ci_high"]), float(data["spread"]),
+                   [float(x) for x in data.get("samples", [])])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How long to measure: warm-up runs, then rounds until every configuration's median
+    is known to within ``rel_ci`` (95% CI half-width / median), or a cap is hit."""
+
+    warmup: int = 3
+    min_repeats: int = 7
+    max_repeats: int = 50
+    rel_ci: float = 0.02
+    #: wall-clock cap per call of :func:`interleave` (seconds); ``None``: no cap
+    max_seconds: float | None = 60.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def interleave(runners: Mapping[str, Callable[[int], None]], protocol: Protocol, *, n_inputs: int = 1,
+               clock: Callable[[], float] = time.perf_counter,
+               sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Time ``runners`` round-robin by ``protocol``; ``runner(i)`` runs once on input batch ``i``.
+
+    Round ``r`` feeds batch ``r % n_inputs`` to every runner, so configurations are paired
+    on identical inputs; the order inside a round rotates so that no configuration always
+    runs right after the same neighbour (cache warmth, thread wake-up). ``sync`` is called
+    after each run, inside the timed region, for asynchronous devices.
+    """
+    if not runners:
+        return {}
+    keys = list(runners)
+    for key in keys:  # warm-up: first runs allocate, pre-pack weights and JIT kernels
+        for i in range(protocol.warmup):
+            runners[key](i % n_inputs)
+            if sync:
+                sync()
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    start = clock()
+    for rnd in range(protocol.max_repeats):
+        batch = rnd % n_inputs
+        shift = rnd % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            t0 = clock()
+            runners[key](batch)
+            if sync:
+                sync()
+            samples[key].append(clock() - t0)
+        if rnd + 1 >= protocol.min_repeats and _tight(samples, protocol.rel_ci):
+            break
+        if protocol.max_seconds is not None and clock() - start > protocol.max_seconds:
+            break
+    return {k: Timing.of(v) for k, v in samples.items()}
+
+
+def _tight(samples: dict[str, list[float]], rel_ci: float) -> bool:
+    for values in samples.values():
+        lo, hi = median_ci(values)
+        med = float(np.median(values))
+        if med <= 0 or (hi - lo) / 2.0 > rel_ci * med:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Formats a backend runs *fast* (never ones it would emulate slowly), its high-precision
+    format and the device it runs on."""
+
+    formats: tuple[str, ...]
+    hp: str
+    device: str
+
+    def filter(self, formats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """``formats`` restricted to what this backend offers, in the caller's order."""
+        return tuple(f for f in formats if f in self.formats)
+
+
+class Backend(ABC):
+    """Something that measures subgraph configurations."""
+
+    name: str = ""
+    #: unit of the numbers in :meth:`time`'s Timings
+    unit: str = "s"
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def key(self) -> dict:
+        """Everything a timing depends on besides the model: backend, provider, device,
+        library versions, threads, protocol. Part of every cache key."""
+
+    @abstractmethod
+    def time(self, models: dict[str, onnx.ModelProto], inputs: list[dict[str, np.ndarray]]) -> dict[str, Timing]:
+        """Time every model (configurations of one subgraph) interleaved, on ``inputs``."""
+
+
+class CostModel(ABC):
+    """A formula instead of a measurement; same table shape, no hardware, no noise."""
+
+    name: str = ""
+    unit: str = ""
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def key(self) -> dict: ...
+
+    @abstractmethod
+    def cost(self, model: onnx.ModelProto, layers: list[Layer], formats: dict[str, str],
+             inputs: list[dict[str, np.ndarray]]) -> float:
+        """Cost of one run of ``model`` (a subgraph or the whole model) with ``formats``
+        applied to ``layers`` (layers not named stay hp)."""
