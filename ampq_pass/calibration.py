@@ -209,22 +209,34 @@ class Ranges:
 def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, method: str = "minmax",
               batch_size: int = 8, percentile: float = 99.999) -> Ranges:
     """Ranges of ``tensors`` over ``samples`` with ONNX Runtime's calibrator for ``method``."""
-    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+    from onnxruntime.quantization import calibrate as ort_calibrate
 
     if method not in CALIBRATION_METHODS:
         raise AmpqError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     wanted = set(tensors)
 
-    class Reader(CalibrationDataReader):
+    class Reader(ort_calibrate.CalibrationDataReader):
         def __init__(self):
             self._it = samples.batches(batch_size)
 
         def get_next(self):
             return next(self._it, None)
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    extra = {"percentile": percentile} if method == "percentile" else {}
+    # ONNX Runtime's calibrators pick tensors by op type (every input and output of every
+    # MatMul, say, attention-mask additions included, whose -inf-like values break the
+    # histogram calibrators). Narrow the selection to exactly the tensors a plan needs.
+    base = {"minmax": ort_calibrate.MinMaxCalibrater, "percentile": ort_calibrate.PercentileCalibrater,
+            "entropy": ort_calibrate.EntropyCalibrater}[method]
+
+    class Narrowed(base):
+        def select_tensors_to_calibrate(self, model):
+            found, value_infos = super().select_tensors_to_calibrate(model)
+            return found & wanted, value_infos
+
+    # The same per-method settings as onnxruntime.quantization.calibrate.create_calibrator.
+    options = {"minmax": {"symmetric": False, "moving_average": False},
+               "percentile": {"symmetric": True, "num_bins": 2048, "percentile": percentile},
+               "entropy": {"symmetric": False, "num_bins": 128, "num_quantized_bins": 128}}[method]
     with tempfile.TemporaryDirectory(prefix="ampq-calib-") as tmp:
         src = Path(tmp) / "model.onnx"
         large = model.ByteSize() > 2**31 - 2**21
@@ -234,13 +246,12 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
             save_external(model, src, "model.onnx.data")
         else:
             onnx.save_model(model, str(src))
-        # ORT's calibrator picks tensors by op type; we narrow to what the plan needs below.
         op_types = sorted({n.op_type for n in model.graph.node if set(n.input) & wanted or set(n.output) & wanted})
-        calibrator = create_calibrator(
-            src, op_types, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=methods[method], use_external_data_format=large,
-            providers=["CPUExecutionProvider"], extra_options=extra,
-        )
+        calibrator = Narrowed(src, op_types, str(Path(tmp) / "augmented.onnx"),
+                              use_external_data_format=large, **options)
+        calibrator.augment_graph()
+        calibrator.execution_providers = ["CPUExecutionProvider"]
+        calibrator.create_inference_session()
         calibrator.collect_data(Reader())
         data = calibrator.compute_data()
     found = {}
