@@ -1,0 +1,807 @@
+"""Evaluate an ONNX graph node by node with torch ops, so that gradients can be taken.
+
+Sensitivity (design.md §3) needs dL/dW and dL/dA for every quantizable layer at the
+high-precision point. ONNX Runtime has no autograd, so the graph is re-evaluated here
+with torch: one small function per op and ONE table, :data:`OPS`, at the bottom of this
+file (add an op: write a function, add a line). Every op type of a model is checked
+against the table before anything runs, so a missing op costs no compute.
+
+Hooks let a caller see and replace the tensors a node reads and writes (e.g. swap a
+weight for a leaf that requires grad, add a zero leaf to a layer's input to get the
+gradient of that use only). Float tensors are evaluated in ``dtype`` (float32 by
+default, float64 for reference gradients); integer and boolean tensors keep their ONNX
+types, as shape arithmetic needs exact integer semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+
+from .errors import AmpqError
+
+#: hook(node input/output index, tensor) -> tensor to use instead
+Hook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What an op function may know about its node besides its inputs."""
+
+    node: onnx.NodeProto
+    opset: int
+    dtype: torch.dtype  # the executor's float type: ONNX FLOAT maps to it
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def attr(self, name: str, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                value = helper.get_attribute_value(a)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+    def torch_type(self, onnx_type: int) -> torch.dtype:
+        if onnx_type == onnx.TensorProto.FLOAT:
+            return self.dtype
+        return _TORCH_TYPES[onnx_type]
+
+    def fail(self, message: str) -> AmpqError:
+        return AmpqError(f"node {self.name!r} ({self.node.op_type}): {message}")
+
+
+_TORCH_TYPES = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+def to_torch(array: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A torch tensor of ``array``; float32/float64 data becomes ``dtype``, other types stay."""
+    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array, copy=True))
+    if t.dtype in (torch.float32, torch.float64) and t.dtype != dtype:
+        t = t.to(dtype)
+    return t
+
+
+def _ints(t: torch.Tensor | None) -> list[int]:
+    return [] if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# ============================================================================ elementwise
+
+def _add(ctx, a, b):
+    return a + b
+
+
+def _sub(ctx, a, b):
+    return a - b
+
+
+def _mul(ctx, a, b):
+    return a * b
+
+
+def _div(ctx, a, b):
+    if not a.is_floating_point() and not b.is_floating_point():
+        return torch.div(a, b, rounding_mode="trunc")  # ONNX integer Div truncates
+    return a / b
+
+
+def _pow(ctx, a, b):
+    if b.numel() == 1 and a.is_floating_point():
+        e = b.reshape(()).item()
+        if e == 2:  # x*x has the exact gradient 2x and matches ORT's Pow(x, 2) bit for bit
+            return a * a
+        return torch.pow(a, e)
+    return torch.pow(a, b.to(a.dtype) if a.is_floating_point() else b)
+
+
+def _mod(ctx, a, b):
+    return torch.fmod(a, b) if ctx.attr("fmod", 0) else torch.remainder(a, b)
+
+
+def _unary(fn):
+    return lambda ctx, x: fn(x)
+
+
+def _leaky_relu(ctx, x):
+    return F.leaky_relu(x, ctx.attr("alpha", 0.01))
+
+
+def _elu(ctx, x):
+    return F.elu(x, ctx.attr("alpha", 1.0))
+
+
+def _prelu(ctx, x, slope):
+    return torch.where(x < 0, x * slope, x)
+
+
+def _hard_sigmoid(ctx, x):
+    return torch.clamp(ctx.attr("alpha", 0.2) * x + ctx.attr("beta", 0.5), 0, 1)
+
+
+def _hard_swish(ctx, x):
+    return x * torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+def _gelu(ctx, x):
+    return F.gelu(x, approximate=ctx.attr("approximate", "none"))
+
+
+def _clip(ctx, x, lo=None, hi=None):
+    if ctx.opset < 11:
+        lo, hi = ctx.attr("min", None), ctx.attr("max", None)
+    lo = lo.item() if isinstance(lo, torch.Tensor) else lo
+    hi = hi.item() if isinstance(hi, torch.Tensor) else hi
+    return torch.clamp(x, lo, hi)
+
+
+def _variadic(fn):
+    def run(ctx, *xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return run
+
+
+def _mean(ctx, *xs):
+    return _variadic(torch.add)(ctx, *xs) / len(xs)
+
+
+def _cast(ctx, x):
+    return x.to(ctx.torch_type(ctx.attr("to")))
+
+
+def _cast_like(ctx, x, like):
+    return x.to(like.dtype)
+
+
+def _where(ctx, c, a, b):
+    return torch.where(c, a, b)
+
+
+def _compare(fn):
+    return lambda ctx, a, b: fn(a, b)
+
+
+def _identity(ctx, x):
+    return x
+
+
+def _dropout(ctx, x, *rest):
+    return x, torch.ones_like(x, dtype=torch.bool)  # inference: identity, mask all kept
+
+
+# ============================================================================ shapes
+
+def _shape(ctx, x):
+    dims = list(x.shape)
+    start, end = ctx.attr("start", 0), ctx.attr("end", None)
+    return torch.tensor(dims[start:end], dtype=torch.int64)
+
+
+def _size(ctx, x):
+    return torch.tensor(x.numel(), dtype=torch.int64)
+
+
+def _reshape(ctx, x, shape):
+    target = _ints(shape)
+    if not ctx.attr("allowzero", 0):
+        target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    return x.reshape(target)
+
+
+def _flatten(ctx, x):
+    axis = _axis(ctx.attr("axis", 1), x.dim())
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _axes(ctx, axes_input) -> list[int] | None:
+    """Axes from the attribute (older opsets) or the input (newer ones)."""
+    attr = ctx.attr("axes", None)
+    if attr is not None:
+        return list(attr)
+    return _ints(axes_input) if axes_input is not None else None
+
+
+def _unsqueeze(ctx, x, axes=None):
+    axes = _axes(ctx, axes)
+    rank = x.dim() + len(axes)
+    for a in sorted(_axis(a, rank) for a in axes):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _squeeze(ctx, x, axes=None):
+    axes = _axes(ctx, axes)
+    if axes is None:
+        return x.squeeze()
+    for a in sorted((_axis(a, x.dim()) for a in axes), reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+def _transpose(ctx, x):
+    perm = ctx.attr("perm", None)
+    return x.permute(*(perm if perm is not None else reversed(range(x.dim()))))
+
+
+def _concat(ctx, *xs):
+    return torch.cat([x for x in xs if x is not None], dim=ctx.attr("axis"))
+
+
+def _split(ctx, x, split=None):
+    axis = ctx.attr("axis", 0)
+    sizes = list(ctx.attr("split", None) or _ints(split))
+    if not sizes:
+        parts = ctx.attr("num_outputs", None) or len(ctx.node.output)
+        chunk = math.ceil(x.shape[axis] / parts)
+        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(parts)]
+    return tuple(torch.split(x, sizes, dim=axis))
+
+
+def _slice(ctx, x, starts, ends, axes=None, steps=None):
+    starts, ends = _ints(starts), _ints(ends)
+    axes = _ints(axes) if axes is not None else list(range(len(starts)))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = _axis(axis, x.dim())
+        dim = x.shape[axis]
+        # ONNX clamps out-of-range starts/ends as python's slice.indices does, except that an end
+        # below -dim with a negative step means "through index 0", which python spells None.
+        end = None if (step < 0 and end < -dim) else end
+        lo, hi, st = slice(start, end, step).indices(dim)
+        if st > 0:
+            x = x[(slice(None),) * axis + (slice(lo, hi, st),)]
+        else:  # torch has no negative-step slicing
+            x = x.index_select(axis, torch.arange(lo, hi, st, dtype=torch.int64))
+    return x
+
+
+def _gather(ctx, x, index):
+    axis = _axis(ctx.attr("axis", 0), x.dim())
+    idx = torch.where(index < 0, index + x.shape[axis], index)
+    out = x.index_select(axis, idx.reshape(-1))
+    return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+
+
+def _gather_elements(ctx, x, index):
+    axis = _axis(ctx.attr("axis", 0), x.dim())
+    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index))
+
+
+def _scatter_nd(ctx, x, indices, updates):
+    if ctx.attr("reduction", "none") != "none":
+        raise ctx.fail(f"reduction {ctx.attr('reduction')!r} is not supported")
+    k = indices.shape[-1]
+    flat = indices.reshape(-1, k)
+    out = x.clone()
+    out[tuple(flat[:, i] for i in range(k))] = updates.reshape(flat.shape[0], *x.shape[k:])
+    return out
+
+
+def _expand(ctx, x, shape):
+    # ONNX Expand broadcasts both ways: a target dim of 1 keeps the input's dim.
+    target = torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape)))
+    return x.expand(target)
+
+
+def _tile(ctx, x, repeats):
+    return x.repeat(*_ints(repeats))
+
+
+def _constant(ctx):
+    for a in ctx.node.attribute:
+        if a.name == "value":
+            return to_torch(numpy_helper.to_array(a.t), ctx.dtype)
+        if a.name in ("value_float", "value_floats"):
+            return torch.tensor(helper.get_attribute_value(a), dtype=ctx.dtype)
+        if a.name in ("value_int", "value_ints"):
+            return torch.tensor(helper.get_attribute_value(a), dtype=torch.int64)
+    raise ctx.fail("Constant without a supported value attribute")
+
+
+def _constant_of_shape(ctx, shape):
+    value = ctx.attr("value", None)
+    fill = to_torch(numpy_helper.to_array(value), ctx.dtype) if value is not None else torch.zeros(1, dtype=ctx.dtype)
+    return torch.full(_ints(shape), fill.reshape(-1)[0].item(), dtype=fill.dtype)
+
+
+def _range(ctx, start, limit, delta):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def _trilu(ctx, x, k=None):
+    k = int(k.item()) if k is not None else 0
+    return torch.triu(x, k) if ctx.attr("upper", 1) else torch.tril(x, k)
+
+
+def _cumsum(ctx, x, axis):
+    axis = _axis(int(axis.item()), x.dim())
+    if ctx.attr("reverse", 0):
+        x = x.flip(axis)
+    out = torch.cumsum(x, axis)
+    if ctx.attr("exclusive", 0):
+        out = out - x
+    return out.flip(axis) if ctx.attr("reverse", 0) else out
+
+
+def _pad(ctx, x, pads=None, value=None, axes=None):
+    pads = list(ctx.attr("pads", None) or _ints(pads))
+    mode = ctx.attr("mode", "constant")
+    rank = x.dim()
+    axes = [_axis(a, rank) for a in _ints(axes)] if axes is not None else list(range(rank))
+    n = len(axes)
+    begin, end = dict(zip(axes, pads[:n])), dict(zip(axes, pads[n:]))
+    torch_pads = []
+    for a in reversed(range(rank)):  # F.pad lists the last axis first
+        torch_pads += [begin.get(a, 0), end.get(a, 0)]
+    fill = value.item() if value is not None and value.numel() else ctx.attr("value", 0.0)
+    if mode == "constant":
+        return F.pad(x, torch_pads, value=fill)
+    mode = {"edge": "replicate", "reflect": "reflect", "wrap": "circular"}[mode]
+    return F.pad(x, torch_pads[: 2 * (rank - 2)], mode=mode)  # torch pads only spatial dims here
+
+
+# ============================================================================ reductions
+
+def _reduce(fn):
+    def run(ctx, x, axes=None):
+        axes = _axes(ctx, axes)
+        keep = bool(ctx.attr("keepdims", 1))
+        if not axes:
+            if ctx.attr("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, [_axis(a, x.dim()) for a in axes], keep)
+    return run
+
+
+def _amax(x, axes, keep):
+    return torch.amax(x, dim=axes, keepdim=keep)
+
+
+def _amin(x, axes, keep):
+    return torch.amin(x, dim=axes, keepdim=keep)
+
+
+def _arg(fn):
+    def run(ctx, x):
+        axis = _axis(ctx.attr("axis", 0), x.dim())
+        keep = bool(ctx.attr("keepdims", 1))
+        if ctx.attr("select_last_index", 0):
+            flipped = fn(x.flip(axis), dim=axis, keepdim=keep)
+            return x.shape[axis] - 1 - flipped
+        return fn(x, dim=axis, keepdim=keep)
+    return run
+
+
+def _softmax(fn):
+    def run(ctx, x):
+        if ctx.opset >= 13:
+            return fn(x, dim=ctx.attr("axis", -1))
+        axis = _axis(ctx.attr("axis", 1), x.dim())  # older opsets: softmax over flattened trailing dims
+        return fn(x.reshape(*x.shape[:axis], -1), dim=-1).reshape(x.shape)
+    return run
+
+
+# ============================================================================ linear algebra
+
+def _matmul(ctx, a, b):
+    return torch.matmul(a, b)
+
+
+def _gemm(ctx, a, b, c=None):
+    a = a.transpose(0, 1) if ctx.attr("transA", 0) else a
+    b = b.transpose(0, 1) if ctx.attr("transB", 0) else b
+    y = ctx.attr("alpha", 1.0) * (a @ b)
+    return y if c is None else y + ctx.attr("beta", 1.0) * c
+
+
+def _einsum(ctx, *xs):
+    return torch.einsum(ctx.attr("equation"), *xs)
+
+
+# ============================================================================ normalisation
+
+def _layer_norm(ctx, x, scale, bias=None):
+    axis = _axis(ctx.attr("axis", -1), x.dim())
+    dims = tuple(range(axis, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    centred = x - mean
+    var = (centred * centred).mean(dim=dims, keepdim=True)
+    y = centred / torch.sqrt(var + ctx.attr("epsilon", 1e-5)) * scale
+    return y if bias is None else y + bias
+
+
+def _batch_norm(ctx, x, scale, bias, mean, var):
+    if ctx.attr("training_mode", 0):
+        raise ctx.fail("training_mode=1 is not supported (inference graphs only)")
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    inv = torch.rsqrt(var.reshape(shape) + ctx.attr("epsilon", 1e-5))
+    return (x - mean.reshape(shape)) * inv * scale.reshape(shape) + bias.reshape(shape)
+
+
+def _instance_norm(ctx, x, scale, bias):
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + ctx.attr("epsilon", 1e-5)) * scale.reshape(shape) + bias.reshape(shape)
+
+
+# ============================================================================ convolution and pooling
+
+def _spatial_pads(ctx, x, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+    """ONNX pads [b1, b2, ..., e1, e2, ...] after resolving ``auto_pad``."""
+    n = len(kernel)
+    auto = ctx.attr("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        return list(ctx.attr("pads", None) or [0] * 2 * n)
+    if auto == "VALID":
+        return [0] * 2 * n
+    begin, end = [], []
+    for i in range(n):
+        size = x.shape[2 + i]
+        out = math.ceil(size / strides[i])
+        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _torch_pad_list(pads: list[int]) -> list[int]:
+    n = len(pads) // 2
+    out = []
+    for i in reversed(range(n)):
+        out += [pads[i], pads[n + i]]
+    return out
+
+
+def _conv(ctx, x, w, b=None):
+    kernel = list(w.shape[2:])
+    n = len(kernel)
+    strides = list(ctx.attr("strides", None) or [1] * n)
+    dilations = list(ctx.attr("dilations", None) or [1] * n)
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations)
+    if any(pads):
+        x = F.pad(x, _torch_pad_list(pads))
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    return fn(x, w, b, stride=strides, padding=0, dilation=dilations, groups=ctx.attr("group", 1))
+
+
+def _conv_transpose(ctx, x, w, b=None):
+    kernel = list(w.shape[2:])
+    n = len(kernel)
+    strides = list(ctx.attr("strides", None) or [1] * n)
+    dilations = list(ctx.attr("dilations", None) or [1] * n)
+    out_pad = list(ctx.attr("output_padding", None) or [0] * n)
+    if ctx.attr("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID") or ctx.attr("output_shape", None):
+        raise ctx.fail("auto_pad SAME / output_shape are not supported; export with explicit pads")
+    pads = list(ctx.attr("pads", None) or [0] * 2 * n)
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    y = fn(x, w, None, stride=strides, padding=0, output_padding=out_pad, groups=ctx.attr("group", 1),
+           dilation=dilations)
+    # Crop ONNX's (possibly asymmetric) pads from the full transposed output.
+    for i in range(n):
+        y = y.narrow(2 + i, pads[i], y.shape[2 + i] - pads[i] - pads[n + i])
+    return y if b is None else y + b.reshape((1, -1) + (1,) * n)
+
+
+def _pool_args(ctx, x):
+    kernel = list(ctx.attr("kernel_shape"))
+    n = len(kernel)
+    strides = list(ctx.attr("strides", None) or [1] * n)
+    dilations = list(ctx.attr("dilations", None) or [1] * n)
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations)
+    return kernel, strides, dilations, pads
+
+
+def _max_pool(ctx, x):
+    if len(ctx.node.output) > 1 and ctx.node.output[1]:
+        raise ctx.fail("the Indices output of MaxPool is not supported")
+    kernel, strides, dilations, pads = _pool_args(ctx, x)
+    if any(pads):
+        x = F.pad(x, _torch_pad_list(pads), value=float("-inf"))
+    fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
+    return fn(x, kernel, strides, 0, dilations, ceil_mode=bool(ctx.attr("ceil_mode", 0)))
+
+
+def _average_pool(ctx, x):
+    kernel, strides, _, pads = _pool_args(ctx, x)
+    fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel)]
+    ceil = bool(ctx.attr("ceil_mode", 0))
+    if not any(pads):
+        return fn(x, kernel, strides, 0, ceil_mode=ceil)
+    padded = F.pad(x, _torch_pad_list(pads))
+    total = fn(padded, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+    if ctx.attr("count_include_pad", 0):
+        return total
+    # Divide by the number of real (unpadded) elements under each window.
+    mask = F.pad(torch.ones_like(x[:1, :1]), _torch_pad_list(pads))
+    return total / fn(mask, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+
+
+def _global_average_pool(ctx, x):
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _global_max_pool(ctx, x):
+    return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+# ============================================================================ resize
+
+def _source_coordinates(ctx, out_size: int, in_size: int, scale: float) -> np.ndarray:
+    """Input coordinate of each output position (ONNX Resize coordinate_transformation_mode)."""
+    x = np.arange(out_size, dtype=np.float64)
+    mode = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    if mode == "half_pixel":
+        return (x + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if out_size > 1 else np.zeros_like(x)
+    if mode == "align_corners":
+        return x * (in_size - 1) / (out_size - 1) if out_size > 1 else np.zeros_like(x)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "tf_half_pixel_for_nn":
+        return (x + 0.5) / scale
+    raise ctx.fail(f"coordinate_transformation_mode {mode!r} is not supported")
+
+
+def _nearest_index(ctx, coords: np.ndarray) -> np.ndarray:
+    mode = ctx.attr("nearest_mode", "round_prefer_floor")
+    if mode == "round_prefer_floor":
+        return np.ceil(coords - 0.5)
+    if mode == "round_prefer_ceil":
+        return np.floor(coords + 0.5)
+    if mode == "floor":
+        return np.floor(coords)
+    if mode == "ceil":
+        return np.ceil(coords)
+    raise ctx.fail(f"nearest_mode {mode!r} is not supported")
+
+
+def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
+    """Keys cubic convolution weights for the taps at offsets -1, 0, 1, 2."""
+    def k(d):
+        d = np.abs(d)
+        return np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                        np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0.0))
+    return np.stack([k(t + 1), k(t), k(1 - t), k(2 - t)], axis=-1)
+
+
+def _resize_matrix(ctx, out_size: int, in_size: int, scale: float) -> np.ndarray:
+    """[out, in] interpolation matrix of one axis: Resize is separable, so it is one matmul per axis."""
+    coords = _source_coordinates(ctx, out_size, in_size, scale)
+    m = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    mode = ctx.attr("mode", "nearest")
+    if mode == "nearest":
+        m[rows, np.clip(_nearest_index(ctx, coords), 0, in_size - 1).astype(np.int64)] = 1.0
+    elif mode == "linear":
+        c = np.clip(coords, 0, in_size - 1)  # ONNX Runtime clamps the coordinate for linear
+        lo = np.floor(c).astype(np.int64)
+        hi = np.minimum(lo + 1, in_size - 1)
+        frac = c - lo
+        np.add.at(m, (rows, lo), 1 - frac)
+        np.add.at(m, (rows, hi), frac)
+    elif mode == "cubic":
+        base = np.floor(coords).astype(np.int64)
+        weights = _cubic_weights(coords - base, ctx.attr("cubic_coeff_a", -0.75))
+        taps = base[:, None] + np.arange(-1, 3)[None, :]
+        if ctx.attr("exclude_outside", 0):
+            weights = np.where((taps >= 0) & (taps < in_size), weights, 0.0)
+            weights = weights / weights.sum(axis=1, keepdims=True)
+        np.add.at(m, (np.repeat(rows, 4), np.clip(taps, 0, in_size - 1).reshape(-1)), weights.reshape(-1))
+    else:
+        raise ctx.fail(f"mode {mode!r} is not supported")
+    return m
+
+
+def _resize(ctx, x, roi=None, scales=None, sizes=None):
+    if ctx.attr("antialias", 0) or ctx.attr("axes", None) or ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise ctx.fail("antialias / axes / keep_aspect_ratio_policy are not supported")
+    if ctx.node.op_type == "Upsample":  # opset < 10: (X, scales)
+        scales, roi = roi, None
+    rank = x.dim()
+    if sizes is not None and sizes.numel():
+        out_sizes = _ints(sizes)
+        factors = [o / i for o, i in zip(out_sizes, x.shape)]
+    else:
+        factors = [float(s) for s in scales.reshape(-1).tolist()]
+        out_sizes = [int(math.floor(i * s)) for i, s in zip(x.shape, factors)]
+    for axis in range(rank):
+        if out_sizes[axis] == x.shape[axis] and factors[axis] == 1.0:
+            continue  # every coordinate mode maps an unscaled axis onto itself
+        m = torch.from_numpy(_resize_matrix(ctx, out_sizes[axis], x.shape[axis], factors[axis])).to(x.dtype)
+        x = torch.movedim(torch.movedim(x, axis, -1) @ m.T, -1, axis)
+    return x
+
+
+# ============================================================================ the op table
+
+_COMPARISONS = {"Equal": torch.eq, "Greater": torch.gt, "GreaterOrEqual": torch.ge, "Less": torch.lt,
+                "LessOrEqual": torch.le, "And": torch.logical_and, "Or": torch.logical_or,
+                "Xor": torch.logical_xor, "BitShift": None}
+
+#: op type -> fn(ctx, *inputs) -> tensor or tuple of tensors. Missing optional inputs are None.
+OPS: dict[str, Callable] = {
+    # elementwise arithmetic
+    "Add": _add, "Sub": _sub, "Mul": _mul, "Div": _div, "Pow": _pow, "Mod": _mod,
+    "Neg": _unary(torch.neg), "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal),
+    "Sqrt": _unary(torch.sqrt), "Exp": _unary(torch.exp), "Log": _unary(torch.log),
+    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Round": _unary(torch.round),
+    "Sign": _unary(torch.sign), "Erf": _unary(torch.erf), "Cos": _unary(torch.cos), "Sin": _unary(torch.sin),
+    "Tanh": _unary(torch.tanh), "Sigmoid": _unary(torch.sigmoid), "Relu": _unary(torch.relu),
+    "Softplus": _unary(F.softplus), "LeakyRelu": _leaky_relu, "Elu": _elu, "PRelu": _prelu,
+    "HardSigmoid": _hard_sigmoid, "HardSwish": _hard_swish, "Gelu": _gelu, "Clip": _clip,
+    "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum), "Sum": _variadic(torch.add), "Mean": _mean,
+    "IsNaN": _unary(torch.isnan), "IsInf": _unary(torch.isinf), "Not": _unary(torch.logical_not),
+    **{k: _compare(v) for k, v in _COMPARISONS.items() if v is not None},
+    "Where": _where, "Cast": _cast, "CastLike": _cast_like, "Identity": _identity, "Dropout": _dropout,
+    # shapes and indexing
+    "Shape": _shape, "Size": _size, "Reshape": _reshape, "Flatten": _flatten, "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice,
+    "Gather": _gather, "GatherElements": _gather_elements, "ScatterND": _scatter_nd, "Expand": _expand,
+    "Tile": _tile, "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Range": _range,
+    "Trilu": _trilu, "CumSum": _cumsum, "Pad": _pad,
+    # reductions
+    "ReduceMean": _reduce(lambda x, a, k: x.mean(dim=a, keepdim=k)),
+    "ReduceSum": _reduce(lambda x, a, k: x.sum(dim=a, keepdim=k)),
+    "ReduceMax": _reduce(_amax), "ReduceMin": _reduce(_amin),
+    "ReduceProd": _reduce(lambda x, a, k: _reduce_prod(x, a, k)),
+    "ReduceL2": _reduce(lambda x, a, k: torch.sqrt((x * x).sum(dim=a, keepdim=k))),
+    "ReduceSumSquare": _reduce(lambda x, a, k: (x * x).sum(dim=a, keepdim=k)),
+    "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
+    "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
+    # linear algebra and normalisation
+    "MatMul": _matmul, "Gemm": _gemm, "Einsum": _einsum,
+    "LayerNormalization": _layer_norm, "BatchNormalization": _batch_norm,
+    "InstanceNormalization": _instance_norm,
+    # convolution, pooling, resampling
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "MaxPool": _max_pool, "AveragePool": _average_pool,
+    "GlobalAveragePool": _global_average_pool, "GlobalMaxPool": _global_max_pool,
+    "Resize": _resize, "Upsample": _resize,
+}
+
+
+def _reduce_prod(x, axes, keep):
+    for a in sorted(axes, reverse=True):
+        x = torch.prod(x, dim=a, keepdim=keep)
+    return x
+
+
+# ============================================================================ executor
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
+    """Every op type of ``model`` the executor lacks, with one node name for each."""
+    missing: dict[str, str] = {}
+    for index, node in enumerate(model.graph.node):
+        key = _op_key(node)
+        if key not in OPS and key not in missing:
+            missing[key] = node.name or f"{node.op_type}_{index}"
+    return missing
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Raise :class:`AmpqError` listing every op type the executor cannot run (before any compute)."""
+    missing = unsupported_ops(model)
+    if missing:
+        listed = ", ".join(f"{op} (e.g. node {name!r})" for op, name in sorted(missing.items()))
+        raise AmpqError(f"the gradient executor does not support {len(missing)} op type(s): {listed}; "
+                        f"add them to ampq_pass.executor.OPS")
+
+
+class Executor:
+    """Runs an ONNX model with torch ops; float tensors in ``dtype``.
+
+    Raises :class:`AmpqError` at construction if any op is unsupported. Weights are
+    converted once; :meth:`run` may be called many times (with or without grad).
+    """
+
+    def __init__(self, model: onnx.ModelProto, *, dtype: torch.dtype = torch.float32):
+        check_supported(model)
+        self.dtype = dtype
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.nodes = list(model.graph.node)
+        self.node_names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)]
+        self.constants: dict[str, torch.Tensor] = {
+            t.name: to_torch(numpy_helper.to_array(t), dtype) for t in model.graph.initializer}
+        self.input_names = [i.name for i in model.graph.input if i.name not in self.constants]
+        self.output_names = [o.name for o in model.graph.output]
+        # Constant nodes are evaluated once here, not on every run.
+        self._run_nodes = []
+        for node, name in zip(self.nodes, self.node_names):
+            ctx = Ctx(node, self.opset, dtype)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                self.constants[node.output[0]] = _constant(ctx)
+            else:
+                self._run_nodes.append((name, node, ctx))
+        self._last_use = self._last_uses()
+
+    def _last_uses(self) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for index, (_, node, _) in enumerate(self._run_nodes):
+            for name in node.input:
+                if name:
+                    last[name] = index
+        return last
+
+    def run(self, feeds: Mapping[str, np.ndarray | torch.Tensor], *, outputs: Iterable[str] | None = None,
+            keep: Iterable[str] = (), input_hooks: Mapping[str, Hook] | None = None,
+            output_hooks: Mapping[str, Hook] | None = None) -> dict[str, torch.Tensor]:
+        """Evaluate the graph on ``feeds``; returns the graph outputs (or ``outputs``) and ``keep`` tensors.
+
+        ``input_hooks[node name](slot, tensor)`` is called for every input of that node and
+        returns the tensor the node reads instead; ``output_hooks[node name](slot, tensor)``
+        likewise for what the node writes (downstream nodes see the replacement).
+        Intermediate tensors are dropped after their last use unless kept.
+        """
+        wanted = list(outputs) if outputs is not None else self.output_names
+        retain = set(wanted) | set(keep)
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise AmpqError(f"executor: model input {missing[0]!r} is not fed (given: {sorted(feeds)})")
+        env: dict[str, torch.Tensor] = dict(self.constants)
+        for name in self.input_names:
+            env[name] = to_torch(feeds[name], self.dtype)
+        input_hooks, output_hooks = input_hooks or {}, output_hooks or {}
+        for index, (name, node, ctx) in enumerate(self._run_nodes):
+            args = [env[i] if i else None for i in node.input]
+            if name in input_hooks:
+                hook = input_hooks[name]
+                args = [hook(slot, a) if a is not None else None for slot, a in enumerate(args)]
+            try:
+                result = OPS[_op_key(node)](ctx, *args)
+            except AmpqError:
+                raise
+            except Exception as exc:  # a bug or an unsupported attribute combination: name the node
+                raise AmpqError(f"executor: node {name!r} ({node.op_type}) failed: {exc}") from exc
+            results = result if isinstance(result, tuple) else (result,)
+            if name in output_hooks:
+                results = tuple(output_hooks[name](slot, r) for slot, r in enumerate(results))
+            for out_name, value in zip(node.output, results):
+                if out_name:
+                    env[out_name] = value
+            for i in set(node.input):  # a node may read one tensor twice (Mul(x, x))
+                if i and self._last_use.get(i) == index and i not in retain and i not in self.constants:
+                    del env[i]
+        return {n: env[n] for n in [*wanted, *[k for k in keep if k not in wanted]]}
+
+    def node(self, name: str) -> tuple[onnx.NodeProto, Ctx]:
+        """The node called ``name`` and its op context (to re-apply its op to other inputs)."""
+        for node_name, node, ctx in self._run_nodes:
+            if node_name == name:
+                return node, ctx
+        raise AmpqError(f"executor: no node named {name!r}")
+
+    def apply(self, name: str, *inputs: torch.Tensor | None) -> torch.Tensor:
+        """Run the op of node ``name`` on other inputs (e.g. the layer op on a quantization error)."""
+        node, ctx = self.node(name)
+        result = OPS[_op_key(node)](ctx, *inputs)
+        return result[0] if isinstance(result, tuple) else result

@@ -1,0 +1,206 @@
+"""Losses for sensitivity (design.md §3): per-sample scalars whose gradient at the
+high-precision point is not zero.
+
+- :class:`TaskLoss`: labels given; cross-entropy over an output's last axis (classifiers,
+  language models: labels [...] index the classes) or MSE to given targets.
+- :class:`PseudoLabelLoss`: cross-entropy against the high-precision model's own argmax.
+- :class:`ProjectionLoss` (default without labels): ``L(x) = <r, f(x)>`` with a fresh
+  ``r ~ N(0, I)`` per sample (and probe), so ``E_r[ΔL^2] = ||J Δ||^2``, the first-order
+  output MSE.
+
+A loss that compares the model with its *own* output (KL or MSE to itself) is at its
+minimum at the high-precision point: its gradient is zero and so would be every
+sensitivity. :func:`make_loss` refuses it and says why.
+
+Every loss works on dicts of output tensors (torch, so the same code gives the
+gradient in the executor and the measured value on ONNX Runtime outputs). ``reference``
+is the high-precision output of the same samples; ``start`` is the index of the first
+sample of the batch in the calibration set (to pick labels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import AmpqError
+
+#: losses refused because their gradient vanishes at the high-precision point
+_SELF_REFERENCED = ("kl", "kl_div", "self_kl", "self_mse", "distillation")
+
+
+def _float_outputs(outputs: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in outputs.items() if v.is_floating_point()]
+
+
+def _pick_output(outputs: dict[str, torch.Tensor], name: str | None, loss: str) -> torch.Tensor:
+    if name is not None:
+        if name not in outputs:
+            raise AmpqError(f"loss {loss!r}: the model has no output {name!r} (outputs: {sorted(outputs)})")
+        return outputs[name]
+    floats = _float_outputs(outputs)
+    if len(floats) != 1:
+        raise AmpqError(f"loss {loss!r}: the model has {len(floats)} float outputs {floats}; "
+                        f"name one, e.g. '{loss}:{floats[0] if floats else 'logits'}'")
+    return outputs[floats[0]]
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-sample mean cross-entropy over all positions (classes on the last axis)."""
+    n = logits.shape[0]
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1).to(torch.int64)
+    if flat.shape[0] != labels.shape[0]:
+        raise AmpqError(f"cross-entropy: {labels.shape[0]} labels for logits of shape {list(logits.shape)} "
+                        f"(expected one label per position, {flat.shape[0]})")
+    token = torch.nn.functional.cross_entropy(flat, labels, ignore_index=ignore_index, reduction="none")
+    token = token.reshape(n, -1)
+    counted = (labels.reshape(n, -1) != ignore_index).sum(dim=1).clamp(min=1)
+    return token.sum(dim=1) / counted
+
+
+class Loss:
+    """A per-sample loss. Subclasses implement :meth:`per_sample`."""
+
+    name: str = ""
+    #: random probes per sample; >1 only for stochastic losses
+    probes: int = 1
+
+    def per_sample(self, outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], start: int,
+                   generator: torch.Generator) -> torch.Tensor:
+        """Loss of each sample of the batch, shape [batch]."""
+        raise NotImplementedError
+
+    def squared_change(self, outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], start: int,
+                       generator: torch.Generator) -> torch.Tensor:
+        """(L_q - L_hp)^2 per sample, for the measured loss MSE of a quantized model."""
+        with torch.no_grad():
+            g1 = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            g2 = torch.Generator().manual_seed(g1.initial_seed())  # both sides must see the same r
+            return (self.per_sample(outputs, reference, start, g1) - self.per_sample(reference, reference, start, g2)) ** 2
+
+
+@dataclass
+class ProjectionLoss(Loss):
+    """``L(x) = <r, f(x)>``, r ~ N(0, I) fresh per sample, over ``output`` or all float outputs."""
+
+    output: str | None = None
+    probes: int = 1
+    name: str = field(default="projection", init=False)
+
+    def _outputs(self, outputs: dict[str, torch.Tensor]) -> list[str]:
+        if self.output is not None:
+            _pick_output(outputs, self.output, self.name)
+            return [self.output]
+        return _float_outputs(outputs)
+
+    def per_sample(self, outputs, reference, start, generator):
+        total = 0
+        for name in self._outputs(outputs):
+            f = outputs[name]
+            r = torch.randn(f.shape, generator=generator, dtype=torch.float64).to(f.dtype)
+            total = total + (r * f).reshape(f.shape[0], -1).sum(dim=1)
+        return total
+
+    def squared_change(self, outputs, reference, start, generator):
+        # The exact expectation over r: E_r[<r, Δf>^2] = ||Δf||^2.
+        total = 0
+        for name in self._outputs(outputs):
+            d = (outputs[name].to(torch.float64) - reference[name].to(torch.float64))
+            total = total + (d * d).reshape(d.shape[0], -1).sum(dim=1)
+        return total
+
+
+@dataclass
+class PseudoLabelLoss(Loss):
+    """Cross-entropy against the high-precision argmax of ``output`` (classes on the last axis)."""
+
+    output: str | None = None
+    name: str = field(default="pseudo_label", init=False)
+
+    def per_sample(self, outputs, reference, start, generator):
+        logits = _pick_output(outputs, self.output, self.name)
+        ref = _pick_output(reference, self.output, self.name)
+        return _cross_entropy(logits, ref.detach().argmax(dim=-1), ignore_index=-100)
+
+
+@dataclass
+class TaskLoss(Loss):
+    """A task loss against given ``labels`` (axis 0 = samples, aligned with the calibration set)."""
+
+    kind: str  # "cross_entropy" or "mse"
+    labels: np.ndarray
+    output: str | None = None
+    ignore_index: int = -100
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.kind
+
+    def per_sample(self, outputs, reference, start, generator):
+        pred = _pick_output(outputs, self.output, self.kind)
+        n = pred.shape[0]
+        if start + n > len(self.labels):
+            raise AmpqError(f"loss {self.kind!r}: {len(self.labels)} labels for at least {start + n} samples")
+        target = torch.from_numpy(np.asarray(self.labels[start:start + n]))
+        if self.kind == "cross_entropy":
+            return _cross_entropy(pred, target, self.ignore_index)
+        diff = pred - target.to(pred.dtype).reshape(pred.shape)
+        return (diff * diff).reshape(n, -1).mean(dim=1)
+
+
+LOSS_NAMES = ("projection", "pseudo_label", "cross_entropy", "mse")
+_ALIASES = {"proj": "projection", "random_projection": "projection", "pseudo": "pseudo_label",
+            "pseudo-label": "pseudo_label", "argmax": "pseudo_label", "ce": "cross_entropy",
+            "cross-entropy": "cross_entropy", "xent": "cross_entropy"}
+
+
+def make_loss(spec: str | Loss, *, labels: np.ndarray | None = None, probes: int = 1) -> Loss:
+    """A :class:`Loss` from ``"name[:output]"``; refuses losses with a zero gradient at hp.
+
+    ``projection`` (default without labels), ``pseudo_label``, ``cross_entropy`` and ``mse``
+    (both need ``labels``). ``kl`` and ``mse`` without labels compare the model with itself.
+    """
+    if isinstance(spec, Loss):
+        return spec
+    name, _, output = spec.partition(":")
+    name = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    output = output.strip() or None
+    if name in _SELF_REFERENCED or (name == "mse" and labels is None):
+        raise AmpqError(
+            f"loss {spec!r} compares the model with its own high-precision output: at the high-precision "
+            f"point that loss is at its minimum, its gradient is exactly zero, and every first-order "
+            f"sensitivity would be 0. Use 'projection' (no labels needed), 'pseudo_label' (classifiers, "
+            f"language models) or a task loss with labels ('cross_entropy', 'mse')")
+    if probes < 1:
+        raise AmpqError(f"probes must be >= 1, got {probes}")
+    if name == "projection":
+        return ProjectionLoss(output, probes)
+    if name == "pseudo_label":
+        return PseudoLabelLoss(output)
+    if name in ("cross_entropy", "mse"):
+        if labels is None:
+            raise AmpqError(f"loss {name!r} needs labels (--labels FILE); without labels use 'pseudo_label' "
+                            f"or 'projection'")
+        return TaskLoss(name, np.asarray(labels), output)
+    raise AmpqError(f"unknown loss {spec!r}; expected one of {', '.join(LOSS_NAMES)} (optionally ':<output name>')")
+
+
+def load_labels(path: str) -> np.ndarray:
+    """Labels from ``.npy`` or a ``.npz`` holding one array (axis 0 = samples)."""
+    import zipfile
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise AmpqError(f"{path}: no such labels file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise AmpqError(f"{path}: not a readable .npy/.npz labels file ({exc})") from None
+    if isinstance(data, np.ndarray):
+        return data
+    with data:
+        if len(data.files) != 1:
+            raise AmpqError(f"{path}: a labels .npz must hold exactly one array, found {data.files}")
+        return data[data.files[0]]
