@@ -301,7 +301,7 @@ def _scatter_nd(ctx, x, indices, updates):
 
 def _expand(ctx, x, shape):
     # ONNX Expand broadcasts both ways: a target dim of 1 keeps the input's dim.
-    target = torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape)))
+    target = np.broadcast_shapes(tuple(x.shape), tuple(_ints(shape)))  # torch's imports sympy: slow
     return x.expand(target)
 
 

@@ -141,3 +141,39 @@ def llama_decoder(seed: int = 0, layers: int = 2, hidden: int = 64) -> onnx.Mode
     return _export(Wrapper(hf), (ids, torch.ones(2, 8, dtype=torch.int64)), ["input_ids", "attention_mask"], ["logits"],
                    {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                     "logits": {0: "batch", 1: "seq"}})
+
+
+class FeatureCNN(torch.nn.Module):
+    """Conv/BatchNorm/pooling/Resize/Concat/ConvTranspose: the CNN ops a ResNet/UNet-style export emits."""
+
+    def __init__(self, c=8, classes=10):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(3, stride=2, padding=1)
+        self.branch_a = torch.nn.Conv2d(c, c, 1)
+        self.branch_b = torch.nn.Conv2d(c, c, 3, padding=1, groups=2)
+        self.avg = torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.bn = torch.nn.BatchNorm2d(2 * c)  # after Concat: the exporter cannot fold it into a Conv
+        self.up = torch.nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.mix = torch.nn.Conv2d(2 * c, c, 3, padding=1, stride=2)
+        self.head = torch.nn.Linear(c, classes)
+        with torch.no_grad():  # non-trivial running statistics
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.stem(x)))
+        h = torch.relu(self.bn(torch.cat([self.branch_a(h), self.branch_b(self.avg(h))], dim=1)))
+        up = torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+        lin = torch.nn.functional.interpolate(torch.relu(self.up(h)), size=up.shape[-2:], mode="bilinear",
+                                              align_corners=False)
+        h = torch.relu(self.mix(torch.cat([up[:, : h.shape[1] // 2], lin], dim=1)))
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def feature_cnn(seed: int = 0) -> onnx.ModelProto:
+    torch.manual_seed(seed)
+    return _export(FeatureCNN(), (torch.randn(2, 3, 16, 16),), ["image"], ["logits"],
+                   {"image": {0: "batch"}, "logits": {0: "batch"}})
