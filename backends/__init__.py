@@ -2,4 +2,52 @@
 
 Installed as ``ampq_pass.backends`` (see ``package-dir`` in pyproject.toml), so the
 repository's top-level ``backends/`` folder never becomes a generic top-level module.
+
+``get_backend("ort:cpu")`` (default), ``"ort:cuda"``, ``"ort:tensorrt"``, ``"ort:openvino"``
+(when installed), ``"gaudi"``, ``"mac"``, ``"memory"``. Adapters import their runtime
+lazily, so a missing optional stack only fails when that backend is asked for.
 """
+
+from __future__ import annotations
+
+from ..errors import AmpqError
+from .base import Backend, Capabilities, CostModel, Protocol, Timing
+
+__all__ = ["Backend", "Capabilities", "CostModel", "Protocol", "Timing", "available_backends", "get_backend"]
+
+
+def available_backends() -> list[str]:
+    """Backend specs usable on this machine (gaudi only where habana_frameworks imports)."""
+    from .ort import available_providers
+
+    specs = [f"ort:{p}" for p in available_providers()] + ["mac", "memory"]
+    try:
+        import habana_frameworks.torch  # noqa: F401
+        specs.append("gaudi")
+    except ImportError:
+        pass
+    return specs
+
+
+def get_backend(spec: str = "ort:cpu", *, protocol: Protocol | None = None, threads: int = 2,
+                formats: tuple[str, ...] | None = None) -> Backend | CostModel:
+    """The backend named by ``spec`` (``ort[:provider]``, ``gaudi``, ``mac``, ``memory``)."""
+    kind, _, option = spec.partition(":")
+    if kind == "ort":
+        from .ort import OrtBackend
+
+        return OrtBackend(option or "cpu", threads=threads, protocol=protocol, formats=formats)
+    if kind == "gaudi":
+        from .gaudi import GaudiBackend
+
+        return GaudiBackend(protocol=protocol)
+    if kind == "mac":
+        from .costmodels import MacModel
+
+        return MacModel(formats=formats)
+    if kind == "memory":
+        from .costmodels import MemoryModel
+
+        return MemoryModel(activations=option == "activations", formats=formats)
+    raise AmpqError(f"unknown backend {spec!r}; expected one of ort:cpu, ort:cuda, ort:tensorrt, ort:openvino, "
+                    f"gaudi, mac, memory")

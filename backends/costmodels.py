@@ -1,0 +1,143 @@
+"""Cost models (design.md §3 "Other cost models"): the gain table without hardware.
+
+- ``mac``: time in *hp-MAC equivalents*: a layer costs MACs / throughput(format), with
+  throughput relative to hp. The defaults are the usual peak ratios of matrix engines
+  (16-bit 2x, 8-bit 4x); int4 here is weight-only (activations stay hp), so its MACs run
+  at hp rate and it gains nothing in this model - its gain is memory, see ``memory``.
+- ``memory``: bytes of the layers' weights as actually stored by the rewrite (quantized
+  values plus scales and zero points), optionally plus the bytes of the activations
+  entering each layer. Gain = bytes saved.
+
+Only quantizable layers are counted: other ops cost the same in every configuration
+and cancel in every gain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..cache import digest, model_digest
+from ..errors import AmpqError
+from ..formats import FORMATS, HP, Int4
+from ..layers import Layer, layer_macs, observed_shapes, weight_array
+from .base import Capabilities, CostModel
+
+#: MACs per unit time relative to hp (see module docstring)
+DEFAULT_THROUGHPUT: dict[str, float] = {HP: 1.0, "fp16": 2.0, "bf16": 2.0, "fp8_e4m3": 4.0, "int8": 4.0, "int4": 1.0}
+
+
+def _first_feeds(inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not inputs:
+        raise AmpqError("cost models need one batch of inputs to know the tensor shapes")
+    return inputs[0]
+
+
+def _signature(inputs: list[dict[str, np.ndarray]]) -> list:
+    return sorted((k, str(v.dtype), list(v.shape)) for k, v in _first_feeds(inputs).items())
+
+
+class MacModel(CostModel):
+    """Theoretical time from multiply-accumulate counts and per-format throughput."""
+
+    name = "mac"
+    unit = "mac"
+
+    def __init__(self, throughput: dict[str, float] | None = None, *, formats: tuple[str, ...] | None = None):
+        self.throughput = dict(DEFAULT_THROUGHPUT)
+        self.throughput.update(throughput or {})
+        bad = {f: t for f, t in self.throughput.items() if not t > 0}
+        if bad:
+            raise AmpqError(f"mac cost model: throughput must be > 0, got {bad}")
+        offered = tuple(f for f in FORMATS if f in self.throughput)
+        if formats is not None:
+            offered = tuple(f for f in offered if f in formats)
+        self._caps = Capabilities(offered, HP, "theoretical")
+        # Per-instance memo: MAC counts need one ONNX Runtime run per (model, shapes),
+        # and every configuration of a subgraph shares them.
+        self._macs: dict[str, dict[str, int]] = {}
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def key(self) -> dict:
+        return {"backend": "mac", "throughput": dict(sorted(self.throughput.items()))}
+
+    def macs(self, model: onnx.ModelProto, layers: list[Layer], inputs: list[dict[str, np.ndarray]]) -> dict[str, int]:
+        k = digest(model_digest(model), [l.name for l in layers], _signature(inputs))
+        if k not in self._macs:
+            self._macs[k] = layer_macs(model, layers, _first_feeds(inputs))
+        return self._macs[k]
+
+    def cost(self, model: onnx.ModelProto, layers: list[Layer], formats: dict[str, str],
+             inputs: list[dict[str, np.ndarray]]) -> float:
+        macs = self.macs(model, layers, inputs)
+        total = 0.0
+        for layer in layers:
+            fmt = formats.get(layer.name, HP)
+            if fmt not in self.throughput:
+                raise AmpqError(f"mac cost model has no throughput for format {fmt!r}")
+            total += macs[layer.name] / self.throughput[fmt]
+        return total
+
+
+def weight_bytes(w: np.ndarray, layer: Layer, fmt: str) -> int:
+    """Bytes the rewrite stores for ``layer``'s weight in ``fmt`` (values + scales + zero points)."""
+    if fmt == HP:
+        return int(w.nbytes)
+    emitted = FORMATS[fmt].weight_nodes(layer.weight, w, layer.channel_axis)
+    total = 0
+    for t in emitted.initializers:
+        arr = onnx.numpy_helper.to_array(t)
+        # sub-byte types: numpy (ml_dtypes int4) uses one byte per element, the file packs two
+        bits = 4 if isinstance(FORMATS[fmt], Int4) and arr.dtype.itemsize == 1 and t.data_type in (
+            onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else arr.dtype.itemsize * 8
+        total += (arr.size * bits + 7) // 8
+    return int(total)
+
+
+def activation_bytes_per_element(fmt: str, hp_itemsize: int) -> float:
+    if fmt == HP or not FORMATS[fmt].quantizes_activation:
+        return float(hp_itemsize)
+    return {"int8": 1.0, "fp8_e4m3": 1.0, "fp16": 2.0, "bf16": 2.0}[fmt]
+
+
+class MemoryModel(CostModel):
+    """Bytes of the quantizable layers' weights (and optionally input activations)."""
+
+    name = "memory"
+    unit = "byte"
+
+    def __init__(self, *, activations: bool = False, formats: tuple[str, ...] | None = None):
+        self.activations = activations
+        offered = tuple(FORMATS) if formats is None else tuple(f for f in FORMATS if f in formats)
+        self._caps = Capabilities(offered, HP, "theoretical")
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def key(self) -> dict:
+        return {"backend": "memory", "activations": self.activations, "bytes_version": 1}
+
+    def _activation_shapes(self, model, layers, inputs) -> dict[str, tuple[int, ...]]:
+        names = sorted({l.activation for l in layers} | {l.activation2 for l in layers if l.activation2})
+        k = digest(model_digest(model), names, _signature(inputs))
+        if k not in self._shapes:
+            self._shapes[k] = observed_shapes(model, _first_feeds(inputs), names)
+        return self._shapes[k]
+
+    def cost(self, model: onnx.ModelProto, layers: list[Layer], formats: dict[str, str],
+             inputs: list[dict[str, np.ndarray]]) -> float:
+        total = 0
+        for layer in layers:
+            fmt = formats.get(layer.name, HP)
+            if layer.weight is not None:
+                total += weight_bytes(weight_array(model, layer), layer, fmt)
+        if self.activations:
+            shapes = self._activation_shapes(model, layers, inputs)
+            for layer in layers:
+                fmt = formats.get(layer.name, HP)
+                for name in filter(None, (layer.activation, layer.activation2)):
+                    total += int(np.prod(shapes[name])) * activation_bytes_per_element(fmt, 4)
+        return float(total)

@@ -1,0 +1,134 @@
+"""Backend interface, timing protocol and the ONNX Runtime adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import models
+from ampq_pass.backends import get_backend
+from ampq_pass.backends.base import Capabilities, Protocol, Timing, interleave, median_ci
+from ampq_pass.backends.costmodels import MacModel, MemoryModel
+from ampq_pass.backends.ort import OrtBackend, available_providers, time_interleaved, make_session
+from ampq_pass.errors import AmpqError
+
+FAST = Protocol(warmup=1, min_repeats=3, max_repeats=6, rel_ci=0.5, max_seconds=5)
+
+
+def test_median_ci_contains_median_and_narrows():
+    rng = np.random.default_rng(0)
+    small = rng.exponential(size=9)
+    lo, hi = median_ci(small)
+    assert lo <= np.median(small) <= hi
+    big = rng.exponential(size=2000)
+    lo2, hi2 = median_ci(big)
+    assert lo2 <= np.log(2) <= hi2  # true median of Exp(1)
+    assert hi2 - lo2 < hi - lo
+    assert median_ci([3.0]) == (3.0, 3.0)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_interleave_stops_early_when_tight_and_rotates_order():
+    clock, order = FakeClock(), []
+
+    def runner(key, cost):
+        def run(i):
+            order.append((key, i))
+            clock.now += cost
+        return run
+
+    p = Protocol(warmup=2, min_repeats=4, max_repeats=50, rel_ci=0.01, max_seconds=None)
+    out = interleave({"a": runner("a", 1.0), "b": runner("b", 2.0)}, p, n_inputs=3, clock=clock)
+    assert len(out["a"].samples) == 4  # constant times: CI is zero, stop at min_repeats
+    assert out["a"].median == 1.0 and out["b"].median == 2.0 and out["b"].half_width == 0.0
+    timed = order[4:]  # after 2 warm-ups each
+    assert timed[:2] == [("a", 0), ("b", 0)] and timed[2:4] == [("b", 1), ("a", 1)]  # rotation; paired batches
+    assert [i for _, i in timed] == [0, 0, 1, 1, 2, 2, 0, 0]
+
+
+def test_interleave_runs_to_cap_when_noisy():
+    clock = FakeClock()
+    rng = np.random.default_rng(1)
+
+    def noisy(i):
+        clock.now += rng.choice([1.0, 3.0])
+
+    p = Protocol(warmup=0, min_repeats=3, max_repeats=12, rel_ci=0.001, max_seconds=None)
+    out = interleave({"x": noisy}, p, clock=clock)
+    assert len(out["x"].samples) == 12
+
+
+def test_timing_json_roundtrip():
+    t = Timing.of([1.0, 2.0, 3.0, 4.0])
+    assert Timing.from_json(t.to_json()) == t
+    assert t.spread == pytest.approx(np.percentile([1, 2, 3, 4], 90) - np.percentile([1, 2, 3, 4], 10))
+
+
+def test_cpu_capabilities_exclude_unfused_formats():
+    caps = OrtBackend("cpu").capabilities()
+    assert caps.formats == ("int8", "int4") and caps.hp == "fp32"
+    for slow in ("fp16", "bf16", "fp8_e4m3"):
+        assert slow not in caps.formats
+    assert caps.filter(("fp8_e4m3", "int4", "fp16", "int8")) == ("int4", "int8")
+    assert OrtBackend("cpu", formats=("int8",)).capabilities().formats == ("int8",)
+    with pytest.raises(AmpqError, match="does not run 'fp16' fast"):
+        OrtBackend("cpu", formats=("fp16",))
+
+
+def test_provider_errors():
+    with pytest.raises(AmpqError, match="unknown ONNX Runtime provider"):
+        OrtBackend("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "cuda" not in available_providers()
+        with pytest.raises(AmpqError, match="not installed"):
+            OrtBackend("cuda")
+    assert "cpu" in available_providers()
+
+
+def test_key_records_what_timing_depends_on():
+    k = OrtBackend("cpu", threads=2, protocol=FAST).key()
+    assert k["onnxruntime"] == ort.__version__ and k["threads"] == 2 and k["provider"] == "CPUExecutionProvider"
+    assert k["device"] and k["protocol"]["max_repeats"] == 6
+    assert OrtBackend("cpu", threads=1).key() != OrtBackend("cpu", threads=2).key()
+
+
+def test_ort_time_interleaves_all_models(mlp_model):
+    feeds = models.feeds_for(mlp_model, n=4)
+    b = OrtBackend("cpu", protocol=FAST)
+    out = b.time({"one": mlp_model, "two": mlp_model}, [feeds, models.feeds_for(mlp_model, n=4, seed=2)])
+    assert set(out) == {"one", "two"}
+    for t in out.values():
+        assert 3 <= len(t.samples) <= 6 and t.ci_low <= t.median <= t.ci_high and t.median > 0
+    assert len(out["one"].samples) == len(out["two"].samples)  # same rounds: pairable
+    with pytest.raises(AmpqError, match="no timing inputs"):
+        b.time({"one": mlp_model}, [])
+    with pytest.raises(AmpqError, match="lack model input 'x'"):
+        b.time({"one": mlp_model}, [{"y": np.zeros((1, 16), np.float32)}])
+
+
+def test_time_interleaved_fixed_rounds(mlp_model):
+    feeds = models.feeds_for(mlp_model, n=2)
+    out = time_interleaved({"a": make_session(mlp_model)}, feeds, repeats=5, warmup=1)
+    assert len(out["a"].samples) == 5 and out["a"].p10 <= out["a"].median <= out["a"].p90
+
+
+def test_get_backend_specs():
+    assert get_backend().name == "ort:cpu"
+    assert isinstance(get_backend("mac"), MacModel)
+    assert isinstance(get_backend("memory"), MemoryModel) and get_backend("memory:activations").activations
+    with pytest.raises(AmpqError, match="unknown backend"):
+        get_backend("tflite")
+    try:
+        import habana_frameworks.torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(AmpqError, match="habana_frameworks"):
+            get_backend("gaudi")  # not installed on these machines
+    assert Capabilities(("int8",), "fp32", "x").filter(["fp16"]) == ()

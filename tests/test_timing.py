@@ -1,0 +1,160 @@
+"""Gain per subgraph configuration: noise, cache keys, rerun/resume, speed-up prediction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import models
+from ampq_pass.backends.base import Backend, Capabilities, Protocol, Timing
+from ampq_pass.backends.ort import OrtBackend
+from ampq_pass.cache import Cache
+from ampq_pass.calibration import Ranges, Samples
+from ampq_pass.errors import AmpqError
+from ampq_pass.layers import find_layers
+from ampq_pass.stages import compute_ranges
+from ampq_pass.timing import (ConfigGain, GainTable, SubgraphGains, gain_noise, predict_speedup,
+                              time_subgraph)
+
+FAST = Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5, max_seconds=5)
+
+
+class Counting(Backend):
+    """Wraps a real backend and counts what it is asked to time."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.calls, self.models = inner, 0, 0
+        self.name, self.unit = inner.name, inner.unit
+
+    def capabilities(self):
+        return self.inner.capabilities()
+
+    def key(self):
+        return self.inner.key()
+
+    def time(self, models, inputs):
+        self.calls += 1
+        self.models += len(models)
+        return self.inner.time(models, inputs)
+
+
+class Scripted(Backend):
+    """Returns prescribed samples per configuration label: exercises the gain/noise logic
+    with known numbers (no hardware is being imitated; the label is the config name)."""
+
+    name, unit = "scripted", "s"
+
+    def __init__(self, samples: dict[str, list[float]]):
+        self.samples = samples
+
+    def capabilities(self):
+        return Capabilities(("int8",), "fp32", "none")
+
+    def key(self):
+        return {"backend": "scripted"}
+
+    def time(self, models, inputs):
+        return {k: Timing.of(self.samples[k]) for k in models}
+
+
+@pytest.fixture(scope="module")
+def mlp_setup():
+    m = models.mlp(sizes=(64, 128, 128, 32))
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=16)
+    ranges = compute_ranges(m, layers, Samples(feeds))
+    configs = [{l.name: f for l in layers} for f in ("hp", "int8")] + [{"fc1": "int8"}]
+    return m, layers, feeds, ranges, configs
+
+
+def test_rerun_hits_cache_and_times_nothing(tmp_path, mlp_setup):
+    m, layers, feeds, ranges, configs = mlp_setup
+    cache = Cache(tmp_path)
+    first = Counting(OrtBackend(protocol=FAST))
+    a = time_subgraph(m, layers, configs, ranges, [feeds], first, cache=cache, index=3, name="mlp")
+    assert first.calls == 1 and first.models == 3 and not a.cached
+    second = Counting(OrtBackend(protocol=FAST))
+    b = time_subgraph(m, layers, configs, ranges, [feeds], second, cache=cache, index=3, name="mlp")
+    assert second.calls == 0 and b.cached
+    assert b.to_json()["configs"] == a.to_json()["configs"] and b.hp_time == a.hp_time
+    # ranges only change scale values, not kernels: not part of the key
+    other = Ranges(ranges.method, {k: (lo * 2, hi * 2) for k, (lo, hi) in ranges.tensors.items()})
+    time_subgraph(m, layers, configs, other, [feeds], second, cache=cache)
+    assert second.calls == 0
+
+
+def test_any_key_part_change_misses(tmp_path, mlp_setup):
+    m, layers, feeds, ranges, configs = mlp_setup
+    cache = Cache(tmp_path)
+    base = Counting(OrtBackend(protocol=FAST))
+    time_subgraph(m, layers, configs, ranges, [feeds], base, cache=cache)
+    assert base.calls == 1
+
+    def misses(model=m, lay=layers, cfgs=configs, inputs=(feeds,), backend=None) -> bool:
+        c = Counting(backend or OrtBackend(protocol=FAST))
+        time_subgraph(model, lay, cfgs, ranges, list(inputs), c, cache=cache)
+        return c.calls == 1
+
+    assert misses(cfgs=configs[:2])  # configuration set
+    other_w = models.mlp(seed=5, sizes=(64, 128, 128, 32))  # same graph, other weights
+    assert misses(model=other_w, lay=find_layers(other_w))
+    assert misses(inputs=(models.feeds_for(m, n=8),))  # input shape
+    assert misses(backend=OrtBackend(threads=1, protocol=FAST))  # threads
+    assert misses(backend=OrtBackend(protocol=Protocol(warmup=1, min_repeats=3, max_repeats=4, rel_ci=0.5)))
+    assert not misses()  # and the original is still a hit
+
+
+def test_gain_within_noise_counts_zero_and_is_flagged():
+    m = models.mlp()
+    layers = find_layers(m)
+    hp = [10.0, 10.5, 9.5, 10.2, 9.8, 10.1, 9.9]
+    script = Scripted({
+        "hp": hp,
+        "fc1=int8": [h - 0.05 * s for h, s in zip(hp, [1, -1, 1, -1, 1, -1, 1])],  # ~0 gain, noisy
+        "fc1=int8,fc2=int8,fc3=int8": [h - 3.0 for h in hp],  # clear gain of 3
+        "fc2=int8": [h + 2.0 for h in hp],  # clear loss
+    })
+    configs = [{"fc1": "int8"}, {l.name: "int8" for l in layers}, {"fc2": "int8"}]
+    ranges = compute_ranges(m, layers, Samples(models.feeds_for(m, n=4)))
+    sg = time_subgraph(m, layers, configs, ranges, [{}], script)
+    by = {tuple(sorted(k for k, v in c.formats.items() if v != "hp")): c for c in sg.configs}
+    tiny = by[("fc1",)]
+    assert not tiny.significant and tiny.gain == 0.0 and tiny.measured_gain != 0.0 and tiny.noise > 0
+    assert abs(tiny.measured_gain) <= tiny.noise
+    big = by[("fc1", "fc2", "fc3")]
+    assert big.significant and big.gain == pytest.approx(3.0) and big.noise == pytest.approx(0.0)
+    worse = by[("fc2",)]
+    assert worse.significant and worse.gain == pytest.approx(-2.0)
+    assert by[()].gain == 0.0 and sg.hp_time == pytest.approx(np.median(hp))
+
+
+def test_paired_noise_cancels_common_drift():
+    drift = np.linspace(1.0, 3.0, 15)  # the machine slows down during the run
+    hp, cfg = Timing.of(list(drift + 1.0)), Timing.of(list(drift + 0.9))
+    assert gain_noise(hp, cfg) == pytest.approx(0.0, abs=1e-12)  # every round differs by 0.1
+    unpaired = Timing.of(list(drift[:7] + 0.9))
+    assert gain_noise(hp, unpaired) > 0.5  # falls back to the medians' CIs
+
+
+def _table(hp_total=None):
+    s0 = SubgraphGains(0, "a", ["x"], 4.0, [ConfigGain({"x": "hp"}, 4.0, 0.0, 0.0, False, 0.0),
+                                            ConfigGain({"x": "int8"}, 2.0, 2.0, 0.1, True, 2.0)])
+    s1 = SubgraphGains(1, "b", ["y", "z"], 5.0, [
+        ConfigGain({"y": "hp", "z": "hp"}, 5.0, 0.0, 0.0, False, 0.0),
+        ConfigGain({"y": "int8", "z": "int8"}, 2.0, 3.0, 0.1, True, 3.0),
+        ConfigGain({"y": "int8", "z": "hp"}, 4.9, 0.0, 0.2, False, 0.1)])
+    return GainTable("test", {"k": 1}, "s", [s0, s1], hp_total)
+
+
+def test_predict_speedup_and_json_roundtrip():
+    t = _table(hp_total=10.0)
+    assert predict_speedup(t, {"x": "int8", "y": "int8", "z": "int8"}) == pytest.approx(10.0 / 5.0)
+    assert predict_speedup(t, {"x": "int8"}) == pytest.approx(10.0 / 8.0)
+    assert predict_speedup(t, {"y": "int8"}) == pytest.approx(1.0)  # within noise: no gain
+    assert predict_speedup(t, {"y": "int8"}, significant_only=False) == pytest.approx(10.0 / 9.9)
+    assert predict_speedup(_table(), {"x": "int8"}) == pytest.approx(9.0 / 7.0)  # no end-to-end time: sum of hp
+    with pytest.raises(AmpqError, match="was not timed"):
+        predict_speedup(t, {"z": "int8"})
+    back = GainTable.from_json(t.to_json())
+    assert back.to_json() == t.to_json() and back.n_configs == 5
+    assert back.total_gain({"x": "int8", "y": "int8", "z": "int8"}) == pytest.approx(5.0)
