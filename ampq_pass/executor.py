@@ -395,12 +395,24 @@ def _arg(fn):
     return run
 
 
+def _masked_safe(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """softmax over ``dim`` whose fully masked (all -inf) rows are NaN forward, as in ONNX, but
+    carry finite gradients: exported attention replaces those NaNs (IsNaN -> Where), yet a NaN
+    softmax output would make its backward NaN and poison every upstream gradient."""
+    dead = torch.isneginf(x).all(dim=dim, keepdim=True)
+    if not bool(dead.any()):
+        return fn(x, dim=dim)
+    y = fn(torch.where(dead, torch.zeros_like(x), x), dim=dim)
+    nan = torch.where(dead, torch.full_like(x, float("nan")), torch.zeros_like(x)).detach()
+    return y + nan  # the add passes gradients through unchanged, the NaN term has none
+
+
 def _softmax(fn):
     def run(ctx, x):
         if ctx.opset >= 13:
-            return fn(x, dim=ctx.attr("axis", -1))
+            return _masked_safe(fn, x, ctx.attr("axis", -1))
         axis = _axis(ctx.attr("axis", 1), x.dim())  # older opsets: softmax over flattened trailing dims
-        return fn(x.reshape(*x.shape[:axis], -1), dim=-1).reshape(x.shape)
+        return _masked_safe(fn, x.reshape(*x.shape[:axis], -1), -1).reshape(x.shape)
     return run
 
 
@@ -517,29 +529,44 @@ def _pool_args(ctx, x):
     return kernel, strides, dilations, pads
 
 
+def _crop_ceil(ctx, y, x, kernel, strides, dilations, pads):
+    """ONNX ceil_mode drops a last window that would start in the right padding; torch, which
+    sees the padding as input here, keeps it."""
+    n = len(kernel)
+    for i in range(n):
+        size = x.shape[2 + i] + pads[i] + pads[n + i]
+        span = (kernel[i] - 1) * dilations[i] + 1
+        out = math.ceil((size - span) / strides[i]) + 1
+        if (out - 1) * strides[i] >= x.shape[2 + i] + pads[i]:
+            out -= 1
+        y = y.narrow(2 + i, 0, min(out, y.shape[2 + i]))
+    return y
+
+
 def _max_pool(ctx, x):
     if len(ctx.node.output) > 1 and ctx.node.output[1]:
         raise ctx.fail("the Indices output of MaxPool is not supported")
     kernel, strides, dilations, pads = _pool_args(ctx, x)
-    if any(pads):
-        x = F.pad(x, _torch_pad_list(pads), value=float("-inf"))
+    padded = F.pad(x, _torch_pad_list(pads), value=float("-inf")) if any(pads) else x
     fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(kernel)]
-    return fn(x, kernel, strides, 0, dilations, ceil_mode=bool(ctx.attr("ceil_mode", 0)))
+    y = fn(padded, kernel, strides, 0, dilations, ceil_mode=bool(ctx.attr("ceil_mode", 0)))
+    return _crop_ceil(ctx, y, x, kernel, strides, dilations, pads) if ctx.attr("ceil_mode", 0) else y
 
 
 def _average_pool(ctx, x):
-    kernel, strides, _, pads = _pool_args(ctx, x)
+    kernel, strides, dilations, pads = _pool_args(ctx, x)
     fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[len(kernel)]
     ceil = bool(ctx.attr("ceil_mode", 0))
     if not any(pads):
-        return fn(x, kernel, strides, 0, ceil_mode=ceil)
-    padded = F.pad(x, _torch_pad_list(pads))
-    total = fn(padded, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
-    if ctx.attr("count_include_pad", 0):
-        return total
-    # Divide by the number of real (unpadded) elements under each window.
-    mask = F.pad(torch.ones_like(x[:1, :1]), _torch_pad_list(pads))
-    return total / fn(mask, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+        y = fn(x, kernel, strides, 0, ceil_mode=ceil)
+    else:
+        padded = F.pad(x, _torch_pad_list(pads))
+        y = fn(padded, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+        if not ctx.attr("count_include_pad", 0):
+            # Divide by the number of real (unpadded) elements under each window.
+            mask = F.pad(torch.ones_like(x[:1, :1]), _torch_pad_list(pads))
+            y = y / fn(mask, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
+    return _crop_ceil(ctx, y, x, kernel, strides, dilations, pads) if ceil else y
 
 
 def _global_average_pool(ctx, x):
