@@ -232,7 +232,9 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
     by_name = {l.name: l for l in layers}
     table = GainTable(getattr(backend, "name", type(backend).__name__), backend.key(), backend.unit)
-    plan_cfgs = [(sg, partition_configs(sg, wanted)) for sg in partition.subgraphs]
+    # per-layer candidates: what the layer can take and the backend runs fast
+    candidates = {l.name: [f for f in l.formats if f in wanted] for l in layers}
+    plan_cfgs = [(sg, partition_configs(sg, candidates)) for sg in partition.subgraphs]
     total = sum(len(c) for _, c in plan_cfgs)
     bar = _progress(total, progress, backend)
     try:

@@ -98,8 +98,12 @@ class Protocol:
     min_repeats: int = 7
     max_repeats: int = 50
     rel_ci: float = 0.02
-    #: wall-clock cap per call of :func:`interleave` (seconds); ``None``: no cap
+    #: wall-clock cap per attempt (seconds); ``None``: no cap
     max_seconds: float | None = 60.0
+    #: further attempts when the cap is hit before the CI is tight (a burst of load from
+    #: another process slows a whole stretch of rounds; a later attempt may miss it). The
+    #: attempt with the tightest CI is kept.
+    retries: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,6 +121,22 @@ def interleave(runners: Mapping[str, Callable[[int], None]], protocol: Protocol,
     """
     if not runners:
         return {}
+    best: dict[str, Timing] | None = None
+    for _ in range(protocol.retries + 1):
+        got = _attempt(runners, protocol, n_inputs, clock, sync)
+        if best is None or worst_rel_ci(got) < worst_rel_ci(best):
+            best = got
+        if worst_rel_ci(best) <= protocol.rel_ci:
+            break
+    return best
+
+
+def worst_rel_ci(timings: Mapping[str, Timing]) -> float:
+    """The largest CI half-width relative to its median among ``timings``."""
+    return max((t.half_width / t.median if t.median > 0 else math.inf) for t in timings.values())
+
+
+def _attempt(runners, protocol: Protocol, n_inputs: int, clock, sync) -> dict[str, Timing]:
     keys = list(runners)
     for key in keys:  # warm-up: first runs allocate, pre-pack weights and JIT kernels
         for i in range(protocol.warmup):

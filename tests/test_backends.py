@@ -132,3 +132,17 @@ def test_get_backend_specs():
         with pytest.raises(AmpqError, match="habana_frameworks"):
             get_backend("gaudi")  # not installed on these machines
     assert Capabilities(("int8",), "fp32", "x").filter(["fp16"]) == ()
+
+
+def test_retry_keeps_the_tightest_attempt():
+    clock, calls = FakeClock(), {"n": 0}
+    noisy_then_quiet = iter([1.0, 5.0, 1.0, 5.0] + [2.0] * 100)  # a loaded first attempt
+
+    def run(i):
+        calls["n"] += 1
+        clock.now += next(noisy_then_quiet)
+
+    p = Protocol(warmup=0, min_repeats=3, max_repeats=4, rel_ci=0.05, max_seconds=None, retries=2)
+    out = interleave({"x": run}, p, clock=clock)
+    assert out["x"].median == 2.0 and out["x"].half_width == 0.0
+    assert calls["n"] == 4 + 3  # first attempt to the cap, second stops once tight
