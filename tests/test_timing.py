@@ -158,3 +158,77 @@ def test_predict_speedup_and_json_roundtrip():
     back = GainTable.from_json(t.to_json())
     assert back.to_json() == t.to_json() and back.n_configs == 5
     assert back.total_gain({"x": "int8", "y": "int8", "z": "int8"}) == pytest.approx(5.0)
+
+
+class Interrupting(Counting):
+    """Stops the run (as Ctrl-C would) at the n-th timing call."""
+
+    def __init__(self, inner, stop_at: int):
+        super().__init__(inner)
+        self.stop_at = stop_at
+
+    def time(self, models, inputs):
+        if self.calls + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        return super().time(models, inputs)
+
+
+def test_gain_table_rerun_and_resume(tmp_path, block_model):
+    pytest.importorskip("ampq_pass.subgraphs")
+    from ampq_pass.partition import partition
+    from ampq_pass.subgraphs import capture_inputs
+    from ampq_pass.timing import gain_table
+
+    m = block_model
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=8)
+    ranges = compute_ranges(m, layers, Samples(feeds))
+    backend = OrtBackend(protocol=FAST, formats=("int8",))
+    formats = {l.name: [f for f in l.formats if f == "int8"] for l in layers}
+    part = partition(m, layers, formats=formats)
+    assert len(part.subgraphs) >= 2
+    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    cache = Cache(tmp_path)
+
+    stopper = Interrupting(backend, stop_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        gain_table(m, layers, part, ranges, captured, stopper, cache=cache, progress=False)
+    assert stopper.calls == 1  # first subgraph finished and was cached
+
+    resumed = Counting(backend)
+    table = gain_table(m, layers, part, ranges, captured, resumed, cache=cache, progress=False,
+                       model_inputs=[feeds])
+    assert resumed.calls == len(part.subgraphs) - 1 + 1  # the rest, plus the end-to-end hp time
+    assert table.subgraphs[0].cached and not table.subgraphs[1].cached
+    assert table.hp_total > 0 and table.n_configs == sum(len(s.configs) for s in table.subgraphs)
+    for s in table.subgraphs:
+        assert s.configs[0].formats == {l: "hp" for l in s.layers}
+        assert all(set(c.formats.values()) <= {"hp", "int8"} for c in s.configs)
+
+    again = Counting(backend)
+    table2 = gain_table(m, layers, part, ranges, captured, again, cache=cache, progress=False, model_inputs=[feeds])
+    assert again.calls == 0
+    assert [s.to_json()["configs"] for s in table2.subgraphs] == [s.to_json()["configs"] for s in table.subgraphs]
+    plan = {l.name: "int8" for l in layers}
+    assert predict_speedup(table2, plan) == pytest.approx(predict_speedup(table, plan))
+    assert GainTable.from_json(table2.to_json()).to_json() == table2.to_json()
+
+
+def test_gain_table_with_cost_model(block_model):
+    pytest.importorskip("ampq_pass.subgraphs")
+    from ampq_pass.backends.costmodels import MacModel
+    from ampq_pass.partition import partition
+    from ampq_pass.subgraphs import capture_inputs
+    from ampq_pass.timing import gain_table
+
+    m = block_model
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=4)
+    part = partition(m, layers)
+    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    mac = MacModel()
+    table = gain_table(m, layers, part, None, captured, mac, progress=False, model_inputs=[feeds])
+    assert table.unit == "mac"
+    full = mac.macs(m, layers, [feeds])
+    assert table.hp_total == sum(full.values())
+    assert predict_speedup(table, {l.name: "int8" for l in layers}) == pytest.approx(4.0)
