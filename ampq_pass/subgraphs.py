@@ -1,0 +1,144 @@
+"""Sequential subgraphs as standalone models, and the real activations at their inputs.
+
+Extraction uses ``onnx.utils.Extractor``: given input and output tensor names it keeps
+exactly the nodes between them, with their initializers, value_info, opsets and local
+functions, which is the definition of a subgraph cut at tensors. onnx-graphsurgeon would
+do the same but copies the whole graph into its own IR for every subgraph; the Extractor
+works on the proto we already hold. Its one requirement is a type for every boundary
+tensor, which onnx shape inference provides.
+
+Capture runs the full model once per calibration batch in ONNX Runtime with every
+subgraph input exposed as an extra output, so the activations fed to a subgraph in timing
+are the ones it sees inside the model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.utils import Extractor
+
+from .calibration import Samples
+from .errors import AmpqError
+from .model import _PROTOBUF_LIMIT, infer_shapes_safe, save_external
+from .partition import Partition, Subgraph, constant_tensors, dataflow_graph, op_key
+
+
+def _typed_names(model: onnx.ModelProto) -> set[str]:
+    values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    return {v.name for v in values if v.type.tensor_type.elem_type}
+
+
+def with_types(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``model`` itself if every tensor in ``names`` has a type, else a shape-inferred copy."""
+    if set(names) <= _typed_names(model):
+        return model
+    inferred = infer_shapes_safe(_copy(model))
+    missing = [n for n in names if n not in _typed_names(inferred)]
+    if missing:
+        raise AmpqError(f"tensor {missing[0]!r}: onnx shape inference gives it no type, cannot extract a subgraph at it")
+    return inferred
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -> onnx.ModelProto:
+    """``subgraph`` as a standalone model: its inputs (cut tensors, side-chain tensors, model
+    inputs) become graph inputs with their dtypes and shapes, its outputs graph outputs.
+
+    Ops that compute constants for it (``Constant``, an ``Identity`` of a weight) are copied
+    in. The result passes ``onnx.checker``; a node set that differs from the subgraph's
+    means the partition does not belong to this model and raises :class:`AmpqError`.
+    """
+    if not subgraph.outputs:
+        raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}) has no outputs to extract")
+    typed = with_types(model, subgraph.inputs + subgraph.outputs)
+    try:
+        sub = Extractor(typed).extract_model(list(subgraph.inputs), list(subgraph.outputs))
+    except ValueError as exc:
+        raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}): cannot extract ({exc})") from None
+    _check_nodes(typed, sub, subgraph)
+    sub.graph.name = f"subgraph{subgraph.index}"
+    sub.graph.doc_string = f"{subgraph.kind} subgraph {subgraph.name}: layers {', '.join(subgraph.layers)}"
+    if check:
+        onnx.checker.check_model(sub)
+    return sub
+
+
+def _check_nodes(model: onnx.ModelProto, sub: onnx.ModelProto, subgraph: Subgraph) -> None:
+    got = {n.name for n in sub.graph.node}
+    want = set(subgraph.nodes)
+    missing = want - got
+    g = dataflow_graph(model)
+    consts = constant_tensors(g)
+    # Extra nodes may only be constant producers; dead-end ops of the subgraph (no path
+    # to its outputs) are dropped by the Extractor and are harmless.
+    foreign = [n for n in got - want if not all(t in consts for t in g.successors(op_key(n)))]
+    if foreign:
+        raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}): extraction pulled in node {foreign[0]!r}; "
+                        "the partition does not match this model")
+    lost_layers = [l for l in subgraph.layers if l in missing]
+    if lost_layers:
+        raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}): layer {lost_layers[0]!r} does not reach "
+                        "the subgraph's outputs; the partition does not match this model")
+
+
+def _session(model: onnx.ModelProto, folder: Path | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # No graph rewrites: the captured tensors must be the values the unoptimised graph
+    # defines (fusions would also hide some of the tensors we expose).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    path = Path(folder) / "probe.onnx"
+    save_external(model, path, "probe.onnx.data")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Samples, *, batch_size: int = 8,
+                   max_batches: int | None = None) -> dict[int, list[dict[str, np.ndarray]]]:
+    """The real input tensors of every subgraph, batch by batch.
+
+    Returns ``{subgraph index: [ {input name: array} per batch ]}``. One ONNX Runtime
+    run of the full model per batch, with every subgraph input exposed as an output;
+    a tensor read by several subgraphs (an attention mask) is one shared array.
+    """
+    graph_inputs = {i.name for i in model.graph.input}
+    wanted = sorted({t for s in partition.subgraphs for t in s.inputs if t not in graph_inputs})
+    produced = {t for n in model.graph.node for t in n.output}
+    unknown = [t for t in wanted if t not in produced]
+    if unknown:
+        raise AmpqError(f"subgraph input {unknown[0]!r} is not a tensor of the model")
+    probe = _copy(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted if t not in existing)
+    out: dict[int, list[dict[str, np.ndarray]]] = {s.index: [] for s in partition.subgraphs}
+    with tempfile.TemporaryDirectory() as folder:
+        sess = _session(probe, Path(folder))
+        feed_names = {i.name for i in sess.get_inputs()}
+        for number, batch in enumerate(samples.batches(batch_size)):
+            if max_batches is not None and number >= max_batches:
+                break
+            feeds = {k: v for k, v in batch.items() if k in feed_names}
+            values = dict(zip(wanted, sess.run(wanted, feeds))) if wanted else {}
+            values.update(batch)
+            for s in partition.subgraphs:
+                out[s.index].append({t: values[t] for t in s.inputs})
+    return out
+
+
+def extract_all(model: onnx.ModelProto, partition: Partition) -> list[onnx.ModelProto]:
+    """Every subgraph of ``partition`` extracted, in order (shape inference at most once)."""
+    names = [t for s in partition.subgraphs for t in s.inputs + s.outputs]
+    typed = with_types(model, names)
+    return [extract(typed, s) for s in partition.subgraphs]
