@@ -31,7 +31,7 @@ import onnx
 
 from .errors import AmpqError
 from .formats import HP
-from .layers import Layer
+from .layers import WEIGHTED_OPS, Layer
 
 #: Ops whose output depends only on the *shape* of their input, not on its values.
 METADATA_OPS = frozenset({"Shape", "Size"})
@@ -116,14 +116,20 @@ def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """Node names as :func:`ampq_pass.layers.find_layers` sees them: an unnamed node is
+    ``<op_type>_<index>``."""
+    return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)]
+
+
 def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
     """The model as a bipartite DiGraph: ``("op", node name)`` and ``("tensor", name)``.
 
     Edges: producer op -> tensor -> consumer op. Node attributes: ``op_type`` and
     ``index`` (graph order) on ops; ``initializer``/``graph_input``/``graph_output``
     flags on tensors. An edge into an op from :data:`METADATA_OPS` carries
-    ``meta=True``: the op reads the tensor's shape, not its values. Nodes must be named
-    (:func:`ampq_pass.layers.ensure_node_names`).
+    ``meta=True``: the op reads the tensor's shape, not its values. Ops are keyed by
+    :func:`node_names`.
     """
     g = nx.DiGraph()
     inits = {t.name for t in model.graph.initializer}
@@ -132,12 +138,10 @@ def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
         g.add_node(tensor_key(vi.name), initializer=vi.name in inits, graph_input=vi.name not in inits)
     for name in inits:
         g.add_node(tensor_key(name), initializer=True, graph_input=False)
-    for index, node in enumerate(model.graph.node):
-        if not node.name:
-            raise AmpqError(f"node {index} ({node.op_type}) has no name; call ensure_node_names first")
-        key = op_key(node.name)
+    for index, (name, node) in enumerate(zip(node_names(model), model.graph.node)):
+        key = op_key(name)
         if key in g:
-            raise AmpqError(f"node name {node.name!r} is used twice")
+            raise AmpqError(f"node name {name!r} is used twice; plans and partitions refer to nodes by name")
         g.add_node(key, op_type=node.op_type, index=index)
         for t in list(node.input) + _implicit_inputs(node):
             if t:
@@ -367,8 +371,8 @@ def fit_cap(g: nx.DiGraph, nodes: list, layers: list[Layer], formats: dict[str, 
         return [(nodes, singles, "", None)]
     tied = tie_shared_inputs(mine, formats)
     if n_configs(tied, formats) <= max_configs:
-        note = "; ".join(f"tied {','.join(_short(x) for x in grp)} (same input)" for grp in tied if len(grp) > 1)
-        return [(nodes, tied, note + f" to fit {max_configs} configs", None)]
+        note = "; ".join(f"tied {','.join(short_name(x) for x in grp)} (same input)" for grp in tied if len(grp) > 1)
+        return [(nodes, tied, f"{note} (cap {max_configs})", None)]
     best = None
     for tensor, up, down in finer_cuts(g, nodes):
         n_up = sum(1 for n in up if n in names)
@@ -384,7 +388,7 @@ def fit_cap(g: nx.DiGraph, nodes: list, layers: list[Layer], formats: dict[str, 
         parts = fit_cap(g, up, mine, formats, max_configs)
         head = parts[:-1] + [(parts[-1][0], parts[-1][1], parts[-1][2], tensor)]
         tail = fit_cap(g, down, mine, formats, max_configs)
-        split_note = f"split at finer cut {tensor} to fit {max_configs} configs"
+        split_note = f"split at finer cut {tensor} (cap {max_configs})"
         return [(n, grp, "; ".join(x for x in (split_note, note) if x), c) for n, grp, note, c in head + tail]
     everything = [[l.name for l in mine]]
     note = f"all {len(mine)} layers tied to one decision to fit {max_configs} configs (no finer cut)"
@@ -393,9 +397,12 @@ def fit_cap(g: nx.DiGraph, nodes: list, layers: list[Layer], formats: dict[str, 
     return [(nodes, everything, note, None)]
 
 
-def _short(layer: str) -> str:
+def short_name(layer: str) -> str:
+    """``/model/layers.0/self_attn/q_proj/MatMul`` -> ``q_proj``: the module, not the op."""
     parts = [p for p in layer.split("/") if p]
-    return "/".join(parts[-2:]) if len(parts) > 1 else layer
+    if len(parts) > 1 and parts[-1].split("_")[0] in WEIGHTED_OPS:
+        return parts[-2]
+    return parts[-1] if parts else layer
 
 
 # --------------------------------------------------------------------------- subgraph data

@@ -24,7 +24,7 @@ from onnx.utils import Extractor
 from .calibration import Samples
 from .errors import AmpqError
 from .model import _PROTOBUF_LIMIT, infer_shapes_safe, save_external
-from .partition import Partition, Subgraph, constant_tensors, dataflow_graph, op_key
+from .partition import Partition, Subgraph, constant_tensors, dataflow_graph, node_names, op_key
 
 
 def _typed_names(model: onnx.ModelProto) -> set[str]:
@@ -60,6 +60,8 @@ def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -
     if not subgraph.outputs:
         raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}) has no outputs to extract")
     typed = with_types(model, subgraph.inputs + subgraph.outputs)
+    if not all(n.name for n in typed.graph.node):
+        typed = _named(typed)
     try:
         sub = Extractor(typed).extract_model(list(subgraph.inputs), list(subgraph.outputs))
     except ValueError as exc:
@@ -70,6 +72,14 @@ def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -
     if check:
         onnx.checker.check_model(sub)
     return sub
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose unnamed nodes carry the names the partition gave them."""
+    out = _copy(model)
+    for name, node in zip(node_names(out), out.graph.node):
+        node.name = name
+    return out
 
 
 def _check_nodes(model: onnx.ModelProto, sub: onnx.ModelProto, subgraph: Subgraph) -> None:
@@ -141,4 +151,6 @@ def extract_all(model: onnx.ModelProto, partition: Partition) -> list[onnx.Model
     """Every subgraph of ``partition`` extracted, in order (shape inference at most once)."""
     names = [t for s in partition.subgraphs for t in s.inputs + s.outputs]
     typed = with_types(model, names)
+    if not all(n.name for n in typed.graph.node):
+        typed = _named(typed)
     return [extract(typed, s) for s in partition.subgraphs]
