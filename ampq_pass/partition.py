@@ -379,8 +379,10 @@ def fit_cap(g: nx.DiGraph, nodes: list, layers: list[Layer], formats: dict[str, 
         n_down = sum(1 for n in down if n in names)
         if not n_up or not n_down:
             continue
-        cost = max(n_configs([[names[n].name] for n in up if n in names], formats),
-                   n_configs([[names[n].name] for n in down if n in names], formats))
+        # judge a cut by the parts as they will be fitted (ties included), so that a cut
+        # between layers reading one tensor (q | k, v) does not look better than it is
+        cost = max(n_configs(tie_shared_inputs([l for l in mine if op_key(l.name) in set(side)], formats), formats)
+                   for side in (up, down))
         if best is None or cost < best[0]:
             best = (cost, tensor, up, down)
     if best is not None:
