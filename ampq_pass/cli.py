@@ -1,5 +1,7 @@
 """Command line: a thin shell over the Python API.
 
+    ampq-pass MODEL -o OUT [--calib CALIB] [--backend ort:cpu] [--max-loss-rmse 0.01] [--pareto N]
+                                                         the whole pass: search a plan, write it, verify it
     ampq-pass MODEL -o OUT --plan PLAN [--calib CALIB]   rewrite MODEL with a given plan
     ampq-pass inspect MODEL [--calib CALIB] [--json]     list quantizable layers
     ampq-pass demo                                       the embedded default (MiniLM)
@@ -59,8 +61,27 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             epilog="Other commands: " + ", ".join(f"ampq-pass {c} -h" for c in COMMANDS))
         p.add_argument("model")
         p.add_argument("-o", "--output", required=True, help="output model path (never the input)")
-        p.add_argument("--plan", help='JSON {"formats": {"<node name>": "<format>"}}; unnamed layers stay hp')
+        p.add_argument("--plan", help='apply this plan instead of searching one: JSON {"formats": {"<node name>": '
+                                      '"<format>"}}; unnamed layers stay hp')
         add_calib_args(p)
+        g = p.add_argument_group("search (without --plan)")
+        g.add_argument("--backend", default="ort:cpu",
+                       help="where time gains are measured: ort:cpu (default), ort:cuda, ort:tensorrt, ort:openvino, "
+                            "mac, memory, gaudi")
+        g.add_argument("--formats", help="comma-separated candidate formats (default: all the backend runs fast)")
+        budget = g.add_mutually_exclusive_group()
+        budget.add_argument("--max-loss-rmse", type=float,
+                            help="RMS change of the loss relative to the loss's RMS (default 0.01)")
+        budget.add_argument("--max-loss-mse", type=float, help="absolute bound on the predicted loss MSE")
+        g.add_argument("--max-memory", type=float, help="bound on the quantizable layers' weight bytes")
+        g.add_argument("--loss", default="projection",
+                       help="sensitivity loss: projection (default, no labels), pseudo_label[:output]")
+        g.add_argument("--holdout", type=int, help="held-out samples for verification (default: a quarter, <= 32)")
+        g.add_argument("--max-configs", type=int, default=64, help="configurations per subgraph (default 64)")
+        g.add_argument("--pareto", type=int, default=0, metavar="N", help="also solve N budgets and write the front")
+        g.add_argument("--report", help="write the JSON report here (plots beside it)")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common(p)
     return p
 
@@ -101,10 +122,10 @@ def cmd_rewrite(args) -> int:
     from .rewrite import rewrite
     from .stages import compute_ranges
 
+    if not args.plan:
+        return cmd_search(args)
     model = load_model(args.model)
     check_output_path(args.output, args.model)
-    if not args.plan:
-        raise AmpqError("--plan is required: the automatic plan (solve stage) is not available in this version")
     plan = load_plan(args.plan)
     layers = find_layers(model)
     validate_plan(plan, layers, source=args.plan)
@@ -120,6 +141,37 @@ def cmd_rewrite(args) -> int:
         counts[plan.format_of(layer.name)] = counts.get(plan.format_of(layer.name), 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     print(f"wrote {args.output}: {len(layers)} layers ({summary})")
+    return 0
+
+
+def cmd_search(args) -> int:
+    """The whole pass: calibrate, sensitivity, partition, timing, solve, rewrite, verify, report."""
+    from .calibration import save_json
+    from .pipeline import PassOptions, run_pass
+    from .report import plot_pareto, plot_plan, render_text
+
+    if args.report:
+        check_report = Path(args.report)
+        if not check_report.parent.is_dir():
+            raise AmpqError(f"{args.report}: report directory {check_report.parent} does not exist")
+    opts = PassOptions(
+        backend=args.backend, formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None,
+        max_loss_rmse=args.max_loss_rmse, max_loss_mse=args.max_loss_mse, max_memory=args.max_memory,
+        loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
+        max_configs=args.max_configs, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
+        progress=not args.no_progress)
+    result = run_pass(args.model, args.output, calib=args.calib, options=opts)
+    report = result.report
+    print(render_text(report))
+    print(f"wrote {args.output}")
+    base = Path(args.report) if args.report else Path(args.output).with_suffix(".report.json")
+    save_json(report, base)
+    plot_plan(report, base.with_suffix(".plan.png"))
+    print(f"report: {base} (plot: {base.with_suffix('.plan.png')})")
+    if report["pareto"]:
+        save_json({"front": report["pareto"]}, base.with_suffix(".pareto.json"))
+        plot_pareto(report["pareto"], base.with_suffix(".pareto.png"), title=f"{Path(args.model).name} on {args.backend}")
+        print(f"pareto front: {base.with_suffix('.pareto.json')} and {base.with_suffix('.pareto.png')}")
     return 0
 
 

@@ -1,0 +1,297 @@
+"""The whole pass, stage by stage (design.md §2), with the on-disk cache.
+
+Each stage is a plain function of plain data; :func:`run_pass` chains them:
+calibrate -> sensitivity -> partition -> timing -> solve -> rewrite -> verify -> report.
+Stages whose inputs did not change are read from the cache, so a rerun (or a run after
+an interruption) repeats only what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .cache import Cache, digest, model_digest
+from .calibration import Ranges, Samples, load_samples, synthetic_samples
+from .errors import AmpqError
+from .formats import HP
+from .layers import Layer, find_layers
+from .model import check_output_path, load_model, save_model
+from .plan import Plan
+from .solve import Option, Solution, loss_budget, pareto_front, solve
+from .stages import compute_ranges, samples_digest
+
+
+# ----------------------------------------------------------------------------- parameters
+
+@dataclass
+class PassOptions:
+    """Every knob of the pass, validated in :meth:`validate` with messages that name it."""
+
+    #: a spec such as "ort:cpu" (see :func:`make_backend`) or a backend object
+    backend: object = "ort:cpu"
+    formats: tuple[str, ...] | None = None
+    max_loss_rmse: float | None = None
+    max_loss_mse: float | None = None
+    max_memory: float | None = None
+    loss: str = "projection"
+    batch_size: int = 8
+    holdout: int | None = None
+    calib_method: str = "minmax"
+    max_configs: int = 64
+    timing_batches: int = 1
+    pareto: int = 0
+    seed: int = 0
+    cache_dir: str | None = ".ampq-cache"
+    progress: bool = True
+
+    def validate(self) -> "PassOptions":
+        def positive_int(name, value, minimum=1):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+                raise AmpqError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        positive_int("batch_size", self.batch_size)
+        positive_int("max_configs", self.max_configs, 2)
+        positive_int("timing_batches", self.timing_batches)
+        positive_int("pareto", self.pareto, 0)
+        if self.pareto == 1:
+            raise AmpqError("pareto must be 0 (off) or >= 2 budgets, got 1")
+        if self.holdout is not None:
+            positive_int("holdout", self.holdout)
+        if self.max_loss_rmse is not None and self.max_loss_mse is not None:
+            raise AmpqError("give either max_loss_rmse or max_loss_mse, not both")
+        for name in ("max_loss_rmse", "max_loss_mse", "max_memory"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+                raise AmpqError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.max_loss_rmse is None and self.max_loss_mse is None:
+            self.max_loss_rmse = 0.01
+        if self.formats is not None:
+            from .formats import FORMATS
+
+            bad = [f for f in self.formats if f not in FORMATS]
+            if bad:
+                raise AmpqError(f"formats: unknown format {bad[0]!r}; expected some of {', '.join(FORMATS)}")
+        return self
+
+
+def make_backend(spec):
+    """A backend object from a spec (:func:`ampq_pass.backends.get_backend`); objects pass through."""
+    from .backends import get_backend
+
+    return get_backend(spec) if isinstance(spec, str) else spec
+
+
+# ----------------------------------------------------------------------------- stages
+
+def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, samples: Samples,
+                       formats: tuple[str, ...], opts: PassOptions, cache: Cache | None):
+    """:func:`ampq_pass.sensitivity.sensitivity`, read from the cache when nothing changed."""
+    from .sensitivity import Sensitivity, sensitivity
+
+    key = digest("sensitivity", 1, model_digest(model), samples_digest(samples), ranges.to_json(),
+                 sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers])
+    if cache is not None and (hit := cache.get("sensitivity", key)) is not None:
+        return Sensitivity.from_json(hit), True
+    sens = sensitivity(model, layers, ranges, samples, formats=formats, loss=opts.loss,
+                       batch_size=opts.batch_size, seed=opts.seed, progress=opts.progress)
+    if cache is not None:
+        cache.put("sensitivity", key, sens.to_json())
+    return sens, False
+
+
+def layer_formats(layers: list[Layer], offered: tuple[str, ...]) -> dict[str, list[str]]:
+    """Candidate formats per layer: what the rewrite can express and the backend runs fast."""
+    return {l.name: [f for f in l.formats if f in offered] for l in layers}
+
+
+def build_options(table, sens, memory: dict[str, dict[str, int]] | None = None) -> list[list[Option]]:
+    """Solver options: per subgraph, each timed configuration with its gain, predicted loss
+    MSE (sum of its layers' sensitivities) and weight memory."""
+    from .sensitivity import predicted_mse
+
+    options = []
+    for sg in table.subgraphs:
+        opts = []
+        for c in sg.configs:
+            mem = float(sum(memory[l][c.formats.get(l, HP)] for l in sg.layers)) if memory else 0.0
+            opts.append(Option(dict(c.formats), float(c.gain), float(predicted_mse(sens, c.formats)), mem))
+        options.append(opts)
+    return options
+
+
+def weight_memory(model: onnx.ModelProto, layers: list[Layer], formats: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """Bytes of each layer's stored weight in each of its candidate formats (and hp)."""
+    from onnx import numpy_helper
+
+    from .backends.costmodels import weight_bytes
+    from .layers import initializers
+
+    inits = initializers(model)
+    out = {}
+    for l in layers:
+        if l.weight is None:
+            out[l.name] = {f: 0 for f in [HP, *formats[l.name]]}
+            continue
+        w = numpy_helper.to_array(inits[l.weight])
+        out[l.name] = {f: weight_bytes(w, l, f) for f in [HP, *formats[l.name]]}
+    return out
+
+
+def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples, backend, timing_inputs,
+           opts: PassOptions, hp_outputs=None) -> dict:
+    """Measured speed-up (end to end, interleaved on the backend) and loss MSE on held-out samples."""
+    from .backends.base import CostModel
+    from .sensitivity import measured_loss_mse
+
+    out = {"loss_mse": measured_loss_mse(model, rewritten, holdout, opts.loss, batch_size=opts.batch_size,
+                                         seed=opts.seed, hp_outputs=hp_outputs)}
+    if isinstance(backend, CostModel):
+        out["speedup"] = None
+        out["note"] = f"backend {opts.backend} is a cost model: no time measured"
+        return out
+    t = backend.time({"hp": model, "plan": rewritten}, timing_inputs)
+    out.update(speedup=t["hp"].median / t["plan"].median, hp_time=t["hp"].median, plan_time=t["plan"].median,
+               hp_ci=[t["hp"].ci_low, t["hp"].ci_high], plan_ci=[t["plan"].ci_low, t["plan"].ci_high])
+    return out
+
+
+# ----------------------------------------------------------------------------- whole pass
+
+@dataclass
+class PassResult:
+    report: dict
+    solution: Solution
+    model: onnx.ModelProto
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib: str | os.PathLike | None = None,
+             samples: Samples | None = None, options: PassOptions | None = None,
+             log: Callable[[str], None] | None = None, **kwargs) -> PassResult:
+    """Run every stage on ``model_path`` and write the mixed-precision model to ``output``.
+
+    ``calib`` (a .npz or folder) or ``samples`` give the calibration set; the last
+    ``holdout`` samples are kept aside to verify the plan. Keyword arguments are the fields
+    of :class:`PassOptions`.
+    """
+    opts = (options or PassOptions(**kwargs)).validate()
+    log = log or (lambda s: print(s, file=sys.stderr))
+    stages: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[name] = stages.get(name, 0.0) + now - clock
+        clock = now
+
+    model = load_model(model_path)
+    check_output_path(output, model_path)
+    backend = make_backend(opts.backend)
+    offered = backend.capabilities().formats
+    if opts.formats is not None:
+        missing = [f for f in opts.formats if f not in offered]
+        if missing:
+            raise AmpqError(f"formats: backend {opts.backend} does not run {missing[0]!r} fast "
+                            f"(it offers {', '.join(offered) or 'none'})")
+        offered = tuple(f for f in offered if f in opts.formats)
+    layers = find_layers(model)
+    if not layers:
+        raise AmpqError(f"{model_path}: no quantizable layer (MatMul/Gemm/Conv/ConvTranspose with a constant weight)")
+    if samples is None:
+        samples = load_samples(calib, model) if calib else synthetic_samples(model, count=32, seed=opts.seed)
+    n_hold = opts.holdout if opts.holdout is not None else max(1, min(len(samples) // 4, 32))
+    if len(samples) < 2:
+        raise AmpqError(f"calibration set has {len(samples)} sample; need at least 2 (calibration + held-out)")
+    calib_set, holdout = samples.split(min(n_hold, len(samples) - 1))
+    cache = Cache(opts.cache_dir) if opts.cache_dir else None
+    formats = layer_formats(layers, offered)
+    lap("load")
+
+    log(f"[1/7] calibrating activation ranges ({opts.calib_method}, {len(calib_set)} samples)")
+    ranges = compute_ranges(model, layers, calib_set, method=opts.calib_method, batch_size=opts.batch_size, cache=cache)
+    lap("calibrate")
+
+    log(f"[2/7] sensitivity ({opts.loss} loss, formats {', '.join(offered)})")
+    sens, hit = cached_sensitivity(model, layers, ranges, calib_set, offered, opts, cache)
+    if hit:
+        log("      (from cache)")
+    lap("sensitivity")
+
+    from .partition import partition
+    from .subgraphs import capture_inputs
+
+    log("[3/7] partitioning into sequential subgraphs")
+    part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
+    timing_inputs = list(calib_set.batches(opts.batch_size))[: opts.timing_batches]
+    captured = capture_inputs(model, part, Samples({k: np.concatenate([b[k] for b in timing_inputs])
+                                                    for k in timing_inputs[0]}),
+                              batch_size=opts.batch_size)
+    lap("partition")
+
+    from .timing import gain_table, predict_speedup
+
+    log(f"[4/7] timing {sum(1 for _ in part.subgraphs)} subgraphs on {opts.backend}")
+    table = gain_table(model, layers, part, ranges, captured, backend, formats=offered, cache=cache,
+                       progress=opts.progress, model_inputs=timing_inputs)
+    lap("timing")
+
+    log("[5/7] solving the integer program")
+    memory = weight_memory(model, layers, formats) if opts.max_memory is not None else None
+    option_table = build_options(table, sens, memory)
+    tau = loss_budget(max_loss_rmse=opts.max_loss_rmse, max_loss_mse=opts.max_loss_mse,
+                      loss_sq_mean=sens.loss_sq_mean if opts.max_loss_rmse is not None else None)
+    solution = solve(option_table, tau, max_memory=opts.max_memory)
+    front = pareto_front(option_table, opts.pareto, max_memory=opts.max_memory) if opts.pareto else []
+    lap("solve")
+
+    log("[6/7] rewriting")
+    from .rewrite import rewrite
+
+    rewritten = rewrite(model, layers, solution.plan, ranges)
+    save_model(rewritten, output, source=model_path)
+    lap("rewrite")
+
+    log(f"[7/7] verifying on {len(holdout)} held-out samples")
+    from .sensitivity import run_batches
+
+    hp_outputs = run_batches(model, holdout, opts.batch_size)
+    measured = verify(model, rewritten, holdout, backend, timing_inputs, opts, hp_outputs)
+    front_points = []
+    for point in front:
+        entry = {"max_mse": point.max_mse, "predicted_mse": point.mse, "predicted_gain": point.gain,
+                 "predicted_speedup": _speedup(table, point), "layers_quantized": len(point.plan.formats)}
+        if point.plan.formats:
+            q = rewrite(model, layers, point.plan, ranges)
+            m = verify(model, q, holdout, backend, timing_inputs, opts, hp_outputs)
+            entry.update(measured_loss_mse=m["loss_mse"], measured_speedup=m.get("speedup"))
+        else:
+            entry.update(measured_loss_mse=0.0, measured_speedup=1.0)
+        front_points.append(entry)
+    lap("verify")
+
+    from .report import build_report
+
+    report = build_report(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
+                          table=table, solution=solution, predicted_speedup=_speedup(table, solution),
+                          measured=measured, tau=tau, opts=opts, ranges_method=ranges.method,
+                          samples=calib_set, holdout=holdout, front=front_points, stages=stages)
+    return PassResult(report, solution, rewritten, stages)
+
+
+def _speedup(table, solution: Solution) -> float | None:
+    from .timing import predict_speedup
+
+    try:
+        return predict_speedup(table, solution.plan)
+    except AmpqError:
+        return None

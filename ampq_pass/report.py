@@ -1,0 +1,151 @@
+"""The report: JSON for machines, a terminal summary and plots for people."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .formats import HP
+from .report_text import table as text_table
+
+REPORT_VERSION = 1
+
+
+def build_report(*, model_path, output, layers, sens, partition, table, solution, predicted_speedup, measured,
+                 tau, opts, ranges_method, samples, holdout, front, stages) -> dict:
+    """Every layer's sensitivities, subgraph and chosen format; every subgraph's configs with
+    gains, noise and the chosen one; predicted vs measured; the budget and what bound."""
+    from .sensitivity import predicted_mse
+
+    sub_of = {l: sg.index for sg in partition.subgraphs for l in sg.layers}
+    chosen = solution.plan.formats
+    layer_rows = []
+    for l in layers:
+        layer_rows.append({
+            "name": l.name, "op_type": l.op_type, "subgraph": sub_of.get(l.name),
+            "format": chosen.get(l.name, HP),
+            "sensitivity": dict(sens.values.get(l.name, {})),
+            "weight_sensitivity": dict(sens.weight.get(l.name, {})),
+            "activation_sensitivity": dict(sens.activation.get(l.name, {})),
+        })
+    subgraphs = []
+    for sg, gains, pick in zip(partition.subgraphs, table.subgraphs, solution.choice):
+        configs = [dict(c.to_json(), predicted_mse=predicted_mse(sens, c.formats)) for c in gains.configs]
+        subgraphs.append({"index": sg.index, "name": sg.name, "kind": sg.kind, "layers": list(sg.layers),
+                          "groups": sg.groups, "note": sg.note, "hp_time": gains.hp_time, "cached": gains.cached,
+                          "configs": configs, "chosen": pick})
+    return {
+        "version": REPORT_VERSION,
+        "model": model_path, "output": output, "backend": str(getattr(opts.backend, "name", opts.backend)), "unit": table.unit,
+        "calibration": {"samples": len(samples), "holdout": len(holdout), "synthetic": samples.synthetic,
+                        "ranges": ranges_method, "loss": sens.loss, "batch_size": opts.batch_size},
+        "budget": {"max_loss_rmse": opts.max_loss_rmse, "max_loss_mse": opts.max_loss_mse, "tau": tau,
+                   "max_memory": opts.max_memory, "binding": solution.binding, "status": solution.status,
+                   "message": solution.message},
+        "predicted": {"speedup": predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
+                      "hp_time": table.hp_total, "memory": solution.memory if opts.max_memory is not None else None},
+        "measured": measured,
+        "layers": layer_rows,
+        "subgraphs": subgraphs,
+        "pareto": front,
+        "stages_seconds": {k: round(v, 3) for k, v in stages.items()},
+    }
+
+
+def _fmt(v, spec=".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def render_text(report: dict) -> str:
+    """A terminal summary: per-subgraph table, totals, prediction vs measurement."""
+    unit = report["unit"]
+    scale, uname = (1e3, "ms") if unit == "s" else (1.0, unit)
+    rows = []
+    for sg in report["subgraphs"]:
+        c = sg["configs"][sg["chosen"]]
+        used = sorted({f for f in c["formats"].values() if f != HP})
+        best = max(sg["configs"], key=lambda x: x["gain"])
+        rows.append([sg["index"], sg["kind"], len(sg["layers"]), len(sg["configs"]), ",".join(used) or "hp",
+                     f"{sg['hp_time'] * scale:.3g}", f"{c['gain'] * scale:.3g}", f"{c['noise'] * scale:.2g}",
+                     f"{best['gain'] * scale:.3g}", _fmt(c["predicted_mse"])])
+    lines = [text_table(["sub", "kind", "layers", "configs", "chosen", f"hp {uname}", f"gain {uname}",
+                         f"noise {uname}", f"best gain", "pred. loss MSE"], rows)]
+    b, p, m = report["budget"], report["predicted"], report["measured"]
+    n_q = sum(l["format"] != HP for l in report["layers"])
+    counts = {}
+    for l in report["layers"]:
+        counts[l["format"]] = counts.get(l["format"], 0) + 1
+    lines.append("")
+    lines.append(f"plan: {n_q} of {len(report['layers'])} layers quantized ("
+                 + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ")")
+    budget = (f"relative loss RMS <= {b['max_loss_rmse']:g}" if b["max_loss_rmse"] is not None
+              else f"loss MSE <= {b['max_loss_mse']:g}")
+    lines.append(f"budget: {budget} (tau = {b['tau']:.3g}); binding: {b['binding']}; {b['status']}"
+                 + (f" - {b['message']}" if b["message"] else ""))
+    lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
+    ratio = (m["loss_mse"] / p["loss_mse"]) if p["loss_mse"] else None
+    lines.append(f"loss MSE: predicted {_fmt(p['loss_mse'])}, measured {_fmt(m['loss_mse'])} on "
+                 f"{report['calibration']['holdout']} held-out samples (measured/predicted {_fmt(ratio, '.2f')})")
+    if report.get("stages_seconds"):
+        lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages_seconds"].items()))
+    return "\n".join(lines)
+
+
+def plot_plan(report: dict, path: str | Path) -> Path:
+    """Per-layer plan: sensitivity of each format (log scale) with the chosen format marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    formats = sorted({f for l in layers for f in l["sensitivity"]})
+    fig, ax = plt.subplots(figsize=(max(8, 0.28 * len(layers)), 4.5))
+    x = range(len(layers))
+    for f in formats:
+        ys = [l["sensitivity"].get(f, float("nan")) for l in layers]
+        ax.plot(x, ys, marker="o", ms=3, lw=1, label=f"sensitivity {f}")
+    for i, l in enumerate(layers):
+        if l["format"] != HP:
+            ax.scatter([i], [l["sensitivity"].get(l["format"], float("nan"))], s=80, facecolors="none",
+                       edgecolors="k", zorder=3)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([_short(l["name"]) for l in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("predicted loss MSE (s[l][p])")
+    ax.set_title("per-layer plan: circled = chosen format (others stay hp)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pareto(front: list[dict], path: str | Path, *, title: str = "Pareto front") -> Path:
+    """Predicted loss MSE vs predicted speed-up, with the measured points of the verified plans."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = [p for p in front if p.get("predicted_speedup")]
+    ax.plot([p["predicted_mse"] for p in pts], [p["predicted_speedup"] for p in pts], "o-", label="predicted")
+    meas = [p for p in front if p.get("measured_speedup")]
+    ax.plot([p["measured_loss_mse"] for p in meas], [p["measured_speedup"] for p in meas], "s--", label="measured")
+    ax.set_xscale("symlog", linthresh=min([p["predicted_mse"] for p in pts if p["predicted_mse"] > 0] or [1e-9]))
+    ax.set_xlabel("loss MSE")
+    ax.set_ylabel("speed-up over hp")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _short(name: str, n: int = 28) -> str:
+    return name if len(name) <= n else "…" + name[-(n - 1):]
