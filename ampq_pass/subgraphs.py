@@ -24,7 +24,7 @@ from onnx.utils import Extractor
 from .calibration import Samples
 from .errors import AmpqError
 from .model import _PROTOBUF_LIMIT, infer_shapes_safe, save_external
-from .partition import Partition, Subgraph, constant_tensors, dataflow_graph, node_names, op_key
+from .partition import Partition, Subgraph, node_names
 
 
 def _typed_names(model: onnx.ModelProto) -> set[str]:
@@ -66,7 +66,7 @@ def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -
         sub = Extractor(typed).extract_model(list(subgraph.inputs), list(subgraph.outputs))
     except ValueError as exc:
         raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}): cannot extract ({exc})") from None
-    _check_nodes(typed, sub, subgraph)
+    _check_nodes(sub, subgraph)
     sub.graph.name = f"subgraph{subgraph.index}"
     sub.graph.doc_string = f"{subgraph.kind} subgraph {subgraph.name}: layers {', '.join(subgraph.layers)}"
     if check:
@@ -82,15 +82,19 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _check_nodes(model: onnx.ModelProto, sub: onnx.ModelProto, subgraph: Subgraph) -> None:
+def _check_nodes(sub: onnx.ModelProto, subgraph: Subgraph) -> None:
     got = {n.name for n in sub.graph.node}
     want = set(subgraph.nodes)
     missing = want - got
-    g = dataflow_graph(model)
-    consts = constant_tensors(g)
-    # Extra nodes may only be constant producers; dead-end ops of the subgraph (no path
-    # to its outputs) are dropped by the Extractor and are harmless.
-    foreign = [n for n in got - want if not all(t in consts for t in g.successors(op_key(n)))]
+    # Constant-making ops copied in: all their inputs are constants of the extracted model
+    # (its nodes keep the model's topological order, so one pass settles it).
+    consts = {t.name for t in sub.graph.initializer}
+    makers = set()
+    for node in sub.graph.node:
+        if node.name not in want and all(t in consts for t in node.input if t):
+            consts.update(node.output)
+            makers.add(node.name)
+    foreign = sorted(got - want - makers)
     if foreign:
         raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}): extraction pulled in node {foreign[0]!r}; "
                         "the partition does not match this model")
