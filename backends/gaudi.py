@@ -444,8 +444,9 @@ class GaudiBackend(Backend):
     def check(self, model: onnx.ModelProto, reference: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> float:
         """Max |difference| between ``model`` and ``reference`` outputs on the device,
         relative to the reference's max magnitude: the first thing to run on real hardware."""
-        a = self.run(self.lower(model), self.lower(model).feeds(inputs))
-        b = self.run(self.lower(reference), self.lower(reference).feeds(inputs))
+        lm, lr = self.lower(model), self.lower(reference)
+        a = self.run(lm, lm.feeds(inputs))
+        b = self.run(lr, lr.feeds(inputs))
         self.rt.synchronize()
         worst = 0.0
         for x, y in zip(a, b):

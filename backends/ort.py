@@ -68,13 +68,14 @@ def session_options(threads: int = 2, *, optimized_path: str | None = None, spin
 
 def make_session(model: onnx.ModelProto | str | bytes, *, threads: int = 2,
                  provider: str = "CPUExecutionProvider", optimized_path: str | None = None,
-                 spinning: bool = False) -> ort.InferenceSession:
+                 spinning: bool = False, provider_options: dict | None = None) -> ort.InferenceSession:
     """A session with fixed thread counts on one provider."""
     so = session_options(threads, optimized_path=optimized_path, spinning=spinning)
     if isinstance(model, onnx.ModelProto):
         model = _serialise(model)
+    providers = [(provider, provider_options)] if provider_options else [provider]
     try:
-        return ort.InferenceSession(model, so, providers=[provider])
+        return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise AmpqError(f"ONNX Runtime ({provider}) cannot load the model: {str(exc).splitlines()[0]}") from None
 
@@ -157,7 +158,8 @@ class OrtBackend(Backend):
                 "inter_op_threads": 1, "spinning": False, "protocol": self.protocol.to_json()}
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return make_session(model, threads=self.threads, provider=PROVIDERS[self.provider][0])
+        options = None if self.provider == "cpu" else {"device_id": str(self.device_id)}
+        return make_session(model, threads=self.threads, provider=PROVIDERS[self.provider][0], provider_options=options)
 
     def time(self, models: dict[str, onnx.ModelProto], inputs: list[dict[str, np.ndarray]]) -> dict[str, Timing]:
         if not inputs:

@@ -119,3 +119,14 @@ def test_missing_habana_stack_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "habana_frameworks.torch.core", None)
     with pytest.raises(AmpqError, match="habana_frameworks.torch"):
         load_habana()
+
+
+def test_check_compares_fp8_against_hp_on_the_device():
+    m = models.transformer_block()
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=2)
+    q = rewrite(m, layers, Plan.uniform(layers, "fp8_e4m3"), compute_ranges(m, layers, Samples(feeds)))
+    b = GaudiBackend(runtime=fake_runtime(Counter()), hp_dtype=torch.float32)
+    assert b.check(m, m, feeds) == 0.0
+    err = b.check(q, m, feeds)
+    assert 0.0 < err < 0.2  # fp8 error: present, bounded
