@@ -181,12 +181,12 @@ def _weight_terms(ex: Executor, item: _LayerErrors, a: torch.Tensor, g_y: torch.
     if layer.op_type == "MatMul" and len(layer.weight_shape) == 2:
         k, n = layer.weight_shape
         a3, g3 = a.reshape(batch, -1, k), g_y.reshape(batch, -1, n)
-        errors = torch.stack([item.weight_errors[f] for f in item.formats])  # [P, K, N]
+        errors = torch.stack([item.weight_errors[f] for f in item.formats]).reshape(len(item.formats), -1)
         out = []
         chunk = max(1, _CHUNK_ELEMENTS // (k * n))
         for s in range(0, batch, chunk):
-            grads = torch.einsum("btk,btn->bkn", a3[s:s + chunk], g3[s:s + chunk])  # per-sample dL/dW
-            out.append(torch.einsum("bkn,pkn->bp", grads, errors))
+            grads = a3[s:s + chunk].transpose(1, 2) @ g3[s:s + chunk]  # per-sample dL/dW, [b, K, N]
+            out.append(grads.reshape(grads.shape[0], -1) @ errors.T)  # [b, P] without a [b, P, K, N] temporary
         terms = torch.cat(out)
         return {f: terms[:, i] for i, f in enumerate(item.formats)}
     terms = {}
@@ -226,7 +226,7 @@ def _activation_terms(item: _LayerErrors, acts: list[torch.Tensor], g_acts: list
     return terms
 
 
-class _Probes:
+class _Taps:
     """Zero leaves added to every layer's inputs and output: their gradients are G^A and G^Y."""
 
     def __init__(self, layers: list[Layer]):
@@ -292,11 +292,11 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
                              total=n_batches, desc="sensitivity", unit="batch", disable=not progress,
                              file=sys.stderr):
         n = len(next(iter(batch.values())))
-        probe = _Probes(layers)
+        taps = _Taps(layers)
         with torch.enable_grad():
-            outputs = ex.run(batch, input_hooks=probe.input_hooks(), output_hooks=probe.output_hooks())
+            outputs = ex.run(batch, input_hooks=taps.input_hooks(), output_hooks=taps.output_hooks())
             reference = {k: v.detach() for k, v in outputs.items()}
-            leaves = probe.leaves()
+            leaves = taps.leaves()
             grads_per_probe = []
             for p in range(n_probes):
                 per_sample = loss_fn.per_sample(outputs, reference, start, generator)
@@ -309,8 +309,7 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
                 grads_per_probe.append([torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)])
         del outputs, reference, leaves
         count += n
-        for index, item in enumerate(_split_grads(items, probe, grads_per_probe)):
-            layer_item, acts, g_acts, y, g_ys = item
+        for layer_item, acts, g_acts, y, g_ys in _split_grads(items, taps, grads_per_probe):
             name = layer_item.layer.name
             grad_sq += sum(float((g ** 2).sum()) for g in g_ys)
             a_terms = _activation_terms(layer_item, acts, g_acts, y, g_ys, n)
@@ -320,7 +319,7 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
                 for p in range(n_probes):
                     t_w = w_terms[p][f].to(torch.float64) if w_terms[p] is not None else torch.zeros(n, dtype=torch.float64)
                     acc.add(name, f, t_w, a_terms[f][p], 1.0 / n_probes)
-        del grads_per_probe, probe
+        del grads_per_probe, taps
     if count and grad_sq == 0.0 and items:
         raise AmpqError(f"the gradient of loss {loss_fn.name!r} is zero at the high-precision point for every "
                         f"layer: every sensitivity would be 0; use a loss with a non-zero gradient "
@@ -332,16 +331,16 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
                        loss_sq * scale, count, loss_fn.name, n_probes)
 
 
-def _split_grads(items: list[_LayerErrors], probe: _Probes, grads_per_probe: list[list[torch.Tensor]]):
+def _split_grads(items: list[_LayerErrors], taps: _Taps, grads_per_probe: list[list[torch.Tensor]]):
     """Yield (layer errors, inputs, [probe][slot] input grads, output, [probe] output grads) per layer."""
     offset = 0
     for item in items:
         name = item.layer.name
-        k = len(probe.input_deltas[name])
+        k = len(taps.input_deltas[name])
         g_acts = [grads[offset:offset + k] for grads in grads_per_probe]
         g_ys = [grads[offset + k] for grads in grads_per_probe]
         offset += k + 1
-        yield item, probe.inputs[name], g_acts, probe.outputs[name], g_ys
+        yield item, taps.inputs[name], g_acts, taps.outputs[name], g_ys
 
 
 # ----------------------------------------------------------------------------- prediction vs measurement
