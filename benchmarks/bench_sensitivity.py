@@ -124,7 +124,7 @@ def relu_fp8_finding() -> str:
                    for lvl in outs)
     return ("\n## 5. Finding: ONNX Runtime drops a Relu in front of an fp8 QuantizeLinear\n\n"
             "tests/models.cnn with only /block1/conv2/Conv in fp8_e4m3 (its input is the output of a Relu). "
-            "Relu nodes left in ORT's optimised graph and output change vs the unoptimised graph:\n\n"
+            "Relu nodes left in ORT's optimised graph (FusedConv legitimately absorbs the Relus of stem/conv1 blocks; the output change is the evidence) and output change vs the unoptimised graph:\n\n"
             "| graph optimisation level | Relu nodes | max rel change of logits |\n|---|---|---|\n" + rows +
             "\nAt EXTENDED and above ORT removes the Relu before the fp8 Q/DQ pair (a removal that is exact "
             "only for an unsigned int8 zero point at the range minimum; fp8 is signed), so the optimised "
