@@ -1,0 +1,586 @@
+"""The engine behind bench_minilm_front.py and bench_models.py (issue 7).
+
+For one model it builds, in one process, every method's plans and models:
+- fp32;
+- ONNX Runtime's own quantizers: ``quantize_static`` (its defaults, then best-effort
+  settings) and ``quantize_dynamic``;
+- greedy by per-layer sensitivity per unit of per-layer gain (each layer timed alone);
+- our integer program with the ``mac`` cost model (bit-ops proxy, HAWQ-style);
+- random plans at (about) the same predicted loss as a budget;
+- ours: integer program + measured subgraph gains, over several budgets (the front);
+then times all of them interleaved in one process (same inputs, round-robin) and runs
+every one on the evaluation set for its quality. The pass itself is run cold and warm
+in child processes (``python front.py pass ...``) for its wall time, stage seconds and
+peak memory; the parent then reads the stages from the pass's own cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import OUT  # noqa: E402
+
+from ampq_pass.backends import Protocol, get_backend  # noqa: E402
+from ampq_pass.backends.ort import make_session, time_interleaved  # noqa: E402
+from ampq_pass.cache import Cache  # noqa: E402
+from ampq_pass.calibration import Samples  # noqa: E402
+from ampq_pass.formats import HP  # noqa: E402
+from ampq_pass.layers import find_layers  # noqa: E402
+from ampq_pass.model import load_model  # noqa: E402
+from ampq_pass.partition import partition  # noqa: E402
+from ampq_pass.pipeline import PassOptions, build_options, cached_sensitivity, layer_formats, run_pass  # noqa: E402
+from ampq_pass.plan import Plan  # noqa: E402
+from ampq_pass.rewrite import rewrite  # noqa: E402
+from ampq_pass.sensitivity import predicted_mse, run_batches  # noqa: E402
+from ampq_pass.solve import loss_budget, solve  # noqa: E402
+from ampq_pass.stages import compute_ranges  # noqa: E402
+from ampq_pass.subgraphs import capture_inputs  # noqa: E402
+from ampq_pass.timing import gain_table, predict_speedup  # noqa: E402
+
+E2E_PROTOCOL = Protocol(warmup=2, min_repeats=12, max_repeats=30, rel_ci=0.01, max_seconds=300, retries=0)
+LAYER_PROTOCOL = Protocol(warmup=2, min_repeats=9, max_repeats=30, rel_ci=0.02, max_seconds=20)
+
+METHODS = ("fp32", "ort static", "ort dynamic", "greedy per-layer", "IP + mac", "random", "ours")
+
+
+# ----------------------------------------------------------------------------- the pass, cold / warm
+
+def run_pass_child(model_path: Path, samples_npz: Path, cache_dir: Path, holdout: int, budget: float,
+                   result_json: Path) -> dict:
+    """The whole pass in a fresh process: wall time, stage seconds and that process's peak RSS."""
+    cmd = [sys.executable, str(Path(__file__)), "pass", str(model_path), str(samples_npz), str(cache_dir),
+           str(holdout), str(budget), str(result_json)]
+    subprocess.run(cmd, check=True)
+    return json.loads(result_json.read_text())
+
+
+def _pass_main(model_path, samples_npz, cache_dir, holdout, budget, result_json) -> None:
+    t0 = time.perf_counter()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with np.load(samples_npz) as z:
+        samples = Samples({k: z[k] for k in z.files}, source="benchmark")
+    out = Path(cache_dir).parent / (Path(model_path).stem + "_pass.onnx")
+    res = run_pass(model_path, out, samples=samples, holdout=int(holdout), max_loss_rmse=float(budget),
+                   cache_dir=str(cache_dir), progress=False, log=lambda s: None)
+    wall = time.perf_counter() - t0
+    r = res.report
+    Path(result_json).write_text(json.dumps({
+        "wall": wall, "stages": res.stage_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_at_start_mb": rss0, "predicted_speedup": r["predicted"]["speedup"],
+        "measured_speedup": r["measured"].get("speedup"), "predicted_loss_mse": r["predicted"]["loss_mse"],
+        "measured_loss_mse": r["measured"]["loss_mse"], "layers_quantized": len(res.solution.plan.formats),
+        "load_avg_end": os.getloadavg()[0]}))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.it = iter(self.batches)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.batches)
+
+
+def ort_baselines(model_path: Path, calib_batches: list[dict], workdir: Path, *, skip=()) -> dict[str, tuple[str, str]]:
+    """ONNX Runtime's quantizers: name -> (path of the quantized model or "", error message)."""
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    pre = workdir / "preprocessed.onnx"
+    names = {i.name for i in load_model(model_path).graph.input}
+    batches = [{k: v for k, v in b.items() if k in names} for b in calib_batches]
+    out: dict[str, tuple[str, str]] = {}
+
+    def attempt(name, fn):
+        if name in skip:
+            return
+        path = workdir / (name.replace(" ", "_").replace(",", "").replace("/", "-") + ".onnx")
+        t0 = time.perf_counter()
+        try:
+            fn(path)
+            out[name] = (str(path), f"{time.perf_counter() - t0:.0f} s")
+        except Exception as e:  # a baseline that fails is reported, not hidden
+            out[name] = ("", f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        print(f"  {name}: {out[name][1]}", flush=True)
+
+    attempt("ort static: defaults", lambda p: quantize_static(str(model_path), str(p), _Reader(batches)))
+    attempt("ort static: QOperator U8S8", lambda p: quantize_static(
+        str(model_path), str(p), _Reader(batches), quant_format=QuantFormat.QOperator,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8))
+    try:
+        quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+        src = pre
+    except Exception as e:
+        print(f"  quant_pre_process failed ({e}); using the raw model", flush=True)
+        src = model_path
+    best = dict(per_channel=True, reduce_range=False, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm", "Conv"])
+    attempt("ort static: pre-processed, per-channel, U8S8, MatMul/Conv, minmax", lambda p: quantize_static(
+        str(src), str(p), _Reader(batches), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax, **best))
+    attempt("ort static: pre-processed, per-channel, S8S8, MatMul/Conv, minmax", lambda p: quantize_static(
+        str(src), str(p), _Reader(batches), activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax, **best))
+    attempt("ort static: pre-processed, per-channel, U8S8, MatMul/Conv, percentile 99.999", lambda p: quantize_static(
+        str(src), str(p), _Reader(batches), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.Percentile, **best))
+    attempt("ort static: pre-processed, per-channel, U8S8, MatMul/Conv, entropy", lambda p: quantize_static(
+        str(src), str(p), _Reader(batches), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.Entropy, **best))
+    attempt("ort dynamic: defaults", lambda p: quantize_dynamic(str(model_path), str(p)))
+    attempt("ort dynamic: pre-processed, per-channel, MatMul/Conv", lambda p: quantize_dynamic(
+        str(src), str(p), per_channel=True, op_types_to_quantize=["MatMul", "Gemm", "Conv"]))
+    return out
+
+
+def per_layer_gains(model, layers, batches, formats_of, ranges, backend) -> dict[str, dict[str, float]]:
+    """Common practice: each layer cut out alone (one-node model) and timed hp vs each format."""
+    acts = sorted({l.activation for l in layers})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for n in acts:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    sess = make_session(probe)
+    wanted = {i.name for i in sess.get_inputs()}
+    captured = [dict(zip(acts, sess.run(acts, {k: v for k, v in f.items() if k in wanted}))) for f in batches]
+    out = {}
+    for layer in layers:
+        sub = onnx.utils.Extractor(model).extract_model([layer.activation], [layer.output])
+        models = {HP: sub}
+        for fmt in formats_of[layer.name]:
+            models[fmt] = rewrite(sub, [layer], Plan({layer.name: fmt}), ranges)
+        t = backend.time(models, [{layer.activation: c[layer.activation]} for c in captured])
+        out[layer.name] = {f: t[HP].median - t[f].median for f in models if f != HP}
+    return out
+
+
+def greedy_plan(sens, gains: dict[str, dict[str, float]], tau: float) -> dict[str, str]:
+    """Rank (layer, format) by sensitivity per unit of the layer's own measured gain; add in that
+    order while the predicted loss stays within the budget (one format per layer)."""
+    items = [(sens.values[l][f] / g, l, f) for l, per in gains.items() for f, g in per.items()
+             if g > 0 and f in sens.values.get(l, {})]
+    items.sort()
+    plan, used = {}, 0.0
+    for _, l, f in items:
+        s = sens.values[l][f]
+        if l in plan or used + s > tau:
+            continue
+        plan[l] = f
+        used += s
+    return plan
+
+
+def random_plan(sens, formats: dict[str, list[str]], tau: float, rng: random.Random) -> dict[str, str]:
+    """Layers in random order, each with a random candidate format, added while the predicted
+    loss stays within ``tau``: a random plan at about the same predicted loss as the budget."""
+    order = [l for l in formats if formats[l]]
+    rng.shuffle(order)
+    plan, used = {}, 0.0
+    for l in order:
+        f = rng.choice(formats[l])
+        s = sens.values[l][f]
+        if used + s <= tau:
+            plan[l] = f
+            used += s
+    return plan
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+@dataclass
+class Entry:
+    name: str
+    method: str
+    model: object  # onnx.ModelProto or a path
+    plan: dict[str, str] | None = None
+    budget: float | None = None
+    predicted_mse: float | None = None
+    predicted_speedup: float | None = None
+    per_layer_speedup: float | None = None
+    mac_speedup: float | None = None
+    note: str = ""
+    quality: dict = field(default_factory=dict)
+    measured_mse: float | None = None
+    ms: float | None = None
+    ci: float | None = None
+    speedup: float | None = None
+
+
+@dataclass
+class Spec:
+    name: str
+    model_path: Path
+    pass_samples: Samples  # calibration + the pass's held-out tail
+    holdout: int
+    eval_samples: Samples
+    timing_batches: list[dict]
+    quality: Callable[[list[dict], list[dict]], dict]  # (fp32 outputs, outputs) -> metrics
+    primary: str  # quality metric for the front
+    higher_better: bool
+    budgets: tuple[float, ...]
+    random_budgets: tuple[float, ...]
+    random_per_budget: int = 2
+    pass_budget: float = 0.1
+    skip_ort: tuple[str, ...] = ()
+
+
+def run(spec: Spec) -> dict:
+    work = OUT / spec.name
+    work.mkdir(parents=True, exist_ok=True)
+    npz = work / "pass_samples.npz"
+    np.savez(npz, **spec.pass_samples.inputs)
+    cache_dir = work / "pass-cache"
+    import shutil
+
+    if os.environ.get("AMPQ_BENCH_REUSE") and (work / "warm.json").exists():  # development only
+        cold, warm = (json.loads((work / f"{n}.json").read_text()) for n in ("cold", "warm"))
+    else:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        print(f"[{spec.name}] pass, cold", flush=True)
+        cold = run_pass_child(spec.model_path, npz, cache_dir, spec.holdout, spec.pass_budget, work / "cold.json")
+        print(f"[{spec.name}] pass, warm", flush=True)
+        warm = run_pass_child(spec.model_path, npz, cache_dir, spec.holdout, spec.pass_budget, work / "warm.json")
+
+    # The same stages as the pass, read from its cache (nothing is recomputed).
+    opts = PassOptions(holdout=spec.holdout, cache_dir=str(cache_dir), progress=False).validate()
+    model = load_model(spec.model_path)
+    layers = find_layers(model)
+    backend = get_backend("ort:cpu")
+    offered = backend.capabilities().formats
+    formats = layer_formats(layers, offered)
+    with np.load(npz) as z:
+        samples = Samples({k: z[k] for k in z.files}, source="benchmark")
+    calib_set, _ = samples.split(spec.holdout)
+    cache = Cache(str(cache_dir))
+    ranges = compute_ranges(model, layers, calib_set, method=opts.calib_method, batch_size=opts.batch_size, cache=cache)
+    sens, hit = cached_sensitivity(model, layers, ranges, calib_set, offered, opts, cache)
+    assert hit, "sensitivity should come from the pass's cache"
+    part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
+    timing_inputs = list(calib_set.batches(opts.batch_size))[: opts.timing_batches]
+    captured = capture_inputs(model, part, Samples({k: np.concatenate([b[k] for b in timing_inputs])
+                                                    for k in timing_inputs[0]}), batch_size=opts.batch_size)
+    calls = {"n": 0}
+
+    class Count:
+        def __init__(self, inner):
+            self.inner, self.name, self.unit = inner, inner.name, inner.unit
+
+        def capabilities(self):
+            return self.inner.capabilities()
+
+        def key(self):
+            return self.inner.key()
+
+        def time(self, models, inputs):
+            calls["n"] += 1
+            return self.inner.time(models, inputs)
+
+    table = gain_table(model, layers, part, ranges, captured, Count(backend), formats=offered, cache=cache,
+                       progress=False, model_inputs=timing_inputs)
+    print(f"[{spec.name}] gain table from cache: {calls['n']} timing calls", flush=True)
+    options = build_options(table, sens)
+    mac = get_backend("mac", formats=offered)
+    mac_table = gain_table(model, layers, part, ranges, captured, mac, formats=offered, cache=None, progress=False,
+                           model_inputs=timing_inputs)
+    mac_options = build_options(mac_table, sens)
+
+    print(f"[{spec.name}] per-layer timing (greedy baseline)", flush=True)
+    t0 = time.perf_counter()
+    layer_backend = get_backend("ort:cpu", protocol=LAYER_PROTOCOL)
+    per_layer = per_layer_gains(model, layers, timing_inputs, formats, ranges, layer_backend)
+    t_per_layer = time.perf_counter() - t0
+
+    def taus(b):
+        return math.inf if b == math.inf else loss_budget(max_loss_rmse=b, loss_sq_mean=sens.loss_sq_mean)
+
+    entries: list[Entry] = [Entry("fp32", "fp32", model, plan={})]
+    seen: dict[tuple, Entry] = {(): entries[0]}
+
+    def add_plan(method, name, plan, budget):
+        key = tuple(sorted(plan.items()))
+        if key in seen:
+            seen[key].note += f"{'; ' if seen[key].note else ''}also {name}"
+            return
+        e = Entry(name, method, None, plan=plan, budget=budget)
+        seen[key] = e
+        entries.append(e)
+
+    for b in spec.budgets:
+        add_plan("ours", f"ours rmse<={b:g}", solve(options, taus(b)).plan.formats, b)
+    for b in spec.budgets:
+        add_plan("IP + mac", f"IP+mac rmse<={b:g}", solve(mac_options, taus(b)).plan.formats, b)
+    for b in spec.budgets:
+        add_plan("greedy per-layer", f"greedy rmse<={b:g}", greedy_plan(sens, per_layer, taus(b)), b)
+    rng = random.Random(0)
+    for b in spec.random_budgets:
+        for i in range(spec.random_per_budget):
+            add_plan("random", f"random #{i + 1} rmse<={b:g}", random_plan(sens, formats, taus(b), rng), b)
+
+    hp_total = table.hp_total
+    for e in entries:
+        if e.plan is None:
+            continue
+        e.predicted_mse = predicted_mse(sens, e.plan)
+        e.predicted_speedup = predict_speedup(table, e.plan)
+        g = sum(per_layer[l].get(f, 0.0) for l, f in e.plan.items() if f != HP)
+        e.per_layer_speedup = hp_total / (hp_total - g)
+        e.mac_speedup = predict_speedup(mac_table, e.plan)
+        if e.plan:
+            e.model = rewrite(model, layers, Plan(dict(e.plan)), ranges)
+
+    print(f"[{spec.name}] ONNX Runtime quantizers", flush=True)
+    calib_batches = list(calib_set.batches(opts.batch_size))
+    for name, (path, msg) in ort_baselines(spec.model_path, calib_batches, work / "ort", skip=spec.skip_ort).items():
+        method = "ort static" if "static" in name else "ort dynamic"
+        e = Entry(name, method, path or None, note=msg)
+        entries.append(e)
+
+    # quality on the evaluation set
+    print(f"[{spec.name}] quality of {len(entries)} models on {len(spec.eval_samples)} eval samples", flush=True)
+    ref = run_batches(model, spec.eval_samples, opts.batch_size)
+    for e in entries:
+        if e.model is None:
+            continue
+        try:
+            outs = ref if e.method == "fp32" else run_batches(e.model, spec.eval_samples, opts.batch_size)
+        except Exception as ex:
+            e.note += f" run failed: {type(ex).__name__}: {str(ex).splitlines()[0][:100]}"
+            e.model = None
+            continue
+        e.quality = spec.quality(ref, outs)
+        # projection loss: E_x ||f_q(x) - f_hp(x)||^2 (sum over outputs), as the pass measures it
+        sq = [sum(((o[k] - r[k]) ** 2).reshape(len(r[k]), -1).sum(1) for k in r if r[k].dtype.kind == "f")
+              for r, o in zip(ref, outs)]
+        e.measured_mse = float(np.concatenate(sq).mean())
+
+    # end to end: every model, interleaved in one process
+    live = [e for e in entries if e.model is not None]
+    print(f"[{spec.name}] timing {len(live)} models interleaved", flush=True)
+    sessions = {e.name: make_session(e.model if not isinstance(e.model, str) else e.model, threads=2) for e in live}
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    timings = time_interleaved(sessions, spec.timing_batches, protocol=E2E_PROTOCOL)
+    t_e2e = time.perf_counter() - t0
+    load_after = os.getloadavg()
+    del sessions
+    t_fp32 = timings["fp32"].median
+    for e in live:
+        t = timings[e.name]
+        e.ms, e.ci = t.median * 1e3, t.half_width / t.median
+        e.speedup = t_fp32 / t.median
+
+    return {"entries": entries, "cold": cold, "warm": warm, "table": table, "sens": sens, "per_layer_s": t_per_layer,
+            "e2e_s": t_e2e, "rounds": len(timings["fp32"].samples) if hasattr(timings["fp32"], "samples") else None,
+            "load_before": load_before, "load_after": load_after, "layers": len(layers),
+            "subgraphs": len(part.subgraphs), "configs": table.n_configs, "offered": offered}
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def front_of(points, higher_better):
+    """Upper envelope: points (quality, speed-up) not dominated by another of the same set."""
+    def better_q(a, b):
+        return a >= b if higher_better else a <= b
+    return sorted([p for p in points if not any(better_q(q[0], p[0]) and q[1] >= p[1] and q != p for q in points)],
+                  key=lambda p: p[0], reverse=not higher_better)
+
+
+def front_check(entries, primary, higher_better, tol: float) -> list[str]:
+    """For each baseline point: the best measured speed-up of our plans (or fp32) at equal or
+    better quality. Returns one line per baseline point that beats it by more than ``tol``."""
+    ours = [(e.quality[primary], e.speedup) for e in entries if e.method in ("ours", "fp32") and e.speedup]
+    bad = []
+    for e in entries:
+        if e.method in ("ours", "fp32") or not e.speedup or primary not in e.quality:
+            continue
+        q = e.quality[primary]
+        ok = [s for qq, s in ours if (qq >= q if higher_better else qq <= q)]
+        best = max(ok) if ok else None
+        if best is None or best < e.speedup * (1 - tol):
+            bad.append((e, best))
+    return bad
+
+
+def table_rows(entries, metrics: list[tuple[str, str]]) -> str:
+    head = "| model | method | layers low-precision (int8/int4) | median ms | CI | speed-up | " + " | ".join(
+        m[1] for m in metrics) + " | predicted loss MSE | measured loss MSE | note |\n"
+    head += "|" + "---|" * (9 + len(metrics)) + "\n"
+    rows = []
+    for e in entries:
+        n = "-" if e.plan is None else f"{sum(v == 'int8' for v in e.plan.values())}/{sum(v == 'int4' for v in e.plan.values())}"
+        q = " | ".join((f"{e.quality[m[0]]:.4f}" if m[0] in e.quality else "-") for m in metrics)
+        rows.append(f"| {e.name} | {e.method} | {n} | {e.ms:.1f} | ±{e.ci * 100:.1f}% | **{e.speedup:.2f}x** | {q} | "
+                    f"{_g(e.predicted_mse)} | {_g(e.measured_mse)} | {e.note} |" if e.speedup else
+                    f"| {e.name} | {e.method} | {n} | - | - | - | {q} | - | - | {e.note} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _g(x):
+    return "-" if x is None else f"{x:.3g}"
+
+
+def prediction_rows(entries) -> tuple[str, list[float], list[float]]:
+    rows, ours, naive = [], [], []
+    for e in entries:
+        if not e.plan or not e.speedup:
+            continue
+        eo = abs(e.predicted_speedup - e.speedup) / e.speedup
+        en = abs(e.per_layer_speedup - e.speedup) / e.speedup
+        ours.append(eo)
+        naive.append(en)
+        rows.append(f"| {e.name} | {e.speedup:.3f}x | {e.predicted_speedup:.3f}x | {eo * 100:.1f}% | "
+                    f"{e.per_layer_speedup:.3f}x | {en * 100:.1f}% | {e.mac_speedup:.2f}x |")
+    head = ("| plan | measured | predicted (subgraph gains) | error | predicted (per-layer sum) | error | mac model |\n"
+            "|---|---|---|---|---|---|---|\n")
+    return head + "\n".join(rows) + "\n", ours, naive
+
+
+COLORS = {"fp32": "black", "ort static": "tab:orange", "ort dynamic": "tab:brown", "greedy per-layer": "tab:green",
+          "IP + mac": "tab:purple", "random": "tab:gray", "ours": "tab:red"}
+MARKERS = {"fp32": "*", "ort static": "s", "ort dynamic": "D", "greedy per-layer": "^", "IP + mac": "v",
+           "random": "x", "ours": "o"}
+
+
+def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import RESULTS
+
+    entries = [e for e in res["entries"] if e.speedup]
+    files = []
+    # 1. the front
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for m in METHODS:
+        pts = [(e.quality[spec.primary], e.speedup) for e in entries if e.method == m and spec.primary in e.quality]
+        if logx:  # fp32 has error 0: shown as the line at 1x instead
+            pts = [p for p in pts if p[0] > 0]
+        if not pts:
+            continue
+        x, y = zip(*pts)
+        ax.scatter(x, y, c=COLORS[m], marker=MARKERS[m], label=m, s=60 if m == "ours" else 40, zorder=3)
+        if m in ("ours", "greedy per-layer", "IP + mac"):
+            f = front_of(pts, spec.higher_better)
+            fx, fy = zip(*f)
+            ax.plot(fx, fy, c=COLORS[m], lw=1.5 if m == "ours" else 1, alpha=0.8, zorder=2)
+    if logx:
+        ax.axhline(1.0, c="black", lw=0.8, ls=":", label="fp32")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("measured speed-up over fp32 (x)")
+    if logx:
+        ax.set_xscale("log")
+    if spec.higher_better:
+        ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{spec.name}: measured speed-up vs quality (ORT CPU EP, one interleaved run)")
+    fig.tight_layout()
+    files.append(f"{prefix}_front.png")
+    fig.savefig(RESULTS / files[-1], dpi=110)
+    plt.close(fig)
+
+    # 2. time-gain prediction
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    mixed = [e for e in entries if e.plan]
+    ax.scatter([e.speedup for e in mixed], [e.predicted_speedup for e in mixed], c="tab:red", label="subgraph gains (ours)")
+    ax.scatter([e.speedup for e in mixed], [e.per_layer_speedup for e in mixed], c="tab:green", marker="^",
+               label="per-layer sum")
+    lo = min([e.speedup for e in mixed] + [e.per_layer_speedup for e in mixed] + [1.0])
+    hi = max([e.speedup for e in mixed] + [e.predicted_speedup for e in mixed])
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set_xlabel("measured speed-up (x)")
+    ax.set_ylabel("predicted speed-up (x)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{spec.name}: time-gain prediction")
+    fig.tight_layout()
+    files.append(f"{prefix}_speedup_prediction.png")
+    fig.savefig(RESULTS / files[-1], dpi=110)
+    plt.close(fig)
+
+    # 3. loss MSE predicted vs measured
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for m in METHODS:
+        pts = [(e.predicted_mse, e.measured_mse) for e in mixed if e.method == m and e.predicted_mse and e.measured_mse]
+        if pts:
+            x, y = zip(*pts)
+            ax.scatter(x, y, c=COLORS[m], marker=MARKERS[m], label=m)
+    allv = [v for e in mixed for v in (e.predicted_mse, e.measured_mse) if v]
+    if allv:
+        ax.plot([min(allv), max(allv)], [min(allv), max(allv)], "k--", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("predicted loss MSE (first-order Taylor, calibration set)")
+    ax.set_ylabel("measured loss MSE (ORT, evaluation set)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{spec.name}: loss-MSE prediction")
+    fig.tight_layout()
+    files.append(f"{prefix}_loss_prediction.png")
+    fig.savefig(RESULTS / files[-1], dpi=110)
+    plt.close(fig)
+
+    # 4. pass runtime per stage, cold and warm, with peak memory
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stages = list(res["cold"]["stages"])
+    left = {"cold": 0.0, "warm": 0.0}
+    cmap = plt.get_cmap("tab10")
+    for i, st in enumerate(stages):
+        for run_name in ("cold", "warm"):
+            v = res[run_name]["stages"].get(st, 0.0)
+            ax.barh(run_name, v, left=left[run_name], color=cmap(i % 10), label=st if run_name == "cold" else None)
+            left[run_name] += v
+    for run_name in ("cold", "warm"):
+        ax.text(left[run_name], run_name, f"  {res[run_name]['wall']:.0f} s wall, peak RSS "
+                f"{res[run_name]['peak_rss_mb']:.0f} MB", va="center", fontsize=8)
+    ax.set_xlim(0, max(left.values()) * 1.6)
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.set_title(f"{spec.name}: the pass, per stage (cold = empty cache, warm = same cache)")
+    fig.tight_layout()
+    files.append(f"{prefix}_pass_runtime.png")
+    fig.savefig(RESULTS / files[-1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def pass_section(res) -> str:
+    c, w = res["cold"], res["warm"]
+    s = ("| run | wall s | " + " | ".join(c["stages"]) + " | peak RSS MB | predicted speed-up | measured speed-up "
+         "| predicted loss MSE | measured loss MSE |\n|" + "---|" * (7 + len(c["stages"])) + "\n")
+    for name, r in (("cold (empty cache)", c), ("warm (same cache)", w)):
+        s += (f"| {name} | {r['wall']:.1f} | " + " | ".join(f"{r['stages'].get(k, 0):.1f}" for k in c["stages"])
+              + f" | {r['peak_rss_mb']:.0f} | {r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x | "
+              f"{r['predicted_loss_mse']:.3g} | {r['measured_loss_mse']:.3g} |\n")
+    return s
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "pass":
+    _pass_main(*sys.argv[2:8])
