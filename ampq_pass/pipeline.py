@@ -8,6 +8,7 @@ an interruption) repeats only what is missing.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -232,7 +233,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
 
     log("[3/7] partitioning into sequential subgraphs")
     part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
-    timing_inputs = list(calib_set.batches(opts.batch_size))[: opts.timing_batches]
+    timing_inputs = list(itertools.islice(calib_set.batches(opts.batch_size), opts.timing_batches))
     captured = capture_inputs(model, part, Samples({k: np.concatenate([b[k] for b in timing_inputs])
                                                     for k in timing_inputs[0]}),
                               batch_size=opts.batch_size)
