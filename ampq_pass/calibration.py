@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import struct
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -51,33 +53,103 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 @dataclass
 class Samples:
-    """Calibration inputs: one array per model input, samples along axis 0."""
+    """Calibration inputs: one array per model input, samples along axis 0.
+
+    Samples whose shapes differ (images of several widths, sentences of several lengths)
+    form *shape groups*: ``inputs`` is the first group and ``more`` the others, each a dict
+    with one array per input whose samples share one shape. A batch never mixes groups.
+    Sample order is group after group; ``len``, :meth:`batches` and :meth:`split` count
+    over all groups, so code written for one group works unchanged.
+    """
 
     inputs: dict[str, np.ndarray]
     synthetic: bool = False
     source: str = ""
+    more: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[dict[str, np.ndarray]]:
+        return [self.inputs, *self.more]
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        return sum(_count(g) for g in self.groups)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for _, batch in self.numbered_batches(batch_size):
+            yield batch
+
+    def numbered_batches(self, batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(index of the batch's first sample, batch)``: with several shape groups the
+        start is not ``k * batch_size`` (each group ends with its own partial batch)."""
         if batch_size < 1:
             raise AmpqError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, len(self), batch_size):
-            yield {k: v[start:start + batch_size] for k, v in self.inputs.items()}
+        offset = 0
+        for group in self.groups:
+            n = _count(group)
+            for start in range(0, n, batch_size):
+                yield offset + start, {k: v[start:start + batch_size] for k, v in group.items()}
+            offset += n
 
     def split(self, n_holdout: int) -> tuple["Samples", "Samples"]:
         """(calibration part, held-out part): the last ``n_holdout`` samples are held out."""
         if not 0 < n_holdout < len(self):
             raise AmpqError(f"held-out samples must be between 1 and {len(self) - 1}, got {n_holdout}")
         cut = len(self) - n_holdout
-        head = {k: v[:cut] for k, v in self.inputs.items()}
-        tail = {k: v[cut:] for k, v in self.inputs.items()}
-        return Samples(head, self.synthetic, self.source), Samples(tail, self.synthetic, self.source)
+        head: list[dict[str, np.ndarray]] = []
+        tail: list[dict[str, np.ndarray]] = []
+        offset = 0
+        for group in self.groups:
+            n = _count(group)
+            lo = max(0, min(n, cut - offset))
+            if lo > 0:
+                head.append({k: v[:lo] for k, v in group.items()})
+            if lo < n:
+                tail.append({k: v[lo:] for k, v in group.items()})
+            offset += n
+        return (Samples(head[0], self.synthetic, self.source, head[1:]),
+                Samples(tail[0], self.synthetic, self.source, tail[1:]))
+
+    def shapes(self) -> list[tuple[dict[str, tuple[int, ...]], int]]:
+        """Per shape group: the per-sample shape of each input (axis 0 dropped) and the sample count."""
+        return [({k: tuple(int(d) for d in v.shape[1:]) for k, v in g.items()}, _count(g)) for g in self.groups]
+
+    def group_at(self, shape: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+        """All samples whose per-sample shapes are ``shape`` (inputs not named match any)."""
+        found = [g for g in self.groups if all(tuple(g[k].shape[1:]) == tuple(v) for k, v in shape.items() if k in g)]
+        if not found:
+            return None
+        return {k: np.concatenate([g[k] for g in found]) for k in found[0]}
+
+    def most_common(self) -> dict[str, np.ndarray]:
+        """The shape group holding the most samples (the first one on a tie)."""
+        return max(self.groups, key=_count)
+
+
+def _count(group: dict[str, np.ndarray]) -> int:
+    return len(next(iter(group.values()))) if group else 0
+
+
+def _signature(arrays: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape[1:])) for k, v in arrays.items()))
+
+
+def group_by_shape(parts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Merge parts whose per-sample shapes agree (keeping first-seen order), so batches stay full."""
+    merged: dict[tuple, list[dict[str, np.ndarray]]] = {}
+    for part in parts:
+        merged.setdefault(_signature(part), []).append(part)
+    return [{k: np.concatenate([p[k] for p in same]) if len(same) > 1 else same[0][k] for k in same[0]}
+            for same in merged.values()]
 
 
 def load_samples(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
-    """Read ``FILE.npz`` or a directory of ``*.npz`` files and validate them against ``model``."""
+    """Read ``FILE.npz`` or a directory of ``*.npz`` files and validate them against ``model``.
+
+    Each input is either one array ``NAME`` (axis 0 = samples) or a list of arrays
+    ``NAME/0``, ``NAME/1``, ... whose per-sample shapes may differ (dynamic dims); list
+    entry ``i`` of every input forms one shape group. Files of a directory may differ in
+    shape too. Groups with equal shapes are merged.
+    """
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
@@ -87,25 +159,57 @@ def load_samples(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
         files = [path]
     else:
         raise AmpqError(f"{path}: no such calibration file or directory")
-    parts: dict[str, list[np.ndarray]] = {}
+    parts: list[dict[str, np.ndarray]] = []
     for file in files:
-        arrays = _read_npz(file)
-        validate_inputs(arrays, model, source=str(file))
-        for k, v in arrays.items():
-            parts.setdefault(k, []).append(v)
-    try:
-        inputs = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
-    except ValueError as exc:
-        raise AmpqError(f"{path}: calibration files disagree in shape ({exc})") from None
-    return Samples(inputs, source=str(path))
+        for arrays in _split_lists(_read_npz(file), file):
+            validate_inputs(arrays, model, source=str(file))
+            parts.append(arrays)
+    groups = group_by_shape(parts)
+    return Samples(groups[0], source=str(path), more=groups[1:])
+
+
+def _split_lists(arrays: dict[str, np.ndarray], file: Path) -> list[dict[str, np.ndarray]]:
+    """``{"x/0": a, "x/1": b}`` -> ``[{"x": a}, {"x": b}]``; plain ``{"x": a}`` -> ``[{"x": a}]``."""
+    plain = {k: v for k, v in arrays.items() if "/" not in k}
+    listed: dict[str, dict[int, np.ndarray]] = {}
+    for key, value in arrays.items():
+        if "/" not in key:
+            continue
+        name, _, index = key.rpartition("/")
+        if not index.isdigit():
+            raise AmpqError(f"{file}: array {key!r}: a list entry is named NAME/<index> with index 0, 1, ..., "
+                            f"got index {index!r}")
+        listed.setdefault(name, {})[int(index)] = value
+    if not listed:
+        return [plain]
+    both = sorted(set(plain) & set(listed))
+    if both:
+        raise AmpqError(f"{file}: input {both[0]!r} is given both as one array and as a list {both[0]}/0, ...")
+    if plain:
+        raise AmpqError(f"{file}: input {sorted(plain)[0]!r} is one array while {sorted(listed)[0]!r} is a list "
+                        f"(NAME/0, NAME/1, ...): give every input in the same form")
+    lengths = {name: sorted(entries) for name, entries in listed.items()}
+    first = next(iter(lengths))
+    for name, indices in lengths.items():
+        if indices != list(range(len(indices))):
+            raise AmpqError(f"{file}: input {name!r}: list entries must be {name}/0 .. {name}/{len(indices) - 1} "
+                            f"without gaps, got indices {indices}")
+        if indices != lengths[first]:
+            raise AmpqError(f"{file}: input {name!r} has {len(indices)} list entries, input {first!r} has "
+                            f"{len(lengths[first])}")
+    return [{name: listed[name][i] for name in listed} for i in lengths[first]]
 
 
 def _read_npz(file: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise AmpqError(f"{file}: not a readable .npz calibration archive ({exc})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, NotImplementedError,
+            RuntimeError, TypeError, MemoryError, zlib.error, UnicodeDecodeError, struct.error) as exc:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise AmpqError(f"{file}: not a readable .npz calibration archive ({text})") from None
 
 
 def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "calibration") -> None:
@@ -138,8 +242,21 @@ def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sourc
             count = arr.shape[0]
         elif arr.shape[0] != count:
             raise AmpqError(f"{source}: input {name!r} has {arr.shape[0]} samples, other inputs have {count}")
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            raise AmpqError(f"{source}: input {name!r} holds NaN or infinite values; calibration data must be finite")
     if not count:
         raise AmpqError(f"{source}: calibration set holds no samples")
+    # a symbolic dim shared by several inputs (``seq`` of ids and mask) must agree
+    seen: dict[str, tuple[str, int]] = {}
+    for name, spec in specs.items():
+        for axis, dim in enumerate(spec.shape[1:], start=1):
+            if isinstance(dim, str) and dim:
+                size = arrays[name].shape[axis]
+                if dim in seen and seen[dim][1] != size:
+                    other, other_size = seen[dim]
+                    raise AmpqError(f"{source}: dim {dim!r} is {size} in input {name!r} but {other_size} in "
+                                    f"input {other!r}")
+                seen.setdefault(dim, (name, size))
 
 
 def _show(shape) -> str:

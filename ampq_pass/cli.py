@@ -80,10 +80,30 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         g.add_argument("--max-configs", type=int, default=64, help="configurations per subgraph (default 64)")
         g.add_argument("--pareto", type=int, default=0, metavar="N", help="also solve N budgets and write the front")
         g.add_argument("--report", help="write the JSON report here (plots beside it)")
+        g.add_argument("--shape", action="append", metavar="INPUT=DxDx...",
+                       help="time subgraphs at this input shape, batch first (e.g. image=1x3x48x640; repeatable; "
+                            "default: the most common shape of the calibration set)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common(p)
     return p
+
+
+def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``["image=1x3x48x640", ...]`` -> ``{"image": (1, 3, 48, 640)}``."""
+    if not specs:
+        return None
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        parts = dims.lower().split("x")
+        if not sep or not name or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise AmpqError(f"--shape {spec!r}: expected INPUT=DxDx... with positive integers, batch first "
+                            f"(e.g. image=1x3x48x640)")
+        if name in out:
+            raise AmpqError(f"--shape: input {name!r} is given twice")
+        out[name] = tuple(int(p) for p in parts)
+    return out
 
 
 def samples_from_args(args, model):
@@ -159,7 +179,7 @@ def cmd_search(args) -> int:
         max_loss_rmse=args.max_loss_rmse, max_loss_mse=args.max_loss_mse, max_memory=args.max_memory,
         loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
         max_configs=args.max_configs, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
-        progress=not args.no_progress)
+        progress=not args.no_progress, shapes=parse_shapes(args.shape))
     result = run_pass(args.model, args.output, calib=args.calib, options=opts)
     report = result.report
     print(render_text(report))

@@ -91,6 +91,19 @@ def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False) -> 
     return layers
 
 
+def per_output_channel(values: np.ndarray, layer: Layer, node: onnx.NodeProto) -> np.ndarray:
+    """Per-channel ``values`` of a weight (along ``layer.channel_axis``) as one per output channel.
+
+    Only a grouped ConvTranspose differs: its weight is ``[C_in, C_out/group, ...]``, so
+    the weight's channel axis has ``C_out/group`` entries and output channel
+    ``g * C_out/group + j`` uses entry ``j`` (the int8 bias scale must follow that).
+    """
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if layer.op_type == "ConvTranspose" and group > 1 and np.ndim(values) == 1:
+        return np.tile(values, group)
+    return values
+
+
 def ensure_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every unnamed node a stable name (``<op>_<index>``): plans refer to nodes by name."""
     taken = {n.name for n in model.graph.node if n.name}

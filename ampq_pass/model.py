@@ -16,43 +16,166 @@ from .errors import AmpqError
 _PROTOBUF_LIMIT = 2**31 - 1 - 2**20
 
 
-def load_model(path: str | os.PathLike, *, infer_shapes: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model with its external data, check it and run shape inference.
+def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize: bool = True,
+               changes: list[str] | None = None) -> onnx.ModelProto:
+    """Read an ONNX model with its external data, check it, normalise it and run shape inference.
 
-    Raises :class:`AmpqError` naming the file for a missing file, a file that is not
-    (or not entirely) an ONNX model, and missing external data.
+    Normalisation (:mod:`ampq_pass.normalize`: weights to initializers, opset >= 13,
+    BatchNorm folded into convolutions) happens here, once, for every command; what it did
+    is appended to ``changes``, and a normalised model whose outputs differ from the
+    original's raises. Raises :class:`AmpqError` naming the file for a missing file, a file
+    that is not (or not entirely) an ONNX model, and missing external data.
     """
     path = Path(path)
     if not path.is_file():
         raise AmpqError(f"{path}: no such model file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise AmpqError(f"{path}: not an ONNX model or truncated (protobuf parse failed: {exc})") from None
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise AmpqError(f"{path}: not an ONNX model or truncated (protobuf parse failed: {_first_line(exc)})") from None
+    except OSError as exc:
+        raise AmpqError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not model.graph.node:
         raise AmpqError(f"{path}: not an ONNX model or truncated (no graph nodes were read)")
-    _load_external(model, path)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AmpqError(f"{path}: invalid or truncated ONNX model ({first})") from None
-    except ValueError as exc:  # the checker refuses protos above 2 GB held in memory
-        if "2GB" not in str(exc) and "2 GB" not in str(exc):
+    external = _load_external(model, path)
+    _check(model, path, external)
+    if normalize:
+        from .normalize import normalize_checked
+
+        try:
+            model, done = normalize_checked(model, source=str(path), original_path=str(path))
+        except AmpqError:
             raise
+        except Exception as exc:  # a model that passes the checker but that a rule cannot read
+            raise AmpqError(f"{path}: cannot normalise the model ({type(exc).__name__}: {_first_line(exc)})") from None
+        if changes is not None:
+            changes.extend(done.changes)
     if infer_shapes:
-        model = infer_shapes_safe(model)
+        try:
+            model = infer_shapes_safe(model)
+        except AmpqError:
+            raise
+        except Exception as exc:  # onnx raises InferenceError / ValidationError / RuntimeError
+            raise AmpqError(f"{path}: onnx shape inference fails on the model ({_first_line(exc)})") from None
     return model
 
 
-def _load_external(model: onnx.ModelProto, path: Path) -> None:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _check(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """onnx.checker on the model; above 2 GB the checker needs the file path (it cannot
+    serialise the in-memory proto), which it reads with its external data itself."""
+    try:
+        if external and not _fits_protobuf(model):
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise AmpqError(f"{path}: invalid or truncated ONNX model ({_first_line(exc)})") from None
+    except ValueError as exc:  # the checker refuses protos above 2 GB held in memory
+        if "2GB" not in str(exc) and "2 GB" not in str(exc):
+            raise AmpqError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+
+
+def _fits_protobuf(model: onnx.ModelProto) -> bool:
+    try:
+        return model.ByteSize() < _PROTOBUF_LIMIT
+    except Exception:  # pragma: no cover - protobuf refuses to size some huge protos
+        return False
+
+
+def stripped_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers keep name, dims and type but no data.
+
+    Built field by field: ``CopyFrom`` followed by clearing would hold a second copy of
+    every weight for a moment, which is exactly what >2 GB models cannot afford.
+    """
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _set_field(out, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _set_field(out.graph, fd, value)
+    for t in model.graph.initializer:
+        s = out.graph.initializer.add()
+        s.name, s.data_type = t.name, t.data_type
+        s.dims.extend(t.dims)
+    return out
+
+
+def _set_field(target, fd, value) -> None:
+    if fd.is_repeated:
+        getattr(target, fd.name).extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(target, fd.name).CopyFrom(value)
+    else:
+        setattr(target, fd.name, value)
+
+
+def adopt_structure(model: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:
+    """Give ``model`` (in place) everything of ``converted`` except the weights it already holds.
+
+    ``converted`` came from :func:`stripped_copy` of ``model``: its initializers with the same
+    name, dims and no data stand for ``model``'s own, which stay where they are (no copy);
+    initializers the converter created or changed are taken over, ones it dropped go.
+    """
+    mine = {t.name: t for t in model.graph.initializer}
+    theirs = []
+    for t in converted.graph.initializer:
+        orig = mine.get(t.name)
+        placeholder = orig is not None and list(t.dims) == list(orig.dims) and t.data_type == orig.data_type \
+            and not (t.raw_data or t.float_data or t.int32_data or t.int64_data or t.double_data)
+        theirs.append((t.name, None if placeholder else t))
+    keep_names = {name for name, t in theirs if t is None}
+    drop = [t for t in model.graph.initializer if t.name not in keep_names]
+    for t in drop:
+        model.graph.initializer.remove(t)
+    for _, t in theirs:
+        if t is not None:
+            model.graph.initializer.add().CopyFrom(t)
+    for fd, value in converted.graph.ListFields():
+        if fd.name != "initializer":
+            model.graph.ClearField(fd.name)
+            _set_field(model.graph, fd, value)
+    for fd in model.DESCRIPTOR.fields:
+        if fd.name != "graph":
+            model.ClearField(fd.name)
+    for fd, value in converted.ListFields():
+        if fd.name != "graph":
+            _set_field(model, fd, value)
+    return model
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx's version converter. Models above 2 GB are converted without their weights (the
+    converter serialises the proto) and the result is adopted in place by ``model``."""
+    from onnx import version_converter
+
+    if _fits_protobuf(model):
+        return version_converter.convert_version(model, opset)
+    converted = version_converter.convert_version(stripped_copy(model), opset)
+    return adopt_structure(model, converted)
+
+
+def _load_external(model: onnx.ModelProto, path: Path) -> bool:
+    """Read external tensor data beside ``path``; True when the model had any."""
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
     missing = []
+    external = False
     for tensor in model.graph.initializer:
         if uses_external_data(tensor):
+            external = True
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            if not (path.parent / location).is_file():
+            target = (path.parent / location).resolve()
+            if not location or Path(location).is_absolute() or path.parent.resolve() not in target.parents:
+                raise AmpqError(f"{path}: tensor {tensor.name!r} refers to external data {location!r} outside "
+                                f"the model's folder (expected a file name beside the model)")
+            if not target.is_file():
                 missing.append((tensor.name, location))
     if missing:
         name, location = missing[0]
@@ -60,24 +183,44 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
         raise AmpqError(
             f"{path}: external data file {path.parent / location} for tensor {name!r} is missing{more}"
         )
+    if not external:
+        return False
     try:
         load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
-        raise AmpqError(f"{path}: cannot read external data ({exc})") from None
+        raise AmpqError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+    for tensor in model.graph.initializer:  # a short data file reads as a short tensor, silently
+        want = _expected_bytes(tensor)
+        if want is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != want:
+            raise AmpqError(f"{path}: external data of tensor {tensor.name!r} has {len(tensor.raw_data)} bytes, "
+                            f"expected {want} for shape {list(tensor.dims)}")
+    return True
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    import numpy as np
+    from onnx import helper
+
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
+        return None
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * itemsize
 
 
 def infer_shapes_safe(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnx shape inference; models above 2 GB are inferred without serialising them whole."""
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    if _fits_protobuf(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     # Above the protobuf limit: infer on a weight-less copy and graft the value_info back.
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    for t in stripped.graph.initializer:
-        t.ClearField("raw_data")
-        t.ClearField("float_data")
-        t.data_location = onnx.TensorProto.DEFAULT
-        del t.external_data[:]
+    stripped = stripped_copy(model)
     inferred = onnx.shape_inference.infer_shapes(stripped, data_prop=False)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)

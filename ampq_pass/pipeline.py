@@ -53,6 +53,9 @@ class PassOptions:
     seed: int = 0
     cache_dir: str | None = ".ampq-cache"
     progress: bool = True
+    #: input name -> full shape (batch first) to time subgraphs at; default: the most
+    #: common shape of the calibration set
+    shapes: dict[str, tuple[int, ...]] | None = None
 
     def validate(self) -> "PassOptions":
         def positive_int(name, value, minimum=1):
@@ -75,6 +78,11 @@ class PassOptions:
                 raise AmpqError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.max_loss_rmse is None and self.max_loss_mse is None:
             self.max_loss_rmse = 0.01
+        if self.shapes is not None:
+            for name, shape in self.shapes.items():
+                if not isinstance(shape, (tuple, list)) or not shape or \
+                        not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
+                    raise AmpqError(f"shapes: input {name!r}: a shape is positive integers, batch first, got {shape!r}")
         if self.formats is not None:
             from .formats import FORMATS
 
@@ -165,6 +173,57 @@ def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples,
     return out
 
 
+# ----------------------------------------------------------------------------- timing shapes
+
+def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, tuple[int, ...]] | None,
+                 batch_size: int, n_batches: int) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """The batches subgraphs are timed on, and a note for the report saying which shape and why.
+
+    With ``shapes`` (``--shape input=1x3x48x640``) the samples of the calibration group with
+    those per-sample shapes are used, ``shape[0]`` per batch (repeated when the group is
+    smaller); otherwise the most common shape group of the calibration set, ``batch_size``
+    per batch. Real samples, so the activations captured at subgraph inputs are real too.
+    """
+    from .calibration import input_specs
+
+    specs = {s.name: s for s in input_specs(model)}
+    available = [{k: list(v) for k, v in shape.items()} for shape, _ in samples.shapes()]
+    if shapes:
+        for name, shape in shapes.items():
+            if name not in specs:
+                raise AmpqError(f"--shape {name}=...: {name!r} is not a model input (inputs: {', '.join(specs)})")
+            spec = specs[name]
+            if len(shape) != len(spec.shape):
+                raise AmpqError(f"--shape {name}={'x'.join(map(str, shape))}: rank {len(shape)}, the model input "
+                                f"has rank {len(spec.shape)}")
+            for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise AmpqError(f"--shape {name}={'x'.join(map(str, shape))}: axis {axis} is fixed to {want} "
+                                    f"in the model")
+        batches = {int(s[0]) for s in shapes.values()}
+        if len(batches) > 1:
+            raise AmpqError(f"--shape: the inputs name different batch sizes {sorted(batches)}; give one")
+        batch = batches.pop()
+        group = samples.group_at({k: tuple(v[1:]) for k, v in shapes.items()})
+        if group is None:
+            named = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+            have = "; ".join(", ".join(f"{k}=Nx{'x'.join(map(str, v))}" for k, v in a.items()) for a in available)
+            raise AmpqError(f"--shape {named}: no calibration sample has this shape (the calibration set has: {have})")
+        source = "--shape"
+    else:
+        group, batch, source = samples.most_common(), batch_size, "most common calibration shape"
+    n = len(next(iter(group.values())))
+    feeds = []
+    for b in range(n_batches):
+        rows = (np.arange(batch) + b * batch) % n
+        feeds.append({k: np.ascontiguousarray(v[rows]) for k, v in group.items()})
+        if not shapes and (b + 1) * batch >= n:
+            break  # the default never repeats a sample; a named batch larger than the group does
+    info = {"source": source, "shapes": {k: list(v.shape) for k, v in feeds[0].items()},
+            "calibration_shapes": [{"shape": a, "samples": c} for a, (_, c) in zip(available, samples.shapes())]}
+    return feeds, info
+
+
 # ----------------------------------------------------------------------------- whole pass
 
 @dataclass
@@ -195,7 +254,10 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         stages[name] = stages.get(name, 0.0) + now - clock
         clock = now
 
-    model = load_model(model_path)
+    normalized: list[str] = []
+    model = load_model(model_path, changes=normalized)
+    for change in normalized:
+        log(f"      normalised: {change}")
     check_output_path(output, model_path)
     backend = make_backend(opts.backend)
     offered = backend.capabilities().formats
@@ -233,7 +295,10 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
 
     log("[3/7] partitioning into sequential subgraphs")
     part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
-    timing_inputs = list(itertools.islice(calib_set.batches(opts.batch_size), opts.timing_batches))
+    timing_inputs, timing_info = timing_feeds(model, calib_set, shapes=opts.shapes, batch_size=opts.batch_size,
+                                              n_batches=opts.timing_batches)
+    shown = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in timing_info["shapes"].items())
+    log(f"      timing at {shown} ({timing_info['source']})")
     captured = capture_inputs(model, part, Samples({k: np.concatenate([b[k] for b in timing_inputs])
                                                     for k in timing_inputs[0]}),
                               batch_size=opts.batch_size)
@@ -285,7 +350,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     report = build_report(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
                           table=table, solution=solution, predicted_speedup=_speedup(table, solution),
                           measured=measured, tau=tau, opts=opts, ranges_method=ranges.method,
-                          samples=calib_set, holdout=holdout, front=front_points, stages=stages)
+                          samples=calib_set, holdout=holdout, front=front_points, stages=stages,
+                          timing_shapes=timing_info, normalized=normalized)
     return PassResult(report, solution, rewritten, stages)
 
 

@@ -12,7 +12,8 @@ REPORT_VERSION = 1
 
 
 def build_report(*, model_path, output, layers, sens, partition, table, solution, predicted_speedup, measured,
-                 tau, opts, ranges_method, samples, holdout, front, stages) -> dict:
+                 tau, opts, ranges_method, samples, holdout, front, stages, timing_shapes=None,
+                 normalized=None) -> dict:
     """Every layer's sensitivities, subgraph and chosen format; every subgraph's configs with
     gains, noise and the chosen one; predicted vs measured; the budget and what bound."""
     from .sensitivity import predicted_mse
@@ -38,7 +39,12 @@ def build_report(*, model_path, output, layers, sens, partition, table, solution
         "version": REPORT_VERSION,
         "model": model_path, "output": output, "backend": str(getattr(opts.backend, "name", opts.backend)), "unit": table.unit,
         "calibration": {"samples": len(samples), "holdout": len(holdout), "synthetic": samples.synthetic,
-                        "ranges": ranges_method, "loss": sens.loss, "batch_size": opts.batch_size},
+                        "ranges": ranges_method, "loss": sens.loss, "batch_size": opts.batch_size,
+                        "shape_groups": len(samples.groups) if hasattr(samples, "groups") else 1},
+        # which input shapes the subgraphs were timed at, and why (--shape or the most common)
+        "timing_shapes": timing_shapes,
+        # what load-time normalisation changed (ampq_pass.normalize), empty when nothing
+        "normalized": list(normalized or []),
         "budget": {"max_loss_rmse": opts.max_loss_rmse, "max_loss_mse": opts.max_loss_mse, "tau": tau,
                    "max_memory": opts.max_memory, "binding": solution.binding, "status": solution.status,
                    "message": solution.message},
@@ -88,6 +94,12 @@ def render_text(report: dict) -> str:
     ratio = (m["loss_mse"] / p["loss_mse"]) if p["loss_mse"] else None
     lines.append(f"loss MSE: predicted {_fmt(p['loss_mse'])}, measured {_fmt(m['loss_mse'])} on "
                  f"{report['calibration']['holdout']} held-out samples (measured/predicted {_fmt(ratio, '.2f')})")
+    if report.get("timing_shapes"):
+        t = report["timing_shapes"]
+        lines.append("timed at " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in t["shapes"].items())
+                     + f" ({t['source']}; calibration has {len(t['calibration_shapes'])} shape(s))")
+    if report.get("normalized"):
+        lines.append("normalised at load: " + "; ".join(report["normalized"]))
     if report.get("stages_seconds"):
         lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages_seconds"].items()))
     return "\n".join(lines)

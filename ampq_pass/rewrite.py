@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from .calibration import Ranges
 from .errors import AmpqError
 from .formats import HP, FORMATS, Int8
-from .layers import Layer, initializers
+from .layers import Layer, initializers, per_output_channel
 from .plan import Plan, validate_plan
 
 #: ops whose int8 QDQ kernel (QLinearConv ...) needs the output quantized too; MatMul and
@@ -47,10 +47,10 @@ def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Convert to ``opset`` with onnx's version converter when the model is older."""
     if default_opset(model) >= opset:
         return model
-    from onnx import version_converter
+    from .model import convert_opset
 
     try:
-        converted = version_converter.convert_version(model, opset)
+        converted = convert_opset(model, opset)
     except Exception as exc:  # the converter raises RuntimeError/ValueError/ConvertError
         raise AmpqError(
             f"model opset {default_opset(model)} must be raised to {opset} for the chosen formats, "
@@ -62,25 +62,38 @@ def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ranges | None) -> onnx.ModelProto:
     """A copy of ``model`` with ``plan`` applied as QDQ/Cast nodes; ``model`` is not modified.
 
-    An all-``hp`` plan returns an unchanged copy.
+    An all-``hp`` plan returns an unchanged copy. Models above 2 GB are never copied
+    whole: the edits run on a weight-less copy and only the weights the rewritten graph
+    still reads are copied in at the end, so a plan that quantizes most weights adds
+    about a quarter of the model size, not the whole of it.
     """
+    from .model import _fits_protobuf, stripped_copy
+
     validate_plan(plan, layers)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    large = not _fits_protobuf(model)
+    if large:
+        out = stripped_copy(model)
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     if not plan.used_formats():
-        return out
+        return _fill_weights(out, model) if large else out
     out = raise_opset(out, required_opset(plan))
     graph = out.graph
-    inits = initializers(out)
+    # Weight values come from the caller's model (the copy may hold placeholders);
+    # initializers the version converter created live only in the copy.
+    inits = {**initializers(out), **initializers(model)}
     by_name = {l.name: l for l in layers}
 
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert before it
     after: dict[str, list[onnx.NodeProto]] = {}
     new_inits: list[onnx.TensorProto] = []
-    shared: dict[tuple[str, str], str] = {}  # (tensor, format) -> replacement name
+    # (tensor, format, axis) -> replacement name: a weight shared by two layers is dequantized
+    # once per format and channel axis (a MatMul reads it per column, a Gemm with transB per row)
+    shared: dict[tuple, str] = {}
     nodes = {n.name: n for n in graph.node}
 
-    def emit(anchor: str, key: tuple[str, str], make) -> str:
+    def emit(anchor: str, key: tuple, make) -> str:
         if key not in shared:
             emitted = make()
             new_inits.extend(emitted.initializers)
@@ -108,13 +121,17 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
                 act_scale = fmt.activation_params(*need_range(layer.activation))[0]
         if layer.weight is not None:
             w = numpy_helper.to_array(inits[layer.weight])
-            node.input[1] = emit(node_name, (layer.weight, fmt_name),
-                                 lambda w=w: fmt.weight_nodes(layer.weight, w, layer.channel_axis))
+            axis = layer.channel_axis
+            taken_axes = {k[2] for k in shared if len(k) == 3 and k[:2] == (layer.weight, fmt_name)}
+            wname = layer.weight if not taken_axes or axis in taken_axes else f"{layer.weight}_axis{axis}"
+            node.input[1] = emit(node_name, (layer.weight, fmt_name, axis),
+                                 lambda w=w, n=wname, a=axis: fmt.weight_nodes(n, w, a))
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             if isinstance(fmt, Int8) and bias in inits and layer.op_type in ("Conv", "Gemm", "ConvTranspose"):
                 b = numpy_helper.to_array(inits[bias])
+                w_scale = per_output_channel(fmt.weight_scale(w, layer.channel_axis), layer, node)
                 if b.ndim == 1:
-                    emitted = fmt.bias_nodes(f"{node_name}_{bias}", b, act_scale, fmt.weight_scale(w, layer.channel_axis))
+                    emitted = fmt.bias_nodes(f"{node_name}_{bias}", b, act_scale, w_scale)
                     new_inits.extend(emitted.initializers)
                     before.setdefault(node_name, []).extend(emitted.nodes)
                     node.input[2] = emitted.output
@@ -138,6 +155,17 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     graph.node.extend(ordered)
     graph.initializer.extend(new_inits)
     _drop_unused_initializers(graph)
+    return _fill_weights(out, model) if large else out
+
+
+def _fill_weights(out: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace the data-less placeholders of :func:`ampq_pass.model.stripped_copy` that the
+    rewritten graph still reads with the weights of ``model``."""
+    source = initializers(model)
+    for t in out.graph.initializer:
+        orig = source.get(t.name)
+        if orig is not None and not t.raw_data and list(t.dims) == list(orig.dims) and t.data_type == orig.data_type:
+            t.CopyFrom(orig)
     return out
 
 

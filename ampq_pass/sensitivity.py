@@ -35,7 +35,7 @@ from .calibration import Ranges, Samples
 from .errors import AmpqError
 from .executor import Executor
 from .formats import FORMATS, HP, Format, Int8, get_format
-from .layers import Layer, initializers
+from .layers import Layer, initializers, per_output_channel
 from .losses import Loss, make_loss
 
 # int8 Conv / ConvTranspose get a quantized output in the rewrite (rewrite._QUANTIZED_OUTPUT_OPS)
@@ -106,7 +106,7 @@ def _bias_error(fmt: Int8, model_inits: dict, node: onnx.NodeProto, w: np.ndarra
     if b.ndim != 1:
         return None
     act_scale = fmt.activation_params(*ranges[layer.activation])[0]
-    w_scale = fmt.weight_scale(w, layer.channel_axis)
+    w_scale = per_output_channel(fmt.weight_scale(w, layer.channel_axis), layer, node)
     scale = np.float32(act_scale) * w_scale.astype(np.float32)
     scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
     q = np.clip(np.rint(b.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
@@ -287,9 +287,9 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     generator = torch.Generator().manual_seed(seed)
     loss_sum = loss_sq = grad_sq = 0.0
     count = 0
-    n_batches = -(-len(samples) // batch_size)
-    for start, batch in tqdm(zip(range(0, len(samples), batch_size), samples.batches(batch_size)),
-                             total=n_batches, desc="sensitivity", unit="batch", disable=not progress,
+    n_batches = sum(1 for _ in samples.numbered_batches(batch_size))
+    for start, batch in tqdm(samples.numbered_batches(batch_size), total=n_batches, desc="sensitivity",
+                             unit="batch", disable=not progress,
                              file=sys.stderr):
         n = len(next(iter(batch.values())))
         taps = _Taps(layers)
@@ -387,7 +387,7 @@ def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "p
     q = run_batches(model_q, samples, batch_size, optimize, threads)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    for start, (ref, out) in zip(range(0, len(samples), batch_size), zip(hp, q)):
+    for (start, _), ref, out in zip(samples.numbered_batches(batch_size), hp, q):
         ref_t = {k: torch.from_numpy(v) for k, v in ref.items()}
         out_t = {k: torch.from_numpy(v) for k, v in out.items()}
         sq = loss_fn.squared_change(out_t, ref_t, start, generator)

@@ -12,8 +12,14 @@ from .rewrite import required_ranges
 
 
 def samples_digest(samples: Samples) -> str:
-    return digest(*[(k, str(v.dtype), list(v.shape), np.ascontiguousarray(v).tobytes())
-                    for k, v in sorted(samples.inputs.items())])
+    """Digest of every shape group's arrays (one group hashes as it did before groups existed)."""
+    parts = []
+    for index, group in enumerate(samples.groups):
+        if index:
+            parts.append(("group", index))
+        parts.extend((k, str(v.dtype), list(v.shape), np.ascontiguousarray(v).tobytes())
+                     for k, v in sorted(group.items()))
+    return digest(*parts)
 
 
 def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples, *, method: str = "minmax",

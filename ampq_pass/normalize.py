@@ -1,0 +1,400 @@
+"""Normalise a model once, at load, so every later stage sees one convention.
+
+Exporters differ in how they hold weights and which opset they target. The stages after
+this one (layers, rewrite, sensitivity, partition) assume:
+
+- every constant weight is a graph **initializer** (not a ``Constant`` node's attribute,
+  not behind an ``Identity`` or a ``Cast`` of an initializer);
+- the default-domain opset is at least 13, where DequantizeLinear takes a per-channel
+  ``axis`` (onnx's version converter raises older models);
+- a ``BatchNormalization`` right after a ``Conv``/``ConvTranspose`` is folded into the
+  convolution's weight and bias, so the convolution is one quantizable layer whose weight
+  is the weight that actually multiplies the activation (quantizing the un-folded weight
+  and then scaling by the BN would give a different per-channel error than the plan
+  predicts, and ONNX Runtime folds the BN anyway, after the QDQ nodes would block it);
+- every node has a name (unnamed nodes get ``<op_type>_<index>`` from their index in the
+  *original* file, before any node is removed, so plan names stay stable).
+
+Gemm with ``transB``, grouped/depthwise convolutions and weights shared by several nodes
+need no rewriting: :mod:`ampq_pass.layers` picks the output-channel axis from the op and its
+attributes, and :mod:`ampq_pass.rewrite` emits one dequantized copy per (weight, format, axis).
+
+After normalising, :func:`check_equivalent` runs the original and the normalised model in
+ONNX Runtime on the same inputs and raises :class:`AmpqError` when their outputs differ.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import AmpqError
+
+#: DequantizeLinear's per-channel ``axis`` exists from opset 13 on.
+MIN_OPSET = 13
+
+#: relative and absolute tolerance of the equivalence check (BatchNorm folding reorders
+#: float operations; the error it adds is ~1e-7 relative, far inside this).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@dataclass
+class Normalized:
+    """What :func:`normalize` did; ``exact`` is False when a change may move outputs by rounding."""
+
+    changes: list[str] = field(default_factory=list)
+    exact: bool = True
+
+    def add(self, message: str, *, exact: bool = True) -> None:
+        self.changes.append(message)
+        self.exact = self.exact and exact
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def normalize(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.ModelProto, Normalized]:
+    """Normalise ``model`` in place (and return it, possibly a converted copy) with what changed."""
+    done = Normalized()
+    _name_nodes(model, done)
+    # The converter first: it turns opset-12 attributes (Squeeze axes, ...) into Constant
+    # inputs, which the next step then moves into initializers like every other constant.
+    model = _upgrade_opset(model, done, source)
+    _constants_to_initializers(model, done)
+    _fold_identity_and_cast(model, done)
+    _fold_batch_norms(model, done)
+    _drop_unused(model.graph)
+    return model, done
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _name_nodes(model: onnx.ModelProto, done: Normalized) -> None:
+    from .layers import ensure_node_names
+
+    unnamed = sum(1 for n in model.graph.node if not n.name)
+    if unnamed:
+        ensure_node_names(model)
+        done.add(f"named {unnamed} unnamed nodes <op>_<index>")
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def _graph_outputs(graph: onnx.GraphProto) -> set[str]:
+    return {o.name for o in graph.output}
+
+
+def _add_initializer(model: onnx.ModelProto, tensor: TensorProto) -> None:
+    model.graph.initializer.append(tensor)
+    if model.ir_version < 4:  # before IR 4 an initializer must also be a graph input
+        model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+
+def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
+    """The tensor a ``Constant`` node produces, or None for kinds kept as nodes (strings, sparse)."""
+    if len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        t = TensorProto()
+        t.CopyFrom(attr.t)
+        return t
+    scalar = {"value_float": (lambda a: np.array(a.f, np.float32)), "value_int": (lambda a: np.array(a.i, np.int64)),
+              "value_floats": (lambda a: np.array(list(a.floats), np.float32)),
+              "value_ints": (lambda a: np.array(list(a.ints), np.int64))}
+    if attr.name in scalar:
+        return numpy_helper.from_array(scalar[attr.name](attr))
+    return None
+
+
+def _constants_to_initializers(model: onnx.ModelProto, done: Normalized) -> None:
+    """``Constant`` nodes of the main graph become initializers under their output name."""
+    graph = model.graph
+    outputs = _graph_outputs(graph)
+    keep, moved = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            tensor = _constant_value(node)
+            if tensor is not None:
+                tensor.name = node.output[0]
+                _add_initializer(model, tensor)
+                moved += 1
+                continue
+        keep.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+        done.add(f"moved {moved} Constant nodes into initializers")
+
+
+_CAST_TARGETS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+                 TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32,
+                 TensorProto.INT64: np.int64}
+
+
+def _fold_identity_and_cast(model: onnx.ModelProto, done: Normalized) -> None:
+    """``Identity(W)`` readers read ``W``; ``Cast(W)`` becomes an initializer holding the cast values.
+
+    Repeated to a fixpoint, so chains such as ``Constant -> Cast -> Identity`` fold too.
+    onnx has no public "fold constants" pass (onnxoptimizer / onnxsim do, but pull in
+    their own protobuf builds and rewrite far more than weights), so these two rules are
+    written here.
+    """
+    graph = model.graph
+    outputs = _graph_outputs(graph)
+    n_identity = n_cast = 0
+    while True:
+        inits = {t.name: t for t in graph.initializer}
+        rename: dict[str, str] = {}
+        keep = []
+        for node in graph.node:
+            src = node.input[0] if node.input else ""
+            if node.op_type == "Identity" and src in inits and node.output[0] not in outputs:
+                rename[node.output[0]] = src
+                n_identity += 1
+                continue
+            if node.op_type == "Cast" and src in inits and node.output[0] not in outputs:
+                to = next((a.i for a in node.attribute if a.name == "to"), None)
+                if to in _CAST_TARGETS and inits[src].data_type in (*_CAST_TARGETS, TensorProto.BOOL):
+                    value = numpy_helper.to_array(inits[src]).astype(_CAST_TARGETS[to])
+                    _add_initializer(model, numpy_helper.from_array(value, node.output[0]))
+                    n_cast += 1
+                    continue
+            keep.append(node)
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+        _rename_inputs(graph, rename)
+    if n_identity:
+        done.add(f"removed {n_identity} Identity nodes of weights")
+    if n_cast:
+        done.add(f"folded {n_cast} Cast nodes of weights into initializers")
+
+
+def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
+    if not rename:
+        return
+
+    def final(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    def walk(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = final(name)
+            for attr in node.attribute:  # If/Loop bodies may read outer-scope weights
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    walk(sub)
+
+    walk(graph)
+
+
+def _upgrade_opset(model: onnx.ModelProto, done: Normalized, source: str) -> onnx.ModelProto:
+    old = default_opset(model)
+    if old >= MIN_OPSET:
+        return model
+    from .model import convert_opset
+
+    try:
+        converted = convert_opset(model, MIN_OPSET)
+    except Exception as exc:  # the converter raises RuntimeError / ValueError / ConvertError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AmpqError(f"{source}: opset {old} must be raised to {MIN_OPSET} (per-channel QDQ) and onnx's "
+                        f"version converter failed: {first}") from None
+    done.add(f"upgraded opset {old} -> {MIN_OPSET} with onnx.version_converter", exact=False)
+    return converted
+
+
+def _fold_batch_norms(model: onnx.ModelProto, done: Normalized) -> None:
+    """Fold ``BatchNormalization(Conv(x, W, b))`` into ``Conv(x, W', b')`` (inference mode).
+
+    ``W'[o] = W[o] * s[o]``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``,
+    ``o`` the output channel (axis 0 of a Conv weight; for ConvTranspose, whose weight is
+    ``[C_in, C_out / group, ...]``, output channel ``g * C_out/group + j`` is ``W[g-th block of
+    C_in, j]``). Folded weights get new names, so a weight shared with another node is untouched.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers = _consumers(graph)
+    outputs = _graph_outputs(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    removed: set[int] = set()
+    folded = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 and any(bn.output[1:]):
+            continue
+        if next((a.i for a in bn.attribute if a.name == "training_mode"), 0):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2:
+            continue
+        y = conv.output[0]
+        if y in outputs or len(consumers.get(y, [])) != 1 or conv.input[1] not in inits:
+            continue
+        params = bn.input[1:5]
+        if len(params) != 4 or not all(p in inits for p in params):
+            continue
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if bias is not None and bias not in inits:
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        if w.dtype.kind != "f":
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        w64 = w.astype(np.float64)
+        if conv.op_type == "Conv":
+            w_new = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:
+            c_in, c_out_g = w.shape[0], w.shape[1]
+            blocks = w64.reshape((group, c_in // group, c_out_g) + w.shape[2:])
+            blocks = blocks * scale.reshape((group, 1, c_out_g) + (1,) * (w.ndim - 2))
+            w_new = blocks.reshape(w.shape)
+        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros_like(mean)
+        b_new = (b - mean) * scale + beta
+        w_name, b_name = f"{conv.input[1]}_bnfold_{bn.name}", f"{conv.name}_bnfold_bias"
+        new_w = numpy_helper.from_array(w_new.astype(w.dtype), w_name)
+        new_b = numpy_helper.from_array(b_new.astype(w.dtype), b_name)
+        graph.initializer.extend([new_w, new_b])
+        inits[w_name], inits[b_name] = new_w, new_b
+        conv.input[1] = w_name
+        if len(conv.input) > 2:
+            conv.input[2] = b_name
+        else:
+            conv.input.append(b_name)
+        conv.output[0] = bn.output[0]  # the Conv now produces what the BN produced
+        removed.add(id(bn))
+        folded.append(f"{bn.name} into {conv.name}")
+    if folded:
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        # value_info of the Conv's old output would now describe a dangling name
+        stale = [v for v in graph.value_info if v.name not in {o for n in graph.node for o in n.output}]
+        for v in stale:
+            graph.value_info.remove(v)
+        done.add(f"folded {len(folded)} BatchNormalization into convolutions ({', '.join(folded[:3])}"
+                 f"{', ...' if len(folded) > 3 else ''})", exact=False)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    from .rewrite import _drop_unused_initializers
+
+    _drop_unused_initializers(graph)
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+def probe_feeds(model: onnx.ModelProto, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Two random samples per input (symbolic dims 16), as :func:`synthetic_samples` makes them."""
+    from .calibration import synthetic_samples
+
+    return dict(synthetic_samples(model, count=2, seed=seed, warn=False).inputs)
+
+
+def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def check_equivalent(original: onnx.ModelProto | str, normalized: onnx.ModelProto, *, source: str = "model",
+                     feeds: dict[str, np.ndarray] | None = None, rtol: float = RTOL, atol: float = ATOL) -> bool:
+    """Raise :class:`AmpqError` if ``normalized`` gives other outputs than ``original`` on ``feeds``.
+
+    ``original`` may be a file path (models above 2 GB are run from their file). Returns
+    False, with a warning, when the *original* model cannot run on the probe inputs
+    (random integers out of range for an embedding, say): then nothing can be compared.
+    """
+    from .model import _PROTOBUF_LIMIT, save_external
+
+    feeds = feeds if feeds is not None else probe_feeds(normalized)
+    try:
+        ref = _run(original, feeds)
+    except Exception as exc:  # onnxruntime's own exception types
+        print(f"WARNING: {source}: normalisation not verified: the original model does not run on random probe "
+              f"inputs ({str(exc).strip().splitlines()[0][:200]})", file=sys.stderr)
+        return False
+    try:
+        if normalized.ByteSize() < _PROTOBUF_LIMIT:
+            got = _run(normalized, feeds)
+        else:
+            with tempfile.TemporaryDirectory(prefix="ampq-norm-") as tmp:
+                path = Path(tmp) / "normalized.onnx"
+                save_external(normalized, path, "normalized.onnx.data")
+                got = _run(str(path), feeds)
+    except Exception as exc:
+        raise AmpqError(f"{source}: the normalised model does not run in ONNX Runtime "
+                        f"({str(exc).strip().splitlines()[0][:200]})") from None
+    for index, (a, b) in enumerate(zip(ref, got)):
+        if a.shape != b.shape:
+            raise AmpqError(f"{source}: normalised model output #{index} has shape {list(b.shape)}, "
+                            f"original {list(a.shape)}")
+        if a.dtype.kind in "fc":
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            err = np.abs(a64 - b64)
+            err = np.where(np.isnan(a64) & np.isnan(b64), 0.0, err)
+            bound = atol + rtol * float(np.nanmax(np.abs(a64))) if a.size else 0.0
+            worst = float(np.nanmax(err)) if a.size else 0.0
+            if not worst <= bound:  # also catches NaN on one side only
+                raise AmpqError(f"{source}: normalised model output #{index} differs from the original by "
+                                f"{worst:.3g} (tolerance {bound:.3g}); normalisation is not exact for this model")
+        elif not np.array_equal(a, b):
+            raise AmpqError(f"{source}: normalised model output #{index} differs from the original")
+    return True
+
+
+def normalize_checked(model: onnx.ModelProto, *, source: str = "model", original_path: str | None = None,
+                      feeds: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, Normalized]:
+    """:func:`normalize` and, when something changed, :func:`check_equivalent` against the original.
+
+    The original is kept as serialised bytes (or, above 2 GB, read again from
+    ``original_path`` by ONNX Runtime) so no second proto copy is held in memory.
+    Changes that only move bytes (Constant/Identity to initializer, node names) are exact
+    by construction and are not re-run on large models.
+    """
+    from .model import _PROTOBUF_LIMIT
+
+    small = model.ByteSize() < _PROTOBUF_LIMIT
+    before = model.SerializeToString() if small else None
+    model, done = normalize(model, source=source)
+    if not done.changed:
+        return model, done
+    if small:
+        original = onnx.load_from_string(before)
+        del before
+        check_equivalent(original, model, source=source, feeds=feeds)
+    elif not done.exact and original_path is not None:
+        check_equivalent(os.fspath(original_path), model, source=source, feeds=feeds)
+    return model, done

@@ -1,0 +1,180 @@
+"""Normalisation at load (issue 8.1): other exporters' conventions become ours, outputs unchanged."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import models
+from ampq_pass.cli import main
+from ampq_pass.errors import AmpqError
+from ampq_pass.formats import Int8
+from ampq_pass.layers import find_layers, initializers
+from ampq_pass.model import load_model
+from ampq_pass.normalize import MIN_OPSET, check_equivalent, default_opset, normalize, normalize_checked
+from ampq_pass.plan import Plan
+from ampq_pass.rewrite import rewrite
+from ampq_pass.calibration import Ranges
+from wild_models import ort_run, wild_cnn, wild_feeds
+
+
+def _copy(m):
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wild():
+    return wild_cnn()
+
+
+@pytest.fixture(scope="module")
+def wild_path(tmp_path_factory, wild):
+    path = tmp_path_factory.mktemp("wild") / "wild.onnx"
+    onnx.save(wild, path)
+    return path
+
+
+def test_load_normalises_every_convention(wild_path):
+    changes = []
+    model = load_model(wild_path, changes=changes)
+    assert default_opset(model) >= MIN_OPSET
+    assert not [n for n in model.graph.node if n.op_type in ("Constant", "Identity", "Cast", "BatchNormalization")]
+    text = " | ".join(changes)
+    for what in ("Constant", "Identity", "Cast", "opset 12 -> 13", "BatchNormalization"):
+        assert what in text
+    layers = {l.name: l for l in find_layers(model)}
+    # every weight-bearing op is a layer now, with the output-channel axis its op needs
+    assert {k: (v.channel_axis, v.weight_shape) for k, v in layers.items()} == {
+        "stem": (0, (8, 3, 3, 3)), "depthwise": (0, (8, 1, 3, 3)), "up": (1, (8, 2, 2, 2)),
+        "fc": (0, (6, 4)), "shared_matmul": (1, (6, 6)), "shared_gemm": (0, (6, 6))}
+
+
+def test_folded_weights_are_the_effective_weights(wild):
+    """The Conv weight after folding is W * gamma / sqrt(var + eps), per output channel."""
+    model, _ = normalize(_copy(wild))
+    w = numpy_helper.to_array(initializers(model)[find_layers(model)[0].weight])
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in wild.graph.node if n.op_type == "Constant"}
+    scale = consts["bn1_gamma"] / np.sqrt(consts["bn1_var"] + 1e-3)
+    np.testing.assert_allclose(w, consts["stem_w"] * scale[:, None, None, None], rtol=1e-6)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_outputs_unchanged_at_every_width(wild, index):
+    model, _ = normalize(_copy(wild))
+    x = wild_feeds()[index]
+    np.testing.assert_allclose(ort_run(model, {"x": x})[0], ort_run(wild, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_normalisation_is_caught(wild, monkeypatch):
+    """The equivalence check is real: a fold that gets epsilon wrong is refused with a clear error."""
+    import ampq_pass.normalize as nm
+
+    real = nm._fold_batch_norms
+
+    def sloppy(model, done):
+        for node in model.graph.node:
+            if node.op_type == "BatchNormalization":
+                for a in node.attribute:
+                    if a.name == "epsilon":
+                        a.f = 0.5
+        real(model, done)
+
+    monkeypatch.setattr(nm, "_fold_batch_norms", sloppy)
+    with pytest.raises(AmpqError, match=r"wild\.onnx: normalised model output #0 differs from the original"):
+        normalize_checked(_copy(wild), source="wild.onnx")
+
+
+def test_untouched_model_is_not_changed(mlp_model):
+    model, done = normalize(_copy(mlp_model))
+    assert not done.changed
+    assert model.SerializeToString() == mlp_model.SerializeToString()
+
+
+def test_unnamed_nodes_keep_their_original_index_names():
+    # Constant at index 0 is removed; the MatMul must still be called MatMul_1, as in the file.
+    w = np.ones((4, 2), np.float32)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["n", 4])],
+                          [helper.make_tensor_value_info("y", 1, ["n", 2])])
+    model, _ = normalize_checked(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [l.name for l in find_layers(model)] == ["MatMul_1"]
+
+
+def test_shared_weight_gets_one_dequantize_per_axis(wild):
+    model, _ = normalize(_copy(wild))
+    layers = find_layers(model)
+    ranges = Ranges("minmax", {t: (-3.0, 3.0) for l in layers for t in (l.activation, l.output)})
+    out = rewrite(model, layers, Plan({"shared_matmul": "int8", "shared_gemm": "int8"}), ranges)
+    readers = {n.name: n for n in out.graph.node}
+    dq = {n.output[0]: n for n in out.graph.node if n.op_type == "DequantizeLinear"}
+    axes = {name: dq[readers[name].input[1]].attribute[0].i for name in ("shared_matmul", "shared_gemm")}
+    assert axes == {"shared_matmul": 1, "shared_gemm": 0}
+    assert readers["shared_matmul"].input[1] != readers["shared_gemm"].input[1]
+    onnx.checker.check_model(out)
+    x = wild_feeds()[0]
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(model, {"x": x})[0], atol=0.05)
+
+
+@pytest.mark.parametrize("layer", ["depthwise", "up"])
+def test_grouped_conv_weight_quantized_per_output_channel(wild, layer):
+    """Depthwise Conv: one scale per output channel on axis 0; grouped ConvTranspose on axis 1;
+    the stored int8 weight dequantizes to exactly the numpy reference sensitivity uses."""
+    model, _ = normalize(_copy(wild))
+    layers = {l.name: l for l in find_layers(model)}
+    l = layers[layer]
+    ranges = Ranges("minmax", {t: (-3.0, 3.0) for t in (l.activation, l.output)})
+    out = rewrite(model, list(layers.values()), Plan({layer: "int8"}), ranges)
+    node = next(n for n in out.graph.node if n.name == layer)
+    dq = next(n for n in out.graph.node if n.output[0] == node.input[1])
+    inits = initializers(out)
+    q, scale = (numpy_helper.to_array(inits[i]) for i in dq.input[:2])
+    assert dq.attribute[0].i == l.channel_axis and scale.shape == (l.weight_shape[l.channel_axis],)
+    w = numpy_helper.to_array(initializers(model)[l.weight])
+    shape = [1] * w.ndim
+    shape[l.channel_axis] = -1
+    np.testing.assert_array_equal(q.astype(np.float32) * scale.reshape(shape), Int8().fake_weight(w, l.channel_axis))
+    ort_run(out, {"x": wild_feeds()[1]})  # runs
+
+
+def test_cli_plan_on_wild_model(tmp_path, wild_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"formats": {"stem": "int8", "fc": "int8", "shared_gemm": "int8"}}')
+    calib = tmp_path / "c.npz"
+    np.savez(calib, **{f"x/{i}": a for i, a in enumerate(wild_feeds())})
+    out = tmp_path / "o.onnx"
+    assert main([str(wild_path), "-o", str(out), "--plan", str(plan), "--calib", str(calib),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    q = onnx.load(out)
+    onnx.checker.check_model(q)
+    assert [i.name for i in q.graph.input] == ["x"] and [o.name for o in q.graph.output] == ["y"]
+    for x in wild_feeds():
+        np.testing.assert_allclose(ort_run(q, {"x": x})[0], ort_run(wild_cnn(), {"x": x})[0], atol=0.1)
+
+
+def test_converter_failure_is_a_clear_error(monkeypatch, wild):
+    import ampq_pass.model as mm
+
+    def broken(model, opset):
+        raise RuntimeError("No Adapter For Foo\nmore lines")
+
+    monkeypatch.setattr(mm, "convert_opset", broken)
+    with pytest.raises(AmpqError, match=r"w\.onnx: opset 12 must be raised to 13 .* failed: No Adapter For Foo$"):
+        normalize(_copy(wild), source="w.onnx")
+
+
+def test_original_that_cannot_run_on_probes_only_warns(capsys):
+    # an embedding with 3 rows: random probe ids 0..99 are out of range for the original
+    emb = numpy_helper.from_array(np.ones((3, 4), np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="g"),
+             helper.make_node("Identity", ["wraw"], ["w"], name="wid"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n", 5])],
+                          [helper.make_tensor_value_info("y", 1, ["n", 5, 2])],
+                          [emb, numpy_helper.from_array(np.ones((4, 2), np.float32), "wraw")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model, done = normalize_checked(m, source="emb.onnx")
+    assert done.changed and "normalisation not verified" in capsys.readouterr().err
+    assert check_equivalent(m, model, feeds={"ids": np.zeros((1, 5), np.int64)})
