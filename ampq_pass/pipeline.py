@@ -278,6 +278,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     calib_set, holdout = samples.split(min(n_hold, len(samples) - 1))
     cache = Cache(opts.cache_dir) if opts.cache_dir else None
     formats = layer_formats(layers, offered)
+    # chosen (and a bad --shape refused) before any work
+    timing_inputs, timing_info = timing_feeds(model, calib_set, shapes=opts.shapes, batch_size=opts.batch_size,
+                                              n_batches=opts.timing_batches)
     lap("load")
 
     log(f"[1/7] calibrating activation ranges ({opts.calib_method}, {len(calib_set)} samples)")
@@ -293,12 +296,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     from .partition import partition
     from .subgraphs import capture_inputs
 
-    log("[3/7] partitioning into sequential subgraphs")
-    part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
-    timing_inputs, timing_info = timing_feeds(model, calib_set, shapes=opts.shapes, batch_size=opts.batch_size,
-                                              n_batches=opts.timing_batches)
     shown = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in timing_info["shapes"].items())
-    log(f"      timing at {shown} ({timing_info['source']})")
+    log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {timing_info['source']})")
+    part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
     captured = capture_inputs(model, part, Samples({k: np.concatenate([b[k] for b in timing_inputs])
                                                     for k in timing_inputs[0]}),
                               batch_size=opts.batch_size)
