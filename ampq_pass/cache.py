@@ -30,14 +30,25 @@ def digest(*parts: object) -> str:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """Digest of a model's graph and weights (external data included, once loaded)."""
+    """Digest of a model's graph and weights (external data included, once loaded).
+
+    Weights are hashed one tensor at a time and the graph without them, so a >2 GB model is
+    never copied or serialised whole (``GraphProto.CopyFrom`` would double its memory).
+    """
     h = hashlib.sha256()
     for t in model.graph.initializer:
         h.update(t.name.encode())
-        h.update(t.raw_data if t.raw_data else t.SerializeToString())
+        h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString(deterministic=True))
     g = onnx.GraphProto()
-    g.CopyFrom(model.graph)
-    del g.initializer[:]
+    for fd, value in model.graph.ListFields():
+        if fd.name == "initializer":
+            continue
+        if fd.is_repeated:
+            getattr(g, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(g, fd.name).CopyFrom(value)
+        else:
+            setattr(g, fd.name, value)
     h.update(g.SerializeToString(deterministic=True))
     return h.hexdigest()
 
@@ -52,10 +63,27 @@ class Cache:
         return self.root / kind / f"{key}.json"
 
     def get(self, kind: str, key: str) -> dict | None:
+        """The entry, or None when absent or unreadable (a damaged entry is recomputed, not trusted)."""
         try:
-            return json.loads(self.path(kind, key).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            value = json.loads(self.path(kind, key).read_text())
+        except (OSError, ValueError):  # missing, a directory, unreadable, not UTF-8, not JSON
             return None
+        return value if isinstance(value, dict) else None
+
+    def check_writable(self) -> None:
+        """Fail before any work when entries could not be stored (a read-only or full disk,
+        a path that is a file): a long run should not discover it at its first result."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=self.root)
+            try:
+                os.write(fd, b"{}")
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as exc:
+            raise AmpqError(f"cache directory {self.root}: cannot write ({exc.strerror or exc}); "
+                            f"choose another --cache-dir") from None
 
     def put(self, kind: str, key: str, value: dict) -> None:
         target = self.path(kind, key)
@@ -67,6 +95,8 @@ class Cache:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(value, f)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not publish an entry whose bytes are not on disk
             os.replace(tmp, target)
         except OSError as exc:
             raise AmpqError(f"cache directory {self.root}: cannot write ({exc.strerror or exc})") from None

@@ -277,6 +277,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         raise AmpqError(f"calibration set has {len(samples)} sample; need at least 2 (calibration + held-out)")
     calib_set, holdout = samples.split(min(n_hold, len(samples) - 1))
     cache = Cache(opts.cache_dir) if opts.cache_dir else None
+    if cache is not None:
+        cache.check_writable()
     formats = layer_formats(layers, offered)
     # chosen (and a bad --shape refused) before any work
     timing_inputs, timing_info = timing_feeds(model, calib_set, shapes=opts.shapes, batch_size=opts.batch_size,
