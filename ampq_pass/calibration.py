@@ -356,7 +356,9 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
                "entropy": {"symmetric": False, "num_bins": 128, "num_quantized_bins": 128}}[method]
     with tempfile.TemporaryDirectory(prefix="ampq-calib-") as tmp:
         src = Path(tmp) / "model.onnx"
-        large = model.ByteSize() > 2**31 - 2**21
+        from .model import _fits_protobuf
+
+        large = not _fits_protobuf(model)
         if large:
             from .model import save_external
 

@@ -337,7 +337,7 @@ def check_equivalent(original: onnx.ModelProto | str, normalized: onnx.ModelProt
     False, with a warning, when the *original* model cannot run on the probe inputs
     (random integers out of range for an embedding, say): then nothing can be compared.
     """
-    from .model import _PROTOBUF_LIMIT, save_external
+    from .model import _fits_protobuf, save_external
 
     feeds = feeds if feeds is not None else probe_feeds(normalized)
     try:
@@ -347,7 +347,7 @@ def check_equivalent(original: onnx.ModelProto | str, normalized: onnx.ModelProt
               f"inputs ({str(exc).strip().splitlines()[0][:200]})", file=sys.stderr)
         return False
     try:
-        if normalized.ByteSize() < _PROTOBUF_LIMIT:
+        if _fits_protobuf(normalized):
             got = _run(normalized, feeds)
         else:
             with tempfile.TemporaryDirectory(prefix="ampq-norm-") as tmp:
@@ -384,9 +384,9 @@ def normalize_checked(model: onnx.ModelProto, *, source: str = "model", original
     Changes that only move bytes (Constant/Identity to initializer, node names) are exact
     by construction and are not re-run on large models.
     """
-    from .model import _PROTOBUF_LIMIT
+    from .model import _fits_protobuf
 
-    small = model.ByteSize() < _PROTOBUF_LIMIT
+    small = _fits_protobuf(model)
     before = model.SerializeToString() if small else None
     model, done = normalize(model, source=source)
     if not done.changed:

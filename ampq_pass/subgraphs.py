@@ -36,7 +36,11 @@ def with_types(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """``model`` itself if every tensor in ``names`` has a type, else a shape-inferred copy."""
     if set(names) <= _typed_names(model):
         return model
-    inferred = infer_shapes_safe(_copy(model))
+    from .model import _fits_protobuf
+
+    # Above 2 GB, inference runs on a weight-less copy anyway and only adds value_info to
+    # the model it is given: doing that in place avoids a second copy of every weight.
+    inferred = infer_shapes_safe(_copy(model) if _fits_protobuf(model) else model)
     missing = [n for n in names if n not in _typed_names(inferred)]
     if missing:
         raise AmpqError(f"tensor {missing[0]!r}: onnx shape inference gives it no type, cannot extract a subgraph at it")
@@ -112,7 +116,9 @@ def _session(model: onnx.ModelProto, folder: Path | None = None):
     # No graph rewrites: the captured tensors must be the values the unoptimised graph
     # defines (fusions would also hide some of the tensors we expose).
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    from .model import _fits_protobuf
+
+    if _fits_protobuf(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     path = Path(folder) / "probe.onnx"
     save_external(model, path, "probe.onnx.data")
@@ -133,12 +139,24 @@ def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Sample
     unknown = [t for t in wanted if t not in produced]
     if unknown:
         raise AmpqError(f"subgraph input {unknown[0]!r} is not a tensor of the model")
-    probe = _copy(model)
+    from .model import _fits_protobuf
+
+    # The probe is the model with extra outputs. Above 2 GB the outputs are added to the
+    # caller's model only while the session is built (and removed again), because a copy
+    # would double memory; below, a copy keeps the caller's model untouched throughout.
+    large = not _fits_protobuf(model)
+    probe = model if large else _copy(model)
+    n_outputs = len(probe.graph.output)
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted if t not in existing)
     out: dict[int, list[dict[str, np.ndarray]]] = {s.index: [] for s in partition.subgraphs}
     with tempfile.TemporaryDirectory() as folder:
-        sess = _session(probe, Path(folder))
+        try:
+            sess = _session(probe, Path(folder))
+        finally:
+            if large:
+                while len(probe.graph.output) > n_outputs:
+                    probe.graph.output.pop()
         feed_names = {i.name for i in sess.get_inputs()}
         for number, batch in enumerate(samples.batches(batch_size)):
             if max_batches is not None and number >= max_batches:
