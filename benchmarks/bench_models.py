@@ -1,7 +1,7 @@
 """Issue 7: the same comparison on a Llama-style decoder and a residual CNN (random init).
 
-Run: .venv/bin/python benchmarks/bench_models.py llama   -> benchmarks/results/llama_front.md, llama_*.png
-     .venv/bin/python benchmarks/bench_models.py cnn     -> benchmarks/results/cnn_front.md, cnn_*.png
+Run: benchmarks/run_snapshot.sh benchmarks/bench_models.py llama   -> benchmarks/results/llama_front.md, llama_*.png
+     benchmarks/run_snapshot.sh benchmarks/bench_models.py cnn     -> benchmarks/results/cnn_front.md, cnn_*.png
 (no argument: both, one after the other)
 
 Both models are randomly initialised (no trained weights are available offline): they
@@ -141,7 +141,7 @@ def bench(which: str) -> None:
     bad_noise = front.front_check(entries, "rel_err", False, tol=0.02)
     fp32 = entries[0]
     text = header(f"Issue 7: {title}")
-    text += (f"Command: `.venv/bin/python benchmarks/bench_models.py {which}` (engine: `benchmarks/front.py`).\n\n"
+    text += (f"Command: `benchmarks/run_snapshot.sh benchmarks/bench_models.py {which}` (engine: `benchmarks/front.py`).\n\n"
              f"**Random initialisation**: no trained weights; quality = relative error of the logits to fp32 and "
              f"top-1 agreement on {len(spec.eval_samples)} random evaluation inputs (a different seed from the "
              f"calibration inputs). These rows check timing, partition and prediction, not task accuracy.\n\n"
@@ -149,7 +149,8 @@ def bench(which: str) -> None:
              f"- {res['layers']} quantizable layers, {res['subgraphs']} sequential subgraphs, {res['configs']} timed "
              f"configurations (ort:cpu formats: {', '.join(res['offered'])}).\n"
              f"- all {sum(1 for e in entries if e.speedup)} models timed interleaved in one process, ORT CPU EP, 2 "
-             f"threads, batch {BATCH} ({res['e2e_s']:.0f} s); fp32 median {fp32.ms:.1f} ms. Load average before "
+             f"threads, batch {BATCH} ({res['e2e_s']:.0f} s); fp32 median {fp32.ms:.1f} ms; speed-up = median paired "
+             f"ratio per round. CPU busy before timing {res['busy_before']:.0%}; load average before "
              f"{'/'.join(f'{x:.2f}' for x in res['load_before'])}, after {'/'.join(f'{x:.2f}' for x in res['load_after'])}.\n"
              f"- budgets (max_loss_rmse): {', '.join(f'{b:g}' for b in BUDGETS)}; random plans at "
              f"{', '.join(f'{b:g}' for b in RANDOM_BUDGETS)}. Methods as in `minilm_front.md`.\n\n")
