@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import AmpqError
+from .errors import AmpqError, runtime_errors
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -365,14 +365,15 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
             save_external(model, src, "model.onnx.data")
         else:
             onnx.save_model(model, str(src))
-        op_types = sorted({n.op_type for n in model.graph.node if set(n.input) & wanted or set(n.output) & wanted})
-        calibrator = Narrowed(src, op_types, str(Path(tmp) / "augmented.onnx"),
-                              use_external_data_format=large, **options)
-        calibrator.augment_graph()
-        calibrator.execution_providers = ["CPUExecutionProvider"]
-        calibrator.create_inference_session()
-        calibrator.collect_data(Reader())
-        data = calibrator.compute_data()
+        with runtime_errors("model"):
+            op_types = sorted({n.op_type for n in model.graph.node if set(n.input) & wanted or set(n.output) & wanted})
+            calibrator = Narrowed(src, op_types, str(Path(tmp) / "augmented.onnx"),
+                                  use_external_data_format=large, **options)
+            calibrator.augment_graph()
+            calibrator.execution_providers = ["CPUExecutionProvider"]
+            calibrator.create_inference_session()
+            calibrator.collect_data(Reader())
+            data = calibrator.compute_data()
     found = {}
     for name in wanted:
         if name in data:

@@ -7,6 +7,9 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class AmpqError(Exception):
     """Bad input: the message names the file/tensor/node, and what was expected vs given."""
@@ -18,3 +21,23 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`AmpqError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise AmpqError(message)
+
+
+@contextlib.contextmanager
+def runtime_errors(what: str) -> Iterator[None]:
+    """ONNX Runtime refusing or failing on the user's model becomes :class:`AmpqError`.
+
+    Only ONNX Runtime's own exception types (``onnxruntime.capi...Fail``, ``InvalidGraph``,
+    ``InvalidArgument``, ...) are converted: they describe the model or the inputs it was
+    given. Any other exception is a bug here and keeps its traceback.
+    """
+    try:
+        yield
+    except AmpqError:
+        raise
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise AmpqError(f"{what}: ONNX Runtime cannot run it ({first[:300]})") from None

@@ -117,8 +117,12 @@ class Int8(Format):
     # ---- numpy reference
     def quantize_weight(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         scale = self.weight_scale(w, axis)
-        q = np.clip(np.rint(w / _expand(scale, w.ndim, axis)), -127, 127).astype(np.int8)
-        return q, scale
+        # in place after the division: one float temporary of the weight's size, not three
+        # (a 256 MB weight of a >2 GB model would otherwise add 768 MB at a time)
+        t = w / _expand(scale, w.ndim, axis)
+        np.rint(t, out=t)
+        np.clip(t, -127, 127, out=t)
+        return t.astype(np.int8), scale
 
     def fake_weight(self, w, axis):
         q, scale = self.quantize_weight(w, axis)

@@ -158,9 +158,12 @@ def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in sess.get_inputs()}
-    outs = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
+    from .errors import runtime_errors
+
+    with runtime_errors("model"):
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in sess.get_inputs()}
+        outs = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
     return {n: tuple(int(d) for d in o.shape) for n, o in zip(names, outs)}
 
 

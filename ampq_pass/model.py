@@ -207,6 +207,13 @@ def _check_external_refs(model: onnx.ModelProto, path: Path) -> bool:
     sizes: dict[Path, int] = {}
     for tensor in model.graph.initializer:
         if not uses_external_data(tensor):
+            # embedded bytes: the checker does not compare them with the dims (ONNX Runtime
+            # then fails deep inside with "buffer size mismatch"); the file is < 2 GB here,
+            # so reading the length is cheap
+            want = _expected_bytes(tensor) if tensor.HasField("raw_data") else None
+            if want is not None and len(tensor.raw_data) != want:
+                raise AmpqError(f"{path}: tensor {tensor.name!r} holds {len(tensor.raw_data)} bytes, expected {want} "
+                                f"for shape {list(tensor.dims)}")
             continue
         external = True
         info = {e.key: e.value for e in tensor.external_data}

@@ -321,7 +321,7 @@ def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions and become one line; no C++ log noise
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     src = model if isinstance(model, str) else model.SerializeToString()
     sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])

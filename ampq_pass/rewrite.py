@@ -87,7 +87,15 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
 
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to insert before it
     after: dict[str, list[onnx.NodeProto]] = {}
-    new_inits: list[onnx.TensorProto] = []
+    # New initializers go into the graph as soon as they are made (the graph holds the
+    # only copy; a list kept until the end would hold a second copy of every new weight).
+    class _Sink:
+        @staticmethod
+        def extend(tensors) -> None:
+            for t in tensors:
+                graph.initializer.append(t)
+
+    new_inits = _Sink()
     # (tensor, format, axis) -> replacement name: a weight shared by two layers is dequantized
     # once per format and channel axis (a MatMul reads it per column, a Gemm with transB per row)
     shared: dict[tuple, str] = {}
@@ -153,7 +161,6 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
         ordered.extend(after.get(node.name, []))
     del graph.node[:]
     graph.node.extend(ordered)
-    graph.initializer.extend(new_inits)
     _drop_unused_initializers(graph)
     return _fill_weights(out, model) if large else out
 
@@ -174,10 +181,10 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     used |= _subgraph_inputs(graph)
     graph_inputs = {i.name for i in graph.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in graph_inputs]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    # delete by index: rebuilding the list would copy every kept weight once more
+    drop = [i for i, t in enumerate(graph.initializer) if t.name not in used and t.name not in graph_inputs]
+    for i in reversed(drop):
+        del graph.initializer[i]
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:

@@ -32,7 +32,7 @@ import onnx
 import torch
 
 from .calibration import Ranges, Samples
-from .errors import AmpqError
+from .errors import AmpqError, runtime_errors
 from .executor import Executor
 from .formats import FORMATS, HP, Format, Int8, get_format
 from .layers import Layer, initializers, per_output_channel
@@ -371,7 +371,8 @@ def ort_session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, t
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    with runtime_errors("model"):
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "projection", *,
@@ -404,6 +405,7 @@ def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = T
     wanted = {i.name for i in sess.get_inputs()}
     out = []
     for batch in samples.batches(batch_size):
-        values = sess.run(names, {k: v for k, v in batch.items() if k in wanted})
+        with runtime_errors("model"):
+            values = sess.run(names, {k: v for k, v in batch.items() if k in wanted})
         out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
     return out

@@ -22,7 +22,7 @@ import onnx
 from onnx.utils import Extractor
 
 from .calibration import Samples
-from .errors import AmpqError
+from .errors import AmpqError, runtime_errors
 from .model import _PROTOBUF_LIMIT, infer_shapes_safe, save_external
 from .partition import Partition, Subgraph, node_names
 
@@ -152,7 +152,8 @@ def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Sample
     out: dict[int, list[dict[str, np.ndarray]]] = {s.index: [] for s in partition.subgraphs}
     with tempfile.TemporaryDirectory() as folder:
         try:
-            sess = _session(probe, Path(folder))
+            with runtime_errors("model"):
+                sess = _session(probe, Path(folder))
         finally:
             if large:
                 while len(probe.graph.output) > n_outputs:
@@ -162,7 +163,8 @@ def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Sample
             if max_batches is not None and number >= max_batches:
                 break
             feeds = {k: v for k, v in batch.items() if k in feed_names}
-            values = dict(zip(wanted, sess.run(wanted, feeds))) if wanted else {}
+            with runtime_errors("model"):
+                values = dict(zip(wanted, sess.run(wanted, feeds))) if wanted else {}
             values.update(batch)
             for s in partition.subgraphs:
                 out[s.index].append({t: values[t] for t in s.inputs})
