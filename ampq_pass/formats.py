@@ -74,6 +74,10 @@ class Format:
     weight_bits: float = 32
     #: whether the layer's input activation is quantized too
     quantizes_activation: bool = True
+    #: whether the rewrite replaces the op itself (:meth:`op_nodes`) instead of only its inputs
+    replaces_op: bool = False
+    #: whether activation quantization reads the calibrated range (dynamic formats do not)
+    needs_range: bool = True
 
     def fake_weight(self, w: np.ndarray, axis: int | None) -> np.ndarray:
         raise NotImplementedError
@@ -294,8 +298,67 @@ class Int4(Format):
         return Emitted([], [], name)
 
 
+class Int8Dynamic(Int8):
+    """int8 with dynamic activation scales: weights as :class:`Int8` (symmetric per output
+    channel); the activation's uint8 scale and zero point are computed from each batch at
+    run time (ONNX ``DynamicQuantizeLinear``), so no calibrated range can clip an outlier.
+
+    ONNX Runtime has no QDQ form of this: the MatMul itself is replaced by the standard
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul pattern (what its
+    ``quantize_dynamic`` writes), which the CPU EP fuses into ``DynamicQuantizeMatMul``.
+    """
+
+    name = "int8_dyn"
+    opset = 13
+    weight_bits = 8
+    replaces_op = True
+    needs_range = False
+
+    @staticmethod
+    def dynamic_params(x: np.ndarray) -> tuple[np.float32, np.float32]:
+        # ONNX DynamicQuantizeLinear: range widened to include 0, uint8, round half to even.
+        lo = np.float32(min(0.0, float(x.min())))
+        hi = np.float32(max(0.0, float(x.max())))
+        scale = np.float32((hi - lo) / np.float32(255.0))
+        if scale == 0:
+            return np.float32(1.0), np.float32(0.0)
+        zp = np.float32(np.clip(np.rint(np.float32(0.0) - lo / scale), 0, 255))
+        return scale, zp
+
+    def fake_activation(self, x, lo, hi):
+        x = np.asarray(x, np.float32)
+        scale, zp = self.dynamic_params(x)
+        q = np.clip(np.rint(x / scale) + zp, 0, 255)
+        return ((q - zp) * scale).astype(np.float32)
+
+    def activation_nodes(self, name, lo, hi):
+        base = f"{name}_int8_dyn"
+        node = helper.make_node("DynamicQuantizeLinear", [name],
+                                [base + "_quantized", base + "_scale", base + "_zero_point"],
+                                name=base + "_DynamicQuantizeLinear")
+        return Emitted([], [node], base + "_quantized")
+
+    def weight_nodes(self, name, w, axis):
+        q, scale = self.quantize_weight(w, axis)
+        base = f"{name}_int8_dyn"
+        inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
+                 numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero_point")]
+        return Emitted(inits, [], base)
+
+    def op_nodes(self, node: onnx.NodeProto, x_q: str, w_q: str) -> list[onnx.NodeProto]:
+        """MatMulInteger on the quantized tensors, rescaled to float into the node's output."""
+        x_base, out, tag = x_q[: -len("_quantized")], node.output[0], f"{node.name}_int8_dyn"
+        return [
+            helper.make_node("Mul", [x_base + "_scale", w_q + "_scale"], [tag + "_scale"], name=tag + "_ScaleMul"),
+            helper.make_node("MatMulInteger", [x_q, w_q, x_base + "_zero_point", w_q + "_zero_point"],
+                             [tag + "_int32"], name=tag + "_MatMulInteger"),
+            helper.make_node("Cast", [tag + "_int32"], [tag + "_float"], name=tag + "_Cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [tag + "_float", tag + "_scale"], [out], name=node.name),
+        ]
+
+
 #: The table of formats: add a class above and a line here.
-FORMATS: dict[str, Format] = {f.name: f for f in (Int8(), Fp8E4M3(), Fp16(), Bf16(), Int4())}
+FORMATS: dict[str, Format] = {f.name: f for f in (Int8(), Int8Dynamic(), Fp8E4M3(), Fp16(), Bf16(), Int4())}
 ALL_FORMATS: tuple[str, ...] = (HP, *FORMATS)
 
 

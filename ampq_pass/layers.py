@@ -59,7 +59,7 @@ def candidate_formats(op_type: str, weight_shape: tuple[int, ...] | None) -> tup
         return ("int8", "fp8_e4m3", "fp16", "bf16")
     formats = ["int8", "fp8_e4m3", "fp16", "bf16"]
     if op_type == "MatMul" and len(weight_shape) == 2:
-        formats.append("int4")
+        formats += ["int8_dyn", "int4"]
     return tuple(formats)
 
 

@@ -100,6 +100,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     # once per format and channel axis (a MatMul reads it per column, a Gemm with transB per row)
     shared: dict[tuple, str] = {}
     nodes = {n.name: n for n in graph.node}
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # node name -> the nodes that compute it now
 
     def emit(anchor: str, key: tuple, make) -> str:
         if key not in shared:
@@ -122,10 +123,10 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
         act_scale = None
         if fmt.quantizes_activation:
             for slot, tensor in enumerate(act_inputs):
-                lo, hi = need_range(tensor)
+                lo, hi = need_range(tensor) if fmt.needs_range else (0.0, 0.0)
                 node.input[slot] = emit(node_name, (tensor, fmt_name),
                                         lambda t=tensor, a=lo, b=hi: fmt.activation_nodes(t, a, b))
-            if isinstance(fmt, Int8):
+            if isinstance(fmt, Int8) and not fmt.replaces_op:
                 act_scale = fmt.activation_params(*need_range(layer.activation))[0]
         if layer.weight is not None:
             w = numpy_helper.to_array(inits[layer.weight])
@@ -135,7 +136,9 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
             node.input[1] = emit(node_name, (layer.weight, fmt_name, axis),
                                  lambda w=w, n=wname, a=axis: fmt.weight_nodes(n, w, a))
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if isinstance(fmt, Int8) and bias in inits and layer.op_type in ("Conv", "Gemm", "ConvTranspose"):
+            if fmt.replaces_op:
+                replaced[node_name] = fmt.op_nodes(node, node.input[0], node.input[1])
+            elif isinstance(fmt, Int8) and bias in inits and layer.op_type in ("Conv", "Gemm", "ConvTranspose"):
                 b = numpy_helper.to_array(inits[bias])
                 w_scale = per_output_channel(fmt.weight_scale(w, layer.channel_axis), layer, node)
                 if b.ndim == 1:
@@ -157,7 +160,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     ordered = []
     for node in graph.node:
         ordered.extend(before.get(node.name, []))
-        ordered.append(node)
+        ordered.extend(replaced.get(node.name, [node]))
         ordered.extend(after.get(node.name, []))
     del graph.node[:]
     graph.node.extend(ordered)

@@ -24,7 +24,7 @@ from ..layers import Layer, layer_macs, observed_shapes, weight_array
 from .base import Capabilities, CostModel
 
 #: MACs per unit time relative to hp (see module docstring)
-DEFAULT_THROUGHPUT: dict[str, float] = {HP: 1.0, "fp16": 2.0, "bf16": 2.0, "fp8_e4m3": 4.0, "int8": 4.0, "int4": 1.0}
+DEFAULT_THROUGHPUT: dict[str, float] = {HP: 1.0, "fp16": 2.0, "bf16": 2.0, "fp8_e4m3": 4.0, "int8": 4.0, "int8_dyn": 4.0, "int4": 1.0}
 
 
 def _first_feeds(inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -99,7 +99,7 @@ def weight_bytes(w: np.ndarray, layer: Layer, fmt: str) -> int:
 def activation_bytes_per_element(fmt: str, hp_itemsize: int) -> float:
     if fmt == HP or not FORMATS[fmt].quantizes_activation:
         return float(hp_itemsize)
-    return {"int8": 1.0, "fp8_e4m3": 1.0, "fp16": 2.0, "bf16": 2.0}[fmt]
+    return {"int8": 1.0, "int8_dyn": 1.0, "fp8_e4m3": 1.0, "fp16": 2.0, "bf16": 2.0}[fmt]
 
 
 class MemoryModel(CostModel):

@@ -155,3 +155,16 @@ def test_plan_errors(block_model):
         rewrite(block_model, layers, Plan({"/q/MatMul": "int7"}), ranges)
     with pytest.raises(AmpqError, match=r"no calibrated range"):
         rewrite(block_model, layers, Plan({"/q/MatMul": "int8"}), None)
+
+
+def test_int8_dynamic_is_fused_and_shares_one_dynamic_quantize(block_model, tmp_path):
+    layers, feeds, ranges = _setup(block_model)
+    out = rewrite(block_model, layers, Plan.uniform(layers, "int8_dyn"), ranges)
+    onnx.checker.check_model(out, full_check=True)
+    # q, k, v read one tensor: one DynamicQuantizeLinear for the three of them
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in out.graph.node) == 4
+    ops = _optimized_ops(out, tmp_path)
+    assert ops.count("DynamicQuantizeMatMul") + ops.count("MatMulIntegerToFloat") == 6
+    assert "MatMulInteger" not in ops
+    ref, got = run(make_session(block_model), feeds)[0], run(make_session(out), feeds)[0]
+    assert 0 < np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
