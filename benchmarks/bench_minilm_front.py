@@ -64,7 +64,8 @@ def main() -> None:
         quality=quality, primary="cos_mean", higher_better=True, budgets=BUDGETS, random_budgets=RANDOM_BUDGETS)
     res = front.run(spec)
     entries = res["entries"]
-    files = front.plots(res, spec, "minilm", "mean cosine of mean-pooled embeddings to fp32 (higher is better)")
+    files = front.plots(res, spec, "minilm", "1 - mean cosine of mean-pooled embeddings to fp32 (log; lower is better)",
+                        logx=True, xform=lambda q: 1.0 - q, target_x=0.01)
 
     metrics = [("cos_mean", "mean cosine"), ("cos_min", "min cosine"), ("nn", "NN agreement")]
     pred_table, err_ours, err_naive = front.prediction_rows(entries)
@@ -133,7 +134,7 @@ def main() -> None:
              "Predicted speed-up = T_fp32 / (T_fp32 - sum of gains), with T_fp32 the end-to-end time the pass "
              "measured; subgraph gains from the pass's gain table (all configurations of each sequential "
              f"subgraph timed jointly); per-layer sum = each layer timed alone ({res['per_layer_s']:.0f} s), gains "
-             "added; mac = the MAC model's ratio.\n\n" + pred_table + "\n")
+             "added; mac = the MAC model's ratio.\n\n" + front.table_section(res) + "\n" + pred_table + "\n")
     text += "![speed-up prediction](minilm_speedup_prediction.png) ![loss prediction](minilm_loss_prediction.png)\n\n"
     ratios = [e.measured_mse / e.predicted_mse for e in entries if e.plan and e.predicted_mse and e.measured_mse]
     from scipy.stats import spearmanr

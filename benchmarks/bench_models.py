@@ -34,8 +34,10 @@ from ampq_pass.calibration import Samples  # noqa: E402
 from ampq_pass.model import save_model  # noqa: E402
 
 BATCH = 8
-BUDGETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, math.inf)
-RANDOM_BUDGETS = (0.02, 0.1)
+# max_loss_rmse budgets per model: spread so that the front runs from one layer to all of them
+BUDGETS = {"llama": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, math.inf),
+           "cnn": (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, math.inf)}
+RANDOM_BUDGETS = {"llama": (0.02, 0.1), "cnn": (0.001, 0.003)}
 
 
 def resnet_cnn(seed: int = 0):
@@ -126,8 +128,8 @@ def build(which: str):
         name=which, model_path=path, pass_samples=Samples(calib, source="random"), holdout=16,
         eval_samples=Samples(ev, source="random"),
         timing_batches=[{k: v[i:i + BATCH] for k, v in ev.items()} for i in (0, BATCH)],
-        quality=logits_quality, primary="rel_err", higher_better=False, budgets=BUDGETS,
-        random_budgets=RANDOM_BUDGETS)
+        quality=logits_quality, primary="rel_err", higher_better=False, budgets=BUDGETS[which],
+        random_budgets=RANDOM_BUDGETS[which])
     return spec, title
 
 
@@ -152,8 +154,8 @@ def bench(which: str) -> None:
              f"threads, batch {BATCH} ({res['e2e_s']:.0f} s); fp32 median {fp32.ms:.1f} ms; speed-up = median paired "
              f"ratio per round. CPU busy before timing {res['busy_before']:.0%}; load average before "
              f"{'/'.join(f'{x:.2f}' for x in res['load_before'])}, after {'/'.join(f'{x:.2f}' for x in res['load_after'])}.\n"
-             f"- budgets (max_loss_rmse): {', '.join(f'{b:g}' for b in BUDGETS)}; random plans at "
-             f"{', '.join(f'{b:g}' for b in RANDOM_BUDGETS)}. Methods as in `minilm_front.md`.\n\n")
+             f"- budgets (max_loss_rmse): {', '.join(f'{b:g}' for b in spec.budgets)}; random plans at "
+             f"{', '.join(f'{b:g}' for b in spec.random_budgets)}. Methods as in `minilm_front.md`.\n\n")
     text += front.table_rows(entries, [("rel_err", "logits rel. error"), ("top1", "top-1 agreement")]) + "\n"
     text += f"![front]({which}_front.png)\n\n"
     text += (f"Front check (baseline models with a higher measured speed-up than any of our plans at equal or lower "
@@ -164,7 +166,7 @@ def bench(which: str) -> None:
     text += (f"\nTime-gain prediction over {len(err_ours)} mixed plans: subgraph gains median error "
              f"{np.median(err_ours) * 100:.1f}% (max {max(err_ours) * 100:.1f}%); per-layer sum median "
              f"{np.median(err_naive) * 100:.1f}% (max {max(err_naive) * 100:.1f}%); per-layer timing took "
-             f"{res['per_layer_s']:.0f} s.\n\n" + pred_table + "\n")
+             f"{res['per_layer_s']:.0f} s.\n\n" + front.table_section(res) + "\n" + pred_table + "\n")
     ratios = [e.measured_mse / e.predicted_mse for e in entries if e.plan and e.predicted_mse and e.measured_mse]
     if ratios:
         text += (f"Loss MSE, measured/predicted over {len(ratios)} mixed plans: median {np.median(ratios):.2f} "

@@ -462,6 +462,14 @@ def code_version() -> str:
             else f"ampq_pass from the working tree {where} (may include uncommitted edits)")
 
 
+_PREFIX = {"ours": "ours", "IP+mac": "IP + mac", "greedy": "greedy per-layer", "random": "random"}
+
+
+def also_methods(e) -> set[str]:
+    """Methods whose plan was identical to this entry's (measured once; see the note)."""
+    return {_PREFIX[w.split()[1]] for w in e.note.split("; ") if w.startswith("also ") and w.split()[1] in _PREFIX}
+
+
 def busy_fraction(seconds: float = 3.0) -> float:
     """Share of all CPUs busy over ``seconds`` (from /proc/stat)."""
     def read():
@@ -552,7 +560,8 @@ MARKERS = {"fp32": "*", "ort static": "s", "ort dynamic": "D", "greedy per-layer
            "random": "x", "ours": "o"}
 
 
-def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -> list[str]:
+def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False, xform=None,
+          target_x: float | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,8 +573,11 @@ def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -
     files = []
     # 1. the front
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    xf = xform or (lambda q: q)
+    higher_better = spec.higher_better if xform is None else False
     for m in METHODS:
-        pts = [(e.quality[spec.primary], e.speedup) for e in entries if e.method == m and spec.primary in e.quality]
+        pts = [(xf(e.quality[spec.primary]), e.speedup) for e in entries
+               if (e.method == m or m in also_methods(e)) and spec.primary in e.quality]
         if logx:  # fp32 has error 0: shown as the line at 1x instead
             pts = [p for p in pts if p[0] > 0]
         if not pts:
@@ -573,7 +585,7 @@ def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -
         x, y = zip(*pts)
         ax.scatter(x, y, c=COLORS[m], marker=MARKERS[m], label=m, s=60 if m == "ours" else 40, zorder=3)
         if m in ("ours", "greedy per-layer", "IP + mac"):
-            f = front_of(pts, spec.higher_better)
+            f = front_of(pts, higher_better)
             fx, fy = zip(*f)
             ax.plot(fx, fy, c=COLORS[m], lw=1.5 if m == "ours" else 1, alpha=0.8, zorder=2)
     if logx:
@@ -582,8 +594,10 @@ def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -
     ax.set_ylabel("measured speed-up over fp32 (x)")
     if logx:
         ax.set_xscale("log")
-    if spec.higher_better:
+    if higher_better:
         ax.invert_xaxis()
+    if target_x is not None:
+        ax.axvline(target_x, c="tab:blue", lw=0.8, ls="--", label="quality target")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{spec.name}: measured speed-up vs quality (ORT CPU EP, one interleaved run)")
@@ -655,6 +669,16 @@ def plots(res: dict, spec: Spec, prefix: str, xlabel: str, logx: bool = False) -
     fig.savefig(RESULTS / files[-1], dpi=110)
     plt.close(fig)
     return files
+
+
+def table_section(res) -> str:
+    """What the pass's gain table holds about fp32 time: the end-to-end time it divides by, and
+    each subgraph's standalone fp32 time (identical blocks should agree)."""
+    t = res["table"]
+    h = [sg.hp_time * 1e3 for sg in t.subgraphs]
+    return (f"Gain table of the cold pass: end-to-end fp32 time T = {t.hp_total * 1e3:.1f} ms; sum of the "
+            f"{len(h)} subgraphs' standalone fp32 times = {sum(h):.1f} ms ({sum(h) / (t.hp_total * 1e3):.2f} x T); "
+            f"per subgraph (ms): {', '.join(f'{x:.1f}' for x in h)}.\n")
 
 
 def pass_section(res) -> str:
