@@ -14,6 +14,7 @@ import os
 import sys
 import struct
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -47,7 +48,13 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dims = tuple(
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
         )
-        specs.append(InputSpec(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            # the checker lets an input's element type be UNDEFINED (0) or a non-tensor type
+            raise AmpqError(f"model input {value.name!r} has no usable tensor element type "
+                            f"(elem_type {tt.elem_type}); expected a numeric tensor input") from None
+        specs.append(InputSpec(value.name, dtype, dims))
     return specs
 
 
@@ -207,7 +214,8 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
                 raise ValueError("a single .npy array, not an .npz archive")
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, NotImplementedError,
-            RuntimeError, TypeError, MemoryError, zlib.error, UnicodeDecodeError, struct.error) as exc:
+            RuntimeError, TypeError, MemoryError, zlib.error, UnicodeDecodeError, struct.error,
+            SyntaxError, tokenize.TokenError) as exc:  # numpy parses a damaged .npy header as Python
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise AmpqError(f"{file}: not a readable .npz calibration archive ({text})") from None
 

@@ -38,6 +38,7 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
         raise AmpqError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not model.graph.node:
         raise AmpqError(f"{path}: not an ONNX model or truncated (no graph nodes were read)")
+    _check_names(model, path)
     _check_external_refs(model, path)
     _check(model, path)
     _load_external(model, path)
@@ -60,6 +61,19 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
         except Exception as exc:  # onnx raises InferenceError / ValidationError / RuntimeError
             raise AmpqError(f"{path}: onnx shape inference fails on the model ({_first_line(exc)})") from None
     return model
+
+
+def _check_names(model: onnx.ModelProto, path: Path) -> None:
+    """Every name is text. ONNX's proto2 strings are not UTF-8-validated by protobuf: a damaged
+    file yields ``bytes`` names, which would surface later as a crash in a JSON report."""
+    g = model.graph
+    values = [(n, "node") for n in g.node] + [(v, "value") for v in (*g.input, *g.output, *g.value_info)] + \
+        [(t, "initializer") for t in g.initializer]
+    for obj, kind in values:
+        names = [obj.name] + (list(obj.input) + list(obj.output) + [obj.op_type, obj.domain] if kind == "node" else [])
+        bad = next((b for b in names if isinstance(b, bytes)), None)
+        if bad is not None:
+            raise AmpqError(f"{path}: a {kind} name is not valid UTF-8 ({bad[:40]!r}); the file is damaged")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,12 +34,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=400, help="in-process cases per target")
     ap.add_argument("--subprocess", type=int, default=30, help="subprocess cases per target")
+    ap.add_argument("--targets", default="model,plan,calib")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz.md"))
     args = ap.parse_args()
     counts: dict[str, collections.Counter] = {}
     failures: list[str] = []
     seconds: dict[str, float] = {}
     for target, strategy in all_cases().items():
+        if target not in args.targets.split(","):
+            continue
         counter = counts.setdefault(target, collections.Counter())
         start = time.perf_counter()
 
@@ -48,7 +52,12 @@ def main() -> int:
         def run(case):
             with tempfile.TemporaryDirectory(prefix="ampq-fuzz-") as tmp:
                 argv = case(Path(tmp))
-                code, _, err = run_cli(argv)
+                try:
+                    code, _, err = run_cli(argv)
+                except Exception:  # an uncaught exception is a failed case: keep where it came from
+                    tb = traceback.format_exc().strip().splitlines()
+                    failures.append(f"{target}: {' | '.join(tb[-5:])}")
+                    raise
                 counter[f"exit {code}"] += 1
                 try:
                     check_outcome(code, err, argv)
@@ -67,7 +76,7 @@ def main() -> int:
         start = time.perf_counter()
         examples = []
 
-        @settings(max_examples=args.subprocess, deadline=None, suppress_health_check=list(HealthCheck),
+        @settings(max_examples=max(1, args.subprocess), deadline=None, suppress_health_check=list(HealthCheck),
                   database=None)
         @given(strategy)
         def collect(case):
@@ -93,6 +102,7 @@ def main() -> int:
         seconds[f"{target} (subprocess)"] = time.perf_counter() - start
         print(target, dict(counter), dict(sub), f"{seconds[target]:.0f}s", flush=True)
 
+    failures = list(dict.fromkeys(failures))
     total = sum(sum(c.values()) for c in counts.values())
     lines = ["# CLI fuzz: damaged models, plans, calibration archives", "",
              f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_fuzz.py --examples {args.examples} "
@@ -104,7 +114,8 @@ def main() -> int:
     for name, c in counts.items():
         lines.append(f"| {name} | {sum(c.values())} | {', '.join(f'{k}: {v}' for k, v in sorted(c.items()))} | "
                      f"{seconds[name]:.0f} |")
-    lines += ["", f"**{total} cases, {len(failures)} failures.**", ""]
+    failures = list(dict.fromkeys(failures))  # hypothesis replays a failing case while shrinking it
+    lines += ["", f"**{total} cases, {len(failures)} distinct failures.**", ""]
     if failures:
         lines += ["Failures:", ""] + [f"- `{f}`" for f in failures[:20]] + [""]
     Path(args.out).write_text("\n".join(lines))

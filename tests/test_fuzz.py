@@ -68,3 +68,44 @@ def test_subprocess_bad_plan_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown format 'int9'" in lines[0]
+
+
+def test_input_without_element_type_is_one_line(tmp_path):
+    """Found by the fuzzer: an input whose elem_type is UNDEFINED passed the checker and
+    crashed with KeyError: 0 in input_specs."""
+    import onnx
+
+    from fuzz_cases import _mutate_structure
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_mutate_structure(bases()["mlp"], "input_type", 0, 0), path)
+    code, _, err = run_cli(["inspect", str(path)])
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "ampq-pass: error: model input 'x' has no usable tensor element type (elem_type 0); "
+        "expected a numeric tensor input")
+
+
+def test_npz_with_damaged_header_is_one_line(tmp_path):
+    """Found by the fuzzer: numpy tokenizes a damaged .npy header and raised TokenError."""
+    import zipfile
+
+    path = tmp_path / "c.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': ('<f4',  \n")
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save(bases()["mlp"], model)
+    code, _, err = run_cli(["inspect", str(model), "--calib", str(path)])
+    assert code == 2 and "c.npz: not a readable .npz calibration archive" in err.strip().splitlines()[-1]
+
+
+def test_non_utf8_name_is_one_line(tmp_path):
+    """Found by the fuzzer: protobuf hands invalid UTF-8 names back as bytes, which crashed
+    ``inspect --json`` (bytes are not JSON)."""
+    data = bases()["mlp"].SerializeToString()
+    i = data.index(b"fc1")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data[:i] + b"\xff\xfe1" + data[i + 3:])
+    code, _, err = run_cli(["inspect", str(path), "--json"])
+    assert code == 2 and "a node name is not valid UTF-8" in err.strip().splitlines()[-1]
