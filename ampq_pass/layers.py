@@ -147,24 +147,10 @@ def observed_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names:
     Symbolic dims (sequence length, shapes computed by Reshape chains) are only known
     for real inputs, so the model is run once in ONNX Runtime with those tensors exposed.
     """
-    import onnxruntime as ort
+    from .probe import run_exposed
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from .errors import runtime_errors
-
-    with runtime_errors("model"):
-        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in sess.get_inputs()}
-        outs = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    return {n: tuple(int(d) for d in o.shape) for n, o in zip(names, outs)}
+    _, outs = next(run_exposed(model, [feeds], names))
+    return {n: tuple(int(d) for d in outs[n].shape) for n in names}
 
 
 def layer_macs(model: onnx.ModelProto, layers: list[Layer], feeds: dict[str, np.ndarray]) -> dict[str, int]:

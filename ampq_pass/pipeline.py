@@ -8,13 +8,11 @@ an interruption) repeats only what is missing.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -26,7 +24,6 @@ from .errors import AmpqError
 from .formats import HP
 from .layers import Layer, find_layers
 from .model import check_output_path, load_model, save_model
-from .plan import Plan
 from .solve import Option, Solution, loss_budget, pareto_front, solve
 from .stages import compute_ranges, samples_digest
 
@@ -306,7 +303,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                               batch_size=opts.batch_size)
     lap("partition")
 
-    from .timing import gain_table, predict_speedup
+    from .timing import gain_table
 
     log(f"[4/7] timing {sum(1 for _ in part.subgraphs)} subgraphs on {opts.backend}")
     table = gain_table(model, layers, part, ranges, captured, backend, formats=offered, cache=cache,

@@ -77,7 +77,7 @@ def render_text(report: dict) -> str:
                      f"{sg['hp_time'] * scale:.3g}", f"{c['gain'] * scale:.3g}", f"{c['noise'] * scale:.2g}",
                      f"{best['gain'] * scale:.3g}", _fmt(c["predicted_mse"])])
     lines = [text_table(["sub", "kind", "layers", "configs", "chosen", f"hp {uname}", f"gain {uname}",
-                         f"noise {uname}", f"best gain", "pred. loss MSE"], rows)]
+                         f"noise {uname}", "best gain", "pred. loss MSE"], rows)]
     b, p, m = report["budget"], report["predicted"], report["measured"]
     n_q = sum(l["format"] != HP for l in report["layers"])
     counts = {}

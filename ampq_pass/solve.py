@@ -17,7 +17,7 @@ them keeps the program small.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import AmpqError
 from .formats import HP

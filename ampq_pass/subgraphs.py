@@ -14,16 +14,15 @@ are the ones it sees inside the model.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import itertools
 
 import numpy as np
 import onnx
 from onnx.utils import Extractor
 
 from .calibration import Samples
-from .errors import AmpqError, runtime_errors
-from .model import _PROTOBUF_LIMIT, infer_shapes_safe, save_external
+from .errors import AmpqError
+from .model import infer_shapes_safe
 from .partition import Partition, Subgraph, node_names
 
 
@@ -108,23 +107,6 @@ def _check_nodes(sub: onnx.ModelProto, subgraph: Subgraph) -> None:
                         "the subgraph's outputs; the partition does not match this model")
 
 
-def _session(model: onnx.ModelProto, folder: Path | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    # No graph rewrites: the captured tensors must be the values the unoptimised graph
-    # defines (fusions would also hide some of the tensors we expose).
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from .model import _fits_protobuf
-
-    if _fits_protobuf(model):
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    path = Path(folder) / "probe.onnx"
-    save_external(model, path, "probe.onnx.data")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Samples, *, batch_size: int = 8,
                    max_batches: int | None = None) -> dict[int, list[dict[str, np.ndarray]]]:
     """The real input tensors of every subgraph, batch by batch.
@@ -139,35 +121,14 @@ def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Sample
     unknown = [t for t in wanted if t not in produced]
     if unknown:
         raise AmpqError(f"subgraph input {unknown[0]!r} is not a tensor of the model")
-    from .model import _fits_protobuf
+    from .probe import run_exposed
 
-    # The probe is the model with extra outputs. Above 2 GB the outputs are added to the
-    # caller's model only while the session is built (and removed again), because a copy
-    # would double memory; below, a copy keeps the caller's model untouched throughout.
-    large = not _fits_protobuf(model)
-    probe = model if large else _copy(model)
-    n_outputs = len(probe.graph.output)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted if t not in existing)
     out: dict[int, list[dict[str, np.ndarray]]] = {s.index: [] for s in partition.subgraphs}
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            with runtime_errors("model"):
-                sess = _session(probe, Path(folder))
-        finally:
-            if large:
-                while len(probe.graph.output) > n_outputs:
-                    probe.graph.output.pop()
-        feed_names = {i.name for i in sess.get_inputs()}
-        for number, batch in enumerate(samples.batches(batch_size)):
-            if max_batches is not None and number >= max_batches:
-                break
-            feeds = {k: v for k, v in batch.items() if k in feed_names}
-            with runtime_errors("model"):
-                values = dict(zip(wanted, sess.run(wanted, feeds))) if wanted else {}
-            values.update(batch)
-            for s in partition.subgraphs:
-                out[s.index].append({t: values[t] for t in s.inputs})
+    batches = itertools.islice(samples.batches(batch_size), max_batches)
+    for batch, values in run_exposed(model, batches, wanted):
+        values.update(batch)
+        for s in partition.subgraphs:
+            out[s.index].append({t: values[t] for t in s.inputs})
     return out
 
 
