@@ -518,17 +518,25 @@ def front_check(entries, primary, higher_better, tol: float) -> list[str]:
 
 
 def table_rows(entries, metrics: list[tuple[str, str]]) -> str:
-    head = "| model | method | layers low-precision (int8/int4) | median ms | speed-up (paired) | CI | " + " | ".join(
+    head = "| model | method | low-precision layers | median ms | speed-up (paired) | CI | " + " | ".join(
         m[1] for m in metrics) + " | predicted loss MSE | measured loss MSE | note |\n"
     head += "|" + "---|" * (9 + len(metrics)) + "\n"
     rows = []
     for e in entries:
-        n = "-" if e.plan is None else f"{sum(v == 'int8' for v in e.plan.values())}/{sum(v == 'int4' for v in e.plan.values())}"
+        n = "-" if e.plan is None else fmt_counts(e.plan)
         q = " | ".join((f"{e.quality[m[0]]:.4f}" if m[0] in e.quality else "-") for m in metrics)
         rows.append(f"| {e.name} | {e.method} | {n} | {e.ms:.1f} | **{e.speedup:.2f}x** | ±{e.ci * 100:.1f}% | {q} | "
                     f"{_g(e.predicted_mse)} | {_g(e.measured_mse)} | {e.note} |" if e.speedup else
                     f"| {e.name} | {e.method} | {n} | - | - | - | {q} | - | - | {e.note} |")
     return head + "\n".join(rows) + "\n"
+
+
+def fmt_counts(plan: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for f in plan.values():
+        if f != HP:
+            counts[f] = counts.get(f, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def _g(x):
