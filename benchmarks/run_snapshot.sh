@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 rev=$(git rev-parse --short=10 HEAD)
 snap=/tmp/ampq-snapshot-$rev
 if [ ! -d "$snap" ]; then
-  rm -rf "$snap.tmp" && mkdir -p "$snap.tmp"
-  git archive HEAD ampq_pass backends tests | tar -x -C "$snap.tmp"
-  mv "$snap.tmp/backends" "$snap.tmp/ampq_pass/backends"
-  mv "$snap.tmp" "$snap"
+  tmp=$(mktemp -d /tmp/ampq-snapshot-XXXXXX)
+  git archive HEAD ampq_pass backends tests | tar -x -C "$tmp"
+  mv "$tmp/backends" "$tmp/ampq_pass/backends"
+  mv -T "$tmp" "$snap" 2>/dev/null || rm -rf "$tmp"  # another run made it first
 fi
 AMPQ_CODE_COMMIT=$rev PYTHONPATH="$snap" HF_HUB_OFFLINE=1 exec .venv/bin/python "$@"
