@@ -163,6 +163,8 @@ def bench(which: str) -> None:
     for e, b in bad:
         text += (f"- `{e.name}`: {e.speedup:.3f}x at error {e.quality['rel_err']:.4g}; ours at <= that error: "
                  f"{'none' if b is None else f'{b:.3f}x'}\n")
+    text += ("\nAt equal predicted-loss budget, measured speed-up (logits relative error) of each plan-making "
+             "method:\n\n" + front.budget_rows(entries, "rel_err", "logits rel. error"))
     text += (f"\nTime-gain prediction over {len(err_ours)} mixed plans: subgraph gains median error "
              f"{np.median(err_ours) * 100:.1f}% (max {max(err_ours) * 100:.1f}%); per-layer sum median "
              f"{np.median(err_naive) * 100:.1f}% (max {max(err_naive) * 100:.1f}%); per-layer timing took "

@@ -517,6 +517,47 @@ def front_check(entries, primary, higher_better, tol: float) -> list[str]:
     return bad
 
 
+def budget_rows(entries, metric: str, label: str) -> str:
+    """At equal predicted-loss budget: the measured speed-up (and quality) of each plan-making
+    method. This is what the integer program maximises; the quality-ordered front check above
+    also depends on how measured quality ranks plans of nearly equal predicted loss."""
+    methods = ("ours", "IP + mac", "greedy per-layer")
+    by = {}
+    for e in entries:
+        if e.budget is None or not e.speedup:
+            continue
+        for m in {e.method} | also_methods(e):
+            if m in methods:
+                for b in [e.budget] + _also_budgets(e, m):
+                    by[(m, b)] = e
+    budgets = sorted({b for (_, b) in by})
+    rows = [f"| max_loss_rmse | " + " | ".join(f"{m}: speed-up ({label})" for m in methods) + " | best |",
+            "|---|" + "---|" * (len(methods) + 1)]
+    wins = 0
+    for b in budgets:
+        cells, best = [], None
+        for m in methods:
+            e = by.get((m, b))
+            cells.append("-" if e is None else f"{e.speedup:.3f}x ±{e.ci * 100:.1f}% ({e.quality[metric]:.4f})")
+            if e is not None and (best is None or e.speedup > best[1]):
+                best = (m, e.speedup)
+        wins += best is not None and best[0] == "ours"
+        rows.append(f"| {b:g} | " + " | ".join(cells) + f" | {best[0] if best else '-'} |")
+    return "\n".join(rows) + f"\n\nOurs has the highest measured speed-up at {wins} of {len(budgets)} budgets.\n"
+
+
+def _also_budgets(e, method) -> list[float]:
+    out = []
+    for w in e.note.split("; "):
+        parts = w.split()
+        if len(parts) >= 3 and parts[0] == "also" and _PREFIX.get(parts[1]) == method and "rmse<=" in w:
+            try:
+                out.append(float(w.split("rmse<=")[1]))
+            except ValueError:
+                pass
+    return out
+
+
 def table_rows(entries, metrics: list[tuple[str, str]]) -> str:
     head = "| model | method | low-precision layers | median ms | speed-up (paired) | CI | " + " | ".join(
         m[1] for m in metrics) + " | predicted loss MSE | measured loss MSE | note |\n"
