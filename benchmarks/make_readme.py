@@ -32,30 +32,31 @@ EARLIER = [  # per-stage benchmarks from earlier issues
 ]
 
 
-LEARNED = """## What we learned (read with the tables below; no number here is not in them)
+LEARNED = """## What we learned (read with the tables below)
 
-- **Loss-MSE prediction holds** on all three models: measured/predicted loss MSE stays near 1 over every mixed
-  plan (MiniLM: Spearman ~0.99), so the loss side of the budget is trustworthy.
-- **The measured gain table is only as good as the machine is quiet.** On this shared 2-core VM the cold pass's
-  gain table absorbed load bursts from other engineers' jobs: identical transformer blocks got standalone fp32
-  times up to ~2x apart within one pass (see "per subgraph (ms)" lines). The timing protocol's CI check does not
-  see this (all configurations of one subgraph shift together), and the integer program then optimises the noise:
-  in these runs the same program fed by the load-free `mac` cost model reached an equal or higher measured front
-  than the measured-gain program on MiniLM, Llama and the CNN. Remedies for the core: time identical subgraphs
-  (same digest) once and share the result, normalise each subgraph's times by a reference timed in the same rounds,
-  or re-time subgraphs whose hp time disagrees with their twins.
-- **The end-to-end denominator must match the subgraph timings.** `predict_speedup` divides the sum of subgraph
-  gains by a separately measured end-to-end fp32 time; when the standalone subgraphs' fp32 times do not add up to
-  it (Llama: loaded run), the predicted speed-up explodes. The column "subgraph gains over sum of subgraph hp times"
-  shows the same gains with a consistent denominator.
-- **CNN: cut tensors are not high precision in the final model.** An int8 Conv emits a quantized output and ONNX
-  Runtime folds DQ->Q across the cut, so quantizing e.g. the stem pays off end to end while its subgraph alone
-  shows no gain; the pass leaves such layers in fp32 and its front sits below the all-int8 plan. ONNX Runtime's
-  own QOperator/QDQ-per-channel output keeps int8 through Add/Relu and is faster still.
-- **Baselines.** `quantize_static` with its defaults (S8S8 QDQ, every op) ruins MiniLM and S8S8 activations are not
+- **Targets on MiniLM (batch 8 x seq 128, ORT CPU EP)**: speed-up >= 1.5x at mean cosine >= 0.99 is met; the
+  time-gain prediction error (median over every mixed plan measured) is within 5%; the whole pass is far under
+  10 min cold / 1 min warm. "Our front is never below any baseline's front" is **missed**: see the next points.
+- **Against the other plan makers** (same sensitivities, same rewrite): at equal predicted-loss budget our plans
+  are the fastest at most budgets on MiniLM, but the margins over the `mac` cost model and the per-layer greedy are
+  mostly inside the timing CI, and on the Llama decoder they are ties within noise. Ordered by *measured* quality
+  (the strict front check) several baseline points land marginally above ours, because plans of nearly equal
+  predicted loss rank differently on measured cosine.
+- **Residual CNN: the pass's additivity assumption breaks at the cuts.** An int8 Conv emits a quantized output
+  and ONNX Runtime folds DQ->Q across the cut, so quantizing the stem conv pays off end to end while its subgraph
+  timed alone shows no gain; the pass keeps it in fp32 and the `mac` program (which quantizes it) is faster at
+  most budgets. ONNX Runtime's own QOperator / per-channel QDQ output keeps int8 through Add/Relu and is faster still.
+- **Strongest baseline on the transformers: `quantize_dynamic` with per-channel weights**, at about the same
+  quality as our all-quantized plan and faster on MiniLM (and slightly on Llama); it is very slow on the CNN
+  (ConvInteger). `quantize_static` with its defaults (S8S8 QDQ on every op) ruins MiniLM; S8S8 activations are not
   fast on this CPU; the best static settings (per-channel, U8S8, MatMul only) are fast but lose quality on MiniLM.
-  `quantize_dynamic` with per-channel weights is the strongest baseline on the transformers and is very slow on the
-  CNN (ConvInteger). Our pass's `int8_dyn` format is the same idea, per layer.
+- **Loss-MSE prediction holds** on all three models (measured/predicted near 1 on every mixed plan).
+- **Timing on a shared machine.** During development (earlier runs of the same scripts while other engineers'
+  jobs loaded this 2-core VM; those results were overwritten and are not in the tables), the cold pass's gain
+  table absorbed load bursts: identical blocks got fp32 times up to ~2x apart, the predicted speed-up drifted far
+  from the measured one, and the integer program optimised the noise. The timing protocol's CI check cannot see a
+  level shift that hits all configurations of a subgraph alike. The scripts now wait for a quiet machine and use
+  paired per-round ratios; the "per subgraph (ms)" line of each report shows whether twin blocks agreed.
 """
 
 
