@@ -253,8 +253,66 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     finally:
         bar.close()
     if model_inputs:
-        table.hp_total, table.hp_total_noise = measure_hp_total(model, layers, model_inputs, backend, cache=cache)
+        anchored = None if isinstance(backend, CostModel) else anchor_hp_times(
+            model, partition, inputs_by_subgraph, model_inputs, backend, cache=cache, max_batches=max_batches)
+        if anchored is None:
+            table.hp_total, table.hp_total_noise = measure_hp_total(model, layers, model_inputs, backend, cache=cache)
+        else:
+            (table.hp_total, table.hp_total_noise), hp_times = anchored
+            for sg in table.subgraphs:
+                rescale(sg, hp_times[sg.index])
     return table
+
+
+def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[int, list[dict[str, np.ndarray]]],
+                    model_inputs: list[dict[str, np.ndarray]], backend, *, cache: Cache | None = None,
+                    max_batches: int | None = None) -> tuple[tuple[float, float], dict[int, float]] | None:
+    """Every subgraph's hp time and the whole model's, timed interleaved in the same rounds.
+
+    Each subgraph's configurations are timed in rounds of their own; if the machine was
+    busier during one subgraph's rounds, all its times (hp included) are inflated and so
+    is its gain, while the end-to-end hp time that :func:`predict_speedup` divides by
+    was measured at another moment. Timing all hp subgraphs and the model together puts
+    them on one scale; :func:`rescale` then keeps each subgraph's measured *ratios*
+    (config / hp, which a uniform slowdown leaves unchanged) on that scale. Returns None
+    when the backend cannot time models with different inputs together.
+    """
+    from .subgraphs import extract
+
+    key = digest("anchor", _CACHE_VERSION, model_digest(model), [s.to_json() for s in partition.subgraphs],
+                 input_signature(model_inputs),
+                 {s.index: input_signature(inputs_by_subgraph[s.index][:max_batches]) for s in partition.subgraphs},
+                 backend.key())
+    if cache is not None and (hit := cache.get("gain", key)) is not None:
+        return (float(hit["total"]), float(hit["noise"])), {int(k): float(v) for k, v in hit["subgraphs"].items()}
+    jobs = {"model": (model, model_inputs)}
+    jobs.update({str(s.index): (extract(model, s), inputs_by_subgraph[s.index][:max_batches])
+                 for s in partition.subgraphs})
+    try:
+        timings = backend.time_each(jobs)
+    except NotImplementedError:
+        return None
+    total = timings.pop("model")
+    result = {"total": total.median, "noise": total.half_width, "subgraphs": {k: t.median for k, t in timings.items()}}
+    if cache is not None:
+        cache.put("gain", key, result)
+    return (total.median, total.half_width), {int(k): v for k, v in result["subgraphs"].items()}
+
+
+def rescale(sg: SubgraphGains, hp_time: float) -> None:
+    """Put a subgraph's timings on the scale of ``hp_time`` (its hp time measured with the
+    others): every time, gain and noise is multiplied by ``hp_time / sg.hp_time``; which
+    gains are significant does not change (a common factor scales gain and noise alike)."""
+    if sg.hp_time <= 0 or hp_time <= 0:
+        return
+    factor = hp_time / sg.hp_time
+    for c in sg.configs:
+        c.time *= factor
+        c.gain *= factor
+        c.noise *= factor
+        c.measured_gain *= factor
+        c.ci = (c.ci[0] * factor, c.ci[1] * factor)
+    sg.hp_time = hp_time
 
 
 def _layer_name(layer) -> str:

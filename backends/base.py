@@ -199,6 +199,15 @@ class Backend(ABC):
         """Everything a timing depends on besides the model: backend, provider, device,
         library versions, threads, protocol. Part of every cache key."""
 
+    def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
+        """Time different models, each on its own inputs, interleaved in the same rounds.
+
+        Used to put every subgraph's hp time and the whole model's on one scale (a load
+        burst while one subgraph's configurations were timed then cannot inflate its
+        weight). Backends that cannot do this raise NotImplementedError; the gain table
+        then keeps each subgraph's own hp time."""
+        raise NotImplementedError
+
     @abstractmethod
     def time(self, models: dict[str, onnx.ModelProto], inputs: list[dict[str, np.ndarray]]) -> dict[str, Timing]:
         """Time every model (configurations of one subgraph) interleaved, on ``inputs``."""

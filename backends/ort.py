@@ -161,6 +161,15 @@ class OrtBackend(Backend):
         options = None if self.provider == "cpu" else {"device_id": str(self.device_id)}
         return make_session(model, threads=self.threads, provider=PROVIDERS[self.provider][0], provider_options=options)
 
+    def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
+        sessions = {k: self.session(m) for k, (m, _) in jobs.items()}
+        n = min(len(inputs) for _, inputs in jobs.values())
+        if n == 0:
+            raise AmpqError("no timing inputs: capture activations at the subgraph inputs first")
+        prepared = {k: [_restrict(sessions[k], b) for b in inputs[:n]] for k, (_, inputs) in jobs.items()}
+        runners = {k: (lambda i, s=s, k=k: s.run(None, prepared[k][i])) for k, s in sessions.items()}
+        return interleave(runners, self.protocol, n_inputs=n)
+
     def time(self, models: dict[str, onnx.ModelProto], inputs: list[dict[str, np.ndarray]]) -> dict[str, Timing]:
         if not inputs:
             raise AmpqError("no timing inputs: capture activations at the subgraph inputs first")

@@ -232,3 +232,62 @@ def test_gain_table_with_cost_model(block_model):
     full = mac.macs(m, layers, [feeds])
     assert table.hp_total == sum(full.values())
     assert predict_speedup(table, {l.name: "int8" for l in layers}) == pytest.approx(4.0)
+
+
+def test_rescale_keeps_ratios_and_significance():
+    from ampq_pass.timing import rescale
+
+    sg = SubgraphGains(0, "s", ["a"], 2.0, [ConfigGain({"a": "hp"}, 2.0, 0.0, 0.0, False, 0.0, (1.9, 2.1)),
+                                            ConfigGain({"a": "int8"}, 1.2, 0.8, 0.1, True, 0.8, (1.1, 1.3))])
+    rescale(sg, 1.0)  # this subgraph was timed while the machine was twice as slow
+    assert sg.hp_time == 1.0
+    c = sg.configs[1]
+    assert (c.time, c.gain, c.noise, c.significant) == pytest.approx((0.6, 0.4, 0.05, True))
+
+
+class LoadBurst(Backend):
+    """A real ORT backend whose per-subgraph rounds are slowed down by a fixed factor for one
+    subgraph (a load burst), while models timed together in one set of rounds are not."""
+
+    def __init__(self, inner: OrtBackend, slow_model_bytes: int):
+        self.inner, self.slow = inner, slow_model_bytes
+        self.name, self.unit = inner.name, inner.unit
+
+    def capabilities(self):
+        return self.inner.capabilities()
+
+    def key(self):
+        return self.inner.key()
+
+    def time(self, models, inputs):
+        out = self.inner.time(models, inputs)
+        if len(models) > 1 and next(iter(models.values())).ByteSize() == self.slow:
+            out = {k: Timing.of([s * 3.0 for s in t.samples]) for k, t in out.items()}
+        return out
+
+    def time_each(self, jobs):
+        return self.inner.time_each(jobs)
+
+
+def test_anchoring_undoes_a_load_burst(block_model):
+    """A burst that triples one subgraph's times triples its raw gain; after anchoring, the
+    subgraph's hp time agrees with the one measured beside the others."""
+    from ampq_pass.partition import partition
+    from ampq_pass.subgraphs import capture_inputs, extract
+    from ampq_pass.timing import gain_table
+
+    layers = find_layers(block_model)
+    feeds = models.feeds_for(block_model, n=8)
+    samples = Samples(feeds)
+    ranges = compute_ranges(block_model, layers, samples)
+    part = partition(block_model, layers, formats={l.name: ["int8"] for l in layers})
+    captured = capture_inputs(block_model, part, samples, batch_size=8)
+    proto = Protocol(warmup=1, min_repeats=5, max_repeats=9, rel_ci=0.2, max_seconds=10)
+    slow_bytes = extract(block_model, part.subgraphs[0]).ByteSize()
+    table = gain_table(block_model, layers, part, ranges, captured, LoadBurst(OrtBackend(protocol=proto), slow_bytes),
+                       formats=("int8",), progress=False, model_inputs=[feeds])
+    fair = gain_table(block_model, layers, part, ranges, captured, OrtBackend(protocol=proto),
+                      formats=("int8",), progress=False, model_inputs=[feeds])
+    burst, calm = table.subgraphs[0].hp_time, fair.subgraphs[0].hp_time
+    assert burst == pytest.approx(calm, rel=0.6)  # without anchoring it would be ~3x
+    assert table.hp_total == pytest.approx(fair.hp_total, rel=0.6)
