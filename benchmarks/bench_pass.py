@@ -46,9 +46,12 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     load = os.getloadavg()
     text = header("The whole pass on all-MiniLM-L6-v2 (issue 6)")
+    from ampq_pass.backends import get_backend
+
+    offered = ", ".join(get_backend("ort:cpu").capabilities().formats)
     text += ("Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_pass.py`. 64 calibration + 32 held-out "
-             "sentences, batch 8 x sequence 128, ORT CPU EP (int8, int4), budget = relative RMS change of the "
-             "projection loss (`--max-loss-rmse`).\n\n")
+             f"sentences, batch 8 x sequence 128, ORT CPU EP (formats {offered}), budget = relative RMS change of "
+             "the projection loss (`--max-loss-rmse`).\n\n")
     text += ("| run | budget | wall s | layers quantized | predicted speed-up | measured speed-up | speed-up error "
              "| predicted loss MSE | measured loss MSE | measured/predicted | binding |\n"
              "|---|---|---|---|---|---|---|---|---|---|---|\n")
