@@ -57,6 +57,11 @@ LEARNED = """## What we learned (read with the tables below)
   from the measured one, and the integer program optimised the noise. The timing protocol's CI check cannot see a
   level shift that hits all configurations of a subgraph alike. The scripts now wait for a quiet machine and use
   paired per-round ratios; the "per subgraph (ms)" line of each report shows whether twin blocks agreed.
+  Since commit "timing: anchor every subgraph's hp time..." (after the issue-7 runs above, which used dd89805),
+  the pass itself times every subgraph's fp32 model and the whole model together in one interleaved
+  measurement and keeps each subgraph's measured config/fp32 *ratios* on that common scale, so a burst during one
+  subgraph's rounds no longer inflates its gain (`tests/test_timing.py::test_anchoring_undoes_a_load_burst`);
+  `results/pass.md` was measured with it. The issue-7 tables have not been re-run since.
 """
 
 
