@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from .errors import AmpqError
+from .model import set_field
 
 
 def digest(*parts: object) -> str:
@@ -43,12 +44,7 @@ def model_digest(model: onnx.ModelProto) -> str:
     for fd, value in model.graph.ListFields():
         if fd.name == "initializer":
             continue
-        if fd.is_repeated:
-            getattr(g, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(g, fd.name).CopyFrom(value)
-        else:
-            setattr(g, fd.name, value)
+        set_field(g, fd, value)
     h.update(g.SerializeToString(deterministic=True))
     return h.hexdigest()
 

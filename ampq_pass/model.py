@@ -143,10 +143,10 @@ def stripped_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
-            _set_field(out, fd, value)
+            set_field(out, fd, value)
     for fd, value in model.graph.ListFields():
         if fd.name != "initializer":
-            _set_field(out.graph, fd, value)
+            set_field(out.graph, fd, value)
     for t in model.graph.initializer:
         s = out.graph.initializer.add()
         s.name, s.data_type = t.name, t.data_type
@@ -154,7 +154,8 @@ def stripped_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _set_field(target, fd, value) -> None:
+def set_field(target, fd, value) -> None:
+    """Copy one protobuf field (as listed by ``ListFields``) into ``target``."""
     if fd.is_repeated:
         getattr(target, fd.name).extend(value)
     elif fd.type == fd.TYPE_MESSAGE:
@@ -187,13 +188,13 @@ def adopt_structure(model: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.
     for fd, value in converted.graph.ListFields():
         if fd.name != "initializer":
             model.graph.ClearField(fd.name)
-            _set_field(model.graph, fd, value)
+            set_field(model.graph, fd, value)
     for fd in model.DESCRIPTOR.fields:
         if fd.name != "graph":
             model.ClearField(fd.name)
     for fd, value in converted.ListFields():
         if fd.name != "graph":
-            _set_field(model, fd, value)
+            set_field(model, fd, value)
     return model
 
 
