@@ -177,3 +177,13 @@ def feature_cnn(seed: int = 0) -> onnx.ModelProto:
     torch.manual_seed(seed)
     return _export(FeatureCNN(), (torch.randn(2, 3, 16, 16),), ["image"], ["logits"],
                    {"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def single_matmul(w: np.ndarray) -> onnx.ModelProto:
+    """y = x @ w with one MatMul named "mm" (x: [n, K])."""
+    k, n = w.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -3,8 +3,9 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+import models
 from ampq_pass.backends.ort import make_session
 from ampq_pass.formats import FORMATS, Int8, get_format
 from ampq_pass.errors import AmpqError
@@ -89,11 +90,7 @@ def test_dynamic_int8_matmul_matches_reference():
 
     rng = np.random.default_rng(4)
     w = rng.standard_normal((48, 20)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "one",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 20])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = models.single_matmul(w)
     out = rewrite(model, find_layers(model), Plan({"mm": "int8_dyn"}), None)  # no ranges needed
     onnx.checker.check_model(out, full_check=True)
     fmt = FORMATS["int8_dyn"]

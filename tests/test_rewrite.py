@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import models
 from ampq_pass.backends.ort import make_session, run
@@ -99,11 +98,7 @@ def test_int8_error_within_scale_bound():
     """One MatMul: |y_q - y| <= sum_k |x_k| sw/2 + |W_k| sx/2 + sx sw/4 (per output column)."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((48, 20)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "one",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 20])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = models.single_matmul(w)
     x = (rng.standard_normal((32, 48)) * 2 + 0.5).astype(np.float32)
     layers = find_layers(model)
     ranges = compute_ranges(model, layers, Samples({"x": x}))
