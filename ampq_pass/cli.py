@@ -78,6 +78,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                        help="sensitivity loss: projection (default, no labels), pseudo_label[:output]")
         g.add_argument("--holdout", type=int, help="held-out samples for verification (default: a quarter, <= 32)")
         g.add_argument("--max-configs", type=int, default=64, help="configurations per subgraph (default 64)")
+        g.add_argument("--activation-matmuls", action="store_true",
+                       help="also quantize activation-by-activation MatMuls (attention scores)")
         g.add_argument("--pareto", type=int, default=0, metavar="N", help="also solve N budgets and write the front")
         g.add_argument("--report", help="write the JSON report here (plots beside it)")
         g.add_argument("--shape", action="append", metavar="INPUT=DxDx...",
@@ -178,7 +180,7 @@ def cmd_search(args) -> int:
         backend=args.backend, formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None,
         max_loss_rmse=args.max_loss_rmse, max_loss_mse=args.max_loss_mse, max_memory=args.max_memory,
         loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
-        max_configs=args.max_configs, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
+        max_configs=args.max_configs, activation_matmuls=args.activation_matmuls, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
         progress=not args.no_progress, shapes=parse_shapes(args.shape))
     result = run_pass(args.model, args.output, calib=args.calib, options=opts)
     report = result.report

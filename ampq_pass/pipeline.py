@@ -45,6 +45,8 @@ class PassOptions:
     holdout: int | None = None
     calib_method: str = "minmax"
     max_configs: int = 64
+    #: also treat activation-by-activation MatMuls (attention scores) as layers
+    activation_matmuls: bool = False
     timing_batches: int = 1
     pareto: int = 0
     seed: int = 0
@@ -264,7 +266,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
             raise AmpqError(f"formats: backend {opts.backend} does not run {missing[0]!r} fast "
                             f"(it offers {', '.join(offered) or 'none'})")
         offered = tuple(f for f in offered if f in opts.formats)
-    layers = find_layers(model)
+    layers = find_layers(model, activation_matmuls=opts.activation_matmuls)
     if not layers:
         raise AmpqError(f"{model_path}: no quantizable layer (MatMul/Gemm/Conv/ConvTranspose with a constant weight)")
     if samples is None:

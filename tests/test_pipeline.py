@@ -100,3 +100,15 @@ def test_cli_search_writes_report_and_plots(tmp_path, block_file, capsys):
     assert (tmp_path / "r.plan.png").stat().st_size > 1000
     assert (tmp_path / "r.pareto.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "r.pareto.json").read_text())["front"]) == 3
+
+
+def test_activation_matmuls_as_layers(tmp_path, block_file):
+    res = run_pass(block_file, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", backend="mac",
+                   max_loss_rmse=1.0, activation_matmuls=True, cache_dir=None, progress=False, log=lambda s: None)
+    layers = {l["name"]: l for l in res.report["layers"]}
+    assert len(layers) == 8  # six weight MatMuls and the two attention-score MatMuls
+    scores = [l for l in layers.values() if "int8" in l["sensitivity"] and "int4" not in l["sensitivity"]
+              and l["op_type"] == "MatMul"]
+    assert len(scores) == 2 and all(l["sensitivity"]["int8"] > 0 for l in scores)
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    assert any(l["format"] != "hp" for l in scores)  # a loose budget quantizes them too
