@@ -26,7 +26,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import header, write  # noqa: E402
+from common import header, wait_for_quiet, write  # noqa: E402
 
 from ampq_pass.backends.base import Backend, Protocol  # noqa: E402
 from ampq_pass.backends.ort import OrtBackend, make_session, time_interleaved  # noqa: E402
@@ -101,31 +101,9 @@ def _run_exposing(model, feeds, names):
 RANGES = None
 
 
-def busy_fraction(seconds: float = 3.0) -> float:
-    """Share of all CPUs busy over ``seconds`` (from /proc/stat), before we add our own load."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-    t1, i1 = read()
-    time.sleep(seconds)
-    t2, i2 = read()
-    return 1.0 - (i2 - i1) / max(t2 - t1, 1)
-
-
-def wait_for_quiet(limit: float = 0.15, patience: float = 900.0) -> float:
-    """Other engineers share this 2-core machine: wait (bounded) until it is nearly idle."""
-    t0 = time.time()
-    busy = busy_fraction()
-    while busy > limit and time.time() - t0 < patience:
-        time.sleep(5)
-        busy = busy_fraction()
-    return busy
-
-
 def main() -> None:
     global RANGES
-    load_start = wait_for_quiet()
+    load_start = wait_for_quiet(limit=0.15, patience=900.0, pause=5.0)
     path = model_path()
     model = load_model(path)
     layers = find_layers(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "out"
@@ -42,3 +43,26 @@ def write(name: str, text: str) -> Path:
     path.write_text(text)
     print(text)
     return path
+
+
+def busy_fraction(seconds: float = 3.0) -> float:
+    """Share of all CPUs busy over ``seconds`` (from /proc/stat), before we add our own load."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    t1, i1 = read()
+    time.sleep(seconds)
+    t2, i2 = read()
+    return 1.0 - (i2 - i1) / max(t2 - t1, 1)
+
+
+def wait_for_quiet(*, limit: float, patience: float, pause: float = 0.0) -> float:
+    """Other engineers share this 2-core machine: wait (at most ``patience`` s) until the
+    busy share is at most ``limit``; returns the last busy share."""
+    t0 = time.time()
+    busy = busy_fraction()
+    while busy > limit and time.time() - t0 < patience:
+        time.sleep(pause)
+        busy = busy_fraction()
+    return busy

@@ -34,7 +34,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import OUT  # noqa: E402
+from common import OUT, wait_for_quiet  # noqa: E402
 
 from ampq_pass.backends import Protocol, get_backend  # noqa: E402
 from ampq_pass.backends.ort import make_session, time_interleaved  # noqa: E402
@@ -298,7 +298,7 @@ def _run(spec: Spec) -> dict:
         cold, warm = (json.loads((work / f"{n}.json").read_text()) for n in ("cold", "warm"))
     else:
         shutil.rmtree(cache_dir, ignore_errors=True)
-        wait_for_quiet()
+        wait_for_quiet(limit=0.25, patience=90.0)
         print(f"[{spec.name}] pass, cold", flush=True)
         cold = run_pass_child(spec.model_path, npz, cache_dir, spec.holdout, spec.pass_budget, work / "cold.json")
         print(f"[{spec.name}] pass, warm", flush=True)
@@ -426,7 +426,7 @@ def _run(spec: Spec) -> dict:
     live = [e for e in entries if e.model is not None]
     print(f"[{spec.name}] timing {len(live)} models interleaved", flush=True)
     sessions = {e.name: make_session(e.model if not isinstance(e.model, str) else e.model, threads=2) for e in live}
-    busy = wait_for_quiet()
+    busy = wait_for_quiet(limit=0.25, patience=90.0)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     timings = time_interleaved(sessions, spec.timing_batches, protocol=E2E_PROTOCOL)
@@ -468,27 +468,6 @@ _PREFIX = {"ours": "ours", "IP+mac": "IP + mac", "greedy": "greedy per-layer", "
 def also_methods(e) -> set[str]:
     """Methods whose plan was identical to this entry's (measured once; see the note)."""
     return {_PREFIX[w.split()[1]] for w in e.note.split("; ") if w.startswith("also ") and w.split()[1] in _PREFIX}
-
-
-def busy_fraction(seconds: float = 3.0) -> float:
-    """Share of all CPUs busy over ``seconds`` (from /proc/stat)."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-    t1, i1 = read()
-    time.sleep(seconds)
-    t2, i2 = read()
-    return 1.0 - (i2 - i1) / max(t2 - t1, 1)
-
-
-def wait_for_quiet(limit: float = 0.25, patience: float = 90.0) -> float:
-    """Other engineers share this 2-core machine: wait (bounded) until it is nearly idle."""
-    t0 = time.time()
-    busy = busy_fraction()
-    while busy > limit and time.time() - t0 < patience:
-        busy = busy_fraction()
-    return busy
 
 
 # ----------------------------------------------------------------------------- analysis
