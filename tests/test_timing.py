@@ -245,22 +245,16 @@ def test_rescale_keeps_ratios_and_significance():
     assert (c.time, c.gain, c.noise, c.significant) == pytest.approx((0.6, 0.4, 0.05, True))
 
 
-class LoadBurst(Backend):
+class LoadBurst(Counting):
     """A real ORT backend whose per-subgraph rounds are slowed down by a fixed factor for one
     subgraph (a load burst), while models timed together in one set of rounds are not."""
 
     def __init__(self, inner: OrtBackend, slow_model_bytes: int):
-        self.inner, self.slow = inner, slow_model_bytes
-        self.name, self.unit = inner.name, inner.unit
-
-    def capabilities(self):
-        return self.inner.capabilities()
-
-    def key(self):
-        return self.inner.key()
+        super().__init__(inner)
+        self.slow = slow_model_bytes
 
     def time(self, models, inputs):
-        out = self.inner.time(models, inputs)
+        out = super().time(models, inputs)
         if len(models) > 1 and next(iter(models.values())).ByteSize() == self.slow:
             out = {k: Timing.of([s * 3.0 for s in t.samples]) for k, t in out.items()}
         return out
