@@ -18,14 +18,22 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .cache import Cache, digest, model_digest
-from .calibration import Ranges, Samples, load_samples, synthetic_samples
-from .errors import AmpqError
-from .formats import HP
-from .layers import Layer, find_layers
-from .model import check_output_path, load_model, save_model
-from .solve import Option, Solution, loss_budget, pareto_front, solve
-from .stages import compute_ranges, samples_digest
+from ampq_pass.backends import get_backend
+from ampq_pass.core.cache import Cache, digest, model_digest
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import FORMATS, HP
+from ampq_pass.core.model import check_output_path, load_model, save_model
+from ampq_pass.core.samples import Samples, input_specs, load_samples, samples_digest, synthetic_samples
+from ampq_pass.stages.calibrate import Ranges, compute_ranges
+from ampq_pass.stages.layers import Layer, find_layers, weight_array
+from ampq_pass.stages.partition import partition
+from ampq_pass.stages.report import build_report
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
+from ampq_pass.stages.solve import Option, Solution, loss_budget, pareto_front, solve
+from ampq_pass.stages.subgraphs import capture_inputs
+from ampq_pass.stages.timing import gain_table, predict_speedup
+from ampq_pass.stages.verify import run_batches, verify
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -83,8 +91,6 @@ class PassOptions:
                         not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape):
                     raise AmpqError(f"shapes: input {name!r}: a shape is positive integers, batch first, got {shape!r}")
         if self.formats is not None:
-            from .formats import FORMATS
-
             bad = [f for f in self.formats if f not in FORMATS]
             if bad:
                 raise AmpqError(f"formats: unknown format {bad[0]!r}; expected some of {', '.join(FORMATS)}")
@@ -93,8 +99,6 @@ class PassOptions:
 
 def make_backend(spec):
     """A backend object from a spec (:func:`ampq_pass.backends.get_backend`); objects pass through."""
-    from .backends import get_backend
-
     return get_backend(spec) if isinstance(spec, str) else spec
 
 
@@ -103,8 +107,6 @@ def make_backend(spec):
 def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, samples: Samples,
                        formats: tuple[str, ...], opts: PassOptions, cache: Cache | None):
     """:func:`ampq_pass.sensitivity.sensitivity`, read from the cache when nothing changed."""
-    from .sensitivity import Sensitivity, sensitivity
-
     key = digest("sensitivity", 1, model_digest(model), samples_digest(samples), ranges.to_json(),
                  sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers])
     if cache is not None and (hit := cache.get("sensitivity", key)) is not None:
@@ -124,8 +126,6 @@ def layer_formats(layers: list[Layer], offered: tuple[str, ...]) -> dict[str, li
 def build_options(table, sens, memory: dict[str, dict[str, int]] | None = None) -> list[list[Option]]:
     """Solver options: per subgraph, each timed configuration with its gain, predicted loss
     MSE (sum of its layers' sensitivities) and weight memory."""
-    from .sensitivity import predicted_mse
-
     options = []
     for sg in table.subgraphs:
         opts = []
@@ -138,37 +138,14 @@ def build_options(table, sens, memory: dict[str, dict[str, int]] | None = None) 
 
 def weight_memory(model: onnx.ModelProto, layers: list[Layer], formats: dict[str, list[str]]) -> dict[str, dict[str, int]]:
     """Bytes of each layer's stored weight in each of its candidate formats (and hp)."""
-    from onnx import numpy_helper
-
-    from .backends.costmodels import weight_bytes
-    from .layers import initializers
-
-    inits = initializers(model)
     out = {}
     for l in layers:
         if l.weight is None:
             out[l.name] = {f: 0 for f in [HP, *formats[l.name]]}
             continue
-        w = numpy_helper.to_array(inits[l.weight])
-        out[l.name] = {f: weight_bytes(w, l, f) for f in [HP, *formats[l.name]]}
-    return out
-
-
-def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples, backend, timing_inputs,
-           opts: PassOptions, hp_outputs=None) -> dict:
-    """Measured speed-up (end to end, interleaved on the backend) and loss MSE on held-out samples."""
-    from .backends.base import CostModel
-    from .sensitivity import measured_loss_mse
-
-    out = {"loss_mse": measured_loss_mse(model, rewritten, holdout, opts.loss, batch_size=opts.batch_size,
-                                         seed=opts.seed, hp_outputs=hp_outputs)}
-    if isinstance(backend, CostModel):
-        out["speedup"] = None
-        out["note"] = f"backend {opts.backend} is a cost model: no time measured"
-        return out
-    t = backend.time({"hp": model, "plan": rewritten}, timing_inputs)
-    out.update(speedup=t["hp"].median / t["plan"].median, hp_time=t["hp"].median, plan_time=t["plan"].median,
-               hp_ci=[t["hp"].ci_low, t["hp"].ci_high], plan_ci=[t["plan"].ci_low, t["plan"].ci_high])
+        w = weight_array(model, l)
+        out[l.name] = {f: int(w.nbytes) if f == HP else FORMATS[f].stored_bytes(w, l.channel_axis)
+                       for f in [HP, *formats[l.name]]}
     return out
 
 
@@ -183,8 +160,6 @@ def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, 
     smaller); otherwise the most common shape group of the calibration set, ``batch_size``
     per batch. Real samples, so the activations captured at subgraph inputs are real too.
     """
-    from .calibration import input_specs
-
     specs = {s.name: s for s in input_specs(model)}
     available = [{k: list(v) for k, v in shape.items()} for shape, _ in samples.shapes()]
     if shapes:
@@ -294,9 +269,6 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         log("      (from cache)")
     lap("sensitivity")
 
-    from .partition import partition
-    from .subgraphs import capture_inputs
-
     shown = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in timing_info["shapes"].items())
     log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {timing_info['source']})")
     part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
@@ -304,8 +276,6 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                                                     for k in timing_inputs[0]}),
                               batch_size=opts.batch_size)
     lap("partition")
-
-    from .timing import gain_table
 
     log(f"[4/7] timing {sum(1 for _ in part.subgraphs)} subgraphs on {opts.backend}")
     table = gain_table(model, layers, part, ranges, captured, backend, formats=offered, cache=cache,
@@ -322,31 +292,26 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     lap("solve")
 
     log("[6/7] rewriting")
-    from .rewrite import rewrite
-
     rewritten = rewrite(model, layers, solution.plan, ranges)
     save_model(rewritten, output, source=model_path)
     lap("rewrite")
 
     log(f"[7/7] verifying on {len(holdout)} held-out samples")
-    from .sensitivity import run_batches
-
     hp_outputs = run_batches(model, holdout, opts.batch_size)
-    measured = verify(model, rewritten, holdout, backend, timing_inputs, opts, hp_outputs)
+    check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed, hp_outputs=hp_outputs)
+    measured = verify(model, rewritten, holdout, backend, timing_inputs, **check)
     front_points = []
     for point in front:
         entry = {"max_mse": point.max_mse, "predicted_mse": point.mse, "predicted_gain": point.gain,
                  "predicted_speedup": _speedup(table, point), "layers_quantized": len(point.plan.formats)}
         if point.plan.formats:
             q = rewrite(model, layers, point.plan, ranges)
-            m = verify(model, q, holdout, backend, timing_inputs, opts, hp_outputs)
+            m = verify(model, q, holdout, backend, timing_inputs, **check)
             entry.update(measured_loss_mse=m["loss_mse"], measured_speedup=m.get("speedup"))
         else:
             entry.update(measured_loss_mse=0.0, measured_speedup=1.0)
         front_points.append(entry)
     lap("verify")
-
-    from .report import build_report
 
     report = build_report(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
                           table=table, solution=solution, predicted_speedup=_speedup(table, solution),
@@ -357,8 +322,6 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
 
 
 def _speedup(table, solution: Solution) -> float | None:
-    from .timing import predict_speedup
-
     try:
         return predict_speedup(table, solution.plan)
     except AmpqError:

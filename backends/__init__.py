@@ -10,15 +10,15 @@ lazily, so a missing optional stack only fails when that backend is asked for.
 
 from __future__ import annotations
 
-from ..errors import AmpqError
-from .base import Backend, Capabilities, CostModel, Protocol, Timing
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Backend, Capabilities, CostModel, Protocol, Timing
 
 __all__ = ["Backend", "Capabilities", "CostModel", "Protocol", "Timing", "available_backends", "get_backend"]
 
 
 def available_backends() -> list[str]:
     """Backend specs usable on this machine (gaudi only where habana_frameworks imports)."""
-    from .ort import available_providers
+    from ampq_pass.backends.ort import available_providers
 
     specs = [f"ort:{p}" for p in available_providers()] + ["mac", "memory"]
     try:
@@ -34,19 +34,19 @@ def get_backend(spec: str = "ort:cpu", *, protocol: Protocol | None = None, thre
     """The backend named by ``spec`` (``ort[:provider]``, ``gaudi``, ``mac``, ``memory``)."""
     kind, _, option = spec.partition(":")
     if kind == "ort":
-        from .ort import OrtBackend
+        from ampq_pass.backends.ort import OrtBackend
 
         return OrtBackend(option or "cpu", threads=threads, protocol=protocol, formats=formats)
     if kind == "gaudi":
-        from .gaudi import GaudiBackend
+        from ampq_pass.backends.gaudi import GaudiBackend
 
         return GaudiBackend(protocol=protocol)
     if kind == "mac":
-        from .costmodels import MacModel
+        from ampq_pass.backends.costmodels import MacModel
 
         return MacModel(formats=formats)
     if kind == "memory":
-        from .costmodels import MemoryModel
+        from ampq_pass.backends.costmodels import MemoryModel
 
         return MemoryModel(activations=option == "activations", formats=formats)
     raise AmpqError(f"unknown backend {spec!r}; expected one of ort:cpu, ort:cuda, ort:tensorrt, ort:openvino, "

@@ -17,14 +17,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..cache import digest, model_digest
-from ..errors import AmpqError
-from ..formats import FORMATS, HP, Int4
-from ..layers import Layer, layer_macs, observed_shapes, weight_array
-from .base import Capabilities, CostModel
+from ampq_pass.core.cache import digest, model_digest
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import FORMATS, HP
+from ampq_pass.core.measure import Capabilities, CostModel
+from ampq_pass.core.ort import observed_shapes
+from ampq_pass.stages.layers import Layer, layer_macs, weight_array
 
-#: MACs per unit time relative to hp (see module docstring)
-DEFAULT_THROUGHPUT: dict[str, float] = {HP: 1.0, "fp16": 2.0, "bf16": 2.0, "fp8_e4m3": 4.0, "int8": 4.0, "int8_dyn": 4.0, "int4": 1.0}
+#: MACs per unit time relative to hp: each format's own nominal throughput (see module docstring)
+DEFAULT_THROUGHPUT: dict[str, float] = {HP: 1.0, **{name: fmt.throughput for name, fmt in FORMATS.items()}}
 
 
 def _first_feeds(inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -83,23 +84,13 @@ class MacModel(CostModel):
 
 def weight_bytes(w: np.ndarray, layer: Layer, fmt: str) -> int:
     """Bytes the rewrite stores for ``layer``'s weight in ``fmt`` (values + scales + zero points)."""
-    if fmt == HP:
-        return int(w.nbytes)
-    emitted = FORMATS[fmt].weight_nodes(layer.weight, w, layer.channel_axis)
-    total = 0
-    for t in emitted.initializers:
-        arr = onnx.numpy_helper.to_array(t)
-        # sub-byte types: numpy (ml_dtypes int4) uses one byte per element, the file packs two
-        bits = 4 if isinstance(FORMATS[fmt], Int4) and arr.dtype.itemsize == 1 and t.data_type in (
-            onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else arr.dtype.itemsize * 8
-        total += (arr.size * bits + 7) // 8
-    return int(total)
+    return int(w.nbytes) if fmt == HP else FORMATS[fmt].stored_bytes(w, layer.channel_axis)
 
 
 def activation_bytes_per_element(fmt: str, hp_itemsize: int) -> float:
-    if fmt == HP or not FORMATS[fmt].quantizes_activation:
-        return float(hp_itemsize)
-    return {"int8": 1.0, "int8_dyn": 1.0, "fp8_e4m3": 1.0, "fp16": 2.0, "bf16": 2.0}[fmt]
+    """Bytes per element of a layer's input activation in ``fmt`` (hp where the format keeps it)."""
+    per = None if fmt == HP else FORMATS[fmt].activation_bytes
+    return float(hp_itemsize if per is None else per)
 
 
 class MemoryModel(CostModel):

@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import AmpqError
-from .base import Backend, Capabilities, Protocol, Timing, interleave
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 
 
 @dataclass

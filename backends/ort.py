@@ -28,10 +28,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import AmpqError
-from .base import Backend, Capabilities, Protocol, Timing, interleave
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
+from ampq_pass.core.ort import make_session
 
-__all__ = ["OrtBackend", "Timing", "available_providers", "make_session", "run", "time_interleaved"]
+__all__ = ["OrtBackend", "Timing", "available_providers", "time_interleaved"]
 
 #: short name -> (ONNX Runtime provider, formats it runs fast, high-precision format)
 PROVIDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -46,47 +47,6 @@ def available_providers() -> list[str]:
     """Short names of the providers this onnxruntime build has (``cpu`` always)."""
     installed = set(ort.get_available_providers())
     return [short for short, (full, _, _) in PROVIDERS.items() if full in installed]
-
-
-def session_options(threads: int = 2, *, optimized_path: str | None = None, spinning: bool = False) -> ort.SessionOptions:
-    """Fixed thread settings: timings are only comparable at equal threads.
-
-    Spinning is off by default because several sessions are alive during interleaved
-    timing: an idle session's pool would otherwise keep busy-waiting on the cores the
-    next session needs (2 cores here), which penalises whichever config runs next.
-    """
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return so
-
-
-def make_session(model: onnx.ModelProto | str | bytes, *, threads: int = 2,
-                 provider: str = "CPUExecutionProvider", optimized_path: str | None = None,
-                 spinning: bool = False, provider_options: dict | None = None) -> ort.InferenceSession:
-    """A session with fixed thread counts on one provider."""
-    so = session_options(threads, optimized_path=optimized_path, spinning=spinning)
-    if isinstance(model, onnx.ModelProto):
-        model = _serialise(model)
-    providers = [(provider, provider_options)] if provider_options else [provider]
-    try:
-        return ort.InferenceSession(model, so, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise AmpqError(f"ONNX Runtime ({provider}) cannot load the model: {str(exc).splitlines()[0]}") from None
-
-
-def _serialise(model: onnx.ModelProto) -> bytes:
-    return model.SerializeToString()
-
-
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
 def time_interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
@@ -158,8 +118,14 @@ class OrtBackend(Backend):
                 "inter_op_threads": 1, "spinning": False, "protocol": self.protocol.to_json()}
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        """A session with the fixed thread settings this backend's timings are keyed by.
+
+        Spinning is off because several sessions are alive during interleaved timing: an
+        idle session's pool would otherwise busy-wait on the cores the next session needs.
+        """
         options = None if self.provider == "cpu" else {"device_id": str(self.device_id)}
-        return make_session(model, threads=self.threads, provider=PROVIDERS[self.provider][0], provider_options=options)
+        return make_session(model, threads=self.threads, spinning=False, provider=PROVIDERS[self.provider][0],
+                            provider_options=options, what=f"model on ort:{self.provider}")
 
     def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
         sessions = {k: self.session(m) for k, (m, _) in jobs.items()}

@@ -78,13 +78,14 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "large.md"))
     args = ap.parse_args()
 
-    from ampq_pass.calibration import Ranges
-    from ampq_pass.layers import find_layers
-    from ampq_pass.model import load_model, save_model
-    from ampq_pass.partition import partition
-    from ampq_pass.plan import Plan
-    from ampq_pass.rewrite import required_ranges, rewrite
-    from ampq_pass.subgraphs import extract
+    from ampq_pass.stages.calibrate import Ranges
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.core.model import load_model, save_model
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.calibrate import required_ranges
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.subgraphs import extract
 
     scratch = Path(tempfile.mkdtemp(prefix="ampq-large-", dir=args.dir))
     rows = []

@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import front  # noqa: E402
 from common import header, minilm_path, write  # noqa: E402
 
-from ampq_pass.calibration import Samples  # noqa: E402
-from ampq_pass.minilm import english_sentences, mean_pool, tokenize  # noqa: E402
+from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.cli.minilm import english_sentences, mean_pool, tokenize  # noqa: E402
 
 BATCH, SEQ = 8, 128
 N_CALIB, N_HOLD, EVAL_OFFSET, N_EVAL = 64, 32, 1000, 256

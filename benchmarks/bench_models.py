@@ -30,8 +30,8 @@ sys.path.append(str(Path(__file__).parent.parent))  # tests.models; ampq_pass co
 import front  # noqa: E402
 from common import OUT, header, write  # noqa: E402
 
-from ampq_pass.calibration import Samples  # noqa: E402
-from ampq_pass.model import save_model  # noqa: E402
+from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.core.model import save_model  # noqa: E402
 
 BATCH = 8
 # max_loss_rmse budgets per model: spread so that the front runs from one layer to all of them

@@ -60,9 +60,9 @@ def max_error(model, part, subs, captured, samples, batch_size) -> float:
 
 
 def bench(label: str, model, samples, batch_size: int = 8) -> dict:
-    from ampq_pass.layers import find_layers
-    from ampq_pass.partition import configs, partition
-    from ampq_pass.subgraphs import capture_inputs, extract_all
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.partition import configs, partition
+    from ampq_pass.stages.subgraphs import capture_inputs, extract_all
 
     layers = find_layers(model)
     part, t_part = timed(lambda: partition(model, layers), repeat=5)
@@ -106,7 +106,7 @@ def report(results: list[dict], notes: list[str]) -> str:
     for r in results:
         lines += ["", f"## {r['model']}: subgraphs", "", "| # | kind | ops | layers | inputs | note |",
                   "|---|---|---|---|---|---|"]
-        from ampq_pass.partition import short_name
+        from ampq_pass.stages.partition import short_name
 
         for sg in r["part"].subgraphs:
             groups = " \\| ".join(",".join(short_name(l) for l in g) for g in sg.groups)
@@ -122,9 +122,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "partition.md"))
     args = ap.parse_args()
 
-    from ampq_pass.calibration import Samples
-    from ampq_pass.minilm import english_sentences, export_minilm, tokenize
-    from ampq_pass.model import infer_shapes_safe, load_model
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.cli.minilm import english_sentences, export_minilm, tokenize
+    from ampq_pass.core.proto import infer_shapes_safe
+    from ampq_pass.core.model import load_model
 
     import models
 

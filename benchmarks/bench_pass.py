@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import OUT, header, minilm_path, write  # noqa: E402
 
-from ampq_pass.calibration import Samples  # noqa: E402
-from ampq_pass.minilm import english_sentences, tokenize  # noqa: E402
+from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.cli.minilm import english_sentences, tokenize  # noqa: E402
 from ampq_pass.pipeline import run_pass  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.2)

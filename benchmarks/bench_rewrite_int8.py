@@ -18,14 +18,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import OUT, header, minilm_path, write  # noqa: E402
 
-from ampq_pass.backends.ort import make_session, run, time_interleaved  # noqa: E402
-from ampq_pass.calibration import Samples  # noqa: E402
-from ampq_pass.layers import find_layers  # noqa: E402
-from ampq_pass.minilm import english_sentences, mean_pool, tokenize  # noqa: E402
-from ampq_pass.model import load_model  # noqa: E402
-from ampq_pass.plan import Plan  # noqa: E402
-from ampq_pass.rewrite import rewrite  # noqa: E402
-from ampq_pass.stages import compute_ranges  # noqa: E402
+from ampq_pass.core.ort import make_session, run  # noqa: E402
+from ampq_pass.backends.ort import time_interleaved  # noqa: E402
+from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.stages.layers import find_layers  # noqa: E402
+from ampq_pass.cli.minilm import english_sentences, mean_pool, tokenize  # noqa: E402
+from ampq_pass.core.model import load_model  # noqa: E402
+from ampq_pass.stages.plan import Plan  # noqa: E402
+from ampq_pass.stages.rewrite import rewrite  # noqa: E402
+from ampq_pass.stages.calibrate import compute_ranges  # noqa: E402
 
 
 def main(repeats: int = 30) -> None:
@@ -35,7 +36,7 @@ def main(repeats: int = 30) -> None:
     evalset = tokenize(english_sentences(64, offset=1000))
     batch = {k: v[:8] for k, v in evalset.items()}
     rows = []
-    sessions = {"fp32": make_session(model)}
+    sessions = {"fp32": make_session(model, threads=2, spinning=False)}
     for method in ("minmax", "percentile"):
         ranges = compute_ranges(model, layers, calib, method=method)
         for fmt in ("int8", "int4"):
@@ -43,7 +44,7 @@ def main(repeats: int = 30) -> None:
                 continue  # weight-only: activation ranges do not matter
             q = rewrite(model, layers, Plan.uniform(layers, fmt), ranges)
             opt = OUT / f"minilm_{fmt}_{method}.opt.onnx"
-            sessions[f"{fmt} ({method})"] = make_session(q, optimized_path=str(opt))
+            sessions[f"{fmt} ({method})"] = make_session(q, threads=2, spinning=False, optimized_path=str(opt))
             ops = Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
             rows.append((f"{fmt} ({method})", ops.get("MatMulIntegerToFloat", 0) + ops.get("MatMulNBits", 0)))
     timing = time_interleaved(sessions, batch, repeats=repeats, warmup=3)

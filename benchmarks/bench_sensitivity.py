@@ -40,9 +40,10 @@ def _sensitivity_child(model_path: str, inputs: dict, ranges_json: dict, probes:
     import onnx
     import torch
 
-    from ampq_pass.calibration import Ranges, Samples
-    from ampq_pass.layers import find_layers
-    from ampq_pass.sensitivity import sensitivity
+    from ampq_pass.stages.calibrate import Ranges
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.sensitivity import sensitivity
 
     torch.set_num_threads(threads)
     model = onnx.load(model_path)
@@ -99,11 +100,12 @@ def relu_fp8_finding() -> str:
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     import models
 
-    from ampq_pass.calibration import Samples
-    from ampq_pass.layers import ensure_node_names, find_layers
-    from ampq_pass.plan import Plan
-    from ampq_pass.rewrite import rewrite
-    from ampq_pass.stages import compute_ranges
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.core.graph import ensure_node_names
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.calibrate import compute_ranges
 
     model = ensure_node_names(models.cnn())
     layers = find_layers(model)
@@ -146,14 +148,16 @@ def main() -> int:
     import onnx
     import torch
 
-    from ampq_pass.calibration import Samples
-    from ampq_pass.executor import Executor
-    from ampq_pass.layers import ensure_node_names, find_layers
-    from ampq_pass.minilm import english_sentences, tokenize
-    from ampq_pass.plan import Plan
-    from ampq_pass.rewrite import rewrite
-    from ampq_pass.sensitivity import Sensitivity, measured_loss_mse, predicted_mse, run_batches
-    from ampq_pass.stages import compute_ranges
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.sensitivity.executor import Executor
+    from ampq_pass.core.graph import ensure_node_names
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.cli.minilm import english_sentences, tokenize
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse
+    from ampq_pass.stages.verify import measured_loss_mse, run_batches
+    from ampq_pass.stages.calibrate import compute_ranges
 
     torch.set_num_threads(args.threads)
     path = minilm_path()

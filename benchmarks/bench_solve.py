@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import header, write  # noqa: E402
 
-from ampq_pass.solve import Option, pareto_front, solve  # noqa: E402
+from ampq_pass.stages.solve import Option, pareto_front, solve  # noqa: E402
 
 FORMATS = ("hp", "int8", "int4", "fp8_e4m3", "bf16")
 BITS = {"hp": 32, "int8": 8, "int4": 4, "fp8_e4m3": 8, "bf16": 16}

@@ -28,20 +28,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import header, wait_for_quiet, write  # noqa: E402
 
-from ampq_pass.backends.base import Backend, Protocol  # noqa: E402
-from ampq_pass.backends.ort import OrtBackend, make_session, time_interleaved  # noqa: E402
-from ampq_pass.cache import Cache  # noqa: E402
-from ampq_pass.calibration import Samples  # noqa: E402
-from ampq_pass.formats import HP  # noqa: E402
-from ampq_pass.layers import find_layers, observed_shapes  # noqa: E402
-from ampq_pass.minilm import english_sentences, export_minilm, tokenize  # noqa: E402
-from ampq_pass.model import load_model  # noqa: E402
-from ampq_pass.partition import partition  # noqa: E402
-from ampq_pass.plan import Plan  # noqa: E402
-from ampq_pass.rewrite import rewrite  # noqa: E402
-from ampq_pass.stages import compute_ranges  # noqa: E402
-from ampq_pass.subgraphs import capture_inputs  # noqa: E402
-from ampq_pass.timing import gain_table, predict_speedup  # noqa: E402
+from ampq_pass.core.measure import Backend, Protocol  # noqa: E402
+from ampq_pass.backends.ort import OrtBackend, time_interleaved  # noqa: E402
+from ampq_pass.core.ort import make_session  # noqa: E402
+from ampq_pass.core.cache import Cache  # noqa: E402
+from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.core.formats import HP  # noqa: E402
+from ampq_pass.stages.layers import find_layers  # noqa: E402
+from ampq_pass.core.ort import observed_shapes  # noqa: E402
+from ampq_pass.cli.minilm import english_sentences, export_minilm, tokenize  # noqa: E402
+from ampq_pass.core.model import load_model  # noqa: E402
+from ampq_pass.stages.partition import partition  # noqa: E402
+from ampq_pass.stages.plan import Plan  # noqa: E402
+from ampq_pass.stages.rewrite import rewrite  # noqa: E402
+from ampq_pass.stages.calibrate import compute_ranges  # noqa: E402
+from ampq_pass.stages.subgraphs import capture_inputs  # noqa: E402
+from ampq_pass.stages.timing import gain_table, predict_speedup  # noqa: E402
 
 BATCH, SEQ, TIMING_BATCHES = 8, 128, 2
 TABLE_PROTOCOL = Protocol(warmup=2, min_repeats=9, max_repeats=30, rel_ci=0.02, max_seconds=30, retries=2)
@@ -153,9 +155,9 @@ def main() -> None:
         t_layers = time.perf_counter() - t0
 
         # end-to-end, all plans and hp interleaved in one run
-        sessions = {"hp": make_session(model)}
+        sessions = {"hp": make_session(model, threads=2, spinning=False)}
         for name, plan in plans.items():
-            sessions[name] = make_session(rewrite(model, layers, Plan(dict(plan)), RANGES))
+            sessions[name] = make_session(rewrite(model, layers, Plan(dict(plan)), RANGES), threads=2, spinning=False)
         t0 = time.perf_counter()
         e2e = time_interleaved(sessions, batches, protocol=E2E_PROTOCOL)
         t_e2e = time.perf_counter() - t0

@@ -13,7 +13,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def minilm_path() -> Path:
-    from ampq_pass.minilm import export_minilm
+    from ampq_pass.cli.minilm import export_minilm
 
     OUT.mkdir(exist_ok=True)
     path = OUT / "minilm.onnx"

@@ -37,21 +37,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from common import OUT, wait_for_quiet  # noqa: E402
 
 from ampq_pass.backends import Protocol, get_backend  # noqa: E402
-from ampq_pass.backends.ort import make_session, time_interleaved  # noqa: E402
-from ampq_pass.cache import Cache  # noqa: E402
-from ampq_pass.calibration import Samples  # noqa: E402
-from ampq_pass.formats import HP  # noqa: E402
-from ampq_pass.layers import find_layers  # noqa: E402
-from ampq_pass.model import load_model  # noqa: E402
-from ampq_pass.partition import partition  # noqa: E402
+from ampq_pass.core.ort import make_session  # noqa: E402
+from ampq_pass.backends.ort import time_interleaved  # noqa: E402
+from ampq_pass.core.cache import Cache  # noqa: E402
+from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.core.formats import HP  # noqa: E402
+from ampq_pass.stages.layers import find_layers  # noqa: E402
+from ampq_pass.core.model import load_model  # noqa: E402
+from ampq_pass.stages.partition import partition  # noqa: E402
 from ampq_pass.pipeline import PassOptions, build_options, cached_sensitivity, layer_formats, run_pass  # noqa: E402
-from ampq_pass.plan import Plan  # noqa: E402
-from ampq_pass.rewrite import rewrite  # noqa: E402
-from ampq_pass.sensitivity import predicted_mse, run_batches  # noqa: E402
-from ampq_pass.solve import loss_budget, solve  # noqa: E402
-from ampq_pass.stages import compute_ranges  # noqa: E402
-from ampq_pass.subgraphs import capture_inputs  # noqa: E402
-from ampq_pass.timing import gain_table, predict_speedup  # noqa: E402
+from ampq_pass.stages.plan import Plan  # noqa: E402
+from ampq_pass.stages.rewrite import rewrite  # noqa: E402
+from ampq_pass.stages.sensitivity import predicted_mse  # noqa: E402
+from ampq_pass.stages.verify import run_batches  # noqa: E402
+from ampq_pass.stages.solve import loss_budget, solve  # noqa: E402
+from ampq_pass.stages.calibrate import compute_ranges  # noqa: E402
+from ampq_pass.stages.subgraphs import capture_inputs  # noqa: E402
+from ampq_pass.stages.timing import gain_table, predict_speedup  # noqa: E402
 
 E2E_PROTOCOL = Protocol(warmup=2, min_repeats=12, max_repeats=30, rel_ci=0.01, max_seconds=300, retries=0)
 LAYER_PROTOCOL = Protocol(warmup=2, min_repeats=9, max_repeats=30, rel_ci=0.02, max_seconds=20)
@@ -425,7 +427,7 @@ def _run(spec: Spec) -> dict:
     # end to end: every model, interleaved in one process
     live = [e for e in entries if e.model is not None]
     print(f"[{spec.name}] timing {len(live)} models interleaved", flush=True)
-    sessions = {e.name: make_session(e.model if not isinstance(e.model, str) else e.model, threads=2) for e in live}
+    sessions = {e.name: make_session(e.model if not isinstance(e.model, str) else e.model, threads=2, spinning=False) for e in live}
     busy = wait_for_quiet(limit=0.25, patience=90.0)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -436,7 +438,7 @@ def _run(spec: Spec) -> dict:
     # Speed-up = median over rounds of the paired ratio t_fp32[r] / t_model[r]: both ran in the
     # same round on the same batch, so a burst of load from another process cancels out of
     # most ratios (medians of times alone are far noisier on this shared machine).
-    from ampq_pass.backends.base import median_ci
+    from ampq_pass.core.measure import median_ci
 
     ref_t = np.asarray(timings["fp32"].samples)
     for e in live:

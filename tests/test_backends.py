@@ -8,10 +8,11 @@ import pytest
 
 import models
 from ampq_pass.backends import get_backend
-from ampq_pass.backends.base import Capabilities, Protocol, Timing, interleave, median_ci
+from ampq_pass.core.measure import Capabilities, Protocol, Timing, interleave, median_ci
 from ampq_pass.backends.costmodels import MacModel, MemoryModel
-from ampq_pass.backends.ort import OrtBackend, available_providers, time_interleaved, make_session
-from ampq_pass.errors import AmpqError
+from ampq_pass.backends.ort import OrtBackend, available_providers, time_interleaved
+from ampq_pass.core.ort import make_session
+from ampq_pass.core.errors import AmpqError
 
 FAST = Protocol(warmup=1, min_repeats=3, max_repeats=6, rel_ci=0.5, max_seconds=5)
 

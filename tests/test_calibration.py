@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 
 import models
-from ampq_pass.calibration import Ranges, Samples, calibrate, load_samples, synthetic_samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers, observed_shapes
-from ampq_pass.rewrite import required_ranges
-from ampq_pass.stages import compute_ranges
+from ampq_pass.stages.calibrate import Ranges, calibrate
+from ampq_pass.core.samples import Samples, load_samples, synthetic_samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.core.ort import observed_shapes
+from ampq_pass.stages.calibrate import required_ranges
+from ampq_pass.stages.calibrate import compute_ranges
 
 
 def _write(path, **arrays):
@@ -63,7 +65,7 @@ def test_minmax_ranges_equal_observed_extremes(block_model):
     probe_shapes = observed_shapes(block_model, f, tensors)  # also proves the tensors exist
     assert set(ranges.tensors) == set(tensors) == set(probe_shapes)
     # recompute the extremes of one tensor directly
-    from ampq_pass.layers import observed_shapes as _  # noqa: F401
+    from ampq_pass.core.ort import observed_shapes as _  # noqa: F401
     import onnx
 
     m = onnx.ModelProto()
@@ -85,7 +87,7 @@ def test_percentile_narrower_than_minmax(block_model):
 
 
 def test_ranges_cached_and_json_roundtrip(tmp_path, mlp_model):
-    from ampq_pass.cache import Cache
+    from ampq_pass.core.cache import Cache
 
     layers = find_layers(mlp_model)
     s = Samples(models.feeds_for(mlp_model, n=4))

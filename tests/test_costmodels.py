@@ -12,11 +12,11 @@ import pytest
 
 import models
 from ampq_pass.backends.costmodels import MacModel, MemoryModel
-from ampq_pass.calibration import Samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers
-from ampq_pass.stages import compute_ranges
-from ampq_pass.timing import predict_speedup, time_subgraph
+from ampq_pass.core.samples import Samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.timing import predict_speedup, time_subgraph
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_memory_with_activations_by_hand(setup):
 
 def test_cost_model_predicted_speedup(setup):
     m, layers, inputs, ranges = setup
-    from ampq_pass.timing import GainTable, measure_hp_total
+    from ampq_pass.stages.timing import GainTable, measure_hp_total
 
     mac = MacModel()
     sg = time_subgraph(m, layers, [{l.name: "int8" for l in layers}], ranges, inputs, mac)

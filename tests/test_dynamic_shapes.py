@@ -6,13 +6,15 @@ import numpy as np
 import onnx
 import pytest
 
-from ampq_pass.calibration import Samples, calibrate, load_samples
-from ampq_pass.cli import main, parse_shapes
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers
-from ampq_pass.model import load_model
+from ampq_pass.core.samples import Samples, load_samples
+from ampq_pass.stages.calibrate import calibrate
+from ampq_pass.cli import main
+from ampq_pass.cli.args import parse_shapes
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.core.model import load_model
 from ampq_pass.pipeline import PassOptions, run_pass, timing_feeds
-from ampq_pass.rewrite import required_ranges
+from ampq_pass.stages.calibrate import required_ranges
 from wild_models import wild_cnn, wild_feeds
 
 WIDTHS = (12, 16, 20)

@@ -10,8 +10,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from ampq_pass.errors import AmpqError
-from ampq_pass.executor import OPS, Executor, unsupported_ops
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.sensitivity.executor import OPS, Executor, unsupported_ops
 
 torch.set_num_threads(1)
 

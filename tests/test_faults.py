@@ -15,9 +15,9 @@ import onnx
 import pytest
 
 import models
-from ampq_pass.cache import Cache
+from ampq_pass.core.cache import Cache
 from ampq_pass.cli import main
-from ampq_pass.errors import AmpqError
+from ampq_pass.core.errors import AmpqError
 from ampq_pass.pipeline import run_pass
 
 ROOT = Path(__file__).resolve().parent.parent

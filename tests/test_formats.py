@@ -6,9 +6,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import models
-from ampq_pass.backends.ort import make_session
-from ampq_pass.formats import FORMATS, Int8, get_format
-from ampq_pass.errors import AmpqError
+from ampq_pass.core.ort import make_session
+from ampq_pass.core.formats import FORMATS, Int8, get_format
+from ampq_pass.core.errors import AmpqError
 
 
 def _run_emitted(emitted, feeds, opset):
@@ -84,9 +84,9 @@ def test_unknown_format():
 def test_dynamic_int8_matmul_matches_reference():
     """int8_dyn replaces the MatMul: the graph equals fake_activation(x) @ fake_weight(w) up to
     float rounding of the int32 -> float rescale, and the scale follows each batch."""
-    from ampq_pass.layers import find_layers
-    from ampq_pass.plan import Plan
-    from ampq_pass.rewrite import rewrite
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
 
     rng = np.random.default_rng(4)
     w = rng.standard_normal((48, 20)).astype(np.float32)

@@ -17,15 +17,15 @@ import pytest
 import torch
 
 import models
-from ampq_pass.backends.base import Protocol
+from ampq_pass.core.measure import Protocol
 from ampq_pass.backends.gaudi import GaudiBackend, HabanaRuntime, load_habana
-from ampq_pass.calibration import Samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers
-from ampq_pass.plan import Plan
-from ampq_pass.rewrite import rewrite
-from ampq_pass.stages import compute_ranges
-from ampq_pass.timing import time_subgraph
+from ampq_pass.core.samples import Samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.timing import time_subgraph
 
 
 def fake_runtime(calls: Counter) -> HabanaRuntime:

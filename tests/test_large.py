@@ -6,14 +6,16 @@ import numpy as np
 import onnx
 import pytest
 
-import ampq_pass.model as mm
-from ampq_pass.calibration import Ranges, Samples
-from ampq_pass.layers import find_layers
-from ampq_pass.model import load_model, save_model
-from ampq_pass.partition import partition
-from ampq_pass.plan import Plan
-from ampq_pass.rewrite import required_ranges, rewrite
-from ampq_pass.subgraphs import capture_inputs, extract_all
+import ampq_pass.core.proto as mm
+from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.core.samples import Samples
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.core.model import load_model, save_model
+from ampq_pass.stages.partition import partition
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.calibrate import required_ranges
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.subgraphs import capture_inputs, extract_all
 from wild_models import ort_run, wild_cnn, wild_feeds
 
 
@@ -36,7 +38,7 @@ def test_large_path_gives_the_same_results(tmp_path, monkeypatch):
     path = src / "wild.onnx"
     onnx.save_model(wild_cnn(), path, save_as_external_data=True, location="wild.data", size_threshold=0)
     small_model, small_subs, small_cap, small_out = _stages(path, tmp_path, "small")
-    monkeypatch.setattr(mm, "_PROTOBUF_LIMIT", 1)
+    monkeypatch.setattr(mm, "PROTOBUF_LIMIT", 1)
     big_model, big_subs, big_cap, big_out = _stages(path, tmp_path, "big")
     assert not (tmp_path / "small.onnx.data").exists()
     # load + normalise (converted without weights, weights adopted back) gives the same model
@@ -62,11 +64,11 @@ def test_large_path_gives_the_same_results(tmp_path, monkeypatch):
 
 
 def test_large_normalisation_is_checked_against_the_file(tmp_path, monkeypatch):
-    import ampq_pass.normalize as nm
+    import ampq_pass.core.normalize as nm
 
     path = tmp_path / "wild.onnx"
     onnx.save_model(wild_cnn(), path, save_as_external_data=True, location="wild.data", size_threshold=0)
-    monkeypatch.setattr(mm, "_PROTOBUF_LIMIT", 1)
+    monkeypatch.setattr(mm, "PROTOBUF_LIMIT", 1)
     real = nm._fold_batch_norms
 
     def wrong(model, done):

@@ -1,7 +1,7 @@
 import numpy as np
 
 import models
-from ampq_pass.layers import count_macs, find_layers, layer_macs
+from ampq_pass.stages.layers import count_macs, find_layers, layer_macs
 
 
 def test_mlp_layers(mlp_model):

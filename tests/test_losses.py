@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import models
-from ampq_pass.calibration import Samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.executor import Executor
-from ampq_pass.layers import find_layers
-from ampq_pass.losses import Loss, ProjectionLoss, PseudoLabelLoss, TaskLoss, load_labels, make_loss
-from ampq_pass.sensitivity import measured_loss_mse, run_batches, sensitivity
-from ampq_pass.stages import compute_ranges
+from ampq_pass.core.samples import Samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.sensitivity.executor import Executor
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.sensitivity.losses import Loss, ProjectionLoss, PseudoLabelLoss, TaskLoss, load_labels, make_loss
+from ampq_pass.stages.verify import measured_loss_mse, run_batches
+from ampq_pass.stages.sensitivity import sensitivity
+from ampq_pass.stages.calibrate import compute_ranges
 
 torch.set_num_threads(1)
 

@@ -6,8 +6,8 @@ import pytest
 from onnx import numpy_helper
 
 import models
-from ampq_pass.errors import AmpqError
-from ampq_pass.model import load_model, save_model
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.model import load_model, save_model
 
 
 def test_load_runs_shape_inference(tmp_path, mlp_model):
@@ -59,9 +59,9 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path, mlp_model):
 
 def test_save_large_model_with_external_data(tmp_path, monkeypatch, mlp_model):
     # Force the external-data path on a small model instead of building a >2 GB one here.
-    import ampq_pass.model as mm
+    import ampq_pass.core.proto as mm
 
-    monkeypatch.setattr(mm, "_PROTOBUF_LIMIT", 1)
+    monkeypatch.setattr(mm, "PROTOBUF_LIMIT", 1)
     out = save_model(mlp_model, tmp_path / "big.onnx")
     assert mlp_model.graph.initializer[0].raw_data  # the caller's proto keeps its weights
     assert (tmp_path / "big.onnx.data").is_file()

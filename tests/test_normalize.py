@@ -7,14 +7,15 @@ from onnx import helper, numpy_helper
 
 import models
 from ampq_pass.cli import main
-from ampq_pass.errors import AmpqError
-from ampq_pass.formats import Int8
-from ampq_pass.layers import find_layers, initializers
-from ampq_pass.model import load_model
-from ampq_pass.normalize import MIN_OPSET, check_equivalent, default_opset, normalize, normalize_checked
-from ampq_pass.plan import Plan
-from ampq_pass.rewrite import rewrite
-from ampq_pass.calibration import Ranges
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import Int8
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.core.graph import initializers
+from ampq_pass.core.model import load_model
+from ampq_pass.core.normalize import MIN_OPSET, check_equivalent, default_opset, normalize, normalize_checked
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.calibrate import Ranges
 from wild_models import ort_run, wild_cnn, wild_feeds
 
 
@@ -69,7 +70,7 @@ def test_outputs_unchanged_at_every_width(wild, index):
 
 def test_a_wrong_normalisation_is_caught(wild, monkeypatch):
     """The equivalence check is real: a fold that gets epsilon wrong is refused with a clear error."""
-    import ampq_pass.normalize as nm
+    import ampq_pass.core.normalize as nm
 
     real = nm._fold_batch_norms
 
@@ -155,7 +156,7 @@ def test_cli_plan_on_wild_model(tmp_path, wild_path, capsys):
 
 
 def test_converter_failure_is_a_clear_error(monkeypatch, wild):
-    import ampq_pass.model as mm
+    import ampq_pass.core.proto as mm
 
     def broken(model, opset):
         raise RuntimeError("No Adapter For Foo\nmore lines")

@@ -8,9 +8,9 @@ import math
 import models
 import pytest
 
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers
-from ampq_pass.partition import Partition, configs, cut_tensors, main_flow, main_graph, dataflow_graph, partition
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.partition import Partition, configs, cut_tensors, main_flow, main_graph, dataflow_graph, partition
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +218,20 @@ def test_bad_requests(mlp_model, block_model):
         partition(block_model, layers)
 
 
-def test_unnamed_nodes_are_named_like_find_layers(mlp_model):
+def test_unnamed_nodes_are_refused_until_named(mlp_model):
+    """Stages never invent node names: load_model names every node once (ensure_node_names);
+    a model built in memory without names is a clear error, and named the same way it works."""
     import onnx
+
+    from ampq_pass.core.graph import ensure_node_names
 
     m = onnx.ModelProto()
     m.CopyFrom(mlp_model)
     for n in m.graph.node:
         n.name = ""
+    with pytest.raises(AmpqError, match=r"node #0 \(MatMul\) has no name"):
+        find_layers(m)
+    ensure_node_names(m)
     layers = find_layers(m)
     p = partition(m, layers)
     assert [s.layers for s in p.subgraphs] == [["MatMul_0"], ["Gemm_3"], ["MatMul_5"]]

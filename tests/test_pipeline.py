@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 import models
-from ampq_pass.calibration import Samples
+from ampq_pass.core.samples import Samples
 from ampq_pass.cli import main
-from ampq_pass.errors import AmpqError
+from ampq_pass.core.errors import AmpqError
 from ampq_pass.pipeline import PassOptions, run_pass
 
 
@@ -55,7 +55,7 @@ def test_looser_budget_quantizes_more(tmp_path, block_file):
 
 
 def test_ort_backend_pareto_and_cache(tmp_path, block_file):
-    from ampq_pass.backends.base import Protocol
+    from ampq_pass.core.measure import Protocol
     from ampq_pass.backends.ort import OrtBackend
 
     backend = OrtBackend("cpu", protocol=Protocol(warmup=1, min_repeats=3, max_repeats=5))

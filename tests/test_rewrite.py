@@ -3,14 +3,15 @@ import onnx
 import pytest
 
 import models
-from ampq_pass.backends.ort import make_session, run
-from ampq_pass.calibration import Samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.formats import FORMATS, Int8
-from ampq_pass.layers import find_layers
-from ampq_pass.plan import Plan
-from ampq_pass.rewrite import default_opset, rewrite
-from ampq_pass.stages import compute_ranges
+from ampq_pass.core.ort import make_session, run
+from ampq_pass.core.samples import Samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import FORMATS, Int8
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.plan import Plan
+from ampq_pass.core.proto import default_opset
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.calibrate import compute_ranges
 
 
 def _setup(model, n=16):

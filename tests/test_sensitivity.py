@@ -11,16 +11,18 @@ import pytest
 import torch
 
 import models
-from ampq_pass.calibration import Samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.executor import Executor
-from ampq_pass.formats import FORMATS, HP, Int8
-from ampq_pass.layers import ensure_node_names, find_layers, initializers
-from ampq_pass.losses import make_loss
-from ampq_pass.plan import Plan
-from ampq_pass.rewrite import rewrite
-from ampq_pass.sensitivity import Sensitivity, measured_loss_mse, predicted_mse, run_batches, sensitivity
-from ampq_pass.stages import compute_ranges
+from ampq_pass.core.samples import Samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.sensitivity.executor import Executor
+from ampq_pass.core.formats import FORMATS, HP, Int8
+from ampq_pass.core.graph import ensure_node_names, initializers
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.sensitivity.losses import make_loss
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
+from ampq_pass.stages.verify import measured_loss_mse, run_batches
+from ampq_pass.stages.calibrate import compute_ranges
 
 torch.set_num_threads(1)
 
@@ -55,8 +57,7 @@ def _finite_difference_terms(model, layer, fmt_name, ranges, feeds, loss, eps=1e
     e_b = None
     if isinstance(fmt, Int8) and len(node.input) > 2 and node.input[2] in inits and layer.op_type != "MatMul":
         b = onnx.numpy_helper.to_array(inits[node.input[2]])
-        emitted = fmt.bias_nodes("b", b, fmt.activation_params(*ranges[layer.activation])[0],
-                                 fmt.weight_scale(w, layer.channel_axis))
+        emitted = fmt.bias_nodes("b", b, fmt.bias_scale(w, node, *ranges[layer.activation]))
         q, scale = (onnx.numpy_helper.to_array(t) for t in emitted.initializers[:2])
         e_b = torch.from_numpy(q.astype(np.float64) * scale - b)
 
@@ -219,7 +220,7 @@ def test_additivity_of_measured_loss_mse(block_model):
 
 def test_metric_fails_when_errors_are_wrong(block_model, monkeypatch):
     """The prediction check can fail: with activation errors ignored the ratio leaves its band."""
-    import ampq_pass.sensitivity as module
+    import ampq_pass.stages.sensitivity.taylor as module
 
     monkeypatch.setattr(module, "_activation_error", lambda fmt, x, lo, hi: torch.zeros_like(x))
     model, layers, samples = setup(block_model, n=96)

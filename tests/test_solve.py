@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from ampq_pass.errors import AmpqError
-from ampq_pass.solve import Option, loss_budget, pareto_front, pareto_options, solve
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.solve import Option, loss_budget, pareto_front, pareto_options, solve
 
 
 def random_instance(rng, subgraphs=4, configs=(2, 5), memory=False):

@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ampq_pass.calibration import Samples
+from ampq_pass.core.samples import Samples
 from ampq_pass.cli import main
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers
-from ampq_pass.model import infer_shapes_safe
-from ampq_pass.partition import Partition, partition
-from ampq_pass.subgraphs import capture_inputs, extract, extract_all
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.core.proto import infer_shapes_safe
+from ampq_pass.stages.partition import Partition, partition
+from ampq_pass.stages.subgraphs import capture_inputs, extract, extract_all
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:

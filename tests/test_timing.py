@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 import models
-from ampq_pass.backends.base import Backend, Capabilities, Protocol, Timing
+from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing
 from ampq_pass.backends.ort import OrtBackend
-from ampq_pass.cache import Cache
-from ampq_pass.calibration import Ranges, Samples
-from ampq_pass.errors import AmpqError
-from ampq_pass.layers import find_layers
-from ampq_pass.stages import compute_ranges
-from ampq_pass.timing import (ConfigGain, GainTable, SubgraphGains, gain_noise, predict_speedup,
-                              time_subgraph)
+from ampq_pass.core.cache import Cache
+from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.core.samples import Samples
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.timing import ConfigGain, GainTable, SubgraphGains, gain_noise, predict_speedup, time_subgraph
 
 FAST = Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5, max_seconds=5)
 
@@ -174,10 +174,9 @@ class Interrupting(Counting):
 
 
 def test_gain_table_rerun_and_resume(tmp_path, block_model):
-    pytest.importorskip("ampq_pass.subgraphs")
-    from ampq_pass.partition import partition
-    from ampq_pass.subgraphs import capture_inputs
-    from ampq_pass.timing import gain_table
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
 
     m = block_model
     layers = find_layers(m)
@@ -215,11 +214,10 @@ def test_gain_table_rerun_and_resume(tmp_path, block_model):
 
 
 def test_gain_table_with_cost_model(block_model):
-    pytest.importorskip("ampq_pass.subgraphs")
     from ampq_pass.backends.costmodels import MacModel
-    from ampq_pass.partition import partition
-    from ampq_pass.subgraphs import capture_inputs
-    from ampq_pass.timing import gain_table
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
 
     m = block_model
     layers = find_layers(m)
@@ -235,7 +233,7 @@ def test_gain_table_with_cost_model(block_model):
 
 
 def test_rescale_keeps_ratios_and_significance():
-    from ampq_pass.timing import rescale
+    from ampq_pass.stages.timing import rescale
 
     sg = SubgraphGains(0, "s", ["a"], 2.0, [ConfigGain({"a": "hp"}, 2.0, 0.0, 0.0, False, 0.0, (1.9, 2.1)),
                                             ConfigGain({"a": "int8"}, 1.2, 0.8, 0.1, True, 0.8, (1.1, 1.3))])
@@ -266,9 +264,9 @@ class LoadBurst(Counting):
 def test_anchoring_undoes_a_load_burst(block_model):
     """A burst that triples one subgraph's times triples its raw gain; after anchoring, the
     subgraph's hp time agrees with the one measured beside the others."""
-    from ampq_pass.partition import partition
-    from ampq_pass.subgraphs import capture_inputs, extract
-    from ampq_pass.timing import gain_table
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs, extract
+    from ampq_pass.stages.timing import gain_table
 
     layers = find_layers(block_model)
     feeds = models.feeds_for(block_model, n=8)

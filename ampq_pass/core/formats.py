@@ -1,6 +1,12 @@
 """Numeric formats: one small class per format, one table to add a format.
 
-Each format knows three things, and they must agree bit for bit:
+A format owns everything the stages ask about it: which layers can take it
+(:meth:`Format.accepts`), which tensors of a layer it quantizes with a calibrated range
+(:meth:`Format.calibrated_tensors`, the op's output included where the integer kernel
+wants it), its bias arithmetic, its QDQ emission, its stored byte size and its nominal
+MAC throughput (the ``mac`` cost model). Adding a format touches this file only.
+
+The emission and its numpy reference must agree bit for bit:
 - how a weight is stored and dequantized in the rewritten graph (:meth:`weight_nodes`),
 - how an activation is quantized in the graph (:meth:`activation_nodes`),
 - the same two operations in numpy (:meth:`fake_weight`, :meth:`fake_activation`), which
@@ -22,7 +28,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.ops import OPS
+
 HP = "hp"
+_SUB_BYTE_TYPES = (TensorProto.INT4, TensorProto.UINT4)
 
 
 @dataclass
@@ -70,14 +80,44 @@ class Format:
     name: str = ""
     #: minimum default-domain opset for the nodes this format emits
     opset: int = 13
-    #: bits per stored weight element (memory model)
-    weight_bits: float = 32
     #: whether the layer's input activation is quantized too
     quantizes_activation: bool = True
     #: whether the rewrite replaces the op itself (:meth:`op_nodes`) instead of only its inputs
     replaces_op: bool = False
     #: whether activation quantization reads the calibrated range (dynamic formats do not)
     needs_range: bool = True
+    #: ops whose low-precision kernel also quantizes the op's output (QLinearConv ...)
+    output_quantized_ops: tuple[str, ...] = ()
+    #: whether the bias is stored quantized (int32 with scale = activation x weight scale)
+    quantizes_bias: bool = False
+    #: multiply-accumulates per unit time relative to hp on a matrix engine (``mac`` cost model)
+    throughput: float = 1.0
+    #: bytes per activation element entering the op (None: the activation stays hp)
+    activation_bytes: float | None = None
+
+    def accepts(self, op_type: str, weight_shape: tuple[int, ...] | None) -> bool:
+        """Whether a layer of ``op_type`` (weight shape, None for activation x activation) can take it."""
+        return op_type in OPS
+
+    def calibrated_tensors(self, layer) -> list[str]:
+        """Tensors of ``layer`` whose calibrated range this format's rewrite reads."""
+        if not (self.quantizes_activation and self.needs_range):
+            return []
+        return list(layer.activations) + ([layer.output] if self.quantizes_output(layer.op_type) else [])
+
+    def quantizes_output(self, op_type: str) -> bool:
+        """Whether the rewrite quantizes the op's output too (the integer kernel produces integers)."""
+        return op_type in self.output_quantized_ops
+
+    def stored_bytes(self, w: np.ndarray, axis: int | None) -> int:
+        """Bytes the rewrite stores for weight ``w``: values, scales and zero points (sub-byte
+        types packed two to a byte, as in the file; numpy holds them one per byte)."""
+        total = 0
+        for t in self.weight_nodes("w", w, axis).initializers:
+            n = int(np.prod(t.dims)) if t.dims else 1
+            bits = 4 if t.data_type in _SUB_BYTE_TYPES else onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * 8
+            total += (n * bits + 7) // 8
+        return int(total)
 
     def fake_weight(self, w: np.ndarray, axis: int | None) -> np.ndarray:
         raise NotImplementedError
@@ -101,7 +141,10 @@ class Int8(Format):
 
     name = "int8"
     opset = 13
-    weight_bits = 8
+    output_quantized_ops = ("Conv", "ConvTranspose")  # QLinearConv; MatMul/Gemm have float-output kernels
+    quantizes_bias = True
+    throughput = 4.0
+    activation_bytes = 1.0
 
     # ---- parameters
     @staticmethod
@@ -159,10 +202,28 @@ class Int8(Format):
                       base + "_dequantized", None)
         return Emitted(inits, [q, dq], base + "_dequantized")
 
-    def bias_nodes(self, name: str, bias: np.ndarray, act_scale: np.float32, w_scale: np.ndarray) -> Emitted:
-        """int32 bias with scale = activation scale x weight scale (what QLinearConv/QGemm expect)."""
-        scale = _safe_scale(np.float32(act_scale) * w_scale.astype(np.float32))
-        q = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    def bias_scale(self, w: np.ndarray, node: onnx.NodeProto, lo: float, hi: float) -> np.ndarray:
+        """Per-output-channel scale of the int32 bias: activation scale x weight scale (what
+        QLinearConv/QGemm expect), with the op's own channel mapping."""
+        act_scale = self.activation_params(lo, hi)[0]
+        w_scale = OPS[node.op_type].per_output_channel(self.weight_scale(w, self.channel_axis(node, w)), node)
+        return _safe_scale(np.float32(act_scale) * w_scale.astype(np.float32))
+
+    @staticmethod
+    def channel_axis(node: onnx.NodeProto, w: np.ndarray) -> int | None:
+        return OPS[node.op_type].channel_axis(node, w.ndim)
+
+    @staticmethod
+    def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+
+    def fake_bias(self, bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """The bias as the int8 kernel sees it (numpy reference of :meth:`bias_nodes`)."""
+        return (self.quantize_bias(bias, scale).astype(np.float32) * scale).astype(np.float32)
+
+    def bias_nodes(self, name: str, bias: np.ndarray, scale: np.ndarray) -> Emitted:
+        """int32 bias with the given :meth:`bias_scale`."""
+        q = self.quantize_bias(bias, scale)
         base = f"{name}_int32"
         inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),
                  numpy_helper.from_array(np.zeros(scale.shape, np.int32), base + "_zero_point")]
@@ -177,7 +238,8 @@ class Fp8E4M3(Format):
 
     name = "fp8_e4m3"
     opset = 19
-    weight_bits = 8
+    throughput = 4.0
+    activation_bytes = 1.0
     MAX = 448.0
 
     def _scale(self, absmax):
@@ -224,7 +286,9 @@ class _Float16Like(Format):
     Runtime's CPU EP does not, so its adapter does not offer these formats."""
 
     opset = 13
-    weight_bits = 16
+    needs_range = False  # a Cast has no scale
+    throughput = 2.0
+    activation_bytes = 2.0
     np_type: type = np.float16
     onnx_type: int = TensorProto.FLOAT16
 
@@ -265,9 +329,12 @@ class Int4(Format):
 
     name = "int4"
     opset = 21
-    weight_bits = 4
     quantizes_activation = False
+    needs_range = False
     BLOCK = 32
+
+    def accepts(self, op_type, weight_shape):
+        return op_type == "MatMul" and weight_shape is not None and len(weight_shape) == 2
 
     def quantize_weight(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k, n = w.shape
@@ -310,9 +377,13 @@ class Int8Dynamic(Int8):
 
     name = "int8_dyn"
     opset = 13
-    weight_bits = 8
     replaces_op = True
     needs_range = False
+    output_quantized_ops = ()
+    quantizes_bias = False
+
+    def accepts(self, op_type, weight_shape):
+        return op_type == "MatMul" and weight_shape is not None and len(weight_shape) == 2
 
     @staticmethod
     def dynamic_params(x: np.ndarray) -> tuple[np.float32, np.float32]:
@@ -363,8 +434,7 @@ ALL_FORMATS: tuple[str, ...] = (HP, *FORMATS)
 
 
 def get_format(name: str) -> Format:
-    from .errors import AmpqError
-
+    """The format named ``name``; an unknown name is the user's error."""
     try:
         return FORMATS[name]
     except KeyError:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import AmpqError
-from .formats import HP
-from .plan import Plan
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import HP
+from ampq_pass.stages.plan import Plan
 
 
 @dataclass(frozen=True)

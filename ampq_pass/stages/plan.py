@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AmpqError
-from .formats import ALL_FORMATS, HP
-from .layers import Layer
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import ALL_FORMATS, HP
+from ampq_pass.stages.layers import Layer
 
 
 @dataclass

@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
 import torch
 
-from .calibration import Ranges, Samples
-from .errors import AmpqError, runtime_errors
-from .executor import Executor
-from .formats import FORMATS, HP, Format, Int8, get_format
-from .layers import Layer, initializers, per_output_channel
-from .losses import Loss, make_loss
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import FORMATS, HP, Format, get_format
+from ampq_pass.core.graph import initializers
+from ampq_pass.core.ops import OPS
+from ampq_pass.core.samples import Samples
+from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.sensitivity.executor import Executor
+from ampq_pass.stages.sensitivity.losses import Loss, make_loss
 
-# int8 Conv / ConvTranspose get a quantized output in the rewrite (rewrite._QUANTIZED_OUTPUT_OPS)
-_OUTPUT_QUANTIZED = ("Conv", "ConvTranspose")
 # Per-sample weight gradients of a MatMul are built in chunks of at most this many elements.
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -93,24 +93,20 @@ class _LayerErrors:
     weight_errors: dict[str, torch.Tensor]  # format -> Q(W) - W
     bias_errors: dict[str, torch.Tensor]  # format -> Q(b) - b (int8 Conv/Gemm bias as int32)
     ranges: dict[str, tuple[float, float]]  # tensor -> calibrated range
-    gemm_beta: float = 1.0
+    bias_scale: float = 1.0  # the op's factor on its bias (Gemm's beta)
 
 
-def _bias_error(fmt: Int8, model_inits: dict, node: onnx.NodeProto, w: np.ndarray, layer: Layer,
+def _bias_error(fmt: Format, model_inits: dict, node: onnx.NodeProto, w: np.ndarray, layer: Layer,
                 ranges: Ranges) -> np.ndarray | None:
-    """int32 bias rounding error of the rewrite's int8 Conv/Gemm (rewrite.rewrite's bias_nodes)."""
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if bias not in model_inits or layer.op_type not in ("Conv", "Gemm", "ConvTranspose"):
+    """Rounding error of the bias the format's rewrite stores (int8: int32 with the kernel's scale)."""
+    bias = OPS[layer.op_type].bias(node)
+    if not fmt.quantizes_bias or bias not in model_inits:
         return None
     b = onnx.numpy_helper.to_array(model_inits[bias])
     if b.ndim != 1:
         return None
-    act_scale = fmt.activation_params(*ranges[layer.activation])[0]
-    w_scale = per_output_channel(fmt.weight_scale(w, layer.channel_axis), layer, node)
-    scale = np.float32(act_scale) * w_scale.astype(np.float32)
-    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
-    q = np.clip(np.rint(b.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    return (q.astype(np.float32) * scale).astype(np.float32) - b.astype(np.float32)
+    scale = fmt.bias_scale(w, node, *ranges[layer.activation])
+    return fmt.fake_bias(b, scale) - b.astype(np.float32)
 
 
 def _prepare(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, formats: Iterable[str] | None,
@@ -126,23 +122,18 @@ def _prepare(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, format
         node = nodes.get(layer.name)
         if node is None:
             raise AmpqError(f"layer {layer.name!r} is not a node of the model")
-        tensors = [layer.activation] + ([layer.activation2] if layer.activation2 else [])
-        if any(layer.op_type in _OUTPUT_QUANTIZED and f == "int8" for f in fmts):
-            tensors.append(layer.output)
-        need_ranges = any(FORMATS[f].quantizes_activation for f in fmts)
-        layer_ranges = {t: ranges[t] for t in tensors} if need_ranges else {}
+        tensors = sorted({t for f in fmts for t in FORMATS[f].calibrated_tensors(layer)})
+        layer_ranges = {t: ranges[t] for t in tensors}
         w_err, b_err = {}, {}
         if layer.weight is not None:
             w = onnx.numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
             for f in fmts:
                 fmt = FORMATS[f]
                 w_err[f] = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).to(dtype)
-                if isinstance(fmt, Int8):
-                    e = _bias_error(fmt, inits, node, w, layer, ranges)
-                    if e is not None:
-                        b_err[f] = torch.from_numpy(e).to(dtype)
-        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if layer.op_type == "Gemm" else 1.0
-        prepared.append(_LayerErrors(layer, fmts, w_err, b_err, layer_ranges, beta))
+                e = _bias_error(fmt, inits, node, w, layer, ranges)
+                if e is not None:
+                    b_err[f] = torch.from_numpy(e).to(dtype)
+        prepared.append(_LayerErrors(layer, fmts, w_err, b_err, layer_ranges, OPS[layer.op_type].bias_scale(node)))
     return prepared
 
 
@@ -196,7 +187,7 @@ def _weight_terms(ex: Executor, item: _LayerErrors, a: torch.Tensor, g_y: torch.
         if f in item.bias_errors:
             e_b = item.bias_errors[f]
             if layer.op_type == "Gemm":
-                t = t + item.gemm_beta * _per_sample(g_y * e_b, batch, f"output of {layer.name!r}")
+                t = t + item.bias_scale * _per_sample(g_y * e_b, batch, f"output of {layer.name!r}")
             else:
                 shape = (1, -1) + (1,) * (g_y.dim() - 2)
                 t = t + _per_sample(g_y * e_b.reshape(shape), batch, f"output of {layer.name!r}")
@@ -208,17 +199,17 @@ def _activation_terms(item: _LayerErrors, acts: list[torch.Tensor], g_acts: list
                       y: torch.Tensor, g_ys: list[torch.Tensor], batch: int) -> dict[str, list[torch.Tensor]]:
     """Per-sample <G^A, E^A(x)> for each format and probe: {format: [probe] -> [batch]}."""
     layer = item.layer
-    names = [layer.activation] + ([layer.activation2] if layer.activation2 else [])
+    names = layer.activations
     terms: dict[str, list[torch.Tensor]] = {}
     for f in item.formats:
         fmt = FORMATS[f]
         per_probe = [torch.zeros(batch, dtype=torch.float64) for _ in g_ys]
         if fmt.quantizes_activation:
             for slot, (name, a) in enumerate(zip(names, acts)):
-                err = _activation_error(fmt, a, *item.ranges[name])
+                err = _activation_error(fmt, a, *item.ranges.get(name, (0.0, 0.0)))
                 for p, g in enumerate(g_acts):
                     per_probe[p] = per_probe[p] + _per_sample(g[slot] * err, batch, f"input {name!r}")
-            if isinstance(fmt, Int8) and layer.op_type in _OUTPUT_QUANTIZED:
+            if fmt.quantizes_output(layer.op_type):
                 err = _activation_error(fmt, y, *item.ranges[layer.output])
                 for p, g_y in enumerate(g_ys):
                     per_probe[p] = per_probe[p] + _per_sample(g_y * err, batch, f"output {layer.output!r}")
@@ -358,54 +349,3 @@ def predicted_mse(sens: Sensitivity, plan_formats: Mapping[str, str]) -> float:
                             f"(computed: {', '.join(sens.values[layer]) or 'none'})")
         total += sens.values[layer][fmt]
     return total
-
-
-def ort_session(model: onnx.ModelProto | str | Path, *, optimize: bool = True, threads: int = 0):
-    """An ONNX Runtime CPU session (``optimize=False`` keeps the graph exactly as written)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    with runtime_errors("model"):
-        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-
-
-def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "projection", *,
-                      labels: np.ndarray | None = None, batch_size: int = 8, seed: int = 0,
-                      optimize: bool = True, threads: int = 0, hp_outputs: list | None = None) -> float:
-    """``E_x[(L_q(x) - L_hp(x))^2]`` with both models run in ONNX Runtime on ``samples``.
-
-    For the projection loss this is the exact expectation over r: ``||f_q - f_hp||^2`` per
-    sample, summed over outputs. ``hp_outputs`` (from :func:`run_batches`) skips re-running hp.
-    """
-    loss_fn = make_loss(loss, labels=labels)
-    hp = hp_outputs if hp_outputs is not None else run_batches(model_hp, samples, batch_size, optimize, threads)
-    q = run_batches(model_q, samples, batch_size, optimize, threads)
-    generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for (start, _), ref, out in zip(samples.numbered_batches(batch_size), hp, q):
-        ref_t = {k: torch.from_numpy(v) for k, v in ref.items()}
-        out_t = {k: torch.from_numpy(v) for k, v in out.items()}
-        sq = loss_fn.squared_change(out_t, ref_t, start, generator)
-        total += float(sq.to(torch.float64).sum())
-        count += int(sq.shape[0])
-    return total / max(count, 1)
-
-
-def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = True,
-                threads: int = 0) -> list[dict[str, np.ndarray]]:
-    """Outputs of ``model`` in ONNX Runtime, batch by batch (float outputs as float64 copies)."""
-    sess = ort_session(model, optimize=optimize, threads=threads)
-    names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    out = []
-    for batch in samples.batches(batch_size):
-        with runtime_errors("model"):
-            values = sess.run(names, {k: v for k, v in batch.items() if k in wanted})
-        out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
-    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AmpqError
+from ampq_pass.core.errors import AmpqError
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -60,7 +60,7 @@ def export_minilm(path: str | os.PathLike, *, opset: int = 17) -> Path:
     import torch
     from transformers import AutoModel
 
-    from .model import save_model
+    from ampq_pass.core.model import save_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(path)

@@ -13,7 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import AmpqError
+import matplotlib
+import networkx as nx
+
+from ampq_pass.cli.args import parse_formats
+from ampq_pass.core.cache import save_json
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.model import load_model
+from ampq_pass.core.text import table
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.partition import configs, constant_tensors, dataflow_graph, partition, short_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,18 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def candidate_formats(layers, arg: str | None) -> dict[str, list[str]]:
-    from .formats import get_format
-
-    if not arg:
-        return {l.name: list(l.formats) for l in layers}
-    wanted = [get_format(f.strip()).name for f in arg.split(",") if f.strip()]
-    if not wanted:
-        raise AmpqError("--formats is empty; give e.g. --formats int8,fp16")
-    return {l.name: [f for f in l.formats if f in wanted] for l in layers}
+    wanted = parse_formats(arg)
+    return {l.name: [f for f in l.formats if wanted is None or f in wanted] for l in layers}
 
 
 def rows(part, formats: dict[str, list[str]], model_inputs: set[str]) -> list[list[object]]:
-    from .partition import configs, short_name
 
     cut_set = set(part.cuts)
     out = []
@@ -54,12 +56,6 @@ def rows(part, formats: dict[str, list[str]], model_inputs: set[str]) -> list[li
 
 
 def run(args: argparse.Namespace) -> int:
-    from .calibration import save_json
-    from .layers import find_layers
-    from .model import load_model
-    from .partition import partition
-    from .report_text import table
-
     if args.max_configs < 2:
         raise AmpqError(f"--max-configs must be at least 2, got {args.max_configs}")
     for flag, path in (("--json", args.json_path), ("--draw", args.draw)):
@@ -91,13 +87,9 @@ def run(args: argparse.Namespace) -> int:
 def draw(model, part, path: str) -> None:
     """PNG of the op graph: x = longest path from the inputs, subgraph ops in colour above,
     side-chain ops grey below; ops that only compute constants are left out."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import networkx as nx
+    import matplotlib.pyplot as plt  # after choosing the headless backend
 
-    from .partition import constant_tensors, dataflow_graph
 
     g = dataflow_graph(model)
     consts = constant_tensors(g)

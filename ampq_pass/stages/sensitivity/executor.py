@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from .errors import AmpqError
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.graph import node_names
 
 #: hook(node input/output index, tensor) -> tensor to use instead
 Hook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -731,7 +732,7 @@ def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
     for index, node in enumerate(model.graph.node):
         key = _op_key(node)
         if key not in OPS and key not in missing:
-            missing[key] = node.name or f"{node.op_type}_{index}"
+            missing[key] = node.name or f"#{index}"
     return missing
 
 
@@ -756,7 +757,7 @@ class Executor:
         self.dtype = dtype
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.nodes = list(model.graph.node)
-        self.node_names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)]
+        self.node_names = node_names(model)
         self.constants: dict[str, torch.Tensor] = {
             t.name: to_torch(numpy_helper.to_array(t), dtype) for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in self.constants]

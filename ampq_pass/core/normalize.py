@@ -16,7 +16,7 @@ this one (layers, rewrite, sensitivity, partition) assume:
   *original* file, before any node is removed, so plan names stay stable).
 
 Gemm with ``transB``, grouped/depthwise convolutions and weights shared by several nodes
-need no rewriting: :mod:`ampq_pass.layers` picks the output-channel axis from the op and its
+need no rewriting: :mod:`ampq_pass.core.ops` picks the output-channel axis from the op and its
 attributes, and :mod:`ampq_pass.rewrite` emits one dequantized copy per (weight, format, axis).
 
 After normalising, :func:`check_equivalent` runs the original and the normalised model in
@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import AmpqError
+from ampq_pass.core.errors import AmpqError, first_line
+from ampq_pass.core.graph import consumers, drop_unused_initializers, ensure_node_names
+from ampq_pass.core.ops import OPS
+from ampq_pass.core.ort import make_session
+from ampq_pass.core.proto import default_opset, fits_protobuf, raise_opset
+from ampq_pass.core.samples import synthetic_samples
 
 #: DequantizeLinear's per-channel ``axis`` exists from opset 13 on.
 MIN_OPSET = 13
@@ -61,10 +64,6 @@ class Normalized:
         return bool(self.changes)
 
 
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def normalize(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.ModelProto, Normalized]:
     """Normalise ``model`` in place (and return it, possibly a converted copy) with what changed."""
     done = Normalized()
@@ -75,28 +74,17 @@ def normalize(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.Mo
     _constants_to_initializers(model, done)
     _fold_identity_and_cast(model, done)
     _fold_batch_norms(model, done)
-    _drop_unused(model.graph)
+    drop_unused_initializers(model.graph)
     return model, done
 
 
 # ----------------------------------------------------------------------------- steps
 
 def _name_nodes(model: onnx.ModelProto, done: Normalized) -> None:
-    from .layers import ensure_node_names
-
     unnamed = sum(1 for n in model.graph.node if not n.name)
     if unnamed:
         ensure_node_names(model)
         done.add(f"named {unnamed} unnamed nodes <op>_<index>")
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                out.setdefault(name, []).append(node)
-    return out
 
 
 def _graph_outputs(graph: onnx.GraphProto) -> set[str]:
@@ -216,14 +204,7 @@ def _upgrade_opset(model: onnx.ModelProto, done: Normalized, source: str) -> onn
     old = default_opset(model)
     if old >= MIN_OPSET:
         return model
-    from .model import convert_opset
-
-    try:
-        converted = convert_opset(model, MIN_OPSET)
-    except Exception as exc:  # the converter raises RuntimeError / ValueError / ConvertError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AmpqError(f"{source}: opset {old} must be raised to {MIN_OPSET} (per-channel QDQ) and onnx's "
-                        f"version converter failed: {first}") from None
+    converted = raise_opset(model, MIN_OPSET, why="per-channel QDQ", source=source)
     done.add(f"upgraded opset {old} -> {MIN_OPSET} with onnx.version_converter", exact=False)
     return converted
 
@@ -238,7 +219,7 @@ def _fold_batch_norms(model: onnx.ModelProto, done: Normalized) -> None:
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
+    readers = consumers(graph)
     outputs = _graph_outputs(graph)
     producer = {o: n for n in graph.node for o in n.output}
     removed: set[int] = set()
@@ -252,7 +233,7 @@ def _fold_batch_norms(model: onnx.ModelProto, done: Normalized) -> None:
         if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2:
             continue
         y = conv.output[0]
-        if y in outputs or len(consumers.get(y, [])) != 1 or conv.input[1] not in inits:
+        if y in outputs or len(readers.get(y, [])) != 1 or conv.input[1] not in inits:
             continue
         params = bn.input[1:5]
         if len(params) != 4 or not all(p in inits for p in params):
@@ -266,15 +247,7 @@ def _fold_batch_norms(model: onnx.ModelProto, done: Normalized) -> None:
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         scale = gamma / np.sqrt(var + eps)
-        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
-        w64 = w.astype(np.float64)
-        if conv.op_type == "Conv":
-            w_new = w64 * scale.reshape((-1,) + (1,) * (w.ndim - 1))
-        else:
-            c_in, c_out_g = w.shape[0], w.shape[1]
-            blocks = w64.reshape((group, c_in // group, c_out_g) + w.shape[2:])
-            blocks = blocks * scale.reshape((group, 1, c_out_g) + (1,) * (w.ndim - 2))
-            w_new = blocks.reshape(w.shape)
+        w_new = OPS[conv.op_type].scale_output_channels(w.astype(np.float64), scale, conv)
         b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros_like(mean)
         b_new = (b - mean) * scale + beta
         w_name, b_name = f"{conv.input[1]}_bnfold_{bn.name}", f"{conv.name}_bnfold_bias"
@@ -302,29 +275,16 @@ def _fold_batch_norms(model: onnx.ModelProto, done: Normalized) -> None:
                  f"{', ...' if len(folded) > 3 else ''})", exact=False)
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    from .rewrite import _drop_unused_initializers
-
-    _drop_unused_initializers(graph)
-
-
 # ----------------------------------------------------------------------------- equivalence
 
 def probe_feeds(model: onnx.ModelProto, *, seed: int = 0) -> dict[str, np.ndarray]:
     """Two random samples per input (symbolic dims 16), as :func:`synthetic_samples` makes them."""
-    from .calibration import synthetic_samples
-
     return dict(synthetic_samples(model, count=2, seed=seed, warn=False).inputs)
 
 
 def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # failures come back as exceptions and become one line; no C++ log noise
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    src = model if isinstance(model, str) else model.SerializeToString()
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    # log level 4: failures come back as exceptions and become one line; no C++ log noise
+    sess = make_session(model, optimize=False, log_level=4)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
@@ -337,26 +297,18 @@ def check_equivalent(original: onnx.ModelProto | str, normalized: onnx.ModelProt
     False, with a warning, when the *original* model cannot run on the probe inputs
     (random integers out of range for an embedding, say): then nothing can be compared.
     """
-    from .model import _fits_protobuf, save_external
-
     feeds = feeds if feeds is not None else probe_feeds(normalized)
     try:
         ref = _run(original, feeds)
-    except Exception as exc:  # onnxruntime's own exception types
+    except Exception as exc:  # onnxruntime's own exception types (or AmpqError from make_session)
         print(f"WARNING: {source}: normalisation not verified: the original model does not run on random probe "
-              f"inputs ({str(exc).strip().splitlines()[0][:200]})", file=sys.stderr)
+              f"inputs ({first_line(exc, 200)})", file=sys.stderr)
         return False
     try:
-        if _fits_protobuf(normalized):
-            got = _run(normalized, feeds)
-        else:
-            with tempfile.TemporaryDirectory(prefix="ampq-norm-") as tmp:
-                path = Path(tmp) / "normalized.onnx"
-                save_external(normalized, path, "normalized.onnx.data")
-                got = _run(str(path), feeds)
+        got = _run(normalized, feeds)
     except Exception as exc:
         raise AmpqError(f"{source}: the normalised model does not run in ONNX Runtime "
-                        f"({str(exc).strip().splitlines()[0][:200]})") from None
+                        f"({first_line(exc, 200)})") from None
     for index, (a, b) in enumerate(zip(ref, got)):
         if a.shape != b.shape:
             raise AmpqError(f"{source}: normalised model output #{index} has shape {list(b.shape)}, "
@@ -384,9 +336,7 @@ def normalize_checked(model: onnx.ModelProto, *, source: str = "model", original
     Changes that only move bytes (Constant/Identity to initializer, node names) are exact
     by construction and are not re-run on large models.
     """
-    from .model import _fits_protobuf
-
-    small = _fits_protobuf(model)
+    small = fits_protobuf(model)
     before = model.SerializeToString() if small else None
     model, done = normalize(model, source=source)
     if not done.changed:

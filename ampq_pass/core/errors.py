@@ -23,6 +23,12 @@ def check(condition: bool, message: str) -> None:
         raise AmpqError(message)
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 @contextlib.contextmanager
 def runtime_errors(what: str) -> Iterator[None]:
     """ONNX Runtime refusing or failing on the user's model becomes :class:`AmpqError`.
@@ -38,6 +44,4 @@ def runtime_errors(what: str) -> Iterator[None]:
     except Exception as exc:
         if not type(exc).__module__.startswith("onnxruntime"):
             raise
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise AmpqError(f"{what}: ONNX Runtime cannot run it ({first[:300]})") from None
+        raise AmpqError(f"{what}: ONNX Runtime cannot run it ({first_line(exc)})") from None

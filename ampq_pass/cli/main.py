@@ -12,32 +12,29 @@ Bad input exits with code 2 and one line naming what is wrong; ``--debug`` shows
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
-from .errors import AmpqError
+from ampq_pass.cli.args import add_calib_args, add_debug_arg, parse_formats, parse_shapes, samples_from_args
+from ampq_pass.core.cache import Cache, save_json
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.model import check_output_path, load_model, save_model
+from ampq_pass.core.text import table
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.layers import find_layers, layer_macs
+from ampq_pass.stages.plan import load_plan, validate_plan
+from ampq_pass.stages.rewrite import rewrite
 
 #: subcommand -> module with ``add_arguments(parser)`` and ``run(args) -> int``; "" = this module.
 #: Modules are imported only when their command runs, so the CLI starts fast.
 COMMANDS = {
     "inspect": "",
     "demo": "",
-    "sensitivity": "ampq_pass.cli_sensitivity",
-    "partition": "ampq_pass.cli_partition",
+    "sensitivity": "ampq_pass.cli.sensitivity",
+    "partition": "ampq_pass.cli.partition",
 }
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
-def add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", help=".npz (one array per model input, axis 0 = samples) or a directory of them")
-    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"],
-                   help="ONNX Runtime calibrator for activation ranges (default: minmax)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
-    p.add_argument("--cache-dir", default=".ampq-cache", help="on-disk cache of ranges and timings")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -47,8 +44,6 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         add_calib_args(p)
         p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     elif command in COMMANDS and COMMANDS[command]:
-        import importlib
-
         module = importlib.import_module(COMMANDS[command])
         p = argparse.ArgumentParser(prog=f"ampq-pass {command}", description=module.__doc__.strip().splitlines()[0])
         module.add_arguments(p)
@@ -87,36 +82,11 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                             "default: the most common shape of the calibration set)")
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _common(p)
+    add_debug_arg(p)
     return p
 
 
-def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]] | None:
-    """``["image=1x3x48x640", ...]`` -> ``{"image": (1, 3, 48, 640)}``."""
-    if not specs:
-        return None
-    out: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        name, sep, dims = spec.partition("=")
-        parts = dims.lower().split("x")
-        if not sep or not name or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise AmpqError(f"--shape {spec!r}: expected INPUT=DxDx... with positive integers, batch first "
-                            f"(e.g. image=1x3x48x640)")
-        if name in out:
-            raise AmpqError(f"--shape: input {name!r} is given twice")
-        out[name] = tuple(int(p) for p in parts)
-    return out
-
-
-def samples_from_args(args, model):
-    from .calibration import load_samples, synthetic_samples
-
-    return load_samples(args.calib, model) if args.calib else synthetic_samples(model)
-
-
 def cmd_inspect(args) -> int:
-    from .layers import find_layers, layer_macs
-    from .model import load_model
 
     model = load_model(args.model)
     layers = find_layers(model)
@@ -127,7 +97,6 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps([dict(l.to_dict(), macs=macs[l.name], batch=n) for l in layers], indent=1))
         return 0
-    from .report_text import table
 
     rows = [[l.name, l.op_type, "x".join(map(str, l.weight_shape or ())) or "-", f"{macs[l.name] / 1e6:,.1f}",
              ",".join(l.formats)] for l in layers]
@@ -137,12 +106,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_rewrite(args) -> int:
-    from .cache import Cache
-    from .layers import find_layers
-    from .model import check_output_path, load_model, save_model
-    from .plan import load_plan, validate_plan
-    from .rewrite import rewrite
-    from .stages import compute_ranges
 
     if not args.plan:
         return cmd_search(args)
@@ -168,16 +131,16 @@ def cmd_rewrite(args) -> int:
 
 def cmd_search(args) -> int:
     """The whole pass: calibrate, sensitivity, partition, timing, solve, rewrite, verify, report."""
-    from .calibration import save_json
-    from .pipeline import PassOptions, run_pass
-    from .report import plot_pareto, plot_plan, render_text
+    # torch (sensitivity) loads only for the commands that need it
+    from ampq_pass.pipeline import PassOptions, run_pass
+    from ampq_pass.stages.report import plot_pareto, plot_plan, render_text
 
     if args.report:
         check_report = Path(args.report)
         if not check_report.parent.is_dir():
             raise AmpqError(f"{args.report}: report directory {check_report.parent} does not exist")
     opts = PassOptions(
-        backend=args.backend, formats=tuple(f.strip() for f in args.formats.split(",")) if args.formats else None,
+        backend=args.backend, formats=parse_formats(args.formats),
         max_loss_rmse=args.max_loss_rmse, max_loss_mse=args.max_loss_mse, max_memory=args.max_memory,
         loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
         max_configs=args.max_configs, activation_matmuls=args.activation_matmuls, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
@@ -205,12 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "inspect":
             return cmd_inspect(args)
         if command == "demo":
-            from .demo import run_demo
+            from ampq_pass.cli.demo import run_demo
 
             return run_demo(Path(args.out))
         if command:
-            import importlib
-
             return importlib.import_module(COMMANDS[command]).run(args)
         return cmd_rewrite(args)
     except AmpqError as exc:

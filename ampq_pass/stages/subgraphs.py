@@ -20,10 +20,11 @@ import numpy as np
 import onnx
 from onnx.utils import Extractor
 
-from .calibration import Samples
-from .errors import AmpqError
-from .model import infer_shapes_safe
-from .partition import Partition, Subgraph, node_names
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.ort import run_exposed
+from ampq_pass.core.proto import copy_model, fits_protobuf, infer_shapes_safe
+from ampq_pass.core.samples import Samples
+from ampq_pass.stages.partition import Partition, Subgraph
 
 
 def _typed_names(model: onnx.ModelProto) -> set[str]:
@@ -35,21 +36,13 @@ def with_types(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """``model`` itself if every tensor in ``names`` has a type, else a shape-inferred copy."""
     if set(names) <= _typed_names(model):
         return model
-    from .model import _fits_protobuf
-
     # Above 2 GB, inference runs on a weight-less copy anyway and only adds value_info to
     # the model it is given: doing that in place avoids a second copy of every weight.
-    inferred = infer_shapes_safe(_copy(model) if _fits_protobuf(model) else model)
+    inferred = infer_shapes_safe(copy_model(model) if fits_protobuf(model) else model)
     missing = [n for n in names if n not in _typed_names(inferred)]
     if missing:
         raise AmpqError(f"tensor {missing[0]!r}: onnx shape inference gives it no type, cannot extract a subgraph at it")
     return inferred
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -> onnx.ModelProto:
@@ -63,8 +56,6 @@ def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -
     if not subgraph.outputs:
         raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}) has no outputs to extract")
     typed = with_types(model, subgraph.inputs + subgraph.outputs)
-    if not all(n.name for n in typed.graph.node):
-        typed = _named(typed)
     try:
         sub = Extractor(typed).extract_model(list(subgraph.inputs), list(subgraph.outputs))
     except ValueError as exc:
@@ -75,14 +66,6 @@ def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -
     if check:
         onnx.checker.check_model(sub)
     return sub
-
-
-def _named(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose unnamed nodes carry the names the partition gave them."""
-    out = _copy(model)
-    for name, node in zip(node_names(out), out.graph.node):
-        node.name = name
-    return out
 
 
 def _check_nodes(sub: onnx.ModelProto, subgraph: Subgraph) -> None:
@@ -121,8 +104,6 @@ def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Sample
     unknown = [t for t in wanted if t not in produced]
     if unknown:
         raise AmpqError(f"subgraph input {unknown[0]!r} is not a tensor of the model")
-    from .probe import run_exposed
-
     out: dict[int, list[dict[str, np.ndarray]]] = {s.index: [] for s in partition.subgraphs}
     batches = itertools.islice(samples.batches(batch_size), max_batches)
     for batch, values in run_exposed(model, batches, wanted):
@@ -136,6 +117,4 @@ def extract_all(model: onnx.ModelProto, partition: Partition) -> list[onnx.Model
     """Every subgraph of ``partition`` extracted, in order (shape inference at most once)."""
     names = [t for s in partition.subgraphs for t in s.inputs + s.outputs]
     typed = with_types(model, names)
-    if not all(n.name for n in typed.graph.node):
-        typed = _named(typed)
     return [extract(typed, s) for s in partition.subgraphs]

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import AmpqError
+import torch
+
+from ampq_pass.cli.args import add_calib_args, parse_formats, samples_from_args
+from ampq_pass.core.cache import Cache, save_json
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.model import load_model
+from ampq_pass.core.text import table
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.sensitivity import sensitivity
+from ampq_pass.stages.sensitivity.executor import check_supported
+from ampq_pass.stages.sensitivity.losses import load_labels, make_loss
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_calib_args
-
     parser.add_argument("model")
     add_calib_args(parser)
     parser.add_argument("--loss", default=None,
@@ -32,17 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _formats(arg: str | None) -> list[str] | None:
-    from .formats import get_format
-
-    if not arg:
-        return None
-    names = [f.strip() for f in arg.split(",") if f.strip()]
-    if not names:
-        raise AmpqError("--formats is empty; give e.g. --formats int8,fp8_e4m3")
-    return [get_format(n).name for n in names]
-
-
 def rows(sens, layers, formats: list[str]) -> list[list[object]]:
     """Table rows, most sensitive layer (largest value over formats) first."""
     ops = {l.name: l.op_type for l in layers}
@@ -56,28 +54,13 @@ def rows(sens, layers, formats: list[str]) -> list[list[object]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from .cache import Cache
-    from .calibration import save_json
-    from .cli import samples_from_args
-    from .layers import find_layers
-    from .losses import load_labels
-    from .model import load_model
-    from .report_text import table
-    from .sensitivity import sensitivity
-    from .stages import compute_ranges
-
-    formats = _formats(args.formats)
+    formats = parse_formats(args.formats)
     model = load_model(args.model)
     layers = find_layers(model)
     if not layers:
         raise AmpqError(f"{args.model}: no quantizable layer (MatMul/Gemm/Conv/ConvTranspose with a constant weight)")
     labels = load_labels(args.labels) if args.labels else None
     loss = args.loss or ("cross_entropy" if labels is not None else "projection")
-    from .executor import check_supported
-    from .losses import make_loss
-
     make_loss(loss, labels=labels, probes=args.probes)  # refuse a bad loss before calibrating
     check_supported(model)
     samples = samples_from_args(args, model)

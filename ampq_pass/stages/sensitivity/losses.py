@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import AmpqError
+from ampq_pass.core.errors import AmpqError
 
 #: losses refused because their gradient vanishes at the high-precision point
 _SELF_REFERENCED = ("kl", "kl_div", "self_kl", "self_mse", "distillation")

@@ -12,10 +12,50 @@ import os
 import tempfile
 from pathlib import Path
 
+from typing import Callable
+
 import onnx
 
-from .errors import AmpqError
-from .model import set_field
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.proto import set_field
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, what: str | None = None) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: readers see the old file or the new one, never half of one.
+
+    The fsync before the rename matters after a crash: a rename can reach the disk before
+    the bytes it publishes. An :class:`OSError` becomes :class:`AmpqError` naming ``what``
+    (default: the path); the temporary file never outlives the call.
+    """
+    path = Path(path)
+    what = what or str(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as exc:
+        raise AmpqError(f"{what}: cannot write ({exc.strerror or exc})") from None
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise AmpqError(f"{what}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_json(data: dict, path: str | os.PathLike) -> Path:
+    """``data`` as indented JSON at ``path``, written atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+
+    return atomic_write(path, write)
 
 
 def digest(*parts: object) -> str:
@@ -85,17 +125,11 @@ class Cache:
         target = self.path(kind, key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=target.parent)
         except OSError as exc:
             raise AmpqError(f"cache directory {self.root}: cannot write ({exc.strerror or exc})") from None
-        try:
-            with os.fdopen(fd, "w") as f:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
                 json.dump(value, f)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not publish an entry whose bytes are not on disk
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise AmpqError(f"cache directory {self.root}: cannot write ({exc.strerror or exc})") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(target, write, what=f"cache directory {self.root}")

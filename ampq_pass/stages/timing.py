@@ -19,14 +19,14 @@ from typing import Iterable, Union
 import numpy as np
 import onnx
 
-from .backends.base import Backend, CostModel, Timing, median_ci
-from .cache import Cache, digest, model_digest
-from .calibration import Ranges
-from .errors import AmpqError
-from .formats import HP
-from .layers import Layer
-from .plan import Plan
-from .rewrite import rewrite
+from ampq_pass.core.measure import Backend, CostModel, Timing, median_ci
+from ampq_pass.core.cache import Cache, digest, model_digest
+from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import HP
+from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
 
 Measurer = Union[Backend, CostModel]
 
@@ -225,8 +225,8 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     that :func:`predict_speedup` divides by. ``max_batches`` bounds the captured batches
     used per subgraph (one batch per timing round, cycled).
     """
-    from .partition import configs as partition_configs
-    from .subgraphs import extract
+    from ampq_pass.stages.partition import configs as partition_configs
+    from ampq_pass.stages.subgraphs import extract
 
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
@@ -277,7 +277,7 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
     (config / hp, which a uniform slowdown leaves unchanged) on that scale. Returns None
     when the backend cannot time models with different inputs together.
     """
-    from .subgraphs import extract
+    from ampq_pass.stages.subgraphs import extract
 
     key = digest("anchor", _CACHE_VERSION, model_digest(model), [s.to_json() for s in partition.subgraphs],
                  input_signature(model_inputs),

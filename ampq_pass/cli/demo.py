@@ -10,11 +10,12 @@ import numpy as np
 
 def run_demo(out: Path, *, calib_count: int = 64, holdout: int = 32, seq_len: int = 128,
              max_loss_rmse: float = 0.1) -> int:
-    from .backends.ort import make_session, run
-    from .calibration import Samples, save_json
-    from .minilm import english_sentences, export_minilm, mean_pool, tokenize
-    from .pipeline import run_pass
-    from .report import plot_pareto, plot_plan, render_text
+    from ampq_pass.core.ort import make_session, run
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.core.cache import save_json
+    from ampq_pass.cli.minilm import english_sentences, export_minilm, mean_pool, tokenize
+    from ampq_pass.pipeline import run_pass
+    from ampq_pass.stages.report import plot_pareto, plot_plan, render_text
 
     out.mkdir(parents=True, exist_ok=True)
     src = out / "minilm.onnx"

@@ -29,9 +29,11 @@ from itertools import product
 import networkx as nx
 import onnx
 
-from .errors import AmpqError
-from .formats import HP
-from .layers import WEIGHTED_OPS, Layer
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import HP
+from ampq_pass.core.graph import node_names
+from ampq_pass.core.ops import WEIGHTED_OPS
+from ampq_pass.stages.layers import Layer
 
 #: Ops whose output depends only on the *shape* of their input, not on its values.
 METADATA_OPS = frozenset({"Shape", "Size"})
@@ -116,12 +118,6 @@ def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def node_names(model: onnx.ModelProto) -> list[str]:
-    """Node names as :func:`ampq_pass.layers.find_layers` sees them: an unnamed node is
-    ``<op_type>_<index>``."""
-    return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)]
-
-
 def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
     """The model as a bipartite DiGraph: ``("op", node name)`` and ``("tensor", name)``.
 
@@ -129,7 +125,7 @@ def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
     ``index`` (graph order) on ops; ``initializer``/``graph_input``/``graph_output``
     flags on tensors. An edge into an op from :data:`METADATA_OPS` carries
     ``meta=True``: the op reads the tensor's shape, not its values. Ops are keyed by
-    :func:`node_names`.
+    :func:`ampq_pass.core.graph.node_names`.
     """
     g = nx.DiGraph()
     inits = {t.name for t in model.graph.initializer}

@@ -1,19 +1,15 @@
-"""Calibration samples and activation ranges.
+"""Calibration samples: reading, validation against the model, synthetic inputs.
 
 Samples come from ``--calib FILE.npz`` (one array per model input, first axis =
 samples) or a directory of such files; they are validated against the model before any
-work. Activation ranges come from ONNX Runtime's own calibrators (MinMax, Percentile,
-Entropy) and are kept as plain data: sensitivity, timing and rewrite all derive their
-scales from the same :class:`Ranges`.
+work.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import struct
-import tempfile
+import sys
 import tokenize
 import zipfile
 import zlib
@@ -25,9 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import AmpqError, runtime_errors
-
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+from ampq_pass.core.cache import digest
+from ampq_pass.core.errors import AmpqError
 
 
 @dataclass
@@ -305,103 +300,12 @@ def synthetic_samples(model: onnx.ModelProto, count: int = 8, *, seed: int = 0,
     return Samples(inputs, synthetic=True, source="synthetic")
 
 
-# ----------------------------------------------------------------------------- ranges
-
-@dataclass
-class Ranges:
-    """Calibrated [lowest, highest] of activation tensors, by tensor name."""
-
-    method: str
-    tensors: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> tuple[float, float]:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise AmpqError(f"no calibrated range for tensor {name!r}; was it calibrated?") from None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def to_json(self) -> dict:
-        return {"method": self.method, "tensors": {k: list(v) for k, v in self.tensors.items()}}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Ranges":
-        return cls(data["method"], {k: (float(a), float(b)) for k, (a, b) in data["tensors"].items()})
-
-
-def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, method: str = "minmax",
-              batch_size: int = 8, percentile: float = 99.999) -> Ranges:
-    """Ranges of ``tensors`` over ``samples`` with ONNX Runtime's calibrator for ``method``."""
-    from onnxruntime.quantization import calibrate as ort_calibrate
-
-    if method not in CALIBRATION_METHODS:
-        raise AmpqError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    wanted = set(tensors)
-
-    class Reader(ort_calibrate.CalibrationDataReader):
-        def __init__(self):
-            self._it = samples.batches(batch_size)
-
-        def get_next(self):
-            return next(self._it, None)
-
-    # ONNX Runtime's calibrators pick tensors by op type (every input and output of every
-    # MatMul, say, attention-mask additions included, whose -inf-like values break the
-    # histogram calibrators). Narrow the selection to exactly the tensors a plan needs.
-    base = {"minmax": ort_calibrate.MinMaxCalibrater, "percentile": ort_calibrate.PercentileCalibrater,
-            "entropy": ort_calibrate.EntropyCalibrater}[method]
-
-    class Narrowed(base):
-        def select_tensors_to_calibrate(self, model):
-            found, value_infos = super().select_tensors_to_calibrate(model)
-            return found & wanted, value_infos
-
-    # The same per-method settings as onnxruntime.quantization.calibrate.create_calibrator.
-    options = {"minmax": {"symmetric": False, "moving_average": False},
-               "percentile": {"symmetric": True, "num_bins": 2048, "percentile": percentile},
-               "entropy": {"symmetric": False, "num_bins": 128, "num_quantized_bins": 128}}[method]
-    with tempfile.TemporaryDirectory(prefix="ampq-calib-") as tmp:
-        src = Path(tmp) / "model.onnx"
-        from .model import _fits_protobuf
-
-        large = not _fits_protobuf(model)
-        if large:
-            from .model import save_external
-
-            save_external(model, src, "model.onnx.data")
-        else:
-            onnx.save_model(model, str(src))
-        with runtime_errors("model"):
-            op_types = sorted({n.op_type for n in model.graph.node if set(n.input) & wanted or set(n.output) & wanted})
-            calibrator = Narrowed(src, op_types, str(Path(tmp) / "augmented.onnx"),
-                                  use_external_data_format=large, **options)
-            calibrator.augment_graph()
-            calibrator.execution_providers = ["CPUExecutionProvider"]
-            calibrator.create_inference_session()
-            calibrator.collect_data(Reader())
-            data = calibrator.compute_data()
-    found = {}
-    for name in wanted:
-        if name in data:
-            lo, hi = data[name].range_value
-            found[name] = (float(np.asarray(lo).min()), float(np.asarray(hi).max()))
-    missing = wanted - set(found)
-    if missing:
-        raise AmpqError(f"calibrator produced no range for tensor {sorted(missing)[0]!r}")
-    return Ranges(method, dict(sorted(found.items())))
-
-
-def save_json(data: dict, path: str | os.PathLike) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise AmpqError(f"{path}: cannot write ({exc.strerror or exc})") from None
+def samples_digest(samples: Samples) -> str:
+    """Digest of every shape group's arrays (one group hashes as it did before groups existed)."""
+    parts = []
+    for index, group in enumerate(samples.groups):
+        if index:
+            parts.append(("group", index))
+        parts.extend((k, str(v.dtype), list(v.shape), np.ascontiguousarray(v).tobytes())
+                     for k, v in sorted(group.items()))
+    return digest(*parts)

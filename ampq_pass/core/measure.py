@@ -1,5 +1,9 @@
 """The backend interface (design.md §4) and the timing protocol shared by all adapters.
 
+It lives in core because the timing stage programs against it while the adapters
+(``ampq_pass.backends``) sit above the stages: the gaudi adapter lowers graphs through the
+sensitivity executor's op table and the cost models count MACs with the layer stage.
+
 A :class:`Backend` times several configurations of one subgraph *together*: every round
 runs each configuration once, in a rotating order, so drift of a shared, noisy machine
 (frequency scaling, other processes) hits all configurations alike and per-round
@@ -18,7 +22,6 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
-from ..layers import Layer
 
 #: two-sided 95% normal quantile, for the order-statistic confidence interval of a median
 _Z95 = 1.959963984540054
@@ -226,7 +229,7 @@ class CostModel(ABC):
     def key(self) -> dict: ...
 
     @abstractmethod
-    def cost(self, model: onnx.ModelProto, layers: list[Layer], formats: dict[str, str],
+    def cost(self, model: onnx.ModelProto, layers: list, formats: dict[str, str],
              inputs: list[dict[str, np.ndarray]]) -> float:
         """Cost of one run of ``model`` (a subgraph or the whole model) with ``formats``
-        applied to ``layers`` (layers not named stay hp)."""
+        applied to ``layers`` (:class:`ampq_pass.stages.layers.Layer`; layers not named stay hp)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .formats import HP
-from .report_text import table as text_table
+from ampq_pass.core.formats import HP
+from ampq_pass.core.text import table as text_table
 
 REPORT_VERSION = 1
 
@@ -16,7 +16,7 @@ def build_report(*, model_path, output, layers, sens, partition, table, solution
                  normalized=None) -> dict:
     """Every layer's sensitivities, subgraph and chosen format; every subgraph's configs with
     gains, noise and the chosen one; predicted vs measured; the budget and what bound."""
-    from .sensitivity import predicted_mse
+    from ampq_pass.stages.sensitivity import predicted_mse
 
     sub_of = {l: sg.index for sg in partition.subgraphs for l in sg.layers}
     chosen = solution.plan.formats

@@ -10,11 +10,10 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import AmpqError
-
-# Above this size a ModelProto cannot be serialised in one piece (protobuf's 2 GB limit),
-# so tensors go to an external-data file beside the model.
-_PROTOBUF_LIMIT = 2**31 - 1 - 2**20
+from ampq_pass.core.cache import atomic_write
+from ampq_pass.core.errors import AmpqError, first_line
+from ampq_pass.core.normalize import normalize_checked
+from ampq_pass.core.proto import expected_bytes, fits_protobuf, infer_shapes_safe, save_external
 
 
 def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize: bool = True,
@@ -33,7 +32,7 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise AmpqError(f"{path}: not an ONNX model or truncated (protobuf parse failed: {_first_line(exc)})") from None
+        raise AmpqError(f"{path}: not an ONNX model or truncated (protobuf parse failed: {first_line(exc)})") from None
     except OSError as exc:
         raise AmpqError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not model.graph.node:
@@ -43,14 +42,12 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
     _check(model, path)
     _load_external(model, path)
     if normalize:
-        from .normalize import normalize_checked
-
         try:
             model, done = normalize_checked(model, source=str(path), original_path=str(path))
         except AmpqError:
             raise
         except Exception as exc:  # a model that passes the checker but that a rule cannot read
-            raise AmpqError(f"{path}: cannot normalise the model ({type(exc).__name__}: {_first_line(exc)})") from None
+            raise AmpqError(f"{path}: cannot normalise the model ({type(exc).__name__}: {first_line(exc)})") from None
         if changes is not None:
             changes.extend(done.changes)
     if infer_shapes:
@@ -59,7 +56,7 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
         except AmpqError:
             raise
         except Exception as exc:  # onnx raises InferenceError / ValidationError / RuntimeError
-            raise AmpqError(f"{path}: onnx shape inference fails on the model ({_first_line(exc)})") from None
+            raise AmpqError(f"{path}: onnx shape inference fails on the model ({first_line(exc)})") from None
     return model
 
 
@@ -76,11 +73,6 @@ def _check_names(model: onnx.ModelProto, path: Path) -> None:
             raise AmpqError(f"{path}: a {kind} name is not valid UTF-8 ({bad[:40]!r}); the file is damaged")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 def _check(model: onnx.ModelProto, path: Path) -> None:
     """onnx.checker on the model as read from the file, *before* its external data is loaded.
 
@@ -95,9 +87,9 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
         with _cwd(path.parent):
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise AmpqError(f"{path}: invalid or truncated ONNX model ({_first_line(exc)})") from None
+        raise AmpqError(f"{path}: invalid or truncated ONNX model ({first_line(exc)})") from None
     except ValueError as exc:  # a file whose embedded tensors alone exceed 2 GB cannot be a valid proto
-        raise AmpqError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
+        raise AmpqError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -108,105 +100,6 @@ def _cwd(folder: Path):
         yield
     finally:
         os.chdir(old)
-
-
-def _fits_protobuf(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` serialises below protobuf's 2 GB limit.
-
-    Not ``model.ByteSize()``: the upb protobuf runtime computes it by serialising the
-    whole message, which on a 2.5 GB model takes seconds and a second 2.5 GB buffer
-    (measured). The size is dominated by tensor bytes, which dims and dtype give for free;
-    everything else is sized per node / per small tensor, with a margin for framing.
-    """
-    return approx_size(model) < _PROTOBUF_LIMIT
-
-
-def approx_size(model: onnx.ModelProto) -> int:
-    """Serialised size of ``model``, computed without serialising its weights."""
-    total = 0
-    for t in model.graph.initializer:
-        n = _expected_bytes(t) if t.HasField("raw_data") else None
-        total += (n + 64 + len(t.name) + 8 * len(t.dims)) if n is not None else t.ByteSize()
-    for node in model.graph.node:
-        total += node.ByteSize()  # Constant nodes hold their tensors here
-    for field in (model.graph.input, model.graph.output, model.graph.value_info):
-        total += sum(v.ByteSize() for v in field)
-    return total + 4096
-
-
-def stripped_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers keep name, dims and type but no data.
-
-    Built field by field: ``CopyFrom`` followed by clearing would hold a second copy of
-    every weight for a moment, which is exactly what >2 GB models cannot afford.
-    """
-    out = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            set_field(out, fd, value)
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            set_field(out.graph, fd, value)
-    for t in model.graph.initializer:
-        s = out.graph.initializer.add()
-        s.name, s.data_type = t.name, t.data_type
-        s.dims.extend(t.dims)
-    return out
-
-
-def set_field(target, fd, value) -> None:
-    """Copy one protobuf field (as listed by ``ListFields``) into ``target``."""
-    if fd.is_repeated:
-        getattr(target, fd.name).extend(value)
-    elif fd.type == fd.TYPE_MESSAGE:
-        getattr(target, fd.name).CopyFrom(value)
-    else:
-        setattr(target, fd.name, value)
-
-
-def adopt_structure(model: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:
-    """Give ``model`` (in place) everything of ``converted`` except the weights it already holds.
-
-    ``converted`` came from :func:`stripped_copy` of ``model``: its initializers with the same
-    name, dims and no data stand for ``model``'s own, which stay where they are (no copy);
-    initializers the converter created or changed are taken over, ones it dropped go.
-    """
-    mine = {t.name: t for t in model.graph.initializer}
-    theirs = []
-    for t in converted.graph.initializer:
-        orig = mine.get(t.name)
-        placeholder = orig is not None and list(t.dims) == list(orig.dims) and t.data_type == orig.data_type \
-            and not (t.raw_data or t.float_data or t.int32_data or t.int64_data or t.double_data)
-        theirs.append((t.name, None if placeholder else t))
-    keep_names = {name for name, t in theirs if t is None}
-    drop = [t for t in model.graph.initializer if t.name not in keep_names]
-    for t in drop:
-        model.graph.initializer.remove(t)
-    for _, t in theirs:
-        if t is not None:
-            model.graph.initializer.add().CopyFrom(t)
-    for fd, value in converted.graph.ListFields():
-        if fd.name != "initializer":
-            model.graph.ClearField(fd.name)
-            set_field(model.graph, fd, value)
-    for fd in model.DESCRIPTOR.fields:
-        if fd.name != "graph":
-            model.ClearField(fd.name)
-    for fd, value in converted.ListFields():
-        if fd.name != "graph":
-            set_field(model, fd, value)
-    return model
-
-
-def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """onnx's version converter. Models above 2 GB are converted without their weights (the
-    converter serialises the proto) and the result is adopted in place by ``model``."""
-    from onnx import version_converter
-
-    if _fits_protobuf(model):
-        return version_converter.convert_version(model, opset)
-    converted = version_converter.convert_version(stripped_copy(model), opset)
-    return adopt_structure(model, converted)
 
 
 def _check_external_refs(model: onnx.ModelProto, path: Path) -> bool:
@@ -225,7 +118,7 @@ def _check_external_refs(model: onnx.ModelProto, path: Path) -> bool:
             # embedded bytes: the checker does not compare them with the dims (ONNX Runtime
             # then fails deep inside with "buffer size mismatch"); the file is < 2 GB here,
             # so reading the length is cheap
-            want = _expected_bytes(tensor) if tensor.HasField("raw_data") else None
+            want = expected_bytes(tensor) if tensor.HasField("raw_data") else None
             if want is not None and len(tensor.raw_data) != want:
                 raise AmpqError(f"{path}: tensor {tensor.name!r} holds {len(tensor.raw_data)} bytes, expected {want} "
                                 f"for shape {list(tensor.dims)}")
@@ -246,7 +139,7 @@ def _check_external_refs(model: onnx.ModelProto, path: Path) -> bool:
             length = int(info["length"]) if info.get("length") else size - offset
         except ValueError:
             raise AmpqError(f"{path}: tensor {tensor.name!r} has a non-numeric external data offset/length") from None
-        want = _expected_bytes(tensor)
+        want = expected_bytes(tensor)
         if offset < 0 or length < 0 or offset + length > size:
             raise AmpqError(f"{path}: external data of tensor {tensor.name!r} needs bytes {offset}..{offset + length} "
                             f"of {location}, which has {size} bytes (truncated data file?)")
@@ -271,37 +164,7 @@ def _load_external(model: onnx.ModelProto, path: Path) -> None:
     try:
         load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
-        raise AmpqError(f"{path}: cannot read external data ({_first_line(exc)})") from None
-
-
-def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
-    import numpy as np
-    from onnx import helper
-
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    if tensor.data_type in (onnx.TensorProto.STRING,) or itemsize == 0:
-        return None
-    n = 1
-    for d in tensor.dims:
-        n *= int(d)
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (n + 1) // 2
-    return n * itemsize
-
-
-def infer_shapes_safe(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference; models above 2 GB are inferred without serialising them whole."""
-    if _fits_protobuf(model):
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    # Above the protobuf limit: infer on a weight-less copy and graft the value_info back.
-    stripped = stripped_copy(model)
-    inferred = onnx.shape_inference.infer_shapes(stripped, data_prop=False)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    return model
+        raise AmpqError(f"{path}: cannot read external data ({first_line(exc)})") from None
 
 
 def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
@@ -331,42 +194,24 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     2 GB are written with external data ``<name>.data`` beside them.
     """
     path = check_output_path(path, source)
-    folder = path.parent
-    large = not _fits_protobuf(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     data_name = path.name + ".data"
-    tmp_data = folder / (Path(tmp).name + ".data")
+    if fits_protobuf(model):
+        return atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+    tmp_data: list[Path] = []
+
+    def write(tmp: str) -> None:
+        tmp_data.append(path.parent / (Path(tmp).name + ".data"))
+        save_external(model, tmp, tmp_data[0].name)
+        # The model refers to its data file by name: rewrite that name before the renames.
+        if tmp_data[0].exists():  # no data file when every tensor is under the size threshold
+            _relocate_external(tmp, tmp_data[0].name, data_name)
+            os.replace(tmp_data[0], path.parent / data_name)
+
     try:
-        if large:
-            save_external(model, tmp, tmp_data.name)
-            # The model refers to its data file by name: rewrite that name before the renames.
-            if tmp_data.exists():  # no data file when every tensor is under the size threshold
-                _relocate_external(tmp, tmp_data.name, data_name)
-                os.replace(tmp_data, folder / data_name)
-        else:
-            onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AmpqError(f"{path}: cannot write output ({exc.strerror or exc})") from None
+        return atomic_write(path, write)
     finally:
-        for leftover in (Path(tmp), tmp_data):
-            if leftover.exists():
-                leftover.unlink()
-    return path
-
-
-def save_external(model: onnx.ModelProto, path: str | os.PathLike, location: str) -> None:
-    """Save with all tensors in one external file ``location`` beside ``path``.
-
-    onnx's saver moves the tensors out of the in-memory proto; they are read back so the
-    caller's model is unchanged (copying a >2 GB model first would double peak memory).
-    """
-    from onnx.external_data_helper import load_external_data_for_model
-
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
-    load_external_data_for_model(model, str(Path(path).parent))
+        if tmp_data and tmp_data[0].exists():
+            tmp_data[0].unlink()
 
 
 def _relocate_external(model_file: str, old: str, new: str) -> None:

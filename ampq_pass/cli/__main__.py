@@ -1,0 +1,5 @@
+import sys
+
+from ampq_pass.cli.main import main
+
+sys.exit(main())

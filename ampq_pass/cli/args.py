@@ -1,0 +1,57 @@
+"""Arguments shared by the sub-commands, parsed in one place each."""
+
+from __future__ import annotations
+
+import argparse
+
+import onnx
+
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import get_format
+from ampq_pass.core.samples import Samples, load_samples, synthetic_samples
+from ampq_pass.stages.calibrate import CALIBRATION_METHODS
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", help=".npz (one array per model input, axis 0 = samples) or a directory of them")
+    p.add_argument("--calib-method", default="minmax", choices=list(CALIBRATION_METHODS),
+                   help="ONNX Runtime calibrator for activation ranges (default: minmax)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
+    p.add_argument("--cache-dir", default=".ampq-cache", help="on-disk cache of ranges and timings")
+
+
+def add_debug_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def samples_from_args(args: argparse.Namespace, model: onnx.ModelProto) -> Samples:
+    """``--calib`` read and validated against ``model``, or synthetic inputs (with a warning)."""
+    return load_samples(args.calib, model) if args.calib else synthetic_samples(model)
+
+
+def parse_formats(arg: str | None) -> tuple[str, ...] | None:
+    """``--formats int8,int4`` -> ``("int8", "int4")``; None when not given. Unknown names and an
+    empty list are the user's error."""
+    if arg is None:
+        return None
+    names = tuple(get_format(f.strip()).name for f in arg.split(",") if f.strip())
+    if not names:
+        raise AmpqError("--formats is empty; give e.g. --formats int8,int4")
+    return names
+
+
+def parse_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``["image=1x3x48x640", ...]`` -> ``{"image": (1, 3, 48, 640)}``."""
+    if not specs:
+        return None
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        parts = dims.lower().split("x")
+        if not sep or not name or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise AmpqError(f"--shape {spec!r}: expected INPUT=DxDx... with positive integers, batch first "
+                            f"(e.g. image=1x3x48x640)")
+        if name in out:
+            raise AmpqError(f"--shape: input {name!r} is given twice")
+        out[name] = tuple(int(p) for p in parts)
+    return out

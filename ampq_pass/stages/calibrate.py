@@ -1,0 +1,133 @@
+"""Calibrate: activation ranges from ONNX Runtime's own calibrators (MinMax, Percentile,
+Entropy), kept as plain data. Sensitivity, timing and rewrite all derive their scales
+from the same :class:`Ranges`, computed once and cached.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ampq_pass.core.cache import Cache, digest, model_digest
+from ampq_pass.core.errors import AmpqError, runtime_errors
+from ampq_pass.core.formats import FORMATS
+from ampq_pass.core.proto import fits_protobuf, save_external
+from ampq_pass.core.samples import Samples, samples_digest
+from ampq_pass.stages.layers import Layer
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def required_ranges(layers: list[Layer]) -> list[str]:
+    """Activation tensors whose range any plan over ``layers`` may need (each candidate
+    format says which tensors of a layer it quantizes)."""
+    names: set[str] = set()
+    for layer in layers:
+        for f in layer.formats:
+            names.update(FORMATS[f].calibrated_tensors(layer))
+    return sorted(names)
+
+
+@dataclass
+class Ranges:
+    """Calibrated [lowest, highest] of activation tensors, by tensor name."""
+
+    method: str
+    tensors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> tuple[float, float]:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise AmpqError(f"no calibrated range for tensor {name!r}; was it calibrated?") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "tensors": {k: list(v) for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Ranges":
+        return cls(data["method"], {k: (float(a), float(b)) for k, (a, b) in data["tensors"].items()})
+
+
+def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, method: str = "minmax",
+              batch_size: int = 8, percentile: float = 99.999) -> Ranges:
+    """Ranges of ``tensors`` over ``samples`` with ONNX Runtime's calibrator for ``method``."""
+    from onnxruntime.quantization import calibrate as ort_calibrate
+
+    if method not in CALIBRATION_METHODS:
+        raise AmpqError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    wanted = set(tensors)
+
+    class Reader(ort_calibrate.CalibrationDataReader):
+        def __init__(self):
+            self._it = samples.batches(batch_size)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    # ONNX Runtime's calibrators pick tensors by op type (every input and output of every
+    # MatMul, say, attention-mask additions included, whose -inf-like values break the
+    # histogram calibrators). Narrow the selection to exactly the tensors a plan needs.
+    base = {"minmax": ort_calibrate.MinMaxCalibrater, "percentile": ort_calibrate.PercentileCalibrater,
+            "entropy": ort_calibrate.EntropyCalibrater}[method]
+
+    class Narrowed(base):
+        def select_tensors_to_calibrate(self, model):
+            found, value_infos = super().select_tensors_to_calibrate(model)
+            return found & wanted, value_infos
+
+    # The same per-method settings as onnxruntime.quantization.calibrate.create_calibrator.
+    options = {"minmax": {"symmetric": False, "moving_average": False},
+               "percentile": {"symmetric": True, "num_bins": 2048, "percentile": percentile},
+               "entropy": {"symmetric": False, "num_bins": 128, "num_quantized_bins": 128}}[method]
+    with tempfile.TemporaryDirectory(prefix="ampq-calib-") as tmp:
+        src = Path(tmp) / "model.onnx"
+        large = not fits_protobuf(model)
+        if large:
+            save_external(model, src, "model.onnx.data")
+        else:
+            onnx.save_model(model, str(src))
+        with runtime_errors("model"):
+            op_types = sorted({n.op_type for n in model.graph.node if set(n.input) & wanted or set(n.output) & wanted})
+            calibrator = Narrowed(src, op_types, str(Path(tmp) / "augmented.onnx"),
+                                  use_external_data_format=large, **options)
+            calibrator.augment_graph()
+            calibrator.execution_providers = ["CPUExecutionProvider"]
+            calibrator.create_inference_session()
+            calibrator.collect_data(Reader())
+            data = calibrator.compute_data()
+    found = {}
+    for name in wanted:
+        if name in data:
+            lo, hi = data[name].range_value
+            found[name] = (float(np.asarray(lo).min()), float(np.asarray(hi).max()))
+    missing = wanted - set(found)
+    if missing:
+        raise AmpqError(f"calibrator produced no range for tensor {sorted(missing)[0]!r}")
+    return Ranges(method, dict(sorted(found.items())))
+
+
+
+
+def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples, *, method: str = "minmax",
+                   batch_size: int = 8, cache: Cache | None = None) -> Ranges:
+    """Calibrated ranges of every activation a plan over ``layers`` may quantize.
+
+    Computed once per (model, samples, method) and kept in ``cache``: sensitivity, timing
+    and rewrite all read these same ranges.
+    """
+    tensors = required_ranges(layers)
+    key = digest("ranges", model_digest(model), samples_digest(samples), method, batch_size, tensors)
+    if cache is not None and (hit := cache.get("ranges", key)) is not None:
+        return Ranges.from_json(hit)
+    ranges = calibrate(model, samples, tensors, method=method, batch_size=batch_size)
+    if cache is not None:
+        cache.put("ranges", key, ranges.to_json())
+    return ranges
