@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 
 from fuzz_cases import bases, calib_cases, check_outcome, model_cases, plan_cases, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = settings(max_examples=int(os.environ.get("AMPQ_FUZZ_EXAMPLES", "20")), deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck), database=None)
 

@@ -20,7 +20,7 @@ from ampq_pass.cli import main
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.pipeline import run_pass
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
