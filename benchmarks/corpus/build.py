@@ -145,7 +145,9 @@ def hashed_ids(vocab: int, n: int, seq: int, seed: int = 0, reserved: int = 10) 
     WordPiece tokenizer, each piece mapped to a stable id in [reserved, vocab) by CRC32
     (keeps the Zipf-like frequency structure and repetitions of real text)."""
     tok = wordpiece()
-    pieces = tok.encode(long_text(seed)).tokens
+    tok.no_truncation()
+    tok.no_padding()
+    pieces = tok.encode(long_text(seed), add_special_tokens=False).tokens
     ids = np.array([reserved + zlib.crc32(p.encode()) % (vocab - reserved) for p in pieces], np.int64)
     rng = np.random.default_rng(seed)
     starts = rng.choice(len(ids) - seq, n, replace=False)
@@ -153,21 +155,22 @@ def hashed_ids(vocab: int, n: int, seq: int, seed: int = 0, reserved: int = 10) 
 
 
 # ----------------------------------------------------------------------------- export helpers
-class Wrap:
-    """torch module returning one named output of a transformers model as a plain tensor."""
+def Wrap(model, field, kwargs_order):
+    """torch module returning one named output of a transformers model as a plain tensor;
+    forward takes the inputs as named positional parameters (torch.export wants no *args)."""
+    import torch
+    params = ", ".join(kwargs_order)
+    ns: dict = {}
+    exec(f"def forward(self, {params}):\n"
+         f"    out = self.m({', '.join(f'{k}={k}' for k in kwargs_order)})\n"
+         f"    return out[0] if isinstance(out, tuple) else getattr(out, {field!r})\n", ns)
 
-    def __new__(cls, model, field, kwargs_order):
-        import torch
-
-        class _W(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = model
-
-            def forward(self, *args):
-                out = self.m(**dict(zip(kwargs_order, args)))
-                return getattr(out, field) if not isinstance(out, tuple) else out[0]
-        return _W().eval()
+    class _W(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+        forward = ns["forward"]
+    return _W().eval()
 
 
 def export(module, args: tuple, names: list[str], out_name: str, path: Path, dynamo: bool,
@@ -176,9 +179,9 @@ def export(module, args: tuple, names: list[str], out_name: str, path: Path, dyn
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if dynamo:
-            shapes = tuple({ax: torch.export.Dim.AUTO for ax in dynamic.get(n, {})} or None for n in names)
+            shapes = {n: {ax: torch.export.Dim.AUTO for ax in dynamic.get(n, {})} or None for n in names}
             torch.onnx.export(module, args, str(path), input_names=names, output_names=[out_name],
-                              dynamo=True, dynamic_shapes=(shapes,), optimize=True)  # forward(*args)
+                              dynamo=True, dynamic_shapes=shapes, optimize=True)
         else:
             axes = {n: dynamic[n] for n in names if n in dynamic}
             axes[out_name] = {0: "batch"}

@@ -130,14 +130,25 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
             rc = proc.wait()
             timed_out = True
     wall = time.time() - t0
+    (d / "run.json").write_text(json.dumps({"rc": rc, "timed_out": timed_out, "wall_s": wall, "timeout": timeout}))
+    return parse_result(entry, d, rev)
+
+
+def parse_result(entry: dict, d: Path, rev: str) -> dict:
+    """The result row of one model from its output folder (also used by --reparse)."""
+    name = entry["name"]
+    run = json.loads((d / "run.json").read_text())
+    rc, timed_out, wall, timeout = run["rc"], run["timed_out"], run["wall_s"], run["timeout"]
+    report = d / "report.json"
+    timefile = d / "time.txt"
     stderr = (d / "stderr.txt").read_text(errors="replace")
-    stdout = (d / "stdout.txt").read_text(errors="replace")
+    stdout = (d / "stdout.txt").read_text(errors="replace") + "\n" + stderr  # progress lines are on stderr
     tv = timefile.read_text(errors="replace") if timefile.exists() else ""
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", tv)
     sig = re.search(r"Command terminated by signal (\d+)", tv)
     res = {"name": name, "exporter": entry.get("exporter", ""), "source": entry.get("source", ""), "rc": rc,
            "wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
-           "commit": rev, "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M")}
+           "commit": rev, "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     if timed_out:
         res["result"], res["detail"] = "timeout", f"> {timeout} s"
@@ -244,6 +255,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--skip-done", action="store_true", help="skip models that already have a result")
+    ap.add_argument("--reparse", action="store_true", help="rebuild results and table from the output folders only")
     args = ap.parse_args()
     manifest = json.loads((HERE / "corpus.json").read_text())
     snap, rev, code = snapshot()
@@ -253,6 +265,19 @@ def main() -> int:
     todo = [e for e in manifest if e.get("status") == "built"
             and (not args.only or e["name"] in args.only) and (not args.quick or e.get("quick"))
             and not (args.skip_done and e["name"] in results)]
+    if args.only:  # in the order given
+        todo.sort(key=lambda e: args.only.index(e["name"]))
+    if args.reparse:
+        for e in manifest:
+            old = results.get(e["name"])
+            if old and not (OUT / e["name"] / "run.json").exists():  # rows from before run.json existed
+                (OUT / e["name"] / "run.json").write_text(json.dumps(
+                    {"rc": old["rc"], "timed_out": old["result"] == "timeout", "wall_s": old["wall_s"],
+                     "timeout": args.timeout}))
+            if (OUT / e["name"] / "run.json").exists():
+                results[e["name"]] = parse_result(e, OUT / e["name"], results.get(e["name"], {}).get("commit", rev))
+        store.write_text(json.dumps(results, indent=1) + "\n")
+        todo = []
     write_table(results, manifest, rev)
     for e in todo:
         print(f"[corpus] {e['name']} ...", flush=True)
