@@ -12,12 +12,14 @@ import os
 import tempfile
 from pathlib import Path
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import onnx
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.proto import set_field
+
+T = TypeVar("T")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, what: str | None = None) -> Path:
@@ -133,3 +135,17 @@ class Cache:
                 json.dump(value, f)
 
         atomic_write(target, write, what=f"cache directory {self.root}")
+
+
+def cached(cache: Cache | None, kind: str, key: str, compute: Callable[[], T], *,
+           dump: Callable[[T], dict], load: Callable[[dict], T]) -> tuple[T, bool]:
+    """``(value, hit)``: the entry ``kind/key`` of ``cache`` read back with ``load`` when it is
+    there, else ``compute()`` stored with ``dump``. Every cached stage goes through here, so a
+    stage is computed at most once per key and an interrupted run resumes at the first
+    missing entry."""
+    if cache is not None and (hit := cache.get(kind, key)) is not None:
+        return load(hit), True
+    value = compute()
+    if cache is not None:
+        cache.put(kind, key, dump(value))
+    return value, False

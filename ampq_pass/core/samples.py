@@ -309,3 +309,50 @@ def samples_digest(samples: Samples) -> str:
         parts.extend((k, str(v.dtype), list(v.shape), np.ascontiguousarray(v).tobytes())
                      for k, v in sorted(group.items()))
     return digest(*parts)
+
+
+def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, tuple[int, ...]] | None,
+                 batch_size: int, n_batches: int) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """The batches subgraphs are timed on, and a note for the report saying which shape and why.
+
+    With ``shapes`` (``--shape input=1x3x48x640``) the samples of the calibration group with
+    those per-sample shapes are used, ``shape[0]`` per batch (repeated when the group is
+    smaller); otherwise the most common shape group of the calibration set, ``batch_size``
+    per batch. Real samples, so the activations captured at subgraph inputs are real too.
+    """
+    specs = {s.name: s for s in input_specs(model)}
+    available = [{k: list(v) for k, v in shape.items()} for shape, _ in samples.shapes()]
+    if shapes:
+        for name, shape in shapes.items():
+            if name not in specs:
+                raise AmpqError(f"--shape {name}=...: {name!r} is not a model input (inputs: {', '.join(specs)})")
+            spec = specs[name]
+            if len(shape) != len(spec.shape):
+                raise AmpqError(f"--shape {name}={'x'.join(map(str, shape))}: rank {len(shape)}, the model input "
+                                f"has rank {len(spec.shape)}")
+            for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise AmpqError(f"--shape {name}={'x'.join(map(str, shape))}: axis {axis} is fixed to {want} "
+                                    f"in the model")
+        batches = {int(s[0]) for s in shapes.values()}
+        if len(batches) > 1:
+            raise AmpqError(f"--shape: the inputs name different batch sizes {sorted(batches)}; give one")
+        batch = batches.pop()
+        group = samples.group_at({k: tuple(v[1:]) for k, v in shapes.items()})
+        if group is None:
+            named = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+            have = "; ".join(", ".join(f"{k}=Nx{'x'.join(map(str, v))}" for k, v in a.items()) for a in available)
+            raise AmpqError(f"--shape {named}: no calibration sample has this shape (the calibration set has: {have})")
+        source = "--shape"
+    else:
+        group, batch, source = samples.most_common(), batch_size, "most common calibration shape"
+    n = len(next(iter(group.values())))
+    feeds = []
+    for b in range(n_batches):
+        rows = (np.arange(batch) + b * batch) % n
+        feeds.append({k: np.ascontiguousarray(v[rows]) for k, v in group.items()})
+        if not shapes and (b + 1) * batch >= n:
+            break  # the default never repeats a sample; a named batch larger than the group does
+    info = {"source": source, "shapes": {k: list(v.shape) for k, v in feeds[0].items()},
+            "calibration_shapes": [{"shape": a, "samples": c} for a, (_, c) in zip(available, samples.shapes())]}
+    return feeds, info

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ampq_pass.core.cache import Cache, digest, model_digest
+from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError, runtime_errors
 from ampq_pass.core.formats import FORMATS
 from ampq_pass.core.proto import fits_protobuf, save_external
@@ -114,8 +114,6 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
     return Ranges(method, dict(sorted(found.items())))
 
 
-
-
 def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples, *, method: str = "minmax",
                    batch_size: int = 8, cache: Cache | None = None) -> Ranges:
     """Calibrated ranges of every activation a plan over ``layers`` may quantize.
@@ -125,9 +123,7 @@ def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples
     """
     tensors = required_ranges(layers)
     key = digest("ranges", model_digest(model), samples_digest(samples), method, batch_size, tensors)
-    if cache is not None and (hit := cache.get("ranges", key)) is not None:
-        return Ranges.from_json(hit)
-    ranges = calibrate(model, samples, tensors, method=method, batch_size=batch_size)
-    if cache is not None:
-        cache.put("ranges", key, ranges.to_json())
+    ranges, _ = cached(cache, "ranges", key, lambda: calibrate(model, samples, tensors, method=method,
+                                                             batch_size=batch_size),
+                       dump=Ranges.to_json, load=Ranges.from_json)
     return ranges

@@ -5,19 +5,51 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from dataclasses import dataclass, field
+
 from ampq_pass.core.formats import HP
+from ampq_pass.core.samples import Samples
 from ampq_pass.core.text import table as text_table
+from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.partition import Partition
+from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse
+from ampq_pass.stages.solve import Solution
+from ampq_pass.stages.timing import GainTable
 
 REPORT_VERSION = 1
 
 
-def build_report(*, model_path, output, layers, sens, partition, table, solution, predicted_speedup, measured,
-                 tau, opts, ranges_method, samples, holdout, front, stages, timing_shapes=None,
-                 normalized=None) -> dict:
+@dataclass
+class PassRecord:
+    """What the stages of one pass produced: the report is a function of this record."""
+
+    model_path: str
+    output: str
+    layers: list[Layer]
+    sens: Sensitivity
+    partition: Partition
+    table: GainTable
+    solution: Solution
+    predicted_speedup: float | None
+    measured: dict
+    tau: float
+    #: the pass's options (:class:`ampq_pass.pipeline.PassOptions`)
+    opts: object
+    ranges_method: str
+    samples: Samples
+    holdout: Samples
+    front: list[dict] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    timing_shapes: dict | None = None
+    normalized: list[str] = field(default_factory=list)
+
+
+def build_report(record: PassRecord) -> dict:
     """Every layer's sensitivities, subgraph and chosen format; every subgraph's configs with
     gains, noise and the chosen one; predicted vs measured; the budget and what bound."""
-    from ampq_pass.stages.sensitivity import predicted_mse
-
+    r = record
+    layers, sens, partition, table, solution, opts = r.layers, r.sens, r.partition, r.table, r.solution, r.opts
+    samples, holdout = r.samples, r.holdout
     sub_of = {l: sg.index for sg in partition.subgraphs for l in sg.layers}
     chosen = solution.plan.formats
     layer_rows = []
@@ -37,24 +69,24 @@ def build_report(*, model_path, output, layers, sens, partition, table, solution
                           "configs": configs, "chosen": pick})
     return {
         "version": REPORT_VERSION,
-        "model": model_path, "output": output, "backend": str(getattr(opts.backend, "name", opts.backend)), "unit": table.unit,
+        "model": r.model_path, "output": r.output, "backend": str(getattr(opts.backend, "name", opts.backend)), "unit": table.unit,
         "calibration": {"samples": len(samples), "holdout": len(holdout), "synthetic": samples.synthetic,
-                        "ranges": ranges_method, "loss": sens.loss, "batch_size": opts.batch_size,
+                        "ranges": r.ranges_method, "loss": sens.loss, "batch_size": opts.batch_size,
                         "shape_groups": len(samples.groups) if hasattr(samples, "groups") else 1},
         # which input shapes the subgraphs were timed at, and why (--shape or the most common)
-        "timing_shapes": timing_shapes,
-        # what load-time normalisation changed (ampq_pass.normalize), empty when nothing
-        "normalized": list(normalized or []),
-        "budget": {"max_loss_rmse": opts.max_loss_rmse, "max_loss_mse": opts.max_loss_mse, "tau": tau,
+        "timing_shapes": r.timing_shapes,
+        # what load-time normalisation changed (ampq_pass.core.normalize), empty when nothing
+        "normalized": list(r.normalized),
+        "budget": {"max_loss_rmse": opts.max_loss_rmse, "max_loss_mse": opts.max_loss_mse, "tau": r.tau,
                    "max_memory": opts.max_memory, "binding": solution.binding, "status": solution.status,
                    "message": solution.message},
-        "predicted": {"speedup": predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
+        "predicted": {"speedup": r.predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
                       "hp_time": table.hp_total, "memory": solution.memory if opts.max_memory is not None else None},
-        "measured": measured,
+        "measured": r.measured,
         "layers": layer_rows,
         "subgraphs": subgraphs,
-        "pareto": front,
-        "stages_seconds": {k: round(v, 3) for k, v in stages.items()},
+        "pareto": r.front,
+        "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
     }
 
 

@@ -19,14 +19,18 @@ from typing import Iterable, Union
 import numpy as np
 import onnx
 
-from ampq_pass.core.measure import Backend, CostModel, Timing, median_ci
-from ampq_pass.core.cache import Cache, digest, model_digest
-from ampq_pass.stages.calibrate import Ranges
+from tqdm.auto import tqdm
+
+from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
+from ampq_pass.core.measure import Backend, CostModel, Timing, median_ci
+from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.partition import configs as partition_configs
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.subgraphs import extract
 
 Measurer = Union[Backend, CostModel]
 
@@ -170,11 +174,16 @@ def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[
     if hp_config not in configs:
         configs = [hp_config] + configs
     key = subgraph_key(sub, configs, inputs, measurer)
-    if cache is not None and (hit := cache.get("gain", key)) is not None:
-        out = SubgraphGains.from_json(hit)
-        out.index, out.name, out.cached = index, name, True
-        return out
+    out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer),
+                      dump=SubgraphGains.to_json, load=SubgraphGains.from_json)
+    out.index, out.name, out.cached = index, name, hit
+    return out
 
+
+def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]], ranges: Ranges | None,
+             inputs: list[dict[str, np.ndarray]], measurer: Measurer) -> SubgraphGains:
+    names = [l.name for l in layers]
+    hp_config = {l: HP for l in names}
     labels = [config_name(c) for c in configs]
     if isinstance(measurer, CostModel):
         timings = {lab: Timing.exact(measurer.cost(sub, layers, c, inputs)) for lab, c in zip(labels, configs)}
@@ -190,10 +199,7 @@ def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[
         significant = abs(measured) > noise
         results.append(ConfigGain(dict(c), t.median, measured if significant else 0.0, noise, significant,
                                   measured, (t.ci_low, t.ci_high)))
-    out = SubgraphGains(index, name, names, hp.median, results)
-    if cache is not None:
-        cache.put("gain", key, out.to_json())
-    return out
+    return SubgraphGains(0, "", names, hp.median, results)
 
 
 def gain_noise(hp: Timing, other: Timing) -> float:
@@ -225,9 +231,6 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     that :func:`predict_speedup` divides by. ``max_batches`` bounds the captured batches
     used per subgraph (one batch per timing round, cycled).
     """
-    from ampq_pass.stages.partition import configs as partition_configs
-    from ampq_pass.stages.subgraphs import extract
-
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
     by_name = {l.name: l for l in layers}
@@ -277,26 +280,23 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
     (config / hp, which a uniform slowdown leaves unchanged) on that scale. Returns None
     when the backend cannot time models with different inputs together.
     """
-    from ampq_pass.stages.subgraphs import extract
-
     key = digest("anchor", _CACHE_VERSION, model_digest(model), [s.to_json() for s in partition.subgraphs],
                  input_signature(model_inputs),
                  {s.index: input_signature(inputs_by_subgraph[s.index][:max_batches]) for s in partition.subgraphs},
                  backend.key())
-    if cache is not None and (hit := cache.get("gain", key)) is not None:
-        return (float(hit["total"]), float(hit["noise"])), {int(k): float(v) for k, v in hit["subgraphs"].items()}
-    jobs = {"model": (model, model_inputs)}
-    jobs.update({str(s.index): (extract(model, s), inputs_by_subgraph[s.index][:max_batches])
-                 for s in partition.subgraphs})
-    try:
+    def measure() -> dict:
+        jobs = {"model": (model, model_inputs)}
+        jobs.update({str(s.index): (extract(model, s), inputs_by_subgraph[s.index][:max_batches])
+                     for s in partition.subgraphs})
         timings = backend.time_each(jobs)
-    except NotImplementedError:
+        total = timings.pop("model")
+        return {"total": total.median, "noise": total.half_width, "subgraphs": {k: t.median for k, t in timings.items()}}
+
+    try:
+        result, _ = cached(cache, "gain", key, measure, dump=dict, load=dict)
+    except NotImplementedError:  # the backend cannot time different models together
         return None
-    total = timings.pop("model")
-    result = {"total": total.median, "noise": total.half_width, "subgraphs": {k: t.median for k, t in timings.items()}}
-    if cache is not None:
-        cache.put("gain", key, result)
-    return (total.median, total.half_width), {int(k): v for k, v in result["subgraphs"].items()}
+    return (float(result["total"]), float(result["noise"])), {int(k): float(v) for k, v in result["subgraphs"].items()}
 
 
 def rescale(sg: SubgraphGains, hp_time: float) -> None:
@@ -325,12 +325,12 @@ def measure_hp_total(model: onnx.ModelProto, layers: list[Layer], inputs: list[d
     if isinstance(backend, CostModel):
         return backend.cost(model, layers, {}, inputs), 0.0
     key = digest("hp_total", _CACHE_VERSION, model_digest(model), input_signature(inputs), backend.key())
-    if cache is not None and (hit := cache.get("gain", key)) is not None:
-        return float(hit["median"]), float(hit["noise"])
-    t = backend.time({"hp": model}, inputs)["hp"]
-    if cache is not None:
-        cache.put("gain", key, {"median": t.median, "noise": t.half_width})
-    return t.median, t.half_width
+    def measure() -> dict:
+        t = backend.time({"hp": model}, inputs)["hp"]
+        return {"median": t.median, "noise": t.half_width}
+
+    hp, _ = cached(cache, "gain", key, measure, dump=dict, load=dict)
+    return float(hp["median"]), float(hp["noise"])
 
 
 class _NoBar:
@@ -344,8 +344,6 @@ class _NoBar:
 def _progress(total: int, enabled: bool, backend: Measurer):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=f"timing on {getattr(backend, 'name', '')}", unit="config")
 
 

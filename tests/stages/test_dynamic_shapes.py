@@ -13,7 +13,8 @@ from ampq_pass.cli.args import parse_shapes
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.stages.layers import find_layers
 from ampq_pass.core.model import load_model
-from ampq_pass.pipeline import PassOptions, run_pass, timing_feeds
+from ampq_pass.core.samples import timing_feeds
+from ampq_pass.pipeline import PassOptions, run_pass
 from ampq_pass.stages.calibrate import required_ranges
 from wild_models import wild_cnn, wild_feeds
 
