@@ -19,15 +19,27 @@ Gemm with ``transB``, grouped/depthwise convolutions and weights shared by sever
 need no rewriting: :mod:`ampq_pass.core.ops` picks the output-channel axis from the op and its
 attributes, and :mod:`ampq_pass.rewrite` emits one dequantized copy per (weight, format, axis).
 
+Each rule is one small pass, shaped after onnx-ir's pass infrastructure
+(``onnx_ir.passes``: ``PassBase``, ``PassResult``, ``PassManager``) but on
+``onnx.ModelProto``: a pass takes the model and returns a :class:`PassResult` (the model,
+whether it was modified, and the :class:`Change` records it made, each saying whether it is
+exact or may move outputs by rounding). :data:`NORMALIZATION_PASSES` lists them, in order,
+as data; :func:`normalize` runs them with a :class:`PassManager` and collects the changes
+into a :class:`Normalized` record. Unlike onnx-ir's ``Sequential``, a failing pass's error
+is not wrapped: an :class:`AmpqError` reaches the caller as the pass raised it.
+
 After normalising, :func:`check_equivalent` runs the original and the normalised model in
 ONNX Runtime on the same inputs and raises :class:`AmpqError` when their outputs differ.
 """
 
 from __future__ import annotations
 
+import abc
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -64,28 +76,420 @@ class Normalized:
         return bool(self.changes)
 
 
-def normalize(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.ModelProto, Normalized]:
-    """Normalise ``model`` in place (and return it, possibly a converted copy) with what changed."""
-    done = Normalized()
-    _name_nodes(model, done)
-    # The converter first: it turns opset-12 attributes (Squeeze axes, ...) into Constant
-    # inputs, which the next step then moves into initializers like every other constant.
-    model = _upgrade_opset(model, done, source)
-    _constants_to_initializers(model, done)
-    _fold_identity_and_cast(model, done)
-    _fold_batch_norms(model, done)
-    drop_unused_initializers(model.graph)
-    return model, done
+# ----------------------------------------------------------------------------- pass infrastructure
+
+@dataclass(frozen=True)
+class Change:
+    """One thing a pass did: ``message`` for the report; ``exact`` False when it may move outputs by rounding."""
+
+    message: str
+    exact: bool = True
 
 
-# ----------------------------------------------------------------------------- steps
+@dataclass
+class PassResult:
+    """Result of a pass (as ``onnx_ir.passes.PassResult``, plus what changed).
 
-def _name_nodes(model: onnx.ModelProto, done: Normalized) -> None:
-    unnamed = sum(1 for n in model.graph.node if not n.name)
-    if unnamed:
+    Attributes
+    ----------
+    model : onnx.ModelProto
+        The model after the pass (the input model itself for an in-place pass).
+    modified : bool
+        Whether the model differs from the pass's input.
+    changes : list of Change
+        What the pass reports; empty when ``modified`` is False (a pass may modify the
+        model without reporting it, as :class:`DropUnusedInitializers` does).
+    """
+
+    model: onnx.ModelProto
+    modified: bool
+    changes: list[Change] = field(default_factory=list)
+
+
+class NormalizationPass(abc.ABC):
+    """Base class of a normalisation pass: ``pass_(model, source=...)`` returns a :class:`PassResult`.
+
+    Subclasses implement :meth:`call`. ``in_place`` (a class attribute) says the pass
+    changes ``model`` and returns that same object; a pass with ``in_place = False`` may
+    return another model (the caller goes on with ``result.model``). ``source`` names the
+    model in error messages.
+    """
+
+    in_place: ClassVar[bool] = True
+
+    def __call__(self, model: onnx.ModelProto, /, *, source: str = "model") -> PassResult:
+        result = self.call(model, source=source)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"the pass {self!r} should return a PassResult, not {type(result).__name__}")
+        if self.in_place and result.model is not model:
+            raise RuntimeError(f"the pass {self!r} is declared in place but returned another model")
+        if result.changes and not result.modified:
+            raise RuntimeError(f"the pass {self!r} reported changes but modified=False")
+        return result
+
+    @abc.abstractmethod
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        """Run the pass on ``model``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PassManager:
+    """Run ``passes`` in order, once each (as ``onnx_ir.passes.PassManager`` with ``steps=1``).
+
+    Returns one :class:`PassResult`: the last pass's model, ``modified`` if any pass
+    modified the model, and every pass's changes in order. Errors are not wrapped.
+    """
+
+    def __init__(self, passes: Sequence[NormalizationPass]):
+        self.passes = tuple(passes)
+
+    def __call__(self, model: onnx.ModelProto, /, *, source: str = "model") -> PassResult:
+        modified, changes = False, []
+        for pass_ in self.passes:
+            result = pass_(model, source=source)
+            model = result.model
+            modified = modified or result.modified
+            changes.extend(result.changes)
+        return PassResult(model, modified, changes)
+
+
+def _result(model: onnx.ModelProto, *changes: Change | None) -> PassResult:
+    """A :class:`PassResult` with the given changes (``None`` ones skipped), modified iff any."""
+    kept = [c for c in changes if c is not None]
+    return PassResult(model, bool(kept), kept)
+
+
+# ----------------------------------------------------------------------------- passes
+
+class NameNodes(NormalizationPass):
+    """Give every unnamed node of the main graph the name ``<op_type>_<index>``.
+
+    For the nodes ``n_0, ..., n_{N-1}`` of the graph as given, an unnamed ``n_i`` is named
+    ``f"{n_i.op_type}_{i}"`` (with ``_`` appended until the name is not taken), so the
+    index is the node's position in the *original* graph, before later passes remove nodes.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Changed in place.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some node had no name; one exact change
+        ``"named <k> unnamed nodes <op>_<index>"``.
+
+    Notes
+    -----
+    Runs first: plans refer to nodes by these names. See
+    :func:`ampq_pass.core.graph.ensure_node_names`.
+    """
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        unnamed = sum(1 for n in model.graph.node if not n.name)
+        if not unnamed:
+            return _result(model)
         ensure_node_names(model)
-        done.add(f"named {unnamed} unnamed nodes <op>_<index>")
+        return _result(model, Change(f"named {unnamed} unnamed nodes <op>_<index>"))
 
+
+class UpgradeOpset(NormalizationPass):
+    """Raise the default-domain opset ``v`` of the model to ``max(v, MIN_OPSET)``.
+
+    The model with opset ``v < MIN_OPSET`` (13, where DequantizeLinear has a per-channel
+    ``axis``) is replaced by ``onnx.version_converter.convert_version(model, MIN_OPSET)``;
+    a model with ``v >= MIN_OPSET`` is returned as it is.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Above 2 GB converted without its weights and adopted in place; otherwise the
+        converter returns a new model (so the pass is not ``in_place``).
+    source : str
+        Names the model in the error.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff ``v < MIN_OPSET``; one inexact change
+        ``"upgraded opset <v> -> 13 with onnx.version_converter"`` (the converter may
+        rewrite ops in ways that round differently).
+
+    Raises
+    ------
+    AmpqError
+        When the converter fails (:func:`ampq_pass.core.proto.raise_opset`).
+
+    Notes
+    -----
+    Runs before :class:`ConstantsToInitializers`: the converter turns opset-12 attributes
+    (Squeeze ``axes``, ...) into ``Constant`` inputs, which that pass then moves into
+    initializers like every other constant.
+    """
+
+    in_place = False
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        old = default_opset(model)
+        if old >= MIN_OPSET:
+            return _result(model)
+        converted = raise_opset(model, MIN_OPSET, why="per-channel QDQ", source=source)
+        return _result(converted, Change(f"upgraded opset {old} -> {MIN_OPSET} with onnx.version_converter",
+                                         exact=False))
+
+
+class ConstantsToInitializers(NormalizationPass):
+    """Replace each ``Constant`` node of the main graph by an initializer under its output name.
+
+    A node ``y = Constant(value=T)`` (or ``value_float``/``value_int``/``value_floats``/
+    ``value_ints``, as float32/int64 tensors) of the default domain whose output ``y`` is
+    not a graph output is removed and ``T`` named ``y`` is added as an initializer (also as
+    a graph input when the IR version is below 4). String, sparse and other kinds stay nodes.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Changed in place.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some node moved; one exact change
+        ``"moved <k> Constant nodes into initializers"``.
+    """
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        graph = model.graph
+        outputs = _graph_outputs(graph)
+        keep, moved = [], 0
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+                tensor = _constant_value(node)
+                if tensor is not None:
+                    tensor.name = node.output[0]
+                    _add_initializer(model, tensor)
+                    moved += 1
+                    continue
+            keep.append(node)
+        if not moved:
+            return _result(model)
+        del graph.node[:]
+        graph.node.extend(keep)
+        return _result(model, Change(f"moved {moved} Constant nodes into initializers"))
+
+
+class FoldIdentityAndCast(NormalizationPass):
+    """Fold ``Identity`` and ``Cast`` of initializers, to a fixpoint.
+
+    For an initializer ``W`` and a node whose output ``y`` is not a graph output:
+
+    - ``y = Identity(W)``: the node is removed and every reader of ``y`` (subgraph bodies
+      included) reads ``W``;
+    - ``y = Cast(W, to=t)`` with ``t`` and ``W``'s type numeric (``W`` may also be bool):
+      the node is removed and the initializer ``y = W.astype(t)`` is added.
+
+    Repeated until no node folds, so chains such as ``Constant -> Cast -> Identity`` fold too.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Changed in place.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some node folded; exact changes
+        ``"removed <k> Identity nodes of weights"`` and/or
+        ``"folded <k> Cast nodes of weights into initializers"`` (the cast is the one ONNX
+        Runtime would compute).
+
+    Notes
+    -----
+    onnx has no public "fold constants" pass (onnxoptimizer / onnxsim do, but pull in
+    their own protobuf builds and rewrite far more than weights), so these two rules are
+    written here.
+    """
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        graph = model.graph
+        outputs = _graph_outputs(graph)
+        n_identity = n_cast = 0
+        while True:
+            inits = {t.name: t for t in graph.initializer}
+            rename: dict[str, str] = {}
+            keep = []
+            for node in graph.node:
+                src = node.input[0] if node.input else ""
+                if node.op_type == "Identity" and src in inits and node.output[0] not in outputs:
+                    rename[node.output[0]] = src
+                    n_identity += 1
+                    continue
+                if node.op_type == "Cast" and src in inits and node.output[0] not in outputs:
+                    to = next((a.i for a in node.attribute if a.name == "to"), None)
+                    if to in _CAST_TARGETS and inits[src].data_type in (*_CAST_TARGETS, TensorProto.BOOL):
+                        value = numpy_helper.to_array(inits[src]).astype(_CAST_TARGETS[to])
+                        _add_initializer(model, numpy_helper.from_array(value, node.output[0]))
+                        n_cast += 1
+                        continue
+                keep.append(node)
+            if len(keep) == len(graph.node):
+                break
+            del graph.node[:]
+            graph.node.extend(keep)
+            _rename_inputs(graph, rename)
+        return _result(model,
+                       Change(f"removed {n_identity} Identity nodes of weights") if n_identity else None,
+                       Change(f"folded {n_cast} Cast nodes of weights into initializers") if n_cast else None)
+
+
+class FoldBatchNorms(NormalizationPass):
+    """Fold ``BatchNormalization(Conv(x, W, b))`` into ``Conv(x, W', b')`` (inference mode).
+
+    For a ``Conv``/``ConvTranspose`` whose only reader is an inference-mode
+    ``BatchNormalization(gamma, beta, mean, var, epsilon=eps)`` with one output, and whose
+    weight, bias (if any) and BN parameters are initializers (float weight)::
+
+        s[o]  = gamma[o] / sqrt(var[o] + eps)
+        W'[o] = W[o] * s[o]
+        b'[o] = (b[o] - mean[o]) * s[o] + beta[o]      (b = 0 when the conv has no bias)
+
+    computed in float64 and stored in ``W``'s dtype, ``o`` the output channel (axis 0 of
+    a Conv weight; for ConvTranspose, whose weight is ``[C_in, C_out / group, ...]``,
+    output channel ``g * C_out/group + j`` is ``W[g-th block of C_in, j]``: the op's
+    :attr:`ampq_pass.core.ops.OPS` entry ``scale_output_channels`` does the scaling). The
+    convolution reads ``W'`` (named ``<W>_bnfold_<bn>``) and ``b'`` (``<conv>_bnfold_bias``)
+    and produces the BN's output; the BN node and stale ``value_info`` are removed.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Changed in place. Folded weights get new names, so a weight shared with another
+        node is untouched.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some BN folded; one inexact change
+        ``"folded <k> BatchNormalization into convolutions (<bn> into <conv>, ...)"``
+        (the fold reorders float operations).
+    """
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        readers = consumers(graph)
+        outputs = _graph_outputs(graph)
+        producer = {o: n for n in graph.node for o in n.output}
+        removed: set[int] = set()
+        folded = []
+        for bn in graph.node:
+            if bn.op_type != "BatchNormalization" or len(bn.output) != 1 and any(bn.output[1:]):
+                continue
+            if next((a.i for a in bn.attribute if a.name == "training_mode"), 0):
+                continue
+            conv = producer.get(bn.input[0])
+            if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2:
+                continue
+            y = conv.output[0]
+            if y in outputs or len(readers.get(y, [])) != 1 or conv.input[1] not in inits:
+                continue
+            params = bn.input[1:5]
+            if len(params) != 4 or not all(p in inits for p in params):
+                continue
+            bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+            if bias is not None and bias not in inits:
+                continue
+            w = numpy_helper.to_array(inits[conv.input[1]])
+            if w.dtype.kind != "f":
+                continue
+            gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+            eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+            scale = gamma / np.sqrt(var + eps)
+            w_new = OPS[conv.op_type].scale_output_channels(w.astype(np.float64), scale, conv)
+            b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros_like(mean)
+            b_new = (b - mean) * scale + beta
+            w_name, b_name = f"{conv.input[1]}_bnfold_{bn.name}", f"{conv.name}_bnfold_bias"
+            new_w = numpy_helper.from_array(w_new.astype(w.dtype), w_name)
+            new_b = numpy_helper.from_array(b_new.astype(w.dtype), b_name)
+            graph.initializer.extend([new_w, new_b])
+            inits[w_name], inits[b_name] = new_w, new_b
+            conv.input[1] = w_name
+            if len(conv.input) > 2:
+                conv.input[2] = b_name
+            else:
+                conv.input.append(b_name)
+            conv.output[0] = bn.output[0]  # the Conv now produces what the BN produced
+            removed.add(id(bn))
+            folded.append(f"{bn.name} into {conv.name}")
+        if not folded:
+            return _result(model)
+        keep = [n for n in graph.node if id(n) not in removed]
+        del graph.node[:]
+        graph.node.extend(keep)
+        # value_info of the Conv's old output would now describe a dangling name
+        stale = [v for v in graph.value_info if v.name not in {o for n in graph.node for o in n.output}]
+        for v in stale:
+            graph.value_info.remove(v)
+        return _result(model, Change(f"folded {len(folded)} BatchNormalization into convolutions "
+                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", exact=False))
+
+
+class DropUnusedInitializers(NormalizationPass):
+    """Remove the initializers that nothing reads.
+
+    An initializer ``t`` of the main graph is removed when no node input, subgraph body
+    input, graph output nor graph input is named ``t.name``
+    (:func:`ampq_pass.core.graph.drop_unused_initializers`).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Changed in place.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some initializer was removed; no change is reported (removing an
+        unread tensor cannot change an output, and it is not worth a line in the report).
+
+    Notes
+    -----
+    Runs last: the passes before it leave the weights they replaced unread.
+    """
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        return PassResult(model, drop_unused_initializers(model.graph) > 0)
+
+
+#: The normalisation, in order (read at each :func:`normalize` call, so a test may replace it).
+#: The converter runs before the Constant pass: it turns opset-12 attributes (Squeeze axes,
+#: ...) into Constant inputs, which the next pass then moves into initializers.
+NORMALIZATION_PASSES: tuple[NormalizationPass, ...] = (
+    NameNodes(),
+    UpgradeOpset(),
+    ConstantsToInitializers(),
+    FoldIdentityAndCast(),
+    FoldBatchNorms(),
+    DropUnusedInitializers(),
+)
+
+
+def normalize(model: onnx.ModelProto, *, source: str = "model",
+              passes: Sequence[NormalizationPass] | None = None) -> tuple[onnx.ModelProto, Normalized]:
+    """Normalise ``model`` in place (and return it, possibly a converted copy) with what changed.
+
+    Runs ``passes`` (default :data:`NORMALIZATION_PASSES`) with a :class:`PassManager`.
+    """
+    result = PassManager(NORMALIZATION_PASSES if passes is None else passes)(model, source=source)
+    done = Normalized()
+    for change in result.changes:
+        done.add(change.message, exact=change.exact)
+    return result.model, done
+
+
+# ----------------------------------------------------------------------------- helpers
 
 def _graph_outputs(graph: onnx.GraphProto) -> set[str]:
     return {o.name for o in graph.output}
@@ -114,69 +518,9 @@ def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
     return None
 
 
-def _constants_to_initializers(model: onnx.ModelProto, done: Normalized) -> None:
-    """``Constant`` nodes of the main graph become initializers under their output name."""
-    graph = model.graph
-    outputs = _graph_outputs(graph)
-    keep, moved = [], 0
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
-            tensor = _constant_value(node)
-            if tensor is not None:
-                tensor.name = node.output[0]
-                _add_initializer(model, tensor)
-                moved += 1
-                continue
-        keep.append(node)
-    if moved:
-        del graph.node[:]
-        graph.node.extend(keep)
-        done.add(f"moved {moved} Constant nodes into initializers")
-
-
 _CAST_TARGETS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
                  TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32,
                  TensorProto.INT64: np.int64}
-
-
-def _fold_identity_and_cast(model: onnx.ModelProto, done: Normalized) -> None:
-    """``Identity(W)`` readers read ``W``; ``Cast(W)`` becomes an initializer holding the cast values.
-
-    Repeated to a fixpoint, so chains such as ``Constant -> Cast -> Identity`` fold too.
-    onnx has no public "fold constants" pass (onnxoptimizer / onnxsim do, but pull in
-    their own protobuf builds and rewrite far more than weights), so these two rules are
-    written here.
-    """
-    graph = model.graph
-    outputs = _graph_outputs(graph)
-    n_identity = n_cast = 0
-    while True:
-        inits = {t.name: t for t in graph.initializer}
-        rename: dict[str, str] = {}
-        keep = []
-        for node in graph.node:
-            src = node.input[0] if node.input else ""
-            if node.op_type == "Identity" and src in inits and node.output[0] not in outputs:
-                rename[node.output[0]] = src
-                n_identity += 1
-                continue
-            if node.op_type == "Cast" and src in inits and node.output[0] not in outputs:
-                to = next((a.i for a in node.attribute if a.name == "to"), None)
-                if to in _CAST_TARGETS and inits[src].data_type in (*_CAST_TARGETS, TensorProto.BOOL):
-                    value = numpy_helper.to_array(inits[src]).astype(_CAST_TARGETS[to])
-                    _add_initializer(model, numpy_helper.from_array(value, node.output[0]))
-                    n_cast += 1
-                    continue
-            keep.append(node)
-        if len(keep) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(keep)
-        _rename_inputs(graph, rename)
-    if n_identity:
-        done.add(f"removed {n_identity} Identity nodes of weights")
-    if n_cast:
-        done.add(f"folded {n_cast} Cast nodes of weights into initializers")
 
 
 def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
@@ -198,81 +542,6 @@ def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
                     walk(sub)
 
     walk(graph)
-
-
-def _upgrade_opset(model: onnx.ModelProto, done: Normalized, source: str) -> onnx.ModelProto:
-    old = default_opset(model)
-    if old >= MIN_OPSET:
-        return model
-    converted = raise_opset(model, MIN_OPSET, why="per-channel QDQ", source=source)
-    done.add(f"upgraded opset {old} -> {MIN_OPSET} with onnx.version_converter", exact=False)
-    return converted
-
-
-def _fold_batch_norms(model: onnx.ModelProto, done: Normalized) -> None:
-    """Fold ``BatchNormalization(Conv(x, W, b))`` into ``Conv(x, W', b')`` (inference mode).
-
-    ``W'[o] = W[o] * s[o]``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)``,
-    ``o`` the output channel (axis 0 of a Conv weight; for ConvTranspose, whose weight is
-    ``[C_in, C_out / group, ...]``, output channel ``g * C_out/group + j`` is ``W[g-th block of
-    C_in, j]``). Folded weights get new names, so a weight shared with another node is untouched.
-    """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    readers = consumers(graph)
-    outputs = _graph_outputs(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    removed: set[int] = set()
-    folded = []
-    for bn in graph.node:
-        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 and any(bn.output[1:]):
-            continue
-        if next((a.i for a in bn.attribute if a.name == "training_mode"), 0):
-            continue
-        conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(conv.input) < 2:
-            continue
-        y = conv.output[0]
-        if y in outputs or len(readers.get(y, [])) != 1 or conv.input[1] not in inits:
-            continue
-        params = bn.input[1:5]
-        if len(params) != 4 or not all(p in inits for p in params):
-            continue
-        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        if bias is not None and bias not in inits:
-            continue
-        w = numpy_helper.to_array(inits[conv.input[1]])
-        if w.dtype.kind != "f":
-            continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
-        w_new = OPS[conv.op_type].scale_output_channels(w.astype(np.float64), scale, conv)
-        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros_like(mean)
-        b_new = (b - mean) * scale + beta
-        w_name, b_name = f"{conv.input[1]}_bnfold_{bn.name}", f"{conv.name}_bnfold_bias"
-        new_w = numpy_helper.from_array(w_new.astype(w.dtype), w_name)
-        new_b = numpy_helper.from_array(b_new.astype(w.dtype), b_name)
-        graph.initializer.extend([new_w, new_b])
-        inits[w_name], inits[b_name] = new_w, new_b
-        conv.input[1] = w_name
-        if len(conv.input) > 2:
-            conv.input[2] = b_name
-        else:
-            conv.input.append(b_name)
-        conv.output[0] = bn.output[0]  # the Conv now produces what the BN produced
-        removed.add(id(bn))
-        folded.append(f"{bn.name} into {conv.name}")
-    if folded:
-        keep = [n for n in graph.node if id(n) not in removed]
-        del graph.node[:]
-        graph.node.extend(keep)
-        # value_info of the Conv's old output would now describe a dangling name
-        stale = [v for v in graph.value_info if v.name not in {o for n in graph.node for o in n.output}]
-        for v in stale:
-            graph.value_info.remove(v)
-        done.add(f"folded {len(folded)} BatchNormalization into convolutions ({', '.join(folded[:3])}"
-                 f"{', ...' if len(folded) > 3 else ''})", exact=False)
 
 
 # ----------------------------------------------------------------------------- equivalence

@@ -68,23 +68,85 @@ def test_outputs_unchanged_at_every_width(wild, index):
     np.testing.assert_allclose(ort_run(model, {"x": x})[0], ort_run(wild, {"x": x})[0], rtol=1e-5, atol=1e-6)
 
 
+def _replace_pass(monkeypatch, kind, wrong):
+    """Put ``wrong`` in place of the ``kind`` pass of ``NORMALIZATION_PASSES`` for one test."""
+    import ampq_pass.core.normalize as nm
+
+    passes = tuple(wrong if isinstance(p, kind) else p for p in nm.NORMALIZATION_PASSES)
+    assert sum(p is wrong for p in passes) == 1
+    monkeypatch.setattr(nm, "NORMALIZATION_PASSES", passes)
+
+
 def test_a_wrong_normalisation_is_caught(wild, monkeypatch):
     """The equivalence check is real: a fold that gets epsilon wrong is refused with a clear error."""
     import ampq_pass.core.normalize as nm
 
-    real = nm._fold_batch_norms
+    class SloppyFold(nm.FoldBatchNorms):
+        def call(self, model, *, source):
+            for node in model.graph.node:
+                if node.op_type == "BatchNormalization":
+                    for a in node.attribute:
+                        if a.name == "epsilon":
+                            a.f = 0.5
+            return super().call(model, source=source)
 
-    def sloppy(model, done):
-        for node in model.graph.node:
-            if node.op_type == "BatchNormalization":
-                for a in node.attribute:
-                    if a.name == "epsilon":
-                        a.f = 0.5
-        real(model, done)
-
-    monkeypatch.setattr(nm, "_fold_batch_norms", sloppy)
+    _replace_pass(monkeypatch, nm.FoldBatchNorms, SloppyFold())
     with pytest.raises(AmpqError, match=r"wild\.onnx: normalised model output #0 differs from the original"):
         normalize_checked(_copy(wild), source="wild.onnx")
+
+
+def _unnamed_relus(model):
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.name = ""
+    return model
+
+
+def test_each_pass_reports_whether_it_modified(wild, mlp_model):
+    """Each pass of NORMALIZATION_PASSES: modified=False (no change, model bytes equal) on a
+    normalised model; modified=True on the wild model normalised by the passes before it."""
+    import ampq_pass.core.normalize as nm
+
+    passes = nm.NORMALIZATION_PASSES
+    assert [type(p).__name__ for p in passes] == ["NameNodes", "UpgradeOpset", "ConstantsToInitializers",
+                                                  "FoldIdentityAndCast", "FoldBatchNorms", "DropUnusedInitializers"]
+    normalised, _ = normalize(_unnamed_relus(_copy(wild)))
+    for index, pass_ in enumerate(passes):
+        for done in (normalised, mlp_model):
+            result = pass_(_copy(done))
+            assert not result.modified and not result.changes, pass_
+            assert result.model.SerializeToString() == done.SerializeToString(), pass_
+        before, _ = normalize(_unnamed_relus(_copy(wild)), passes=passes[:index])
+        result = pass_(before, source="wild.onnx")
+        assert result.modified, pass_
+        assert pass_.in_place == (result.model is before)
+        if not isinstance(pass_, nm.DropUnusedInitializers):  # the only pass that reports nothing
+            assert result.changes, pass_
+        assert all(c.exact for c in result.changes) == (not isinstance(pass_, (nm.UpgradeOpset, nm.FoldBatchNorms)))
+
+
+def test_normalize_reports_each_pass_change_in_order(wild):
+    _, done = normalize(_unnamed_relus(_copy(wild)))
+    assert done.changes == [
+        "named 4 unnamed nodes <op>_<index>",
+        "upgraded opset 12 -> 13 with onnx.version_converter",
+        "moved 9 Constant nodes into initializers",
+        "removed 1 Identity nodes of weights",
+        "folded 1 Cast nodes of weights into initializers",
+        "folded 3 BatchNormalization into convolutions (bn1 into stem, bn2 into depthwise, bn3 into up)"]
+    assert not done.exact
+
+
+def test_a_pass_that_breaks_its_contract_is_refused():
+    import ampq_pass.core.normalize as nm
+
+    class Liar(nm.NormalizationPass):
+        def call(self, model, *, source):
+            return nm.PassResult(_copy(model), True)
+
+    m = helper.make_model(helper.make_graph([], "g", [], []))
+    with pytest.raises(RuntimeError, match="declared in place but returned another model"):
+        normalize(m, passes=[Liar()])
 
 
 def test_untouched_model_is_not_changed(mlp_model):
