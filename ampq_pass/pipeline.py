@@ -30,7 +30,7 @@ from ampq_pass.stages.partition import partition
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
-from ampq_pass.stages.solve import Option, Solution, loss_budget, pareto_front, solve
+from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solve
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, gain_table, predict_speedup
 from ampq_pass.stages.verify import run_batches, verify
@@ -279,6 +279,20 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed,
                  hp_outputs=run_batches(model, inp.holdout, opts.batch_size))
     measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
+    rejected = None
+    if solution.plan.formats and not faster_beyond_noise(measured):
+        # Never ship a slow-down: the measured model decides, not the prediction.
+        rejected = {"formats": dict(solution.plan.formats), "predicted_speedup": _speedup(table, solution),
+                    "measured": measured}
+        message = (f"the plan measured {measured['speedup']:.3f}x (hp {measured['hp_ci'][0] * 1e3:.3g}-"
+                   f"{measured['hp_ci'][1] * 1e3:.3g} ms, plan {measured['plan_ci'][0] * 1e3:.3g}-"
+                   f"{measured['plan_ci'][1] * 1e3:.3g} ms): not faster than the input beyond the noise, "
+                   f"so every layer stays hp")
+        log(f"      {message}")
+        solution = hp_solution(option_table, tau, status="not-faster", message=message)
+        rewritten = rewrite(model, layers, solution.plan, ranges)
+        save_model(rewritten, output, source=model_path)
+        measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
     front_points = _verify_front(front, table, inp, ranges, check)
     clock.lap("verify")
 
@@ -286,8 +300,16 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                         table=table, solution=solution, predicted_speedup=_speedup(table, solution),
                         measured=measured, tau=tau, opts=opts, ranges_method=ranges.method, samples=inp.calib,
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
-                        timing_shapes=inp.timing_info, normalized=inp.normalized)
+                        timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
+
+
+def faster_beyond_noise(measured: dict) -> bool:
+    """Whether the written model's time is below the input's beyond the noise: the 95% CI of
+    its median lies entirely below the input's (cost-model backends measure no time: True)."""
+    if measured.get("speedup") is None:
+        return True
+    return measured["plan_ci"][1] < measured["hp_ci"][0]
 
 
 def _speedup(table: GainTable, solution: Solution) -> float | None:

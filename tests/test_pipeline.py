@@ -112,3 +112,53 @@ def test_activation_matmuls_as_layers(tmp_path, block_file):
     assert len(scores) == 2 and all(l["sensitivity"]["int8"] > 0 for l in scores)
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
     assert any(l["format"] != "hp" for l in scores)  # a loose budget quantizes them too
+
+
+class _SlowerWhenWritten:
+    """A timing backend whose subgraph measurements promise a gain (every quantized
+    configuration half the hp time) while the end-to-end check of the written model takes
+    ``plan_seconds`` against 1 s: what happens on CNNs whose subgraph gains do not add up."""
+
+    name, unit = "slower-when-written", "s"
+    _JITTER = (1.0, 1.01, 0.99, 1.0, 1.0, 1.02, 0.98)
+
+    def __init__(self, plan_seconds: float):
+        self.plan_seconds = plan_seconds
+
+    def capabilities(self):
+        from ampq_pass.core.measure import Capabilities
+
+        return Capabilities(("int8",), "fp32", "fake")
+
+    def key(self):
+        return {"fake": "slower-when-written", "plan_seconds": self.plan_seconds}
+
+    def _timing(self, seconds: float):
+        from ampq_pass.core.measure import Timing
+
+        return Timing.of([seconds * f for f in self._JITTER])
+
+    def time_each(self, jobs):
+        return {k: self._timing(1.0) for k in jobs}
+
+    def time(self, models, inputs):
+        if set(models) == {"hp", "plan"}:
+            return {"hp": self._timing(1.0), "plan": self._timing(self.plan_seconds)}
+        return {k: self._timing(1.0 if k == "hp" else 0.5) for k in models}
+
+
+@pytest.mark.parametrize("plan_seconds, kept", [(1.3, False), (1.0, False), (0.5, True)])
+def test_a_plan_not_faster_beyond_noise_is_never_written(tmp_path, block_file, plan_seconds, kept):
+    """Never ship a slow-down: a plan measured slower (or within the noise of the input) is
+    replaced by the all-hp model, and the report says which plan was rejected and why."""
+    res = run_pass(block_file, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=1.0,
+                   backend=_SlowerWhenWritten(plan_seconds), cache_dir=None, progress=False, log=lambda s: None)
+    written = onnx.load(tmp_path / "o.onnx")
+    n_q = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") for n in written.graph.node)
+    rejected = res.report["rejected_plan"]
+    if kept:
+        assert rejected is None and n_q > 0 and res.solution.plan.formats
+    else:
+        assert rejected is not None and rejected["formats"] and rejected["measured"]["speedup"] <= 1.0
+        assert n_q == 0 and res.solution.plan.formats == {} and res.solution.status == "not-faster"
+        assert "not faster than the input beyond the noise" in res.report["budget"]["message"]

@@ -42,6 +42,8 @@ class PassRecord:
     stages: dict[str, float] = field(default_factory=dict)
     timing_shapes: dict | None = None
     normalized: list[str] = field(default_factory=list)
+    #: the solver's plan when it measured no faster than the input (then every layer stays hp)
+    rejected: dict | None = None
 
 
 def build_report(record: PassRecord) -> dict:
@@ -83,6 +85,8 @@ def build_report(record: PassRecord) -> dict:
         "predicted": {"speedup": r.predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
                       "hp_time": table.hp_total, "memory": solution.memory if opts.max_memory is not None else None},
         "measured": r.measured,
+        # the plan the solver chose, when its measured model was not faster than the input
+        "rejected_plan": r.rejected,
         "layers": layer_rows,
         "subgraphs": subgraphs,
         "pareto": r.front,
@@ -123,6 +127,11 @@ def render_text(report: dict) -> str:
     lines.append(f"budget: {budget} (tau = {b['tau']:.3g}); binding: {b['binding']}; {b['status']}"
                  + (f" - {b['message']}" if b["message"] else ""))
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
+    if report.get("rejected_plan"):
+        rej = report["rejected_plan"]
+        lines.append(f"rejected: the solver's plan ({len(rej['formats'])} layers quantized, predicted "
+                     f"{_fmt(rej['predicted_speedup'], '.3f')}x) measured {_fmt(rej['measured'].get('speedup'), '.3f')}x, "
+                     f"not faster than the input beyond the noise; every layer stays hp")
     ratio = (m["loss_mse"] / p["loss_mse"]) if p["loss_mse"] else None
     lines.append(f"loss MSE: predicted {_fmt(p['loss_mse'])}, measured {_fmt(m['loss_mse'])} on "
                  f"{report['calibration']['holdout']} held-out samples (measured/predicted {_fmt(ratio, '.2f')})")

@@ -152,6 +152,19 @@ def _solve_least_memory(options, max_mse, time_limit) -> Solution:
     return _solution(options, sol.choice, max_mse, None, sol.status)
 
 
+def hp_solution(options: list[list[Option]], max_mse: float, *, status: str, message: str) -> Solution:
+    """The plan that keeps every layer in high precision (each subgraph's all-hp option)."""
+    choice = []
+    for s, opts in enumerate(options):
+        hp = [i for i, o in enumerate(opts) if all(f == HP for f in o.formats.values())]
+        if not hp:
+            raise AmpqError(f"subgraph {s} has no all-hp configuration")
+        choice.append(hp[0])
+    sol = _solution(options, choice, max_mse, None, status)
+    sol.message = message
+    return sol
+
+
 def _solution(options, choice, max_mse, max_memory, status) -> Solution:
     picked = [options[s][i] for s, i in enumerate(choice)]
     formats = {l: f for o in picked for l, f in o.formats.items() if f != HP}
