@@ -21,11 +21,11 @@ from ampq_pass.backends import get_backend
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS, HP
-from ampq_pass.core.model import check_output_path, load_model, save_model
+from ampq_pass.core.model import check_output_path, finish_loading, read_model, save_model
 from ampq_pass.core.params import Integer, Number, OneOf, Shapes, SubsetOf, validate_params
 from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthetic_samples, timing_feeds
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
-from ampq_pass.stages.layers import Layer, find_layers, weight_array
+from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.partition import partition
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
@@ -177,10 +177,15 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     """Load and normalise the model, pick the backend, formats, layers, samples and timing
     batches: every refusal the user could get happens here, before any long stage."""
     normalized: list[str] = []
-    model = load_model(model_path, changes=normalized)
+    raw = read_model(model_path)
+    check_output_path(output, model_path)
+    if samples is None and calib:
+        samples = load_samples(calib, raw)  # inputs are what normalisation never changes
+    probe = None if samples is None or samples.synthetic else {k: v[:2] for k, v in samples.inputs.items()}
+    model = finish_loading(raw, model_path, changes=normalized, feeds=probe)
+    del raw
     for change in normalized:
         log(f"      normalised: {change}")
-    check_output_path(output, model_path)
     backend = make_backend(opts.backend)
     offered = backend.capabilities().formats
     if opts.formats is not None:
@@ -189,11 +194,9 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
             raise AmpqError(f"formats: backend {opts.backend} does not run {missing[0]!r} fast "
                             f"(it offers {', '.join(offered) or 'none'})")
         offered = tuple(f for f in offered if f in opts.formats)
-    layers = find_layers(model, activation_matmuls=opts.activation_matmuls)
-    if not layers:
-        raise AmpqError(f"{model_path}: no quantizable layer (MatMul/Gemm/Conv/ConvTranspose with a constant weight)")
+    layers = require_layers(model, find_layers(model, activation_matmuls=opts.activation_matmuls), str(model_path))
     if samples is None:
-        samples = load_samples(calib, model) if calib else synthetic_samples(model, count=32, seed=opts.seed)
+        samples = synthetic_samples(model, count=32, seed=opts.seed)
     if len(samples) < 2:
         raise AmpqError(f"calibration set has {len(samples)} sample; need at least 2 (calibration + held-out)")
     n_hold = opts.holdout if opts.holdout is not None else max(1, min(len(samples) // 4, 32))

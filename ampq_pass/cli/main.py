@@ -23,7 +23,7 @@ from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.model import check_output_path, load_model, save_model
 from ampq_pass.core.text import table
 from ampq_pass.stages.calibrate import compute_ranges
-from ampq_pass.stages.layers import find_layers, layer_macs
+from ampq_pass.stages.layers import find_layers, layer_macs, require_layers
 from ampq_pass.stages.plan import load_plan, validate_plan
 from ampq_pass.stages.rewrite import rewrite
 
@@ -87,9 +87,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def cmd_inspect(args) -> int:
-
     model = load_model(args.model)
-    layers = find_layers(model)
+    layers = require_layers(model, find_layers(model), args.model)
     samples = samples_from_args(args, model)
     batch = next(samples.batches(args.batch_size))
     macs = layer_macs(model, layers, batch)
@@ -106,7 +105,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_rewrite(args) -> int:
-
     if not args.plan:
         return cmd_search(args)
     model = load_model(args.model)

@@ -21,7 +21,7 @@ from ampq_pass.core.cache import save_json
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.model import load_model
 from ampq_pass.core.text import table
-from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.layers import find_layers, require_layers
 from ampq_pass.stages.partition import configs, constant_tensors, dataflow_graph, partition, short_name
 
 
@@ -62,9 +62,7 @@ def run(args: argparse.Namespace) -> int:
         if path and not Path(path).parent.resolve().is_dir():
             raise AmpqError(f"{path}: {flag} directory {Path(path).parent} does not exist")
     model = load_model(args.model)
-    layers = find_layers(model, activation_matmuls=args.activation_matmuls)
-    if not layers:
-        raise AmpqError(f"{args.model}: no quantizable layer (MatMul/Gemm/Conv with a constant weight) to partition")
+    layers = require_layers(model, find_layers(model, activation_matmuls=args.activation_matmuls), args.model)
     formats = candidate_formats(layers, args.formats)
     part = partition(model, layers, formats=formats, max_configs=args.max_configs)
     print(table(["#", "kind", "ops", "layers (| separates decisions)", "configs", "inputs", "notes"],

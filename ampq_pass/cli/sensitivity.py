@@ -19,7 +19,7 @@ from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.model import load_model
 from ampq_pass.core.text import table
 from ampq_pass.stages.calibrate import compute_ranges
-from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.layers import find_layers, require_layers
 from ampq_pass.stages.sensitivity import sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.sensitivity.losses import load_labels, make_loss
@@ -56,9 +56,7 @@ def rows(sens, layers, formats: list[str]) -> list[list[object]]:
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.formats)
     model = load_model(args.model)
-    layers = find_layers(model)
-    if not layers:
-        raise AmpqError(f"{args.model}: no quantizable layer (MatMul/Gemm/Conv/ConvTranspose with a constant weight)")
+    layers = require_layers(model, find_layers(model), args.model)
     labels = load_labels(args.labels) if args.labels else None
     loss = args.loss or ("cross_entropy" if labels is not None else "projection")
     make_loss(loss, labels=labels, probes=args.probes)  # refuse a bad loss before calibrating

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -20,12 +21,18 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
                changes: list[str] | None = None) -> onnx.ModelProto:
     """Read an ONNX model with its external data, check it, normalise it and run shape inference.
 
-    Normalisation (:mod:`ampq_pass.normalize`: weights to initializers, opset >= 13,
+    Normalisation (:mod:`ampq_pass.core.normalize`: weights to initializers, opset >= 13,
     BatchNorm folded into convolutions) happens here, once, for every command; what it did
     is appended to ``changes``, and a normalised model whose outputs differ from the
     original's raises. Raises :class:`AmpqError` naming the file for a missing file, a file
     that is not (or not entirely) an ONNX model, and missing external data.
     """
+    model = read_model(path)
+    return finish_loading(model, path, normalize=normalize, infer_shapes=infer_shapes, changes=changes)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model as the file holds it (checked, external data loaded), not yet normalised."""
     path = Path(path)
     if not path.is_file():
         raise AmpqError(f"{path}: no such model file")
@@ -41,9 +48,22 @@ def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize:
     _check_external_refs(model, path)
     _check(model, path)
     _load_external(model, path)
+    return model
+
+
+def finish_loading(model: onnx.ModelProto, path: str | os.PathLike, *, normalize: bool = True,
+                   infer_shapes: bool = True, changes: list[str] | None = None,
+                   feeds: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Normalise a model from :func:`read_model` and run shape inference.
+
+    ``feeds`` are the inputs the normalised model is checked on against the original: give
+    real ones (the first calibration samples) where random probes cannot run the model
+    (image sizes a detector needs, a scalar sample rate, token ids within the vocabulary).
+    """
+    path = Path(path)
     if normalize:
         try:
-            model, done = normalize_checked(model, source=str(path), original_path=str(path))
+            model, done = normalize_checked(model, source=str(path), original_path=str(path), feeds=feeds)
         except AmpqError:
             raise
         except Exception as exc:  # a model that passes the checker but that a rule cannot read

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS
 from ampq_pass.core.graph import initializers, node_names
 from ampq_pass.core.ops import OPS, WEIGHTED_OPS
@@ -80,6 +81,36 @@ def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False) -> 
             layers.append(Layer(node.name, node.op_type, x, None, None, None, node.output[0], activation2=w,
                                 formats=candidate_formats(node.op_type, None)))
     return layers
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def layers_in_bodies(model: onnx.ModelProto) -> dict[str, int]:
+    """Control-flow nodes (If/Loop/Scan) of the main graph -> how many weighted ops of
+    :data:`ampq_pass.core.ops.OPS` their bodies hold (recursively); those with none are left out.
+
+    The pass plans and rewrites the main graph only: layers inside bodies are not layers.
+    """
+    def count(graph: onnx.GraphProto) -> int:
+        return sum((n.op_type in WEIGHTED_OPS) + sum(count(g) for g in _bodies(n)) for n in graph.node)
+
+    found = {n.name: sum(count(g) for g in _bodies(n)) for n in model.graph.node if _bodies(n)}
+    return {k: v for k, v in found.items() if v}
+
+
+def require_layers(model: onnx.ModelProto, layers: list[Layer], source: str) -> list[Layer]:
+    """``layers`` when there is at least one; otherwise the one-line reason there is none."""
+    if layers:
+        return layers
+    hidden = layers_in_bodies(model)
+    if hidden:
+        nodes = {n.name: n.op_type for n in model.graph.node}
+        where = ", ".join(f"{nodes[k]} {k!r} ({v})" for k, v in list(hidden.items())[:3])
+        raise AmpqError(f"{source}: every weighted op sits inside a control-flow body ({where}); the pass plans "
+                        f"the main graph only, and control flow (If/Loop/Scan) is not supported")
+    raise AmpqError(f"{source}: no quantizable layer ({'/'.join(WEIGHTED_OPS)} with a constant float weight)")
 
 
 def weight_array(model: onnx.ModelProto, layer: Layer) -> np.ndarray:

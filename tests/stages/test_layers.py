@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 import models
 from ampq_pass.stages.layers import count_macs, find_layers, layer_macs
@@ -33,3 +34,37 @@ def test_macs_match_hand_count(mlp_model, cnn_model):
     assert macs["/stem/Conv"] == 2 * 8 * 16 * 16 * (3 * 3 * 3)
     assert macs["/block1/conv1/Conv"] == 2 * 8 * 16 * 16 * (8 * 3 * 3)
     assert count_macs(layers[-1], (2, 8), (2, 10)) == 2 * 10 * 8
+
+
+def _layers_in_if_branches():
+    """A model whose only MatMuls sit in the branches of an If on a runtime flag (silero-vad's shape)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="then_mm")], "then", [], [out])
+    else_g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="else_relu")], "else", [], [out])
+    node = helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                        helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], initializer=[w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_layers_inside_control_flow_get_a_one_line_reason(tmp_path, capsys):
+    import onnx
+
+    from ampq_pass.cli import main
+    from ampq_pass.core.errors import AmpqError
+    from ampq_pass.stages.layers import layers_in_bodies, require_layers
+
+    model = _layers_in_if_branches()
+    assert find_layers(model) == [] and layers_in_bodies(model) == {"branch": 1}
+    with pytest.raises(AmpqError, match=r"inside a control-flow body \(If 'branch' \(1\)\)"):
+        require_layers(model, [], "m.onnx")
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "control flow (If/Loop/Scan) is not supported" in err[0]
