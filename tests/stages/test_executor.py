@@ -238,3 +238,69 @@ def test_gradient_of_layer_weight_and_input(name, node, slot, block_model, cnn_m
     assert float(grad.abs().max()) > 0
     with torch.no_grad():
         _directional_check(lambda x: float(loss(x)), r["leaf"].detach(), grad)
+
+
+# ----------------------------------------------------------------------------- quantization vs ORT
+
+def _qdq_model(nodes, inits, out_type, opset=19):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F32, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", out_type, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset >= 21 else 9
+    return model
+
+
+def _fp8(name, values):
+    import ml_dtypes
+
+    return numpy_helper.from_array(np.asarray(values, np.float32).astype(ml_dtypes.float8_e4m3fn), name)
+
+
+def _q(inputs, out="y", **attrs):
+    return helper.make_node("QuantizeLinear", inputs, [out], name="q", **attrs)
+
+
+def _dq(inputs, out="y", **attrs):
+    return helper.make_node("DequantizeLinear", inputs, [out], name="dq", **attrs)
+
+
+_W = np.random.default_rng(3).integers(-128, 128, (2, 3, 4)).astype(np.int8)
+QDQ_CASES = {
+    # Q alone: exact integer codes (ties round to even, saturation at the type's range)
+    "q_int8_zero_point": ([_q(["x", "s", "z"])], [_floats("s", 0.02), numpy_helper.from_array(np.int8(-3), "z")],
+                          TensorProto.INT8, 19),
+    "q_uint8_default": ([_q(["x", "s"])], [_floats("s", 0.5)], TensorProto.UINT8, 19),
+    "q_int8_per_axis": ([_q(["x", "s", "z"], axis=1)],
+                        [_floats("s", [0.01, 0.1, 1.0]), numpy_helper.from_array(np.int8([0, 5, -5]), "z")],
+                        TensorProto.INT8, 19),
+    # DQ of a weight with a per-axis / blocked scale and an int8 zero point
+    "dq_int8_per_axis": ([_dq(["w", "s", "z"], axis=2)],
+                         [numpy_helper.from_array(_W, "w"), _floats("s", [0.5, 0.25, 2.0, 1.0]),
+                          numpy_helper.from_array(np.int8([1, -2, 0, 3]), "z")], F32, 19),
+    "dq_int8_blocked": ([_dq(["w", "s"], axis=2, block_size=2)],
+                        [numpy_helper.from_array(_W, "w"), _floats("s", np.linspace(0.1, 1.2, 12).reshape(2, 3, 2))],
+                        F32, 21),
+    # the fp8 QDQ pair the rewrite emits: saturating e4m3fn, per-tensor activation scale
+    "qdq_fp8_saturating": ([_q(["x", "s", "z"], out="xq"), _dq(["xq", "s", "z"])],
+                           [_floats("s", 0.004), _fp8("z", 0.0)], F32, 19),
+    "dq_fp8_weight_per_axis": ([_dq(["w", "s", "z"], axis=1)],
+                               [_fp8("w", np.linspace(-448, 448, 24).reshape(2, 3, 4)),
+                                _floats("s", [0.5, 1.0, 2.0]), _fp8("z", np.zeros(3))], F32, 19),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QDQ_CASES))
+def test_quantize_dequantize_parity(case):
+    nodes, inits, out_type, opset = QDQ_CASES[case]
+    model = _qdq_model(nodes, inits, out_type, opset)
+    x = (np.random.default_rng(0).standard_normal((2, 3, 4)) * 2).astype(np.float32)
+    x.flat[:4] = [0.25, 0.75, -0.25, 1.25]  # halves of the 0.5 scale: round half to even
+    (ref,) = ort_outputs(model, {"x": x})
+    with torch.no_grad():
+        ours = Executor(model).run({"x": x})["y"]
+    assert ours.shape == ref.shape
+    if out_type == F32:
+        assert ours.dtype == torch.float32
+        assert max_rel_diff(ours.numpy(), ref) <= 1e-6, case
+    else:
+        assert ours.numpy().dtype == ref.dtype and (ours.numpy() == ref).all(), case

@@ -11,6 +11,11 @@ weight for a leaf that requires grad, add a zero leaf to a layer's input to get 
 gradient of that use only). Float tensors are evaluated in ``dtype`` (float32 by
 default, float64 for reference gradients); integer and boolean tensors keep their ONNX
 types, as shape arithmetic needs exact integer semantics.
+
+The same table lowers rewritten subgraphs for the Gaudi backend (backends/gaudi.py):
+there float tensors live on ``device`` in one precision (``one_float``) while integer
+tensors stay on the host, so op functions take devices and float types from their
+inputs or from :class:`Ctx`, never from torch's defaults.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class Ctx:
     node: onnx.NodeProto
     opset: int
     dtype: torch.dtype  # the executor's float type: ONNX FLOAT maps to it
+    device: torch.device | str | None = None  # where float tensors live (None: the CPU)
+    one_float: bool = False  # every ONNX float type of 16+ bits maps to dtype (a device without float64)
 
     @property
     def name(self) -> str:
@@ -53,9 +60,13 @@ class Ctx:
         return default
 
     def torch_type(self, onnx_type: int) -> torch.dtype:
-        if onnx_type == onnx.TensorProto.FLOAT:
+        if onnx_type == onnx.TensorProto.FLOAT or (self.one_float and onnx_type in _WIDE_FLOATS):
             return self.dtype
         return _TORCH_TYPES[onnx_type]
+
+    def tensor(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``array`` as the executor holds data: floats in its float type on its device."""
+        return to_torch(array, self.dtype, device=self.device, one_float=self.one_float)
 
     def fail(self, message: str) -> AmpqError:
         return AmpqError(f"node {self.name!r} ({self.node.op_type}): {message}")
@@ -67,15 +78,27 @@ _TORCH_TYPES = {
     onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
     onnx.TensorProto.INT16: torch.int16, onnx.TensorProto.INT8: torch.int8,
     onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.BOOL: torch.bool,
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2,
 }
+_WIDE_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+#: numpy (ml_dtypes) float8 types, which torch.from_numpy does not take: their bytes are reinterpreted
+_FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
-def to_torch(array: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A torch tensor of ``array``; float32/float64 data becomes ``dtype``, other types stay."""
-    t = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array, copy=True))
-    if t.dtype in (torch.float32, torch.float64) and t.dtype != dtype:
+def to_torch(array: np.ndarray | torch.Tensor, dtype: torch.dtype, *, device: torch.device | str | None = None,
+             one_float: bool = False) -> torch.Tensor:
+    """A torch tensor of ``array``; float32/float64 data (with ``one_float``, any float of 16+ bits)
+    becomes ``dtype``, other types stay. Float tensors move to ``device``; integers stay where they are."""
+    if isinstance(array, torch.Tensor):
+        t = array
+    else:
+        a = np.array(array, copy=True)
+        t = torch.from_numpy(a.view(np.uint8)).view(_FLOAT8[a.dtype.name]) if a.dtype.name in _FLOAT8 \
+            else torch.from_numpy(a)
+    wide = t.dtype in (torch.float32, torch.float64) or (one_float and t.is_floating_point() and t.element_size() >= 2)
+    if wide and t.dtype != dtype:
         t = t.to(dtype)
-    return t
+    return t.to(device) if device is not None and t.is_floating_point() else t
 
 
 def _ints(t: torch.Tensor | None) -> list[int]:
@@ -107,12 +130,12 @@ def _div(ctx, a, b):
 
 
 def _pow(ctx, a, b):
-    if b.numel() == 1 and a.is_floating_point():
+    if b.numel() == 1 and a.is_floating_point() and b.device.type == "cpu":  # a device read would stall it
         e = b.reshape(()).item()
         if e == 2:  # x*x has the exact gradient 2x and matches ORT's Pow(x, 2) bit for bit
             return a * a
         return torch.pow(a, e)
-    return torch.pow(a, b.to(a.dtype) if a.is_floating_point() else b)
+    return torch.pow(a, b.to(a) if a.is_floating_point() else b)
 
 
 def _mod(ctx, a, b):
@@ -169,15 +192,16 @@ def _mean(ctx, *xs):
 
 
 def _cast(ctx, x):
-    return x.to(ctx.torch_type(ctx.attr("to")))
+    dtype = ctx.torch_type(ctx.attr("to"))
+    return x.to(device=ctx.device, dtype=dtype) if dtype.is_floating_point else x.to(dtype)
 
 
 def _cast_like(ctx, x, like):
-    return x.to(like.dtype)
+    return x.to(like)
 
 
 def _where(ctx, c, a, b):
-    return torch.where(c, a, b)
+    return torch.where(c.to(a.device), a, b)  # a mask from shape arithmetic sits on the host
 
 
 def _compare(fn):
@@ -274,27 +298,27 @@ def _slice(ctx, x, starts, ends, axes=None, steps=None):
         if st > 0:
             x = x[(slice(None),) * axis + (slice(lo, hi, st),)]
         else:  # torch has no negative-step slicing
-            x = x.index_select(axis, torch.arange(lo, hi, st, dtype=torch.int64))
+            x = x.index_select(axis, torch.arange(lo, hi, st, dtype=torch.int64, device=x.device))
     return x
 
 
 def _gather(ctx, x, index):
     axis = _axis(ctx.attr("axis", 0), x.dim())
     idx = torch.where(index < 0, index + x.shape[axis], index)
-    out = x.index_select(axis, idx.reshape(-1))
+    out = x.index_select(axis, idx.reshape(-1).to(x.device))
     return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
 
 
 def _gather_elements(ctx, x, index):
     axis = _axis(ctx.attr("axis", 0), x.dim())
-    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index))
+    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index).to(x.device))
 
 
 def _scatter_nd(ctx, x, indices, updates):
     if ctx.attr("reduction", "none") != "none":
         raise ctx.fail(f"reduction {ctx.attr('reduction')!r} is not supported")
     k = indices.shape[-1]
-    flat = indices.reshape(-1, k)
+    flat = indices.reshape(-1, k).to(x.device)
     out = x.clone()
     out[tuple(flat[:, i] for i in range(k))] = updates.reshape(flat.shape[0], *x.shape[k:])
     return out
@@ -313,9 +337,9 @@ def _tile(ctx, x, repeats):
 def _constant(ctx):
     for a in ctx.node.attribute:
         if a.name == "value":
-            return to_torch(numpy_helper.to_array(a.t), ctx.dtype)
+            return ctx.tensor(numpy_helper.to_array(a.t))
         if a.name in ("value_float", "value_floats"):
-            return torch.tensor(helper.get_attribute_value(a), dtype=ctx.dtype)
+            return torch.tensor(helper.get_attribute_value(a), dtype=ctx.dtype, device=ctx.device)
         if a.name in ("value_int", "value_ints"):
             return torch.tensor(helper.get_attribute_value(a), dtype=torch.int64)
     raise ctx.fail("Constant without a supported value attribute")
@@ -323,12 +347,12 @@ def _constant(ctx):
 
 def _constant_of_shape(ctx, shape):
     value = ctx.attr("value", None)
-    fill = to_torch(numpy_helper.to_array(value), ctx.dtype) if value is not None else torch.zeros(1, dtype=ctx.dtype)
-    return torch.full(_ints(shape), fill.reshape(-1)[0].item(), dtype=fill.dtype)
+    fill = ctx.tensor(numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32))
+    return torch.full(_ints(shape), fill.reshape(-1)[0].item(), dtype=fill.dtype, device=fill.device)
 
 
 def _range(ctx, start, limit, delta):
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
 def _trilu(ctx, x, k=None):
@@ -401,7 +425,7 @@ def _masked_safe(fn, x: torch.Tensor, dim: int) -> torch.Tensor:
     carry finite gradients: exported attention replaces those NaNs (IsNaN -> Where), yet a NaN
     softmax output would make its backward NaN and poison every upstream gradient."""
     dead = torch.isneginf(x).all(dim=dim, keepdim=True)
-    if not bool(dead.any()):
+    if x.device.type == "cpu" and not bool(dead.any()):  # the shortcut reads back: not on a lazy device
         return fn(x, dim=dim)
     y = fn(torch.where(dead, torch.zeros_like(x), x), dim=dim)
     nan = torch.where(dead, torch.full_like(x, float("nan")), torch.zeros_like(x)).detach()
@@ -662,9 +686,45 @@ def _resize(ctx, x, roi=None, scales=None, sizes=None):
     for axis in range(rank):
         if out_sizes[axis] == x.shape[axis] and factors[axis] == 1.0:
             continue  # every coordinate mode maps an unscaled axis onto itself
-        m = torch.from_numpy(_resize_matrix(ctx, out_sizes[axis], x.shape[axis], factors[axis])).to(x.dtype)
+        m = torch.from_numpy(_resize_matrix(ctx, out_sizes[axis], x.shape[axis], factors[axis])).to(x)
         x = torch.movedim(torch.movedim(x, axis, -1) @ m.T, -1, axis)
     return x
+
+
+# ============================================================================ quantization
+
+def _quant_param(ctx, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast against ``x``: per tensor, per ``axis``, or blocked."""
+    block = ctx.attr("block_size", 0)
+    if p.dim() == 0 or (p.numel() == 1 and not block):
+        return p.reshape(())
+    axis = _axis(ctx.attr("axis", 1), x.dim())
+    if block:
+        return p.repeat_interleave(block, dim=axis).narrow(axis, 0, x.shape[axis])
+    return p.reshape([-1 if i == axis else 1 for i in range(x.dim())])
+
+
+def _quantize(ctx, x, scale, zero=None):
+    out = zero.dtype if zero is not None else ctx.torch_type(ctx.attr("output_dtype", 0) or onnx.TensorProto.UINT8)
+    wide = torch.promote_types(x.dtype, torch.float32)  # ONNX divides in at least float32
+    v = x.to(wide) / _quant_param(ctx, scale, x).to(wide)
+    if out.is_floating_point:  # float8: no zero point; clamped here as devices' casts may not saturate
+        if not ctx.attr("saturate", 1):
+            raise ctx.fail("saturate=0 is not supported")
+        return v.clamp(-torch.finfo(out).max, torch.finfo(out).max).to(out)
+    v = torch.round(v)  # half to even, as ONNX
+    if zero is not None:
+        v = v + _quant_param(ctx, zero, x).to(v)
+    return v.clamp(torch.iinfo(out).min, torch.iinfo(out).max).to(out)
+
+
+def _dequantize(ctx, x, scale, zero=None):
+    scale = _quant_param(ctx, scale, x)
+    wide = torch.promote_types(scale.dtype, torch.float32)
+    v = x.to(scale.device, wide)  # an integer weight sits on the host, its scale with the floats
+    if zero is not None and not zero.is_floating_point():  # a float8 zero point is always 0
+        v = v - _quant_param(ctx, zero, x).to(v)
+    return (v * scale.to(wide)).to(scale.dtype)
 
 
 # ============================================================================ the op table
@@ -711,6 +771,8 @@ OPS: dict[str, Callable] = {
     "Conv": _conv, "ConvTranspose": _conv_transpose, "MaxPool": _max_pool, "AveragePool": _average_pool,
     "GlobalAveragePool": _global_average_pool, "GlobalMaxPool": _global_max_pool,
     "Resize": _resize, "Upsample": _resize,
+    # quantization (rewritten models: the Gaudi lowering runs the QDQ nodes its fp8 GEMMs do not take)
+    "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
 }
 
 
@@ -726,46 +788,51 @@ def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
-def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
-    """Every op type of ``model`` the executor lacks, with one node name for each."""
+def unsupported_ops(model: onnx.ModelProto, ops: Mapping[str, Callable] = OPS) -> dict[str, str]:
+    """Every op type of ``model`` missing from ``ops``, with one node name for each."""
     missing: dict[str, str] = {}
     for index, node in enumerate(model.graph.node):
         key = _op_key(node)
-        if key not in OPS and key not in missing:
+        if key not in ops and key not in missing:
             missing[key] = node.name or f"#{index}"
     return missing
 
 
-def check_supported(model: onnx.ModelProto) -> None:
+def check_supported(model: onnx.ModelProto, ops: Mapping[str, Callable] = OPS) -> None:
     """Raise :class:`AmpqError` listing every op type the executor cannot run (before any compute)."""
-    missing = unsupported_ops(model)
+    missing = unsupported_ops(model, ops)
     if missing:
         listed = ", ".join(f"{op} (e.g. node {name!r})" for op, name in sorted(missing.items()))
         raise AmpqError(f"the gradient executor does not support {len(missing)} op type(s): {listed}; "
-                        f"add them to ampq_pass.executor.OPS")
+                        f"add them to ampq_pass.stages.sensitivity.executor.OPS")
 
 
 class Executor:
-    """Runs an ONNX model with torch ops; float tensors in ``dtype``.
+    """Runs an ONNX model with torch ops; float tensors in ``dtype`` on ``device``.
 
     Raises :class:`AmpqError` at construction if any op is unsupported. Weights are
     converted once; :meth:`run` may be called many times (with or without grad).
+    ``one_float`` maps every ONNX float type to ``dtype``; ``ops`` may extend :data:`OPS`
+    with a caller's fused nodes (keyed ``domain.op_type``).
     """
 
-    def __init__(self, model: onnx.ModelProto, *, dtype: torch.dtype = torch.float32):
-        check_supported(model)
-        self.dtype = dtype
+    def __init__(self, model: onnx.ModelProto, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, one_float: bool = False,
+                 ops: Mapping[str, Callable] = OPS):
+        check_supported(model, ops)
+        self.dtype, self.device, self.one_float, self.ops = dtype, device, one_float, ops
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.nodes = list(model.graph.node)
         self.node_names = node_names(model)
         self.constants: dict[str, torch.Tensor] = {
-            t.name: to_torch(numpy_helper.to_array(t), dtype) for t in model.graph.initializer}
+            t.name: to_torch(numpy_helper.to_array(t), dtype, device=device, one_float=one_float)
+            for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in self.constants]
         self.output_names = [o.name for o in model.graph.output]
         # Constant nodes are evaluated once here, not on every run.
         self._run_nodes = []
         for node, name in zip(self.nodes, self.node_names):
-            ctx = Ctx(node, self.opset, dtype)
+            ctx = Ctx(node, self.opset, dtype, device, one_float)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 self.constants[node.output[0]] = _constant(ctx)
             else:
@@ -797,7 +864,7 @@ class Executor:
             raise AmpqError(f"executor: model input {missing[0]!r} is not fed (given: {sorted(feeds)})")
         env: dict[str, torch.Tensor] = dict(self.constants)
         for name in self.input_names:
-            env[name] = to_torch(feeds[name], self.dtype)
+            env[name] = to_torch(feeds[name], self.dtype, device=self.device, one_float=self.one_float)
         input_hooks, output_hooks = input_hooks or {}, output_hooks or {}
         for index, (name, node, ctx) in enumerate(self._run_nodes):
             args = [env[i] if i else None for i in node.input]
@@ -805,7 +872,7 @@ class Executor:
                 hook = input_hooks[name]
                 args = [hook(slot, a) if a is not None else None for slot, a in enumerate(args)]
             try:
-                result = OPS[_op_key(node)](ctx, *args)
+                result = self.ops[_op_key(node)](ctx, *args)
             except AmpqError:
                 raise
             except Exception as exc:  # a bug or an unsupported attribute combination: name the node
@@ -831,5 +898,5 @@ class Executor:
     def apply(self, name: str, *inputs: torch.Tensor | None) -> torch.Tensor:
         """Run the op of node ``name`` on other inputs (e.g. the layer op on a quantization error)."""
         node, ctx = self.node(name)
-        result = OPS[_op_key(node)](ctx, *inputs)
+        result = self.ops[_op_key(node)](ctx, *inputs)
         return result[0] if isinstance(result, tuple) else result
