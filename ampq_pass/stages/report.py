@@ -44,6 +44,8 @@ class PassRecord:
     normalized: list[str] = field(default_factory=list)
     #: the solver's plan when it measured no faster than the input (then every layer stays hp)
     rejected: dict | None = None
+    #: every verified plan of the closed loop (:class:`ampq_pass.stages.repair.Round` as JSON)
+    rounds: list[dict] = field(default_factory=list)
 
 
 def build_report(record: PassRecord) -> dict:
@@ -87,6 +89,8 @@ def build_report(record: PassRecord) -> dict:
         "measured": r.measured,
         # the plan the solver chose, when its measured model was not faster than the input
         "rejected_plan": r.rejected,
+        # the closed loop: each verified plan, predicted vs measured, and the gains it corrected
+        "rounds": r.rounds,
         "layers": layer_rows,
         "subgraphs": subgraphs,
         "pareto": r.front,
@@ -127,6 +131,9 @@ def render_text(report: dict) -> str:
     lines.append(f"budget: {budget} (tau = {b['tau']:.3g}); binding: {b['binding']}; {b['status']}"
                  + (f" - {b['message']}" if b["message"] else ""))
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
+    for rnd in report.get("rounds", [])[1:] if len(report.get("rounds", [])) > 1 else []:
+        lines.append(f"repair round {rnd['round']}: {rnd['layers_quantized']} layers quantized, predicted "
+                     f"{_fmt(rnd['predicted_speedup'], '.3f')}x, measured {_fmt(rnd['measured_speedup'], '.3f')}x")
     if report.get("rejected_plan"):
         rej = report["rejected_plan"]
         lines.append(f"rejected: the solver's plan ({len(rej['formats'])} layers quantized, predicted "

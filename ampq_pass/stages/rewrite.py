@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS, HP, Emitted, Format
-from ampq_pass.core.graph import drop_unused_initializers, initializers
+from ampq_pass.core.graph import drop_unused_initializers, ensure_node_names, initializers
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.proto import copy_model, fits_protobuf, raise_opset, stripped_copy
 from ampq_pass.stages.calibrate import Ranges
@@ -87,6 +87,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     out = stripped_copy(model) if large else copy_model(model)
     if plan.used_formats():
         out = raise_opset(out, required_opset(plan), why="the plan's formats")
+        ensure_node_names(out)  # the version converter may add unnamed nodes; every stage refers to nodes by name
         # Weight values come from the caller's model (the copy may hold placeholders);
         # initializers the version converter created live only in the copy.
         inits = {**initializers(out), **initializers(model)}

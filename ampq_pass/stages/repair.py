@@ -1,0 +1,132 @@
+"""Repair (design.md §3 "Verify, repair and report"): close the loop between the gain table
+and the measured model.
+
+Gains are measured per subgraph, each extracted and timed alone with high-precision cut
+tensors. In the whole model the runtime moves Q/DQ across cuts and pays layout changes at
+them, so on CNNs the sum of subgraph gains can promise a speed-up the written model does
+not have. When the measured speed-up falls short of the prediction beyond the noise,
+:func:`context_gains` measures each quantized subgraph *in context*: the whole model with
+the plan, against the whole model with that subgraph (or a group of neighbours) reverted to
+high precision, all timed interleaved. :func:`correct` writes those measured gains into the
+gain table in place of the standalone ones, and the plan is solved again; a bounded number
+of rounds (the pipeline's ``repair_rounds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ampq_pass.core.cache import Cache, cached, digest, model_digest
+from ampq_pass.core.formats import HP
+from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.timing import GainTable, gain_noise, input_signature
+
+#: bump when the meaning of a cached entry changes
+_CACHE_VERSION = 1
+
+
+@dataclass
+class Round:
+    """One verified plan: what was predicted, what was measured, and what the loop corrected."""
+
+    index: int
+    formats: dict[str, str]
+    predicted_speedup: float | None
+    measured: dict
+    #: subgraph index -> {"table_gain": standalone gain, "context_gain": gain measured in the model}
+    corrections: dict[int, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"round": self.index, "layers_quantized": len(self.formats), "formats": dict(self.formats),
+                "predicted_speedup": self.predicted_speedup, "measured_speedup": self.measured.get("speedup"),
+                "measured_loss_mse": self.measured.get("loss_mse"),
+                "corrections": {str(k): v for k, v in self.corrections.items()}}
+
+
+def speedup_interval(measured: dict) -> tuple[float, float]:
+    """The measured speed-up's range from the 95% CIs of the two medians (hp and plan)."""
+    (hp_lo, hp_hi), (plan_lo, plan_hi) = measured["hp_ci"], measured["plan_ci"]
+    return hp_lo / plan_hi, hp_hi / plan_lo
+
+
+def falls_short(predicted_speedup: float | None, measured: dict) -> bool:
+    """Whether the measured speed-up is below the prediction beyond the noise: the prediction
+    lies above the measured speed-up's interval (a time-measuring backend only)."""
+    if predicted_speedup is None or measured.get("speedup") is None:
+        return False
+    return predicted_speedup > speedup_interval(measured)[1]
+
+
+def quantized_groups(table: GainTable, plan: Plan, max_groups: int) -> list[list[int]]:
+    """Indices of the subgraphs ``plan`` quantizes, in graph order, in at most ``max_groups``
+    groups of neighbours (each group is reverted together: the cost of a round stays bounded)."""
+    used = [s.index for s in table.subgraphs if any(plan.format_of(l) != HP for l in s.layers)]
+    if not used:
+        return []
+    size = -(-len(used) // max_groups)
+    return [used[i:i + size] for i in range(0, len(used), size)]
+
+
+def context_gains(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None, table: GainTable,
+                  plan: Plan, backend, inputs: list[dict[str, np.ndarray]], *, max_groups: int = 12,
+                  cache: Cache | None = None) -> dict[int, tuple[float, float]]:
+    """Subgraph index -> (gain in context, its noise), in the gain table's time unit.
+
+    A group's gain in context is ``T(plan with the group reverted to hp) - T(plan)``, the
+    models timed interleaved on ``inputs``; a group's gain is shared among its subgraphs in
+    proportion to their table gains (equally when those are all zero).
+    """
+    groups = quantized_groups(table, plan, max_groups)
+    by_index = {s.index: s for s in table.subgraphs}
+    key = digest("context", _CACHE_VERSION, model_digest(model), sorted(plan.formats.items()), groups,
+                 input_signature(inputs), backend.key())
+
+    def measure() -> dict:
+        models = {"plan": rewrite(model, layers, plan, ranges)}
+        for g, members in enumerate(groups):
+            reverted = {l for i in members for l in by_index[i].layers}
+            models[f"revert{g}"] = rewrite(model, layers, Plan({l: f for l, f in plan.formats.items()
+                                                                 if l not in reverted}), ranges)
+        t = backend.time(models, inputs)
+        return {str(g): [t[f"revert{g}"].median - t["plan"].median, gain_noise(t[f"revert{g}"], t["plan"])]
+                for g in range(len(groups))}
+
+    result, _ = cached(cache, "gain", key, measure, dump=dict, load=dict)
+    out: dict[int, tuple[float, float]] = {}
+    for g, members in enumerate(groups):
+        gain, noise = result[str(g)]
+        weights = [max(by_index[i].lookup(plan.formats).gain, 0.0) for i in members]
+        total = sum(weights)
+        for i, w in zip(members, weights):
+            share = w / total if total > 0 else 1.0 / len(members)
+            out[i] = (gain * share, noise * share)
+    return out
+
+
+def correct(table: GainTable, plan: Plan, gains: dict[int, tuple[float, float]]) -> dict[int, dict]:
+    """Put the gains measured in context into ``table`` (in place); returns what changed, for
+    the report.
+
+    The configuration ``plan`` uses gets its measured gain (inside its noise: zero, like every
+    other gain). The difference to its standalone gain is what the subgraph's cuts cost in the
+    model (Q/DQ moved across them, layout changes): every other quantized configuration of the
+    subgraph pays it too, so each gets the same difference added; the hp configuration keeps 0.
+    """
+    by_index = {s.index: s for s in table.subgraphs}
+    changed = {}
+    for i, (gain, noise) in gains.items():
+        sg = by_index[i]
+        config = sg.lookup(plan.formats)
+        new = gain if abs(gain) > noise else 0.0
+        delta = new - config.gain
+        changed[i] = {"table_gain": config.gain, "context_gain": new, "noise": noise}
+        for c in sg.configs:
+            if any(f != HP for f in c.formats.values()):
+                c.gain += delta
+    return changed

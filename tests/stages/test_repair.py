@@ -1,0 +1,119 @@
+"""The closed loop: gains measured inside the whole model replace the standalone ones."""
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from ampq_pass.core.measure import Capabilities, Timing
+from ampq_pass.core.model import load_model
+from ampq_pass.pipeline import run_pass
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.partition import partition
+from ampq_pass.stages.repair import correct, falls_short, quantized_groups, speedup_interval
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.timing import ConfigGain, GainTable, SubgraphGains
+
+_JITTER = (1.0, 1.001, 0.999, 1.0, 1.0, 1.002, 0.998)
+
+
+def _timing(seconds: float) -> Timing:
+    return Timing.of([seconds * f for f in _JITTER])
+
+
+def _quantized_layers(model: onnx.ModelProto) -> set[str]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "DequantizeLinear"}
+
+
+class InteractingBackend:
+    """Every quantized subgraph configuration halves its time when timed alone (1 s -> 0.5 s);
+    in the whole model (2 s in hp) quantizing any layer of ``effects[i][0]`` changes the time
+    by ``effects[i][1]`` seconds: a positive effect is what cut effects do on CNNs."""
+
+    name, unit = "interacting", "s"
+
+    def __init__(self, effects: list[tuple[set[str], float]]):
+        self.effects = effects
+
+    def capabilities(self):
+        return Capabilities(("int8",), "fp32", "fake")
+
+    def key(self):
+        return {"fake": "interacting"}
+
+    def time_each(self, jobs):  # the whole model takes as long as its two subgraphs
+        return {k: _timing(2.0 if k == "model" else 1.0) for k in jobs}
+
+    def time(self, models, inputs):
+        out = {}
+        for label, model in models.items():
+            if model.graph.name.startswith("subgraph"):  # a subgraph timed alone: quantizing helps
+                out[label] = _timing(1.0 if label == "hp" else 0.5)
+                continue
+            q = _quantized_layers(model)
+            out[label] = _timing(2.0 + sum(delta for layers, delta in self.effects if q & layers))
+        return out
+
+
+@pytest.fixture()
+def block(tmp_path, block_model):
+    path = tmp_path / "block.onnx"
+    onnx.save(block_model, path)
+    np.savez(tmp_path / "calib.npz", **models.feeds_for(block_model, n=24))
+    model = load_model(path)
+    part = partition(model, find_layers(model))
+    assert len(part.subgraphs) == 2
+    return path, [set(s.layers) for s in part.subgraphs]
+
+
+def test_the_loop_drops_the_subgraph_that_slows_the_model(tmp_path, block):
+    path, (attention, mlp) = block
+    res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,
+                   backend=InteractingBackend([(attention, 0.4), (mlp, -0.3)]), cache_dir=None,
+                   progress=False, log=lambda s: None)
+    rounds = res.report["rounds"]
+    assert len(rounds) >= 2
+    first, last = rounds[0], rounds[-1]
+    assert set(first["formats"]) & attention and first["measured_speedup"] < 1.0  # the table's plan was slower
+    assert first["corrections"] and any(c["context_gain"] < 0 for c in first["corrections"].values())
+    assert not set(res.solution.plan.formats) & attention and set(res.solution.plan.formats) & mlp
+    assert res.report["measured"]["speedup"] == pytest.approx(2.0 / 1.7, rel=0.01)
+    assert res.report["rejected_plan"] is None
+    assert _quantized_layers(onnx.load(tmp_path / "o.onnx")) == set(res.solution.plan.formats)
+
+
+def test_no_loop_when_the_prediction_holds(tmp_path, block):
+    path, (attention, mlp) = block
+    res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,
+                   backend=InteractingBackend([(attention, -0.5), (mlp, -0.5)]),
+                   cache_dir=None, progress=False, log=lambda s: None, repair_rounds=2)
+    assert len(res.report["rounds"]) == 1 and res.report["rounds"][0]["corrections"] == {}
+
+
+def _table() -> GainTable:
+    def config(fmt, gain):
+        return ConfigGain({"a": fmt, "b": fmt}, 1.0 - gain, gain, 0.01, True, gain)
+
+    sgs = [SubgraphGains(0, "s0", ["a", "b"], 1.0, [config("hp", 0.0), config("int8", 0.5)]),
+           SubgraphGains(1, "s1", ["c"], 1.0, [ConfigGain({"c": "hp"}, 1.0, 0.0, 0.01, True, 0.0),
+                                               ConfigGain({"c": "int8"}, 0.6, 0.4, 0.01, True, 0.4)])]
+    return GainTable("fake", {}, "s", sgs, hp_total=2.0)
+
+
+def test_correct_moves_every_quantized_config_of_the_subgraph_and_zeroes_noise():
+    table = _table()
+    plan = Plan({"a": "int8", "b": "int8", "c": "int8"})
+    changed = correct(table, plan, {0: (-0.2, 0.05), 1: (0.01, 0.05)})
+    assert changed[0] == {"table_gain": 0.5, "context_gain": -0.2, "noise": 0.05}
+    assert [c.gain for c in table.subgraphs[0].configs] == [0.0, pytest.approx(-0.2)]
+    assert table.subgraphs[1].configs[1].gain == 0.0  # inside its noise
+    assert quantized_groups(table, plan, 1) == [[0, 1]] and quantized_groups(table, plan, 5) == [[0], [1]]
+
+
+def test_falls_short_only_beyond_the_noise():
+    m = {"speedup": 1.2, "hp_ci": [0.99, 1.01], "plan_ci": [0.82, 0.84]}
+    lo, hi = speedup_interval(m)
+    assert lo < 1.2 < hi
+    assert falls_short(1.5, m) and not falls_short(1.22, m) and not falls_short(None, m)
