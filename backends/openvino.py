@@ -1,0 +1,223 @@
+"""OpenVINO runtime backend (``openvino:cpu``, ``openvino:DEVICE``): compiled models with fixed,
+recorded settings, timed with the shared interleaved protocol.
+
+Installed by the optional extra ``pip install 'ampq-pass[openvino]'``; imported lazily, so a
+machine without it only fails when this backend is asked for (one line, saying what to
+install).
+
+Settings every compiled model gets (all in :meth:`OpenVinoBackend.key`, so cached timings
+never mix them):
+
+- ``INFERENCE_NUM_THREADS`` = ``threads`` (2), ``PERFORMANCE_HINT`` = ``LATENCY``,
+  ``NUM_STREAMS`` = 1: one stream, one request, a fixed thread count (no throughput streams).
+- ``INFERENCE_PRECISION_HINT`` = ``f32``: on CPUs with AVX512_BF16/AMX the CPU plugin's
+  default inference precision is bf16 (read from the device on this machine), which would run
+  the "hp" model in bf16; the pass's hp is the model's own fp32, so it is pinned.
+- ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` = 0 (CPU): by default the CPU plugin quantizes the
+  *activations* of MatMuls with compressed (int4/int8-weight-only) weights to int8 per group
+  of 32 at run time. That is what makes an int4 weight-only MatMul fast here (1.5x over fp32
+  on the probe below, 1.05x without it), but it is an activation error the sensitivity stage
+  does not model, so it is off and ``int4`` is not offered.
+- ``ENABLE_CPU_PINNING`` = False: several compiled models are alive during interleaved timing
+  on cores shared with other processes; pinning threads of each one to fixed cores would make
+  a neighbour's load hit one configuration more than another.
+
+Formats offered (design.md §3: never a format the device would emulate slowly): the device's
+``OPTIMIZATION_CAPABILITIES`` (INT8 -> ``int8``, FP16 -> ``fp16``, BF16 -> ``bf16``),
+narrowed to those measured fast *as the rewrite writes them* (:data:`MEASURED_FAST`).
+Measured on this repository's machine (Intel Xeon, Sapphire Rapids class: AVX512-VNNI, AMX,
+AVX512_BF16, AVX512_FP16; OpenVINO 2026.4, 2 threads, two MatMuls 384x1536 / 1536x384, batch
+8 x 128 tokens; ``benchmarks/bench_backends.py --probe``): see the table in
+``benchmarks/results/backends.md``. ``int8_dyn`` (DynamicQuantizeLinear + MatMulInteger) and
+``int4`` are not offered: OpenVINO runs neither as a fused kernel from those ONNX patterns.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
+
+__all__ = ["OpenVinoBackend", "available_devices", "import_openvino", "CAPABILITY_FORMATS", "MEASURED_FAST"]
+
+INSTALL_HINT = "pip install 'ampq-pass[openvino]'"
+
+#: OPTIMIZATION_CAPABILITIES entry -> the project's format it makes possible
+CAPABILITY_FORMATS: dict[str, str] = {"INT8": "int8", "FP16": "fp16", "BF16": "bf16"}
+
+#: per device type, the formats measured faster than fp32 in the form the rewrite writes them
+#: (int8: uint8 per-tensor activation Q->DQ and int8 symmetric per-channel weight DQ into the
+#: MatMul/Conv; fp16/bf16: Cast down/up pairs and weights stored in 16 bits behind a Cast).
+#: See the module docstring for where this was measured; an unknown device type offers
+#: int8 only when the device lists INT8.
+MEASURED_FAST: dict[str, tuple[str, ...]] = {"CPU": ("int8",)}
+
+
+def import_openvino():
+    """The ``openvino`` module, or an :class:`AmpqError` with one line saying how to install it."""
+    try:
+        import openvino
+    except ImportError as e:
+        raise AmpqError(f"backend openvino needs the OpenVINO runtime, which is not installed ({e}); "
+                        f"run: {INSTALL_HINT}") from None
+    return openvino
+
+
+def available_devices() -> list[str]:
+    """Devices OpenVINO lists here (``[]`` when it is not installed)."""
+    try:
+        ov = import_openvino()
+    except AmpqError:
+        return []
+    return list(ov.Core().available_devices)
+
+
+def _restrict(inputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` for a compiled model's ``inputs``: only the names it reads, contiguous, in
+    canonical dtypes, reshaped where a static input shape has the same element count.
+
+    numpy's ``longlong`` is int64 under another type number, which the OpenVINO bindings
+    reject ("Unsupported data type: int64"); and an extracted subgraph may declare a scalar
+    input that arrives as shape (1,) (ONNX Runtime accepts it, OpenVINO does not)."""
+    out = {}
+    for port in inputs:
+        name = port.any_name
+        if name not in feeds:
+            raise AmpqError(f"timing inputs lack model input {name!r} (given: {sorted(feeds)})")
+        v = np.asarray(feeds[name])
+        v = np.ascontiguousarray(v, dtype=np.dtype(v.dtype.str))
+        shape = port.get_partial_shape()
+        if shape.is_static:
+            want = tuple(int(d) for d in shape.to_shape())
+            if v.shape != want and v.size == int(np.prod(want, dtype=np.int64)):
+                v = v.reshape(want)
+        out[name] = v
+    return out
+
+
+class OpenVinoBackend(Backend):
+    """The OpenVINO runtime on one device (``CPU`` by default)."""
+
+    def __init__(self, device: str = "cpu", *, threads: int = 2, protocol: Protocol | None = None,
+                 formats: tuple[str, ...] | None = None, core: Any = None):
+        ov = import_openvino()
+        self._ov = ov
+        self.core = core if core is not None else ov.Core()
+        listed = list(self.core.available_devices)
+        wanted = device.upper()
+        if wanted not in listed:
+            raise AmpqError(f"OpenVINO device {device!r} is not available; OpenVINO lists here: "
+                            f"{', '.join(d.lower() for d in listed) or 'none'}")
+        self.device = wanted
+        self.threads = threads
+        self.protocol = protocol or Protocol()
+        self.device_caps = tuple(str(c) for c in self.core.get_property(wanted, "OPTIMIZATION_CAPABILITIES"))
+        fast = self.fast_formats(wanted, self.device_caps)
+        if formats is not None:  # a user restriction can only narrow what runs fast
+            unknown = [f for f in formats if f not in fast]
+            if unknown:
+                raise AmpqError(f"openvino:{device.lower()} does not run {unknown[0]!r} fast; it offers "
+                                f"{', '.join(fast) or 'hp only'}")
+            fast = tuple(f for f in fast if f in formats)
+        self._caps = Capabilities(fast, "fp32", self._device_name())
+        self.name = f"openvino:{wanted.lower()}"
+
+    @staticmethod
+    def fast_formats(device: str, capabilities: tuple[str, ...]) -> tuple[str, ...]:
+        """Formats the device lists in OPTIMIZATION_CAPABILITIES and that run fast as written."""
+        listed = [CAPABILITY_FORMATS[c] for c in capabilities if c in CAPABILITY_FORMATS]
+        measured = MEASURED_FAST.get(device.split(".")[0], ("int8",))
+        return tuple(f for f in listed if f in measured)
+
+    def _device_name(self) -> str:
+        try:
+            name = str(self.core.get_property(self.device, "FULL_DEVICE_NAME"))
+        except Exception:  # a plugin without the property: the device id is enough
+            name = self.device
+        if self.device == "CPU":
+            name += f" ({os.cpu_count()} cpus)"
+        return name
+
+    def config(self) -> dict[str, Any]:
+        """The properties every compiled model gets (recorded in :meth:`key`)."""
+        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+        if self.device == "CPU":
+            cfg.update({"INFERENCE_NUM_THREADS": self.threads, "ENABLE_CPU_PINNING": False,
+                        "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
+        return cfg
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def key(self) -> dict:
+        return {"backend": "openvino", "openvino": str(self._ov.get_version()), "onnx": onnx.__version__,
+                "device": self.device, "device_name": self._caps.device, "optimization_capabilities": list(self.device_caps),
+                "formats": list(self._caps.formats), "threads": self.threads,
+                "config": {k: str(v) for k, v in sorted(self.config().items())}, "protocol": self.protocol.to_json()}
+
+    def read(self, model: onnx.ModelProto):
+        """An ``openvino.Model`` from an in-memory ModelProto (a temporary file above 2 GB)."""
+        try:
+            if model.ByteSize() < 2**31 - 1 and not _has_external_data(model):
+                return self.core.read_model(io.BytesIO(model.SerializeToString()))
+            with tempfile.TemporaryDirectory(prefix="ampq_ov_") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location="model.onnx.data", size_threshold=1024)
+                ov_model = self.core.read_model(path)
+                # the frontend may map the weights file; compile before the directory goes
+                return self.core.compile_model(ov_model, self.device, self.config())
+        except AmpqError:
+            raise
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line text
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AmpqError(f"OpenVINO could not read the model {model.graph.name!r}: {first}") from None
+
+    def compile(self, model: onnx.ModelProto):
+        """A compiled model with the fixed settings this backend's timings are keyed by."""
+        read = self.read(model)
+        if isinstance(read, self._ov.CompiledModel):
+            return read
+        try:
+            return self.core.compile_model(read, self.device, self.config())
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AmpqError(f"OpenVINO could not compile the model {model.graph.name!r} on "
+                            f"{self.device}: {first}") from None
+
+    def runner(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]):
+        """``run(i)``: one synchronous inference on batch ``i``, inputs prepared beforehand."""
+        compiled = self.compile(model)
+        request = compiled.create_infer_request()
+        prepared = [_restrict(compiled.inputs, b) for b in batches]
+        return lambda i: request.infer(prepared[i], share_inputs=True)
+
+    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of one inference, by output name (for checks; timing uses :meth:`runner`)."""
+        compiled = self.compile(model)
+        out = compiled.create_infer_request().infer(_restrict(compiled.inputs, feeds))
+        return {o.any_name: np.asarray(v) for o, v in out.items()}
+
+    def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
+        n = min((len(inputs) for _, inputs in jobs.values()), default=0)
+        if jobs and n == 0:
+            raise AmpqError("no timing inputs: capture activations at the subgraph inputs first")
+        runners = {k: self.runner(m, inputs[:n]) for k, (m, inputs) in jobs.items()}
+        return interleave(runners, self.protocol, n_inputs=n)
+
+    def time(self, models: dict[str, onnx.ModelProto], inputs: list[dict[str, np.ndarray]]) -> dict[str, Timing]:
+        if not inputs:
+            raise AmpqError("no timing inputs: capture activations at the subgraph inputs first")
+        runners = {k: self.runner(m, inputs) for k, m in models.items()}
+        return interleave(runners, self.protocol, n_inputs=len(inputs))
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
