@@ -11,14 +11,53 @@ import torch
 
 from ampq_pass.core import ort
 from ampq_pass.core.measure import CostModel
+from ampq_pass.core.proto import copy_model, fits_protobuf
 from ampq_pass.core.samples import Samples
-from ampq_pass.stages.sensitivity.losses import Loss, make_loss
+from ampq_pass.stages.sensitivity.losses import Loss, logit_tensors, loss_tensors, make_loss
 
 
 def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = True,
                 threads: int = 0) -> list[dict[str, np.ndarray]]:
-    """Outputs of ``model`` in ONNX Runtime, batch by batch (float outputs as float64 copies)."""
-    return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
+    """Outputs of ``model`` in ONNX Runtime, batch by batch (float outputs as float64 copies).
+
+    The input of a final Softmax/LogSoftmax/Sigmoid (:func:`logit_tensors`) comes back too,
+    under its own name: the default losses read the logits of such an output.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
+    existing = {o.name for o in model.graph.output}
+    extra = sorted(set(logit_tensors(model).values()) - existing)
+    if not extra:
+        return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
+    large = not fits_protobuf(model)
+    probe = model if large else copy_model(model)  # above 2 GB: outputs added only while the session is built
+    n_outputs = len(probe.graph.output)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
+    try:
+        sess = ort.make_session(probe, optimize=optimize, threads=threads)
+    finally:
+        while len(probe.graph.output) > n_outputs:
+            probe.graph.output.pop()
+    names = [o.name for o in sess.get_outputs()]
+    out = []
+    for batch in samples.batches(batch_size):
+        values = ort.run(sess, batch)
+        out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
+    return out
+
+
+def _loss_view(model_hp, model_q, loss_fn: Loss, hp: list, q: list) -> tuple[dict, dict]:
+    """Which tensor the loss reads for each output, in each model: the logits of a final
+    Softmax/Sigmoid where the loss reads logits and both runs returned them, else the output."""
+    if not isinstance(model_hp, onnx.ModelProto) or not isinstance(model_q, onnx.ModelProto) or not hp or not q:
+        return {}, {}
+    view_hp, view_q = loss_tensors(model_hp, loss_fn), loss_tensors(model_q, loss_fn)
+    both = [o for o in view_hp if o in view_q and view_hp[o] in hp[0] and view_q[o] in q[0]]
+    return {o: view_hp[o] for o in both}, {o: view_q[o] for o in both}
+
+
+def _read(values: dict, view: dict, outputs: list[str]) -> dict:
+    return {o: torch.from_numpy(values[view.get(o, o)]) for o in outputs}
 
 
 def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "projection", *,
@@ -27,20 +66,29 @@ def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "p
     """``E_x[(L_q(x) - L_hp(x))^2]`` with both models run in ONNX Runtime on ``samples``.
 
     For the projection loss this is the exact expectation over r: ``||f_q - f_hp||^2`` per
-    sample, summed over outputs. ``hp_outputs`` (from :func:`run_batches`) skips re-running hp.
+    sample, summed over outputs (on the logits of a final Softmax/Sigmoid, as the sensitivity
+    reads them). ``hp_outputs`` (from :func:`run_batches`) skips re-running hp.
     """
     loss_fn = make_loss(loss, labels=labels)
     hp = hp_outputs if hp_outputs is not None else run_batches(model_hp, samples, batch_size, optimize, threads)
     q = run_batches(model_q, samples, batch_size, optimize, threads)
+    view_hp, view_q = _loss_view(model_hp, model_q, loss_fn, hp, q)
+    outputs = _graph_outputs(model_hp, hp)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for (start, _), ref, out in zip(samples.numbered_batches(batch_size), hp, q):
-        ref_t = {k: torch.from_numpy(v) for k, v in ref.items()}
-        out_t = {k: torch.from_numpy(v) for k, v in out.items()}
+        ref_t = _read(ref, view_hp, outputs)
+        out_t = _read(out, view_q, outputs)
         sq = loss_fn.squared_change(out_t, ref_t, start, generator)
         total += float(sq.to(torch.float64).sum())
         count += int(sq.shape[0])
     return total / max(count, 1)
+
+
+def _graph_outputs(model, hp: list) -> list[str]:
+    if isinstance(model, onnx.ModelProto):
+        return [o.name for o in model.graph.output]
+    return list(hp[0]) if hp else []
 
 
 def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples, backend, timing_inputs,

@@ -6,7 +6,16 @@ high-precision point is not zero.
 - :class:`PseudoLabelLoss`: cross-entropy against the high-precision model's own argmax.
 - :class:`ProjectionLoss` (default without labels): ``L(x) = <r, f(x)>`` with a fresh
   ``r ~ N(0, I)`` per sample (and probe), so ``E_r[ΔL^2] = ||J Δ||^2``, the first-order
-  output MSE.
+  output MSE. ``r`` is drawn from the generator's seed and the sample's index, so the
+  same sample gets the same ``r`` whatever the batching.
+
+**Logits side.** A graph output written by a final Softmax, LogSoftmax or Sigmoid is read
+*before* that node (:func:`logit_tensors`) by the projection, pseudo-label and
+cross-entropy losses: where such an output saturates (probabilities at 0 or 1) its
+gradient vanishes and the first-order estimate of the output change is far below what a
+quantized model really changes (measured/predicted 0.001 on a saturated classifier), while
+the logits stay in the regime where the first-order estimate holds. ``projection_raw``
+keeps the outputs as written.
 
 A loss that compares the model with its *own* output (KL or MSE to itself) is at its
 minimum at the high-precision point: its gradient is zero and so would be every
@@ -29,6 +38,44 @@ from ampq_pass.core.errors import AmpqError
 
 #: losses refused because their gradient vanishes at the high-precision point
 _SELF_REFERENCED = ("kl", "kl_div", "self_kl", "self_mse", "distillation")
+#: final activations that a loss reads through (their input is used instead of the graph output)
+TERMINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def logit_tensors(model, kinds: tuple[str, ...] = TERMINAL_ACTIVATIONS) -> dict[str, str]:
+    """``{graph output: input of the node}`` for outputs written directly by a Softmax,
+    LogSoftmax or Sigmoid (``kinds``) of the default domain: the logits of that output."""
+    producers = {out: node for node in model.graph.node for out in node.output if out}
+    inputs = {i.name for i in model.graph.input}
+    found = {}
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        if node is None or node.op_type not in kinds or node.domain not in ("", "ai.onnx"):
+            continue
+        if not node.input or not node.input[0] or node.input[0] in inputs:
+            continue
+        if node.op_type != "Sigmoid":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            if axis != -1 and "Sigmoid" not in kinds:  # class axis not last: cross-entropy would misread it
+                continue
+        found[output.name] = node.input[0]
+    return found
+
+
+def loss_tensors(model, loss: "Loss") -> dict[str, str]:
+    """``{graph output: tensor}`` that ``loss`` reads instead of the output (empty: outputs as written)."""
+    kinds = getattr(loss, "reads_logits", ())
+    if not kinds:
+        return {}
+    found = logit_tensors(model, kinds)
+    output = getattr(loss, "output", None)
+    return {k: v for k, v in found.items() if output is None or k == output}
+
+
+def with_logits(outputs: dict, view: dict[str, str]) -> dict:
+    """``outputs`` (which hold the ``view`` tensors too) with each viewed output replaced by its tensor."""
+    return {k: outputs[view[k]] if k in view and view[k] in outputs else v
+            for k, v in outputs.items() if k not in set(view.values()) - set(view)}
 
 
 def _float_outputs(outputs: dict[str, torch.Tensor]) -> list[str]:
@@ -67,6 +114,8 @@ class Loss:
     name: str = ""
     #: random probes per sample; >1 only for stochastic losses
     probes: int = 1
+    #: final activations this loss reads through (see :func:`logit_tensors`); () = outputs as written
+    reads_logits: tuple[str, ...] = ()
 
     def per_sample(self, outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], start: int,
                    generator: torch.Generator) -> torch.Tensor:
@@ -88,7 +137,13 @@ class ProjectionLoss(Loss):
 
     output: str | None = None
     probes: int = 1
+    logits: bool = True  # read outputs of a final Softmax/LogSoftmax/Sigmoid before it
     name: str = field(default="projection", init=False)
+
+    def __post_init__(self):
+        self.reads_logits = TERMINAL_ACTIVATIONS if self.logits else ()
+        if not self.logits:
+            self.name = "projection_raw"
 
     def _outputs(self, outputs: dict[str, torch.Tensor]) -> list[str]:
         if self.output is not None:
@@ -97,10 +152,15 @@ class ProjectionLoss(Loss):
         return _float_outputs(outputs)
 
     def per_sample(self, outputs, reference, start, generator):
+        names = self._outputs(outputs)
+        n = outputs[names[0]].shape[0] if names else 0
+        base = generator.initial_seed()
+        # r of sample i depends only on (generator seed, start + i): the same whatever the batching
+        per = [torch.Generator().manual_seed((base * 1_000_003 + start + i) % (1 << 62)) for i in range(n)]
         total = 0
-        for name in self._outputs(outputs):
+        for name in names:
             f = outputs[name]
-            r = torch.randn(f.shape, generator=generator, dtype=torch.float64).to(f.dtype)
+            r = torch.stack([torch.randn(f.shape[1:], generator=g, dtype=torch.float64) for g in per]).to(f.dtype)
             total = total + (r * f).reshape(f.shape[0], -1).sum(dim=1)
         return total
 
@@ -119,6 +179,7 @@ class PseudoLabelLoss(Loss):
 
     output: str | None = None
     name: str = field(default="pseudo_label", init=False)
+    reads_logits: tuple[str, ...] = field(default=("Softmax", "LogSoftmax"), init=False)
 
     def per_sample(self, outputs, reference, start, generator):
         logits = _pick_output(outputs, self.output, self.name)
@@ -139,6 +200,10 @@ class TaskLoss(Loss):
     def name(self) -> str:  # type: ignore[override]
         return self.kind
 
+    @property
+    def reads_logits(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("Softmax", "LogSoftmax") if self.kind == "cross_entropy" else ()
+
     def per_sample(self, outputs, reference, start, generator):
         pred = _pick_output(outputs, self.output, self.kind)
         n = pred.shape[0]
@@ -151,7 +216,7 @@ class TaskLoss(Loss):
         return (diff * diff).reshape(n, -1).mean(dim=1)
 
 
-LOSS_NAMES = ("projection", "pseudo_label", "cross_entropy", "mse")
+LOSS_NAMES = ("projection", "projection_raw", "pseudo_label", "cross_entropy", "mse")
 _ALIASES = {"proj": "projection", "random_projection": "projection", "pseudo": "pseudo_label",
             "pseudo-label": "pseudo_label", "argmax": "pseudo_label", "ce": "cross_entropy",
             "cross-entropy": "cross_entropy", "xent": "cross_entropy"}
@@ -160,7 +225,8 @@ _ALIASES = {"proj": "projection", "random_projection": "projection", "pseudo": "
 def make_loss(spec: str | Loss, *, labels: np.ndarray | None = None, probes: int = 1) -> Loss:
     """A :class:`Loss` from ``"name[:output]"``; refuses losses with a zero gradient at hp.
 
-    ``projection`` (default without labels), ``pseudo_label``, ``cross_entropy`` and ``mse``
+    ``projection`` (default without labels; on the logits of a final Softmax/Sigmoid),
+    ``projection_raw`` (on the outputs as written), ``pseudo_label``, ``cross_entropy`` and ``mse``
     (both need ``labels``). ``kl`` and ``mse`` without labels compare the model with itself.
     """
     if isinstance(spec, Loss):
@@ -178,6 +244,8 @@ def make_loss(spec: str | Loss, *, labels: np.ndarray | None = None, probes: int
         raise AmpqError(f"probes must be >= 1, got {probes}")
     if name == "projection":
         return ProjectionLoss(output, probes)
+    if name == "projection_raw":
+        return ProjectionLoss(output, probes, logits=False)
     if name == "pseudo_label":
         return PseudoLabelLoss(output)
     if name in ("cross_entropy", "mse"):

@@ -5,10 +5,11 @@ For layer ``l`` and format ``p``::
     s[l][p] = E_x[(<G^W_l(x), E^W_{l,p}> + <G^A_l(x), E^A_{l,p}(x)>)^2]
 
 The inner products are needed *per sample*, but nothing per sample is stored beyond
-the current batch. One forward + backward per batch (and per random probe) gives, for
-every layer, the gradient of its output ``G^Y`` and of its input *as that layer reads it*
-``G^A`` (a zero tensor that requires grad is added to each layer's input and output in
-the executor, so a tensor shared by q/k/v gets one gradient per consumer). Then:
+the current sub-batch. One forward + backward per sub-batch (and per random probe) gives,
+for every layer, the gradient of its output ``G^Y`` and of its input *as that layer reads
+it* ``G^A`` (each layer input and output is replaced in the executor by a view with a
+gradient hook, so a tensor shared by q/k/v gets one gradient per consumer). Then, inside
+the backward pass, as each layer's gradients arrive:
 
 - activation term: ``<G^A(x), E^A(x)>`` summed over each sample's elements;
 - weight term: every quantizable op is linear in its weight, so
@@ -18,6 +19,11 @@ the executor, so a tensor shared by q/k/v gets one gradient per consumer). Then:
 
 Errors use :mod:`ampq_pass.formats` and the calibrated :class:`Ranges`: the same scales
 as the rewrite, including what the rewrite adds for int8 Conv (quantized output, int32 bias).
+
+Memory is bounded (``memory_budget``, default 1 GiB for the working set): batches are run
+in sub-batches sized from the forward activations of one sample, a layer's saved tensors
+are freed as soon as its terms are accumulated, and weight errors are kept only while they
+fit the budget (``benchmarks/results/memory.md``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from ampq_pass.core.samples import Samples
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.sensitivity.executor import Executor
-from ampq_pass.stages.sensitivity.losses import Loss, make_loss
+from ampq_pass.stages.sensitivity.losses import Loss, loss_tensors, make_loss
 
 # Per-sample weight gradients of a MatMul are built in chunks of at most this many elements.
 _CHUNK_ELEMENTS = 1 << 25
@@ -86,12 +92,10 @@ class Sensitivity:
 
 @dataclass
 class _LayerErrors:
-    """What one layer needs for every candidate format: weight errors (fixed) and ranges."""
+    """What one layer needs for every candidate format: its formats and calibrated ranges."""
 
     layer: Layer
     formats: list[str]
-    weight_errors: dict[str, torch.Tensor]  # format -> Q(W) - W
-    bias_errors: dict[str, torch.Tensor]  # format -> Q(b) - b (int8 Conv/Gemm bias as int32)
     ranges: dict[str, tuple[float, float]]  # tensor -> calibrated range
     bias_scale: float = 1.0  # the op's factor on its bias (Gemm's beta)
 
@@ -111,7 +115,7 @@ def _bias_error(fmt: Format, model_inits: dict, node: onnx.NodeProto, w: np.ndar
 
 def _prepare(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, formats: Iterable[str] | None,
              dtype: torch.dtype) -> list[_LayerErrors]:
-    inits = initializers(model)
+    """Formats and ranges per layer; weight errors come later, layer by layer (:class:`_WeightErrors`)."""
     nodes = {n.name: n for n in model.graph.node}
     wanted = None if formats is None else [get_format(f).name for f in formats if f != HP]
     prepared = []
@@ -124,16 +128,7 @@ def _prepare(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, format
             raise AmpqError(f"layer {layer.name!r} is not a node of the model")
         tensors = sorted({t for f in fmts for t in FORMATS[f].calibrated_tensors(layer)})
         layer_ranges = {t: ranges[t] for t in tensors}
-        w_err, b_err = {}, {}
-        if layer.weight is not None:
-            w = onnx.numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
-            for f in fmts:
-                fmt = FORMATS[f]
-                w_err[f] = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).to(dtype)
-                e = _bias_error(fmt, inits, node, w, layer, ranges)
-                if e is not None:
-                    b_err[f] = torch.from_numpy(e).to(dtype)
-        prepared.append(_LayerErrors(layer, fmts, w_err, b_err, layer_ranges, OPS[layer.op_type].bias_scale(node)))
+        prepared.append(_LayerErrors(layer, fmts, layer_ranges, OPS[layer.op_type].bias_scale(node)))
     return prepared
 
 
@@ -165,14 +160,16 @@ class _Accumulator:
             per[fmt] = per.get(fmt, 0.0) + scale * float((value.to(torch.float64) ** 2).sum())
 
 
-def _weight_terms(ex: Executor, item: _LayerErrors, a: torch.Tensor, g_y: torch.Tensor,
-                  batch: int) -> dict[str, torch.Tensor]:
-    """Per-sample <G^W, E^W> (+ int8 bias term) for each format, [batch] each."""
+def _weight_terms(ex: Executor, item: _LayerErrors, errors: tuple[dict, dict], a: torch.Tensor,
+                  g_y: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """Per-sample <G^W, E^W> (+ int8 bias term) for each format, [batch] each; ``errors`` is
+    (format -> Q(W) - W, format -> Q(b) - b)."""
     layer = item.layer
+    weight_errors, bias_errors = errors
     if layer.op_type == "MatMul" and len(layer.weight_shape) == 2:
         k, n = layer.weight_shape
         a3, g3 = a.reshape(batch, -1, k), g_y.reshape(batch, -1, n)
-        errors = torch.stack([item.weight_errors[f] for f in item.formats]).reshape(len(item.formats), -1)
+        errors = torch.stack([weight_errors[f] for f in item.formats]).reshape(len(item.formats), -1)
         out = []
         chunk = max(1, _CHUNK_ELEMENTS // (k * n))
         for s in range(0, batch, chunk):
@@ -182,10 +179,10 @@ def _weight_terms(ex: Executor, item: _LayerErrors, a: torch.Tensor, g_y: torch.
         return {f: terms[:, i] for i, f in enumerate(item.formats)}
     terms = {}
     for f in item.formats:
-        dy = ex.apply(layer.name, a, item.weight_errors[f])  # the op is linear in W: op(A, E) = dY
+        dy = ex.apply(layer.name, a, weight_errors[f])  # the op is linear in W: op(A, E) = dY
         t = _per_sample(g_y * dy, batch, f"output of {layer.name!r}")
-        if f in item.bias_errors:
-            e_b = item.bias_errors[f]
+        if f in bias_errors:
+            e_b = bias_errors[f]
             if layer.op_type == "Gemm":
                 t = t + item.bias_scale * _per_sample(g_y * e_b, batch, f"output of {layer.name!r}")
             else:
@@ -195,78 +192,200 @@ def _weight_terms(ex: Executor, item: _LayerErrors, a: torch.Tensor, g_y: torch.
     return terms
 
 
-def _activation_terms(item: _LayerErrors, acts: list[torch.Tensor], g_acts: list[list[torch.Tensor]],
-                      y: torch.Tensor, g_ys: list[torch.Tensor], batch: int) -> dict[str, list[torch.Tensor]]:
-    """Per-sample <G^A, E^A(x)> for each format and probe: {format: [probe] -> [batch]}."""
-    layer = item.layer
-    names = layer.activations
-    terms: dict[str, list[torch.Tensor]] = {}
-    for f in item.formats:
-        fmt = FORMATS[f]
-        per_probe = [torch.zeros(batch, dtype=torch.float64) for _ in g_ys]
-        if fmt.quantizes_activation:
-            for slot, (name, a) in enumerate(zip(names, acts)):
-                err = _activation_error(fmt, a, *item.ranges.get(name, (0.0, 0.0)))
-                for p, g in enumerate(g_acts):
-                    per_probe[p] = per_probe[p] + _per_sample(g[slot] * err, batch, f"input {name!r}")
-            if fmt.quantizes_output(layer.op_type):
-                err = _activation_error(fmt, y, *item.ranges[layer.output])
-                for p, g_y in enumerate(g_ys):
-                    per_probe[p] = per_probe[p] + _per_sample(g_y * err, batch, f"output {layer.output!r}")
-        terms[f] = per_probe
-    return terms
+#: Default bound on the working set of one forward + backward (activations kept for the
+#: backward pass, gradients in flight, one layer's error tensors), in bytes.
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: Bytes of working set per byte of forward activations (saved tensors + gradients + one layer's terms).
+_WORKING_SET_FACTOR = 3
 
 
-class _Taps:
-    """Zero leaves added to every layer's inputs and output: their gradients are G^A and G^Y."""
+class _Stream:
+    """One sub-batch's forward + backward, with each layer's terms computed inside the backward.
 
-    def __init__(self, layers: list[Layer]):
-        self.slots = {l.name: (2 if l.activation2 else 1) for l in layers}
-        self.inputs: dict[str, list[torch.Tensor]] = {}
-        self.input_deltas: dict[str, list[torch.Tensor]] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.output_deltas: dict[str, torch.Tensor] = {}
+    Instead of a zero leaf per layer input/output (a copy of every activation) and all
+    gradients returned at once, every layer input and output is replaced by a view that
+    carries a gradient hook (a tensor that needs no gradient yet becomes a fresh leaf: no
+    copy). When ``G^Y`` of a layer arrives, its weight terms (and int8 output term) are
+    computed; when ``G^A`` arrives, its activation terms; then the layer's saved inputs are
+    dropped. What stays per layer is a few ``[batch]`` vectors. The working set is what
+    autograd itself keeps for the backward pass plus one layer's error tensors.
+    """
+
+    def __init__(self, ex: Executor, items: list[_LayerErrors], weights: "_WeightErrors", n: int, n_probes: int):
+        self.ex, self.weights, self.n, self.n_probes = ex, weights, n, n_probes
+        self.items = {item.layer.name: item for item in items}
+        self.acts: dict[str, dict[int, torch.Tensor]] = {}
+        self.outs: dict[str, torch.Tensor] = {}
+        self.leaves: list[torch.Tensor] = []
+        self.probe = 0
+        self.grad_sq = 0.0
+        # (layer, format) -> per probe: [n] float64 weight term / activation term
+        self.t_w: dict[tuple[str, str], list[torch.Tensor | None]] = {}
+        self.t_a: dict[tuple[str, str], list[torch.Tensor | None]] = {}
+
+    def _tap(self, t: torch.Tensor, on_grad) -> torch.Tensor:
+        if t.requires_grad:
+            v = t.view_as(t)  # a view: no copy; its gradient is this consumer's only
+        else:
+            v = t.detach().requires_grad_(True)  # nothing upstream needs a gradient: a leaf, no copy
+            self.leaves.append(v)
+        v.register_hook(on_grad)
+        return v
 
     def input_hooks(self) -> dict:
-        def make(name: str):
+        def make(name: str, slots: int):
             def hook(slot: int, t: torch.Tensor) -> torch.Tensor:
-                if slot >= self.slots[name]:
+                if slot >= slots or not t.is_floating_point():
                     return t
-                delta = torch.zeros_like(t, requires_grad=True)
-                self.inputs.setdefault(name, []).append(t.detach())
-                self.input_deltas.setdefault(name, []).append(delta)
-                return t + delta
+                self.acts.setdefault(name, {})[slot] = t.detach()
+                return self._tap(t, lambda g: self._on_input_grad(name, slot, g))
             return hook
-        return {name: make(name) for name in self.slots}
+        return {name: make(name, 2 if item.layer.activation2 else 1) for name, item in self.items.items()}
 
     def output_hooks(self) -> dict:
-        def make(name: str):
-            def hook(slot: int, t: torch.Tensor) -> torch.Tensor:
-                if slot:
-                    return t
-                delta = torch.zeros_like(t, requires_grad=True)
-                self.outputs[name] = t.detach()
-                self.output_deltas[name] = delta
-                return t + delta
+        def make(name: str, keep_output: bool):
+            def hook(slot: int, y: torch.Tensor) -> torch.Tensor:
+                if slot or not y.is_floating_point():
+                    return y
+                if keep_output:
+                    self.outs[name] = y.detach()
+                return self._tap(y, lambda g: self._on_output_grad(name, g))
             return hook
-        return {name: make(name) for name in self.slots}
+        return {name: make(name, any(FORMATS[f].quantizes_activation and FORMATS[f].quantizes_output(item.layer.op_type)
+                                     for f in item.formats))
+                for name, item in self.items.items()}
 
-    def leaves(self) -> list[torch.Tensor]:
-        out = []
-        for name in self.slots:
-            out += self.input_deltas[name] + [self.output_deltas[name]]
-        return out
+    def _add(self, store: dict, key: tuple[str, str], value: torch.Tensor) -> None:
+        per = store.setdefault(key, [None] * self.n_probes)
+        value = value.detach().to(torch.float64)
+        per[self.probe] = value if per[self.probe] is None else per[self.probe] + value
+
+    def _on_output_grad(self, name: str, g_y: torch.Tensor) -> None:
+        item, n = self.items[name], self.n
+        self.grad_sq += float(torch.linalg.vector_norm(g_y.detach(), dtype=torch.float64)) ** 2
+        g_y = g_y.detach()
+        if item.layer.weight is not None and 0 in self.acts.get(name, {}):
+            for f, t in _weight_terms(self.ex, item, self.weights.get(item), self.acts[name][0], g_y, n).items():
+                self._add(self.t_w, (name, f), t)
+        y = self.outs.get(name)
+        if y is not None:
+            for f in item.formats:
+                fmt = FORMATS[f]
+                if fmt.quantizes_activation and fmt.quantizes_output(item.layer.op_type):
+                    err = _activation_error(fmt, y, *item.ranges[item.layer.output])
+                    self._add(self.t_a, (name, f), _per_sample(g_y * err, n, f"output {item.layer.output!r}"))
+                    del err
+            if self.probe + 1 == self.n_probes:
+                del self.outs[name]
+
+    def _on_input_grad(self, name: str, slot: int, g: torch.Tensor) -> None:
+        item, n = self.items[name], self.n
+        a = self.acts.get(name, {}).get(slot)
+        if a is None:
+            return
+        tensor = item.layer.activations[slot]
+        g = g.detach()
+        for f in item.formats:
+            fmt = FORMATS[f]
+            if fmt.quantizes_activation:
+                err = _activation_error(fmt, a, *item.ranges.get(tensor, (0.0, 0.0)))
+                self._add(self.t_a, (name, f), _per_sample(g * err, n, f"input {tensor!r}"))
+                del err
+        if self.probe + 1 == self.n_probes:  # the last use of this input
+            del self.acts[name][slot]
+
+    def accumulate(self, acc: "_Accumulator") -> None:
+        zero = torch.zeros(self.n, dtype=torch.float64)
+        for name, item in self.items.items():
+            for f in item.formats:
+                ws, as_ = self.t_w.get((name, f)), self.t_a.get((name, f))
+                for p in range(self.n_probes):
+                    t_w = ws[p] if ws is not None and ws[p] is not None else zero
+                    t_a = as_[p] if as_ is not None and as_[p] is not None else zero
+                    acc.add(name, f, t_w, t_a, 1.0 / self.n_probes)
+
+
+class _WeightErrors:
+    """``Q_p(W) - W`` per layer and format: kept while they fit ``budget`` bytes, else
+    recomputed when the layer's gradient arrives (a model's weights times its formats
+    can be several times the model)."""
+
+    def __init__(self, model: onnx.ModelProto, ranges: Ranges, dtype: torch.dtype, budget: int):
+        self.inits = initializers(model)
+        self.nodes = {n.name: n for n in model.graph.node}
+        self.ranges, self.dtype, self.budget = ranges, dtype, budget
+        self.kept: dict[str, tuple[dict, dict]] = {}
+        self.kept_bytes = 0
+        self.recomputed = 0
+
+    def _compute(self, item: _LayerErrors) -> tuple[dict, dict]:
+        layer = item.layer
+        w = onnx.numpy_helper.to_array(self.inits[layer.weight]).astype(np.float32, copy=False)
+        w_err, b_err = {}, {}
+        for f in item.formats:
+            fmt = FORMATS[f]
+            w_err[f] = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).to(self.dtype)
+            e = _bias_error(fmt, self.inits, self.nodes[layer.name], w, layer, self.ranges)
+            if e is not None:
+                b_err[f] = torch.from_numpy(e).to(self.dtype)
+        return w_err, b_err
+
+    def get(self, item: _LayerErrors) -> tuple[dict, dict]:
+        name = item.layer.name
+        if name in self.kept:
+            return self.kept[name]
+        errors = self._compute(item)
+        size = sum(t.numel() * t.element_size() for d in errors for t in d.values())
+        if self.kept_bytes + size <= self.budget:
+            self.kept[name] = errors
+            self.kept_bytes += size
+        else:
+            self.recomputed += 1
+        return errors
+
+
+def _forward_bytes_per_sample(ex: Executor, one: dict[str, np.ndarray]) -> int:
+    """Bytes of every float tensor one forward pass of one sample writes (no gradient)."""
+    total = 0
+
+    def count(slot: int, t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.no_grad():
+        ex.run(one, output_hooks={name: count for name in ex.node_names})
+    return total
+
+
+def sub_batch_size(ex: Executor, batch: dict[str, np.ndarray], memory_budget: int) -> int:
+    """Samples per forward + backward so that the working set stays within ``memory_budget``:
+    ``_WORKING_SET_FACTOR`` x the forward activations of one sample, at least one sample."""
+    n = len(next(iter(batch.values())))
+    if n <= 1:
+        return 1
+    per_sample = _forward_bytes_per_sample(ex, {k: v[:1] for k, v in batch.items()})
+    return int(max(1, min(n, memory_budget // max(1, _WORKING_SET_FACTOR * per_sample))))
 
 
 def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, samples: Samples, *,
                 formats: Iterable[str] | None = None, loss: str | Loss = "projection", batch_size: int = 8,
                 seed: int = 0, progress: bool = True, labels: np.ndarray | None = None, probes: int = 1,
-                dtype: torch.dtype = torch.float32) -> Sensitivity:
+                dtype: torch.dtype = torch.float32, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Sensitivity:
     """``s[layer][format]`` for every layer and candidate format (``formats`` filters them).
 
     One forward and ``probes`` backward passes per batch on the torch executor; per-sample
     inner products are accumulated and nothing is kept across batches. ``loss`` is a name
     (:func:`ampq_pass.losses.make_loss`) or a :class:`Loss`; ``labels`` are for task losses.
+
+    Memory: a batch is run in sub-batches sized so that one forward + backward stays within
+    ``memory_budget`` bytes (one sample at a time for large inputs), each layer's tensors are
+    freed as soon as its terms are accumulated, and weight errors are kept only while they
+    fit the same budget. The result does not depend on the sub-batch size (up to float
+    summation order), except for formats with dynamic scales (``int8_dyn``), whose scale is
+    taken over the tensor that is run: the sub-batch, as ONNX Runtime would at that batch size.
+    The projection loss draws ``r`` per sample index, so batching does not change it either.
     """
     from tqdm import tqdm
 
@@ -274,43 +393,47 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     n_probes = getattr(loss_fn, "probes", 1)
     ex = Executor(model, dtype=dtype)
     items = _prepare(model, layers, ranges, formats, dtype)
+    weights = _WeightErrors(model, ranges, dtype, memory_budget)
+    view = loss_tensors(model, loss_fn)  # graph output -> the tensor the loss reads (logits of a final Softmax)
+    read = list(dict.fromkeys(view.get(o, o) for o in ex.output_names))
     acc = _Accumulator()
-    generator = torch.Generator().manual_seed(seed)
     loss_sum = loss_sq = grad_sq = 0.0
     count = 0
+    sub_sizes: dict[str, int] = {}
     n_batches = sum(1 for _ in samples.numbered_batches(batch_size))
     for start, batch in tqdm(samples.numbered_batches(batch_size), total=n_batches, desc="sensitivity",
-                             unit="batch", disable=not progress,
-                             file=sys.stderr):
+                             unit="batch", disable=not progress, file=sys.stderr):
         n = len(next(iter(batch.values())))
-        taps = _Taps(layers)
-        with torch.enable_grad():
-            outputs = ex.run(batch, input_hooks=taps.input_hooks(), output_hooks=taps.output_hooks())
-            reference = {k: v.detach() for k, v in outputs.items()}
-            leaves = taps.leaves()
-            grads_per_probe = []
-            for p in range(n_probes):
-                per_sample = loss_fn.per_sample(outputs, reference, start, generator)
-                if p == 0:
-                    values = per_sample.detach().to(torch.float64)
-                    loss_sum += float(values.sum())
-                    loss_sq += float((values ** 2).sum())
-                grads = torch.autograd.grad(per_sample.sum(), leaves, retain_graph=p + 1 < n_probes,
-                                            allow_unused=True)
-                grads_per_probe.append([torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)])
-        del outputs, reference, leaves
-        count += n
-        for layer_item, acts, g_acts, y, g_ys in _split_grads(items, taps, grads_per_probe):
-            name = layer_item.layer.name
-            grad_sq += sum(float((g ** 2).sum()) for g in g_ys)
-            a_terms = _activation_terms(layer_item, acts, g_acts, y, g_ys, n)
-            w_terms = [_weight_terms(ex, layer_item, acts[0], g_y, n) if layer_item.layer.weight is not None
-                       else None for g_y in g_ys]
-            for f in layer_item.formats:
+        shape_key = ",".join(f"{k}:{'x'.join(map(str, v.shape[1:]))}" for k, v in sorted(batch.items()))
+        if shape_key not in sub_sizes or sub_sizes[shape_key] < n:
+            sub_sizes[shape_key] = min(n, sub_sizes.get(shape_key) or sub_batch_size(ex, batch, memory_budget))
+        sub = sub_sizes[shape_key]
+        for offset in range(0, n, sub):
+            part = {k: v[offset:offset + sub] for k, v in batch.items()}
+            m = len(next(iter(part.values())))
+            stream = _Stream(ex, items, weights, m, n_probes)
+            with torch.enable_grad():
+                result = ex.run(part, outputs=read, input_hooks=stream.input_hooks(),
+                                output_hooks=stream.output_hooks())
+                outputs = {o: result[view.get(o, o)] for o in ex.output_names}
+                del result
+                reference = {k: v.detach() for k, v in outputs.items()}
                 for p in range(n_probes):
-                    t_w = w_terms[p][f].to(torch.float64) if w_terms[p] is not None else torch.zeros(n, dtype=torch.float64)
-                    acc.add(name, f, t_w, a_terms[f][p], 1.0 / n_probes)
-        del grads_per_probe, taps
+                    stream.probe = p
+                    per_sample = loss_fn.per_sample(outputs, reference, start + offset, _probe_generator(seed, p))
+                    if p == 0:
+                        values = per_sample.detach().to(torch.float64)
+                        loss_sum += float(values.sum())
+                        loss_sq += float((values ** 2).sum())
+                    if per_sample.requires_grad:
+                        torch.autograd.grad(per_sample.sum(), stream.leaves, retain_graph=p + 1 < n_probes,
+                                            allow_unused=True)
+                    del per_sample
+            del outputs, reference
+            stream.accumulate(acc)
+            grad_sq += stream.grad_sq
+            count += m
+            del stream
     if count and grad_sq == 0.0 and items:
         raise AmpqError(f"the gradient of loss {loss_fn.name!r} is zero at the high-precision point for every "
                         f"layer: every sensitivity would be 0; use a loss with a non-zero gradient "
@@ -318,20 +441,16 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     scale = 1.0 / max(count, 1)
     def mean(store):
         return {l.layer.name: {f: store.get(l.layer.name, {}).get(f, 0.0) * scale for f in l.formats} for l in items}
+    extra = {"sub_batch": sub_sizes, "memory_budget": int(memory_budget)}
+    if view:
+        extra["loss_tensors"] = dict(view)
     return Sensitivity(mean(acc.total), mean(acc.weight), mean(acc.activation), loss_sum * scale,
-                       loss_sq * scale, count, loss_fn.name, n_probes)
+                       loss_sq * scale, count, loss_fn.name, n_probes, extra)
 
 
-def _split_grads(items: list[_LayerErrors], taps: _Taps, grads_per_probe: list[list[torch.Tensor]]):
-    """Yield (layer errors, inputs, [probe][slot] input grads, output, [probe] output grads) per layer."""
-    offset = 0
-    for item in items:
-        name = item.layer.name
-        k = len(taps.input_deltas[name])
-        g_acts = [grads[offset:offset + k] for grads in grads_per_probe]
-        g_ys = [grads[offset + k] for grads in grads_per_probe]
-        offset += k + 1
-        yield item, taps.inputs[name], g_acts, taps.outputs[name], g_ys
+def _probe_generator(seed: int, probe: int) -> torch.Generator:
+    """The generator of probe ``probe``; losses draw per sample index from it (batching-independent)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + probe) % (1 << 62))
 
 
 # ----------------------------------------------------------------------------- prediction vs measurement
