@@ -31,6 +31,7 @@ from ampq_pass.stages.repair import Round, context_gains, correct, falls_short
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
+from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solve
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, gain_table, predict_speedup
@@ -199,6 +200,7 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
                             f"(it offers {', '.join(offered) or 'none'})")
         offered = tuple(f for f in offered if f in opts.formats)
     layers = require_layers(model, find_layers(model, activation_matmuls=opts.activation_matmuls), str(model_path))
+    check_supported(model)  # an op the sensitivity executor lacks is named before any work
     if samples is None:
         samples = synthetic_samples(model, count=32, seed=opts.seed)
     if len(samples) < 2:

@@ -89,6 +89,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def cmd_inspect(args) -> int:
     model = load_model(args.model)
     layers = require_layers(model, find_layers(model), args.model)
+    from ampq_pass.stages.sensitivity.executor import check_supported  # torch loads only here
+
+    check_supported(model)  # what the whole pass would refuse, inspect refuses too
     samples = samples_from_args(args, model)
     batch = next(samples.batches(args.batch_size))
     macs = layer_macs(model, layers, batch)
