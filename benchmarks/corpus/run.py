@@ -103,6 +103,21 @@ def refusal_stage(msg: str) -> str:
     return ""
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def vm_hwm_kb(pid: int) -> int:
+    try:
+        m = re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+        return int(m.group(1)) if m else 0
+    except OSError:
+        return 0
+
+
 def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
     name = entry["name"]
     d = OUT / name
@@ -122,15 +137,30 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
     with open(d / "stdout.txt", "w") as out, open(d / "stderr.txt", "w") as err:
         proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(timefile), *cmd], stdout=out, stderr=err,
                                 env=env, cwd=d, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-            timed_out = True
+        # poll: the pass's own peak RSS (VmHWM) is sampled, so a timed-out run still has one;
+        # on timeout only the pass is killed, so /usr/bin/time still writes its report
+        timed_out, hwm = False, 0
+        while proc.poll() is None:
+            kids = children(proc.pid)
+            for k in kids:
+                hwm = max(hwm, vm_hwm_kb(k))
+            if time.time() - t0 > timeout:
+                timed_out = True
+                for k in kids:
+                    try:
+                        os.kill(k, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(1)
+        rc = proc.wait()
     wall = time.time() - t0
-    (d / "run.json").write_text(json.dumps({"rc": rc, "timed_out": timed_out, "wall_s": wall, "timeout": timeout}))
+    (d / "run.json").write_text(json.dumps({"rc": rc, "timed_out": timed_out, "wall_s": wall, "timeout": timeout,
+                                            "sampled_peak_rss_kb": hwm}))
     return parse_result(entry, d, rev)
 
 
@@ -146,8 +176,9 @@ def parse_result(entry: dict, d: Path, rev: str) -> dict:
     tv = timefile.read_text(errors="replace") if timefile.exists() else ""
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", tv)
     sig = re.search(r"Command terminated by signal (\d+)", tv)
+    rss_kb = int(rss.group(1)) if rss else run.get("sampled_peak_rss_kb") or None
     res = {"name": name, "exporter": entry.get("exporter", ""), "source": entry.get("source", ""), "rc": rc,
-           "wall_s": round(wall, 1), "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None,
+           "wall_s": round(wall, 1), "peak_rss_mb": round(rss_kb / 1024) if rss_kb else None,
            "commit": rev, "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     if timed_out:
@@ -235,11 +266,12 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str) -> Non
         if not r:
             rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | | | not run yet | | | | | |")
             continue
-        res = r["result"] if r["result"] == "ok" else f"{r['result']}: `{r.get('detail', '')}`"
+        detail = r.get("detail", "").replace(str(HERE / "models") + "/", "")
+        res = r["result"] if r["result"] == "ok" else f"{r['result']}: `{detail}`"
         sp = f"{fmt(r.get('pred_speedup'))} / {fmt(r.get('meas_speedup'))}" if r.get("pred_speedup") else "-"
         rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | {r.get('layers', '-')} | "
                     f"{r.get('subgraphs', '-')} | {res.replace('|', '/')} | {r.get('stage', '')} | {r['wall_s']:.0f} | "
-                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'))} |")
+                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} |")
         if r["result"] == "ok":
             details.append(f"- **{name}**: formats {r.get('formats')}, binding `{r.get('binding')}`, "
                            f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else ""))
