@@ -187,20 +187,27 @@ class Capabilities:
         return tuple(f for f in formats if f in self.formats)
 
 
-class Backend(ABC):
-    """Something that measures subgraph configurations."""
+class Measurer(ABC):
+    """What the gain table is built with: a :class:`Backend` or a :class:`CostModel`."""
 
     name: str = ""
-    #: unit of the numbers in :meth:`time`'s Timings
-    unit: str = "s"
+    #: unit of the numbers it produces
+    unit: str = ""
 
     @abstractmethod
-    def capabilities(self) -> Capabilities: ...
+    def capabilities(self) -> Capabilities:
+        """The formats it runs fast, its high-precision format and its device."""
 
     @abstractmethod
     def key(self) -> dict:
-        """Everything a timing depends on besides the model: backend, provider, device,
+        """Everything a measurement depends on besides the model: backend, provider, device,
         library versions, threads, protocol. Part of every cache key."""
+
+
+class Backend(Measurer):
+    """Something that measures subgraph configurations on hardware."""
+
+    unit = "s"
 
     def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
         """Time different models, each on its own inputs, interleaved in the same rounds.
@@ -216,17 +223,8 @@ class Backend(ABC):
         """Time every model (configurations of one subgraph) interleaved, on ``inputs``."""
 
 
-class CostModel(ABC):
+class CostModel(Measurer):
     """A formula instead of a measurement; same table shape, no hardware, no noise."""
-
-    name: str = ""
-    unit: str = ""
-
-    @abstractmethod
-    def capabilities(self) -> Capabilities: ...
-
-    @abstractmethod
-    def key(self) -> dict: ...
 
     @abstractmethod
     def cost(self, model: onnx.ModelProto, layers: list, formats: dict[str, str],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Union
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
-from ampq_pass.core.measure import Backend, CostModel, Timing, median_ci
+from ampq_pass.core.measure import CostModel, Measurer, Timing, median_ci
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import configs as partition_configs
@@ -32,7 +32,6 @@ from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.subgraphs import extract
 
-Measurer = Union[Backend, CostModel]
 
 #: bump when the meaning of a cached entry changes
 _CACHE_VERSION = 1
