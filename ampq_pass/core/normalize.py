@@ -112,7 +112,8 @@ class NormalizationPass(abc.ABC):
     Subclasses implement :meth:`call`. ``in_place`` (a class attribute) says the pass
     changes ``model`` and returns that same object; a pass with ``in_place = False`` may
     return another model (the caller goes on with ``result.model``). ``source`` names the
-    model in error messages.
+    model in error messages. Each pass's docstring gives the definition it computes and,
+    under Returns, when it reports ``modified`` and the change message it records.
     """
 
     in_place: ClassVar[bool] = True
@@ -169,11 +170,6 @@ class NameNodes(NormalizationPass):
     For the nodes ``n_0, ..., n_{N-1}`` of the graph as given, an unnamed ``n_i`` is named
     ``f"{n_i.op_type}_{i}"`` (with ``_`` appended until the name is not taken), so the
     index is the node's position in the *original* graph, before later passes remove nodes.
-
-    Parameters
-    ----------
-    model : onnx.ModelProto
-        Changed in place.
 
     Returns
     -------
@@ -248,11 +244,6 @@ class ConstantsToInitializers(NormalizationPass):
     not a graph output is removed and ``T`` named ``y`` is added as an initializer (also as
     a graph input when the IR version is below 4). String, sparse and other kinds stay nodes.
 
-    Parameters
-    ----------
-    model : onnx.ModelProto
-        Changed in place.
-
     Returns
     -------
     PassResult
@@ -291,11 +282,6 @@ class FoldIdentityAndCast(NormalizationPass):
       the node is removed and the initializer ``y = W.astype(t)`` is added.
 
     Repeated until no node folds, so chains such as ``Constant -> Cast -> Identity`` fold too.
-
-    Parameters
-    ----------
-    model : onnx.ModelProto
-        Changed in place.
 
     Returns
     -------
@@ -442,11 +428,6 @@ class DropUnusedInitializers(NormalizationPass):
     An initializer ``t`` of the main graph is removed when no node input, subgraph body
     input, graph output nor graph input is named ``t.name``
     (:func:`ampq_pass.core.graph.drop_unused_initializers`).
-
-    Parameters
-    ----------
-    model : onnx.ModelProto
-        Changed in place.
 
     Returns
     -------
