@@ -167,16 +167,9 @@ def test_a_plan_not_faster_beyond_noise_is_never_written(tmp_path, block_file, p
 def test_normalisation_is_checked_on_the_calibration_samples(tmp_path, capsys):
     """Random probe ids overflow this embedding (3 rows); the pass probes with the user's own
     calibration samples instead, so the normalisation is verified, not skipped with a warning."""
-    from onnx import helper, numpy_helper
+    from wild_models import small_embedding
 
-    emb = numpy_helper.from_array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "emb")
-    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="g"),
-             helper.make_node("Identity", ["wraw"], ["w"], name="wid"),
-             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["n", 5])],
-                          [helper.make_tensor_value_info("y", 1, ["n", 5, 8])],
-                          [emb, numpy_helper.from_array(np.ones((4, 8), np.float32), "wraw")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "emb.onnx")
+    onnx.save(small_embedding(width=8), tmp_path / "emb.onnx")
     np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 3, (8, 5)).astype(np.int64))
     res = run_pass(tmp_path / "emb.onnx", tmp_path / "o.onnx", calib=tmp_path / "calib.npz", backend="mac",
                    cache_dir=None, progress=False, log=lambda s: None)

@@ -94,3 +94,17 @@ def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.nda
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
+
+
+def small_embedding(rows: int = 3, width: int = 2) -> onnx.ModelProto:
+    """Gather from a ``rows``-row embedding, then a MatMul whose weight sits behind an Identity
+    (something for normalisation to change). Random probe ids 0..99 overflow the embedding,
+    so only real ids (< ``rows``) can check the normalisation."""
+    emb = numpy_helper.from_array(np.linspace(-1, 1, rows * 4, dtype=np.float32).reshape(rows, 4), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="g"),
+             helper.make_node("Identity", ["wraw"], ["w"], name="wid"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, width])],
+                          [emb, numpy_helper.from_array(np.ones((4, width), np.float32), "wraw")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
