@@ -253,3 +253,140 @@ def test_cli_sensitivity_table_and_json(tmp_path, block_model, capsys):
     assert data["samples"] == 12 and data["loss"] == "projection"
     assert main(["sensitivity", str(model_path), "--calib", str(tmp_path / "calib.npz"), "--loss", "kl"]) == 2
     assert "gradient is exactly zero" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+class _LiveBytes:
+    """Peak bytes of live CPU tensors written by torch ops (a dispatch mode; tensors made from
+    numpy arrays are not counted). Deterministic: counts allocations, not time or RSS."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        import weakref
+
+        owner = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        storage = t.untyped_storage()
+                        ptr, size = storage.data_ptr(), storage.nbytes()
+                        if size and ptr not in owner.ptrs:
+                            owner.ptrs.add(ptr)
+                            owner.live += size
+                            owner.peak = max(owner.peak, owner.live)
+                            weakref.finalize(t, owner.free, ptr, size)
+                return out
+
+        self.mode, self.live, self.peak, self.ptrs = Mode(), 0, 0, set()
+
+    def free(self, ptr, size):
+        self.ptrs.discard(ptr)
+        self.live -= size
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_working_set_does_not_grow_with_the_samples_of_a_batch():
+    """With a memory budget, a batch of 32 samples is run in sub-batches: the peak of live
+    tensors is that of a 4-sample batch (it grows ~8x without the budget)."""
+    model, layers, _ = setup(models.feature_cnn(), n=4)
+    peaks, subs = {}, {}
+    for n, budget in [(4, 200_000), (32, 200_000), (4, 1 << 30), (32, 1 << 30)]:
+        samples = Samples(models.feeds_for(model, n=n, seed=1))
+        ranges = compute_ranges(model, layers, samples)
+        with _LiveBytes() as live:
+            sens = sensitivity(model, layers, ranges, samples, batch_size=n, progress=False, memory_budget=budget)
+        peaks[n, budget], subs[n, budget] = live.peak, list(sens.extra["sub_batch"].values())
+    assert subs[4, 200_000] == subs[32, 200_000] == [1] and subs[32, 1 << 30] == [32]
+    assert peaks[32, 200_000] <= 1.2 * peaks[4, 200_000]
+    assert peaks[32, 1 << 30] > 4 * peaks[32, 200_000]  # the check can fail: without sub-batches it grows
+
+
+@pytest.mark.parametrize("loss", ["pseudo_label", "projection"])
+def test_sub_batches_do_not_change_values(cnn_model, loss):
+    """One sample per forward/backward (a tiny budget) gives the values of whole batches:
+    the projection loss draws r per sample index, so batching does not change it either."""
+    model, layers, samples = setup(cnn_model, n=10)
+    ranges = compute_ranges(model, layers, samples)
+    run = dict(loss=loss, batch_size=5, progress=False, probes=2, dtype=torch.float64)  # exact sums
+    whole = sensitivity(model, layers, ranges, samples, **run)
+    tiny = sensitivity(model, layers, ranges, samples, memory_budget=1, **run)
+    assert list(tiny.extra["sub_batch"].values()) == [1] and list(whole.extra["sub_batch"].values()) == [5]
+    for layer in layers:
+        for f, v in whole.values[layer.name].items():
+            assert tiny.values[layer.name][f] == pytest.approx(v, rel=1e-9), (layer.name, f)
+    assert tiny.loss_sq_mean == pytest.approx(whole.loss_sq_mean, rel=1e-6)
+
+
+def test_weight_errors_beyond_the_budget_are_recomputed_with_the_same_values(mlp_model):
+    import ampq_pass.stages.sensitivity.taylor as module
+
+    model, layers, samples = setup(mlp_model, n=8)
+    ranges = compute_ranges(model, layers, samples)
+    kept = module._WeightErrors(model, ranges, torch.float32, 1 << 30)
+    none = module._WeightErrors(model, ranges, torch.float32, 0)
+    items = module._prepare(model, layers, ranges, None, torch.float32)
+    for item in items:
+        a, b = kept.get(item), none.get(item)
+        assert all(torch.equal(a[0][f], b[0][f]) for f in a[0])
+    assert len(kept.kept) == len(items) and not none.kept and none.recomputed == len(items)
+
+
+# ----------------------------------------------------------------------------- saturated outputs
+
+def saturated_classifier(seed: int = 0, classes: int = 10, gain: float = 400.0) -> onnx.ModelProto:
+    """x -> Gemm -> Relu -> Gemm (logits, scaled up) -> Softmax: probabilities at 0/1 for most samples."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32) / np.float32(np.sqrt(32)), "w1"),
+             numpy_helper.from_array(rng.standard_normal(64).astype(np.float32) * 0.1, "b1"),
+             numpy_helper.from_array(gain * rng.standard_normal((64, classes)).astype(np.float32) / np.float32(8), "w2"),
+             numpy_helper.from_array(np.zeros(classes, np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "saturated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_saturated_softmax_loss_is_read_on_the_logits():
+    """A classifier whose softmax saturates: on the probabilities the first-order estimate is
+    orders of magnitude below the measured change (their gradient is ~0); the default
+    projection loss reads the logits before the final Softmax, where the estimate holds."""
+    from ampq_pass.stages.sensitivity.losses import logit_tensors
+
+    model = ensure_node_names(saturated_classifier())
+    layers = find_layers(model)
+    rng = np.random.default_rng(1)
+    samples = Samples({"x": rng.standard_normal((128, 32)).astype(np.float32)})
+    calib, held = samples.split(64)
+    with torch.no_grad():
+        probs = Executor(model).run({"x": calib.inputs["x"]})["probs"]
+    assert float((probs.max(dim=1).values > 0.999).float().mean()) > 0.5  # saturated
+    assert logit_tensors(model) == {"probs": "logits"}
+    ranges = compute_ranges(model, layers, calib)
+    hp = run_batches(model, held)
+    ratios = {}
+    for loss in ["projection", "projection_raw"]:
+        sens = sensitivity(model, layers, ranges, calib, loss=loss, progress=False, probes=4)
+        assert ("loss_tensors" in sens.extra) == (loss == "projection")
+        plans = [{l.name: "int8" for l in layers}, {"fc1": "int8"}, {"fc2": "int8"}]
+        ratios[loss] = [measured_loss_mse(model, rewrite(model, layers, Plan(p), ranges), held, loss, hp_outputs=hp)
+                        / predicted_mse(sens, p) for p in plans]
+    assert all(0.5 <= r <= 2.0 for r in ratios["projection"]), ratios
+    assert not all(0.5 <= r <= 2.0 for r in ratios["projection_raw"]), ratios
