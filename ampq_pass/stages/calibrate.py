@@ -20,6 +20,21 @@ from ampq_pass.core.samples import Samples, samples_digest
 from ampq_pass.stages.layers import Layer
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: ONNX Runtime's working set per calibration run is bounded by running batches whose
+#: inputs stay under this share of the memory budget (activations are ~this factor larger).
+DEFAULT_MEMORY_BUDGET = 1 << 30
+_ACTIVATIONS_PER_INPUT_BYTE = 64
+
+
+def calibration_batches(samples: Samples, batch_size: int, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    """``samples`` in batches of ``batch_size``, each split into sub-batches whose inputs are at
+    most ``memory_budget / 64`` bytes (one sample at a time for large images)."""
+    for batch in samples.batches(batch_size):
+        n = len(next(iter(batch.values())))
+        per_sample = sum(v[:1].nbytes for v in batch.values())
+        sub = int(max(1, min(n, memory_budget // max(1, _ACTIVATIONS_PER_INPUT_BYTE * per_sample))))
+        for start in range(0, n, sub):
+            yield {k: v[start:start + sub] for k, v in batch.items()}
 
 
 def required_ranges(layers: list[Layer]) -> list[str]:
@@ -57,8 +72,16 @@ class Ranges:
 
 
 def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, method: str = "minmax",
-              batch_size: int = 8, percentile: float = 99.999) -> Ranges:
-    """Ranges of ``tensors`` over ``samples`` with ONNX Runtime's calibrator for ``method``."""
+              batch_size: int = 8, percentile: float = 99.999, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Ranges:
+    """Ranges of ``tensors`` over ``samples`` with ONNX Runtime's calibrator for ``method``.
+
+    Streaming: the calibrator is fed one (sub-)batch per ``collect_data`` call, so what it
+    keeps between batches is its running min/max or histograms, never the activations of
+    every batch (ONNX Runtime's histogram calibrators otherwise hold every exposed tensor of
+    every batch until the end); batches are split so that their inputs fit ``memory_budget / 64``.
+    MinMax ranges do not depend on the split; histograms are merged batch by batch as
+    ONNX Runtime merges them across ``collect_data`` calls.
+    """
     from onnxruntime.quantization import calibrate as ort_calibrate
 
     if method not in CALIBRATION_METHODS:
@@ -66,8 +89,8 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
     wanted = set(tensors)
 
     class Reader(ort_calibrate.CalibrationDataReader):
-        def __init__(self):
-            self._it = samples.batches(batch_size)
+        def __init__(self, batch):
+            self._it = iter([batch])
 
         def get_next(self):
             return next(self._it, None)
@@ -101,7 +124,8 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
             calibrator.augment_graph()
             calibrator.execution_providers = ["CPUExecutionProvider"]
             calibrator.create_inference_session()
-            calibrator.collect_data(Reader())
+            for batch in calibration_batches(samples, batch_size, memory_budget):
+                calibrator.collect_data(Reader(batch))
             data = calibrator.compute_data()
     found = {}
     for name in wanted:

@@ -63,3 +63,31 @@ def test_ranges_cached_and_json_roundtrip(tmp_path, mlp_model):
 def test_unknown_method(mlp_model):
     with pytest.raises(AmpqError, match="calibration method"):
         calibrate(mlp_model, Samples(models.feeds_for(mlp_model, n=2)), ["x"], method="magic")
+
+
+def test_calibration_streams_sub_batches(block_model, monkeypatch):
+    """The calibrator is fed one (sub-)batch per call: MinMax ranges do not depend on the split;
+    with a tiny budget every batch runs one sample at a time, and the histogram calibrators
+    never hold more than one batch of activations."""
+    from onnxruntime.quantization import calibrate as ort_calibrate
+
+    from ampq_pass.stages.calibrate import calibration_batches
+
+    layers = find_layers(block_model)
+    samples = Samples(models.feeds_for(block_model, n=8))
+    tensors = required_ranges(layers)
+    assert [len(b["input_ids"] if "input_ids" in b else next(iter(b.values())))
+            for b in calibration_batches(samples, 4, memory_budget=1)] == [1] * 8
+    whole = calibrate(block_model, samples, tensors, batch_size=8)
+    split = calibrate(block_model, samples, tensors, batch_size=8, memory_budget=1)
+    assert split.tensors == whole.tensors
+    held = []
+    original = ort_calibrate.HistogramCalibrater.collect_data
+
+    def spy(self, reader):
+        original(self, reader)
+        held.append(len(self.intermediate_outputs))
+
+    monkeypatch.setattr(ort_calibrate.HistogramCalibrater, "collect_data", spy)
+    ranges = calibrate(block_model, samples, tensors, method="percentile", batch_size=2)
+    assert len(held) == 4 and set(held) == {0} and set(ranges.tensors) == set(tensors)
