@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ampq_pass.backends import get_backend
+from ampq_pass.backends.ray_pool import RayAddress, pool_for, require_ray
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS, HP
@@ -69,6 +70,9 @@ class PassOptions:
     #: rounds of the closed loop (:mod:`ampq_pass.stages.repair`) when the measured speed-up
     #: falls short of the prediction; 0 turns it off
     repair_rounds: int = 2
+    #: time subgraphs on a Ray device pool: "local", "auto" or "ray://HOST:PORT"
+    #: (:mod:`ampq_pass.backends.ray_pool`); None times them here, one after another
+    ray: str | None = None
 
     CONSTRAINTS = {
         "batch_size": Integer(1), "max_configs": Integer(2), "timing_batches": Integer(1),
@@ -77,7 +81,7 @@ class PassOptions:
         "max_loss_rmse": Number(0, optional=True), "max_loss_mse": Number(0, optional=True),
         "max_memory": Number(0, optional=True),
         "calib_method": OneOf(CALIBRATION_METHODS), "formats": SubsetOf(tuple(FORMATS), optional=True),
-        "shapes": Shapes(optional=True),
+        "shapes": Shapes(optional=True), "ray": RayAddress(optional=True),
     }
 
     def validate(self) -> "PassOptions":
@@ -242,6 +246,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     """
     opts = (options or PassOptions(**kwargs)).validate()
     log = log or (lambda s: print(s, file=sys.stderr))
+    if opts.ray:
+        require_ray()  # one line saying how to get it, before any work
     clock = _StageClock()
     inp = _check_inputs(model_path, output, calib, samples, opts, log)
     model, layers, cache = inp.model, inp.layers, inp.cache
@@ -266,8 +272,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     clock.lap("partition")
 
     log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
-    table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
-                       progress=opts.progress, model_inputs=inp.timing_inputs)
+    with pool_for(opts.ray, inp.backend, opts.backend, log) as pool:
+        table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
+                           progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool)
     clock.lap("timing")
 
     log("[5/7] solving the integer program")

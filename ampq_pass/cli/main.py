@@ -81,6 +81,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                        help="time subgraphs at this input shape, batch first (e.g. image=1x3x48x640; repeatable; "
                             "default: the most common shape of the calibration set)")
         g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--ray", metavar="ADDRESS",
+                       help="time subgraphs on a Ray cluster, one actor per device: local (start one here), auto or "
+                            "ray://HOST:PORT (join one); needs pip install 'ampq-pass[ray]'")
         g.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_debug_arg(p)
     return p
@@ -145,7 +148,7 @@ def cmd_search(args) -> int:
         max_loss_rmse=args.max_loss_rmse, max_loss_mse=args.max_loss_mse, max_memory=args.max_memory,
         loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
         max_configs=args.max_configs, activation_matmuls=args.activation_matmuls, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
-        progress=not args.no_progress, shapes=parse_shapes(args.shape))
+        progress=not args.no_progress, shapes=parse_shapes(args.shape), ray=args.ray)
     result = run_pass(args.model, args.output, calib=args.calib, options=opts)
     report = result.report
     print(render_text(report))

@@ -167,16 +167,66 @@ def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[
                   inputs: list[dict[str, np.ndarray]], measurer: Measurer, *, index: int = 0, name: str = "",
                   cache: Cache | None = None) -> SubgraphGains:
     """Time every configuration of one standalone subgraph model (hp first) and derive gains."""
-    names = [l.name for l in layers]
-    configs = [{l: c.get(l, HP) for l in names} for c in configs]
-    hp_config = {l: HP for l in names}
-    if hp_config not in configs:
-        configs = [hp_config] + configs
+    configs = full_configs(layers, configs)
     key = subgraph_key(sub, configs, inputs, measurer)
     out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer),
                       dump=SubgraphGains.to_json, load=SubgraphGains.from_json)
     out.index, out.name, out.cached = index, name, hit
     return out
+
+
+def full_configs(layers: list[Layer], configs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Every configuration naming every layer of the subgraph (hp where unnamed), hp first
+    when it was not among them: what :func:`time_subgraph` times and keys the cache by."""
+    names = [l.name for l in layers]
+    configs = [{l: c.get(l, HP) for l in names} for c in configs]
+    hp_config = {l: HP for l in names}
+    return configs if hp_config in configs else [hp_config] + configs
+
+
+def measure_subgraph(measurer: Measurer, sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]],
+                     ranges: Ranges | None, inputs: list[dict[str, np.ndarray]]) -> dict:
+    """One job of a device pool: the cache entry :func:`time_subgraph` would store for
+    ``configs`` (from :func:`full_configs`), measured on ``measurer`` (the worker's device)."""
+    return _measure(sub, layers, configs, ranges, inputs, measurer).to_json()
+
+
+def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache: Cache | None = None,
+                 bar=None) -> list[SubgraphGains]:
+    """Every subgraph of ``work`` (``(subgraph, standalone model, layers, configs, inputs)``
+    tuples, consumed lazily) timed on a device pool, in ``work``'s order.
+
+    One job per subgraph: all its configurations run on one device, interleaved exactly as
+    :func:`time_subgraph` does. Entries already in ``cache`` are read, not dispatched; each
+    finished job is stored at once under the same key, so an interrupted or resumed run, or
+    one with more workers, reuses every finished measurement. ``pool.map(fn, jobs)`` runs
+    ``fn(worker_measurer, *args)`` for each ``(tag, args)`` and yields ``(tag, result)`` as
+    they finish (:class:`ampq_pass.backends.ray_pool.RayPool`).
+    """
+    bar = bar or _NoBar()
+    done: dict[int, SubgraphGains] = {}
+
+    def finish(pos: int, sg, data: dict, hit: bool, n: int) -> None:
+        out = SubgraphGains.from_json(data)
+        out.index, out.name, out.cached = sg.index, sg.name, hit
+        done[pos] = out
+        bar.update(n)
+
+    def jobs():
+        for pos, (sg, sub, sub_layers, cfgs, inputs) in enumerate(work):
+            configs = full_configs(sub_layers, cfgs)
+            key = subgraph_key(sub, configs, inputs, measurer)
+            hit = cache.get("gain", key) if cache is not None else None
+            if hit is not None:
+                finish(pos, sg, hit, True, len(cfgs))
+                continue
+            yield (pos, sg, key, len(cfgs)), (sub, sub_layers, configs, ranges, inputs)
+
+    for (pos, sg, key, n), data in pool.map(measure_subgraph, jobs()):
+        if cache is not None:
+            cache.put("gain", key, data)
+        finish(pos, sg, data, False, n)
+    return [done[p] for p in sorted(done)]
 
 
 def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]], ranges: Ranges | None,
@@ -222,13 +272,16 @@ def gain_noise(hp: Timing, other: Timing) -> float:
 def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: Ranges | None,
                inputs_by_subgraph: dict[int, list[dict[str, np.ndarray]]], backend: Measurer, *,
                formats: Iterable[str] | None = None, cache: Cache | None = None, progress: bool = True,
-               model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None) -> GainTable:
+               model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None,
+               pool=None) -> GainTable:
     """The gain table of every configuration of every subgraph of ``partition``.
 
     ``formats`` narrows the candidates; only formats the backend runs fast are used.
     ``model_inputs`` (batches for the whole model) also measures the end-to-end hp time
     that :func:`predict_speedup` divides by. ``max_batches`` bounds the captured batches
-    used per subgraph (one batch per timing round, cycled).
+    used per subgraph (one batch per timing round, cycled). ``pool`` (a device pool such as
+    :class:`ampq_pass.backends.ray_pool.RayPool`) times the subgraphs in parallel, one per
+    device, through the same cache (:func:`time_on_pool`); the table is the same.
     """
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
@@ -239,7 +292,7 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     plan_cfgs = [(sg, partition_configs(sg, candidates)) for sg in partition.subgraphs]
     total = sum(len(c) for _, c in plan_cfgs)
     bar = _progress(total, progress, backend)
-    try:
+    def work():
         for sg, cfgs in plan_cfgs:
             sub_layers = [by_name[_layer_name(l)] for l in sg.layers]
             inputs = inputs_by_subgraph.get(sg.index)
@@ -248,10 +301,16 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
             if max_batches is not None:
                 inputs = inputs[:max_batches]
             bar.set_postfix_str(f"subgraph {sg.index} {sg.name}"[:40])
-            sub = extract(model, sg)
-            table.subgraphs.append(time_subgraph(sub, sub_layers, cfgs, ranges, inputs, backend,
-                                                 index=sg.index, name=sg.name, cache=cache))
-            bar.update(len(cfgs))
+            yield sg, extract(model, sg), sub_layers, cfgs, inputs
+
+    try:
+        if pool is not None:
+            table.subgraphs.extend(time_on_pool(pool, work(), ranges, backend, cache=cache, bar=bar))
+        else:
+            for sg, sub, sub_layers, cfgs, inputs in work():
+                table.subgraphs.append(time_subgraph(sub, sub_layers, cfgs, ranges, inputs, backend,
+                                                     index=sg.index, name=sg.name, cache=cache))
+                bar.update(len(cfgs))
     finally:
         bar.close()
     if model_inputs:
