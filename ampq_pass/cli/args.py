@@ -8,12 +8,17 @@ import onnx
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import get_format
-from ampq_pass.core.samples import Samples, load_samples, synthetic_samples
+from ampq_pass.core.samples import Samples, calib_feeds, load_samples, synthetic_samples
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", help=".npz (one array per model input, axis 0 = samples) or a directory of them")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument("--calib", help=".npz (one array per model input, axis 0 = samples) or a directory of them")
+    # stored in ``calib`` as a marked path, so it reaches run_pass(calib=...) unchanged
+    given.add_argument("--calib-feeds", dest="calib", type=calib_feeds, metavar="DIR",
+                       help="directory of .npz files, each one complete feed used as it is (no sample axis: "
+                            "scalar inputs, a batch on any axis); each feed is one batch")
     p.add_argument("--calib-method", default="minmax", choices=list(CALIBRATION_METHODS),
                    help="ONNX Runtime calibrator for activation ranges (default: minmax)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default: 8)")
@@ -25,7 +30,8 @@ def add_debug_arg(p: argparse.ArgumentParser) -> None:
 
 
 def samples_from_args(args: argparse.Namespace, model: onnx.ModelProto) -> Samples:
-    """``--calib`` read and validated against ``model``, or synthetic inputs (with a warning)."""
+    """``--calib`` / ``--calib-feeds`` read and validated against ``model``, or synthetic inputs
+    (with a warning)."""
     return load_samples(args.calib, model) if args.calib else synthetic_samples(model)
 
 

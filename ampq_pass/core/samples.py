@@ -1,13 +1,32 @@
 """Calibration samples: reading, validation against the model, synthetic inputs.
 
-Samples come from ``--calib FILE.npz`` (one array per model input, first axis =
-samples) or a directory of such files; they are validated against the model before any
-work.
+Two conventions, both validated against the model before any work:
+
+* **Samples** (``--calib FILE.npz`` or a directory of them): one array per model input,
+  axis 0 = samples; batches are cut along axis 0. Every input must have its batch on
+  axis 0.
+* **Whole feeds** (``--calib-feeds DIR``, or :func:`calib_feeds` / :func:`load_feeds` in
+  Python): every ``*.npz`` in ``DIR`` (or one ``.npz`` file) holds one *complete feed*,
+  one array per model input exactly as the model takes it: no sample axis is added or
+  cut, so scalar (rank-0) inputs, a state whose batch is on axis 1 (``[2, N, 128]``) or
+  inputs with no batch axis at all work. Each feed is one batch of its own
+  (``--batch-size`` does not apply); files are taken in name order. A feed's sample count
+  is the size of its declared batch dim: the first axis, in model input order, whose dim
+  name contains ``batch``, else axis 0 of the first input whose axis 0 is not a fixed
+  size, else 1. Sample counts only size the held-out split; stages that need per-sample
+  values treat one feed as one sample (:attr:`Samples.whole_feeds`).
+
+Dim names are constraints only when they mean something: the same name on several axes or
+inputs must have the same size, except for ``?``, empty names, numbers (``-1``) and names
+that exporters make up for a dim they know nothing about (``unk__123``, ``dim_0``,
+``Reshape_12_dim_0``, torch.dynamo's ``s0``, ``x_dynamic_axes_1``, expressions such as
+``2*s0``), which never mean "equal".
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 import tokenize
@@ -68,13 +87,44 @@ class Samples:
     synthetic: bool = False
     source: str = ""
     more: list[dict[str, np.ndarray]] = field(default_factory=list)
+    #: whole feeds (see the module docstring): each is one batch as the model takes it;
+    #: ``inputs`` is then the first feed and ``more`` the others
+    counts: list[int] | None = None
+
+    @classmethod
+    def from_feeds(cls, feeds: list[dict[str, np.ndarray]], counts: list[int] | None = None, *,
+                   synthetic: bool = False, source: str = "") -> "Samples":
+        """Whole feeds, each one batch as it is; ``counts`` = samples per feed (default 1 each)."""
+        if not feeds:
+            raise AmpqError(f"{source or 'calibration'}: no feed given")
+        counts = [1] * len(feeds) if counts is None else [int(c) for c in counts]
+        if len(counts) != len(feeds) or min(counts) < 1:
+            raise AmpqError(f"feeds: {len(counts)} sample counts for {len(feeds)} feeds (each >= 1)")
+        return cls(feeds[0], synthetic, source, list(feeds[1:]), counts)
+
+    @property
+    def whole_feeds(self) -> bool:
+        """True when every batch is one whole feed (no sample axis to cut or sum over)."""
+        return self.counts is not None
 
     @property
     def groups(self) -> list[dict[str, np.ndarray]]:
+        """Shape groups; with whole feeds, the feeds (each its own group)."""
         return [self.inputs, *self.more]
 
     def __len__(self) -> int:
+        if self.counts is not None:
+            return sum(self.counts)
         return sum(_count(g) for g in self.groups)
+
+    def count(self, batch: dict[str, np.ndarray]) -> int:
+        """Samples in ``batch`` (one yielded by :meth:`batches`): its axis 0, or a feed's count."""
+        if self.counts is not None:
+            for feed, n in zip(self.groups, self.counts):
+                if feed is batch or all(feed.get(k) is v for k, v in batch.items()):
+                    return n
+            return 1
+        return _count(batch)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for _, batch in self.numbered_batches(batch_size):
@@ -86,6 +136,11 @@ class Samples:
         if batch_size < 1:
             raise AmpqError(f"batch_size must be >= 1, got {batch_size}")
         offset = 0
+        if self.counts is not None:  # whole feeds: each is one batch, as it is
+            for feed, n in zip(self.groups, self.counts):
+                yield offset, feed
+                offset += n
+            return
         for group in self.groups:
             n = _count(group)
             for start in range(0, n, batch_size):
@@ -96,6 +151,8 @@ class Samples:
         """(calibration part, held-out part): the last ``n_holdout`` samples are held out."""
         if not 0 < n_holdout < len(self):
             raise AmpqError(f"held-out samples must be between 1 and {len(self) - 1}, got {n_holdout}")
+        if self.counts is not None:
+            return self._split_feeds(n_holdout)
         cut = len(self) - n_holdout
         head: list[dict[str, np.ndarray]] = []
         tail: list[dict[str, np.ndarray]] = []
@@ -111,24 +168,57 @@ class Samples:
         return (Samples(head[0], self.synthetic, self.source, head[1:]),
                 Samples(tail[0], self.synthetic, self.source, tail[1:]))
 
+    def _split_feeds(self, n_holdout: int) -> tuple["Samples", "Samples"]:
+        """Whole feeds are never cut: the last feeds holding at least ``n_holdout`` samples are
+        held out, and at least one feed stays on each side."""
+        feeds, counts = self.groups, self.counts or []
+        if len(feeds) < 2:
+            raise AmpqError(f"{self.source or 'calibration'}: one whole feed ({counts[0]} samples) cannot be split "
+                            f"into calibration and held-out parts; give at least 2 feeds")
+        cut, held = len(feeds) - 1, counts[-1]
+        while held < n_holdout and cut > 1:
+            cut -= 1
+            held += counts[cut]
+        return (Samples.from_feeds(feeds[:cut], counts[:cut], synthetic=self.synthetic, source=self.source),
+                Samples.from_feeds(feeds[cut:], counts[cut:], synthetic=self.synthetic, source=self.source))
+
     def shapes(self) -> list[tuple[dict[str, tuple[int, ...]], int]]:
-        """Per shape group: the per-sample shape of each input (axis 0 dropped) and the sample count."""
+        """Per shape group: the per-sample shape of each input (axis 0 dropped) and the sample
+        count; with whole feeds, per feed: the feed's shapes as they are and its count."""
+        if self.counts is not None:
+            return [({k: tuple(int(d) for d in v.shape) for k, v in g.items()}, n) for g, n in zip(self.groups, self.counts)]
         return [({k: tuple(int(d) for d in v.shape[1:]) for k, v in g.items()}, _count(g)) for g in self.groups]
 
     def group_at(self, shape: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
-        """All samples whose per-sample shapes are ``shape`` (inputs not named match any)."""
+        """All samples whose per-sample shapes are ``shape`` (inputs not named match any).
+        With whole feeds: the first feed whose shapes are ``shape``."""
+        if self.counts is not None:
+            return next((g for g in self.feeds_at(shape)), None)
         found = [g for g in self.groups if all(tuple(g[k].shape[1:]) == tuple(v) for k, v in shape.items() if k in g)]
         if not found:
             return None
         return {k: np.concatenate([g[k] for g in found]) for k in found[0]}
 
+    def feeds_at(self, shape: dict[str, tuple[int, ...]]) -> list[dict[str, np.ndarray]]:
+        """Whole feeds whose shapes are ``shape`` (inputs not named match any)."""
+        return [g for g in self.groups if all(tuple(g[k].shape) == tuple(v) for k, v in shape.items() if k in g)]
+
     def most_common(self) -> dict[str, np.ndarray]:
-        """The shape group holding the most samples (the first one on a tie)."""
+        """The shape group holding the most samples (the first one on a tie); with whole
+        feeds, the first feed of the shape most feeds have."""
+        if self.counts is not None:
+            signatures = [_feed_signature(g) for g in self.groups]
+            best = max(signatures, key=signatures.count)
+            return self.groups[signatures.index(best)]
         return max(self.groups, key=_count)
 
 
 def _count(group: dict[str, np.ndarray]) -> int:
     return len(next(iter(group.values()))) if group else 0
+
+
+def _feed_signature(arrays: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in arrays.items()))
 
 
 def _signature(arrays: dict[str, np.ndarray]) -> tuple:
@@ -144,23 +234,32 @@ def group_by_shape(parts: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndar
             for same in merged.values()]
 
 
+class FeedsPath(str):
+    """A calibration path holding whole feeds (``--calib-feeds``): :func:`load_samples` reads
+    it with :func:`load_feeds`. A ``str``, so it travels through ``run_pass(calib=...)``."""
+
+    def __fspath__(self) -> str:
+        return str.__str__(self)
+
+
+def calib_feeds(path: str | os.PathLike) -> FeedsPath:
+    """Mark ``path`` (a directory of ``.npz`` feeds, or one) as whole feeds for ``calib=``."""
+    return FeedsPath(os.fspath(path))
+
+
 def load_samples(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
     """Read ``FILE.npz`` or a directory of ``*.npz`` files and validate them against ``model``.
 
     Each input is either one array ``NAME`` (axis 0 = samples) or a list of arrays
     ``NAME/0``, ``NAME/1``, ... whose per-sample shapes may differ (dynamic dims); list
     entry ``i`` of every input forms one shape group. Files of a directory may differ in
-    shape too. Groups with equal shapes are merged.
+    shape too. Groups with equal shapes are merged. A :class:`FeedsPath`
+    (:func:`calib_feeds`) is read as whole feeds (:func:`load_feeds`).
     """
+    if isinstance(path, FeedsPath):
+        return load_feeds(path, model)
     path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise AmpqError(f"{path}: calibration directory holds no .npz file")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise AmpqError(f"{path}: no such calibration file or directory")
+    files = _npz_files(path)
     parts: list[dict[str, np.ndarray]] = []
     for file in files:
         for arrays in _split_lists(_read_npz(file), file):
@@ -168,6 +267,36 @@ def load_samples(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
             parts.append(arrays)
     groups = group_by_shape(parts)
     return Samples(groups[0], source=str(path), more=groups[1:])
+
+
+def _npz_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise AmpqError(f"{path}: calibration directory holds no .npz file")
+        return files
+    if path.is_file():
+        return [path]
+    raise AmpqError(f"{path}: no such calibration file or directory")
+
+
+def load_feeds(path: str | os.PathLike, model: onnx.ModelProto) -> Samples:
+    """Whole feeds: every ``*.npz`` of directory ``path`` (name order), or the one file
+    ``path``, is one complete feed (one array per model input, exactly the shape the model
+    takes: no sample axis). Each is validated against the model, with every axis checked,
+    and becomes one batch of its own; its sample count comes from its declared batch dim
+    (module docstring)."""
+    path = Path(path)
+    feeds, counts = [], []
+    for file in _npz_files(path):
+        arrays = _read_npz(file)
+        listed = sorted(k for k in arrays if "/" in k)
+        if listed:
+            raise AmpqError(f"{file}: array {listed[0]!r}: a whole feed holds one array per model input "
+                            f"(the NAME/0, NAME/1 lists are for --calib); put each feed in a file of its own")
+        counts.append(validate_feed(arrays, model, source=str(file)))
+        feeds.append(arrays)
+    return Samples.from_feeds(feeds, counts, source=str(path))
 
 
 def _split_lists(arrays: dict[str, np.ndarray], file: Path) -> list[dict[str, np.ndarray]]:
@@ -215,8 +344,20 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
         raise AmpqError(f"{file}: not a readable .npz calibration archive ({text})") from None
 
 
-def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "calibration") -> None:
-    """Check names, dtypes and shapes of calibration arrays against the model's inputs."""
+#: dim names exporters make up for a dim they know nothing about: never a constraint
+_ANONYMOUS_DIM = re.compile(r"^(\?*|-?\d+|none|null|unknown|dyn(amic)?|unk_*\d*|dim_?\d+|.*_dim_?\d+|"
+                            r"[a-z]\d+|.*_dynamic_axes_\d+|.*[^\w.].*)$", re.IGNORECASE)
+
+
+def meaningful_dim(dim) -> bool:
+    """True for a dim name that constrains: the same name elsewhere must have the same size."""
+    return isinstance(dim, str) and not _ANONYMOUS_DIM.match(dim.strip())
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str,
+                  whole: bool) -> dict[str, InputSpec]:
+    """Names, dtypes, ranks, fixed dims, finiteness and named-dim agreement; axis 0 is not
+    checked for samples (it counts them) and is for whole feeds."""
     specs = {s.name: s for s in input_specs(model)}
     missing = [n for n in specs if n not in arrays]
     if missing:
@@ -224,42 +365,79 @@ def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, sourc
     extra = [n for n in arrays if n not in specs]
     if extra:
         raise AmpqError(f"{source}: array {extra[0]!r} is not a model input (expected: {sorted(specs)})")
-    count = None
+    first = 0 if whole else 1
     for name, spec in specs.items():
         arr = arrays[name]
         if arr.dtype != spec.dtype:
             raise AmpqError(f"{source}: input {name!r} has dtype {arr.dtype}, expected {spec.dtype}")
+        if not whole and not spec.shape:
+            raise AmpqError(f"{source}: input {name!r} is a scalar (rank 0) in the model: it has no sample axis; "
+                            f"give whole feeds instead (--calib-feeds DIR: one .npz per feed, each array exactly "
+                            f"as the model takes it)")
         if arr.ndim != len(spec.shape):
             raise AmpqError(
                 f"{source}: input {name!r} has shape {list(arr.shape)}, expected rank {len(spec.shape)} "
-                f"{_show(spec.shape)} (axis 0 = samples)"
+                f"{_show(spec.shape)}" + (" (a whole feed, as the model takes it)" if whole else " (axis 0 = samples)")
             )
-        for axis in range(1, arr.ndim):
+        for axis in range(first, arr.ndim):
             want = spec.shape[axis]
             if isinstance(want, int) and want > 0 and arr.shape[axis] != want:
                 raise AmpqError(
                     f"{source}: input {name!r} has shape {list(arr.shape)}, expected {_show(spec.shape)} "
                     f"(axis {axis}: {arr.shape[axis]} != {want})"
                 )
-        if count is None:
-            count = arr.shape[0]
-        elif arr.shape[0] != count:
-            raise AmpqError(f"{source}: input {name!r} has {arr.shape[0]} samples, other inputs have {count}")
         if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
             raise AmpqError(f"{source}: input {name!r} holds NaN or infinite values; calibration data must be finite")
+    # a meaningful dim name shared by several axes or inputs (``seq`` of ids and mask) must agree
+    seen: dict[str, tuple[str, int, int]] = {}
+    for name, spec in specs.items():
+        for axis, dim in enumerate(spec.shape[first:], start=first):
+            if meaningful_dim(dim):
+                size = arrays[name].shape[axis]
+                if dim in seen and seen[dim][2] != size:
+                    other, other_axis, other_size = seen[dim]
+                    where = f"axis {axis} of input {name!r}"
+                    there = f"axis {other_axis} of input {other!r}"
+                    raise AmpqError(f"{source}: dim {dim!r} is {size} on {where} but {other_size} on {there}")
+                seen.setdefault(dim, (name, axis, size))
+    return specs
+
+
+def validate_inputs(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "calibration") -> None:
+    """Check names, dtypes and shapes of calibration arrays (axis 0 = samples) against the model's inputs."""
+    specs = _check_arrays(arrays, model, source, whole=False)
+    count = None
+    for name in specs:
+        n = arrays[name].shape[0]
+        if count is None:
+            count, first = n, name
+        elif n != count:
+            fixed = [k for k in (first, name) if isinstance(specs[k].shape[0], int) and specs[k].shape[0] > 1]
+            hint = (f"; axis 0 of input {fixed[0]!r} is fixed to {specs[fixed[0]].shape[0]} in the model, so its "
+                    f"batch is elsewhere: give whole feeds (--calib-feeds DIR)") if fixed else ""
+            raise AmpqError(f"{source}: input {name!r} has {n} samples, other inputs have {count}{hint}")
     if not count:
         raise AmpqError(f"{source}: calibration set holds no samples")
-    # a symbolic dim shared by several inputs (``seq`` of ids and mask) must agree
-    seen: dict[str, tuple[str, int]] = {}
-    for name, spec in specs.items():
-        for axis, dim in enumerate(spec.shape[1:], start=1):
-            if isinstance(dim, str) and dim:
-                size = arrays[name].shape[axis]
-                if dim in seen and seen[dim][1] != size:
-                    other, other_size = seen[dim]
-                    raise AmpqError(f"{source}: dim {dim!r} is {size} in input {name!r} but {other_size} in "
-                                    f"input {other!r}")
-                seen.setdefault(dim, (name, size))
+
+
+def validate_feed(arrays: dict[str, np.ndarray], model: onnx.ModelProto, source: str = "feed") -> int:
+    """Check one whole feed against the model's inputs (every axis); returns its sample count."""
+    specs = _check_arrays(arrays, model, source, whole=True)
+    return feed_count(arrays, specs.values())
+
+
+def feed_count(arrays: dict[str, np.ndarray], specs) -> int:
+    """Samples in a whole feed: its first axis named like ``batch``, else axis 0 of the first
+    input whose axis 0 is not fixed, else 1."""
+    specs = list(specs)
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str) and "batch" in dim.lower():
+                return max(1, int(arrays[spec.name].shape[axis]))
+    for spec in specs:
+        if spec.shape and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+            return max(1, int(arrays[spec.name].shape[0]))
+    return 1
 
 
 def _show(shape) -> str:
@@ -319,6 +497,8 @@ def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, 
     those per-sample shapes are used, ``shape[0]`` per batch (repeated when the group is
     smaller); otherwise the most common shape group of the calibration set, ``batch_size``
     per batch. Real samples, so the activations captured at subgraph inputs are real too.
+    Whole feeds are used as they are (``shapes`` then names whole-feed shapes), at most
+    ``n_batches`` of them, never repeated.
     """
     specs = {s.name: s for s in input_specs(model)}
     available = [{k: list(v) for k, v in shape.items()} for shape, _ in samples.shapes()]
@@ -334,6 +514,9 @@ def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, 
                 if isinstance(want, int) and want > 0 and want != got:
                     raise AmpqError(f"--shape {name}={'x'.join(map(str, shape))}: axis {axis} is fixed to {want} "
                                     f"in the model")
+    if samples.whole_feeds:
+        return _whole_feeds_for_timing(samples, shapes, n_batches, available)
+    if shapes:
         batches = {int(s[0]) for s in shapes.values()}
         if len(batches) > 1:
             raise AmpqError(f"--shape: the inputs name different batch sizes {sorted(batches)}; give one")
@@ -356,3 +539,27 @@ def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, 
     info = {"source": source, "shapes": {k: list(v.shape) for k, v in feeds[0].items()},
             "calibration_shapes": [{"shape": a, "samples": c} for a, (_, c) in zip(available, samples.shapes())]}
     return feeds, info
+
+
+def _whole_feeds_for_timing(samples: Samples, shapes: dict[str, tuple[int, ...]] | None, n_batches: int,
+                            available: list[dict]) -> tuple[list[dict[str, np.ndarray]], dict]:
+    if shapes:
+        found = samples.feeds_at(shapes)
+        if not found:
+            named = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+            have = "; ".join(", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in a.items())
+                             for a in available)
+            raise AmpqError(f"--shape {named}: no calibration feed has this shape (whole feeds are named with "
+                            f"their full shape; the feeds have: {have})")
+        source = "--shape"
+    else:
+        found = samples.feeds_at(_shape_map(samples.most_common()))
+        source = "most common calibration feed shape"
+    feeds = [{k: np.ascontiguousarray(v) for k, v in f.items()} for f in found[:max(1, n_batches)]]
+    info = {"source": source, "shapes": {k: list(v.shape) for k, v in feeds[0].items()}, "whole_feeds": True,
+            "calibration_shapes": [{"shape": a, "samples": c} for a, (_, c) in zip(available, samples.shapes())]}
+    return feeds, info
+
+
+def _shape_map(arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in arrays.items()}

@@ -4,8 +4,11 @@ Extraction uses ``onnx.utils.Extractor``: given input and output tensor names it
 exactly the nodes between them, with their initializers, value_info, opsets and local
 functions, which is the definition of a subgraph cut at tensors. onnx-graphsurgeon would
 do the same but copies the whole graph into its own IR for every subgraph; the Extractor
-works on the proto we already hold. Its one requirement is a type for every boundary
-tensor, which onnx shape inference provides.
+works on the proto we already hold. Its one requirement is a type (element type and
+shape) for every boundary tensor. onnx shape inference usually gives it, but not after a
+Reshape whose shape is computed at run time (every later tensor is rank-unknown), so it is
+never required: :func:`capture_inputs` has the real tensors at every cut, and types the
+boundary tensors inference leaves untyped from them (:func:`captured_types`).
 
 Capture runs the full model once per calibration batch in ONNX Runtime with every
 subgraph input exposed as an extra output, so the activations fed to a subgraph in timing
@@ -15,34 +18,111 @@ are the ones it sees inside the model.
 from __future__ import annotations
 
 import itertools
+from typing import Iterable
 
 import numpy as np
 import onnx
+from onnx import helper
 from onnx.utils import Extractor
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.ort import run_exposed
 from ampq_pass.core.proto import copy_model, fits_protobuf, infer_shapes_safe
-from ampq_pass.core.samples import Samples
+from ampq_pass.core.samples import Samples, input_specs
 from ampq_pass.stages.partition import Partition, Subgraph
 
 
+#: doc_string of the value_info entries :func:`capture_inputs` adds from captured tensors
+CAPTURED_TYPE = "ampq-pass: typed from captured tensors"
+
+
 def _typed_names(model: onnx.ModelProto) -> set[str]:
+    """Tensors with an element type *and* a shape (of known rank): what a subgraph's inputs
+    and outputs need to pass onnx.checker."""
     values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
-    return {v.name for v in values if v.type.tensor_type.elem_type}
+    return {v.name for v in values
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type and v.type.tensor_type.HasField("shape")}
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    # Above 2 GB, inference runs on a weight-less copy anyway and only adds value_info to
+    # the model it is given: doing that in place avoids a second copy of every weight.
+    return infer_shapes_safe(copy_model(model) if fits_protobuf(model) else model)
+
+
+def untyped(model: onnx.ModelProto, names: Iterable[str]) -> list[str]:
+    """The tensors of ``names`` that neither the model nor onnx shape inference gives a type
+    and shape (inference failing altogether counts as giving none)."""
+    names = list(dict.fromkeys(names))
+    missing = [n for n in names if n not in _typed_names(model)]
+    if not missing:
+        return []
+    try:
+        typed = _typed_names(_inferred(model))
+    except Exception:  # noqa: BLE001 - inference is a help here, never a requirement
+        typed = set()
+    return [n for n in missing if n not in typed]
 
 
 def with_types(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """``model`` itself if every tensor in ``names`` has a type, else a shape-inferred copy."""
+    """``model`` itself if every tensor in ``names`` has a type and shape, else a shape-inferred copy."""
     if set(names) <= _typed_names(model):
         return model
-    # Above 2 GB, inference runs on a weight-less copy anyway and only adds value_info to
-    # the model it is given: doing that in place avoids a second copy of every weight.
-    inferred = infer_shapes_safe(copy_model(model) if fits_protobuf(model) else model)
+    try:
+        inferred = _inferred(model)
+    except Exception as exc:  # noqa: BLE001
+        inferred, why = model, f" (onnx shape inference failed: {str(exc).splitlines()[0][:120]})"
+    else:
+        why = ""
     missing = [n for n in names if n not in _typed_names(inferred)]
     if missing:
-        raise AmpqError(f"tensor {missing[0]!r}: onnx shape inference gives it no type, cannot extract a subgraph at it")
+        raise AmpqError(f"tensor {missing[0]!r}: onnx shape inference gives it no type or shape{why} (a shape "
+                        f"computed at run time?) and no captured tensor typed it: run capture_inputs on this "
+                        f"model before extracting its subgraphs")
     return inferred
+
+
+def captured_types(model: onnx.ModelProto, batches: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+                   names: Iterable[str]) -> list[onnx.ValueInfoProto]:
+    """Types of tensors ``names`` from their real values: ``batches`` is ``[(model feed,
+    {name: value})]``. The element type is the arrays'; a dim is symbolic (``<name>_dim<axis>``)
+    when it differs between batches or equals the size of a non-fixed dim of a model input
+    (the batch, a sequence length), else fixed to the size seen."""
+    specs = input_specs(model)
+    out = []
+    for name in names:
+        arrays = [values[name] for _, values in batches if name in values]
+        if not arrays:
+            continue
+        first = np.asarray(arrays[0])
+        rank = first.ndim
+        free = [{int(feed[s.name].shape[a]) for s in specs if s.name in feed
+                 for a, d in enumerate(s.shape) if not (isinstance(d, int) and d > 0) and a < feed[s.name].ndim}
+                for feed, values in batches if name in values]
+        dims: list[int | str] = []
+        for axis in range(rank):
+            sizes = {np.shape(a)[axis] if np.ndim(a) == rank else -1 for a in arrays}
+            size = int(first.shape[axis])
+            symbolic = len(sizes) > 1 or any(int(np.shape(a)[axis]) in f for a, f in zip(arrays, free)
+                                              if np.ndim(a) == rank)
+            dims.append(f"{name}_dim{axis}" if symbolic else size)
+        elem = helper.np_dtype_to_tensor_dtype(first.dtype)
+        value = helper.make_tensor_value_info(name, elem, dims)
+        value.doc_string = CAPTURED_TYPE
+        out.append(value)
+    return out
+
+
+def add_types(model: onnx.ModelProto, values: list[onnx.ValueInfoProto]) -> None:
+    """Put ``values`` in ``model.graph.value_info`` (in place), replacing entries of the same
+    name that lack a type or shape; graph inputs and outputs are left as they are."""
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    new = {v.name: v for v in values if v.name not in io}
+    if not new:
+        return
+    keep = [v for v in model.graph.value_info if v.name not in new]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep + list(new.values()))
 
 
 def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -> onnx.ModelProto:
@@ -90,13 +170,20 @@ def _check_nodes(sub: onnx.ModelProto, subgraph: Subgraph) -> None:
                         "the subgraph's outputs; the partition does not match this model")
 
 
-def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Samples, *, batch_size: int = 8,
+def capture_inputs(model: onnx.ModelProto, partition: Partition,
+                   samples: Samples | list[dict[str, np.ndarray]], *, batch_size: int = 8,
                    max_batches: int | None = None) -> dict[int, list[dict[str, np.ndarray]]]:
     """The real input tensors of every subgraph, batch by batch.
 
     Returns ``{subgraph index: [ {input name: array} per batch ]}``. One ONNX Runtime
     run of the full model per batch, with every subgraph input exposed as an output;
     a tensor read by several subgraphs (an attention mask) is one shared array.
+    ``samples`` is a :class:`Samples` (cut in ``batch_size`` batches, or its whole feeds) or
+    a list of feeds used as they are.
+
+    Boundary tensors (subgraph inputs and outputs) that onnx shape inference cannot type
+    are typed from the captured values and the types added to ``model.graph.value_info``
+    (in place, doc_string :data:`CAPTURED_TYPE`), so that :func:`extract` works on it.
     """
     graph_inputs = {i.name for i in model.graph.input}
     wanted = sorted({t for s in partition.subgraphs for t in s.inputs if t not in graph_inputs})
@@ -104,12 +191,21 @@ def capture_inputs(model: onnx.ModelProto, partition: Partition, samples: Sample
     unknown = [t for t in wanted if t not in produced]
     if unknown:
         raise AmpqError(f"subgraph input {unknown[0]!r} is not a tensor of the model")
+    boundary = [t for s in partition.subgraphs for t in s.inputs + s.outputs if t in produced]
+    need = untyped(model, boundary)
+    exposed = wanted + sorted(set(need) - set(wanted))
     out: dict[int, list[dict[str, np.ndarray]]] = {s.index: [] for s in partition.subgraphs}
-    batches = itertools.islice(samples.batches(batch_size), max_batches)
-    for batch, values in run_exposed(model, batches, wanted):
+    feeds = samples.batches(batch_size) if isinstance(samples, Samples) else iter(samples)
+    batches = itertools.islice(feeds, max_batches)
+    seen: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+    for batch, values in run_exposed(model, batches, exposed):
+        if need:
+            seen.append((batch, {t: values[t] for t in need}))
         values.update(batch)
         for s in partition.subgraphs:
             out[s.index].append({t: values[t] for t in s.inputs})
+    if need:
+        add_types(model, captured_types(model, seen, need))
     return out
 
 

@@ -98,7 +98,7 @@ def test_mixed_conventions_refused(tmp_path, block_model):
 def test_shared_symbolic_dim_must_agree(tmp_path, block_model):
     path = tmp_path / "seq.npz"
     np.savez(path, hidden=np.zeros((2, 6, 32), np.float32), mask=np.ones((2, 5), np.int64))
-    with pytest.raises(AmpqError, match=r"dim 'seq' is 5 in input 'mask' but 6 in input 'hidden'"):
+    with pytest.raises(AmpqError, match=r"dim 'seq' is 5 on axis 1 of input 'mask' but 6 on axis 1 of input 'hidden'"):
         load_samples(path, block_model)
 
 
@@ -169,3 +169,46 @@ def test_cli_shape_flag(tmp_path, wild_path, listed_npz, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ampq-pass: error: --shape x=1x3x8x99: no calibration sample has this shape")
     assert not [line for line in err if line.startswith("[")]  # refused before any stage ran
+
+
+def _declared(dims_x, dims_y=None):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, dims_x)]
+    nodes = [h.make_node("Identity", ["x"], ["ox"], name="id_x")]
+    outputs = [h.make_tensor_value_info("ox", T.FLOAT, None)]
+    if dims_y is not None:
+        inputs.append(h.make_tensor_value_info("y", T.FLOAT, dims_y))
+        nodes.append(h.make_node("Identity", ["y"], ["oy"], name="id_y"))
+        outputs.append(h.make_tensor_value_info("oy", T.FLOAT, None))
+    return h.make_model(h.make_graph(nodes, "g", inputs, outputs), opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("name", ["?", "", "-1", "unk__123", "unk__0", "dim_0", "s0", "s77", "Reshape_12_dim_0",
+                                  "x_dynamic_axes_1", "2*s0", "None"])
+def test_exporter_made_up_dim_names_are_no_constraint(tmp_path, name):
+    """``[-1, 3, '?', '?']`` with 192x48 images was refused ("dim '?' is 192 ... but 48")."""
+    model = _declared(["N", 3, name, name], [name, 4])
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.zeros((2, 3, 192, 48), np.float32), y=np.zeros((2, 4), np.float32))
+    assert len(load_samples(path, model)) == 2
+
+
+@pytest.mark.parametrize("name", ["size", "height", "seq", "batch_size"])
+def test_a_meaningful_dim_name_repeated_is_a_constraint(tmp_path, name):
+    model = _declared([-1, 3, name, name])
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.zeros((2, 3, 192, 48), np.float32))
+    with pytest.raises(AmpqError, match=rf"dim '{name}' is 48 on axis 3 of input 'x' but 192 on axis 2 of input 'x'"):
+        load_samples(path, model)
+    np.savez(path, x=np.zeros((2, 3, 64, 64), np.float32))
+    assert len(load_samples(path, model)) == 2
+
+
+def test_minus_one_dim_value_declared(tmp_path):
+    model = _declared([-1, 3, "?", "?"])
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.zeros((5, 3, 192, 48), np.float32))
+    assert len(load_samples(path, model)) == 5
