@@ -147,3 +147,26 @@ def test_measured_task_loss_matches_manual(cnn_model):
     with torch.no_grad():
         assert torch.allclose(Executor(cnn_model, dtype=torch.float64).run(samples.inputs)["logits"],
                               torch.from_numpy(hp), rtol=1e-4, atol=1e-5)
+
+
+def test_logit_tensors_find_final_softmax_sigmoid_and_written_out_softmax():
+    """Outputs written by Softmax/LogSoftmax/Sigmoid, or by a softmax spelled out as
+    Div(Exp(Sub(z, max)), ReduceSum(Exp)) (tf2onnx/jax2tf), are read on their input z."""
+    from onnx import TensorProto, helper
+
+    from ampq_pass.stages.sensitivity.losses import logit_tensors, loss_tensors
+
+    nodes = [helper.make_node("Softmax", ["z"], ["p"], axis=-1), helper.make_node("Sigmoid", ["z"], ["s"]),
+             helper.make_node("ReduceMax", ["z"], ["m"], keepdims=1), helper.make_node("Sub", ["z", "m"], ["c"]),
+             helper.make_node("Exp", ["c"], ["e"]), helper.make_node("ReduceSum", ["e"], ["t"], keepdims=1),
+             helper.make_node("Div", ["e", "t"], ["q"]), helper.make_node("Relu", ["z"], ["r"])]
+    v = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [v("z")], [v("p"), v("s"), v("q"), v("r")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert logit_tensors(model) == {}  # z is a graph input: nothing to read before it
+    model.graph.node.insert(0, helper.make_node("Identity", ["x"], ["z"]))
+    model.graph.input[0].name = "x"
+    assert logit_tensors(model) == {"p": "z", "s": "z", "q": "z"}
+    assert loss_tensors(model, make_loss("projection")) == {"p": "z", "s": "z", "q": "z"}
+    assert loss_tensors(model, make_loss("projection_raw")) == {}
+    assert loss_tensors(model, make_loss("pseudo_label:p")) == {"p": "z"}

@@ -50,6 +50,11 @@ def logit_tensors(model, kinds: tuple[str, ...] = TERMINAL_ACTIVATIONS) -> dict[
     found = {}
     for output in model.graph.output:
         node = producers.get(output.name)
+        if node is not None and "Softmax" in kinds:
+            logits = _decomposed_softmax(node, producers)
+            if logits is not None and logits not in inputs:
+                found[output.name] = logits
+                continue
         if node is None or node.op_type not in kinds or node.domain not in ("", "ai.onnx"):
             continue
         if not node.input or not node.input[0] or node.input[0] in inputs:
@@ -60,6 +65,31 @@ def logit_tensors(model, kinds: tuple[str, ...] = TERMINAL_ACTIVATIONS) -> dict[
                 continue
         found[output.name] = node.input[0]
     return found
+
+
+def _decomposed_softmax(node, producers) -> str | None:
+    """``z`` of a softmax written out as ``Div(Exp(Sub(z, m)), f(Exp(...)))`` (tf2onnx / jax2tf
+    exports), where the divisor is computed from the same Exp; else None."""
+    if node.op_type != "Div" or len(node.input) != 2:
+        return None
+    exp = producers.get(node.input[0])
+    if exp is None or exp.op_type != "Exp":
+        return None
+    sub = producers.get(exp.input[0])
+    if sub is None or sub.op_type != "Sub":
+        return None
+    frontier, seen = [node.input[1]], set()
+    for _ in range(8):  # the divisor: ReduceSum(Exp) through a few reshapes/broadcasts
+        nxt = []
+        for t in frontier:
+            if t == exp.output[0]:
+                return sub.input[0]
+            p = producers.get(t)
+            if p is not None and p.name not in seen:
+                seen.add(p.name)
+                nxt += [i for i in p.input if i]
+        frontier = nxt
+    return None
 
 
 def loss_tensors(model, loss: "Loss") -> dict[str, str]:
