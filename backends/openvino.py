@@ -44,10 +44,15 @@ import onnx
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
+from ampq_pass.core.proto import fits_protobuf, save_external
 
 __all__ = ["OpenVinoBackend", "available_devices", "import_openvino", "CAPABILITY_FORMATS", "MEASURED_FAST"]
 
 INSTALL_HINT = "pip install 'ampq-pass[openvino]'"
+
+#: whether a model is handed to OpenVINO from memory; larger ones (protobuf's 2 GB limit) go
+#: through a temporary file with external data (a module attribute so tests can force it)
+fits_in_memory = fits_protobuf
 
 #: OPTIMIZATION_CAPABILITIES entry -> the project's format it makes possible
 CAPABILITY_FORMATS: dict[str, str] = {"INT8": "int8", "FP16": "fp16", "BF16": "bf16"}
@@ -162,35 +167,24 @@ class OpenVinoBackend(Backend):
                 "formats": list(self._caps.formats), "threads": self.threads,
                 "config": {k: str(v) for k, v in sorted(self.config().items())}, "protocol": self.protocol.to_json()}
 
-    def read(self, model: onnx.ModelProto):
-        """An ``openvino.Model`` from an in-memory ModelProto (a temporary file above 2 GB)."""
+    def compile(self, model: onnx.ModelProto):
+        """A compiled model with the fixed settings this backend's timings are keyed by.
+
+        The ModelProto is read from its bytes in memory; above 2 GB it goes through a
+        temporary file with external data (the caller's proto is left unchanged)."""
         try:
-            if model.ByteSize() < 2**31 - 1 and not _has_external_data(model):
-                return self.core.read_model(io.BytesIO(model.SerializeToString()))
-            with tempfile.TemporaryDirectory(prefix="ampq_ov_") as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                                location="model.onnx.data", size_threshold=1024)
-                ov_model = self.core.read_model(path)
-                # the frontend may map the weights file; compile before the directory goes
-                return self.core.compile_model(ov_model, self.device, self.config())
+            if fits_in_memory(model) and not _has_external_data(model):
+                return self.core.compile_model(self.core.read_model(io.BytesIO(model.SerializeToString())),
+                                               self.device, self.config())
+            with tempfile.TemporaryDirectory(prefix="ampq-openvino-") as folder:
+                path = os.path.join(folder, "model.onnx")
+                save_external(model, path, "model.onnx.data")
+                return self.core.compile_model(self.core.read_model(path), self.device, self.config())
         except AmpqError:
             raise
-        except Exception as e:  # OpenVINO raises RuntimeError subclasses with multi-line text
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AmpqError(f"OpenVINO could not read the model {model.graph.name!r}: {first}") from None
-
-    def compile(self, model: onnx.ModelProto):
-        """A compiled model with the fixed settings this backend's timings are keyed by."""
-        read = self.read(model)
-        if isinstance(read, self._ov.CompiledModel):
-            return read
-        try:
-            return self.core.compile_model(read, self.device, self.config())
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AmpqError(f"OpenVINO could not compile the model {model.graph.name!r} on "
-                            f"{self.device}: {first}") from None
+        except Exception as e:  # OpenVINO raises RuntimeError with multi-line text: keep its first line
+            first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+            raise AmpqError(f"OpenVINO cannot run the model {model.graph.name!r} on {self.device}: {first}") from None
 
     def runner(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]):
         """``run(i)``: one synchronous inference on batch ``i``, inputs prepared beforehand."""
@@ -220,4 +214,5 @@ class OpenVinoBackend(Backend):
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:
+    """Initializers still stored outside the proto cannot be serialised to bytes."""
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

@@ -1,0 +1,168 @@
+"""The OpenVINO runtime backend (``openvino:cpu``).
+
+CI installs only the base package and the test extra, so every test that needs the runtime is
+skipped there with a reason; the missing-package error is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from ampq_pass.backends import available_backends, get_backend
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Protocol, Timing
+from ampq_pass.core.ort import make_session
+
+HAVE_OV = importlib.util.find_spec("openvino") is not None
+needs_ov = pytest.mark.skipif(not HAVE_OV, reason="openvino is not installed (pip install 'ampq-pass[openvino]')")
+
+FAST = Protocol(warmup=1, min_repeats=3, max_repeats=6, rel_ci=0.5, max_seconds=5)
+
+
+def test_missing_package_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    with pytest.raises(AmpqError) as e:
+        get_backend("openvino:cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "pip install 'ampq-pass[openvino]'" in msg
+    assert "openvino:cpu" not in available_backends()  # listing never fails without it
+
+
+def test_fast_formats_from_capabilities():
+    from ampq_pass.backends.openvino import OpenVinoBackend
+
+    fast = OpenVinoBackend.fast_formats
+    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8",)  # 16-bit Cast pairs are not fast
+    assert fast("CPU", ("FP32", "BF16")) == ()  # no INT8 listed: nothing beyond hp
+    assert fast("GPU.0", ("FP32", "FP16", "INT8")) == ("int8",)  # unmeasured device type: int8 if listed
+
+
+@needs_ov
+def test_capabilities_key_and_compiled_settings():
+    b = get_backend("openvino:cpu", protocol=FAST)
+    caps = b.capabilities()
+    assert caps.hp == "fp32" and set(caps.formats) <= {"int8", "fp16", "bf16"}
+    assert "int8_dyn" not in caps.formats and "int4" not in caps.formats
+    key = b.key()
+    import openvino as ov
+
+    assert key["openvino"] == ov.get_version() and key["device"] == "CPU" and key["threads"] == 2
+    assert key["config"]["INFERENCE_NUM_THREADS"] == "2" and key["config"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert key["protocol"] == FAST.to_json() and key["optimization_capabilities"]
+    compiled = b.compile(models.mlp())
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 2
+    assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32", "float32")
+    assert int(compiled.get_property("NUM_STREAMS")) == 1
+    assert "openvino:cpu" in available_backends()
+    assert get_backend("openvino:cpu", threads=1).key() != key  # threads are part of every cache key
+
+
+@needs_ov
+def test_unknown_device_and_format_are_clear_errors():
+    with pytest.raises(AmpqError, match="not available; OpenVINO lists here: cpu"):
+        get_backend("openvino:npu9")
+    with pytest.raises(AmpqError, match="does not run 'int4' fast"):
+        get_backend("openvino:cpu", formats=("int4",))
+    assert get_backend("openvino:cpu", formats=()).capabilities().formats == ()
+
+
+@needs_ov
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer_block"])
+def test_outputs_match_onnxruntime(name):
+    model = getattr(models, name)()
+    feeds = models.feeds_for(model, n=4)
+    want = make_session(model).run(None, feeds)[0]
+    got = get_backend("openvino:cpu").run(model, feeds)[model.graph.output[0].name]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # f32 pinned: not the CPU's bf16 default
+
+
+@needs_ov
+def test_time_and_time_each_interleave():
+    b = get_backend("openvino:cpu", protocol=FAST)
+    m1, m2 = models.mlp(0), models.mlp(1, sizes=(16, 64, 64, 8))
+    feeds = [models.feeds_for(m1, n=4, seed=s) for s in (1, 2)]
+    out = b.time({"a": m1, "b": m2}, feeds)
+    assert set(out) == {"a", "b"} and all(isinstance(t, Timing) and t.median > 0 for t in out.values())
+    assert len(out["a"].samples) == len(out["b"].samples) >= FAST.min_repeats
+    each = b.time_each({"a": (m1, feeds), "c": (models.cnn(), [models.feeds_for(models.cnn(), n=2)])})
+    assert set(each) == {"a", "c"}
+    with pytest.raises(AmpqError, match="no timing inputs"):
+        b.time({"a": m1}, [])
+    with pytest.raises(AmpqError, match="lack model input 'x'"):
+        b.time({"a": m1}, [{"y": np.zeros((1, 16), np.float32)}])
+
+
+@needs_ov
+def test_feeds_longlong_and_scalar_shape():
+    """Captured activations may be numpy longlong (int64 under another type number) or shape (1,)
+    for an input an extracted subgraph declares as a scalar; ONNX Runtime takes both."""
+    nodes = [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "kf"], ["y"])]
+    g = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                                       helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = get_backend("openvino:cpu").run(m, {"x": x, "k": np.array([3], dtype=np.longlong)})
+    np.testing.assert_allclose(out["y"], 3 * x)
+
+
+@needs_ov
+def test_large_model_path_goes_through_a_file(monkeypatch):
+    import ampq_pass.backends.openvino as ovb
+
+    monkeypatch.setattr(ovb, "fits_in_memory", lambda m: False)
+    model = models.mlp()
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    feeds = models.feeds_for(model, n=3)
+    got = get_backend("openvino:cpu").run(model, feeds)["y"]
+    np.testing.assert_allclose(got, make_session(model).run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}  # the caller's proto keeps its weights
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@needs_ov
+def test_int8_qdq_as_written_runs_in_integer_kernels():
+    """The rewrite's int8 (uint8 per-tensor activation Q->DQ, int8 symmetric per-channel weight DQ)
+    becomes a u8 x i8 FullyConnected in OpenVINO's compiled graph, not DQ->float->Q."""
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.calibrate import compute_ranges
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    model = models.single_matmul(w)
+    layers = find_layers(model)
+    x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    ranges = compute_ranges(model, layers, Samples({"x": x}, source="test"))
+    q = rewrite(model, layers, Plan({"mm": "int8"}), ranges)
+    b = get_backend("openvino:cpu")
+    runtime = b.compile(q).get_runtime_model()
+    kinds = {(str(o.get_rt_info()["layerType"].astype(str)), str(o.get_rt_info()["runtimePrecision"].astype(str)))
+             for o in runtime.get_ordered_ops()}
+    assert ("FullyConnected", "u8") in kinds, kinds
+    np.testing.assert_allclose(b.run(q, {"x": x})["y"], make_session(q).run(None, {"x": x})[0], rtol=0.05, atol=0.05)
+
+
+@needs_ov
+def test_whole_pass_on_openvino(tmp_path):
+    from ampq_pass.backends.openvino import OpenVinoBackend
+    from ampq_pass.pipeline import run_pass
+
+    model = models.mlp(sizes=(64, 128, 128, 16))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    feeds = models.feeds_for(model, n=24)
+    np.savez(tmp_path / "c.npz", **feeds)
+    result = run_pass(src, tmp_path / "out.onnx", calib=tmp_path / "c.npz", backend=OpenVinoBackend(protocol=FAST),
+                      cache_dir=str(tmp_path / "cache"), log=lambda s: None)
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    assert result.report["backend"] == "openvino:cpu" and result.report["predicted"]["speedup"] >= 1.0
