@@ -314,16 +314,6 @@ def _gather_elements(ctx, x, index):
     return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index).to(x.device))
 
 
-def _scatter_nd(ctx, x, indices, updates):
-    if ctx.attr("reduction", "none") != "none":
-        raise ctx.fail(f"reduction {ctx.attr('reduction')!r} is not supported")
-    k = indices.shape[-1]
-    flat = indices.reshape(-1, k).to(x.device)
-    out = x.clone()
-    out[tuple(flat[:, i] for i in range(k))] = updates.reshape(flat.shape[0], *x.shape[k:])
-    return out
-
-
 def _expand(ctx, x, shape):
     # ONNX Expand broadcasts both ways: a target dim of 1 keeps the input's dim.
     target = np.broadcast_shapes(tuple(x.shape), tuple(_ints(shape)))  # torch's imports sympy: slow
@@ -383,8 +373,24 @@ def _pad(ctx, x, pads=None, value=None, axes=None):
     fill = value.item() if value is not None and value.numel() else ctx.attr("value", 0.0)
     if mode == "constant":
         return F.pad(x, torch_pads, value=fill)
-    mode = {"edge": "replicate", "reflect": "reflect", "wrap": "circular"}[mode]
-    return F.pad(x, torch_pads[: 2 * (rank - 2)], mode=mode)  # torch pads only spatial dims here
+    if mode not in ("edge", "reflect", "wrap"):
+        raise ctx.fail(f"mode {mode!r} is not supported")
+    for a in range(rank):  # one index_select per padded axis: any axis, negative pads crop
+        b, e = begin.get(a, 0), end.get(a, 0)
+        if b == 0 and e == 0:
+            continue
+        n = x.shape[a]
+        index = np.arange(-b, n + e)
+        if mode == "edge":
+            index = np.clip(index, 0, n - 1)
+        elif mode == "wrap":
+            index = np.mod(index, n)
+        else:  # reflect about the first and last element (period 2n - 2)
+            period = max(2 * n - 2, 1)
+            index = np.mod(index, period)
+            index = np.where(index >= n, period - index, index) if n > 1 else np.zeros_like(index)
+        x = x.index_select(a, torch.from_numpy(index).to(x.device))
+    return x
 
 
 # ============================================================================ reductions
@@ -466,8 +472,10 @@ def _layer_norm(ctx, x, scale, bias=None):
     mean = x.mean(dim=dims, keepdim=True)
     centred = x - mean
     var = (centred * centred).mean(dim=dims, keepdim=True)
-    y = centred / torch.sqrt(var + ctx.attr("epsilon", 1e-5)) * scale
-    return y if bias is None else y + bias
+    inv = 1 / torch.sqrt(var + ctx.attr("epsilon", 1e-5))
+    y = centred * inv * scale
+    y = y if bias is None else y + bias
+    return (y, mean, inv) if len(ctx.node.output) > 1 else y  # optional Mean, InvStdDev outputs
 
 
 def _batch_norm(ctx, x, scale, bias, mean, var):
@@ -604,12 +612,21 @@ def _global_max_pool(ctx, x):
 
 # ============================================================================ resize
 
-def _source_coordinates(ctx, out_size: int, in_size: int, scale: float) -> np.ndarray:
+def _source_coordinates(ctx, out_size: int, in_size: int, scale: float,
+                        roi: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Input coordinate of each output position (ONNX Resize coordinate_transformation_mode)."""
     x = np.arange(out_size, dtype=np.float64)
     mode = ctx.attr("coordinate_transformation_mode", "half_pixel")
     if mode == "half_pixel":
         return (x + 0.5) / scale - 0.5
+    if mode == "half_pixel_symmetric":
+        offset = in_size / 2 * (1 - out_size / (scale * in_size))
+        return offset + (x + 0.5) / scale - 0.5
+    if mode == "tf_crop_and_resize":
+        start, end = roi
+        if out_size > 1:
+            return start * (in_size - 1) + x * (end - start) * (in_size - 1) / (out_size - 1)
+        return np.full_like(x, 0.5 * (start + end) * (in_size - 1))
     if mode == "pytorch_half_pixel":
         return (x + 0.5) / scale - 0.5 if out_size > 1 else np.zeros_like(x)
     if mode == "align_corners":
@@ -643,9 +660,13 @@ def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
     return np.stack([k(t + 1), k(t), k(1 - t), k(2 - t)], axis=-1)
 
 
-def _resize_matrix(ctx, out_size: int, in_size: int, scale: float) -> np.ndarray:
-    """[out, in] interpolation matrix of one axis: Resize is separable, so it is one matmul per axis."""
-    coords = _source_coordinates(ctx, out_size, in_size, scale)
+def _resize_matrix(ctx, out_size: int, in_size: int, scale: float,
+                   roi: tuple[float, float] = (0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """[out, in] interpolation matrix of one axis (Resize is separable: one matmul per axis) and
+    the output rows outside the input (tf_crop_and_resize writes extrapolation_value there)."""
+    coords = _source_coordinates(ctx, out_size, in_size, scale, roi)
+    outside = (coords < 0) | (coords > in_size - 1) if ctx.attr("coordinate_transformation_mode") == \
+        "tf_crop_and_resize" else np.zeros(out_size, bool)
     m = np.zeros((out_size, in_size), np.float64)
     rows = np.arange(out_size)
     mode = ctx.attr("mode", "nearest")
@@ -668,27 +689,363 @@ def _resize_matrix(ctx, out_size: int, in_size: int, scale: float) -> np.ndarray
         np.add.at(m, (np.repeat(rows, 4), np.clip(taps, 0, in_size - 1).reshape(-1)), weights.reshape(-1))
     else:
         raise ctx.fail(f"mode {mode!r} is not supported")
-    return m
+    m[outside] = 0.0
+    return m, outside
 
 
 def _resize(ctx, x, roi=None, scales=None, sizes=None):
-    if ctx.attr("antialias", 0) or ctx.attr("axes", None) or ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-        raise ctx.fail("antialias / axes / keep_aspect_ratio_policy are not supported")
+    if ctx.attr("antialias", 0):
+        raise ctx.fail("antialias is not supported")
     if ctx.node.op_type == "Upsample":  # opset < 10: (X, scales)
         scales, roi = roi, None
     rank = x.dim()
+    axes = [_axis(a, rank) for a in (ctx.attr("axes", None) or range(rank))]
+    out_sizes, factors = list(x.shape), [1.0] * rank
     if sizes is not None and sizes.numel():
-        out_sizes = _ints(sizes)
-        factors = [o / i for o, i in zip(out_sizes, x.shape)]
+        wanted = _ints(sizes)
+        policy = ctx.attr("keep_aspect_ratio_policy", "stretch")
+        if policy == "stretch":
+            for a, o in zip(axes, wanted):
+                out_sizes[a], factors[a] = o, o / x.shape[a]
+        else:  # one scale for every listed axis: the largest that fits, or the smallest that covers
+            pick = min if policy == "not_larger" else max
+            scale = pick(o / x.shape[a] for a, o in zip(axes, wanted))
+            for a in axes:
+                out_sizes[a], factors[a] = int(math.floor(scale * x.shape[a] + 0.5)), scale
     else:
-        factors = [float(s) for s in scales.reshape(-1).tolist()]
-        out_sizes = [int(math.floor(i * s)) for i, s in zip(x.shape, factors)]
-    for axis in range(rank):
-        if out_sizes[axis] == x.shape[axis] and factors[axis] == 1.0:
-            continue  # every coordinate mode maps an unscaled axis onto itself
-        m = torch.from_numpy(_resize_matrix(ctx, out_sizes[axis], x.shape[axis], factors[axis])).to(x)
-        x = torch.movedim(torch.movedim(x, axis, -1) @ m.T, -1, axis)
+        for a, s in zip(axes, scales.reshape(-1).tolist()):
+            # ONNX Runtime multiplies in float32: floor(5 * 1.4f) is 7, not the float64 product's 6
+            out_sizes[a], factors[a] = int(np.floor(np.float32(x.shape[a]) * np.float32(s))), float(s)
+    crop = ctx.attr("coordinate_transformation_mode") == "tf_crop_and_resize"
+    box = [float(v) for v in roi.reshape(-1).tolist()] if crop and roi is not None and roi.numel() else []
+    extrapolation = ctx.attr("extrapolation_value", 0.0)
+    for i, axis in enumerate(axes):
+        if out_sizes[axis] == x.shape[axis] and factors[axis] == 1.0 and not crop:
+            continue  # every coordinate mode but a crop maps an unscaled axis onto itself
+        span = (box[i], box[len(axes) + i]) if box else (0.0, 1.0)
+        m, outside = _resize_matrix(ctx, out_sizes[axis], x.shape[axis], factors[axis], span)
+        x = torch.movedim(torch.movedim(x, axis, -1) @ torch.from_numpy(m).to(x).T, -1, axis)
+        if outside.any():  # rows outside the crop box are constant along every later axis too
+            mask = torch.from_numpy(outside).to(x.device).reshape([-1 if a == axis else 1 for a in range(rank)])
+            x = torch.where(mask, torch.full_like(x, extrapolation), x)
     return x
+
+
+# ============================================================================ more elementwise
+
+def _mish(ctx, x):
+    return x * torch.tanh(F.softplus(x))
+
+
+def _softsign(ctx, x):
+    return x / (1 + x.abs())
+
+
+def _selu(ctx, x):
+    alpha, gamma = ctx.attr("alpha", 1.67326319217681884765625), ctx.attr("gamma", 1.05070102214813232421875)
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(torch.clamp(x, max=0)))
+
+
+def _celu(ctx, x):
+    alpha = ctx.attr("alpha", 1.0)
+    return torch.clamp(x, min=0) + alpha * torch.expm1(torch.clamp(x, max=0) / alpha)
+
+
+def _thresholded_relu(ctx, x):
+    return torch.where(x > ctx.attr("alpha", 1.0), x, torch.zeros_like(x))
+
+
+def _shrink(ctx, x):
+    lambd, bias = ctx.attr("lambd", 0.5), ctx.attr("bias", 0.0)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x)))
+
+
+def _is_inf(ctx, x):
+    out = torch.zeros_like(x, dtype=torch.bool)
+    if ctx.attr("detect_positive", 1):
+        out = out | torch.isposinf(x)
+    if ctx.attr("detect_negative", 1):
+        out = out | torch.isneginf(x)
+    return out
+
+
+def _bit_shift(ctx, a, b):
+    fn = torch.bitwise_left_shift if ctx.attr("direction") == "LEFT" else torch.bitwise_right_shift
+    return fn(a, b.to(a.dtype))
+
+
+def _hardmax(ctx, x):
+    if ctx.opset < 13:  # older opsets: over the flattened trailing dims from axis (default 1)
+        axis = _axis(ctx.attr("axis", 1), x.dim())
+        flat = x.reshape(*x.shape[:axis], -1)
+        return F.one_hot(flat.argmax(-1), flat.shape[-1]).to(x).reshape(x.shape)
+    axis = _axis(ctx.attr("axis", -1), x.dim())
+    return torch.movedim(F.one_hot(x.argmax(axis), x.shape[axis]).to(x), -1, axis)
+
+
+def _lp_normalization(ctx, x):
+    axis, p = ctx.attr("axis", -1), ctx.attr("p", 2)
+    norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else torch.sqrt((x * x).sum(dim=axis, keepdim=True))
+    return x / norm
+
+
+# ============================================================================ more indexing
+
+def _gather_nd(ctx, x, indices):
+    b = ctx.attr("batch_dims", 0)
+    k = indices.shape[-1]
+    idx = indices.to(device=x.device, dtype=torch.int64)
+    dims = torch.tensor(x.shape[b:b + k], dtype=torch.int64, device=x.device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    xb = x.reshape(-1, *x.shape[b:])  # batch dims flattened into one (size 1 without batch dims)
+    ib = idx.reshape(xb.shape[0], -1, k)
+    rows = torch.arange(xb.shape[0], device=x.device).reshape(-1, 1).expand(-1, ib.shape[1])
+    out = xb[(rows, *(ib[..., j] for j in range(k)))]
+    return out.reshape(*indices.shape[:-1], *x.shape[b + k:])
+
+
+_TORCH_REDUCTIONS = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _scatter_nd(ctx, x, indices, updates):
+    reduction = ctx.attr("reduction", "none")
+    if reduction != "none" and reduction not in _TORCH_REDUCTIONS:
+        raise ctx.fail(f"reduction {reduction!r} is not supported")
+    k = indices.shape[-1]
+    idx = indices.reshape(-1, k).to(device=x.device, dtype=torch.int64)
+    dims = torch.tensor(x.shape[:k], dtype=torch.int64, device=x.device)
+    idx = torch.where(idx < 0, idx + dims, idx)
+    strides = torch.tensor([int(np.prod(x.shape[i + 1:k])) for i in range(k)], dtype=torch.int64, device=x.device)
+    lin = (idx * strides).sum(-1)  # one row of the [prod(x.shape[:k]), rest] view per index tuple
+    flat = x.reshape(int(np.prod(x.shape[:k])), -1)
+    upd = updates.reshape(idx.shape[0], -1).to(x.dtype)
+    if reduction in ("none", "add"):
+        out = flat.index_put((lin,), upd, accumulate=reduction == "add")
+    else:
+        out = flat.scatter_reduce(0, lin.reshape(-1, 1).expand_as(upd), upd, _TORCH_REDUCTIONS[reduction])
+    return out.reshape(x.shape)
+
+
+def _scatter_elements(ctx, x, indices, updates):
+    axis = _axis(ctx.attr("axis", 0), x.dim())
+    idx = indices.to(device=x.device, dtype=torch.int64)
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    reduction = ctx.attr("reduction", "none")
+    if reduction == "none":
+        return x.scatter(axis, idx, updates.to(x.dtype))
+    if reduction not in _TORCH_REDUCTIONS:
+        raise ctx.fail(f"reduction {reduction!r} is not supported")
+    return x.scatter_reduce(axis, idx, updates.to(x.dtype), _TORCH_REDUCTIONS[reduction])
+
+
+def _one_hot(ctx, indices, depth, values):
+    d = int(depth.reshape(-1)[0].item())
+    idx = indices.to(torch.int64)
+    idx = torch.where(idx < 0, idx + d, idx)
+    valid = (idx >= 0) & (idx < d)  # out-of-range indices give an all-"off" row
+    hot = F.one_hot(torch.where(valid, idx, torch.zeros_like(idx)), d).bool() & valid.unsqueeze(-1)
+    hot = torch.movedim(hot, -1, _axis(ctx.attr("axis", -1), indices.dim() + 1))
+    v = values.reshape(-1)
+    return torch.where(hot.to(v.device), v[1], v[0])
+
+
+def _non_zero(ctx, x):
+    return torch.nonzero(x).T.contiguous().cpu()  # [rank, count] int64 indices: shape data stays on the host
+
+
+def _top_k(ctx, x, k):
+    axis = _axis(ctx.attr("axis", -1), x.dim())
+    values, index = torch.topk(x, int(k.reshape(-1)[0].item()), dim=axis, largest=bool(ctx.attr("largest", 1)),
+                               sorted=True)
+    return values, index
+
+
+def _depth_to_space(ctx, x):
+    b = ctx.attr("blocksize")
+    n, c, h, w = x.shape
+    if ctx.attr("mode", "DCR") == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:  # CRD
+        y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+def _space_to_depth(ctx, x):
+    b = ctx.attr("blocksize")
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+# ============================================================================ more normalisation
+
+def _group_norm(ctx, x, scale, bias):
+    groups = ctx.attr("num_groups")
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    mean = g.mean(dim=-1, keepdim=True)
+    centred = g - mean
+    var = (centred * centred).mean(dim=-1, keepdim=True)
+    y = (centred / torch.sqrt(var + ctx.attr("epsilon", 1e-5))).reshape(x.shape)
+    if ctx.opset < 21 and scale.numel() == groups:  # opsets 18-20: one scale and bias per group
+        scale, bias = scale.repeat_interleave(c // groups), bias.repeat_interleave(c // groups)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return y * scale.reshape(shape) + bias.reshape(shape)
+
+
+def _lrn(ctx, x):
+    size = ctx.attr("size")
+    alpha, beta, bias = ctx.attr("alpha", 1e-4), ctx.attr("beta", 0.75), ctx.attr("bias", 1.0)
+    sq = (x * x).unsqueeze(1)  # [N, 1, C, ...]: sum over a channel window [c - (size-1)//2, c + ceil((size-1)/2)]
+    front, back = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = F.pad(sq.reshape(sq.shape[0], 1, sq.shape[2], -1), (0, 0, front, back))
+    window = F.avg_pool2d(sq, (size, 1), stride=1) * size
+    return x / (bias + alpha / size * window.reshape(x.shape)) ** beta
+
+
+# ============================================================================ recurrent layers
+
+def _rnn_activation(name: str, alpha, beta):
+    name = name.lower()
+    fns = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "softsign": lambda x: x / (1 + x.abs()),
+           "softplus": F.softplus,
+           "leakyrelu": lambda x: F.leaky_relu(x, 0.01 if alpha is None else alpha),
+           "thresholdedrelu": lambda x: torch.where(x > (1.0 if alpha is None else alpha), x, torch.zeros_like(x)),
+           "elu": lambda x: F.elu(x, 1.0 if alpha is None else alpha),
+           "hardsigmoid": lambda x: torch.clamp((0.2 if alpha is None else alpha) * x + (0.5 if beta is None else beta), 0, 1),
+           "scaledtanh": lambda x: (1.0 if alpha is None else alpha) * torch.tanh((1.0 if beta is None else beta) * x),
+           "affine": lambda x: (1.0 if alpha is None else alpha) * x + (0.0 if beta is None else beta)}
+    return fns[name]
+
+
+_ALPHA_ACTS, _BETA_ACTS = {"leakyrelu", "thresholdedrelu", "elu", "hardsigmoid", "scaledtanh", "affine"}, \
+    {"hardsigmoid", "scaledtanh", "affine"}
+
+
+def _rnn_activations(ctx, defaults: list[str], dirs: int) -> list[Callable]:
+    names = list(ctx.attr("activations", None) or defaults * dirs)
+    alphas, betas = list(ctx.attr("activation_alpha", None) or []), list(ctx.attr("activation_beta", None) or [])
+    fns = []
+    for name in names:  # alphas and betas are consumed in order by the activations that take them
+        alpha = alphas.pop(0) if name.lower() in _ALPHA_ACTS and alphas else None
+        beta = betas.pop(0) if name.lower() in _BETA_ACTS and betas else None
+        try:
+            fns.append(_rnn_activation(name, alpha, beta))
+        except KeyError:
+            raise ctx.fail(f"activation {name!r} is not supported") from None
+    return fns
+
+
+def _recurrent(ctx, x, w, r, b, seq_lens, initial, n_gates, defaults, cell):
+    """The loop shared by RNN, GRU and LSTM: ``cell(t, gates_x, states, weights, acts) -> states``.
+
+    ``initial`` holds the optional initial states ([dirs, batch, H], or [batch, dirs, H] with
+    layout=1); returns Y [T, dirs, N, H] (or [N, T, dirs, H]) and the final states."""
+    layout = ctx.attr("layout", 0)
+    if layout:
+        x = x.transpose(0, 1)
+        initial = [s.transpose(0, 1) if s is not None else None for s in initial]
+    direction = ctx.attr("direction", "forward")
+    dirs = 2 if direction == "bidirectional" else 1
+    hidden = ctx.attr("hidden_size", None) or r.shape[-1]
+    steps, batch = x.shape[0], x.shape[1]
+    acts = _rnn_activations(ctx, defaults, dirs)
+    per_dir = len(acts) // dirs
+    clip = ctx.attr("clip", None)
+    lens = None if seq_lens is None else seq_lens.to(device=x.device, dtype=torch.int64)
+    ys, finals = [], []
+    for d in range(dirs):
+        bias = b[d, :n_gates * hidden] if b is not None else None
+        xw = x @ w[d].transpose(0, 1)  # every step's input projection at once: [T, N, gates*H]
+        if bias is not None:
+            xw = xw + bias
+        states = [s[d] if s is not None else x.new_zeros(batch, hidden) for s in initial]
+        out = [None] * steps
+        order = range(steps - 1, -1, -1) if (direction == "reverse" or d == 1) else range(steps)
+        for t in order:
+            new = cell(xw[t], states, d, acts[d * per_dir:(d + 1) * per_dir], clip)
+            if lens is not None:  # past a sequence's length its states hold and its output is 0
+                keep = (t < lens).reshape(-1, 1)
+                new = [torch.where(keep, n, s) for n, s in zip(new, states)]
+                out[t] = torch.where(keep, new[0], torch.zeros_like(new[0]))
+            else:
+                out[t] = new[0]
+            states = new
+        ys.append(torch.stack(out) if steps else x.new_zeros(0, batch, hidden))
+        finals.append(states)
+    y = torch.stack(ys, 1)
+    finals = [torch.stack([f[i] for f in finals]) for i in range(len(initial))]
+    if layout:
+        y = y.permute(2, 0, 1, 3)
+        finals = [f.transpose(0, 1) for f in finals]
+    return (y, *finals)
+
+
+def _clip_gates(v, clip):
+    return v if clip is None else torch.clamp(v, -clip, clip)
+
+
+def _rnn(ctx, x, w, r, b=None, seq_lens=None, h0=None):
+    hidden = ctx.attr("hidden_size", None) or r.shape[-1]
+
+    def cell(xw, states, d, acts, clip):
+        (h,) = states
+        v = xw + h @ r[d].transpose(0, 1)
+        if b is not None:
+            v = v + b[d, hidden:]
+        return [acts[0](_clip_gates(v, clip))]
+    return _recurrent(ctx, x, w, r, b, seq_lens, [h0], 1, ["Tanh"], cell)
+
+
+def _gru(ctx, x, w, r, b=None, seq_lens=None, h0=None):
+    hidden = ctx.attr("hidden_size", None) or r.shape[-1]
+    before_reset = ctx.attr("linear_before_reset", 0)
+
+    def cell(xw, states, d, acts, clip):
+        (h,) = states
+        f, g = acts
+        rz, rr, rh = r[d].split(hidden)
+        bz, br, bh = b[d, 3 * hidden:].split(hidden) if b is not None else (0, 0, 0)
+        xz, xr, xh = xw.split(hidden, dim=-1)
+        z = f(_clip_gates(xz + h @ rz.T + bz, clip))
+        reset = f(_clip_gates(xr + h @ rr.T + br, clip))
+        if before_reset:
+            cand = g(_clip_gates(xh + reset * (h @ rh.T + bh), clip))
+        else:
+            cand = g(_clip_gates(xh + (reset * h) @ rh.T + bh, clip))
+        return [(1 - z) * cand + z * h]
+    return _recurrent(ctx, x, w, r, b, seq_lens, [h0], 3, ["Sigmoid", "Tanh"], cell)
+
+
+def _lstm(ctx, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None):
+    hidden = ctx.attr("hidden_size", None) or r.shape[-1]
+    input_forget = ctx.attr("input_forget", 0)
+
+    def cell(xw, states, d, acts, clip):
+        h, c = states
+        f, g, act_h = acts
+        v = xw + h @ r[d].transpose(0, 1)
+        if b is not None:
+            v = v + b[d, 4 * hidden:]
+        i, o, fg, cand = v.split(hidden, dim=-1)  # gate order i, o, f, c
+        pi, po, pf = p[d].split(hidden) if p is not None else (None, None, None)
+        if p is not None:
+            i, fg = i + pi * c, fg + pf * c
+        i = f(_clip_gates(i, clip))
+        fg = 1 - i if input_forget else f(_clip_gates(fg, clip))
+        c_new = fg * c + i * g(_clip_gates(cand, clip))
+        if p is not None:
+            o = o + po * c_new
+        o = f(_clip_gates(o, clip))
+        return [o * act_h(c_new), c_new]
+    return _recurrent(ctx, x, w, r, b, seq_lens, [h0, c0], 4, ["Sigmoid", "Tanh", "Tanh"], cell)
+
+
+# ============================================================================ control flow
+
+def _if(ctx, cond):
+    # If needs the enclosing scope: Executor.run evaluates it (_run_if); the table entry marks it supported.
+    raise ctx.fail("If runs only inside Executor.run (its branches read the enclosing scope)")
 
 
 # ============================================================================ quantization
@@ -732,6 +1089,8 @@ def _dequantize(ctx, x, scale, zero=None):
 _COMPARISONS = {"Equal": torch.eq, "Greater": torch.gt, "GreaterOrEqual": torch.ge, "Less": torch.lt,
                 "LessOrEqual": torch.le, "And": torch.logical_and, "Or": torch.logical_or,
                 "Xor": torch.logical_xor, "BitShift": None}
+_TRIG = {"Tan": torch.tan, "Asin": torch.asin, "Acos": torch.acos, "Atan": torch.atan, "Sinh": torch.sinh,
+         "Cosh": torch.cosh, "Asinh": torch.asinh, "Acosh": torch.acosh, "Atanh": torch.atanh}
 
 #: op type -> fn(ctx, *inputs) -> tensor or tuple of tensors. Missing optional inputs are None.
 OPS: dict[str, Callable] = {
@@ -745,7 +1104,9 @@ OPS: dict[str, Callable] = {
     "Softplus": _unary(F.softplus), "LeakyRelu": _leaky_relu, "Elu": _elu, "PRelu": _prelu,
     "HardSigmoid": _hard_sigmoid, "HardSwish": _hard_swish, "Gelu": _gelu, "Clip": _clip,
     "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum), "Sum": _variadic(torch.add), "Mean": _mean,
-    "IsNaN": _unary(torch.isnan), "IsInf": _unary(torch.isinf), "Not": _unary(torch.logical_not),
+    "IsNaN": _unary(torch.isnan), "IsInf": _is_inf, "Not": _unary(torch.logical_not), "BitShift": _bit_shift,
+    "Mish": _mish, "Softsign": _softsign, "Selu": _selu, "Celu": _celu, "ThresholdedRelu": _thresholded_relu,
+    "Shrink": _shrink, **{k: _unary(v) for k, v in _TRIG.items()},
     **{k: _compare(v) for k, v in _COMPARISONS.items() if v is not None},
     "Where": _where, "Cast": _cast, "CastLike": _cast_like, "Identity": _identity, "Dropout": _dropout,
     # shapes and indexing
@@ -753,7 +1114,9 @@ OPS: dict[str, Callable] = {
     "Squeeze": _squeeze, "Transpose": _transpose, "Concat": _concat, "Split": _split, "Slice": _slice,
     "Gather": _gather, "GatherElements": _gather_elements, "ScatterND": _scatter_nd, "Expand": _expand,
     "Tile": _tile, "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Range": _range,
-    "Trilu": _trilu, "CumSum": _cumsum, "Pad": _pad,
+    "Trilu": _trilu, "CumSum": _cumsum, "Pad": _pad, "GatherND": _gather_nd, "ScatterElements": _scatter_elements,
+    "Scatter": _scatter_elements, "OneHot": _one_hot, "NonZero": _non_zero, "TopK": _top_k,
+    "DepthToSpace": _depth_to_space, "SpaceToDepth": _space_to_depth,
     # reductions
     "ReduceMean": _reduce(lambda x, a, k: x.mean(dim=a, keepdim=k)),
     "ReduceSum": _reduce(lambda x, a, k: x.sum(dim=a, keepdim=k)),
@@ -761,12 +1124,18 @@ OPS: dict[str, Callable] = {
     "ReduceProd": _reduce(lambda x, a, k: _reduce_prod(x, a, k)),
     "ReduceL2": _reduce(lambda x, a, k: torch.sqrt((x * x).sum(dim=a, keepdim=k))),
     "ReduceSumSquare": _reduce(lambda x, a, k: (x * x).sum(dim=a, keepdim=k)),
+    "ReduceL1": _reduce(lambda x, a, k: x.abs().sum(dim=a, keepdim=k)),
+    "ReduceLogSum": _reduce(lambda x, a, k: torch.log(x.sum(dim=a, keepdim=k))),
+    "ReduceLogSumExp": _reduce(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k)),
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
-    "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
+    "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax), "Hardmax": _hardmax,
     # linear algebra and normalisation
     "MatMul": _matmul, "Gemm": _gemm, "Einsum": _einsum,
     "LayerNormalization": _layer_norm, "BatchNormalization": _batch_norm,
-    "InstanceNormalization": _instance_norm,
+    "InstanceNormalization": _instance_norm, "GroupNormalization": _group_norm, "LRN": _lrn,
+    "LpNormalization": _lp_normalization,
+    # recurrent layers (unrolled torch loops, differentiable) and control flow
+    "RNN": _rnn, "GRU": _gru, "LSTM": _lstm, "If": _if,
     # convolution, pooling, resampling
     "Conv": _conv, "ConvTranspose": _conv_transpose, "MaxPool": _max_pool, "AveragePool": _average_pool,
     "GlobalAveragePool": _global_average_pool, "GlobalMaxPool": _global_max_pool,
@@ -788,23 +1157,101 @@ def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append((a.name, a.g))
+        out += [(a.name, g) for g in a.graphs]
+    return out
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterable[tuple[onnx.NodeProto, str | None]]:
+    """Every node of ``graph`` and of its subgraphs (If branches...), with its name if it has one."""
+    for node in graph.node:
+        yield node, node.name or None
+        for _, g in _subgraphs(node):
+            yield from _all_nodes(g)
+
+
 def unsupported_ops(model: onnx.ModelProto, ops: Mapping[str, Callable] = OPS) -> dict[str, str]:
-    """Every op type of ``model`` missing from ``ops``, with one node name for each."""
+    """Every op type of ``model`` (subgraphs included) missing from ``ops``, with one node name for each."""
     missing: dict[str, str] = {}
-    for index, node in enumerate(model.graph.node):
+    for index, (node, name) in enumerate(_all_nodes(model.graph)):
         key = _op_key(node)
         if key not in ops and key not in missing:
-            missing[key] = node.name or f"#{index}"
+            missing[key] = name or f"#{index}"
     return missing
 
 
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def _is_data(value: onnx.ValueInfoProto) -> bool:
+    """A graph input that carries sample data: any float tensor, any tensor of rank >= 1. A scalar
+    integer or boolean input (a sample rate, a flag) is a setting the whole run shares."""
+    t = value.type.tensor_type
+    return t.elem_type in _FLOAT_TYPES or not t.HasField("shape") or len(t.shape.dim) > 0
+
+
+def data_dependent_ifs(model: onnx.ModelProto) -> dict[str, str]:
+    """If nodes whose condition is computed from sample data (name -> condition tensor).
+
+    The executor runs an If whose condition is fixed by constants, shapes (Shape/Size cut the
+    dependence on values) or scalar integer settings: the branch is then the same for every
+    sample of a run. A condition computed from the values of the data would make the graph
+    itself depend on the samples, which sensitivity (one fixed graph) cannot take."""
+    found: dict[str, str] = {}
+
+    def walk(graph: onnx.GraphProto, tainted: set[str]) -> set[str]:
+        tainted = set(tainted)
+        for node in graph.node:
+            if node.op_type in ("Shape", "Size"):
+                continue
+            subs = _subgraphs(node)
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and len(subs) == 2:
+                if node.input[0] in tainted:
+                    found[node.name or node.output[0]] = node.input[0]
+                outs = [walk(g, tainted) for _, g in subs]
+                for i, name in enumerate(node.output):
+                    if any(g.output[i].name in t for (_, g), t in zip(subs, outs) if i < len(g.output)):
+                        tainted.add(name)
+                continue
+            reads = set(node.input) | {n for _, g in subs for sub, _ in _all_nodes(g) for n in sub.input}
+            if reads & tainted:
+                tainted.update(node.output)
+        return tainted
+
+    walk(model.graph, {i.name for i in model.graph.input if _is_data(i)}
+         - {t.name for t in model.graph.initializer})
+    return found
+
+
 def check_supported(model: onnx.ModelProto, ops: Mapping[str, Callable] = OPS) -> None:
-    """Raise :class:`AmpqError` listing every op type the executor cannot run (before any compute)."""
+    """Raise :class:`AmpqError` listing every op type the executor cannot run (before any compute),
+    and naming any If whose condition depends on the data."""
     missing = unsupported_ops(model, ops)
     if missing:
         listed = ", ".join(f"{op} (e.g. node {name!r})" for op, name in sorted(missing.items()))
         raise AmpqError(f"the gradient executor does not support {len(missing)} op type(s): {listed}; "
                         f"add them to ampq_pass.stages.sensitivity.executor.OPS")
+    dependent = data_dependent_ifs(model)
+    if dependent:
+        listed = ", ".join(f"node {name!r} (condition {cond!r})" for name, cond in sorted(dependent.items()))
+        raise AmpqError(f"the gradient executor runs If nodes only with a condition fixed by constants, shapes or "
+                        f"scalar integer inputs; data-dependent condition: {listed}")
+
+
+@dataclass
+class _Body:
+    """One graph as the executor runs it: the model's graph or an If branch."""
+
+    run_nodes: list  # (name, node, ctx) of every non-Constant node, in order
+    constants: dict[str, torch.Tensor]  # the branch's initializers and Constant outputs (the model's: Executor.constants)
+    last_use: dict[str, int]  # tensor name -> index of the last node reading it (branch reads count for their If)
+    outputs: list[str]
+    branches: dict[str, dict[str, "_Body"]]  # If node name -> {"then_branch": ..., "else_branch": ...}
+    reads: list[set[str]]  # per run node: the tensors it reads, its branches' reads of the enclosing scope included
 
 
 class Executor:
@@ -813,7 +1260,9 @@ class Executor:
     Raises :class:`AmpqError` at construction if any op is unsupported. Weights are
     converted once; :meth:`run` may be called many times (with or without grad).
     ``one_float`` maps every ONNX float type to ``dtype``; ``ops`` may extend :data:`OPS`
-    with a caller's fused nodes (keyed ``domain.op_type``).
+    with a caller's fused nodes (keyed ``domain.op_type``). If nodes run the branch their
+    condition picks (conditions fixed by constants, shapes or scalar settings; hooks reach
+    branch nodes by name too).
     """
 
     def __init__(self, model: onnx.ModelProto, *, dtype: torch.dtype = torch.float32,
@@ -829,23 +1278,33 @@ class Executor:
             for t in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in self.constants]
         self.output_names = [o.name for o in model.graph.output]
-        # Constant nodes are evaluated once here, not on every run.
-        self._run_nodes = []
-        for node, name in zip(self.nodes, self.node_names):
-            ctx = Ctx(node, self.opset, dtype, device, one_float)
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                self.constants[node.output[0]] = _constant(ctx)
-            else:
-                self._run_nodes.append((name, node, ctx))
-        self._last_use = self._last_uses()
+        self._body = self._compile(model.graph, self.node_names, self.constants)
+        self._run_nodes = self._body.run_nodes
 
-    def _last_uses(self) -> dict[str, int]:
-        last: dict[str, int] = {}
-        for index, (_, node, _) in enumerate(self._run_nodes):
-            for name in node.input:
-                if name:
-                    last[name] = index
-        return last
+    def _compile(self, graph: onnx.GraphProto, names: list[str], constants: dict[str, torch.Tensor]) -> _Body:
+        """Constant nodes evaluated once here, not on every run; If branches compiled likewise."""
+        run_nodes, branches, last, all_reads = [], {}, {}, []
+        for node, name in zip(graph.node, names):
+            ctx = Ctx(node, self.opset, self.dtype, self.device, self.one_float)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                constants[node.output[0]] = _constant(ctx)
+                continue
+            index = len(run_nodes)
+            run_nodes.append((name, node, ctx))
+            reads = set(node.input)
+            if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+                branches[name] = {}
+                for attr, g in _subgraphs(node):
+                    inner = [n.name or f"{name}/{attr}/{n.op_type}_{i}" for i, n in enumerate(g.node)]
+                    branches[name][attr] = self._compile(g, inner, {
+                        t.name: to_torch(numpy_helper.to_array(t), self.dtype, device=self.device,
+                                         one_float=self.one_float) for t in g.initializer})
+                    reads |= {i for n, _ in _all_nodes(g) for i in n.input} | {o.name for o in g.output}
+            reads.discard("")
+            all_reads.append(reads)
+            for r in reads:
+                last[r] = index
+        return _Body(run_nodes, constants, last, [o.name for o in graph.output], branches, all_reads)
 
     def run(self, feeds: Mapping[str, np.ndarray | torch.Tensor], *, outputs: Iterable[str] | None = None,
             keep: Iterable[str] = (), input_hooks: Mapping[str, Hook] | None = None,
@@ -865,14 +1324,22 @@ class Executor:
         env: dict[str, torch.Tensor] = dict(self.constants)
         for name in self.input_names:
             env[name] = to_torch(feeds[name], self.dtype, device=self.device, one_float=self.one_float)
-        input_hooks, output_hooks = input_hooks or {}, output_hooks or {}
-        for index, (name, node, ctx) in enumerate(self._run_nodes):
+        self._execute(self._body, env, retain, input_hooks or {}, output_hooks or {})
+        return {n: env[n] for n in [*wanted, *[k for k in keep if k not in wanted]]}
+
+    def _execute(self, body: _Body, env: dict[str, torch.Tensor], retain: set[str],
+                 input_hooks: Mapping[str, Hook], output_hooks: Mapping[str, Hook]) -> None:
+        for index, (name, node, ctx) in enumerate(body.run_nodes):
             args = [env[i] if i else None for i in node.input]
             if name in input_hooks:
                 hook = input_hooks[name]
                 args = [hook(slot, a) if a is not None else None for slot, a in enumerate(args)]
             try:
-                result = self.ops[_op_key(node)](ctx, *args)
+                if name in body.branches:
+                    result = self._run_if(name, ctx, args[0], body.branches[name], env, retain, input_hooks,
+                                          output_hooks)
+                else:
+                    result = self.ops[_op_key(node)](ctx, *args)
             except AmpqError:
                 raise
             except Exception as exc:  # a bug or an unsupported attribute combination: name the node
@@ -883,10 +1350,20 @@ class Executor:
             for out_name, value in zip(node.output, results):
                 if out_name:
                     env[out_name] = value
-            for i in set(node.input):  # a node may read one tensor twice (Mul(x, x))
-                if i and self._last_use.get(i) == index and i not in retain and i not in self.constants:
-                    del env[i]
-        return {n: env[n] for n in [*wanted, *[k for k in keep if k not in wanted]]}
+            for i in body.reads[index]:  # a set: a node may read one tensor twice (Mul(x, x))
+                if body.last_use.get(i) == index and i not in retain and i not in body.constants:
+                    env.pop(i, None)
+
+    def _run_if(self, name: str, ctx: Ctx, cond: torch.Tensor, branches: dict[str, _Body],
+                env: dict[str, torch.Tensor], retain: set[str], input_hooks, output_hooks) -> tuple:
+        if cond is None or cond.numel() != 1:
+            raise ctx.fail("the condition must have exactly one element")
+        body = branches["then_branch" if bool(cond.reshape(-1)[0].item()) else "else_branch"]
+        scope = {**env, **body.constants}  # the branch reads the enclosing scope; its own names stay in it
+        self._execute(body, scope, retain | set(body.outputs), input_hooks, output_hooks)
+        for k in retain & scope.keys():  # tensors kept from inside the branch
+            env.setdefault(k, scope[k])
+        return tuple(scope[o] for o in body.outputs)
 
     def node(self, name: str) -> tuple[onnx.NodeProto, Ctx]:
         """The node called ``name`` and its op context (to re-apply its op to other inputs)."""
