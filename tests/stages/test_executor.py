@@ -404,7 +404,6 @@ EXPORTER_OPS = {
     "sum_variadic": C("Sum", [X3, ("b", F32, [4]), ("c", F32, [2, 1, 1])]),
     "mean_variadic": C("Mean", [X3, ("b", F32, [1, 3, 1])]),
     "argmin": C("ArgMin", [X3], [("y", I64)], attrs=dict(axis=-1, keepdims=1), grad=False),
-    "hardmax": C("Hardmax", [X3], attrs=dict(axis=1), grad=False),
     # reductions
     "reduce_l1": C("ReduceL1", [X3], inits=[_ints("axes", [1])]),
     "reduce_l2": C("ReduceL2", [X3], attrs=dict(keepdims=0), inits=[_ints("axes", [0, 2])]),
@@ -647,3 +646,27 @@ def test_silero_vad_if_and_lstm_match_onnxruntime_with_gradients():
         assert max_rel_diff(out.detach().numpy(), ref) <= 1e-4
     (grad,) = torch.autograd.grad(outs["output"].sum(), [x])
     assert float(grad.abs().max()) > 0
+
+
+_GRID = ("g", F32, [2, 4, 5, 2])
+GRID_SAMPLE = {
+    "bilinear_zeros": dict(mode="bilinear"),
+    "bilinear_border_align": dict(mode="bilinear", padding_mode="border", align_corners=1),
+    "nearest_reflection": dict(mode="nearest", padding_mode="reflection"),
+    "bicubic_border": dict(mode="bicubic", padding_mode="border"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRID_SAMPLE))
+def test_grid_sample(case):
+    spec = C("GridSample", [X4, _GRID], attrs=GRID_SAMPLE[case], opset=16, grad=GRID_SAMPLE[case]["mode"] != "nearest",
+             feeds={"g": _rng_floats([2, 4, 5, 2], 3, lo=-1.3, hi=1.3)}, tol=1e-4)
+    model, feeds = _case_model(spec), _case_feeds(spec)
+    (ref,) = ort_outputs(model, feeds)
+    ours = Executor(model, dtype=torch.float64)
+    x = torch.tensor(feeds["x"], dtype=torch.float64, requires_grad=True)
+    y = ours.run({**feeds, "x": x})["y"]
+    assert max_rel_diff(y.detach().numpy(), ref) <= spec["tol"], case
+    if spec["grad"]:
+        (grad,) = torch.autograd.grad((y * y).sum(), [x])
+        assert float(grad.abs().max()) > 0

@@ -774,15 +774,6 @@ def _bit_shift(ctx, a, b):
     return fn(a, b.to(a.dtype))
 
 
-def _hardmax(ctx, x):
-    if ctx.opset < 13:  # older opsets: over the flattened trailing dims from axis (default 1)
-        axis = _axis(ctx.attr("axis", 1), x.dim())
-        flat = x.reshape(*x.shape[:axis], -1)
-        return F.one_hot(flat.argmax(-1), flat.shape[-1]).to(x).reshape(x.shape)
-    axis = _axis(ctx.attr("axis", -1), x.dim())
-    return torch.movedim(F.one_hot(x.argmax(axis), x.shape[axis]).to(x), -1, axis)
-
-
 def _lp_normalization(ctx, x):
     axis, p = ctx.attr("axis", -1), ctx.attr("p", 2)
     norm = x.abs().sum(dim=axis, keepdim=True) if p == 1 else torch.sqrt((x * x).sum(dim=axis, keepdim=True))
@@ -1048,6 +1039,15 @@ def _if(ctx, cond):
     raise ctx.fail("If runs only inside Executor.run (its branches read the enclosing scope)")
 
 
+def _grid_sample(ctx, x, grid):
+    mode = ctx.attr("mode", "linear" if ctx.opset >= 20 else "bilinear")
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode)
+    if x.dim() != 4 and mode == "bicubic":
+        raise ctx.fail("cubic GridSample is 2-D only")
+    return F.grid_sample(x, grid.to(x), mode=mode, padding_mode=ctx.attr("padding_mode", "zeros"),
+                         align_corners=bool(ctx.attr("align_corners", 0)))
+
+
 # ============================================================================ quantization
 
 def _quant_param(ctx, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -1128,7 +1128,7 @@ OPS: dict[str, Callable] = {
     "ReduceLogSum": _reduce(lambda x, a, k: torch.log(x.sum(dim=a, keepdim=k))),
     "ReduceLogSumExp": _reduce(lambda x, a, k: torch.logsumexp(x, dim=a, keepdim=k)),
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
-    "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax), "Hardmax": _hardmax,
+    "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
     # linear algebra and normalisation
     "MatMul": _matmul, "Gemm": _gemm, "Einsum": _einsum,
     "LayerNormalization": _layer_norm, "BatchNormalization": _batch_norm,
@@ -1139,7 +1139,7 @@ OPS: dict[str, Callable] = {
     # convolution, pooling, resampling
     "Conv": _conv, "ConvTranspose": _conv_transpose, "MaxPool": _max_pool, "AveragePool": _average_pool,
     "GlobalAveragePool": _global_average_pool, "GlobalMaxPool": _global_max_pool,
-    "Resize": _resize, "Upsample": _resize,
+    "Resize": _resize, "Upsample": _resize, "GridSample": _grid_sample,
     # quantization (rewritten models: the Gaudi lowering runs the QDQ nodes its fp8 GEMMs do not take)
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
 }
