@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +23,7 @@ from ampq_pass.backends import get_backend
 from ampq_pass.backends.ray_pool import RayAddress, pool_for, require_ray
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Protocol
 from ampq_pass.core.formats import FORMATS, HP
 from ampq_pass.core.model import check_output_path, finish_loading, read_model, save_model
 from ampq_pass.core.params import Integer, Number, OneOf, Shapes, SubsetOf, validate_params
@@ -31,11 +34,14 @@ from ampq_pass.stages.partition import partition
 from ampq_pass.stages.repair import Round, context_gains, correct, falls_short
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, load_metric, metric_name, quick_protocol, search_front,
+                                     timed_backend, timing_saving, with_protocol)
 from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solve
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, gain_table, predict_speedup
+from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.verify import run_batches, verify
 
 
@@ -73,13 +79,22 @@ class PassOptions:
     #: time subgraphs on a Ray device pool: "local", "auto" or "ray://HOST:PORT"
     #: (:mod:`ampq_pass.backends.ray_pool`); None times them here, one after another
     ray: str | None = None
+    #: the user's metric, ``fn(model_path) -> float`` (higher is better), or "module:function" /
+    #: "path/to/script.py:function"; with ``max_metric_drop`` it replaces the loss budget: the pass
+    #: searches its predicted front for the fastest plan whose drop metric(hp) - metric(plan) is
+    #: within the bound (:mod:`ampq_pass.stages.search`)
+    metric: object = None
+    max_metric_drop: float | None = None
+    #: loss budgets of the predicted front the metric search walks (``pareto`` when larger)
+    search_points: int = 12
 
     CONSTRAINTS = {
         "batch_size": Integer(1), "max_configs": Integer(2), "timing_batches": Integer(1),
         "pareto": Integer(0, excluded=(1,), meaning="0 (off) or an integer >= 2 budgets"),
         "holdout": Integer(1, optional=True), "seed": Integer(0), "repair_rounds": Integer(0),
         "max_loss_rmse": Number(0, optional=True), "max_loss_mse": Number(0, optional=True),
-        "max_memory": Number(0, optional=True),
+        "max_memory": Number(0, optional=True), "max_metric_drop": Number(0, optional=True),
+        "search_points": Integer(2),
         "calib_method": OneOf(CALIBRATION_METHODS), "formats": SubsetOf(tuple(FORMATS), optional=True),
         "shapes": Shapes(optional=True), "ray": RayAddress(optional=True),
     }
@@ -88,6 +103,17 @@ class PassOptions:
         validate_params(self, self.CONSTRAINTS)
         if self.max_loss_rmse is not None and self.max_loss_mse is not None:
             raise AmpqError("give either max_loss_rmse or max_loss_mse, not both")
+        if (self.metric is None) != (self.max_metric_drop is None):
+            raise AmpqError("give metric and max_metric_drop together (the metric's accepted drop from the hp model)")
+        if self.metric is not None:
+            if self.max_loss_rmse is not None or self.max_loss_mse is not None:
+                raise AmpqError("give either a loss budget (max_loss_rmse / max_loss_mse) or a metric with "
+                                "max_metric_drop, not both")
+            if isinstance(self.metric, str):
+                self.metric = load_metric(self.metric)
+            elif not callable(self.metric):
+                raise AmpqError(f"metric must be a function model_path -> float or 'module:function', got {self.metric!r}")
+            return self
         if self.max_loss_rmse is None and self.max_loss_mse is None:
             self.max_loss_rmse = 0.01
         return self
@@ -219,19 +245,89 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     return _Inputs(model, normalized, backend, offered, layers, calib_set, holdout, cache, timing_inputs, timing_info)
 
 
-def _verify_front(front: list[Solution], table: GainTable, inp: _Inputs, ranges: Ranges, check: dict) -> list[dict]:
-    """Every point of the Pareto front rewritten and measured like the chosen plan."""
+def _rel_rms(mse, loss_sq_mean: float) -> float | None:
+    """The budget's own unit: sqrt(MSE / E[L^2]), the relative RMS change of the loss."""
+    if mse is None or not loss_sq_mean or loss_sq_mean <= 0:
+        return None
+    return float(np.sqrt(max(mse, 0.0) / loss_sq_mean))
+
+
+def _front_entry(sol: Solution, table: GainTable, sens: Sensitivity, measured: dict | None, *,
+                 protocol: str | None, chosen: bool = False, **extra) -> dict:
+    """One point of ``report["pareto"]``: predicted and (where measured) measured loss, in MSE and
+    in relative RMS, and speed-up with its interval."""
+    m = measured or {}
+    entry = {"max_mse": sol.max_mse, "predicted_mse": sol.mse, "predicted_rel_rms": _rel_rms(sol.mse, sens.loss_sq_mean),
+             "predicted_gain": sol.gain, "predicted_speedup": _speedup(table, sol),
+             "layers_quantized": len(sol.plan.formats), "measured_loss_mse": m.get("loss_mse"),
+             "measured_rel_rms": _rel_rms(m.get("loss_mse"), sens.loss_sq_mean),
+             "measured_speedup": m.get("speedup"), "measured_protocol": protocol, "chosen": chosen}
+    if m.get("hp_ci") and m.get("plan_ci"):
+        entry["measured_speedup_ci"] = [m["hp_ci"][0] / m["plan_ci"][1], m["hp_ci"][1] / m["plan_ci"][0]]
+    if not sol.plan.formats and measured is None:
+        entry.update(measured_loss_mse=0.0, measured_rel_rms=0.0, measured_speedup=1.0)
+    entry.update(extra)
+    return entry
+
+
+def _uniform_int8(inp: _Inputs, formats: dict[str, list[str]], table: GainTable, sens: Sensitivity) -> Solution | None:
+    """Every layer that can run int8 in int8: the reference point of the front's plot."""
+    chosen = {l.name: "int8" for l in inp.layers if "int8" in formats[l.name]}
+    if not chosen:
+        return None
+    return Solution(Plan(chosen), [], 0.0, float(predicted_mse(sens, chosen)), 0.0, float("nan"), None, "none", "reference")
+
+
+def _reference_points(inp: _Inputs, formats, table: GainTable, sens: Sensitivity, ranges: Ranges, check: dict,
+                      backend, metric=None, hp_metric: float | None = None) -> list[dict]:
+    """hp and uniform int8, measured like the front's points (quick protocol), for the plot."""
+    hp_entry = {"name": "hp", "predicted_rel_rms": 0.0, "measured_rel_rms": 0.0, "predicted_speedup": 1.0,
+                "measured_speedup": 1.0, "predicted_mse": 0.0, "measured_loss_mse": 0.0}
+    if metric is not None:
+        hp_entry.update(metric=hp_metric, metric_drop=0.0)
+    points = [hp_entry]
+    sol = _uniform_int8(inp, formats, table, sens)
+    if sol is None:
+        return points
+    q = rewrite(inp.model, inp.layers, sol.plan, ranges)
+    m = verify(inp.model, q, inp.holdout, backend, inp.timing_inputs, **check)
+    try:
+        predicted = predict_speedup(table, sol.plan)
+    except AmpqError:
+        predicted = None  # tied layers or pruned configurations: not in the gain table
+    entry = {"name": "uniform int8", "layers_quantized": len(sol.plan.formats), "predicted_mse": sol.mse,
+             "predicted_rel_rms": _rel_rms(sol.mse, sens.loss_sq_mean), "predicted_speedup": predicted,
+             "measured_loss_mse": m["loss_mse"], "measured_rel_rms": _rel_rms(m["loss_mse"], sens.loss_sq_mean),
+             "measured_speedup": m.get("speedup")}
+    if metric is not None:
+        value = _metric_of_model(metric, inp, q)
+        entry.update(metric=value, metric_drop=hp_metric - value)
+    points.append(entry)
+    return points
+
+
+def _metric_of_model(metric, inp: _Inputs, model: onnx.ModelProto) -> float:
+    """The user's metric on ``model``, written to a temporary file (removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="ampq-metric-") as tmp:
+        path = Path(tmp) / "plan.onnx"
+        save_model(model, path)
+        return evaluate_metric(metric, path)
+
+
+def _verify_front(front: list[Solution], table: GainTable, inp: _Inputs, ranges: Ranges, check: dict,
+                  sens: Sensitivity, solution: Solution, measured: dict, quick) -> list[dict]:
+    """Every point of the Pareto front rewritten and measured with the quick protocol; the
+    chosen plan's point keeps its full measurement."""
     points = []
     for point in front:
-        entry = {"max_mse": point.max_mse, "predicted_mse": point.mse, "predicted_gain": point.gain,
-                 "predicted_speedup": _speedup(table, point), "layers_quantized": len(point.plan.formats)}
-        if point.plan.formats:
+        if point.plan.formats == solution.plan.formats:
+            points.append(_front_entry(point, table, sens, measured, protocol="full", chosen=True))
+        elif point.plan.formats:
             q = rewrite(inp.model, inp.layers, point.plan, ranges)
-            m = verify(inp.model, q, inp.holdout, inp.backend, inp.timing_inputs, **check)
-            entry.update(measured_loss_mse=m["loss_mse"], measured_speedup=m.get("speedup"))
+            m = verify(inp.model, q, inp.holdout, quick, inp.timing_inputs, **check)
+            points.append(_front_entry(point, table, sens, m, protocol="quick"))
         else:
-            entry.update(measured_loss_mse=0.0, measured_speedup=1.0)
-        points.append(entry)
+            points.append(_front_entry(point, table, sens, None, protocol=None))
     return points
 
 
@@ -276,6 +372,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
                            progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool)
     clock.lap("timing")
+    if opts.metric is not None:
+        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log)
 
     log("[5/7] solving the integer program")
     memory = weight_memory(model, layers, formats) if opts.max_memory is not None else None
@@ -291,6 +389,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     clock.lap("rewrite")
 
     log(f"[7/7] verifying on {len(inp.holdout)} held-out samples")
+    inp.backend = timed_backend(inp.backend)  # counts the full protocol's cost, for the front's saving
     check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed,
                  hp_outputs=run_batches(model, inp.holdout, opts.batch_size))
     measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
@@ -328,7 +427,12 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         rewritten = rewrite(model, layers, solution.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
     save_model(rewritten, output, source=model_path)
-    front_points = _verify_front(front, table, inp, ranges, check)
+    front_points, reference, front_timing = [], [], None
+    if front:
+        quick = _quick_backend(inp.backend)
+        front_points = _verify_front(front, table, inp, ranges, check, sens, solution, measured, quick)
+        reference = _reference_points(inp, formats, table, sens, ranges, check, quick)
+        front_timing = timing_saving(quick, inp.backend, remeasured=0)
     clock.lap("verify")
 
     record = PassRecord(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
@@ -336,7 +440,103 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                         measured=measured, tau=tau, opts=opts, ranges_method=ranges.method, samples=inp.calib,
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
-                        rounds=[r.to_json() for r in rounds])
+                        rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing)
+    return PassResult(build_report(record), solution, rewritten, clock.seconds)
+
+
+def _quick_backend(backend):
+    """``backend`` with the quick protocol (:func:`ampq_pass.stages.search.quick_protocol`), metered."""
+    base = backend.inner if isinstance(backend, Meter) else backend
+    protocol = getattr(base, "protocol", None)
+    return timed_backend(with_protocol(base, quick_protocol(protocol)) if isinstance(protocol, Protocol) else base)
+
+
+def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, ranges: Ranges, sens: Sensitivity,
+                 part, table: GainTable, clock: _StageClock, log) -> PassResult:
+    """The pass with the user's metric: the predicted front, searched by bisection for the
+    fastest plan within ``max_metric_drop`` (:func:`ampq_pass.stages.search.search_front`)."""
+    model, layers = inp.model, inp.layers
+    points = max(opts.pareto, opts.search_points)
+    log(f"[5/7] solving the integer program for {points} loss budgets (the predicted front)")
+    memory = weight_memory(model, layers, formats) if opts.max_memory is not None else None
+    option_table = build_options(table, sens, memory)
+    front = pareto_front(option_table, points, max_memory=opts.max_memory)
+    if front[0].plan.formats:  # budget 0 still quantizes (zero predicted loss): the search starts from hp
+        front.insert(0, hp_solution(option_table, 0.0, status="hp", message=""))
+    clock.lap("solve")
+
+    name = metric_name(opts.metric)
+    log(f"[6/7] searching the front with metric {name} (max drop {opts.max_metric_drop:g})")
+    hp_metric = evaluate_metric(opts.metric, model_path)
+    log(f"      metric of the input model: {hp_metric:.6g}")
+    check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed,
+                 hp_outputs=run_batches(model, inp.holdout, opts.batch_size))
+    full = timed_backend(inp.backend)
+    quick = _quick_backend(inp.backend)
+    written: dict[int, onnx.ModelProto] = {}
+
+    def plan_model(i: int, sol: Solution) -> onnx.ModelProto:
+        if i not in written:
+            written[i] = rewrite(model, layers, sol.plan, ranges)
+        return written[i]
+
+    def measure(i: int, sol: Solution, how: str) -> dict:
+        return verify(model, plan_model(i, sol), inp.holdout, quick if how == "quick" else full,
+                      inp.timing_inputs, **check)
+
+    result = search_front(front, hp_metric=hp_metric, max_drop=opts.max_metric_drop,
+                          metric_of=lambda i, sol: _metric_of_model(opts.metric, inp, plan_model(i, sol)),
+                          measure=measure, faster=faster_beyond_noise,
+                          predicted_speedup=lambda sol: _speedup(table, sol), log=log)
+    clock.lap("search")
+
+    log("[7/7] writing the chosen plan")
+    rejected = None
+    if result.chosen is not None:
+        solution, rewritten = result.chosen.solution, written[result.chosen.index]
+        measured = result.chosen.measured
+        solution.message = result.message
+        solution.status = "metric"
+    else:
+        status = "not-faster" if result.rejected is not None else "metric-bound"
+        solution = hp_solution(option_table, 0.0, status=status, message=result.message)
+        rewritten = rewrite(model, layers, solution.plan, ranges)
+        measured = verify(model, rewritten, inp.holdout, full, inp.timing_inputs, **check)
+        if result.rejected is not None:
+            r = result.rejected
+            rejected = {"formats": dict(r.solution.plan.formats), "predicted_speedup": r.predicted_speedup,
+                        "measured": r.measured, "metric": r.metric, "metric_drop": r.drop}
+    log(f"      {result.message}")
+    save_model(rewritten, output, source=model_path)
+    reference = _reference_points(inp, formats, table, sens, ranges, check, quick, opts.metric, hp_metric)
+    remeasured = sum(t.full is not None for t in result.trials)
+    front_timing = timing_saving(quick, full, remeasured=remeasured)
+    tried = {t.index: t for t in result.trials}
+    plans = distinct_plans(front)
+    front_points = []
+    for i, sol in enumerate(plans):
+        t = tried.get(i)
+        extra = {"front_index": i}
+        if t is not None:
+            extra.update(metric=t.metric, metric_drop=t.drop, within=t.within,
+                         quick_speedup=t.quick.get("speedup") if t.quick else None)
+        elif not sol.plan.formats:
+            extra.update(metric=hp_metric, metric_drop=0.0, within=True)
+        chosen = result.chosen is not None and t is result.chosen
+        front_points.append(_front_entry(sol, table, sens, t.measured if t else None,
+                                         protocol=None if t is None else ("full" if t.full else "quick"),
+                                         chosen=chosen, **extra))
+    if result.chosen is None:
+        front_points[0]["chosen"] = True
+    search = dict(result.to_json(), metric=name, front_plans=len(plans), timing=front_timing)
+    clock.lap("verify")
+
+    record = PassRecord(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
+                        table=table, solution=solution, predicted_speedup=_speedup(table, solution),
+                        measured=measured, tau=solution.max_mse, opts=opts, ranges_method=ranges.method,
+                        samples=inp.calib, holdout=inp.holdout, front=front_points, stages=clock.seconds,
+                        timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
+                        rounds=[], reference=reference, front_timing=front_timing, search=search)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 

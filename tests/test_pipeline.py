@@ -1,6 +1,7 @@
 """The whole pass end to end on small models (cost-model and real ORT backends)."""
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -175,3 +176,129 @@ def test_normalisation_is_checked_on_the_calibration_samples(tmp_path, capsys):
                    cache_dir=None, progress=False, log=lambda s: None)
     assert "removed 1 Identity nodes of weights" in res.report["normalized"]
     assert "normalisation not verified" not in capsys.readouterr().err
+
+
+_BLOCK_LAYERS = ("/q/MatMul", "/k/MatMul", "/v/MatMul", "/o/MatMul", "/ff1/MatMul", "/ff2/MatMul")
+
+
+def _plan_in_file(path) -> dict[str, str]:
+    """Which format each of the block's six weight MatMuls runs in, read back from the written
+    model: the type of the stored weight behind its DequantizeLinear or Cast."""
+    g = onnx.load(str(path)).graph
+    made_by = {o: n for n in g.node for o in n.output}
+    dtypes = {t.name: t.data_type for t in g.initializer}
+    names = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT4: "int4", onnx.TensorProto.FLOAT8E4M3FN: "fp8_e4m3",
+             onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    plan = {}
+    for name in _BLOCK_LAYERS:
+        node = next(n for n in g.node if n.name == name)
+        src = made_by.get(node.input[1])
+        if src is not None and src.op_type in ("DequantizeLinear", "Cast"):
+            plan[name] = names[dtypes[src.input[0]]]
+    return plan
+
+
+def _layers_quantized(path) -> int:
+    return len(_plan_in_file(path))
+
+
+class _PredictedLossMetric:
+    """A metric with a known threshold: minus the predicted loss MSE (sum of the layers'
+    sensitivities) of the plan found in the written file."""
+
+    name = "minus predicted loss"
+
+    def __init__(self, sensitivity: dict[str, dict[str, float]]):
+        self.sensitivity = sensitivity
+        self.calls = []
+
+    def __call__(self, path):
+        self.calls.append(path)
+        return -sum(self.sensitivity[l][f] for l, f in _plan_in_file(path).items())
+
+
+def test_metric_search_finds_the_front_point_at_a_known_threshold(tmp_path, block_file):
+    """With metric = -(predicted loss of the plan in the file), a drop bound between two front
+    points must pick the last front plan below it, after at most 1 + log2(n) evaluations."""
+    kw = dict(calib=tmp_path / "calib.npz", backend="mac", cache_dir=str(tmp_path / "cache"), progress=False,
+              log=lambda s: None, search_points=10)
+    first = run_pass(block_file, tmp_path / "all.onnx", max_loss_rmse=1.0, pareto=10, **kw)
+    sens = {l["name"]: l["sensitivity"] for l in first.report["layers"]}
+    loose = run_pass(block_file, tmp_path / "all.onnx", metric=_PredictedLossMetric(sens), max_metric_drop=1e9, **kw)
+    front = loose.report["pareto"]
+    losses = [p["predicted_mse"] for p in front]
+    assert losses == sorted(losses) and front[0]["layers_quantized"] == 0 and len(front) >= 4
+    assert loose.report["search"]["chosen"] == len(front) - 1
+    for cut in (len(front) // 2, len(front) // 3):
+        bound = (losses[cut] + losses[cut + 1]) / 2
+        metric = _PredictedLossMetric(sens)
+        res = run_pass(block_file, tmp_path / "o.onnx", metric=metric, max_metric_drop=bound, **kw)
+        search = res.report["search"]
+        assert search["chosen"] == cut and search["hp_metric"] == 0.0
+        assert _plan_in_file(tmp_path / "o.onnx") == res.solution.plan.formats
+        assert res.solution.mse == pytest.approx(losses[cut])
+        assert search["evaluated"] <= 1 + math.ceil(math.log2(search["front_plans"]))
+        assert len(metric.calls) == search["evaluated"] + 2  # + the input model + uniform int8 (plot reference)
+        assert all({"metric", "metric_drop", "measured_speedup", "predicted_mse", "within"} <= set(t)
+                   for t in search["tried"])
+        chosen = [p for p in res.report["pareto"] if p["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["front_index"] == cut
+    assert all(p["predicted_rel_rms"] is not None for p in res.report["pareto"])
+    assert [r["name"] for r in res.report["pareto_reference"]] == ["hp", "uniform int8"]
+
+
+@pytest.mark.parametrize("plan_seconds, kept", [(1.3, False), (0.5, True)])
+def test_metric_search_never_writes_a_slower_plan(tmp_path, block_file, plan_seconds, kept):
+    res = run_pass(block_file, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", metric=lambda p: 1.0,
+                   max_metric_drop=0.01, backend=_SlowerWhenWritten(plan_seconds), cache_dir=None, progress=False,
+                   log=lambda s: None, search_points=4)
+    search = res.report["search"]
+    assert any(t["measured_speedup"] for t in search["tried"])
+    if kept:
+        assert res.solution.plan.formats and search["chosen"] is not None
+        assert res.report["measured"]["speedup"] == pytest.approx(2.0)
+        # quick timing first; only the deciding plan was re-measured with the full protocol
+        assert search["timing"]["remeasured"] == 1 and search["timing"]["quick"]["measurements"] >= 1
+    else:
+        assert res.solution.plan.formats == {} and res.solution.status == "not-faster"
+        assert res.report["rejected_plan"]["measured"]["speedup"] < 1.0
+        assert _layers_quantized(tmp_path / "o.onnx") == 0
+
+
+def test_metric_options_validated(tmp_path, block_file):
+    kw = dict(calib=tmp_path / "calib.npz", backend="mac", cache_dir=None, progress=False, log=lambda s: None)
+    for extra, message in [(dict(metric=lambda p: 1.0), "together"), (dict(max_metric_drop=0.1), "together"),
+                           (dict(metric=lambda p: 1.0, max_metric_drop=0.1, max_loss_rmse=0.1), "not both"),
+                           (dict(metric="no_such_mod_q:f", max_metric_drop=0.1), "cannot import"),
+                           (dict(metric=lambda p: 1.0, max_metric_drop=-1.0), "max_metric_drop")]:
+        with pytest.raises(AmpqError, match=message):
+            run_pass(block_file, tmp_path / "o.onnx", **extra, **kw)
+
+
+def test_cli_metric_script(tmp_path, block_file, capsys):
+    script = tmp_path / "score.py"
+    script.write_text("import onnx\n"
+                      "def score(path):\n"
+                      "    g = onnx.load(path).graph\n"
+                      "    return -sum(n.op_type in ('DequantizeLinear', 'Cast') for n in g.node) / 100\n")
+    rc = main([str(block_file), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "calib.npz"),
+               "--backend", "mac", "--metric", f"{script}:score", "--max-metric-drop", "0.05",
+               "--report", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "metric search" in out and "front plans" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["search"]["max_drop"] == 0.05
+    assert (tmp_path / "r.pareto.png").stat().st_size > 1000
+
+
+def test_example_metrics_agree_with_the_reference(tmp_path, mlp_model):
+    from ampq_pass.cli.metrics import EmbeddingCosine, Top1Agreement
+
+    onnx.save(mlp_model, tmp_path / "m.onnx")
+    feeds = models.feeds_for(mlp_model, n=10)
+    assert Top1Agreement(tmp_path / "m.onnx", feeds)(str(tmp_path / "m.onnx")) == 1.0
+    assert EmbeddingCosine(tmp_path / "m.onnx", feeds, mask_input=None)(str(tmp_path / "m.onnx")) == pytest.approx(1.0)
+    other = models.mlp(seed=3)
+    onnx.save(other, tmp_path / "n.onnx")
+    assert Top1Agreement(tmp_path / "m.onnx", feeds)(str(tmp_path / "n.onnx")) < 1.0

@@ -50,6 +50,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     elif command == "demo":
         p = argparse.ArgumentParser(prog="ampq-pass demo", description="Run on the embedded all-MiniLM-L6-v2.")
         p.add_argument("--out", default="out", help="folder for the exported and rewritten models (default: out)")
+        p.add_argument("--max-metric-drop", type=float, metavar="X",
+                       help="budget in the embedding cosine to fp32 (e.g. 0.005) instead of 10%% relative loss RMS")
     else:
         p = argparse.ArgumentParser(
             prog="ampq-pass", description="Write MODEL with a mixed-precision plan as QDQ nodes.",
@@ -68,6 +70,14 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         budget.add_argument("--max-loss-rmse", type=float,
                             help="RMS change of the loss relative to the loss's RMS (default 0.01)")
         budget.add_argument("--max-loss-mse", type=float, help="absolute bound on the predicted loss MSE")
+        budget.add_argument("--max-metric-drop", type=float, metavar="X",
+                            help="with --metric: the accepted drop metric(hp) - metric(plan); the pass searches its "
+                                 "predicted front for the fastest plan within it")
+        g.add_argument("--metric", metavar="MODULE:FUNCTION",
+                       help="your evaluation, FUNCTION(model_path) -> float, higher is better; MODULE is a module name "
+                            "or path/to/script.py (examples: ampq_pass.cli.metrics)")
+        g.add_argument("--search-points", type=int, default=12, metavar="N",
+                       help="loss budgets of the predicted front the metric search walks (default 12)")
         g.add_argument("--max-memory", type=float, help="bound on the quantizable layers' weight bytes")
         g.add_argument("--loss", default="projection",
                        help="sensitivity loss: projection (default, no labels), pseudo_label[:output]")
@@ -148,7 +158,8 @@ def cmd_search(args) -> int:
         max_loss_rmse=args.max_loss_rmse, max_loss_mse=args.max_loss_mse, max_memory=args.max_memory,
         loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
         max_configs=args.max_configs, activation_matmuls=args.activation_matmuls, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
-        progress=not args.no_progress, shapes=parse_shapes(args.shape), ray=args.ray)
+        progress=not args.no_progress, shapes=parse_shapes(args.shape), ray=args.ray,
+        metric=args.metric, max_metric_drop=args.max_metric_drop, search_points=args.search_points)
     result = run_pass(args.model, args.output, calib=args.calib, options=opts)
     report = result.report
     print(render_text(report))
@@ -159,7 +170,7 @@ def cmd_search(args) -> int:
     print(f"report: {base} (plot: {base.with_suffix('.plan.png')})")
     if report["pareto"]:
         save_json({"front": report["pareto"]}, base.with_suffix(".pareto.json"))
-        plot_pareto(report["pareto"], base.with_suffix(".pareto.png"), title=f"{Path(args.model).name} on {args.backend}")
+        plot_pareto(report, base.with_suffix(".pareto.png"), title=f"{Path(args.model).name} on {args.backend}")
         print(f"pareto front: {base.with_suffix('.pareto.json')} and {base.with_suffix('.pareto.png')}")
     return 0
 
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "demo":
             from ampq_pass.cli.demo import run_demo
 
-            return run_demo(Path(args.out))
+            return run_demo(Path(args.out), max_metric_drop=args.max_metric_drop)
         if command:
             return importlib.import_module(COMMANDS[command]).run(args)
         return cmd_rewrite(args)

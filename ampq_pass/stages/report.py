@@ -46,6 +46,12 @@ class PassRecord:
     rejected: dict | None = None
     #: every verified plan of the closed loop (:class:`ampq_pass.stages.repair.Round` as JSON)
     rounds: list[dict] = field(default_factory=list)
+    #: hp and uniform int8, measured like the front's points: the plot's reference marks
+    reference: list[dict] = field(default_factory=list)
+    #: what timing the front quickly first cost and saved (:func:`ampq_pass.stages.search.timing_saving`)
+    front_timing: dict | None = None
+    #: the metric search (:class:`ampq_pass.stages.search.SearchResult` as JSON), None without a metric
+    search: dict | None = None
 
 
 def build_report(record: PassRecord) -> dict:
@@ -82,7 +88,8 @@ def build_report(record: PassRecord) -> dict:
         # what load-time normalisation changed (ampq_pass.core.normalize), empty when nothing
         "normalized": list(r.normalized),
         "budget": {"max_loss_rmse": opts.max_loss_rmse, "max_loss_mse": opts.max_loss_mse, "tau": r.tau,
-                   "max_memory": opts.max_memory, "binding": solution.binding, "status": solution.status,
+                   "max_memory": opts.max_memory, "max_metric_drop": getattr(opts, "max_metric_drop", None),
+                   "binding": solution.binding, "status": solution.status,
                    "message": solution.message},
         "predicted": {"speedup": r.predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
                       "hp_time": table.hp_total, "memory": solution.memory if opts.max_memory is not None else None},
@@ -94,6 +101,10 @@ def build_report(record: PassRecord) -> dict:
         "layers": layer_rows,
         "subgraphs": subgraphs,
         "pareto": r.front,
+        "pareto_reference": r.reference,
+        "pareto_timing": r.front_timing,
+        # the user's metric: every front plan tried with its metric, measured speed-up and predicted loss
+        "search": r.search,
         "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
     }
 
@@ -126,8 +137,13 @@ def render_text(report: dict) -> str:
     lines.append("")
     lines.append(f"plan: {n_q} of {len(report['layers'])} layers quantized ("
                  + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ")")
-    budget = (f"relative loss RMS <= {b['max_loss_rmse']:g}" if b["max_loss_rmse"] is not None
-              else f"loss MSE <= {b['max_loss_mse']:g}")
+    search = report.get("search")
+    if search:
+        budget = f"metric {search['metric']}: drop from hp <= {search['max_drop']:g}"
+    elif b["max_loss_rmse"] is not None:
+        budget = f"relative loss RMS <= {b['max_loss_rmse']:g}"
+    else:
+        budget = f"loss MSE <= {b['max_loss_mse']:g}"
     lines.append(f"budget: {budget} (tau = {b['tau']:.3g}); binding: {b['binding']}; {b['status']}"
                  + (f" - {b['message']}" if b["message"] else ""))
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
@@ -139,6 +155,10 @@ def render_text(report: dict) -> str:
         lines.append(f"rejected: the solver's plan ({len(rej['formats'])} layers quantized, predicted "
                      f"{_fmt(rej['predicted_speedup'], '.3f')}x) measured {_fmt(rej['measured'].get('speedup'), '.3f')}x, "
                      f"not faster than the input beyond the noise; every layer stays hp")
+    if search:
+        lines.extend(_search_lines(report))
+    elif report.get("pareto_timing") and report["pareto_timing"].get("quick"):
+        lines.append("pareto front: " + _timing_line(report["pareto_timing"]))
     ratio = (m["loss_mse"] / p["loss_mse"]) if p["loss_mse"] else None
     lines.append(f"loss MSE: predicted {_fmt(p['loss_mse'])}, measured {_fmt(m['loss_mse'])} on "
                  f"{report['calibration']['holdout']} held-out samples (measured/predicted {_fmt(ratio, '.2f')})")
@@ -151,6 +171,38 @@ def render_text(report: dict) -> str:
     if report.get("stages_seconds"):
         lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages_seconds"].items()))
     return "\n".join(lines)
+
+
+def _search_lines(report: dict) -> list[str]:
+    """The metric search: every front plan tried, then the count and the timing saving."""
+    search = report["search"]
+    rows = []
+    for e in report["pareto"]:
+        if e.get("metric") is None or "front_index" not in e or not e["layers_quantized"]:
+            continue
+        rows.append([e["front_index"], e["layers_quantized"], _fmt(e.get("predicted_rel_rms"), ".3g"),
+                     _fmt(e.get("predicted_speedup"), ".3f"), _fmt(e["metric"], ".5g"), _fmt(e["metric_drop"], "+.3g"),
+                     "yes" if e.get("within") else "no", _fmt(e.get("measured_speedup"), ".3f"),
+                     e.get("measured_protocol") or "-", "<-" if e.get("chosen") else ""])
+    out = ["", f"metric search ({search['metric']}, hp {search['hp_metric']:.5g}, max drop {search['max_drop']:g}):",
+           text_table(["plan", "layers", "pred. rel. RMS", "pred. x", "metric", "drop", "within", "measured x",
+                       "timing", "chosen"], rows),
+           f"evaluated {search['evaluated']} of {search['front_plans']} front plans (bisection along the front); "
+           + search["message"]]
+    if search.get("timing") and search["timing"].get("quick"):
+        out.append("timing: " + _timing_line(search["timing"]))
+    return out
+
+
+def _timing_line(t: dict) -> str:
+    q, f = t["quick"], t["full"]
+    line = (f"{q['measurements']} quick measurements ({q['seconds']:.1f} s, {q['runs']} runs), "
+            f"{t['remeasured']} re-measured with the full protocol")
+    if "saved_seconds" in t:
+        line += (f"; timing every plan with the full protocol would have cost ~{t['full_seconds_per_measurement']:.1f} s"
+                 f" each: saved ~{t['saved_seconds']:.1f} s, ~{t['saved_runs']} runs, "
+                 f"{t['full_measurements_saved']} full measurements")
+    return line
 
 
 def plot_plan(report: dict, path: str | Path) -> Path:
@@ -183,24 +235,72 @@ def plot_plan(report: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_pareto(front: list[dict], path: str | Path, *, title: str = "Pareto front") -> Path:
-    """Predicted loss MSE vs predicted speed-up, with the measured points of the verified plans."""
+def plot_pareto(report: dict | list, path: str | Path, *, title: str = "Pareto front") -> Path:
+    """The front in units people read: speed-up over hp against the user's metric drop (with a
+    metric) or the relative RMS change of the loss (the budget's unit), measured and predicted
+    points both, the chosen plan starred, hp and uniform int8 marked. ``report`` is the pass's
+    report (a bare list of front points also works)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    pts = [p for p in front if p.get("predicted_speedup")]
-    ax.plot([p["predicted_mse"] for p in pts], [p["predicted_speedup"] for p in pts], "o-", label="predicted")
-    meas = [p for p in front if p.get("measured_speedup")]
-    ax.plot([p["measured_loss_mse"] for p in meas], [p["measured_speedup"] for p in meas], "s--", label="measured")
-    ax.set_xscale("symlog", linthresh=min([p["predicted_mse"] for p in pts if p["predicted_mse"] > 0] or [1e-9]))
-    ax.set_xlabel("loss MSE")
+    if isinstance(report, list):
+        report = {"pareto": report}
+    front, refs, search = report.get("pareto") or [], report.get("pareto_reference") or [], report.get("search")
+    if search:
+        xp = xm = "metric_drop"  # predicted points sit at their measured metric: no metric is predicted
+        xlabel = f"drop in {search['metric']} from hp (metric(hp) - metric(plan)); lower is better"
+    else:
+        xp, xm = "predicted_rel_rms", "measured_rel_rms"
+        xlabel = "relative RMS change of the loss, sqrt(MSE / E[L^2])"
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    pred = [(e[xp], e["predicted_speedup"]) for e in front if e.get(xp) is not None and e.get("predicted_speedup")]
+    meas = [e for e in front if e.get(xm) is not None and e.get("measured_speedup") and e.get("layers_quantized")]
+    pred.sort()
+    if pred:
+        ax.plot(*zip(*pred), "o-", color="tab:blue", mfc="none", ms=6, lw=1, label="predicted (solver)")
+    if meas:
+        xs = [e[xm] for e in meas]
+        ys = [e["measured_speedup"] for e in meas]
+        lo = [e["measured_speedup"] - e["measured_speedup_ci"][0] if e.get("measured_speedup_ci") else 0 for e in meas]
+        hi = [e["measured_speedup_ci"][1] - e["measured_speedup"] if e.get("measured_speedup_ci") else 0 for e in meas]
+        ax.errorbar(xs, ys, yerr=[[max(v, 0) for v in lo], [max(v, 0) for v in hi]], fmt="s", color="tab:orange",
+                    ms=6, capsize=3, lw=1, label="measured (95% CI)")
+        if search:
+            for e in meas:
+                if e.get("predicted_speedup"):
+                    ax.plot([e[xm], e[xm]], [e["predicted_speedup"], e["measured_speedup"]], color="0.6", lw=0.8)
+    chosen = [e for e in front if e.get("chosen")]
+    for e in chosen:
+        x = e.get(xm) if e.get(xm) is not None else e.get(xp)
+        y = e.get("measured_speedup") or e.get("predicted_speedup")
+        if x is not None and y:
+            ax.plot([x], [y], "*", color="tab:red", ms=16, mec="k", zorder=5,
+                    label=f"chosen ({e['layers_quantized']} layers quantized, {y:.2f}x)")
+    markers = {"hp": ("D", "k"), "uniform int8": ("^", "tab:green")}
+    for r in refs:
+        x = r.get(xm) if r.get(xm) is not None else r.get(xp)
+        y = r.get("measured_speedup") or r.get("predicted_speedup")
+        if x is None or not y:
+            continue
+        marker, color = markers.get(r["name"], ("X", "tab:gray"))
+        ax.plot([x], [y], marker, color=color, ms=8, zorder=4, label=f"{r['name']} ({y:.2f}x)")
+    if search:
+        ax.axvline(search["max_drop"], color="tab:red", ls="--", lw=1, label=f"max drop {search['max_drop']:g}")
+    ax.axhline(1.0, color="0.5", ls=":", lw=1)
+    xs_all = [x for x, _ in pred] + [e[xm] for e in meas] + [r.get(xm) for r in refs if r.get(xm) is not None]
+    positive = sorted(x for x in xs_all if x and x > 0)
+    if positive and positive[-1] / positive[0] > 50:
+        ax.set_xscale("symlog", linthresh=positive[0])  # the range does not allow a linear axis
+    if not search:
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("speed-up over hp")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

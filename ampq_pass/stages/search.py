@@ -1,0 +1,335 @@
+"""Search the Pareto front with the user's own metric (issue 17).
+
+The loss budget of the integer program is the pass's own unit (predicted loss MSE). A user
+usually has a metric of their own (accuracy, embedding cosine, BLEU) and a drop of it that
+they accept. :func:`search_front` walks the front the solver predicts (one plan per loss
+budget, gain non-decreasing along it) and bisects over it: each step rewrites one plan,
+evaluates the user's metric on the written model and times it on the backend. The drop
+``metric(hp) - metric(plan)`` is taken as non-decreasing along the front (more loss, less
+metric), so ``1 + ceil(log2(n))`` evaluations find the last plan within the bound.
+
+Timing is done in two passes (design.md §3 "Timing protocol"): every plan tried is timed
+with a *quick* protocol (few repeats, a wide confidence interval); only the plans that can
+still decide the choice - within the metric bound and with a speed-up interval overlapping
+the best one's - are timed again with the backend's full protocol. The chosen plan must be
+faster than the input beyond the noise on the full measurement (the never-slower rule).
+:class:`Meter` counts seconds and timed runs of both, for the report's saving.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import importlib.util
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import CostModel, Protocol
+from ampq_pass.stages.solve import Solution
+
+Metric = Callable[[str], float]
+
+
+# ----------------------------------------------------------------------------- the metric
+
+def load_metric(spec: str) -> Metric:
+    """``"package.module:function"`` or ``"path/to/script.py:function"`` -> the function.
+
+    The function takes the path of an ONNX model and returns a float, higher is better.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise AmpqError(f"metric {spec!r}: expected MODULE:FUNCTION or path/to/script.py:FUNCTION")
+    target, _, name = spec.rpartition(":")
+    if not target or not name.isidentifier():
+        raise AmpqError(f"metric {spec!r}: expected MODULE:FUNCTION or path/to/script.py:FUNCTION")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise AmpqError(f"metric {spec!r}: script {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"ampq_user_metric_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's script: say which and why, in one line
+            raise AmpqError(f"metric {spec!r}: importing {path} failed ({type(exc).__name__}: {exc})") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise AmpqError(f"metric {spec!r}: cannot import module {target!r} ({exc})") from exc
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        raise AmpqError(f"metric {spec!r}: {target} has no callable {name!r}")
+    return fn
+
+
+def metric_name(metric) -> str:
+    if isinstance(metric, str):
+        return metric
+    return getattr(metric, "name", None) or getattr(metric, "__qualname__", None) or type(metric).__name__
+
+
+def evaluate_metric(metric: Metric, path: str | Path) -> float:
+    """``metric(path)`` as a finite float; anything else is the user's error, named."""
+    try:
+        value = metric(str(path))
+    except AmpqError:
+        raise
+    except Exception as exc:
+        raise AmpqError(f"metric {metric_name(metric)} failed on {path} ({type(exc).__name__}: {exc})") from exc
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise AmpqError(f"metric {metric_name(metric)} returned {value!r} for {path}; expected a number") from None
+    if not math.isfinite(value):
+        raise AmpqError(f"metric {metric_name(metric)} returned {value} for {path}; expected a finite number")
+    return value
+
+
+# ----------------------------------------------------------------------------- timing cost
+
+def quick_protocol(protocol: Protocol) -> Protocol:
+    """A cheaper version of ``protocol``: one warm-up, 5 to 9 rounds, no retries."""
+    return dataclasses.replace(protocol, warmup=min(protocol.warmup, 1), min_repeats=min(protocol.min_repeats, 5),
+                               max_repeats=min(protocol.max_repeats, 9), rel_ci=max(protocol.rel_ci, 0.05),
+                               max_seconds=min(protocol.max_seconds or 10.0, 10.0), retries=0)
+
+
+def with_protocol(backend, protocol: Protocol):
+    """A shallow copy of ``backend`` timing with ``protocol`` (backends without one: itself)."""
+    if isinstance(backend, CostModel) or not isinstance(getattr(backend, "protocol", None), Protocol):
+        return backend
+    quick = copy.copy(backend)
+    quick.protocol = protocol
+    return quick
+
+
+class Meter:
+    """A backend that counts what its end-to-end timings cost: seconds, timed runs (repeats
+    and warm-ups of every model) and measurements (calls of :meth:`time`)."""
+
+    def __init__(self, backend):
+        self.inner = backend
+        self.seconds = 0.0
+        self.runs = 0
+        self.measurements = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def time(self, models, inputs):
+        t0 = time.perf_counter()
+        out = self.inner.time(models, inputs)
+        self.seconds += time.perf_counter() - t0
+        warmup = getattr(getattr(self.inner, "protocol", None), "warmup", 0)
+        self.runs += sum(len(t.samples) + warmup for t in out.values())
+        self.measurements += 1
+        return out
+
+    def to_json(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "runs": self.runs, "measurements": self.measurements}
+
+
+def timed_backend(backend):
+    """``backend`` wrapped in a :class:`Meter`, unless it is a cost model (nothing is timed)."""
+    return backend if isinstance(backend, CostModel) else Meter(backend)
+
+
+def timing_saving(quick, full, *, remeasured: int) -> dict:
+    """What timing plans with the quick protocol first saved against timing every one of them
+    with the full protocol: ``remeasured`` of the quick measurements were repeated with the
+    full protocol; a full measurement's cost is the mean of those made by ``full``."""
+    if not isinstance(quick, Meter) or not isinstance(full, Meter):
+        return {"note": "cost-model backend: nothing timed"}
+    out = {"quick": quick.to_json(), "full": full.to_json(), "remeasured": remeasured,
+           "full_measurements_saved": max(quick.measurements - remeasured, 0)}
+    if full.measurements:
+        per_s, per_runs = full.seconds / full.measurements, full.runs / full.measurements
+        avoided = quick.measurements - remeasured
+        out.update(saved_seconds=round(per_s * avoided - quick.seconds, 3),
+                   saved_runs=int(round(per_runs * avoided - quick.runs)),
+                   full_seconds_per_measurement=round(per_s, 3), full_runs_per_measurement=round(per_runs, 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- the search
+
+@dataclass
+class Trial:
+    """One front plan the search evaluated."""
+
+    index: int
+    solution: Solution
+    predicted_speedup: float | None
+    metric: float | None = None
+    drop: float | None = None
+    within: bool = False
+    #: :func:`ampq_pass.stages.verify.verify`'s dict with the quick protocol, then the full one
+    quick: dict | None = None
+    full: dict | None = None
+
+    @property
+    def measured(self) -> dict | None:
+        return self.full or self.quick
+
+    def speedup(self) -> float | None:
+        m = self.measured
+        return None if m is None else m.get("speedup")
+
+    def to_json(self) -> dict:
+        m = self.measured or {}
+        return {"front_index": self.index, "layers_quantized": len(self.solution.plan.formats),
+                "max_mse": self.solution.max_mse, "predicted_mse": self.solution.mse,
+                "predicted_gain": self.solution.gain, "predicted_speedup": self.predicted_speedup,
+                "metric": self.metric, "metric_drop": self.drop, "within": self.within,
+                "measured_loss_mse": m.get("loss_mse"), "measured_speedup": m.get("speedup"),
+                "quick_speedup": (self.quick or {}).get("speedup"),
+                "protocol": "full" if self.full else ("quick" if self.quick and self.quick.get("speedup") else None)}
+
+
+@dataclass
+class SearchResult:
+    hp_metric: float
+    max_drop: float
+    trials: list[Trial]
+    #: the chosen plan, or None: no plan within the bound was faster than the input
+    chosen: Trial | None
+    #: the best plan within the bound when it measured no faster than the input
+    rejected: Trial | None = None
+    message: str = ""
+    order: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"hp_metric": self.hp_metric, "max_drop": self.max_drop, "evaluated": len(self.trials),
+                "order": list(self.order), "tried": [t.to_json() for t in sorted(self.trials, key=lambda t: t.index)],
+                "chosen": None if self.chosen is None else self.chosen.index,
+                "rejected": None if self.rejected is None else self.rejected.index, "message": self.message}
+
+
+def distinct_plans(front: list[Solution]) -> list[Solution]:
+    """The front as a chain the bisection can walk: the all-hp plan first (when there is one),
+    then plans by increasing predicted loss, each with more gain than every plan before it
+    (repeats - several budgets giving one plan - and dominated plans are dropped: a solver's
+    tolerance can return a plan slightly above a tiny budget)."""
+    hp = [s for s in front if not s.plan.formats][:1]
+    out, seen = list(hp), set()
+    best = hp[0].gain if hp else -math.inf
+    for s in sorted((s for s in front if s.plan.formats), key=lambda s: (s.mse, -s.gain)):
+        key = tuple(sorted(s.plan.formats.items()))
+        if key in seen or s.gain <= best:
+            continue
+        seen.add(key)
+        best = s.gain
+        out.append(s)
+    return out
+
+
+def bisect_front(n: int, within: Callable[[int], bool]) -> tuple[int, list[int]]:
+    """The last index in ``0..n-1`` for which ``within`` holds, assuming it holds for a prefix
+    (index 0 always: the all-hp plan); returns it and the indices asked, in order."""
+    asked: list[int] = []
+
+    def ask(i: int) -> bool:
+        asked.append(i)
+        return within(i)
+
+    lo, hi = 0, n - 1
+    if n <= 1 or ask(hi):
+        return hi if n > 0 else 0, asked
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ask(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, asked
+
+
+def speedup_interval(measured: dict) -> tuple[float, float]:
+    (hp_lo, hp_hi), (plan_lo, plan_hi) = measured["hp_ci"], measured["plan_ci"]
+    return hp_lo / plan_hi, hp_hi / plan_lo
+
+
+def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,
+                 metric_of: Callable[[int, Solution], float],
+                 measure: Callable[[int, Solution, str], dict],
+                 faster: Callable[[dict], bool],
+                 predicted_speedup: Callable[[Solution], float | None],
+                 log: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """The fastest plan of ``front`` whose metric drop is within ``max_drop`` and that is
+    faster than the input beyond the noise.
+
+    ``metric_of(i, plan)`` evaluates the user's metric on front plan ``i``;
+    ``measure(i, plan, "quick" | "full")`` times it end to end (a verify dict, ``speedup``
+    None on cost models); ``faster(measured)`` is the never-slower rule.
+    """
+    plans = distinct_plans(front)
+    if not plans or plans[0].plan.formats:
+        raise AmpqError("the front must start with the all-hp plan (loss budget 0)")
+    trials: dict[int, Trial] = {}
+
+    def within(i: int) -> bool:
+        sol = plans[i]
+        t = Trial(i, sol, predicted_speedup(sol))
+        t.metric = metric_of(i, sol)
+        t.drop = hp_metric - t.metric
+        t.within = t.drop <= max_drop
+        t.quick = measure(i, sol, "quick")
+        trials[i] = t
+        ms = t.quick.get("speedup")
+        log(f"      plan {i + 1}/{len(plans)}: {len(sol.plan.formats)} layers quantized, metric {t.metric:.5g} "
+            f"(drop {t.drop:+.3g}, bound {max_drop:g}: {'within' if t.within else 'over'}), predicted "
+            f"{_x(t.predicted_speedup)}, measured {_x(ms)} (quick)")
+        return t.within
+
+    last, order = bisect_front(len(plans), within)
+    candidates = sorted((t for t in trials.values() if t.within and t.solution.plan.formats),
+                        key=lambda t: _rank(t.quick, t.solution), reverse=True)
+    chosen = None
+    rejected = None
+    if candidates:
+        best = candidates[0]
+        timed = best.quick.get("speedup") is not None
+        # Plans whose quick interval reaches the best one's can still be the fastest: those
+        # are timed with the full protocol; slower ones only if no contender beats the input.
+        contenders = ([t for t in candidates if speedup_interval(t.quick)[1] >= speedup_interval(best.quick)[0]]
+                      if timed else [best])
+        rest = [t for t in candidates if t not in contenders]
+        for group in (contenders, rest):
+            for t in group:
+                if timed:
+                    t.full = measure(t.index, t.solution, "full")
+                    log(f"      plan {t.index + 1}: measured {_x(t.full.get('speedup'))} (full protocol)")
+            good = [t for t in group if faster(t.measured)]
+            if good:
+                chosen = max(good, key=lambda t: _rank(t.measured, t.solution))
+                break
+        if chosen is None:
+            rejected = max(candidates, key=lambda t: _rank(t.measured, t.solution))
+    if chosen is not None:
+        message = (f"fastest front plan within a metric drop of {max_drop:g}: {len(chosen.solution.plan.formats)} "
+                   f"layers quantized, metric {chosen.metric:.5g} (hp {hp_metric:.5g}, drop {chosen.drop:.3g}); "
+                   f"{len(trials)} of {len(plans)} front plans evaluated")
+    elif rejected is not None:
+        m = rejected.measured
+        message = (f"the best plan within the metric bound measured {_x(m.get('speedup'))}: not faster than the "
+                   f"input beyond the noise, so every layer stays hp ({len(trials)} of {len(plans)} plans evaluated)")
+    else:
+        message = (f"no quantized front plan keeps the metric drop within {max_drop:g}: every layer stays hp "
+                   f"({len(trials)} of {len(plans)} front plans evaluated)")
+    return SearchResult(hp_metric, max_drop, [trials[i] for i in sorted(trials)], chosen, rejected, message,
+                        order)
+
+
+def _rank(measured: dict | None, sol: Solution) -> tuple:
+    s = None if measured is None else measured.get("speedup")
+    return (s if s is not None else -math.inf, sol.gain)
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.3f}x"
