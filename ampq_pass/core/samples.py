@@ -555,7 +555,9 @@ def _whole_feeds_for_timing(samples: Samples, shapes: dict[str, tuple[int, ...]]
     else:
         found = samples.feeds_at(_shape_map(samples.most_common()))
         source = "most common calibration feed shape"
-    feeds = [{k: np.ascontiguousarray(v) for k, v in f.items()} for f in found[:max(1, n_batches)]]
+    # (np.ascontiguousarray would turn a scalar into shape [1])
+    feeds = [{k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in f.items()}
+             for f in found[:max(1, n_batches)]]
     info = {"source": source, "shapes": {k: list(v.shape) for k, v in feeds[0].items()}, "whole_feeds": True,
             "calibration_shapes": [{"shape": a, "samples": c} for a, (_, c) in zip(available, samples.shapes())]}
     return feeds, info
