@@ -117,7 +117,13 @@ def solve(options: list[list[Option]], max_mse: float, *, max_memory: float | No
 def _solve(options, max_mse, max_memory, time_limit) -> Solution:
     import mip
 
-    kept = [pareto_options(opts, memory=max_memory is not None) for opts in options]
+    # An option whose own loss exceeds the whole budget can never be part of a plan. Dropping
+    # it here keeps the budget exact where CBC's absolute tolerance (~1e-6 on the scaled
+    # constraint) would otherwise let a zero budget admit options of loss ~1e-6.
+    affordable = [[i for i, o in enumerate(opts) if o.mse <= max_mse] or [min(range(len(opts)), key=lambda i: opts[i].mse)]
+                  for opts in options]
+    kept = [[affordable[s][k] for k in pareto_options([opts[i] for i in affordable[s]], memory=max_memory is not None)]
+            for s, opts in enumerate(options)]
     gscale = max((abs(options[s][i].gain) for s, ks in enumerate(kept) for i in ks), default=1.0) or 1.0
     m = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
     m.verbose = 0
