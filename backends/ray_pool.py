@@ -15,10 +15,12 @@ Ray's (actors, ``ray.wait``), the only logic here is which device gets the next 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import socket
-from collections import deque
+import time
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -99,10 +101,17 @@ class Shipped:
         return self.backend
 
 
+#: modules every worker imports when it starts, so the first job does not pay for them (the
+#: timing stage's imports take seconds, and all workers of one machine would pay at once)
+PRELOAD = ("ampq_pass.stages.timing",)
+
+
 class DeviceWorker:
     """The actor: one backend on one device; runs one job at a time (Ray's default)."""
 
-    def __init__(self, make_backend: Callable[[int], Any], index: int):
+    def __init__(self, make_backend: Callable[[int], Any], index: int, preload: tuple[str, ...] = PRELOAD):
+        for name in preload:
+            importlib.import_module(name)
         self.backend = make_backend(index)
         self.where = f"{socket.gethostname()} pid {os.getpid()} device {index}"
 
@@ -123,11 +132,13 @@ class RayPool:
     ``address``: ``local`` starts a cluster on this machine with ``devices`` units (1: the
     machine is one device), anything else is passed to ``ray.init(address=...)``; an already
     initialised Ray is used as it is. ``workers`` caps the actors; ``max_attempts`` bounds how
-    often one job is sent out when workers die under it.
+    often one job is sent out when workers die under it; actors that cannot start within
+    ``start_timeout`` seconds (their devices held by another run) are an error, not a hang.
     """
 
     def __init__(self, backend, *, spec: str | None = None, address: str = "local", devices: int = 1,
-                 workers: int | None = None, max_attempts: int = 3, max_restarts: int = 0):
+                 workers: int | None = None, max_attempts: int = 3, max_restarts: int = 0,
+                 start_timeout: float = 300.0):
         ray = require_ray()
         self.name = getattr(backend, "name", "") or type(backend).__name__
         self.key = backend.key()
@@ -141,6 +152,12 @@ class RayPool:
                 ray.init(address=address, logging_level="warning")
             self._started = True
         units = pool_devices(self.name, ray.cluster_resources())
+        free = pool_devices(self.name, ray.available_resources())
+        settle = time.monotonic() + 5.0  # devices of a pool closed a moment ago take a second to show as free
+        while len(free) < min(workers or len(units), len(units)) and time.monotonic() < settle:
+            time.sleep(0.2)
+            free = pool_devices(self.name, ray.available_resources())
+        units = free + list((Counter(units) - Counter(free)).elements())  # free devices first
         if not units:
             self.close()
             raise AmpqError(f"no node of the Ray cluster offers a device for {self.name}: start each worker with "
@@ -152,11 +169,16 @@ class RayPool:
         actor = ray.remote(DeviceWorker)
         self.actors = [actor.options(num_cpus=0, resources={res: 1}, max_restarts=max_restarts, max_task_retries=0)
                        .remote(make, index) for res, index in units]
-        self.where = self._check_workers(ray)
+        self.where = self._check_workers(ray, start_timeout)
 
-    def _check_workers(self, ray) -> list[str]:
+    def _check_workers(self, ray, timeout: float) -> list[str]:
         try:
-            described = ray.get([a.describe.remote() for a in self.actors])
+            described = ray.get([a.describe.remote() for a in self.actors], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            n = len(self.actors)
+            self.close()
+            raise AmpqError(f"{n} {self.name} devices are offered but not all of their workers started within "
+                            f"{timeout:g} s: is another run holding them?") from None
         except ray.exceptions.RayError as exc:
             self.close()
             cause = getattr(exc, "cause", None)
@@ -225,8 +247,14 @@ class RayPool:
     def close(self) -> None:
         """Kill the actors (their devices are free again); stop Ray if this pool started it."""
         ray = require_ray()
-        for a in getattr(self, "actors", []):
+        actors = getattr(self, "actors", [])
+        for a in actors:
             ray.kill(a)
+        for a in actors:  # return once they are gone: a pool opened next finds their devices free
+            try:
+                ray.get(a.describe.remote(), timeout=10)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
         self.actors = []
         if self._started and ray.is_initialized():
             ray.shutdown()

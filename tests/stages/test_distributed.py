@@ -74,9 +74,16 @@ def cluster():
     # the workers cannot import this test module: ship its classes by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[Paced.__module__])
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
-             resources={device_resource("paced", 0): 1, device_resource("paced", 1): 1})
+             resources={device_resource("paced", i): 1 for i in range(4)})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(cluster):
+    """Two actors on two of the four device units (starting actors is the slow part: shared)."""
+    with RayPool(Paced(), address="local", workers=2) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +162,10 @@ def test_cli_without_ray_is_one_line(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- on a local cluster
 
 @needs_ray
-def test_pool_gives_the_local_table_and_plan(cluster, setup):
+def test_pool_gives_the_local_table_and_plan(pool, setup):
     local = table_of(setup, Paced())
-    with RayPool(Paced(), address="local") as pool:
-        assert len(pool) == 2 and len(set(pool.where)) == 2  # one actor per device unit
-        pooled = table_of(setup, Paced(), pool=pool)
+    assert len(pool) == 2 and len(set(pool.where)) == 2  # one actor per device unit
+    pooled = table_of(setup, Paced(), pool=pool)
     assert len(local.subgraphs) == 4
     assert strip(pooled) == strip(local)
     assert [s.index for s in pooled.subgraphs] == [s.index for s in local.subgraphs]
@@ -168,18 +174,16 @@ def test_pool_gives_the_local_table_and_plan(cluster, setup):
 
 
 @needs_ray
-def test_pool_shares_the_cache_with_local_runs(cluster, setup, tmp_path):
+def test_pool_shares_the_cache_with_local_runs(pool, setup, tmp_path):
     cache = Cache(tmp_path)
-    with RayPool(Paced(), address="local") as pool:
-        first = table_of(setup, Paced(), pool=pool, cache=cache)
-        assert not any(s.cached for s in first.subgraphs)
-        entries = sorted((tmp_path / "gain").glob("*.json"))
-        assert len(entries) == len(first.subgraphs)
-        entries[1].unlink()  # as if the run had been killed before that subgraph finished
-        resumed = table_of(setup, Paced(), pool=pool, cache=cache)
+    first = table_of(setup, Paced(), pool=pool, cache=cache)
+    assert not any(s.cached for s in first.subgraphs)
+    entries = sorted((tmp_path / "gain").glob("*.json"))
+    assert len(entries) == len(first.subgraphs)
+    entries[1].unlink()  # as if the run had been killed before that subgraph finished
+    resumed = table_of(setup, Paced(), pool=pool, cache=cache)
     assert sum(not s.cached for s in resumed.subgraphs) == 1 and strip(resumed) == strip(first)
     # the local loop reads the pool's entries: same key, same content
-    model, layers, ranges, part, captured = setup
     local = table_of(setup, Paced(), cache=cache)
     assert all(s.cached for s in local.subgraphs) and strip(local) == strip(first)
 
@@ -189,7 +193,7 @@ def test_lost_worker_job_is_retried_on_another(cluster, setup, tmp_path):
     flag = tmp_path / "crash"
     flag.write_text("")
     expected = strip(table_of(setup, Paced()))
-    with RayPool(Paced(crash_flag=str(flag)), address="local") as pool:
+    with RayPool(Paced(crash_flag=str(flag)), address="local", workers=2) as pool:
         table = table_of(setup, Paced(crash_flag=str(flag)), pool=pool)
         assert len(pool) == 1  # the worker that died left the pool
     assert not flag.exists() and strip(table) == expected
@@ -198,15 +202,14 @@ def test_lost_worker_job_is_retried_on_another(cluster, setup, tmp_path):
 @needs_ray
 def test_worker_timing_differently_is_refused(cluster):
     with pytest.raises(AmpqError, match="times paced differently from this machine .*extra"):
-        RayPool(Paced(key_extra="pid"), address="local")
+        RayPool(Paced(key_extra="pid"), address="local", workers=1)
 
 
 @needs_ray
-def test_error_in_a_job_is_raised_not_retried(cluster):
-    with RayPool(Paced(), address="local") as pool:
-        with pytest.raises(AmpqError, match="no captured inputs"):
-            list(pool.map(_fail, [(0, ())]))
-        assert len(pool) == 2
+def test_error_in_a_job_is_raised_not_retried(pool):
+    with pytest.raises(AmpqError, match="no captured inputs"):
+        list(pool.map(_fail, [(0, ())]))
+    assert len(pool) == 2
 
 
 def _fail(backend):
@@ -220,3 +223,11 @@ def test_no_device_resource_is_explained(cluster):
 
     with pytest.raises(AmpqError, match=r"ray start .*--resources='\{\"nodevice:0\": 1\}'"):
         RayPool(Other(), address="local")
+
+
+@needs_ray
+def test_devices_held_by_another_run_are_an_error_not_a_hang(pool):
+    with pytest.raises(AmpqError, match="not all of their workers started within 2 s"):
+        RayPool(Paced(), address="local", start_timeout=2)  # wants all 4 units; the shared pool holds 2
+    with RayPool(Paced(), address="local", workers=2, start_timeout=60) as other:  # the 2 free ones
+        assert len(other) == 2
