@@ -216,7 +216,7 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     check_output_path(output, model_path)
     if samples is None and calib:
         samples = load_samples(calib, raw)  # inputs are what normalisation never changes
-    probe = None if samples is None or samples.synthetic else {k: v[:2] for k, v in samples.inputs.items()}
+    probe = None if samples is None or samples.synthetic else next(samples.batches(2))
     model = finish_loading(raw, model_path, changes=normalized, feeds=probe)
     del raw
     for change in normalized:
@@ -363,8 +363,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     shown = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in inp.timing_info["shapes"].items())
     log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {inp.timing_info['source']})")
     part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
-    timing_set = Samples({k: np.concatenate([b[k] for b in inp.timing_inputs]) for k in inp.timing_inputs[0]})
-    captured = capture_inputs(model, part, timing_set, batch_size=opts.batch_size)
+    captured = capture_inputs(model, part, inp.timing_inputs)  # the very batches the subgraphs are timed on
     clock.lap("partition")
 
     log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
@@ -524,7 +523,8 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
             extra.update(metric=hp_metric, metric_drop=0.0, within=True)
         chosen = result.chosen is not None and t is result.chosen
         front_points.append(_front_entry(sol, table, sens, t.measured if t else None,
-                                         protocol=None if t is None else ("full" if t.full else "quick"),
+                                         protocol=None if t is None or not (t.quick or {}).get("speedup")
+                                         else ("full" if t.full else "quick"),
                                          chosen=chosen, **extra))
     if result.chosen is None:
         front_points[0]["chosen"] = True

@@ -187,8 +187,7 @@ def _search_lines(report: dict) -> list[str]:
     out = ["", f"metric search ({search['metric']}, hp {search['hp_metric']:.5g}, max drop {search['max_drop']:g}):",
            text_table(["plan", "layers", "pred. rel. RMS", "pred. x", "metric", "drop", "within", "measured x",
                        "timing", "chosen"], rows),
-           f"evaluated {search['evaluated']} of {search['front_plans']} front plans (bisection along the front); "
-           + search["message"]]
+           f"evaluated {search['evaluated']} of {search['front_plans']} front plans (bisection along the front)"]
     if search.get("timing") and search["timing"].get("quick"):
         out.append("timing: " + _timing_line(search["timing"]))
     return out
@@ -256,8 +255,18 @@ def plot_pareto(report: dict | list, path: str | Path, *, title: str = "Pareto f
         xp, xm = "predicted_rel_rms", "measured_rel_rms"
         xlabel = "relative RMS change of the loss, sqrt(MSE / E[L^2])"
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    pred = [(e[xp], e["predicted_speedup"]) for e in front if e.get(xp) is not None and e.get("predicted_speedup")]
-    meas = [e for e in front if e.get(xm) is not None and e.get("measured_speedup") and e.get("layers_quantized")]
+    xs_all = ([e.get(xp) for e in front] + [e.get(xm) for e in front if e.get("measured_speedup")]
+              + [r.get(xm) for r in refs])
+    positive = sorted(x for x in xs_all if x is not None and x > 0)
+    log_x = bool(positive) and positive[-1] / positive[0] > 50  # else the range allows a linear axis
+    edge = positive[0] / 2 if log_x else 0.0
+
+    def at(x):  # on a log axis, zero (hp) sits at the left edge
+        return edge if log_x and x is not None and x <= 0 else x
+
+    pred = [(at(e[xp]), e["predicted_speedup"]) for e in front if e.get(xp) is not None and e.get("predicted_speedup")]
+    meas = [dict(e, **{xm: at(e[xm])}) for e in front
+            if e.get(xm) is not None and e.get("measured_speedup") and e.get("layers_quantized")]
     pred.sort()
     if pred:
         ax.plot(*zip(*pred), "o-", color="tab:blue", mfc="none", ms=6, lw=1, label="predicted (solver)")
@@ -274,26 +283,25 @@ def plot_pareto(report: dict | list, path: str | Path, *, title: str = "Pareto f
                     ax.plot([e[xm], e[xm]], [e["predicted_speedup"], e["measured_speedup"]], color="0.6", lw=0.8)
     chosen = [e for e in front if e.get("chosen")]
     for e in chosen:
-        x = e.get(xm) if e.get(xm) is not None else e.get(xp)
+        x = at(e.get(xm) if e.get(xm) is not None and e.get("measured_speedup") else e.get(xp))
         y = e.get("measured_speedup") or e.get("predicted_speedup")
         if x is not None and y:
             ax.plot([x], [y], "*", color="tab:red", ms=16, mec="k", zorder=5,
                     label=f"chosen ({e['layers_quantized']} layers quantized, {y:.2f}x)")
     markers = {"hp": ("D", "k"), "uniform int8": ("^", "tab:green")}
     for r in refs:
-        x = r.get(xm) if r.get(xm) is not None else r.get(xp)
+        x = at(r.get(xm) if r.get(xm) is not None and r.get("measured_speedup") else r.get(xp))
         y = r.get("measured_speedup") or r.get("predicted_speedup")
         if x is None or not y:
             continue
         marker, color = markers.get(r["name"], ("X", "tab:gray"))
-        ax.plot([x], [y], marker, color=color, ms=8, zorder=4, label=f"{r['name']} ({y:.2f}x)")
+        where = "; x = 0, drawn at the left edge" if log_x and x == edge else ""
+        ax.plot([x], [y], marker, color=color, ms=8, zorder=6, label=f"{r['name']} ({y:.2f}x{where})")
     if search:
         ax.axvline(search["max_drop"], color="tab:red", ls="--", lw=1, label=f"max drop {search['max_drop']:g}")
     ax.axhline(1.0, color="0.5", ls=":", lw=1)
-    xs_all = [x for x, _ in pred] + [e[xm] for e in meas] + [r.get(xm) for r in refs if r.get(xm) is not None]
-    positive = sorted(x for x in xs_all if x and x > 0)
-    if positive and positive[-1] / positive[0] > 50:
-        ax.set_xscale("symlog", linthresh=positive[0])  # the range does not allow a linear axis
+    if log_x:
+        ax.set_xscale("log")
     if not search:
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel(xlabel)
