@@ -30,6 +30,9 @@ def calibration_batches(samples: Samples, batch_size: int, memory_budget: int = 
     """``samples`` in batches of ``batch_size``, each split into sub-batches whose inputs are at
     most ``memory_budget / 64`` bytes (one sample at a time for large images)."""
     for batch in samples.batches(batch_size):
+        if samples.whole_feeds:  # a whole feed has no sample axis to split
+            yield batch
+            continue
         n = len(next(iter(batch.values())))
         per_sample = sum(v[:1].nbytes for v in batch.values())
         sub = int(max(1, min(n, memory_budget // max(1, _ACTIVATIONS_PER_INPUT_BYTE * per_sample))))

@@ -79,6 +79,9 @@ def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "p
     for (start, _), ref, out in zip(samples.numbered_batches(batch_size), hp, q):
         ref_t = _read(ref, view_hp, outputs)
         out_t = _read(out, view_q, outputs)
+        if samples.whole_feeds:  # one feed is one sample: give the loss its sample axis
+            ref_t = {k: t.unsqueeze(0) for k, t in ref_t.items()}
+            out_t = {k: t.unsqueeze(0) for k, t in out_t.items()}
         sq = loss_fn.squared_change(out_t, ref_t, start, generator)
         total += float(sq.to(torch.float64).sum())
         count += int(sq.shape[0])

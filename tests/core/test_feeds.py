@@ -127,15 +127,12 @@ def test_inspect_with_calib_feeds(tmp_path, feeds_dir, capsys):
 
 
 def test_whole_pass_with_calib_feeds(tmp_path, feeds_dir):
-    """Needs the calibrate / pipeline / sensitivity / verify changes described in issue 12 item 4."""
+    """A scalar input and a state with its batch on axis 1: every stage takes whole feeds."""
     model = stateful_model()
     onnx.save(model, tmp_path / "m.onnx")
-    try:
-        ranges = compute_ranges(model, find_layers(model), load_feeds(feeds_dir, model))
-        assert "x" in ranges and "r" in ranges
-        code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "--calib-feeds", str(feeds_dir),
-                     "--backend", "mac", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--debug"])
-    except (IndexError, TypeError, ValueError, RuntimeError, AmpqError) as exc:
-        pytest.xfail(f"the stages do not take whole feeds yet: {type(exc).__name__}: {exc}"[:300])
+    ranges = compute_ranges(model, find_layers(model), load_feeds(feeds_dir, model))
+    assert "x" in ranges and "r" in ranges
+    code = main([str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out.onnx"), "--calib-feeds", str(feeds_dir),
+                 "--backend", "mac", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--debug"])
     assert code == 0
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))

@@ -403,20 +403,26 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     n_batches = sum(1 for _ in samples.numbered_batches(batch_size))
     for start, batch in tqdm(samples.numbered_batches(batch_size), total=n_batches, desc="sensitivity",
                              unit="batch", disable=not progress, file=sys.stderr):
-        n = len(next(iter(batch.values())))
+        # A whole feed (--calib-feeds) has no sample axis: it is one sample, never split.
+        whole = samples.whole_feeds
+        n = 1 if whole else len(next(iter(batch.values())))
         shape_key = ",".join(f"{k}:{'x'.join(map(str, v.shape[1:]))}" for k, v in sorted(batch.items()))
-        if shape_key not in sub_sizes or sub_sizes[shape_key] < n:
+        if whole:
+            sub_sizes[shape_key] = 1
+        elif shape_key not in sub_sizes or sub_sizes[shape_key] < n:
             sub_sizes[shape_key] = min(n, sub_sizes.get(shape_key) or sub_batch_size(ex, batch, memory_budget))
         sub = sub_sizes[shape_key]
         for offset in range(0, n, sub):
-            part = {k: v[offset:offset + sub] for k, v in batch.items()}
-            m = len(next(iter(part.values())))
+            part = batch if whole else {k: v[offset:offset + sub] for k, v in batch.items()}
+            m = 1 if whole else len(next(iter(part.values())))
             stream = _Stream(ex, items, weights, m, n_probes)
             with torch.enable_grad():
                 result = ex.run(part, outputs=read, input_hooks=stream.input_hooks(),
                                 output_hooks=stream.output_hooks())
                 outputs = {o: result[view.get(o, o)] for o in ex.output_names}
                 del result
+                if whole:  # the loss reads axis 0 as the samples
+                    outputs = {k: v.unsqueeze(0) for k, v in outputs.items()}
                 reference = {k: v.detach() for k, v in outputs.items()}
                 for p in range(n_probes):
                     stream.probe = p
