@@ -134,15 +134,17 @@ class RayPool:
     initialised Ray is used as it is. ``workers`` caps the actors; ``max_attempts`` bounds how
     often one job is sent out when workers die under it; actors that cannot start within
     ``start_timeout`` seconds (their devices held by another run) are an error, not a hang.
+    ``prefetch``: jobs queued per actor (see :meth:`map`).
     """
 
     def __init__(self, backend, *, spec: str | None = None, address: str = "local", devices: int = 1,
                  workers: int | None = None, max_attempts: int = 3, max_restarts: int = 0,
-                 start_timeout: float = 300.0):
+                 start_timeout: float = 300.0, prefetch: int = 2):
         ray = require_ray()
         self.name = getattr(backend, "name", "") or type(backend).__name__
         self.key = backend.key()
         self.max_attempts = max_attempts
+        self.prefetch = max(1, prefetch)
         self._started = False
         if not ray.is_initialized():
             if address == "local":
@@ -198,34 +200,43 @@ class RayPool:
     def map(self, fn: Callable, jobs: Iterable[tuple[Any, tuple]]) -> Iterator[tuple[Any, Any]]:
         """``(tag, fn(worker backend, *args))`` for every ``(tag, args)`` of ``jobs``, as they finish.
 
-        Each actor runs one job at a time and ``jobs`` is read only when an actor is free, so
-        the caller can prepare jobs lazily. A job whose actor dies is sent to another actor
-        (at most ``max_attempts`` times in all); the dead actor leaves the pool. An exception
-        raised by ``fn`` itself is raised here: it would fail on any device.
+        An actor runs one job at a time (one timing per device); ``prefetch`` jobs wait in each
+        actor's queue so that a device never idles while the driver prepares the next one, and
+        ``jobs`` is read no further ahead than that, so the caller can prepare jobs lazily. A job
+        whose actor dies is sent to another actor (at most ``max_attempts`` times in all); the
+        dead actor leaves the pool. An exception raised by ``fn`` itself is raised here: it
+        would fail on any device.
         """
         ray = require_ray()
         lost = (ray.exceptions.RayActorError, getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError))
         source = iter(jobs)
         retry: deque = deque()
         attempts: dict[int, int] = {}
-        idle = list(self.actors)
+        queued = {id(a): 0 for a in self.actors}
         running: dict = {}
+        exhausted = False
         try:
             while True:
-                while idle:
-                    job = retry.popleft() if retry else next(source, None)
-                    if job is None:
-                        break
-                    actor = idle.pop(0)
-                    running[actor.run.remote(fn, *job[1])] = (actor, job)
+                for depth in range(1, self.prefetch + 1):  # first one job per actor, then the queues
+                    for actor in list(self.actors):
+                        if queued[id(actor)] >= depth or exhausted and not retry:
+                            continue
+                        job = retry.popleft() if retry else next(source, None)
+                        if job is None:
+                            exhausted = True
+                            continue
+                        running[actor.run.remote(fn, *job[1])] = (actor, job)
+                        queued[id(actor)] += 1
                 if not running:
                     return
                 (ref,), _ = ray.wait(list(running), num_returns=1)
                 actor, job = running.pop(ref)
+                queued[id(actor)] -= 1
                 try:
                     result = ray.get(ref)
                 except lost as exc:
-                    self.actors.remove(actor)
+                    if actor in self.actors:
+                        self.actors.remove(actor)
                     attempts[id(job)] = attempts.get(id(job), 1) + 1
                     if attempts[id(job)] > self.max_attempts:
                         raise AmpqError(f"a job was lost with its Ray worker {self.max_attempts} times; finished "
@@ -238,11 +249,13 @@ class RayPool:
                 except ray.exceptions.RayTaskError as exc:
                     cause = getattr(exc, "cause", None)
                     raise (cause if isinstance(cause, Exception) else exc) from None
-                idle.append(actor)
                 yield job[0], result
         finally:
             for ref in running:
-                ray.cancel(ref, force=False)
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - best effort: the actors are killed by close() anyway
+                    pass
 
     def close(self) -> None:
         """Kill the actors (their devices are free again); stop Ray if this pool started it."""
