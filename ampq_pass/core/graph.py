@@ -70,16 +70,28 @@ def node_names(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node]
 
 
-def body_inputs(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read inside the bodies of ``graph``'s If/Loop/Scan nodes (recursively):
-    outer-scope tensors they read are used even though no top-level node input names them."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                names |= {i for n in g.node for i in n.input}
-                names |= body_inputs(g)
+def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node holds in its attributes (If branches, Loop/Scan bodies)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+
+
+def outer_scope_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors of the enclosing graph that ``node``'s bodies read (recursively): names a body
+    reads that none of its inputs, initializers or nodes defines. They are inputs of ``node`` in
+    all but name (ONNX lists only the condition of an If as its input)."""
+    names: list[str] = []
+    for body in bodies(node):
+        defined = {i.name for i in body.input} | {t.name for t in body.initializer}
+        defined.update(o for inner in body.node for o in inner.output)
+        for inner in body.node:
+            names += [n for n in list(inner.input) + outer_scope_reads(inner) if n and n not in defined]
     return names
+
+
+def body_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor of ``graph`` that the bodies of its control-flow nodes read: used even though no
+    top-level node input names it."""
+    return {name for node in graph.node for name in outer_scope_reads(node)}
 
 
 def drop_unused_initializers(graph: onnx.GraphProto) -> int:

@@ -46,7 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ampq_pass.core.errors import AmpqError, first_line
-from ampq_pass.core.graph import consumers, drop_unused_initializers, ensure_node_names
+from ampq_pass.core.graph import bodies, consumers, drop_unused_initializers, ensure_node_names
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.ort import make_session
 from ampq_pass.core.proto import default_opset, fits_protobuf, raise_opset
@@ -518,9 +518,8 @@ def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:
             for i, name in enumerate(node.input):
                 if name in rename:
                     node.input[i] = final(name)
-            for attr in node.attribute:  # If/Loop bodies may read outer-scope weights
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    walk(sub)
+            for sub in bodies(node):  # If/Loop bodies may read outer-scope weights
+                walk(sub)
 
     walk(graph)
 

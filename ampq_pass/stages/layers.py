@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS
-from ampq_pass.core.graph import initializers, node_names
+from ampq_pass.core.graph import bodies, initializers, node_names
 from ampq_pass.core.ops import OPS, WEIGHTED_OPS
 from ampq_pass.core.ort import observed_shapes
 
@@ -83,20 +83,16 @@ def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False) -> 
     return layers
 
 
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
-
-
-def layers_in_bodies(model: onnx.ModelProto) -> dict[str, int]:
+def layers_inbodies(model: onnx.ModelProto) -> dict[str, int]:
     """Control-flow nodes (If/Loop/Scan) of the main graph -> how many weighted ops of
     :data:`ampq_pass.core.ops.OPS` their bodies hold (recursively); those with none are left out.
 
     The pass plans and rewrites the main graph only: layers inside bodies are not layers.
     """
     def count(graph: onnx.GraphProto) -> int:
-        return sum((n.op_type in WEIGHTED_OPS) + sum(count(g) for g in _bodies(n)) for n in graph.node)
+        return sum((n.op_type in WEIGHTED_OPS) + sum(count(g) for g in bodies(n)) for n in graph.node)
 
-    found = {n.name: sum(count(g) for g in _bodies(n)) for n in model.graph.node if _bodies(n)}
+    found = {n.name: sum(count(g) for g in bodies(n)) for n in model.graph.node if bodies(n)}
     return {k: v for k, v in found.items() if v}
 
 
@@ -104,7 +100,7 @@ def require_layers(model: onnx.ModelProto, layers: list[Layer], source: str) -> 
     """``layers`` when there is at least one; otherwise the one-line reason there is none."""
     if layers:
         return layers
-    hidden = layers_in_bodies(model)
+    hidden = layers_inbodies(model)
     if hidden:
         nodes = {n.name: n.op_type for n in model.graph.node}
         where = ", ".join(f"{nodes[k]} {k!r} ({v})" for k, v in list(hidden.items())[:3])

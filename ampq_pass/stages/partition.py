@@ -31,7 +31,7 @@ import onnx
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
-from ampq_pass.core.graph import node_names
+from ampq_pass.core.graph import node_names, outer_scope_reads
 from ampq_pass.core.ops import WEIGHTED_OPS
 from ampq_pass.stages.layers import Layer
 
@@ -104,20 +104,6 @@ def tensor_key(name: str) -> tuple[str, str]:
     return ("tensor", name)
 
 
-def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
-    """Outer-scope tensors read inside the node's subgraph attributes (If/Loop/Scan bodies)."""
-    names: list[str] = []
-    for attr in node.attribute:
-        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for body in bodies:
-            defined = {i.name for i in body.input} | {t.name for t in body.initializer}
-            for inner in body.node:
-                defined.update(inner.output)
-            for inner in body.node:
-                names += [n for n in list(inner.input) + _implicit_inputs(inner) if n and n not in defined]
-    return names
-
-
 def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
     """The model as a bipartite DiGraph: ``("op", node name)`` and ``("tensor", name)``.
 
@@ -139,7 +125,7 @@ def dataflow_graph(model: onnx.ModelProto) -> nx.DiGraph:
         if key in g:
             raise AmpqError(f"node name {name!r} is used twice; plans and partitions refer to nodes by name")
         g.add_node(key, op_type=node.op_type, index=index)
-        for t in list(node.input) + _implicit_inputs(node):
+        for t in list(node.input) + outer_scope_reads(node):
             if t:
                 g.add_edge(tensor_key(t), key, meta=node.op_type in METADATA_OPS)
         for t in node.output:

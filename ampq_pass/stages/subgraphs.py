@@ -17,8 +17,9 @@ are the ones it sees inside the model.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from onnx import helper
 from onnx.utils import Extractor
 
 from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.graph import outer_scope_reads
 from ampq_pass.core.ort import run_exposed
 from ampq_pass.core.proto import copy_model, fits_protobuf, infer_shapes_safe
 from ampq_pass.core.samples import Samples, input_specs
@@ -137,15 +139,39 @@ def extract(model: onnx.ModelProto, subgraph: Subgraph, *, check: bool = True) -
         raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}) has no outputs to extract")
     typed = with_types(model, subgraph.inputs + subgraph.outputs)
     try:
-        sub = Extractor(typed).extract_model(list(subgraph.inputs), list(subgraph.outputs))
+        with _outer_reads_as_inputs(typed) as added:
+            sub = Extractor(typed).extract_model(list(subgraph.inputs), list(subgraph.outputs))
     except ValueError as exc:
         raise AmpqError(f"subgraph {subgraph.index} ({subgraph.name}): cannot extract ({exc})") from None
+    for node in sub.graph.node:
+        if node.name in added:
+            del node.input[added[node.name]:]
     _check_nodes(sub, subgraph)
     sub.graph.name = f"subgraph{subgraph.index}"
     sub.graph.doc_string = f"{subgraph.kind} subgraph {subgraph.name}: layers {', '.join(subgraph.layers)}"
     if check:
         onnx.checker.check_model(sub)
     return sub
+
+
+@contextlib.contextmanager
+def _outer_reads_as_inputs(model: onnx.ModelProto) -> Iterator[dict[str, int]]:
+    """While onnx's Extractor runs, the enclosing-graph tensors that If/Loop/Scan bodies read are
+    appended to their nodes' inputs: the Extractor follows node inputs only, and ONNX lists
+    just an If's condition there. Yields {node name: its own input count}; the model gets its
+    inputs back afterwards (the extracted copy must be trimmed by the caller)."""
+    added = {}
+    for node in model.graph.node:
+        extra = [n for n in dict.fromkeys(outer_scope_reads(node)) if n not in node.input]
+        if extra:
+            added[node.name] = len(node.input)
+            node.input.extend(extra)
+    try:
+        yield added
+    finally:
+        for node in model.graph.node:
+            if node.name in added:
+                del node.input[added[node.name]:]
 
 
 def _check_nodes(sub: onnx.ModelProto, subgraph: Subgraph) -> None:

@@ -162,3 +162,46 @@ def test_cli_partition_errors(tmp_path, capsys):
     onnx.save(models.mlp(), tmp_path / "m.onnx")
     assert main(["partition", str(tmp_path / "m.onnx"), "--max-configs", "1"]) == 2
     assert main(["partition", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "no" / "p.json")]) == 2
+
+
+def _branch_reads_outer_tensor():
+    """x -> MatMul -> Relu = r; If(flag) whose branches read r from the enclosing graph; then a
+    second MatMul on the If's output (silero-vad's decoder reads its encoder this way)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = helper.make_tensor_value_info("b", TensorProto.FLOAT, None)
+    then_g = helper.make_graph([helper.make_node("Add", ["r", "one"], ["b"], name="then_add")], "then", [], [out])
+    else_g = helper.make_graph([helper.make_node("Mul", ["r", "one"], ["b"], name="else_mul")], "else", [], [out])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("If", ["flag"], ["b"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("MatMul", ["b", "w2"], ["y"], name="mm2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                                       helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_extraction_follows_tensors_that_if_branches_read():
+    import onnxruntime as ort
+
+    model = _branch_reads_outer_tensor()
+    model = onnx.shape_inference.infer_shapes(model)
+    layers = find_layers(model)
+    part = partition(model, layers)
+    subs = extract_all(model, part)
+    before = [list(n.input) for n in model.graph.node]
+    x = {"x": np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32), "flag": np.array(True)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    feeds = dict(x)
+    for sub in subs:
+        sess = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+        feeds.update(zip([o.name for o in sess.get_outputs()], outs))
+    np.testing.assert_allclose(feeds["y"], want, rtol=1e-6)
+    assert [list(n.input) for n in model.graph.node] == before  # the caller's model is untouched
+    assert all(len(n.input) == 1 for s in subs for n in s.graph.node if n.op_type == "If")
