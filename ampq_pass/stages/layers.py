@@ -83,7 +83,7 @@ def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False) -> 
     return layers
 
 
-def layers_inbodies(model: onnx.ModelProto) -> dict[str, int]:
+def layers_in_bodies(model: onnx.ModelProto) -> dict[str, int]:
     """Control-flow nodes (If/Loop/Scan) of the main graph -> how many weighted ops of
     :data:`ampq_pass.core.ops.OPS` their bodies hold (recursively); those with none are left out.
 
@@ -100,7 +100,7 @@ def require_layers(model: onnx.ModelProto, layers: list[Layer], source: str) -> 
     """``layers`` when there is at least one; otherwise the one-line reason there is none."""
     if layers:
         return layers
-    hidden = layers_inbodies(model)
+    hidden = layers_in_bodies(model)
     if hidden:
         nodes = {n.name: n.op_type for n in model.graph.node}
         where = ", ".join(f"{nodes[k]} {k!r} ({v})" for k, v in list(hidden.items())[:3])
