@@ -10,8 +10,9 @@ metric), so ``1 + ceil(log2(n))`` evaluations find the last plan within the boun
 
 Timing is done in two passes (design.md §3 "Timing protocol"): every plan tried is timed
 with a *quick* protocol (few repeats, a wide confidence interval); only the plans that can
-still decide the choice - within the metric bound and with a speed-up interval overlapping
-the best one's - are timed again with the backend's full protocol. The chosen plan must be
+still decide the choice - within the metric bound, and with a quick speed-up that reaches the
+confidence interval of the best plan measured in full so far - are timed again with the
+backend's full protocol, fastest first. The chosen plan must be
 faster than the input beyond the noise on the full measurement (the never-slower rule).
 :class:`Meter` counts seconds and timed runs of both, for the report's saving.
 """
@@ -293,22 +294,22 @@ def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,
     chosen = None
     rejected = None
     if candidates:
-        best = candidates[0]
-        timed = best.quick.get("speedup") is not None
-        # Plans whose quick interval reaches the best one's can still be the fastest: those
-        # are timed with the full protocol; slower ones only if no contender beats the input.
-        contenders = ([t for t in candidates if speedup_interval(t.quick)[1] >= speedup_interval(best.quick)[0]]
-                      if timed else [best])
-        rest = [t for t in candidates if t not in contenders]
-        for group in (contenders, rest):
-            for t in group:
-                if timed:
-                    t.full = measure(t.index, t.solution, "full")
-                    log(f"      plan {t.index + 1}: measured {_x(t.full.get('speedup'))} (full protocol)")
-            good = [t for t in group if faster(t.measured)]
-            if good:
-                chosen = max(good, key=lambda t: _rank(t.measured, t.solution))
-                break
+        timed = candidates[0].quick.get("speedup") is not None
+        # In order of quick speed-up: a plan is timed with the full protocol only while it can
+        # still decide the choice - its quick estimate reaches the interval of the best plan
+        # measured in full so far (or no plan measured in full beats the input yet).
+        for t in candidates:
+            if not timed:
+                if faster(t.quick):  # a cost model: no time to measure, the best predicted gain wins
+                    chosen = t
+                    break
+                continue
+            if chosen is not None and t.quick["speedup"] < speedup_interval(chosen.full)[0]:
+                continue
+            t.full = measure(t.index, t.solution, "full")
+            log(f"      plan {t.index + 1}: measured {_x(t.full.get('speedup'))} (full protocol)")
+            if faster(t.full) and (chosen is None or _rank(t.full, t.solution) > _rank(chosen.full, chosen.solution)):
+                chosen = t
         if chosen is None:
             rejected = max(candidates, key=lambda t: _rank(t.measured, t.solution))
     if chosen is not None:
