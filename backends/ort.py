@@ -3,8 +3,10 @@
 Which formats each execution provider runs *fast* (design.md §3: a format a backend
 would emulate slowly is not offered):
 
-- CPU EP, measured on this repository's machine (AMD EPYC, AVX2, no AVX-512/VNNI,
-  2 threads, ORT 1.32, two MatMuls 384x1536 / 1536x384, batch 8 x 128 tokens):
+- CPU EP, measured on an earlier machine of this project (AMD EPYC, AVX2, no AVX-512/VNNI,
+  2 threads, ORT 1.32, two MatMuls 384x1536 / 1536x384, batch 8 x 128 tokens; the Intel Xeon
+  with AVX-512 VNNI of later sessions gave int8 4.17x, int8_dyn 3.80x, int4 0.93x, fp16 0.92x,
+  bf16 0.83x over fp32 on the same probe, benchmarks/results/backends.md):
   fp32 27.5 ms, int8 QDQ 9.3 ms (fused into QLinearMatMul / MatMulIntegerToFloat),
   int4 block QDQ 29-36 ms (fused into MatMulNBits: a real kernel, slower than fp32 at
   this shape on this CPU but faster for memory-bound shapes elsewhere, so it is offered

@@ -64,6 +64,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         g = p.add_argument_group("search (without --plan)")
         g.add_argument("--backend", default="ort:cpu",
                        help="where time gains are measured: ort:cpu (default), ort:cuda, ort:tensorrt, ort:openvino, "
+                            "openvino:cpu (or openvino:DEVICE; pip install 'ampq-pass[openvino]'), "
                             "mac, memory, gaudi")
         g.add_argument("--formats", help="comma-separated candidate formats (default: all the backend runs fast)")
         budget = g.add_mutually_exclusive_group()
