@@ -250,7 +250,8 @@ def plot_pareto(report: dict | list, path: str | Path, *, title: str = "Pareto f
     front, refs, search = report.get("pareto") or [], report.get("pareto_reference") or [], report.get("search")
     if search:
         xp = xm = "metric_drop"  # predicted points sit at their measured metric: no metric is predicted
-        xlabel = f"drop in {search['metric']} from hp (metric(hp) - metric(plan)); lower is better"
+        name = search["metric"] if len(search["metric"]) <= 60 else search["metric"][:57] + "..."
+        xlabel = f"metric drop from hp: metric(hp) - metric(plan), lower is better\n{name}"
     else:
         xp, xm = "predicted_rel_rms", "measured_rel_rms"
         xlabel = "relative RMS change of the loss, sqrt(MSE / E[L^2])"
