@@ -431,6 +431,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         quick = _quick_backend(inp.backend)
         front_points = _verify_front(front, table, inp, ranges, check, sens, solution, measured, quick)
         reference = _reference_points(inp, formats, table, sens, ranges, check, quick)
+        if not any(p["chosen"] for p in front_points):  # the closed loop's plan is off the front
+            reference.append(_front_entry(solution, table, sens, measured, protocol="full", chosen=True,
+                                          name="chosen (off the front)"))
         front_timing = timing_saving(quick, inp.backend, remeasured=0)
     clock.lap("verify")
 

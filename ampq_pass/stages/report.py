@@ -282,7 +282,8 @@ def plot_pareto(report: dict | list, path: str | Path, *, title: str = "Pareto f
             for e in meas:
                 if e.get("predicted_speedup"):
                     ax.plot([e[xm], e[xm]], [e["predicted_speedup"], e["measured_speedup"]], color="0.6", lw=0.8)
-    chosen = [e for e in front if e.get("chosen")]
+    chosen = [e for e in front + refs if e.get("chosen")]
+    refs = [r for r in refs if not r.get("chosen")]
     for e in chosen:
         x = at(e.get(xm) if e.get(xm) is not None and e.get("measured_speedup") else e.get(xp))
         y = e.get("measured_speedup") or e.get("predicted_speedup")
