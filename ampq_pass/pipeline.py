@@ -391,6 +391,38 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     inp.backend = timed_backend(inp.backend)  # counts the full protocol's cost, for the front's saving
     check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed,
                  hp_outputs=run_batches(model, inp.holdout, opts.batch_size))
+    solution, rewritten, measured, rounds, rejected = _verify_and_repair(
+        inp, ranges, table, sens, solution, rewritten, option_table, memory, tau, opts, check, cache, log)
+    save_model(rewritten, output, source=model_path)
+    front_points, reference, front_timing = [], [], None
+    if front:
+        quick = _quick_backend(inp.backend)
+        front_points = _verify_front(front, table, inp, ranges, check, sens, solution, measured, quick)
+        reference = _reference_points(inp, formats, table, sens, ranges, check, quick)
+        if not any(p["chosen"] for p in front_points):  # the closed loop's plan is off the front
+            reference.append(_front_entry(solution, table, sens, measured, protocol="full", chosen=True,
+                                          name="chosen (off the front)"))
+        front_timing = timing_saving(quick, inp.backend, remeasured=0)
+    clock.lap("verify")
+
+    record = PassRecord(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
+                        table=table, solution=solution, predicted_speedup=_speedup(table, solution),
+                        measured=measured, tau=tau, opts=opts, ranges_method=ranges.method, samples=inp.calib,
+                        holdout=inp.holdout, front=front_points, stages=clock.seconds,
+                        timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
+                        rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing)
+    return PassResult(build_report(record), solution, rewritten, clock.seconds)
+
+
+def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sensitivity, solution: Solution,
+                       rewritten: onnx.ModelProto, option_table: list[list[Option]], memory, tau: float,
+                       opts: PassOptions, check: dict, cache: Cache | None, log):
+    """Verify the plan; while the measured speed-up falls short of the prediction, time the
+    quantized subgraphs inside the whole model, correct the gain table and solve again
+    (:mod:`ampq_pass.stages.repair`, at most ``opts.repair_rounds`` rounds). Returns the
+    fastest verified plan that beats the input beyond the noise, or the all-hp plan with the
+    rejected one: ``(solution, rewritten, measured, rounds, rejected)``."""
+    model, layers = inp.model, inp.layers
     measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
     rounds = [Round(0, dict(solution.plan.formats), _speedup(table, solution), measured)]
     verified = [(solution, rewritten)]
@@ -425,25 +457,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         solution = hp_solution(option_table, tau, status="not-faster", message=message)
         rewritten = rewrite(model, layers, solution.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
-    save_model(rewritten, output, source=model_path)
-    front_points, reference, front_timing = [], [], None
-    if front:
-        quick = _quick_backend(inp.backend)
-        front_points = _verify_front(front, table, inp, ranges, check, sens, solution, measured, quick)
-        reference = _reference_points(inp, formats, table, sens, ranges, check, quick)
-        if not any(p["chosen"] for p in front_points):  # the closed loop's plan is off the front
-            reference.append(_front_entry(solution, table, sens, measured, protocol="full", chosen=True,
-                                          name="chosen (off the front)"))
-        front_timing = timing_saving(quick, inp.backend, remeasured=0)
-    clock.lap("verify")
-
-    record = PassRecord(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
-                        table=table, solution=solution, predicted_speedup=_speedup(table, solution),
-                        measured=measured, tau=tau, opts=opts, ranges_method=ranges.method, samples=inp.calib,
-                        holdout=inp.holdout, front=front_points, stages=clock.seconds,
-                        timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
-                        rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing)
-    return PassResult(build_report(record), solution, rewritten, clock.seconds)
+    return solution, rewritten, measured, rounds, rejected
 
 
 def _quick_backend(backend):
