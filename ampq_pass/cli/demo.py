@@ -7,19 +7,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ampq_pass.cli.metrics import minilm_metric
+from ampq_pass.cli.minilm import english_sentences, export_minilm, mean_pool, tokenize
+from ampq_pass.core.cache import save_json
+from ampq_pass.core.ort import make_session, run
+from ampq_pass.core.samples import Samples
+from ampq_pass.pipeline import run_pass
+from ampq_pass.stages.report import plot_pareto, plot_plan, render_text
+
 
 def run_demo(out: Path, *, calib_count: int = 64, holdout: int = 32, seq_len: int = 128,
              max_loss_rmse: float = 0.1, max_metric_drop: float | None = None) -> int:
     """The whole pass on all-MiniLM-L6-v2; with ``max_metric_drop`` the budget is the drop of
     the sentence-embedding cosine to fp32 on 64 further held-out sentences
     (:func:`ampq_pass.cli.metrics.minilm_metric`) instead of the relative loss RMS."""
-    from ampq_pass.core.ort import make_session, run
-    from ampq_pass.core.samples import Samples
-    from ampq_pass.core.cache import save_json
-    from ampq_pass.cli.minilm import english_sentences, export_minilm, mean_pool, tokenize
-    from ampq_pass.pipeline import run_pass
-    from ampq_pass.stages.report import plot_pareto, plot_plan, render_text
-
     out.mkdir(parents=True, exist_ok=True)
     src = out / "minilm.onnx"
     if not src.exists():
@@ -34,8 +35,6 @@ def run_demo(out: Path, *, calib_count: int = 64, holdout: int = 32, seq_len: in
     if max_metric_drop is None:
         budget = dict(max_loss_rmse=max_loss_rmse, pareto=4)
     else:
-        from ampq_pass.cli.metrics import minilm_metric
-
         budget = dict(metric=minilm_metric(src), max_metric_drop=max_metric_drop)
         print(f"budget: embedding cosine to fp32 may drop by at most {max_metric_drop:g} "
               f"(64 sentences disjoint from calibration and verification)")
