@@ -31,14 +31,14 @@ from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthe
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.partition import partition
-from ampq_pass.stages.repair import Round, context_gains, correct, falls_short
+from ampq_pass.stages.repair import Round, context_gains, correct, falls_short, measure_context, reverted
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, load_metric, metric_name, quick_protocol, search_front,
                                      timed_backend, timing_saving, with_protocol)
 from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
-from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solve
+from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solution_of, solve
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, gain_table, predict_speedup
 from ampq_pass.stages.plan import Plan
@@ -391,7 +391,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     inp.backend = timed_backend(inp.backend)  # counts the full protocol's cost, for the front's saving
     check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed,
                  hp_outputs=run_batches(model, inp.holdout, opts.batch_size))
-    solution, rewritten, measured, rounds, rejected = _verify_and_repair(
+    solution, rewritten, measured, predicted, rounds, rejected = _verify_and_repair(
         inp, ranges, table, sens, solution, rewritten, option_table, memory, tau, opts, check, cache, log)
     save_model(rewritten, output, source=model_path)
     front_points, reference, front_timing = [], [], None
@@ -406,7 +406,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     clock.lap("verify")
 
     record = PassRecord(model_path=str(model_path), output=str(output), layers=layers, sens=sens, partition=part,
-                        table=table, solution=solution, predicted_speedup=_speedup(table, solution),
+                        table=table, solution=solution, predicted_speedup=predicted,
                         measured=measured, tau=tau, opts=opts, ranges_method=ranges.method, samples=inp.calib,
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
@@ -421,7 +421,9 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     quantized subgraphs inside the whole model, correct the gain table and solve again
     (:mod:`ampq_pass.stages.repair`, at most ``opts.repair_rounds`` rounds). Returns the
     fastest verified plan that beats the input beyond the noise, or the all-hp plan with the
-    rejected one: ``(solution, rewritten, measured, rounds, rejected)``."""
+    rejected one: ``(solution, rewritten, measured, predicted speed-up, rounds, rejected)``; the
+    prediction is the one made for the plan when it was chosen (after a correction the table
+    no longer describes earlier plans)."""
     model, layers = inp.model, inp.layers
     measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
     rounds = [Round(0, dict(solution.plan.formats), _speedup(table, solution), measured)]
@@ -431,14 +433,23 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             break
         log(f"      measured {measured['speedup']:.3f}x, predicted {rounds[-1].predicted_speedup:.3f}x: timing the "
             f"quantized subgraphs inside the whole model (repair round {index} of at most {opts.repair_rounds})")
-        gains = context_gains(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache)
-        rounds[-1].corrections = correct(table, solution.plan, gains)
-        new = solve(build_options(table, sens, memory), tau, max_memory=opts.max_memory)
+        ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache)
+        rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))
+        step = ctx.best_revert()
+        if step is not None:  # a variant measured faster than the plan is the next plan, as measured
+            members, time = step
+            new = solution_of(build_options(table, sens, memory), reverted(table, solution.plan, members), tau,
+                              status="measured", message=f"subgraphs {members} reverted to hp: measured faster in "
+                                                         f"the model than with them quantized")
+            predicted = measured["speedup"] * ctx.plan_time / time
+        else:
+            new = solve(build_options(table, sens, memory), tau, max_memory=opts.max_memory)
+            predicted = _speedup(table, new)
         if new.plan.formats == solution.plan.formats:
             break  # measured in context, the same plan is still the best one
         solution, rewritten = new, rewrite(model, layers, new.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
-        rounds.append(Round(index, dict(solution.plan.formats), _speedup(table, solution), measured))
+        rounds.append(Round(index, dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
     # Never ship a slow-down: of the verified plans, the fastest that beats the input beyond the noise.
     faster = [i for i, r in enumerate(rounds) if r.formats and faster_beyond_noise(r.measured)]
@@ -446,6 +457,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     if faster:
         best = max(faster, key=lambda i: rounds[i].measured["speedup"])
         (solution, rewritten), measured = verified[best], rounds[best].measured
+        predicted = rounds[best].predicted_speedup
     elif solution.plan.formats or len(rounds) > 1:
         last = rounds[-1] if rounds[-1].formats else rounds[0]
         rejected = {"formats": dict(last.formats), "predicted_speedup": last.predicted_speedup, "measured": last.measured}
@@ -457,7 +469,10 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         solution = hp_solution(option_table, tau, status="not-faster", message=message)
         rewritten = rewrite(model, layers, solution.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
-    return solution, rewritten, measured, rounds, rejected
+        predicted = 1.0
+    else:
+        predicted = rounds[-1].predicted_speedup
+    return solution, rewritten, measured, predicted, rounds, rejected
 
 
 def _quick_backend(backend):

@@ -7,9 +7,11 @@ them, so on CNNs the sum of subgraph gains can promise a speed-up the written mo
 not have. When the measured speed-up falls short of the prediction beyond the noise,
 :func:`context_gains` measures each quantized subgraph *in context*: the whole model with
 the plan, against the whole model with that subgraph (or a group of neighbours) reverted to
-high precision, all timed interleaved. :func:`correct` writes those measured gains into the
-gain table in place of the standalone ones, and the plan is solved again; a bounded number
-of rounds (the pipeline's ``repair_rounds``).
+high precision, all timed interleaved. When one of those variants is itself faster than the
+plan beyond the noise it becomes the next plan as measured (:meth:`Context.best_revert`: gains
+at cuts do not add up, so a measured variant beats any sum); otherwise :func:`correct` writes
+the measured gains into the gain table in place of the standalone ones and the plan is solved
+again. A bounded number of rounds (the pipeline's ``repair_rounds``).
 """
 
 from __future__ import annotations
@@ -73,34 +75,68 @@ def quantized_groups(table: GainTable, plan: Plan, max_groups: int) -> list[list
     return [used[i:i + size] for i in range(0, len(used), size)]
 
 
-def context_gains(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None, table: GainTable,
-                  plan: Plan, backend, inputs: list[dict[str, np.ndarray]], *, max_groups: int = 12,
-                  cache: Cache | None = None) -> dict[int, tuple[float, float]]:
-    """Subgraph index -> (gain in context, its noise), in the gain table's time unit.
+@dataclass
+class Context:
+    """The plan and each of its variants with a group of neighbouring subgraphs reverted to hp,
+    timed interleaved inside the whole model (seconds, or the backend's unit)."""
 
-    A group's gain in context is ``T(plan with the group reverted to hp) - T(plan)``, the
-    models timed interleaved on ``inputs``; a group's gain is shared among its subgraphs in
-    proportion to their table gains (equally when those are all zero).
-    """
+    plan_time: float
+    #: per group: (its subgraph indices, the variant's time, the noise of the difference)
+    groups: list[tuple[list[int], float, float]]
+
+    def to_json(self) -> dict:
+        return {"plan_time": self.plan_time, "groups": [[m, t, n] for m, t, n in self.groups]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Context":
+        return cls(float(d["plan_time"]), [(list(m), float(t), float(n)) for m, t, n in d["groups"]])
+
+    def best_revert(self) -> tuple[list[int], float] | None:
+        """The group whose reverting makes the model faster beyond the noise by the most, with
+        the variant's time; None when no variant beats the plan. Gains at cuts do not add up:
+        a variant measured faster is a better plan as it is, whatever the table says."""
+        faster = [(members, t) for members, t, noise in self.groups if self.plan_time - t > noise]
+        return min(faster, key=lambda x: x[1]) if faster else None
+
+
+def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None, table: GainTable,
+                    plan: Plan, backend, inputs: list[dict[str, np.ndarray]], *, max_groups: int = 12,
+                    cache: Cache | None = None) -> Context:
+    """Time ``plan`` and, for each group of :func:`quantized_groups`, the plan with that group
+    reverted to hp, interleaved on ``inputs`` (cached like every timing)."""
     groups = quantized_groups(table, plan, max_groups)
-    by_index = {s.index: s for s in table.subgraphs}
     key = digest("context", _CACHE_VERSION, model_digest(model), sorted(plan.formats.items()), groups,
                  input_signature(inputs), backend.key())
 
-    def measure() -> dict:
+    def measure() -> Context:
         models = {"plan": rewrite(model, layers, plan, ranges)}
         for g, members in enumerate(groups):
-            reverted = {l for i in members for l in by_index[i].layers}
-            models[f"revert{g}"] = rewrite(model, layers, Plan({l: f for l, f in plan.formats.items()
-                                                                 if l not in reverted}), ranges)
+            models[f"revert{g}"] = rewrite(model, layers, reverted(table, plan, members), ranges)
         t = backend.time(models, inputs)
-        return {str(g): [t[f"revert{g}"].median - t["plan"].median, gain_noise(t[f"revert{g}"], t["plan"])]
-                for g in range(len(groups))}
+        return Context(t["plan"].median, [(members, t[f"revert{g}"].median, gain_noise(t[f"revert{g}"], t["plan"]))
+                                          for g, members in enumerate(groups)])
 
-    result, _ = cached(cache, "gain", key, measure, dump=dict, load=dict)
+    ctx, _ = cached(cache, "gain", key, measure, dump=Context.to_json, load=Context.from_json)
+    return ctx
+
+
+def reverted(table: GainTable, plan: Plan, members: list[int]) -> Plan:
+    """``plan`` with the layers of subgraphs ``members`` back in hp."""
+    back = {l for s in table.subgraphs if s.index in members for l in s.layers}
+    return Plan({l: f for l, f in plan.formats.items() if l not in back})
+
+
+def context_gains(table: GainTable, plan: Plan, ctx: Context) -> dict[int, tuple[float, float]]:
+    """Subgraph index -> (gain in context, its noise), in the gain table's time unit.
+
+    A group's gain in context is ``T(plan with the group reverted to hp) - T(plan)``; it is
+    shared among the group's subgraphs in proportion to their table gains (equally when those
+    are all zero).
+    """
+    by_index = {s.index: s for s in table.subgraphs}
     out: dict[int, tuple[float, float]] = {}
-    for g, members in enumerate(groups):
-        gain, noise = result[str(g)]
+    for members, time, noise in ctx.groups:
+        gain = time - ctx.plan_time
         weights = [max(by_index[i].lookup(plan.formats).gain, 0.0) for i in members]
         total = sum(weights)
         for i, w in zip(members, weights):

@@ -160,12 +160,18 @@ def _solve_least_memory(options, max_mse, time_limit) -> Solution:
 
 def hp_solution(options: list[list[Option]], max_mse: float, *, status: str, message: str) -> Solution:
     """The plan that keeps every layer in high precision (each subgraph's all-hp option)."""
+    return solution_of(options, Plan({}), max_mse, status=status, message=message)
+
+
+def solution_of(options: list[list[Option]], plan: Plan, max_mse: float, *, status: str, message: str) -> Solution:
+    """The :class:`Solution` whose options give every layer its format in ``plan`` (a plan chosen
+    by measurement rather than by the solver)."""
     choice = []
     for s, opts in enumerate(options):
-        hp = [i for i, o in enumerate(opts) if all(f == HP for f in o.formats.values())]
-        if not hp:
-            raise AmpqError(f"subgraph {s} has no all-hp configuration")
-        choice.append(hp[0])
+        match = [i for i, o in enumerate(opts) if all(plan.format_of(l) == f for l, f in o.formats.items())]
+        if not match:
+            raise AmpqError(f"subgraph {s} has no configuration matching the plan")
+        choice.append(match[0])
     sol = _solution(options, choice, max_mse, None, status)
     sol.message = message
     return sol

@@ -117,3 +117,36 @@ def test_falls_short_only_beyond_the_noise():
     lo, hi = speedup_interval(m)
     assert lo < 1.2 < hi
     assert falls_short(1.5, m) and not falls_short(1.22, m) and not falls_short(None, m)
+
+
+class NonAdditiveBackend(InteractingBackend):
+    """Whole-model times that no sum of per-subgraph gains reproduces: both subgraphs
+    quantized 2.1 s, only the MLP 1.8 s, only attention 1.9 s, hp 2.0 s."""
+
+    def __init__(self, attention: set[str], mlp: set[str]):
+        super().__init__([])
+        self.attention, self.mlp = attention, mlp
+
+    def time(self, models, inputs):
+        out = {}
+        for label, model in models.items():
+            if model.graph.name.startswith("subgraph"):
+                out[label] = _timing(1.0 if label == "hp" else 0.5)
+                continue
+            q = _quantized_layers(model)
+            key = (bool(q & self.attention), bool(q & self.mlp))
+            out[label] = _timing({(True, True): 2.1, (False, True): 1.8, (True, False): 1.9, (False, False): 2.0}[key])
+        return out
+
+
+def test_a_variant_measured_faster_is_taken_as_it_is(tmp_path, block):
+    """Corrected per subgraph, both subgraphs look harmful (reverting either helps), so the
+    solver would fall back to hp; the measured variant with only the MLP quantized is faster
+    than both, and the loop takes it."""
+    path, (attention, mlp) = block
+    res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,
+                   backend=NonAdditiveBackend(attention, mlp), cache_dir=None, progress=False, log=lambda s: None)
+    assert not set(res.solution.plan.formats) & attention and set(res.solution.plan.formats) & mlp
+    assert res.report["measured"]["speedup"] == pytest.approx(2.0 / 1.8, rel=0.01)
+    assert res.report["predicted"]["speedup"] == pytest.approx(2.0 / 1.8, rel=0.01)  # measured in context
+    assert res.solution.status == "measured" and res.report["rejected_plan"] is None
