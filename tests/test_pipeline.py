@@ -14,14 +14,6 @@ from ampq_pass.core.errors import AmpqError
 from ampq_pass.pipeline import PassOptions, run_pass
 
 
-@pytest.fixture()
-def block_file(tmp_path, block_model):
-    path = tmp_path / "block.onnx"
-    onnx.save(block_model, path)
-    np.savez(tmp_path / "calib.npz", **models.feeds_for(block_model, n=24))
-    return path
-
-
 def test_mac_backend_end_to_end(tmp_path, block_file):
     before = block_file.read_bytes()
     res = run_pass(block_file, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", backend="mac",

@@ -23,14 +23,6 @@ from ampq_pass.pipeline import run_pass
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture()
-def block_file(tmp_path, block_model):
-    path = tmp_path / "block.onnx"
-    onnx.save(block_model, path)
-    np.savez(tmp_path / "calib.npz", **models.feeds_for(block_model, n=24))
-    return path
-
-
 def _entries(cache_dir: Path, kind: str = "gain") -> list[Path]:
     return sorted((cache_dir / kind).glob("*.json")) if (cache_dir / kind).is_dir() else []
 

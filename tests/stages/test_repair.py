@@ -1,10 +1,8 @@
 """The closed loop: gains measured inside the whole model replace the standalone ones."""
 
-import numpy as np
 import onnx
 import pytest
 
-import models
 from ampq_pass.core.measure import Capabilities, Timing
 from ampq_pass.core.model import load_model
 from ampq_pass.pipeline import run_pass
@@ -58,10 +56,8 @@ class InteractingBackend:
 
 
 @pytest.fixture()
-def block(tmp_path, block_model):
-    path = tmp_path / "block.onnx"
-    onnx.save(block_model, path)
-    np.savez(tmp_path / "calib.npz", **models.feeds_for(block_model, n=24))
+def block(block_file):
+    path = block_file
     model = load_model(path)
     part = partition(model, find_layers(model))
     assert len(part.subgraphs) == 2
