@@ -21,6 +21,8 @@ def test_mac_backend_end_to_end(tmp_path, block_file):
     assert block_file.read_bytes() == before
     out = onnx.load(tmp_path / "out.onnx")
     onnx.checker.check_model(out)
+    # The block has no value_info: the types inferred and captured inside the pass stay there.
+    assert not out.graph.value_info
     r = res.report
     assert {"layers", "subgraphs", "predicted", "measured", "budget"} <= set(r)
     assert len(r["layers"]) == 6 and all({"name", "subgraph", "format", "sensitivity"} <= set(l) for l in r["layers"])

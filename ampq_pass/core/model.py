@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from ampq_pass.core.cache import atomic_write
 from ampq_pass.core.errors import AmpqError, first_line
 from ampq_pass.core.normalize import normalize_checked
-from ampq_pass.core.proto import expected_bytes, fits_protobuf, infer_shapes_safe, save_external
+from ampq_pass.core.proto import expected_bytes, fits_protobuf, infer_shapes_safe, pass_types_removed, save_external
 
 
 def load_model(path: str | os.PathLike, *, infer_shapes: bool = True, normalize: bool = True,
@@ -211,9 +211,16 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename).
 
     Refuses to overwrite ``source`` (the input model is never modified). Models above
-    2 GB are written with external data ``<name>.data`` beside them.
+    2 GB are written with external data ``<name>.data`` beside them. The value_info entries
+    the pass added (inferred or captured types, :data:`~ampq_pass.core.proto.PASS_TYPE`) are
+    left out of the file: the written model keeps the input's own.
     """
     path = check_output_path(path, source)
+    with pass_types_removed(model):
+        return _save(model, path)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
     data_name = path.name + ".data"
     if fits_protobuf(model):
         return atomic_write(path, lambda tmp: onnx.save_model(model, tmp))

@@ -6,8 +6,10 @@ Everything here works on ``onnx.ModelProto`` alone; nothing knows about layers o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -18,6 +20,13 @@ from ampq_pass.core.errors import AmpqError, first_line
 # Above this size a ModelProto cannot be serialised in one piece (protobuf's 2 GB limit),
 # so tensors go to an external-data file beside the model.
 PROTOBUF_LIMIT = 2**31 - 1 - 2**20
+
+#: doc_string prefix of every value_info entry the pass adds to its working model (types
+#: from onnx shape inference, from captured tensors): the stages need them, a written model
+#: does not, so :func:`pass_types_removed` takes them out while it is saved.
+PASS_TYPE = "ampq-pass:"
+#: doc_string of the value_info entries :func:`infer_shapes_safe` adds
+INFERRED_TYPE = f"{PASS_TYPE} inferred by onnx shape inference"
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -163,15 +172,43 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def infer_shapes_safe(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference; models above 2 GB are inferred without serialising them whole."""
+    """onnx shape inference; models above 2 GB are inferred without serialising them whole.
+
+    The value_info entries inference adds are marked :data:`INFERRED_TYPE`, so that the model
+    the pass writes keeps only the input's own (a user's model should not come back with
+    hundreds of entries it did not have)."""
+    own = {v.name for v in model.graph.value_info}
     if fits_protobuf(model):
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    # Above the protobuf limit: infer on a weight-less copy and graft the value_info back.
-    stripped = stripped_copy(model)
-    inferred = onnx.shape_inference.infer_shapes(stripped, data_prop=False)
+        out = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    else:
+        # Above the protobuf limit: infer on a weight-less copy and graft the value_info back.
+        inferred = onnx.shape_inference.infer_shapes(stripped_copy(model), data_prop=False)
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(inferred.graph.value_info)
+        out = model
+    for value in out.graph.value_info:
+        if value.name not in own:
+            value.doc_string = INFERRED_TYPE
+    return out
+
+
+@contextlib.contextmanager
+def pass_types_removed(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
+    """``model`` without the value_info entries the pass added (doc_string :data:`PASS_TYPE`...)
+    while the block runs, with them back afterwards: in place, because a copy of a large
+    model only to drop some small entries would double its memory at the moment it is saved."""
+    entries = list(model.graph.value_info)
+    keep = [v for v in entries if not v.doc_string.startswith(PASS_TYPE)]
+    if len(keep) == len(entries):
+        yield model
+        return
     del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    return model
+    model.graph.value_info.extend(keep)
+    try:
+        yield model
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(entries)
 
 
 def save_external(model: onnx.ModelProto, path: str | os.PathLike, location: str) -> None:

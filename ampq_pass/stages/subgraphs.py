@@ -29,13 +29,14 @@ from onnx.utils import Extractor
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.graph import outer_scope_reads
 from ampq_pass.core.ort import run_exposed
-from ampq_pass.core.proto import copy_model, fits_protobuf, infer_shapes_safe
+from ampq_pass.core.proto import PASS_TYPE, copy_model, fits_protobuf, infer_shapes_safe
 from ampq_pass.core.samples import Samples, input_specs
 from ampq_pass.stages.partition import Partition, Subgraph
 
 
-#: doc_string of the value_info entries :func:`capture_inputs` adds from captured tensors
-CAPTURED_TYPE = "ampq-pass: typed from captured tensors"
+#: doc_string of the value_info entries :func:`capture_inputs` adds from captured tensors (a
+#: :data:`PASS_TYPE`, so that the written model does not carry them)
+CAPTURED_TYPE = f"{PASS_TYPE} typed from captured tensors"
 
 
 def _typed_names(model: onnx.ModelProto) -> set[str]:

@@ -70,3 +70,23 @@ def test_save_large_model_with_external_data(tmp_path, monkeypatch, mlp_model):
     ref = {t.name: numpy_helper.to_array(t) for t in mlp_model.graph.initializer}
     assert all(np.array_equal(w[k], ref[k]) for k in ref)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+
+
+def test_saved_model_keeps_only_the_inputs_value_info(tmp_path):
+    # Shape inference at load (and types captured from real tensors later) add value_info
+    # the stages need; the written model must come back with the input's own entries only.
+    from onnx import TensorProto, helper
+
+    from ampq_pass.core.proto import PASS_TYPE
+
+    model = models.mlp()
+    model.graph.value_info.append(helper.make_tensor_value_info("h1", TensorProto.FLOAT, None))
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = load_model(tmp_path / "m.onnx")
+    loaded.graph.value_info.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1]))
+    loaded.graph.value_info[-1].doc_string = f"{PASS_TYPE} typed from captured tensors"
+    held = [v.name for v in loaded.graph.value_info]
+    assert {"h1", "r1", "extra"} <= set(held)
+    out = onnx.load(save_model(loaded, tmp_path / "o.onnx"))
+    assert [v.name for v in out.graph.value_info] == ["h1"]
+    assert [v.name for v in loaded.graph.value_info] == held  # the caller's model keeps its types
