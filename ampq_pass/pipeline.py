@@ -36,7 +36,7 @@ from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, load_metric, metric_name, quick_protocol, search_front,
                                      timed_backend, timing_saving, with_protocol)
-from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse, sensitivity
+from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, predicted_mse, sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solution_of, solve
 from ampq_pass.stages.subgraphs import capture_inputs
@@ -358,6 +358,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     sens, hit = cached_sensitivity(model, layers, ranges, inp.calib, inp.offered, opts, cache)
     if hit:
         log("      (from cache)")
+    warning = constant_output_warning(sens)  # an output that never varies: the budget means nothing on it
+    if warning:
+        log(f"      {warning}")
     clock.lap("sensitivity")
 
     shown = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in inp.timing_info["shapes"].items())

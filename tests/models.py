@@ -187,3 +187,24 @@ def single_matmul(w: np.ndarray) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", n])],
                               [numpy_helper.from_array(w, "w")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def saturated_gate(seed: int = 0) -> onnx.ModelProto:
+    """Two outputs: ``y`` = Gemm(x) varies; ``gate`` = 2 * Sigmoid(Gemm(x) + 50) is exactly 2.0 for
+    every input (a saturated sigmoid, written through a Mul so no loss reads it on its logits)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32) / 4, "w1"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32) / 40, "w2"),
+             numpy_helper.from_array(np.full(4, 50.0, np.float32), "b2"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["y"], name="fc1"),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["z"], name="fc2"),
+             helper.make_node("Sigmoid", ["z"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["s", "two"], ["gate"], name="scale")]
+    graph = helper.make_graph(nodes, "gate", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8]),
+                               helper.make_tensor_value_info("gate", TensorProto.FLOAT, ["n", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

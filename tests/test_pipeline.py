@@ -296,3 +296,14 @@ def test_example_metrics_agree_with_the_reference(tmp_path, mlp_model):
     other = models.mlp(seed=3)
     onnx.save(other, tmp_path / "n.onnx")
     assert Top1Agreement(tmp_path / "m.onnx", feeds)(str(tmp_path / "n.onnx")) < 1.0
+
+
+def test_constant_output_warned_in_one_line(tmp_path):
+    model = models.saturated_gate()
+    onnx.save(model, tmp_path / "gate.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32))
+    lines = []
+    run_pass(tmp_path / "gate.onnx", tmp_path / "out.onnx", calib=tmp_path / "calib.npz", backend="mac",
+             max_loss_rmse=0.05, cache_dir=None, progress=False, log=lines.append)
+    warned = [l for l in lines if "constant over the" in l]
+    assert len(warned) == 1 and "'gate'" in warned[0] and "\n" not in warned[0], lines

@@ -170,3 +170,19 @@ def test_logit_tensors_find_final_softmax_sigmoid_and_written_out_softmax():
     assert loss_tensors(model, make_loss("projection")) == {"p": "z", "s": "z", "q": "z"}
     assert loss_tensors(model, make_loss("projection_raw")) == {}
     assert loss_tensors(model, make_loss("pseudo_label:p")) == {"p": "z"}
+
+
+def test_constant_outputs_found_while_streaming():
+    from ampq_pass.stages.sensitivity.losses import ConstantOutputs
+
+    found = ConstantOutputs()
+    mask = torch.ones(3, 4)
+    found.update({"mask": mask, "y": torch.randn(3, 4)}, ["mask", "y"])
+    found.update({"mask": mask[:2] + 1e-9, "y": torch.randn(2, 4)}, ["mask", "y"])  # last-bit noise is no variance
+    assert set(found.constant()) == {"mask"} and found.samples == 5
+    assert "'mask' is constant over the 5 calibration samples" in ConstantOutputs.warning(found.to_json(), "projection")
+    found.update({"mask": torch.ones(1, 5), "y": torch.randn(1, 4)}, ["mask", "y"])  # another shape varies
+    assert found.constant() == {} and found.to_json() is None
+    one = ConstantOutputs()
+    one.update({"mask": mask[:1]}, ["mask"])
+    assert one.constant() == {}  # one sample says nothing about variance

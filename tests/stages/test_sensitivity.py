@@ -390,3 +390,27 @@ def test_saturated_softmax_loss_is_read_on_the_logits():
                         / predicted_mse(sens, p) for p in plans]
     assert all(0.5 <= r <= 2.0 for r in ratios["projection"]), ratios
     assert not all(0.5 <= r <= 2.0 for r in ratios["projection_raw"]), ratios
+
+
+# ----------------------------------------------------------------------------- constant outputs
+
+def test_an_output_constant_over_the_samples_is_named_in_one_warning():
+    """A saturated gate (2.0 for every sample) beside an output that varies: the projection loss
+    sums both, the gate has no predicted change; the pass says so in one line, and names the
+    gate when the loss reads it alone (no gradient at all: a refusal)."""
+    from ampq_pass.stages.sensitivity import constant_output_warning
+
+    model = ensure_node_names(models.saturated_gate())
+    layers = find_layers(model)
+    samples = Samples({"x": np.random.default_rng(0).standard_normal((24, 16)).astype(np.float32)})
+    ranges = compute_ranges(model, layers, samples)
+    both = sensitivity(model, layers, ranges, samples, progress=False, batch_size=5)
+    assert set(both.extra["constant_outputs"]["outputs"]) == {"gate"}
+    line = constant_output_warning(both)
+    assert "\n" not in line and "'gate'" in line and "constant over the 24 calibration samples" in line
+    assert "1 other output ('y')" in line and "--max-loss-rmse" in line
+    with pytest.raises(AmpqError, match=r"zero .*\(output 'gate' never varied over the 24 samples"):
+        sensitivity(model, layers, ranges, samples, loss="projection:gate", progress=False)  # no gradient at all
+    varying = sensitivity(model, layers, ranges, samples, loss="projection:y", progress=False)
+    assert constant_output_warning(varying) is None and "constant_outputs" not in varying.extra
+    assert constant_output_warning(Sensitivity.from_json(json.loads(json.dumps(both.to_json())))) == line

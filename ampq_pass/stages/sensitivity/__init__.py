@@ -6,6 +6,6 @@ each format, from forward and backward passes of a torch executor of the ONNX gr
 - :mod:`.losses`: the losses whose change is measured.
 """
 
-from ampq_pass.stages.sensitivity.taylor import Sensitivity, predicted_mse, sensitivity
+from ampq_pass.stages.sensitivity.taylor import Sensitivity, constant_output_warning, predicted_mse, sensitivity
 
-__all__ = ["Sensitivity", "predicted_mse", "sensitivity"]
+__all__ = ["Sensitivity", "constant_output_warning", "predicted_mse", "sensitivity"]

@@ -152,6 +152,14 @@ class Loss:
         """Loss of each sample of the batch, shape [batch]."""
         raise NotImplementedError
 
+    def read(self, outputs: dict[str, torch.Tensor]) -> list[str]:
+        """The outputs of ``outputs`` this loss is computed from (the one it picks)."""
+        name = getattr(self, "output", None)
+        if name is not None:
+            return [name] if name in outputs else []
+        floats = _float_outputs(outputs)
+        return floats if len(floats) == 1 else []
+
     def squared_change(self, outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], start: int,
                        generator: torch.Generator) -> torch.Tensor:
         """(L_q - L_hp)^2 per sample, for the measured loss MSE of a quantized model."""
@@ -180,6 +188,9 @@ class ProjectionLoss(Loss):
             _pick_output(outputs, self.output, self.name)
             return [self.output]
         return _float_outputs(outputs)
+
+    def read(self, outputs):
+        return self._outputs(outputs)
 
     def per_sample(self, outputs, reference, start, generator):
         names = self._outputs(outputs)
@@ -244,6 +255,80 @@ class TaskLoss(Loss):
             return _cross_entropy(pred, target, self.ignore_index)
         diff = pred - target.to(pred.dtype).reshape(pred.shape)
         return (diff * diff).reshape(n, -1).mean(dim=1)
+
+
+class ConstantOutputs:
+    """Which outputs a loss reads are the same for every sample (zero variance: a saturated
+    sigmoid, a mask), found while the samples stream by (the first sample of each output is
+    kept, nothing else).
+
+    The loss budget is relative to the loss the outputs make (``--max-loss-rmse`` scales
+    with E[L^2]) and the sensitivities are its first-order change: an output that does not
+    move with the input is at a flat point (no gradient, so no predicted change) and its
+    fixed value sets part of E[L^2] that no sample's quantization error is compared with.
+    The pass says so (:meth:`warning`) instead of quietly giving a budget that means nothing.
+    """
+
+    def __init__(self):
+        self.first: dict[str, torch.Tensor] = {}
+        self.varies: set[str] = set()
+        self.sq: dict[str, float] = {}  # sum over samples of ||f||^2, the output's share of E[L^2]
+        self.samples = 0
+
+    def update(self, reference: dict[str, torch.Tensor], names: list[str]) -> None:
+        """Add a batch: ``reference[name]`` has the samples on axis 0."""
+        count = 0
+        for name in names:
+            value = reference[name].detach()
+            if not value.is_floating_point() or value.shape[0] == 0:
+                continue
+            count = max(count, int(value.shape[0]))
+            self.sq[name] = self.sq.get(name, 0.0) + float((value.to(torch.float64) ** 2).sum())
+            if name in self.varies:
+                continue
+            first = self.first.setdefault(name, value[0].clone())
+            # A tolerance, not equality: the same sample run in sub-batches of another size
+            # differs in the last bits.
+            tol = 1e-6 * (1.0 + float(first.abs().max())) if first.numel() else 0.0
+            if value.shape[1:] != first.shape or float((value - first).abs().max()) > tol:
+                self.varies.add(name)
+                del self.first[name]
+        self.samples += count
+
+    def constant(self) -> dict[str, float]:
+        """``{output: its share of sum ||f||^2}`` for the outputs that never varied (none
+        before two samples were seen)."""
+        if self.samples < 2:
+            return {}
+        total = sum(self.sq.values())
+        return {k: (self.sq[k] / total if total > 0 else 0.0) for k in self.sq if k not in self.varies}
+
+    def to_json(self) -> dict | None:
+        """What :meth:`warning` needs, for the Sensitivity record; None when nothing is constant."""
+        constant = self.constant()
+        if not constant:
+            return None
+        return {"outputs": constant, "read": sorted(self.sq), "samples": self.samples}
+
+    @staticmethod
+    def warning(found: dict | None, loss: str) -> str | None:
+        """One line naming the constant outputs and what the ``loss`` does with them."""
+        if not found:
+            return None
+        constant, read, n = found["outputs"], found["read"], found["samples"]
+        names = ", ".join(repr(k) for k in constant)
+        head = f"output{'s' if len(constant) > 1 else ''} {names} {'are' if len(constant) > 1 else 'is'} " \
+               f"constant over the {n} calibration samples (zero variance)"
+        others = [k for k in read if k not in constant]
+        if not others:
+            return (f"warning: {head}: the {loss} loss reads nothing that varies, its predicted change is "
+                    f"~0 whatever the plan and a budget relative to it means nothing; give --max-loss-mse, "
+                    f"or --loss {loss}:OUTPUT naming an output that varies")
+        share = sum(constant.values())
+        return (f"warning: {head}: the {loss} loss sums it with {len(others)} other output"
+                f"{'s' if len(others) > 1 else ''} ({', '.join(map(repr, others))}); it has no predicted "
+                f"change and makes {share:.0%} of the E[L^2] that --max-loss-rmse is relative to "
+                f"(--loss {loss}:OUTPUT reads one output only)")
 
 
 LOSS_NAMES = ("projection", "projection_raw", "pseudo_label", "cross_entropy", "mse")

@@ -44,7 +44,7 @@ from ampq_pass.core.samples import Samples
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.sensitivity.executor import Executor
-from ampq_pass.stages.sensitivity.losses import Loss, loss_tensors, make_loss
+from ampq_pass.stages.sensitivity.losses import ConstantOutputs, Loss, loss_tensors, make_loss
 
 # Per-sample weight gradients of a MatMul are built in chunks of at most this many elements.
 _CHUNK_ELEMENTS = 1 << 25
@@ -397,6 +397,7 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     view = loss_tensors(model, loss_fn)  # graph output -> the tensor the loss reads (logits of a final Softmax)
     read = list(dict.fromkeys(view.get(o, o) for o in ex.output_names))
     acc = _Accumulator()
+    constant = ConstantOutputs()  # outputs the loss reads that never vary: the budget is meaningless on them
     loss_sum = loss_sq = grad_sq = 0.0
     count = 0
     sub_sizes: dict[str, int] = {}
@@ -424,6 +425,7 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
                 if whole:  # the loss reads axis 0 as the samples
                     outputs = {k: v.unsqueeze(0) for k, v in outputs.items()}
                 reference = {k: v.detach() for k, v in outputs.items()}
+                constant.update(reference, loss_fn.read(reference))
                 for p in range(n_probes):
                     stream.probe = p
                     per_sample = loss_fn.per_sample(outputs, reference, start + offset, _probe_generator(seed, p))
@@ -441,17 +443,28 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
             count += m
             del stream
     if count and grad_sq == 0.0 and items:
+        flat = constant.constant()
+        why = (f" (output{'s' if len(flat) > 1 else ''} {', '.join(map(repr, flat))} never varied over the "
+               f"{constant.samples} samples: saturated?)" if flat else "")
         raise AmpqError(f"the gradient of loss {loss_fn.name!r} is zero at the high-precision point for every "
-                        f"layer: every sensitivity would be 0; use a loss with a non-zero gradient "
-                        f"('projection', 'pseudo_label' or a task loss with labels)")
+                        f"layer{why}: every sensitivity would be 0; use a loss with a non-zero gradient "
+                        f"('projection', 'pseudo_label' or a task loss with labels, ':OUTPUT' for an output that varies)")
     scale = 1.0 / max(count, 1)
     def mean(store):
         return {l.layer.name: {f: store.get(l.layer.name, {}).get(f, 0.0) * scale for f in l.formats} for l in items}
     extra = {"sub_batch": sub_sizes, "memory_budget": int(memory_budget)}
     if view:
         extra["loss_tensors"] = dict(view)
+    if constant.to_json() is not None:
+        extra["constant_outputs"] = constant.to_json()
     return Sensitivity(mean(acc.total), mean(acc.weight), mean(acc.activation), loss_sum * scale,
                        loss_sq * scale, count, loss_fn.name, n_probes, extra)
+
+
+def constant_output_warning(sens: Sensitivity) -> str | None:
+    """One line when outputs the loss reads were constant over the calibration samples
+    (:class:`~ampq_pass.stages.sensitivity.losses.ConstantOutputs`), else None."""
+    return ConstantOutputs.warning(sens.extra.get("constant_outputs"), sens.loss)
 
 
 def _probe_generator(seed: int, probe: int) -> torch.Generator:
