@@ -450,32 +450,61 @@ def synthetic_samples(model: onnx.ModelProto, count: int = 8, *, seed: int = 0,
 
     Symbolic dims take ``dims[name]`` or 1 for axis 0 (samples) and 16 elsewhere. Ranges
     and sensitivities computed on such data say little about real inputs: a warning says so.
+
+    A model with an input that has no sample axis at 0 (a scalar such as silero-vad's ``sr``,
+    a state ``[2, batch, 128]`` whose axis 0 is fixed to more than 1) gets ``count`` whole
+    feeds of one sample each instead, every array exactly as the model takes it: a scalar
+    stays a scalar (stacking ``count`` of them into ``[count]`` gives a feed no model runs).
+    There a dim named like ``batch`` or an axis 0 is 1 and any other symbolic dim 16, the
+    same size for every axis with the same meaningful name.
     """
     rng = np.random.default_rng(seed)
     dims = dims or {}
-    inputs = {}
-    for spec in input_specs(model):
-        shape = [count]
-        for axis, d in enumerate(spec.shape[1:], start=1):
-            shape.append(d if isinstance(d, int) and d > 0 else dims.get(str(d), 16))
-        if spec.dtype.kind == "f":
-            inputs[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            inputs[spec.name] = np.ones(shape, dtype=spec.dtype)
-        elif "mask" in spec.name.lower():
-            inputs[spec.name] = np.ones(shape, dtype=spec.dtype)
-        elif "type" in spec.name.lower() or "position" in spec.name.lower():
-            inputs[spec.name] = np.zeros(shape, dtype=spec.dtype) if "type" in spec.name.lower() else \
-                np.broadcast_to(np.arange(shape[-1], dtype=spec.dtype), shape).copy()
-        else:
-            inputs[spec.name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
+    specs = input_specs(model)
+    if not any(_no_sample_axis(spec) for spec in specs):
+        inputs = {}
+        for spec in specs:
+            shape = [count]
+            for axis, d in enumerate(spec.shape[1:], start=1):
+                shape.append(d if isinstance(d, int) and d > 0 else dims.get(str(d), 16))
+            inputs[spec.name] = _random_input(spec, shape, rng)
+        samples = Samples(inputs, synthetic=True, source="synthetic")
+    else:
+        shapes = {spec.name: [_synthetic_dim(d, axis, dims) for axis, d in enumerate(spec.shape)] for spec in specs}
+        feeds = [{spec.name: _random_input(spec, shapes[spec.name], rng) for spec in specs} for _ in range(count)]
+        samples = Samples.from_feeds(feeds, synthetic=True, source="synthetic")
     if warn:
         print(
             "WARNING: no --calib given: using SYNTHETIC random inputs. Ranges, sensitivities and the "
             "plan will not reflect real data.",
             file=sys.stderr,
         )
-    return Samples(inputs, synthetic=True, source="synthetic")
+    return samples
+
+
+def _no_sample_axis(spec: InputSpec) -> bool:
+    """A scalar, or axis 0 fixed to more than one (the batch is elsewhere): no samples on axis 0."""
+    return not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 1)
+
+
+def _synthetic_dim(dim, axis: int, dims: dict[str, int]) -> int:
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    if isinstance(dim, str) and dim in dims:
+        return int(dims[dim])
+    return 1 if axis == 0 or (meaningful_dim(dim) and "batch" in dim.lower()) else 16
+
+
+def _random_input(spec: InputSpec, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Random values of ``spec``'s dtype, guessed from its name (masks 1, positions 0..n-1)."""
+    if spec.dtype.kind == "f":
+        return np.asarray(rng.standard_normal(shape)).astype(spec.dtype)
+    if spec.dtype.kind == "b" or "mask" in spec.name.lower():
+        return np.ones(shape, dtype=spec.dtype)
+    if ("type" in spec.name.lower() or "position" in spec.name.lower()) and shape:
+        return np.zeros(shape, dtype=spec.dtype) if "type" in spec.name.lower() else \
+            np.broadcast_to(np.arange(shape[-1], dtype=spec.dtype), shape).copy()
+    return np.asarray(rng.integers(0, 100, size=shape)).astype(spec.dtype)
 
 
 def samples_digest(samples: Samples) -> str:

@@ -1,4 +1,5 @@
 import numpy as np
+import onnx
 import pytest
 
 import models
@@ -53,3 +54,38 @@ def test_synthetic_warns(block_model, capsys):
     s = synthetic_samples(block_model, count=3)
     assert s.synthetic and s.inputs["hidden"].shape == (3, 16, 32)
     assert "SYNTHETIC" in capsys.readouterr().err
+
+
+def _scalar_gain_model(state: bool = False) -> onnx.ModelProto:
+    """y = (x @ w) * gain with a scalar (rank-0) ``gain``; with ``state``, also s = state * 2
+    for a state input [2, batch, 8] whose batch is on axis 1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Mul", ["h", "gain"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+              helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])]
+    inits = [w]
+    if state:
+        inits.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+        nodes.append(helper.make_node("Mul", ["state", "two"], ["s"]))
+        inputs.append(helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 8]))
+        outputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, "batch", 8]))
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_synthetic_feeds_for_a_scalar_input_keep_it_scalar(state):
+    from ampq_pass.core.ort import make_session
+
+    model = _scalar_gain_model(state)
+    s = synthetic_samples(model, count=3, warn=False)
+    assert s.whole_feeds and len(s) == 3 and s.synthetic
+    session = make_session(model)
+    for feed in s.groups:
+        assert feed["gain"].shape == () and feed["x"].shape == (1, 8)
+        if state:
+            assert feed["state"].shape == (2, 1, 8)  # the batch on axis 1 is the same 1
+        session.run(None, feed)
