@@ -587,8 +587,13 @@ def _whole_feeds_for_timing(samples: Samples, shapes: dict[str, tuple[int, ...]]
     # (np.ascontiguousarray would turn a scalar into shape [1])
     feeds = [{k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in f.items()}
              for f in found[:max(1, n_batches)]]
+    # one entry per distinct shape (every feed is a group of its own: 64 feeds of one shape are one shape)
+    merged: dict[str, dict] = {}
+    for a, (_, c) in zip(available, samples.shapes()):
+        entry = merged.setdefault(repr(sorted(a.items())), {"shape": a, "samples": 0})
+        entry["samples"] += c
     info = {"source": source, "shapes": {k: list(v.shape) for k, v in feeds[0].items()}, "whole_feeds": True,
-            "calibration_shapes": [{"shape": a, "samples": c} for a, (_, c) in zip(available, samples.shapes())]}
+            "calibration_shapes": list(merged.values())}
     return feeds, info
 
 

@@ -89,3 +89,13 @@ def test_synthetic_feeds_for_a_scalar_input_keep_it_scalar(state):
         if state:
             assert feed["state"].shape == (2, 1, 8)  # the batch on axis 1 is the same 1
         session.run(None, feed)
+
+
+def test_whole_feeds_of_one_shape_are_one_calibration_shape():
+    from ampq_pass.core.samples import timing_feeds
+
+    model = _scalar_gain_model(state=True)
+    s = synthetic_samples(model, count=5, warn=False)
+    feeds, info = timing_feeds(model, s, shapes=None, batch_size=8, n_batches=2)
+    assert len(feeds) == 2 and feeds[0]["gain"].shape == ()
+    assert info["calibration_shapes"] == [{"shape": {"x": [1, 8], "gain": [], "state": [2, 1, 8]}, "samples": 5}]
