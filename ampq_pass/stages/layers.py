@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS
-from ampq_pass.core.graph import bodies, initializers, node_names
+from ampq_pass.core.graph import bodies, initializers, node_names, producers
 from ampq_pass.core.ops import OPS, WEIGHTED_OPS
 from ampq_pass.core.ort import observed_shapes
 
@@ -102,11 +102,35 @@ def require_layers(model: onnx.ModelProto, layers: list[Layer], source: str) -> 
         return layers
     hidden = layers_in_bodies(model)
     if hidden:
-        nodes = {n.name: n.op_type for n in model.graph.node}
-        where = ", ".join(f"{nodes[k]} {k!r} ({v})" for k, v in list(hidden.items())[:3])
+        nodes = {n.name: n for n in model.graph.node}
+        where = ", ".join(f"{nodes[k].op_type} {k!r} ({v}{_condition_inputs(model, nodes[k])})"
+                          for k, v in list(hidden.items())[:3])
         raise AmpqError(f"{source}: every weighted op sits inside a control-flow body ({where}); the pass plans "
                         f"the main graph only, and control flow (If/Loop/Scan) is not supported")
     raise AmpqError(f"{source}: no quantizable layer ({'/'.join(WEIGHTED_OPS)} with a constant float weight)")
+
+
+def _condition_inputs(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
+    """``", condition reads input 'sr'"`` for an If whose condition is computed from model
+    inputs: what makes the branch data-dependent (silero-vad's If(sr == 16000)), so the user
+    sees why a plan cannot pick one branch for them."""
+    if node.op_type != "If" or not node.input or not node.input[0]:
+        return ""
+    made = producers(model.graph)
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    found, todo, seen = [], [node.input[0]], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            found.append(name)
+        elif name in made:
+            todo.extend(t for t in made[name].input if t)
+    if not found:
+        return ""
+    return f", condition reads input{'s' if len(found) > 1 else ''} {', '.join(map(repr, sorted(found)))}"
 
 
 def weight_array(model: onnx.ModelProto, layer: Layer) -> np.ndarray:

@@ -189,11 +189,12 @@ def export(module, args: tuple, names: list[str], out_name: str, path: Path, dyn
                               dynamo=False, opset_version=17, dynamic_axes=axes)
 
 
-def check_ort(model_path: Path, calib: dict[str, np.ndarray], batch: int = 2) -> list[tuple]:
-    """Run the exported model on the first calibration samples (a build is only kept if it runs)."""
+def check_ort(model_path: Path, calib: dict[str, np.ndarray], batch: int | None = 2) -> list[tuple]:
+    """Run the exported model on the first calibration samples (a build is only kept if it runs);
+    ``batch`` None: ``calib`` is one whole feed, run as it is."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    feed = {k: v[:batch] for k, v in calib.items() if k in {i.name for i in sess.get_inputs()}}
+    feed = {k: v if batch is None else v[:batch] for k, v in calib.items() if k in {i.name for i in sess.get_inputs()}}
     outs = sess.run(None, feed)
     return [tuple(o.shape) for o in outs]
 
@@ -240,18 +241,41 @@ def b_nudenet(name, d):
             "exporter": "shipped (ultralytics)"}
 
 
+def save_feeds(d: Path, feeds: list[dict[str, np.ndarray]]) -> str:
+    """Whole feeds for ``--calib-feeds``: ``feeds/feed_NNN.npz``, each array exactly as the model takes it."""
+    out = d / "feeds"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, feed in enumerate(feeds):
+        np.savez(out / f"feed_{i:03d}.npz", **feed)
+    return "feeds"
+
+
 def _silero(fname, d):
+    import onnxruntime as ort
     import silero_vad
     shutil.copy(Path(silero_vad.__file__).parent / "data" / fname, d / "model.onnx")
     clips = speech_like(N_TXT, 1.0, 2)
-    chunks = np.stack([c[4000:4512] for c in clips])            # 512-sample frames at 16 kHz (32 ms)
-    # What the model is fed at each call: input [batch,512], state [2,batch,128] (batch on axis 1),
-    # sr a scalar int64. The pass wants axis 0 = samples for every input: written as the model
-    # takes it, so the pass either handles it or says why not.
-    return {"calib": save_calib(d, {"input": chunks, "state": np.zeros((2, len(chunks), 128), np.float32),
-                                    "sr": np.array(16000, np.int64)}),
+    # What the model is fed at each call (silero_vad's own OnnxWrapper at 16 kHz): input [batch, 64 + 512]
+    # (the last 64 samples of the previous call, then a 512-sample frame), state [2, batch, 128] (batch on
+    # axis 1), sr a scalar int64. No axis-0 sample layout exists, so these are whole feeds (--calib-feeds),
+    # batch 1 as in streaming use; each is the model's 8th call on a clip, with the state and context
+    # that the 7 calls before it left (a zero state is only ever seen on a clip's first frame).
+    sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = []
+    for clip in clips:
+        state, context = np.zeros((2, 1, 128), np.float32), np.zeros((1, 64), np.float32)
+        for k in range(8):
+            frame = np.concatenate([context, clip[None, k * 512:(k + 1) * 512]], axis=1)
+            feed = {"input": frame, "state": state, "sr": np.array(16000, np.int64)}
+            if k == 7:
+                feeds.append(feed)
+                break
+            _, state = sess.run(None, feed)
+            context = frame[:, -64:]
+    return {"calib": save_feeds(d, feeds), "feeds": True,
             "source": "silero-vad wheel (real weights)", "exporter": "shipped",
-            "notes": "state has its batch on axis 1 and sr is a rank-0 input: no axis-0 sample layout exists"}
+            "notes": "state has its batch on axis 1 and sr is a rank-0 input: whole feeds (--calib-feeds), batch 1, "
+                     "input = 64 context + 512 samples at 16 kHz, state after 7 real calls"}
 
 
 def b_silero_vad(name, d):
@@ -508,15 +532,21 @@ def build_one(name: str) -> dict:
     entry = {"name": name, "quick": spec["quick"], "venv": spec.get("venv", "main")}
     try:
         info = spec["fn"](name, d)
-        calib = dict(np.load(d / info["calib"]))
+        if info.get("feeds"):  # whole feeds: check on the first, as it is; each holds one sample
+            files = sorted((d / info["calib"]).glob("*.npz"))
+            calib = dict(np.load(files[0]))
+            check = lambda: check_ort(d / "model.onnx", calib, batch=None)  # noqa: E731
+        else:
+            calib = dict(np.load(d / info["calib"]))
+            check = lambda: check_ort(d / "model.onnx", calib)  # noqa: E731
         try:
-            entry["ort_outputs"] = [list(s) for s in check_ort(d / "model.onnx", calib)]
+            entry["ort_outputs"] = [list(s) for s in check()]
         except Exception as exc:  # the build is kept: whether the pass copes is the point
             entry["ort_check"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         entry.update(info)
         entry["file"] = f"models/{name}/model.onnx"
         entry["calib"] = f"models/{name}/{info['calib']}"
-        entry["samples"] = int(len(next(a for a in calib.values() if a.ndim > 0)))
+        entry["samples"] = len(files) if info.get("feeds") else int(len(next(a for a in calib.values() if a.ndim > 0)))
         entry["size_mb"] = round(sum(f.stat().st_size for f in d.iterdir() if f.is_file()) / 1e6, 1)
         entry.setdefault("flags", "")
         entry["status"] = "built"

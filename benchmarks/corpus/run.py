@@ -7,6 +7,9 @@ Models come from ``benchmarks/corpus/build.py`` (manifest ``corpus.json``). Each
     ampq-pass MODEL -o OUT --calib CALIB --max-loss-rmse 0.05 --report R.json \
               --cache-dir <fresh dir> --no-progress [manifest flags]
 
+(``--calib-feeds DIR`` instead of ``--calib`` for entries marked ``"feeds"``: whole feeds, as silero-vad
+with its scalar ``sr`` needs)
+
 in a subprocess with a timeout, under ``/usr/bin/time -v`` (peak RSS), against a snapshot of
 the committed code (``git archive HEAD`` in /tmp, first on PYTHONPATH, like
 benchmarks/run_snapshot.sh) so in-progress edits to ampq_pass in this checkout do not leak
@@ -127,7 +130,9 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
     model = HERE / entry["file"]
     calib = HERE / entry["calib"]
     report = d / "report.json"
-    cmd = [str(PY), "-c", code, str(model), "-o", str(d / "model_mp.onnx"), "--calib", str(calib),
+    # "feeds": the calibration is a directory of whole feeds (scalar inputs, a batch off axis 0)
+    cmd = [str(PY), "-c", code, str(model), "-o", str(d / "model_mp.onnx"),
+           "--calib-feeds" if entry.get("feeds") else "--calib", str(calib),
            "--max-loss-rmse", "0.05", "--report", str(report), "--cache-dir", str(d / "cache"), "--no-progress",
            *entry.get("flags", "").split()]
     timefile = d / "time.txt"

@@ -61,7 +61,7 @@ def test_layers_inside_control_flow_get_a_one_line_reason(tmp_path, capsys):
 
     model = _layers_in_if_branches()
     assert find_layers(model) == [] and layers_in_bodies(model) == {"branch": 1}
-    with pytest.raises(AmpqError, match=r"inside a control-flow body \(If 'branch' \(1\)\)"):
+    with pytest.raises(AmpqError, match=r"inside a control-flow body \(If 'branch' \(1, condition reads input 'flag'\)\)"):
         require_layers(model, [], "m.onnx")
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
