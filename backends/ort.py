@@ -33,6 +33,7 @@ import onnxruntime as ort
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.ort import make_session
+from ampq_pass.backends.ort_rules import ORT_CPU_RULES
 
 __all__ = ["OrtBackend", "Timing", "available_providers", "time_interleaved"]
 
@@ -87,7 +88,7 @@ class OrtBackend(Backend):
     """ONNX Runtime on one execution provider (``ort:cpu`` by default)."""
 
     def __init__(self, provider: str = "cpu", *, threads: int = 2, protocol: Protocol | None = None,
-                 device_id: int = 0, formats: tuple[str, ...] | None = None):
+                 device_id: int = 0, formats: tuple[str, ...] | None = None, fusion: bool = True):
         if provider not in PROVIDERS:
             raise AmpqError(f"unknown ONNX Runtime provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
         if provider not in available_providers():
@@ -103,7 +104,9 @@ class OrtBackend(Backend):
             if unknown:
                 raise AmpqError(f"ort:{provider} does not run {unknown[0]!r} fast; it offers {', '.join(fast) or 'hp only'}")
             fast = tuple(f for f in fast if f in formats)
-        self._caps = Capabilities(fast, hp, self._device())
+        # the CPU EP's integer kernels between layers (ort_rules.py); ``fusion=False``: layers only
+        rules = ORT_CPU_RULES if fusion and provider == "cpu" and "int8" in fast else None
+        self._caps = Capabilities(fast, hp, self._device(), rules)
         self.name = f"ort:{provider}"
 
     def _device(self) -> str:
@@ -117,7 +120,8 @@ class OrtBackend(Backend):
     def key(self) -> dict:
         return {"backend": "ort", "provider": PROVIDERS[self.provider][0], "device": self._caps.device,
                 "onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": self.threads,
-                "inter_op_threads": 1, "spinning": False, "protocol": self.protocol.to_json()}
+                "inter_op_threads": 1, "spinning": False, "protocol": self.protocol.to_json(),
+                "fusion": self._caps.rules.key() if self._caps.rules is not None else None}
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         """A session with the fixed thread settings this backend's timings are keyed by.

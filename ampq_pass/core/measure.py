@@ -22,6 +22,8 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
+from ampq_pass.core.fusion import FusionRules
+
 
 #: two-sided 95% normal quantile, for the order-statistic confidence interval of a median
 _Z95 = 1.959963984540054
@@ -181,6 +183,8 @@ class Capabilities:
     formats: tuple[str, ...]
     hp: str
     device: str
+    #: the ops between layers it fuses in 8 bits (:mod:`ampq_pass.core.fusion`); None: none
+    rules: FusionRules | None = None
 
     def filter(self, formats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         """``formats`` restricted to what this backend offers, in the caller's order."""

@@ -15,6 +15,7 @@ import onnx
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError, runtime_errors
 from ampq_pass.core.formats import FORMATS
+from ampq_pass.core.fusion import FusionRules, rule_tensors
 from ampq_pass.core.proto import fits_protobuf, save_external
 from ampq_pass.core.samples import Samples, samples_digest
 from ampq_pass.stages.layers import Layer
@@ -142,13 +143,15 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
 
 
 def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples, *, method: str = "minmax",
-                   batch_size: int = 8, cache: Cache | None = None) -> Ranges:
-    """Calibrated ranges of every activation a plan over ``layers`` may quantize.
+                   batch_size: int = 8, cache: Cache | None = None, rules: FusionRules | None = None) -> Ranges:
+    """Calibrated ranges of every activation a plan over ``layers`` may quantize (and, with a
+    backend's fusion ``rules``, the tensors between layers that a rewrite following them may
+    quantize: :func:`ampq_pass.core.fusion.rule_tensors`).
 
     Computed once per (model, samples, method) and kept in ``cache``: sensitivity, timing
     and rewrite all read these same ranges.
     """
-    tensors = required_ranges(layers)
+    tensors = sorted(set(required_ranges(layers)) | set(rule_tensors(model, rules)))
     key = digest("ranges", model_digest(model), samples_digest(samples), method, batch_size, tensors)
     ranges, _ = cached(cache, "ranges", key, lambda: calibrate(model, samples, tensors, method=method,
                                                              batch_size=batch_size),

@@ -20,10 +20,12 @@ from onnx import numpy_helper
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import FORMATS, HP, Emitted, Format
+from ampq_pass.core.fusion import FusionRules
 from ampq_pass.core.graph import drop_unused_initializers, ensure_node_names, initializers
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.proto import copy_model, fits_protobuf, raise_opset, stripped_copy
 from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.stages.fusion import follow_rules
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.plan import Plan, validate_plan
 
@@ -74,13 +76,16 @@ def _range(ranges: Ranges | None, tensor: str) -> tuple[float, float]:
     return ranges[tensor]
 
 
-def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ranges | None) -> onnx.ModelProto:
+def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ranges | None, *,
+            rules: FusionRules | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with ``plan`` applied as QDQ/Cast nodes; ``model`` is not modified.
 
     An all-``hp`` plan returns an unchanged copy. Models above 2 GB are never copied
     whole: the edits run on a weight-less copy and only the weights the rewritten graph
     still reads are copied in at the end, so a plan that quantizes most weights adds
-    about a quarter of the model size, not the whole of it.
+    about a quarter of the model size, not the whole of it. ``rules`` (the backend's,
+    :attr:`ampq_pass.core.measure.Capabilities.rules`) also quantizes the ops between layers
+    that the backend fuses (:func:`ampq_pass.stages.fusion.follow_rules`).
     """
     validate_plan(plan, layers)
     large = not fits_protobuf(model)
@@ -98,6 +103,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
             if fmt_name != HP:
                 _rewrite_layer(edits, by_name[node_name], FORMATS[fmt_name], nodes[node_name], inits, ranges)
         edits.apply()
+        follow_rules(out, rules, ranges)
         drop_unused_initializers(out.graph)
     return _fill_weights(out, model) if large else out
 

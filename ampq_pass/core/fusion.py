@@ -1,0 +1,102 @@
+"""Fusion rules: which ops *between* layers a backend runs on 8-bit tensors, as plain data.
+
+The layer rewrite (:mod:`ampq_pass.stages.rewrite`) quantizes layers (Conv, MatMul, Gemm ...);
+what sits between them (Add, Relu, pooling, Concat, Reshape ...) stays in float, so a
+backend that has integer kernels for those ops pays DQ -> float -> Q around each of them.
+A backend says which ops it fuses with a :class:`FusionRules` table, reached through
+:attr:`ampq_pass.core.measure.Capabilities.rules` (the tables themselves live with the
+adapters, e.g. ``ampq_pass.backends.ort_rules``); :func:`ampq_pass.stages.fusion.follow_rules`
+places Q/DQ by the table. One entry per op, three kinds:
+
+- :data:`INTEGER`: the op has an integer kernel that the backend forms from DQ on every data
+  input and one Q on the output (ONNX Runtime: QLinearAdd, QLinearConcat, QLinearGlobalAveragePool ...).
+- :data:`PASSTHROUGH`: the op moves or selects values; with DQ before and Q after at the *same*
+  scale and zero point the backend drops both and runs the op on the 8-bit tensor.
+- :data:`ABSORBED`: an activation (Relu, Clip) after an op with an 8-bit output, which the
+  output's Q makes redundant when its zero point is the lowest code.
+
+:func:`rule_tensors` names the tensors whose calibrated range a rewrite with the table may
+read (calibration runs once, before any plan is known).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from ampq_pass.core.proto import default_opset
+
+INTEGER = "integer"
+PASSTHROUGH = "passthrough"
+ABSORBED = "absorbed"
+KINDS = (INTEGER, PASSTHROUGH, ABSORBED)
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How a backend runs one op type between quantized neighbours."""
+
+    kind: str
+    #: input slots that carry data to quantize (None: every input, e.g. Concat); other inputs
+    #: (shapes, axes, indices, a Where condition) stay as they are
+    inputs: tuple[int, ...] | None = (0,)
+    #: lowest default-domain opset at which the backend fuses it (0: any)
+    min_opset: int = 0
+    #: where in the backend's source this rule comes from
+    source: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown fusion kind {self.kind!r}; expected one of {KINDS}")
+
+    def data_inputs(self, node: onnx.NodeProto) -> list[int]:
+        """The slots of ``node`` that must arrive quantized (absent optional inputs skipped)."""
+        slots = range(len(node.input)) if self.inputs is None else self.inputs
+        return [i for i in slots if i < len(node.input) and node.input[i]]
+
+
+@dataclass(frozen=True, eq=False)
+class FusionRules:
+    """A backend's table: op type -> :class:`OpRule` (default domain only)."""
+
+    name: str
+    rules: dict[str, OpRule] = field(default_factory=dict)
+
+    def rule(self, node: onnx.NodeProto, opset: int) -> OpRule | None:
+        """The rule for ``node`` at ``opset``, or None when the backend keeps it in float."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        r = self.rules.get(node.op_type)
+        return r if r is not None and opset >= r.min_opset else None
+
+    def key(self) -> dict:
+        """What a timing made with these rules depends on (part of cache keys)."""
+        return {"name": self.name, "rules": {op: [r.kind, list(r.inputs) if r.inputs is not None else None,
+                                                  r.min_opset] for op, r in sorted(self.rules.items())}}
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {v.name for v in (*g.input, *g.value_info, *g.output)
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in _FLOAT_TYPES}
+
+
+def rule_tensors(model: onnx.ModelProto, rules: FusionRules | None) -> list[str]:
+    """Float tensors whose range a rewrite following ``rules`` may need: the outputs of the
+    :data:`INTEGER` and :data:`ABSORBED` ops of ``model`` (a :data:`PASSTHROUGH` op reuses
+    its input's scale). Tensors of unknown type are left out (the pass then keeps that op
+    in float): the model should carry inferred shapes, as :func:`ampq_pass.core.model.load_model`
+    leaves it."""
+    if rules is None:
+        return []
+    opset = default_opset(model)
+    floats = _float_tensors(model)
+    names = set()
+    for node in model.graph.node:
+        r = rules.rule(node, opset)
+        if r is not None and r.kind in (INTEGER, ABSORBED) and node.output and node.output[0] in floats:
+            names.add(node.output[0])
+    return sorted(names)

@@ -1,0 +1,287 @@
+"""Follow a backend's fusion rules after the layer rewrite (issue 13, item 2).
+
+:func:`ampq_pass.stages.rewrite.rewrite` places each quantized layer's Q/DQ; everything
+between layers stays float. :func:`follow_rules` then quantizes the ops between layers that
+the backend runs on 8-bit tensors (:class:`ampq_pass.core.fusion.FusionRules`), *only* where
+the backend would fuse them: an op is taken when every data input is already 8-bit (it
+comes out of a DequantizeLinear, or the tensor has a QuantizeLinear -> DequantizeLinear
+pair that a layer placed) and every consumer of its output is 8-bit too (a QuantizeLinear,
+or another op taken). Ops are decided together, as the greatest set that satisfies both
+conditions (a chain Add -> Relu -> MaxPool -> Conv is taken whole or not at all), so no Q/DQ
+is ever placed where the backend would keep DQ -> float -> Q.
+
+What is placed, per kind:
+
+- integer op (Add, Concat, GlobalAveragePool ...): its data inputs read the dequantized
+  tensors; its output gets one Q -> DQ, the one a layer already placed on that tensor when
+  there is one, else a new one from the tensor's calibrated range.
+- absorbed activation (Relu, Clip) after an op with an 8-bit output: the Q/DQ between the op
+  and the activation is removed and the activation's output is quantized (its zero point is
+  the lowest code, which makes the activation redundant: the backend folds it into the op).
+- passthrough op (MaxPool, Reshape, Transpose ...): DQ before and Q after with the *same*
+  scale and zero point (tensors joined by passthrough ops share parameters; where two layers
+  already fixed different ones, those ops stay float).
+
+Only uint8 per-tensor activations (the ``int8`` format's) take part. A tensor without a
+calibrated range (ranges computed without the rules, see
+:func:`ampq_pass.core.fusion.rule_tensors`) keeps its op in float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ampq_pass.core.formats import Int8
+from ampq_pass.core.fusion import ABSORBED, INTEGER, PASSTHROUGH, FusionRules, OpRule
+from ampq_pass.core.graph import bodies, outer_scope_reads
+from ampq_pass.core.proto import default_opset
+
+_Q, _DQ = "QuantizeLinear", "DequantizeLinear"
+_OUTSIDE = None  # a consumer the pass cannot see into (graph output, a subgraph body)
+
+
+class _Graph:
+    """Producers, consumers and the 8-bit activations of a rewritten graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.model = model
+        self.inits = {t.name: t for t in g.initializer}
+        self.prod: dict[str, onnx.NodeProto] = {o: n for n in g.node for o in n.output if o}
+        self.cons: dict[str, list] = {}
+        for n in g.node:
+            for name in n.input:
+                if name:
+                    self.cons.setdefault(name, []).append(n)
+            if bodies(n):
+                for name in outer_scope_reads(n):
+                    self.cons.setdefault(name, []).append(_OUTSIDE)
+        for o in g.output:
+            self.cons.setdefault(o.name, []).append(_OUTSIDE)
+        #: float tensor -> (its dequantized name, scale initializer, zero-point initializer)
+        self.view: dict[str, tuple[str, str, str]] = {}
+        for n in g.node:
+            if self.is_act(n, _Q):
+                dqs = [c for c in self.cons.get(n.output[0], []) if c is not _OUTSIDE and self.is_act(c, _DQ)
+                       and list(c.input[1:3]) == list(n.input[1:3])]
+                if dqs:
+                    self.view.setdefault(n.input[0], (dqs[0].output[0], n.input[1], n.input[2]))
+                    for dq in dqs:
+                        self.view[dq.output[0]] = (dq.output[0], n.input[1], n.input[2])
+
+    def is_act(self, node, op: str) -> bool:
+        """Whether ``node`` is a QuantizeLinear/DequantizeLinear of a uint8 per-tensor activation."""
+        if node is _OUTSIDE or node.op_type != op or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
+            return False
+        scale, zp = self.inits.get(node.input[1]), self.inits.get(node.input[2])
+        return (scale is not None and zp is not None and zp.data_type == TensorProto.UINT8
+                and int(np.prod(scale.dims)) == 1 and int(np.prod(zp.dims)) == 1)
+
+    def params(self, tensor: str) -> tuple[float, int]:
+        _, s, z = self.view[tensor]
+        return (float(numpy_helper.to_array(self.inits[s]).reshape(())),
+                int(numpy_helper.to_array(self.inits[z]).reshape(())))
+
+    def users(self, tensor: str) -> list:
+        return self.cons.get(tensor, [])
+
+
+def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) -> tuple[set[str], dict]:
+    """The greatest set of candidate nodes that satisfy the rules, and the parameters of every
+    tensor the pass quantizes anew: tensor -> ("view", tensor with a Q/DQ) or ("range", (lo, hi))."""
+    taken = set(cand)
+
+    def avail(t: str) -> bool:
+        p = gr.prod.get(t)
+        return t in gr.view or (p is not None and p.name in taken)
+
+    def absorbed_ok(node) -> bool:
+        x = node.input[0]
+        if [c.name if c is not _OUTSIDE else None for c in gr.users(x)] != [node.name]:
+            return False
+        p = gr.prod.get(x)
+        if p is None:
+            return False
+        if p.name in taken:
+            return cand[p.name][1].kind == INTEGER
+        if not gr.is_act(p, _DQ):
+            return False
+        q = gr.prod.get(p.input[0])
+        return (q is not None and gr.is_act(q, _Q) and len(gr.users(q.output[0])) == 1
+                and len(gr.users(q.input[0])) == 1)
+
+    def output_ok(node, rule: OpRule) -> bool:
+        # The backend wants the op's output to go to one Q only. Other float readers then read
+        # the dequantized tensor, which is only worth it when an 8-bit reader needs the Q anyway.
+        users = gr.users(node.output[0])
+        qs = [c for c in users if gr.is_act(c, _Q)]
+        if len(qs) > 1 or any(c is _OUTSIDE for c in users):
+            return False
+        return bool(qs) or any(c.name in taken for c in users)
+
+    def ok(name: str) -> bool:
+        node, rule = cand[name]
+        if rule.kind == ABSORBED:
+            if not absorbed_ok(node):
+                return False
+        elif not all(avail(node.input[i]) for i in rule.data_inputs(node)):
+            return False
+        return output_ok(node, rule)
+
+    while True:
+        while True:
+            drop = {n for n in taken if not ok(n)}
+            if not drop:
+                break
+            taken -= drop
+        # tensors joined by taken passthrough ops share their parameters
+        parent: dict[str, str] = {}
+
+        def find(t):
+            while parent.get(t, t) != t:
+                t = parent[t]
+            return t
+
+        for name in taken:
+            node, rule = cand[name]
+            if rule.kind == PASSTHROUGH:
+                a, b = find(node.input[0]), find(node.output[0])
+                if a != b:
+                    parent[b] = a
+        members: dict[str, list[str]] = {}
+        for name in taken:
+            node, rule = cand[name]
+            for t in ([node.input[i] for i in rule.data_inputs(node)] + [node.output[0]]):
+                members.setdefault(find(t), [])
+                if t not in members[find(t)]:
+                    members[find(t)].append(t)
+        source: dict[str, tuple] = {}
+        bad: set[str] = set()
+        for root, ts in members.items():
+            fixed = [t for t in ts if t in gr.view]
+            values = {gr.params(t) for t in fixed}
+            if len(values) > 1:  # the backend compares the values exactly
+                bad.update(ts)
+                continue
+            if fixed:
+                src = ("view", fixed[0])
+            else:
+                # a new class: the range of the tensor the chain starts from (a passthrough
+                # op's output range lies inside its input's)
+                start = [t for t in ts if not (gr.prod.get(t) is not None and gr.prod[t].name in taken
+                                               and cand[gr.prod[t].name][1].kind == PASSTHROUGH)]
+                t0 = start[0] if start else ts[0]
+                if ranges is None or t0 not in ranges:
+                    bad.update(ts)
+                    continue
+                src = ("range", tuple(ranges[t0]))
+            for t in ts:
+                source[t] = src
+        # tensors a taken op writes but no Q follows (an integer op feeding an absorbed
+        # activation) need no parameters; the rest must have some
+        dropped = False
+        for name in list(taken):
+            node, rule = cand[name]
+            out = node.output[0]
+            feeds_absorbed = [c.name for c in gr.users(out) if c is not _OUTSIDE and c.name in taken
+                              and cand[c.name][1].kind == ABSORBED]
+            needs = [node.input[i] for i in rule.data_inputs(node)] if rule.kind != ABSORBED else []
+            needs += [] if feeds_absorbed else [out]
+            if (any(t in bad or t not in source for t in needs if t not in gr.view) or any(t in bad for t in needs)
+                    or (rule.kind == ABSORBED and _zero_point(gr, source.get(out)) != 0)):
+                # no parameters, parameters in conflict, or a Q that leaves the activation needed
+                taken.discard(name)
+                dropped = True
+        if not dropped and all(ok(n) for n in taken):
+            return taken, source
+
+
+def _zero_point(gr: _Graph, src) -> int | None:
+    if src is None:
+        return None
+    if src[0] == "view":
+        return gr.params(src[1])[1]
+    return int(Int8.activation_params(*src[1])[1])
+
+
+def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> bool:
+    """Quantize, in place, the ops of ``model`` (already rewritten by the plan) that ``rules``
+    fuse between 8-bit neighbours; ``ranges`` (:class:`ampq_pass.stages.calibrate.Ranges`)
+    gives the parameters of tensors no layer quantized. Returns whether ``model`` changed."""
+    if rules is None:
+        return False
+    opset = default_opset(model)
+    gr = _Graph(model)
+    cand = {}
+    for node in model.graph.node:
+        rule = rules.rule(node, opset)
+        if rule is None or not node.name or len([o for o in node.output if o]) != 1 or not node.output[0]:
+            continue
+        if rule.kind != ABSORBED and not rule.data_inputs(node):
+            continue
+        cand[node.name] = (node, rule)
+    if not cand:
+        return False
+    taken, source = _decide(gr, cand, ranges)
+    if not taken:
+        return False
+
+    g = model.graph
+    after: dict[str, list[onnx.NodeProto]] = {}
+    removed: set[str] = set()
+    made: dict[tuple, tuple[str, str]] = {}  # parameters -> (scale, zero point) initializer names
+
+    def params_of(src, tensor: str) -> tuple[str, str]:
+        if src[0] == "view":
+            _, s, z = gr.view[src[1]]
+            return s, z
+        if src not in made:
+            scale, zp = Int8.activation_params(*src[1])
+            base = f"{tensor}_fused_int8"
+            g.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
+                                  numpy_helper.from_array(np.asarray(zp, np.uint8), base + "_zero_point")])
+            made[src] = (base + "_scale", base + "_zero_point")
+        return made[src]
+
+    for node in list(g.node):
+        if node.name not in taken:
+            continue
+        rule = cand[node.name][1]
+        if rule.kind == ABSORBED:
+            x = node.input[0]
+            p = gr.prod[x]
+            if p.name not in taken:  # op -> Q -> DQ -> activation: the activation reads the op's output
+                q = gr.prod[p.input[0]]
+                node.input[0] = q.input[0]
+                removed.update({p.name, q.name})
+        else:
+            for i in rule.data_inputs(node):
+                node.input[i] = gr.view[node.input[i]][0]
+        out = node.output[0]
+        users = gr.users(out)
+        if any(c.name in taken and cand[c.name][1].kind == ABSORBED for c in users):
+            continue  # the activation after it carries the Q (and is its only reader)
+        if out not in gr.view:  # else a layer's Q/DQ already follows
+            s, z = params_of(source[out], out)
+            base = f"{out}_fused_int8"
+            q = helper.make_node(_Q, [out, s, z], [base + "_quantized"], name=base + "_QuantizeLinear")
+            dq = helper.make_node(_DQ, [base + "_quantized", s, z], [base + "_dequantized"],
+                                  name=base + "_DequantizeLinear")
+            after[node.name] = [q, dq]
+            gr.view[out] = gr.view[base + "_dequantized"] = (base + "_dequantized", s, z)
+        for c in users:  # every reader but the Q reads the dequantized tensor
+            if not gr.is_act(c, _Q):
+                for i, name in enumerate(c.input):
+                    if name == out:
+                        c.input[i] = gr.view[out][0]
+    ordered = []
+    for node in g.node:
+        if node.name in removed:
+            continue
+        ordered.append(node)
+        ordered.extend(after.get(node.name, []))
+    del g.node[:]
+    g.node.extend(ordered)
+    return True

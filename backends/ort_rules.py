@@ -1,0 +1,68 @@
+"""ONNX Runtime CPU EP: the ops between layers it runs on 8-bit tensors (the fusion rule table).
+
+Read from ONNX Runtime's source (1.2x main), not from its Python quantizer: what matters is
+what the CPU EP's graph optimizer fuses, i.e. the QDQ selectors registered for
+``kCpuExecutionProvider`` in
+``onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc``
+and their checks in ``qdq_selectors.cc``:
+
+- ``UnaryOpQDQRules`` (DQ -> op -> Q becomes a com.microsoft QLinear op): AveragePool,
+  LeakyRelu, GlobalAveragePool, Sigmoid, Softmax.
+- ``BinaryOpQDQRules`` (both inputs from DQ, output to Q; CPU only): Add, Mul.
+- ``VariadicOpQDQRules`` (every input from DQ): Concat -> QLinearConcat.
+- ``WhereQDQRules`` (inputs 1 and 2 from DQ; the condition stays bool): Where -> QLinearWhere.
+- ``DropQDQNodesRules`` (DQ -> op -> Q with equal scale and zero point: both dropped, the op runs
+  on the 8-bit tensor): Expand, Flatten, Gather, GatherElements, Reshape, Slice, Squeeze,
+  Tile, Transpose, Unsqueeze; Resize (no 16-bit); MaxPool (opset >= 12, positive scale),
+  ReduceMax, ReduceMin.
+- ``NodeGroupSelector::GetQDQSelection``: a Relu or Clip between a target op and its Q is
+  absorbed when the Q makes it redundant (``IsClipMadeRedundantByQ``: zero point at the
+  lowest code).
+
+Every selector also requires (``CheckQDQNodes``) that the target's outputs go to Q nodes
+only, one per output, and that the target produces no graph output. Not in the table:
+Split (``SplitReplaceWithQuant``, several outputs), ArgMax (DQ dropped, no Q),
+ReduceMean (no QLinear kernel on the CPU EP: ``x.mean(dim=(2, 3))`` exports as ReduceMean and
+stays float), and the layers themselves (Conv, MatMul, Gemm: the formats' business).
+``qdq_propagation.cc`` moves Q/DQ through MaxPool, Reshape, Transpose, Squeeze, Unsqueeze and
+Slice on its own; placing them with equal parameters here makes that unnecessary.
+"""
+
+from __future__ import annotations
+
+from ampq_pass.core.fusion import ABSORBED, INTEGER, PASSTHROUGH, FusionRules, OpRule
+
+_SEL = "qdq_selector_action_transformer.cc"
+
+
+def _integer(source: str, inputs=(0,)) -> OpRule:
+    return OpRule(INTEGER, inputs, source=f"{_SEL}: {source}")
+
+
+def _drop(source: str, min_opset: int = 0) -> OpRule:
+    return OpRule(PASSTHROUGH, (0,), min_opset, source=f"{_SEL}: {source}")
+
+
+#: the CPU EP's table; one entry per op type
+ORT_CPU_RULES = FusionRules("ort:cpu", {
+    # integer kernels
+    "Add": _integer("BinaryOpQDQRules -> QLinearAdd", (0, 1)),
+    "Mul": _integer("BinaryOpQDQRules -> QLinearMul", (0, 1)),
+    "Concat": _integer("VariadicOpQDQRules -> QLinearConcat", None),
+    "AveragePool": _integer("UnaryOpQDQRules -> QLinearAveragePool"),
+    "GlobalAveragePool": _integer("UnaryOpQDQRules -> QLinearGlobalAveragePool"),
+    "LeakyRelu": _integer("UnaryOpQDQRules -> QLinearLeakyRelu"),
+    "Sigmoid": _integer("UnaryOpQDQRules -> QLinearSigmoid"),
+    "Softmax": _integer("UnaryOpQDQRules -> QLinearSoftmax"),
+    "Where": _integer("WhereQDQRules -> QLinearWhere", (1, 2)),
+    # Q/DQ dropped around data movement
+    "MaxPool": _drop("DropQDQNodesRules (no 16-bit, positive scale)", 12),
+    "Resize": _drop("DropQDQNodesRules (no 16-bit)"),
+    "ReduceMax": _drop("DropQDQNodesRules (no 16-bit, positive scale)"),
+    "ReduceMin": _drop("DropQDQNodesRules (no 16-bit, positive scale)"),
+    **{op: _drop("DropQDQNodesRules") for op in ("Expand", "Flatten", "Gather", "GatherElements", "Reshape",
+                                                  "Slice", "Squeeze", "Tile", "Transpose", "Unsqueeze")},
+    # activations made redundant by the Q after them
+    "Relu": OpRule(ABSORBED, (0,), source="qdq_selectors.cc: GetQDQSelection, IsClipMadeRedundantByQ"),
+    "Clip": OpRule(ABSORBED, (0,), source="qdq_selectors.cc: GetQDQSelection, IsClipMadeRedundantByQ"),
+})

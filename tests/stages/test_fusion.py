@@ -1,0 +1,207 @@
+"""The rewrite that follows a backend's fusion rules (issue 13, item 2): ONNX Runtime's CPU EP
+table on a residual CNN built here, checked against the graph ONNX Runtime itself optimizes."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ampq_pass.backends.ort import OrtBackend
+from ampq_pass.backends.ort_rules import ORT_CPU_RULES
+from ampq_pass.core.fusion import ABSORBED, INTEGER, PASSTHROUGH, FusionRules, OpRule, rule_tensors
+from ampq_pass.core.measure import Capabilities
+from ampq_pass.core.samples import Samples
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.fusion import follow_rules
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+
+
+def residual_cnn(seed: int = 0, c: int = 8, head: bool = True) -> onnx.ModelProto:
+    """stem Conv -> Relu -> [Conv -> Relu -> Conv] + skip -> Add -> Relu -> MaxPool -> Conv -> Relu
+    -> (GlobalAveragePool -> Flatten -> Gemm, or the last Relu as the output)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name, x, cin, cout):
+        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin))
+                                             .astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype(np.float32), f"{name}.b"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}_out"], name=name, pads=[1] * 4))
+        return f"{name}_out"
+
+    def op(kind, inputs, name, **attrs):
+        nodes.append(helper.make_node(kind, inputs, [f"{name}_out"], name=name, **attrs))
+        return f"{name}_out"
+
+    h = op("Relu", [conv("stem", "x", 3, c)], "stem_relu")
+    b = conv("b", op("Relu", [conv("a", h, c, c)], "a_relu"), c, c)
+    r = op("Relu", [op("Add", [h, b], "add")], "add_relu")
+    p = op("MaxPool", [r], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    y = op("Relu", [conv("c", p, c, c)], "c_relu")
+    if head:
+        g = op("Flatten", [op("GlobalAveragePool", [y], "gap")], "flat")
+        inits.append(numpy_helper.from_array((rng.standard_normal((10, c)) / np.sqrt(c)).astype(np.float32), "fc.w"))
+        inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"))
+        nodes.append(helper.make_node("Gemm", [g, "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])
+    else:
+        nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c, 8, 8])
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _feeds(n=16, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)}
+
+
+def _session(model, path=None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if path:
+        so.optimized_model_filepath = str(path)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _optimized(model, tmp_path, tag):
+    path = tmp_path / f"{tag}.onnx"
+    _session(model, path)
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.fixture(scope="module")
+def cnn_setup():
+    model = residual_cnn()
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    return model, layers, ranges
+
+
+def _all_int8(layers):
+    return Plan({l.name: "int8" for l in layers})
+
+
+def test_rule_tensors_are_the_outputs_of_integer_and_absorbed_ops(cnn_setup):
+    model, layers, ranges = cnn_setup
+    names = rule_tensors(model, ORT_CPU_RULES)
+    assert names == sorted(["stem_relu_out", "a_relu_out", "add_out", "add_relu_out", "c_relu_out", "gap_out"])
+    assert all(t in ranges for t in names)
+    assert rule_tensors(model, None) == []
+
+
+def test_integer_add_with_rules_and_not_without(cnn_setup, tmp_path):
+    model, layers, ranges = cnn_setup
+    plain = rewrite(model, layers, _all_int8(layers), ranges)
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    onnx.checker.check_model(fused, full_check=True)
+    without, with_ = _optimized(plain, tmp_path, "plain"), _optimized(fused, tmp_path, "fused")
+    assert without["QLinearAdd"] == 0 and with_["QLinearAdd"] == 1
+    assert with_["QLinearGlobalAveragePool"] == 1 and without["QLinearGlobalAveragePool"] == 0
+    # every Relu folded into the op before it, the MaxPool runs on uint8: nothing float between layers
+    assert with_["Relu"] == 0 and with_["Add"] == 0 and with_["GlobalAveragePool"] == 0
+    assert with_["QLinearConv"] == without["QLinearConv"] == 4
+    # never a Q/DQ the backend keeps: the optimized graph has fewer, not more
+    qdq = lambda c: c["QuantizeLinear"] + c["DequantizeLinear"]  # noqa: E731
+    assert qdq(with_) < qdq(without)
+    assert [o.name for o in fused.graph.output] == [o.name for o in model.graph.output]
+
+
+def test_outputs_stay_close_to_fp32(cnn_setup):
+    model, layers, ranges = cnn_setup
+    feeds = _feeds(32, seed=7)
+    ref = _session(model).run(None, feeds)[0]
+    for rules in (None, ORT_CPU_RULES):
+        out = _session(rewrite(model, layers, _all_int8(layers), ranges, rules=rules)).run(None, feeds)[0]
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
+
+
+def test_no_qdq_around_an_op_not_in_the_table(cnn_setup):
+    """Without Add in the table the Add stays float, and so do the Relu and MaxPool after it:
+    no Q/DQ is placed around any of them (the Add may read a DQ a layer already placed)."""
+    model, layers, ranges = cnn_setup
+    table = FusionRules("no-add", {k: v for k, v in ORT_CPU_RULES.rules.items() if k != "Add"})
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=table)
+    nodes = {n.name: n for n in fused.graph.node}
+    plain = rewrite(model, layers, _all_int8(layers), ranges)
+    existing = {o for n in plain.graph.node for o in n.output}
+    assert set(nodes["add"].input) <= existing
+    for name in ("add", "add_relu", "pool"):
+        made = nodes[name].output[0]
+        assert made == f"{name}_out"
+        assert not any(n.op_type == "QuantizeLinear" and made in n.input for n in fused.graph.node
+                       if name != "pool"), name
+    assert [n.op_type for n in fused.graph.node if "add_out" in n.input] == ["Relu"]
+    assert sum(n.op_type == "QuantizeLinear" for n in fused.graph.node) < sum(
+        n.op_type == "QuantizeLinear" for n in plain.graph.node)  # only the Relus folded into Qs
+
+
+def test_an_empty_table_changes_nothing(cnn_setup):
+    model, layers, ranges = cnn_setup
+    plain = rewrite(model, layers, _all_int8(layers), ranges)
+    again = rewrite(model, layers, _all_int8(layers), ranges, rules=FusionRules("none", {}))
+    assert plain.SerializeToString() == again.SerializeToString()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(plain)
+    assert follow_rules(copy, None, ranges) is False
+    assert follow_rules(copy, FusionRules("none", {}), ranges) is False
+    assert follow_rules(copy, ORT_CPU_RULES, ranges) is True
+
+
+def test_float_neighbours_keep_the_op_float(cnn_setup, tmp_path):
+    """Only the convolutions a and b in int8: the Add reads one int8 input (b's output) and
+    one float one (the stem's Relu, whose producer stays float), so it stays float."""
+    model, layers, ranges = cnn_setup
+    fused = rewrite(model, layers, Plan({"a": "int8", "b": "int8"}), ranges, rules=ORT_CPU_RULES)
+    c = _optimized(fused, tmp_path, "partial")
+    assert c["QLinearAdd"] == 0 and c["QLinearConv"] == 2
+    assert c["QLinearGlobalAveragePool"] == 0
+
+
+def test_a_missing_range_keeps_the_op_float(cnn_setup, tmp_path):
+    """Ranges calibrated without the rules: ops whose new Q needs a range stay float; the
+    rest (Relu folded into a Q a layer already placed) still follows the rules."""
+    model, layers, _ = cnn_setup
+    ranges = compute_ranges(model, layers, Samples(_feeds()))
+    assert "add_out" not in ranges and "gap_out" not in ranges
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    c = _optimized(fused, tmp_path, "noranges")
+    assert c["QLinearGlobalAveragePool"] == 0
+    onnx.checker.check_model(fused, full_check=True)
+
+
+def test_passthrough_shares_the_scale_of_its_input():
+    model = residual_cnn(head=False)
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    prod = {o: n for n in fused.graph.node for o in n.output}
+    pool = next(n for n in fused.graph.node if n.op_type == "MaxPool")
+    dq_in = prod[pool.input[0]]
+    q_out = next(n for n in fused.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
+    assert dq_in.op_type == "DequantizeLinear" and list(dq_in.input[1:]) == list(q_out.input[1:])
+    # the graph output stays float and keeps its name
+    assert [o.name for o in fused.graph.output] == ["y"]
+
+
+def test_rules_reach_the_stages_through_the_backend():
+    assert OrtBackend().capabilities().rules is ORT_CPU_RULES
+    assert OrtBackend(fusion=False).capabilities().rules is None
+    assert OrtBackend().key()["fusion"] != OrtBackend(fusion=False).key()["fusion"]
+    assert Capabilities(("int8",), "fp32", "x").rules is None
+
+
+def test_table_entries_are_checked():
+    with pytest.raises(ValueError):
+        OpRule("fused")
+    assert {r.kind for r in ORT_CPU_RULES.rules.values()} == {INTEGER, PASSTHROUGH, ABSORBED}
+    mp = helper.make_node("MaxPool", ["a"], ["b"], kernel_shape=[2, 2])
+    assert ORT_CPU_RULES.rule(mp, 11) is None and ORT_CPU_RULES.rule(mp, 12) is not None
+    assert ORT_CPU_RULES.rules["Where"].data_inputs(helper.make_node("Where", ["c", "x", "y"], ["z"])) == [1, 2]
