@@ -283,5 +283,34 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> b
         ordered.append(node)
         ordered.extend(after.get(node.name, []))
     del g.node[:]
-    g.node.extend(ordered)
+    g.node.extend(_topological(ordered, {i.name for i in g.input} | set(gr.inits)))
     return True
+
+
+def _topological(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every tensor is written before it is read, as close to the
+    given order as possible (a reader rewired to a DQ that a layer placed just before itself
+    may come earlier in the list than that DQ)."""
+    written = {o for n in nodes for o in n.output if o}
+    known = set(ready)
+
+    def needs(n):
+        reads = [i for i in n.input if i] + (outer_scope_reads(n) if bodies(n) else [])
+        return [i for i in reads if i in written and i not in known]
+
+    out, waiting = [], []
+    for n in nodes:
+        waiting.append(n)
+        progress = True
+        while progress:
+            progress = False
+            rest = []
+            for w in waiting:
+                if needs(w):
+                    rest.append(w)
+                else:
+                    out.append(w)
+                    known.update(o for o in w.output if o)
+                    progress = True
+            waiting = rest
+    return out + waiting

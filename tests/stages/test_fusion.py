@@ -205,3 +205,31 @@ def test_table_entries_are_checked():
     mp = helper.make_node("MaxPool", ["a"], ["b"], kernel_shape=[2, 2])
     assert ORT_CPU_RULES.rule(mp, 11) is None and ORT_CPU_RULES.rule(mp, 12) is not None
     assert ORT_CPU_RULES.rules["Where"].data_inputs(helper.make_node("Where", ["c", "x", "y"], ["z"])) == [1, 2]
+
+
+def test_readers_before_the_layer_that_placed_the_dq_are_moved_after_it(tmp_path):
+    """A MaxPool listed before the convolution whose input Q/DQ it comes to read: the rewritten
+    graph is put back in topological order."""
+    rng = np.random.default_rng(3)
+    w = lambda name, cin, cout: numpy_helper.from_array(  # noqa: E731
+        (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["s"], name="stem", pads=[1] * 4),
+             helper.make_node("Relu", ["s"], ["h"], name="relu"),
+             helper.make_node("MaxPool", ["h"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["h"], ["a"], name="a", pads=[1] * 4),
+             helper.make_node("Conv", ["p", "w2"], ["c"], name="c", pads=[1] * 4)]
+    nodes[3].input.append("w1")
+    graph = helper.make_graph(nodes, "order", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("c", TensorProto.FLOAT, None)],
+                              [w("w0", 3, 8), w("w1", 8, 8), w("w2", 8, 8)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.ir_version = 8
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    onnx.checker.check_model(fused, full_check=True)
+    pool = next(n for n in fused.graph.node if n.name == "pool")
+    assert pool.input[0] != "h"  # it reads the dequantized tensor
+    c = _optimized(fused, tmp_path, "order")
+    assert c["QLinearConv"] == 3 and c["Relu"] == 0
