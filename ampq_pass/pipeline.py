@@ -151,7 +151,8 @@ def build_options(table: GainTable, sens: Sensitivity,
         opts = []
         for c in sg.configs:
             mem = float(sum(memory[l][c.formats.get(l, HP)] for l in sg.layers)) if memory else 0.0
-            opts.append(Option(dict(c.formats), float(c.gain), float(predicted_mse(sens, c.formats)), mem))
+            opts.append(Option(dict(c.formats), float(c.gain), float(predicted_mse(sens, c.formats)), mem,
+                               dict(c.cuts), frozenset(c.forces)))
         options.append(opts)
     return options
 
@@ -275,7 +276,8 @@ def _uniform_int8(inp: _Inputs, formats: dict[str, list[str]], table: GainTable,
     chosen = {l.name: "int8" for l in inp.layers if "int8" in formats[l.name]}
     if not chosen:
         return None
-    return Solution(Plan(chosen), [], 0.0, float(predicted_mse(sens, chosen)), 0.0, float("nan"), None, "none", "reference")
+    return Solution(table.plan(chosen), [], 0.0, float(predicted_mse(sens, chosen)), 0.0, float("nan"), None, "none",
+                    "reference")
 
 
 def _reference_points(inp: _Inputs, formats, table: GainTable, sens: Sensitivity, ranges: Ranges, check: dict,
@@ -289,7 +291,7 @@ def _reference_points(inp: _Inputs, formats, table: GainTable, sens: Sensitivity
     sol = _uniform_int8(inp, formats, table, sens)
     if sol is None:
         return points
-    q = rewrite(inp.model, inp.layers, sol.plan, ranges)
+    q = rewrite(inp.model, inp.layers, sol.plan, ranges, rules=_rules(inp))
     m = verify(inp.model, q, inp.holdout, backend, inp.timing_inputs, **check)
     try:
         predicted = predict_speedup(table, sol.plan)
@@ -323,7 +325,7 @@ def _verify_front(front: list[Solution], table: GainTable, inp: _Inputs, ranges:
         if point.plan.formats == solution.plan.formats:
             points.append(_front_entry(point, table, sens, measured, protocol="full", chosen=True))
         elif point.plan.formats:
-            q = rewrite(inp.model, inp.layers, point.plan, ranges)
+            q = rewrite(inp.model, inp.layers, point.plan, ranges, rules=_rules(inp))
             m = verify(inp.model, q, inp.holdout, quick, inp.timing_inputs, **check)
             points.append(_front_entry(point, table, sens, m, protocol="quick"))
         else:
@@ -351,7 +353,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     clock.lap("load")
 
     log(f"[1/7] calibrating activation ranges ({opts.calib_method}, {len(inp.calib)} samples)")
-    ranges = compute_ranges(model, layers, inp.calib, method=opts.calib_method, batch_size=opts.batch_size, cache=cache)
+    ranges = compute_ranges(model, layers, inp.calib, method=opts.calib_method, batch_size=opts.batch_size, cache=cache,
+                            rules=_rules(inp))
     clock.lap("calibrate")
 
     log(f"[2/7] sensitivity ({opts.loss} loss, formats {', '.join(inp.offered)})")
@@ -387,7 +390,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     clock.lap("solve")
 
     log("[6/7] rewriting")
-    rewritten = rewrite(model, layers, solution.plan, ranges)
+    rewritten = rewrite(model, layers, solution.plan, ranges, rules=_rules(inp))
     clock.lap("rewrite")
 
     log(f"[7/7] verifying on {len(inp.holdout)} held-out samples")
@@ -450,7 +453,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             predicted = _speedup(table, new)
         if new.plan.formats == solution.plan.formats:
             break  # measured in context, the same plan is still the best one
-        solution, rewritten = new, rewrite(model, layers, new.plan, ranges)
+        solution, rewritten = new, rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
         rounds.append(Round(index, dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
@@ -470,7 +473,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
                    f"so every layer stays hp")
         log(f"      {message}")
         solution = hp_solution(option_table, tau, status="not-faster", message=message)
-        rewritten = rewrite(model, layers, solution.plan, ranges)
+        rewritten = rewrite(model, layers, solution.plan, ranges, rules=_rules(inp))
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
         predicted = 1.0
     else:
@@ -511,7 +514,7 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
 
     def plan_model(i: int, sol: Solution) -> onnx.ModelProto:
         if i not in written:
-            written[i] = rewrite(model, layers, sol.plan, ranges)
+            written[i] = rewrite(model, layers, sol.plan, ranges, rules=_rules(inp))
         return written[i]
 
     def measure(i: int, sol: Solution, how: str) -> dict:
@@ -534,7 +537,7 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
     else:
         status = "not-faster" if result.rejected is not None else "metric-bound"
         solution = hp_solution(option_table, 0.0, status=status, message=result.message)
-        rewritten = rewrite(model, layers, solution.plan, ranges)
+        rewritten = rewrite(model, layers, solution.plan, ranges, rules=_rules(inp))
         measured = verify(model, rewritten, inp.holdout, full, inp.timing_inputs, **check)
         if result.rejected is not None:
             r = result.rejected
@@ -573,6 +576,11 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
                         rounds=[], reference=reference, front_timing=front_timing, search=search)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
+
+
+def _rules(inp: _Inputs):
+    """The backend's fusion rules: calibration, timing and every rewrite follow the same ones."""
+    return inp.backend.capabilities().rules
 
 
 def faster_beyond_noise(measured: dict) -> bool:

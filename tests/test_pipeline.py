@@ -139,7 +139,7 @@ class _SlowerWhenWritten:
     def time(self, models, inputs):
         if set(models) == {"hp", "plan"}:
             return {"hp": self._timing(1.0), "plan": self._timing(self.plan_seconds)}
-        return {k: self._timing(1.0 if k == "hp" else 0.5) for k in models}
+        return {k: self._timing(1.0 if k == "hp" or k.startswith("cut:") else 0.5) for k in models}
 
 
 @pytest.mark.parametrize("plan_seconds, kept", [(1.3, False), (1.0, False), (0.5, True)])

@@ -15,9 +15,12 @@ from ampq_pass.stages.layers import Layer
 
 @dataclass
 class Plan:
-    """``formats[node name] = format``; layers not named stay ``hp``."""
+    """``formats[node name] = format``; layers not named stay ``hp``. ``cuts[tensor] = state``:
+    the cut tensors the plan quantizes, each with one Q/DQ that all its readers read (their
+    states follow from the layers' formats: :mod:`ampq_pass.stages.boundaries`)."""
 
     formats: dict[str, str] = field(default_factory=dict)
+    cuts: dict[str, str] = field(default_factory=dict)
 
     def format_of(self, layer: str) -> str:
         return self.formats.get(layer, HP)
@@ -26,7 +29,7 @@ class Plan:
         return {f for f in self.formats.values() if f != HP}
 
     def to_json(self) -> dict:
-        return {"formats": dict(self.formats)}
+        return {"formats": dict(self.formats), "cuts": dict(self.cuts)}
 
     @classmethod
     def uniform(cls, layers: list[Layer], fmt: str) -> "Plan":
@@ -47,12 +50,18 @@ def load_plan(path: str | os.PathLike) -> Plan:
     for k, v in formats.items():
         if not isinstance(v, str):
             raise AmpqError(f"{path}: format of node {k!r} must be a string, got {type(v).__name__}")
-    return Plan(dict(formats))
+    cuts = data.get("cuts", {})
+    if not isinstance(cuts, dict) or not all(isinstance(v, str) for v in cuts.values()):
+        raise AmpqError(f'{path}: "cuts" must be an object {{"<tensor>": "<state>"}}')
+    return Plan(dict(formats), dict(cuts))
 
 
 def validate_plan(plan: Plan, layers: list[Layer], source: str = "plan") -> None:
     """Every named node is a quantizable layer and every format is one it can take."""
     by_name = {l.name: l for l in layers}
+    for tensor, state in plan.cuts.items():
+        if state != HP and state not in ALL_FORMATS:
+            raise AmpqError(f"{source}: cut tensor {tensor!r}: unknown state {state!r}, expected a format name")
     for node, fmt in plan.formats.items():
         if node not in by_name:
             close = difflib.get_close_matches(node, list(by_name), n=1)

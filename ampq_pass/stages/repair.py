@@ -105,13 +105,15 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
     """Time ``plan`` and, for each group of :func:`quantized_groups`, the plan with that group
     reverted to hp, interleaved on ``inputs`` (cached like every timing)."""
     groups = quantized_groups(table, plan, max_groups)
-    key = digest("context", _CACHE_VERSION, model_digest(model), sorted(plan.formats.items()), groups,
+    key = digest("context", _CACHE_VERSION, model_digest(model), sorted(plan.formats.items()),
+                 sorted(plan.cuts.items()), groups,
                  input_signature(inputs), backend.key())
 
     def measure() -> Context:
-        models = {"plan": rewrite(model, layers, plan, ranges)}
+        rules = backend.capabilities().rules
+        models = {"plan": rewrite(model, layers, plan, ranges, rules=rules)}
         for g, members in enumerate(groups):
-            models[f"revert{g}"] = rewrite(model, layers, reverted(table, plan, members), ranges)
+            models[f"revert{g}"] = rewrite(model, layers, reverted(table, plan, members), ranges, rules=rules)
         t = backend.time(models, inputs)
         return Context(t["plan"].median, [(members, t[f"revert{g}"].median, gain_noise(t[f"revert{g}"], t["plan"]))
                                           for g, members in enumerate(groups)])
@@ -121,9 +123,9 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
 
 
 def reverted(table: GainTable, plan: Plan, members: list[int]) -> Plan:
-    """``plan`` with the layers of subgraphs ``members`` back in hp."""
+    """``plan`` with the layers of subgraphs ``members`` back in hp (and the cut states that leaves)."""
     back = {l for s in table.subgraphs if s.index in members for l in s.layers}
-    return Plan({l: f for l, f in plan.formats.items() if l not in back})
+    return table.plan({l: f for l, f in plan.formats.items() if l not in back})
 
 
 def context_gains(table: GainTable, plan: Plan, ctx: Context) -> dict[int, tuple[float, float]]:
@@ -137,7 +139,7 @@ def context_gains(table: GainTable, plan: Plan, ctx: Context) -> dict[int, tuple
     out: dict[int, tuple[float, float]] = {}
     for members, time, noise in ctx.groups:
         gain = time - ctx.plan_time
-        weights = [max(by_index[i].lookup(plan.formats).gain, 0.0) for i in members]
+        weights = [max(by_index[i].lookup(plan.formats, plan.cuts).gain, 0.0) for i in members]
         total = sum(weights)
         for i, w in zip(members, weights):
             share = w / total if total > 0 else 1.0 / len(members)
@@ -158,7 +160,7 @@ def correct(table: GainTable, plan: Plan, gains: dict[int, tuple[float, float]])
     changed = {}
     for i, (gain, noise) in gains.items():
         sg = by_index[i]
-        config = sg.lookup(plan.formats)
+        config = sg.lookup(plan.formats, plan.cuts)
         new = gain if abs(gain) > noise else 0.0
         delta = new - config.gain
         changed[i] = {"table_gain": config.gain, "context_gain": new, "noise": noise}

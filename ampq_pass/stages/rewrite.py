@@ -31,8 +31,9 @@ from ampq_pass.stages.plan import Plan, validate_plan
 
 
 def required_opset(plan: Plan) -> int:
-    """The lowest default-domain opset that every format of ``plan`` can be written in."""
-    return max([FORMATS[f].opset for f in plan.used_formats()], default=0)
+    """The lowest default-domain opset that every format of ``plan`` (its cuts' included) can be written in."""
+    used = plan.used_formats() | {s for s in plan.cuts.values() if s != HP}
+    return max([FORMATS[f].opset for f in used], default=0)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     validate_plan(plan, layers)
     large = not fits_protobuf(model)
     out = stripped_copy(model) if large else copy_model(model)
-    if plan.used_formats():
+    cuts = {t: s for t, s in plan.cuts.items() if s != HP}
+    if plan.used_formats() or cuts:
         out = raise_opset(out, required_opset(plan), why="the plan's formats")
         ensure_node_names(out)  # the version converter may add unnamed nodes; every stage refers to nodes by name
         # Weight values come from the caller's model (the copy may hold placeholders);
@@ -99,6 +101,9 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
         by_name = {l.name: l for l in layers}
         nodes = {n.name: n for n in out.graph.node}
         edits = _Edits(out.graph)
+        # cuts first: a layer reading a quantized cut then reuses its Q/DQ (edits.once)
+        for tensor, state in cuts.items():
+            _quantize_cut(edits, tensor, FORMATS[state], plan, by_name, ranges)
         for node_name, fmt_name in plan.formats.items():
             if fmt_name != HP:
                 _rewrite_layer(edits, by_name[node_name], FORMATS[fmt_name], nodes[node_name], inits, ranges)
@@ -106,6 +111,40 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
         follow_rules(out, rules, ranges)
         drop_unused_initializers(out.graph)
     return _fill_weights(out, model) if large else out
+
+
+def _quantize_cut(edits: _Edits, tensor: str, fmt: Format, plan: Plan, layers: dict[str, Layer],
+                  ranges: Ranges | None) -> None:
+    """One Q->DQ on a cut tensor that every reader reads (design.md §3 "Boundary states").
+
+    Where a node makes the tensor, its output is renamed and the Q->DQ placed after it
+    re-creates the original name, so readers and graph outputs keep their input. A layer
+    whose format quantizes its own output already does exactly that (:func:`_rewrite_layer`).
+    A graph input gets its Q->DQ before its first reader, and every reader is renamed.
+    """
+    graph = edits.graph
+    maker = next((n for n in graph.node if tensor in n.output), None)
+    if maker is not None:
+        layer = layers.get(maker.name)
+        own = plan.format_of(maker.name)
+        if layer is not None and own == fmt.name and fmt.quantizes_output(layer.op_type):
+            edits.shared[(tensor, fmt.name)] = tensor
+            return
+        raw = f"{tensor}_{fmt.name}_cut_raw"
+        maker.output[list(maker.output).index(tensor)] = raw
+        emitted = fmt.activation_nodes(raw, *_range(ranges, tensor))
+        emitted.nodes[-1].output[0] = tensor
+        edits.place(maker.name, emitted, after=True)
+        edits.shared[(tensor, fmt.name)] = tensor
+        return
+    readers = [n for n in graph.node if tensor in n.input]
+    if not readers:
+        raise AmpqError(f"cut tensor {tensor!r} is neither made nor read by the model")
+    dq = edits.once(readers[0].name, (tensor, fmt.name), lambda: fmt.activation_nodes(tensor, *_range(ranges, tensor)))
+    for n in readers:
+        for i, name in enumerate(n.input):
+            if name == tensor:
+                n.input[i] = dq
 
 
 def _rewrite_layer(edits: _Edits, layer: Layer, fmt: Format, node: onnx.NodeProto,

@@ -10,14 +10,23 @@ footprint. With binaries ``y_{s,c}``::
               sum y_{s,c} mem_s(c) <= budget     (optional)
 
 Options dominated within their subgraph (no more gain, no less loss, no less memory than
-another option) are removed first: they are never needed for an optimum, and removing
-them keeps the program small.
+another option with the same cut states) are removed first: they are never needed for an
+optimum, and removing them keeps the program small.
+
+Boundary states (design.md §3): an option may carry the states of its subgraph's cut
+tensors (``Option.cuts``) and the cuts its own formats quantize (``Option.forces``). For
+a cut ``k`` between subgraphs ``p`` and ``q``, with ``b_k`` the int8 state::
+
+    sum_{c of p: b_k} y_{p,c} = sum_{c of q: b_k} y_{q,c}              (both sides agree)
+    sum_{c of p: b_k} y_{p,c} <= sum_{c of p forcing k} y_{p,c} + sum_{c of q forcing k} y_{q,c}
+
+the second because a cut is quantized only when a layer next to it quantizes it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
@@ -32,6 +41,12 @@ class Option:
     gain: float
     mse: float
     memory: float = 0.0
+    #: states of the subgraph's cut tensors (unnamed: hp) and the cuts its formats quantize
+    cuts: dict[str, str] = field(default_factory=dict)
+    forces: frozenset[str] = frozenset()
+
+    def signature(self) -> tuple:
+        return tuple(sorted(self.cuts.items())), tuple(sorted(self.forces))
 
 
 @dataclass
@@ -77,7 +92,7 @@ def pareto_options(opts: list[Option], *, memory: bool = True) -> list[int]:
     for i, a in enumerate(opts):
         dominated = False
         for j, b in enumerate(opts):
-            if i == j:
+            if i == j or b.signature() != a.signature():  # other cut states: not comparable
                 continue
             if b.gain >= a.gain and b.mse <= a.mse and mem(b) <= mem(a) and (
                     b.gain > a.gain or b.mse < a.mse or mem(b) < mem(a) or j < i):
@@ -142,6 +157,7 @@ def _solve(options, max_mse, max_memory, time_limit) -> Solution:
         bscale = max_memory if max_memory > 0 else 1.0
         m += mip.xsum(options[s][i].memory / bscale * v for s, ks in enumerate(kept)
                       for i, v in zip(ks, y[s])) <= (1.0 if max_memory > 0 else 0.0)
+    _link_cuts(m, options, kept, y)
     m.objective = mip.xsum(options[s][i].gain / gscale * v for s, ks in enumerate(kept) for i, v in zip(ks, y[s]))
     status = m.optimize(max_seconds=time_limit)
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
@@ -152,8 +168,29 @@ def _solve(options, max_mse, max_memory, time_limit) -> Solution:
                      "optimal" if status == mip.OptimizationStatus.OPTIMAL else "feasible (time limit)")
 
 
+def _link_cuts(m, options, kept, y) -> None:
+    """The two linking constraints of every cut with states (module docstring)."""
+    import mip
+
+    sides: dict[str, dict[int, str]] = {}
+    for s, opts in enumerate(options):
+        for o in opts:
+            for t, st in o.cuts.items():
+                if st != HP:
+                    sides.setdefault(t, {})[s] = st
+    for t, by_side in sides.items():
+        subs = sorted({s for s, opts in enumerate(options) for o in opts if t in o.cuts})
+        state = next(iter(by_side.values()))
+        on = {s: [v for i, v in zip(kept[s], y[s]) if options[s][i].cuts.get(t, HP) == state] for s in subs}
+        forcing = [v for s in subs for i, v in zip(kept[s], y[s]) if t in options[s][i].forces]
+        for a, b in zip(subs, subs[1:]):
+            m += mip.xsum(on[a]) == mip.xsum(on[b])
+        if subs:
+            m += mip.xsum(on[subs[0]]) <= mip.xsum(forcing)
+
+
 def _solve_least_memory(options, max_mse, time_limit) -> Solution:
-    neg = [[Option(o.formats, -o.memory, o.mse, o.memory) for o in opts] for opts in options]
+    neg = [[replace(o, gain=-o.memory) for o in opts] for opts in options]
     sol = _solve(neg, max(max_mse, 0.0), None, time_limit)
     return _solution(options, sol.choice, max_mse, None, sol.status)
 
@@ -168,7 +205,8 @@ def solution_of(options: list[list[Option]], plan: Plan, max_mse: float, *, stat
     by measurement rather than by the solver)."""
     choice = []
     for s, opts in enumerate(options):
-        match = [i for i, o in enumerate(opts) if all(plan.format_of(l) == f for l, f in o.formats.items())]
+        match = [i for i, o in enumerate(opts) if all(plan.format_of(l) == f for l, f in o.formats.items())
+                 and all(plan.cuts.get(t, HP) == st for t, st in o.cuts.items())]
         if not match:
             raise AmpqError(f"subgraph {s} has no configuration matching the plan")
         choice.append(match[0])
@@ -180,6 +218,7 @@ def solution_of(options: list[list[Option]], plan: Plan, max_mse: float, *, stat
 def _solution(options, choice, max_mse, max_memory, status) -> Solution:
     picked = [options[s][i] for s, i in enumerate(choice)]
     formats = {l: f for o in picked for l, f in o.formats.items() if f != HP}
+    cuts = {t: st for o in picked for t, st in o.cuts.items() if st != HP}
     gain = float(sum(o.gain for o in picked))
     mse = float(sum(o.mse for o in picked))
     memory = float(sum(o.memory for o in picked))
@@ -190,24 +229,31 @@ def _solution(options, choice, max_mse, max_memory, status) -> Solution:
                    if max_mse >= 0 else "")
     elif binding == "none":
         message = "the budget does not bind: every subgraph runs its highest-gain configuration"
-    return Solution(Plan(formats), list(choice), gain, mse, memory, max_mse, max_memory, binding, status, message)
+    elif binding == "cuts":
+        message = ("the budget does not bind; some subgraphs run a lower-gain configuration because quantizing "
+                   "a cut costs their neighbour more than it gains")
+    return Solution(Plan(formats, cuts), list(choice), gain, mse, memory, max_mse, max_memory, binding, status, message)
 
 
 def _binding(options, choice, max_mse, max_memory) -> str:
     """Which constraint stops a better plan: a budget binds when some subgraph has an option
-    with more gain that would break it if swapped in alone."""
+    with more gain (and the same cut states) that would break it if swapped in alone; "cuts"
+    when no budget binds but an option with more gain needs other cut states."""
     used_mse = sum(options[s][i].mse for s, i in enumerate(choice))
     used_mem = sum(options[s][i].memory for s, i in enumerate(choice))
     loss = memory = False
     for s, i in enumerate(choice):
         cur = options[s][i]
         for o in options[s]:
-            if o.gain > cur.gain + 1e-15:
+            if o.gain > cur.gain + 1e-15 and o.cuts == cur.cuts:
                 if used_mse - cur.mse + o.mse > max_mse:
                     loss = True
                 if max_memory is not None and used_mem - cur.memory + o.memory > max_memory:
                     memory = True
-    return {(True, True): "loss+memory", (True, False): "loss", (False, True): "memory"}.get((loss, memory), "none")
+    linked = any(o.gain > options[s][i].gain + 1e-15 and o.cuts != options[s][i].cuts
+                 for s, i in enumerate(choice) for o in options[s])
+    return {(True, True): "loss+memory", (True, False): "loss", (False, True): "memory"}.get(
+        (loss, memory), "cuts" if linked else "none")
 
 
 def pareto_front(options: list[list[Option]], points: int, *, max_memory: float | None = None) -> list[Solution]:

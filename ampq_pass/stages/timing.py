@@ -25,6 +25,7 @@ from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
 from ampq_pass.core.measure import CostModel, Measurer, Timing, median_ci
+from ampq_pass.stages.boundaries import boundary_cuts, forces, quantized_feeds, split_at_cuts, with_states
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import configs as partition_configs
@@ -34,12 +35,19 @@ from ampq_pass.stages.subgraphs import extract
 
 
 #: bump when the meaning of a cached entry changes
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+
+#: one timed configuration of a subgraph: its layers' formats and its cut tensors' states
+Config = tuple[dict[str, str], dict[str, str]]
 
 
 @dataclass
 class ConfigGain:
-    """One configuration of one subgraph: ``gain`` is ``measured_gain`` or 0 when not significant."""
+    """One configuration of one subgraph: ``gain`` is ``measured_gain`` or 0 when not significant.
+
+    ``cuts`` are the states of the subgraph's cut tensors it was timed with (none: all hp);
+    ``forces`` the cuts its own formats quantize (:func:`ampq_pass.stages.boundaries.forces`).
+    """
 
     formats: dict[str, str]
     time: float
@@ -48,6 +56,8 @@ class ConfigGain:
     significant: bool
     measured_gain: float
     ci: tuple[float, float] = (math.nan, math.nan)
+    cuts: dict[str, str] = field(default_factory=dict)
+    forces: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -57,7 +67,8 @@ class ConfigGain:
     @classmethod
     def from_json(cls, d: dict) -> "ConfigGain":
         return cls(dict(d["formats"]), float(d["time"]), float(d["gain"]), float(d["noise"]), bool(d["significant"]),
-                   float(d["measured_gain"]), tuple(float(x) for x in d.get("ci", (math.nan, math.nan))))
+                   float(d["measured_gain"]), tuple(float(x) for x in d.get("ci", (math.nan, math.nan))),
+                   dict(d.get("cuts", {})), list(d.get("forces", [])))
 
 
 @dataclass
@@ -69,13 +80,21 @@ class SubgraphGains:
     configs: list[ConfigGain]
     cached: bool = False
 
-    def lookup(self, formats: dict[str, str]) -> ConfigGain:
-        """The configuration that gives each layer of this subgraph its format in ``formats``."""
+    def matching(self, formats: dict[str, str]) -> list[ConfigGain]:
+        """The configurations (one per cut state) that give each layer its format in ``formats``."""
         want = {l: formats.get(l, HP) for l in self.layers}
-        for c in self.configs:
-            if {l: c.formats.get(l, HP) for l in self.layers} == want:
+        return [c for c in self.configs if {l: c.formats.get(l, HP) for l in self.layers} == want]
+
+    def lookup(self, formats: dict[str, str], cuts: dict[str, str] | None = None) -> ConfigGain:
+        """The configuration that gives each layer of this subgraph its format in ``formats``
+        and each of its cuts its state in ``cuts`` (unnamed: hp)."""
+        cuts = cuts or {}
+        for c in self.matching(formats):
+            if all(cuts.get(t, HP) == st for t, st in c.cuts.items()):
                 return c
-        raise AmpqError(f"subgraph {self.index} ({self.name}): configuration {want} was not timed "
+        want = {l: formats.get(l, HP) for l in self.layers}
+        raise AmpqError(f"subgraph {self.index} ({self.name}): configuration {want} with cut states "
+                        f"{ {t: cuts.get(t, HP) for c in self.configs for t in c.cuts} } was not timed "
                         f"(tied layers must share one format)")
 
     def to_json(self) -> dict:
@@ -109,10 +128,28 @@ class GainTable:
         return cls(d["backend"], dict(d["key"]), d["unit"], [SubgraphGains.from_json(s) for s in d["subgraphs"]],
                    d.get("hp_total"), d.get("hp_total_noise"))
 
+    def cut_states(self, formats: dict[str, str]) -> dict[str, str]:
+        """The cut states ``formats`` give (the cuts some subgraph's layers quantize, each in
+        the state that subgraph was timed with)."""
+        out = {}
+        for s in self.subgraphs:
+            for c in s.matching(formats):
+                out.update({t: c.cuts[t] for t in c.forces})
+        return out
+
+    def plan(self, formats: dict[str, str]) -> Plan:
+        """The plan of ``formats`` with the cut states they give."""
+        return Plan({l: f for l, f in formats.items() if f != HP}, self.cut_states(formats))
+
+    def lookup_all(self, formats: dict[str, str] | Plan) -> list[ConfigGain]:
+        """Each subgraph's configuration for a plan (cut states derived from its formats)."""
+        formats = formats.formats if isinstance(formats, Plan) else formats
+        cuts = self.cut_states(formats)
+        return [s.lookup(formats, cuts) for s in self.subgraphs]
+
     def total_gain(self, formats: dict[str, str] | Plan) -> float:
         """G(plan) = sum over subgraphs of the chosen configuration's gain."""
-        formats = formats.formats if isinstance(formats, Plan) else formats
-        return float(sum(s.lookup(formats).gain for s in self.subgraphs))
+        return float(sum(c.gain for c in self.lookup_all(formats)))
 
     @property
     def n_configs(self) -> int:
@@ -127,10 +164,9 @@ def predict_speedup(table: GainTable, plan_formats: dict[str, str] | Plan, *, si
     side chains and is said here rather than hidden. With ``significant_only=False`` the
     raw measured gains are used, noise included.
     """
-    formats = plan_formats.formats if isinstance(plan_formats, Plan) else plan_formats
     total = table.hp_total if table.hp_total is not None else sum(s.hp_time for s in table.subgraphs)
     pick = (lambda c: c.gain) if significant_only else (lambda c: c.measured_gain)
-    gain = sum(pick(s.lookup(formats)) for s in table.subgraphs)
+    gain = sum(pick(c) for c in table.lookup_all(plan_formats))
     if total - gain <= 0:
         raise AmpqError(f"predicted time is not positive (T_hp {total:.4g} - gain {gain:.4g}); the gain table is inconsistent")
     return float(total / (total - gain))
@@ -144,7 +180,7 @@ def input_signature(inputs: list[dict[str, np.ndarray]]) -> list:
     return [sorted((k, str(v.dtype), list(v.shape)) for k, v in feeds.items()) for feeds in inputs]
 
 
-def subgraph_key(sub: onnx.ModelProto, configs: list[dict[str, str]], inputs: list[dict[str, np.ndarray]],
+def subgraph_key(sub: onnx.ModelProto, configs: list[Config], inputs: list[dict[str, np.ndarray]],
                  measurer: Measurer) -> str:
     """Cache key: subgraph (ops, attributes, shapes, dtypes, weight digests via
     :func:`model_digest`), configurations, input shapes and the backend key.
@@ -152,18 +188,19 @@ def subgraph_key(sub: onnx.ModelProto, configs: list[dict[str, str]], inputs: li
     The calibrated ranges are not part of it: they only change scale values, not which
     kernels run, so they do not change the time.
     """
-    canon = [sorted(c.items()) for c in configs]
+    canon = [[sorted(f.items()), sorted(st.items())] for f, st in configs]
     return digest("gain", _CACHE_VERSION, model_digest(sub), canon, input_signature(inputs), measurer.key())
 
 
 # ----------------------------------------------------------------------------- one subgraph
 
-def config_name(formats: dict[str, str]) -> str:
+def config_name(formats: dict[str, str], states: dict[str, str] | None = None) -> str:
     used = sorted((l, f) for l, f in formats.items() if f != HP)
-    return ",".join(f"{l}={f}" for l, f in used) or HP
+    cuts = sorted((t, st) for t, st in (states or {}).items() if st != HP)
+    return ",".join([f"{l}={f}" for l, f in used] + [f"cut:{t}={st}" for t, st in cuts]) or HP
 
 
-def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]], ranges: Ranges | None,
+def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str] | Config], ranges: Ranges | None,
                   inputs: list[dict[str, np.ndarray]], measurer: Measurer, *, index: int = 0, name: str = "",
                   cache: Cache | None = None) -> SubgraphGains:
     """Time every configuration of one standalone subgraph model (hp first) and derive gains."""
@@ -175,16 +212,19 @@ def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[
     return out
 
 
-def full_configs(layers: list[Layer], configs: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Every configuration naming every layer of the subgraph (hp where unnamed), hp first
-    when it was not among them: what :func:`time_subgraph` times and keys the cache by."""
+def full_configs(layers: list[Layer], configs: list[dict[str, str] | Config]) -> list[Config]:
+    """Every configuration naming every layer of the subgraph (hp where unnamed) with its
+    cut states (a bare format dict: all hp), the all-hp one first: what
+    :func:`time_subgraph` times and keys the cache by."""
     names = [l.name for l in layers]
-    configs = [{l: c.get(l, HP) for l in names} for c in configs]
-    hp_config = {l: HP for l in names}
-    return configs if hp_config in configs else [hp_config] + configs
+    pairs = [c if isinstance(c, tuple) else (c, {}) for c in configs]
+    out = [({l: f.get(l, HP) for l in names}, dict(st)) for f, st in pairs]
+    hp_config = ({l: HP for l in names}, {t: HP for _, st in out for t in st})
+    out = [c for c in out if c != hp_config]
+    return [hp_config] + out
 
 
-def measure_subgraph(measurer: Measurer, sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]],
+def measure_subgraph(measurer: Measurer, sub: onnx.ModelProto, layers: list[Layer], configs: list[Config],
                      ranges: Ranges | None, inputs: list[dict[str, np.ndarray]]) -> dict:
     """One job of a device pool: the cache entry :func:`time_subgraph` would store for
     ``configs`` (from :func:`full_configs`), measured on ``measurer`` (the worker's device)."""
@@ -229,25 +269,42 @@ def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache
     return [done[p] for p in sorted(done)]
 
 
-def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str]], ranges: Ranges | None,
+def timed_model(sub: onnx.ModelProto, layers: list[Layer], config: Config, ranges: Ranges | None,
+                rules=None) -> onnx.ModelProto:
+    """The standalone subgraph as it runs inside the rewritten model under ``config``: the
+    layers' formats, one Q/DQ on every int8 cut, and its edges moved past them
+    (:func:`ampq_pass.stages.boundaries.split_at_cuts`)."""
+    formats, states = config
+    cuts = {t: st for t, st in states.items() if st != HP}
+    model = rewrite(sub, layers, Plan(dict(formats), cuts), ranges, rules=rules)
+    if not cuts:
+        return model
+    ins = [i.name for i in sub.graph.input if i.name in cuts]
+    outs = [o.name for o in sub.graph.output if o.name in cuts]
+    return split_at_cuts(model, ins, outs)
+
+
+def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], ranges: Ranges | None,
              inputs: list[dict[str, np.ndarray]], measurer: Measurer) -> SubgraphGains:
     names = [l.name for l in layers]
-    hp_config = {l: HP for l in names}
-    labels = [config_name(c) for c in configs]
+    labels = [config_name(*c) for c in configs]
     if isinstance(measurer, CostModel):
-        timings = {lab: Timing.exact(measurer.cost(sub, layers, c, inputs)) for lab, c in zip(labels, configs)}
+        timings = {lab: Timing.exact(measurer.cost(sub, layers, f, inputs)) for lab, (f, _) in zip(labels, configs)}
     else:
-        models = {lab: rewrite(sub, layers, Plan(dict(c)), ranges) for lab, c in zip(labels, configs)}
-        timings = measurer.time(models, inputs)
-    hp = timings[config_name(hp_config)]
+        rules = measurer.capabilities().rules  # the backend's fusions, as in the whole-model rewrite
+        models = {lab: timed_model(sub, layers, c, ranges, rules) for lab, c in zip(labels, configs)}
+        graph_inputs = {i.name for i in sub.graph.input}
+        int8_inputs = sorted({t for _, st in configs for t, v in st.items() if v != HP and t in graph_inputs})
+        timings = measurer.time(models, quantized_feeds(inputs, int8_inputs, ranges))
+    hp = timings[labels[0]]  # full_configs puts the all-hp configuration first
     results = []
-    for lab, c in zip(labels, configs):
+    for lab, (f, st) in zip(labels, configs):
         t = timings[lab]
         measured = hp.median - t.median
         noise = gain_noise(hp, t)
         significant = abs(measured) > noise
-        results.append(ConfigGain(dict(c), t.median, measured if significant else 0.0, noise, significant,
-                                  measured, (t.ci_low, t.ci_high)))
+        results.append(ConfigGain(dict(f), t.median, measured if significant else 0.0, noise, significant,
+                                  measured, (t.ci_low, t.ci_high), dict(st)))
     return SubgraphGains(0, "", names, hp.median, results)
 
 
@@ -273,7 +330,7 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                inputs_by_subgraph: dict[int, list[dict[str, np.ndarray]]], backend: Measurer, *,
                formats: Iterable[str] | None = None, cache: Cache | None = None, progress: bool = True,
                model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None,
-               pool=None) -> GainTable:
+               pool=None, boundary_states: bool = True) -> GainTable:
     """The gain table of every configuration of every subgraph of ``partition``.
 
     ``formats`` narrows the candidates; only formats the backend runs fast are used.
@@ -282,6 +339,9 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     used per subgraph (one batch per timing round, cycled). ``pool`` (a device pool such as
     :class:`ampq_pass.backends.ray_pool.RayPool`) times the subgraphs in parallel, one per
     device, through the same cache (:func:`time_on_pool`); the table is the same.
+    With ``boundary_states`` (and a measuring backend) each configuration is also timed with
+    every state its cut tensors can have (:mod:`ampq_pass.stages.boundaries`); without, every
+    cut is timed in high precision, as in the paper.
     """
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
@@ -289,7 +349,9 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     table = GainTable(getattr(backend, "name", type(backend).__name__), backend.key(), backend.unit)
     # per-layer candidates: what the layer can take and the backend runs fast
     candidates = {l.name: [f for f in l.formats if f in wanted] for l in layers}
-    plan_cfgs = [(sg, partition_configs(sg, candidates)) for sg in partition.subgraphs]
+    cuts = boundary_cuts(model, partition, layers) if boundary_states and not isinstance(backend, CostModel) else {}
+    plan_cfgs = [(sg, with_states(sg.index, partition_configs(sg, candidates), cuts, by_name, candidates))
+                 for sg in partition.subgraphs]
     total = sum(len(c) for _, c in plan_cfgs)
     bar = _progress(total, progress, backend)
     def work():
@@ -313,6 +375,9 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                 bar.update(len(cfgs))
     finally:
         bar.close()
+    for sg in table.subgraphs:
+        for c in sg.configs:
+            c.forces = [t for t in c.cuts if t in cuts and forces(cuts[t], c.formats, by_name, sg.index)]
     if model_inputs:
         anchored = None if isinstance(backend, CostModel) else anchor_hp_times(
             model, partition, inputs_by_subgraph, model_inputs, backend, cache=cache, max_batches=max_batches)

@@ -115,7 +115,7 @@ def test_timing_path_on_the_computed_reshape():
     part = partition(model, layers, formats=formats)
     captured = capture_inputs(model, part, samples, batch_size=4)
     table = gain_table(model, layers, part, ranges, captured, OrtBackend(protocol=FAST, formats=("int8",)),
-                       progress=False, model_inputs=list(samples.batches(4)))
+                       progress=False, model_inputs=list(samples.batches(4)), boundary_states=False)
     assert len(table.subgraphs) == 3 and all(len(sg.configs) == 2 for sg in table.subgraphs)
 
 

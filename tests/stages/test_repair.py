@@ -48,7 +48,7 @@ class InteractingBackend:
         out = {}
         for label, model in models.items():
             if model.graph.name.startswith("subgraph"):  # a subgraph timed alone: quantizing helps
-                out[label] = _timing(1.0 if label == "hp" else 0.5)
+                out[label] = _timing(1.0 if label == "hp" or label.startswith("cut:") else 0.5)
                 continue
             q = _quantized_layers(model)
             out[label] = _timing(2.0 + sum(delta for layers, delta in self.effects if q & layers))
@@ -127,7 +127,7 @@ class NonAdditiveBackend(InteractingBackend):
         out = {}
         for label, model in models.items():
             if model.graph.name.startswith("subgraph"):
-                out[label] = _timing(1.0 if label == "hp" else 0.5)
+                out[label] = _timing(1.0 if label == "hp" or label.startswith("cut:") else 0.5)
                 continue
             q = _quantized_layers(model)
             key = (bool(q & self.attention), bool(q & self.mlp))

@@ -1,0 +1,173 @@
+"""Boundary states: cut tensors quantized by the plan, timed as the whole model runs them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import models
+from ampq_pass.backends.ort import OrtBackend
+from ampq_pass.core.measure import Protocol
+from ampq_pass.core.ort import make_session
+from ampq_pass.core.samples import Samples
+from ampq_pass.stages.boundaries import (STATE, boundary_cuts, feed_name, forced_cuts, quantized_feeds,
+                                         with_states)
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.partition import configs, partition
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.solve import Option, solve
+from ampq_pass.stages.subgraphs import capture_inputs, extract
+from ampq_pass.stages.timing import gain_table, predict_speedup, timed_model
+
+FAST = Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5, max_seconds=5)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = models.cnn()
+    layers = [l for l in find_layers(model)]
+    samples = Samples(models.feeds_for(model, n=8))
+    ranges = compute_ranges(model, layers, samples)
+    part = partition(model, layers, formats={l.name: ["int8"] if "int8" in l.formats else [] for l in layers})
+    return model, layers, samples, ranges, part
+
+
+def _all_int8(layers):
+    return {l.name: "int8" for l in layers if "int8" in l.formats}
+
+
+def test_cut_states_follow_the_layers(cnn):
+    model, layers, _, _, part = cnn
+    by_name = {l.name: l for l in layers}
+    cuts = boundary_cuts(model, part, layers)
+    assert cuts, "the residual CNN has cuts next to convolutions"
+    assert forced_cuts(cuts, {}, by_name) == {}
+    assert forced_cuts(cuts, _all_int8(layers), by_name) == {t: STATE for t in cuts}
+    # one conv in int8 quantizes exactly the cuts it reads or makes
+    conv = next(l for l in layers if any(l.name in (c.producer_layer,) + c.readers for c in cuts.values()))
+    mine = {t for t, c in cuts.items() if conv.name == c.producer_layer or conv.name in c.readers}
+    assert set(forced_cuts(cuts, {conv.name: "int8"}, by_name)) == mine
+
+
+def test_states_are_offered_only_where_a_neighbour_can_quantize_the_cut(cnn):
+    model, layers, _, _, part = cnn
+    by_name = {l.name: l for l in layers}
+    cuts = boundary_cuts(model, part, layers)
+    cands = {l.name: ["int8"] for l in layers}
+    for sg in part.subgraphs:
+        cfgs = with_states(sg.index, configs(sg, cands), cuts, by_name, cands)
+        hp = cfgs[0]
+        assert all(f == "hp" for f in hp[0].values()) and all(s == "hp" for s in hp[1].values())
+        for formats, states in cfgs:
+            for t, state in states.items():
+                if forced_cuts({t: cuts[t]}, formats, by_name):
+                    assert state == STATE  # a cut the configuration quantizes is never timed in hp
+    # with no int8 candidate anywhere every cut stays hp
+    none = {l.name: [] for l in layers}
+    for sg in part.subgraphs:
+        assert all(set(st.values()) <= {"hp"} for _, st in with_states(sg.index, configs(sg, none), cuts, by_name, none))
+
+
+def test_an_int8_cut_has_one_qdq_that_every_reader_reads(cnn):
+    model, layers, _, ranges, part = cnn
+    by_name = {l.name: l for l in layers}
+    cuts = boundary_cuts(model, part, layers)
+    # a cut read by a conv and by the residual Add, quantized because the conv reads it in int8
+    t, cut = next((t, c) for t, c in cuts.items() if c.readers)
+    plan = Plan({cut.readers[0]: "int8"}, forced_cuts(cuts, {cut.readers[0]: "int8"}, by_name))
+    assert t in plan.cuts
+    q = rewrite(model, layers, plan, ranges)
+    makers = [n for n in q.graph.node if t in n.output]
+    assert [n.op_type for n in makers] == ["DequantizeLinear"]
+    quantizers = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.output[0] == makers[0].input[0]]
+    assert len(quantizers) == 1
+    raw = quantizers[0].input[0]
+    assert [n.op_type for n in q.graph.node if raw in n.input] == ["QuantizeLinear"]  # nothing reads it unquantized
+    # without the cut state the Add keeps reading the float tensor (the behaviour before states)
+    plain = rewrite(model, layers, Plan({cut.readers[0]: "int8"}), ranges)
+    assert any(n.op_type != "QuantizeLinear" and t in n.input for n in plain.graph.node)
+
+
+def test_subgraphs_split_at_int8_cuts_compose_to_the_rewritten_model(cnn):
+    """Each subgraph timed as :func:`timed_model` builds it (uint8 in and out at int8 cuts),
+    run one after the other, computes what the whole rewritten model computes: every Q and
+    DQ is in exactly one subgraph."""
+    model, layers, samples, ranges, part = cnn
+    by_name = {l.name: l for l in layers}
+    formats = _all_int8(layers)
+    cuts = boundary_cuts(model, part, layers)
+    plan = Plan(formats, forced_cuts(cuts, formats, by_name))
+    feeds = next(iter(samples.batches(8)))
+    whole = make_session(rewrite(model, layers, plan, ranges)).run(None, feeds)[0]
+    values = dict(feeds)
+    for sg in part.subgraphs:
+        sub = extract(model, sg)
+        mine = {t: s for t, s in plan.cuts.items() if t in sg.inputs or t in sg.outputs}
+        m = timed_model(sub, [by_name[l] for l in sg.layers], ({l: formats.get(l, "hp") for l in sg.layers}, mine), ranges)
+        sess = make_session(m)
+        names = [i.name for i in sess.get_inputs()]
+        outs = sess.run(None, {n: values[n] for n in names})
+        for o, v in zip(sess.get_outputs(), outs):
+            cut = next((t for t in mine if o.name.startswith(t)), None)
+            if cut is not None and mine[cut] == STATE:
+                assert v.dtype == np.uint8
+                values[feed_name(cut)] = v
+            values[o.name] = v
+    assert np.allclose(values[model.graph.output[0].name], whole, atol=1e-5)
+
+
+def test_quantized_feeds_match_quantize_linear(cnn):
+    model, layers, samples, ranges, part = cnn
+    t = next(iter(boundary_cuts(model, part, layers)))
+    captured = capture_inputs(model, part, samples, batch_size=8)
+    batch = next(b for b in captured.values() if t in b[0])
+    fed = quantized_feeds(batch, [t], ranges)[0][feed_name(t)]
+    q = rewrite(model, layers, Plan({}, {t: STATE}), ranges)
+    qnode = next(n for n in q.graph.node if n.op_type == "QuantizeLinear")
+    from onnx import helper, TensorProto, numpy_helper
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+    g = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                          [numpy_helper.from_array(inits[qnode.input[1]], "s"), numpy_helper.from_array(inits[qnode.input[2]], "z")])
+    ref = make_session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])).run(None, {"x": batch[0][t]})[0]
+    assert np.array_equal(fed, ref)
+
+
+def test_the_solver_links_both_sides_of_a_cut():
+    k = "cut0"
+    hp0 = Option({"a": "hp"}, 0.0, 0.0, cuts={k: "hp"})
+    free0 = Option({"a": "hp"}, -0.1, 0.0, cuts={k: STATE})  # hp layers, timed ending in a Q
+    int0 = Option({"a": "int8"}, 1.0, 1.0, cuts={k: STATE}, forces=frozenset({k}))
+    hp1 = Option({"b": "hp"}, 0.0, 0.0, cuts={k: "hp"})
+    free1 = Option({"b": "hp"}, 0.5, 0.0, cuts={k: STATE})  # hp layers, timed starting at a DQ
+    # a Q/DQ at the cut that no layer asks for cannot be bought: no free0 + free1 (gain 0.4)
+    sol = solve([[hp0, free0, int0], [hp1, free1]], 0.5)
+    assert sol.plan.formats == {} and sol.plan.cuts == {} and sol.gain == 0.0
+    # when a conv quantizes the cut, the consumer is timed with the DQ at its edge
+    sol = solve([[hp0, free0, int0], [hp1, free1]], 2.0)
+    assert sol.plan.formats == {"a": "int8"} and sol.plan.cuts == {k: STATE} and sol.gain == pytest.approx(1.5)
+    # ... and pays for it: a consumer much slower with a quantized input makes int8 not worth it
+    slow1 = Option({"b": "hp"}, -2.0, 0.0, cuts={k: STATE})
+    sol = solve([[hp0, free0, int0], [hp1, slow1]], 2.0)
+    assert sol.plan.formats == {} and sol.gain == 0.0
+
+
+def test_gain_table_with_states_predicts_a_plan_from_its_formats(cnn):
+    model, layers, samples, ranges, part = cnn
+    by_name = {l.name: l for l in layers}
+    captured = capture_inputs(model, part, samples, batch_size=4)
+    backend = OrtBackend(protocol=FAST, formats=("int8",))
+    table = gain_table(model, layers, part, ranges, captured, backend, progress=False)
+    plain = gain_table(model, layers, part, ranges, captured, backend, progress=False, boundary_states=False)
+    assert table.n_configs > plain.n_configs
+    formats = _all_int8(layers)
+    cuts = boundary_cuts(model, part, layers)
+    assert table.cut_states(formats) == forced_cuts(cuts, formats, by_name)
+    assert table.plan(formats).cuts == forced_cuts(cuts, formats, by_name)
+    for sg in table.subgraphs:
+        chosen = sg.lookup(formats, table.cut_states(formats))
+        assert all(chosen.cuts[t] == STATE for t in chosen.forces)
+    assert predict_speedup(table, table.plan(formats)) > 0
