@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from ampq_pass.backends import get_backend
 from ampq_pass.cli.args import add_calib_args, add_debug_arg, parse_formats, parse_shapes, samples_from_args
 from ampq_pass.core.cache import Cache, save_json
 from ampq_pass.core.errors import AmpqError
@@ -65,7 +66,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         g.add_argument("--backend", default="ort:cpu",
                        help="where time gains are measured: ort:cpu (default), ort:cuda, ort:tensorrt, ort:openvino, "
                             "openvino:cpu (or openvino:DEVICE; pip install 'ampq-pass[openvino]'), "
-                            "mac, memory, gaudi")
+                            "mac, memory, gaudi; with --plan, the backend whose fusion rules the rewrite follows")
         g.add_argument("--formats", help="comma-separated candidate formats (default: all the backend runs fast)")
         budget = g.add_mutually_exclusive_group()
         budget.add_argument("--max-loss-rmse", type=float,
@@ -129,12 +130,13 @@ def cmd_rewrite(args) -> int:
     plan = load_plan(args.plan)
     layers = find_layers(model)
     validate_plan(plan, layers, source=args.plan)
-    ranges = None
+    ranges = rules = None
     if plan.used_formats():
+        rules = get_backend(args.backend).capabilities().rules  # the ops between layers it fuses in 8 bits
         samples = samples_from_args(args, model)
         ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
-                                cache=Cache(args.cache_dir))
-    out = rewrite(model, layers, plan, ranges)
+                                cache=Cache(args.cache_dir), rules=rules)
+    out = rewrite(model, layers, plan, ranges, rules=rules)
     save_model(out, args.output, source=args.model)
     counts: dict[str, int] = {}
     for layer in layers:

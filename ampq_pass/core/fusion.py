@@ -22,6 +22,7 @@ read (calibration runs once, before any plan is known).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import onnx
 
@@ -84,19 +85,28 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type in _FLOAT_TYPES}
 
 
-def rule_tensors(model: onnx.ModelProto, rules: FusionRules | None) -> list[str]:
+def rule_tensors(model: onnx.ModelProto, rules: FusionRules | None, quantizable: Iterable[str] = ()) -> list[str]:
     """Float tensors whose range a rewrite following ``rules`` may need: the outputs of the
-    :data:`INTEGER` and :data:`ABSORBED` ops of ``model`` (a :data:`PASSTHROUGH` op reuses
-    its input's scale). Tensors of unknown type are left out (the pass then keeps that op
-    in float): the model should carry inferred shapes, as :func:`ampq_pass.core.model.load_model`
-    leaves it."""
+    :data:`INTEGER` and :data:`ABSORBED` ops of ``model`` (a :data:`PASSTHROUGH` op reuses its
+    input's scale) that can be 8-bit at all, i.e. whose data inputs are, transitively, tensors
+    some plan quantizes (``quantizable``: the layers' inputs and quantized outputs). An
+    attention mask's Add or a Softmax after a float MatMul is never calibrated (the histogram
+    calibrators break on mask values). Tensors of unknown type are left out (the pass then
+    keeps that op in float): the model should carry inferred shapes, as
+    :func:`ampq_pass.core.model.load_model` leaves it."""
     if rules is None:
         return []
     opset = default_opset(model)
     floats = _float_tensors(model)
+    int8 = set(quantizable)
     names = set()
-    for node in model.graph.node:
+    for node in model.graph.node:  # topological: one forward sweep
         r = rules.rule(node, opset)
-        if r is not None and r.kind in (INTEGER, ABSORBED) and node.output and node.output[0] in floats:
-            names.add(node.output[0])
+        if r is None or not node.output or not node.output[0]:
+            continue
+        data = [node.input[i] for i in r.data_inputs(node)] if r.kind != ABSORBED else node.input[:1]
+        if data and all(t in int8 for t in data):
+            int8.add(node.output[0])
+            if r.kind in (INTEGER, ABSORBED) and node.output[0] in floats:
+                names.add(node.output[0])
     return sorted(names)

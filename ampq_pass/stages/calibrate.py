@@ -151,7 +151,8 @@ def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples
     Computed once per (model, samples, method) and kept in ``cache``: sensitivity, timing
     and rewrite all read these same ranges.
     """
-    tensors = sorted(set(required_ranges(layers)) | set(rule_tensors(model, rules)))
+    needed = required_ranges(layers)
+    tensors = sorted(set(needed) | set(rule_tensors(model, rules, needed)))
     key = digest("ranges", model_digest(model), samples_digest(samples), method, batch_size, tensors)
     ranges, _ = cached(cache, "ranges", key, lambda: calibrate(model, samples, tensors, method=method,
                                                              batch_size=batch_size),

@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+import models
 from onnx import TensorProto, helper, numpy_helper
 
 from ampq_pass.backends.ort import OrtBackend
@@ -14,7 +16,7 @@ from ampq_pass.backends.ort_rules import ORT_CPU_RULES
 from ampq_pass.core.fusion import ABSORBED, INTEGER, PASSTHROUGH, FusionRules, OpRule, rule_tensors
 from ampq_pass.core.measure import Capabilities
 from ampq_pass.core.samples import Samples
-from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.calibrate import compute_ranges, required_ranges
 from ampq_pass.stages.fusion import follow_rules
 from ampq_pass.stages.layers import find_layers
 from ampq_pass.stages.plan import Plan
@@ -91,10 +93,21 @@ def _all_int8(layers):
 
 def test_rule_tensors_are_the_outputs_of_integer_and_absorbed_ops(cnn_setup):
     model, layers, ranges = cnn_setup
-    names = rule_tensors(model, ORT_CPU_RULES)
+    seeds = required_ranges(layers)
+    names = rule_tensors(model, ORT_CPU_RULES, seeds)
     assert names == sorted(["stem_relu_out", "a_relu_out", "add_out", "add_relu_out", "c_relu_out", "gap_out"])
     assert all(t in ranges for t in names)
-    assert rule_tensors(model, None) == []
+    assert rule_tensors(model, None, seeds) == []
+    # nothing can be 8-bit without a quantized layer around it
+    assert rule_tensors(model, ORT_CPU_RULES) == []
+
+
+def test_no_rule_tensors_on_a_transformer_block():
+    """MatMul outputs are never quantized (float-output kernels): the bias Adds, the attention
+    mask's Add and the Softmax are never calibrated for the rules."""
+    model = onnx.shape_inference.infer_shapes(models.transformer_block())
+    layers = find_layers(model)
+    assert rule_tensors(model, ORT_CPU_RULES, required_ranges(layers)) == []
 
 
 def test_integer_add_with_rules_and_not_without(cnn_setup, tmp_path):
@@ -233,3 +246,21 @@ def test_readers_before_the_layer_that_placed_the_dq_are_moved_after_it(tmp_path
     assert pool.input[0] != "h"  # it reads the dequantized tensor
     c = _optimized(fused, tmp_path, "order")
     assert c["QLinearConv"] == 3 and c["Relu"] == 0
+
+
+def test_cli_rewrite_follows_the_backends_rules(tmp_path):
+    import json
+
+    from ampq_pass.cli.main import main
+
+    model = residual_cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **_feeds())
+    layers = find_layers(model)
+    (tmp_path / "plan.json").write_text(json.dumps({"formats": {l.name: "int8" for l in layers}}))
+    base = [str(tmp_path / "m.onnx"), "--plan", str(tmp_path / "plan.json"), "--calib", str(tmp_path / "calib.npz"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(base + ["-o", str(tmp_path / "ort.onnx")]) == 0
+    assert main(base + ["-o", str(tmp_path / "mac.onnx"), "--backend", "mac"]) == 0
+    fused = [n.name for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node if "_fused_int8" in n.name]
+    assert fused and not [n for n in onnx.load(str(tmp_path / "mac.onnx")).graph.node if "_fused_int8" in n.name]
