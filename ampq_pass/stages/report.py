@@ -94,7 +94,8 @@ def build_report(record: PassRecord) -> dict:
         # cut tensors the plan quantizes (design.md §3 "Boundary states"), and how many
         # configurations were timed with and without counting cut states
         "boundaries": {"cuts": dict(solution.plan.cuts), "n_cuts": len(partition.cuts),
-                       "configs_timed": table.n_configs,
+                       "configs": table.n_configs,
+                       "configs_derived": sum(c.derived for s in table.subgraphs for c in s.configs),
                        "configs_without_states": sum(len({tuple(sorted(c.formats.items())) for c in s.configs})
                                                      for s in table.subgraphs)},
         "predicted": {"speedup": r.predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
@@ -153,9 +154,10 @@ def render_text(report: dict) -> str:
     lines.append(f"budget: {budget} (tau = {b['tau']:.3g}); binding: {b['binding']}; {b['status']}"
                  + (f" - {b['message']}" if b["message"] else ""))
     bd = report.get("boundaries")
-    if bd and bd["configs_timed"] > bd["configs_without_states"]:
+    if bd and bd["configs"] > bd["configs_without_states"]:
         lines.append(f"boundaries: {len(bd['cuts'])} of {bd['n_cuts']} cut tensors carry int8; "
-                     f"{bd['configs_timed']} configurations timed ({bd['configs_without_states']} without cut states)")
+                     f"{bd['configs']} configurations ({bd.get('configs_derived', 0)} of them added up from two timed "
+                     f"ones; {bd['configs_without_states']} without cut states)")
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
     for rnd in report.get("rounds", [])[1:] if len(report.get("rounds", [])) > 1 else []:
         lines.append(f"repair round {rnd['round']}: {rnd['layers_quantized']} layers quantized, predicted "

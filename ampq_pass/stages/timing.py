@@ -25,7 +25,7 @@ from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
 from ampq_pass.core.measure import CostModel, Measurer, Timing, median_ci
-from ampq_pass.stages.boundaries import boundary_cuts, forces, quantized_feeds, split_at_cuts, with_states
+from ampq_pass.stages.boundaries import STATE, boundary_cuts, forces, quantized_feeds, split_at_cuts, with_states
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import configs as partition_configs
@@ -47,6 +47,7 @@ class ConfigGain:
 
     ``cuts`` are the states of the subgraph's cut tensors it was timed with (none: all hp);
     ``forces`` the cuts its own formats quantize (:func:`ampq_pass.stages.boundaries.forces`).
+    ``derived``: not timed but added up from two timed configurations (:func:`_edge_derived`).
     """
 
     formats: dict[str, str]
@@ -58,6 +59,7 @@ class ConfigGain:
     ci: tuple[float, float] = (math.nan, math.nan)
     cuts: dict[str, str] = field(default_factory=dict)
     forces: list[str] = field(default_factory=list)
+    derived: bool = False
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -68,7 +70,7 @@ class ConfigGain:
     def from_json(cls, d: dict) -> "ConfigGain":
         return cls(dict(d["formats"]), float(d["time"]), float(d["gain"]), float(d["noise"]), bool(d["significant"]),
                    float(d["measured_gain"]), tuple(float(x) for x in d.get("ci", (math.nan, math.nan))),
-                   dict(d.get("cuts", {})), list(d.get("forces", [])))
+                   dict(d.get("cuts", {})), list(d.get("forces", [])), bool(d.get("derived", False)))
 
 
 @dataclass
@@ -288,24 +290,64 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
              inputs: list[dict[str, np.ndarray]], measurer: Measurer) -> SubgraphGains:
     names = [l.name for l in layers]
     labels = [config_name(*c) for c in configs]
+    derived: dict[str, tuple[str, str]] = {}
     if isinstance(measurer, CostModel):
         timings = {lab: Timing.exact(measurer.cost(sub, layers, f, inputs)) for lab, (f, _) in zip(labels, configs)}
     else:
         rules = measurer.capabilities().rules  # the backend's fusions, as in the whole-model rewrite
-        models = {lab: timed_model(sub, layers, c, ranges, rules) for lab, c in zip(labels, configs)}
+        derived = _edge_derived(configs)
+        models = {lab: timed_model(sub, layers, c, ranges, rules) for lab, c in zip(labels, configs) if lab not in derived}
         graph_inputs = {i.name for i in sub.graph.input}
         int8_inputs = sorted({t for _, st in configs for t, v in st.items() if v != HP and t in graph_inputs})
         timings = measurer.time(models, quantized_feeds(inputs, int8_inputs, ranges))
     hp = timings[labels[0]]  # full_configs puts the all-hp configuration first
-    results = []
+    by_label: dict[str, ConfigGain] = {}
     for lab, (f, st) in zip(labels, configs):
+        if lab in derived:
+            continue
         t = timings[lab]
         measured = hp.median - t.median
         noise = gain_noise(hp, t)
         significant = abs(measured) > noise
-        results.append(ConfigGain(dict(f), t.median, measured if significant else 0.0, noise, significant,
-                                  measured, (t.ci_low, t.ci_high), dict(st)))
-    return SubgraphGains(0, "", names, hp.median, results)
+        by_label[lab] = ConfigGain(dict(f), t.median, measured if significant else 0.0, noise, significant,
+                                   measured, (t.ci_low, t.ci_high), dict(st))
+    for lab, (f, st) in zip(labels, configs):
+        if lab in derived:
+            b, e = (by_label[x] for x in derived[lab])
+            measured = b.measured_gain + e.measured_gain
+            noise = math.hypot(b.noise, e.noise)
+            significant = abs(measured) > noise
+            by_label[lab] = ConfigGain(dict(f), hp.median - measured, measured if significant else 0.0, noise,
+                                       significant, measured, (math.nan, math.nan), dict(st), derived=True)
+    return SubgraphGains(0, "", names, hp.median, [by_label[lab] for lab in labels])
+
+
+def _edge_derived(configs: list[Config]) -> dict[str, tuple[str, str]]:
+    """Configurations not timed: label -> (labels of the two timed ones whose gains it adds).
+
+    A configuration with no layer in the cut state's format (int8) whose cuts are int8 only
+    because its neighbours quantize them differs from the same formats with hp cuts by a
+    Q or DQ at its edge that no op of its own fuses with (there is no int8 kernel inside to
+    fuse with): its gain is taken as the formats' gain with hp cuts plus the gain of the
+    all-hp formats with those cut states. On a transformer block with int8_dyn and int4
+    candidates this spares most of what an int8 neighbour adds (it doubles the
+    configurations); where an int8 layer could fuse across the edge (CNNs: QLinearConv ->
+    Relu -> Q) everything is timed. The report counts derived configurations.
+    Configurations must come from :func:`full_configs` (the all-hp one first) and
+    :func:`ampq_pass.stages.boundaries.with_states` (every free state also offered as hp).
+    """
+    labels = {config_name(*c) for c in configs}
+    out = {}
+    for formats, states in configs:
+        if any(f == STATE for f in formats.values()) or all(f == HP for f in formats.values()):
+            continue
+        if all(v == HP for v in states.values()):
+            continue
+        base = config_name(formats, {t: HP for t in states})
+        edge = config_name({l: HP for l in formats}, states)
+        if base in labels and edge in labels:
+            out[config_name(formats, states)] = (base, edge)
+    return out
 
 
 def gain_noise(hp: Timing, other: Timing) -> float:

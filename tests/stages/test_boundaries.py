@@ -171,3 +171,42 @@ def test_gain_table_with_states_predicts_a_plan_from_its_formats(cnn):
         chosen = sg.lookup(formats, table.cut_states(formats))
         assert all(chosen.cuts[t] == STATE for t in chosen.forces)
     assert predict_speedup(table, table.plan(formats)) > 0
+
+
+class _Counting:
+    """Wraps a backend and counts the models it times."""
+
+    def __init__(self, inner):
+        self.inner, self.timed = inner, 0
+        self.name, self.unit = inner.name, inner.unit
+
+    def capabilities(self):
+        return self.inner.capabilities()
+
+    def key(self):
+        return self.inner.key()
+
+    def time(self, models, inputs):
+        self.timed += len(models)
+        return self.inner.time(models, inputs)
+
+
+def test_edge_only_configurations_are_added_up_not_timed():
+    """A configuration with no int8 layer whose cut is int8 only because of its neighbour is
+    the same formats with an hp cut plus the all-hp formats with that cut state."""
+    model = models.transformer_block()
+    layers = find_layers(model)
+    samples = Samples(models.feeds_for(model, n=8))
+    ranges = compute_ranges(model, layers, samples)
+    part = partition(model, layers, formats={l.name: [f for f in l.formats if f in ("int8", "int8_dyn")] for l in layers})
+    captured = capture_inputs(model, part, samples, batch_size=4)
+    backend = _Counting(OrtBackend(protocol=FAST, formats=("int8", "int8_dyn")))
+    table = gain_table(model, layers, part, ranges, captured, backend, progress=False)
+    derived = [(sg, c) for sg in table.subgraphs for c in sg.configs if c.derived]
+    assert derived, "an int8_dyn configuration next to an int8-capable neighbour"
+    assert backend.timed == table.n_configs - len(derived)
+    for sg, c in derived:
+        assert "int8" not in c.formats.values() and STATE in c.cuts.values()
+        base = sg.lookup(c.formats, {})
+        edge = sg.lookup({}, c.cuts)
+        assert c.measured_gain == pytest.approx(base.measured_gain + edge.measured_gain)
