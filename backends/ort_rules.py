@@ -19,11 +19,16 @@ and their checks in ``qdq_selectors.cc``:
   absorbed when the Q makes it redundant (``IsClipMadeRedundantByQ``: zero point at the
   lowest code).
 
+``tests/stages/test_fusion.py`` checks every entry, and Pad, SpaceToDepth and ReduceMean
+staying out, against the installed ONNX Runtime (1.32: DepthToSpace is dropped too).
+
 Every selector also requires (``CheckQDQNodes``) that the target's outputs go to Q nodes
-only, one per output, and that the target produces no graph output. Not in the table:
-Split (``SplitReplaceWithQuant``, several outputs), ArgMax (DQ dropped, no Q),
-ReduceMean (no QLinear kernel on the CPU EP: ``x.mean(dim=(2, 3))`` exports as ReduceMean and
-stays float), and the layers themselves (Conv, MatMul, Gemm: the formats' business).
+only, one per output, and that the target produces no graph output. ``SplitQDQRules`` (CPU):
+a Split with one DQ in and, on every output, a Q with the input's parameters runs on the
+8-bit tensor. Not in the table: ArgMax (DQ dropped, no Q), Pad and SpaceToDepth (kept as
+DQ -> float -> Q), ReduceMean (no QLinear kernel on the CPU EP: ``x.mean(dim=(2, 3))``
+exports as ReduceMean and stays float), and the layers themselves (Conv, MatMul, Gemm: the
+formats' business).
 ``qdq_propagation.cc`` moves Q/DQ through MaxPool, Reshape, Transpose, Squeeze, Unsqueeze and
 Slice on its own; placing them with equal parameters here makes that unnecessary.
 """
@@ -62,6 +67,10 @@ ORT_CPU_RULES = FusionRules("ort:cpu", {
     "ReduceMin": _drop("DropQDQNodesRules (no 16-bit, positive scale)"),
     **{op: _drop("DropQDQNodesRules") for op in ("Expand", "Flatten", "Gather", "GatherElements", "Reshape",
                                                   "Slice", "Squeeze", "Tile", "Transpose", "Unsqueeze")},
+    "Split": OpRule(PASSTHROUGH, (0,), all_outputs=True,
+                    source=f"{_SEL}: SplitQDQRules -> SplitReplaceWithQuant (equal quantization parameters)"),
+    # newer than the source read above (which says it has no integer kernel): ORT 1.32 drops it
+    "DepthToSpace": _drop("DropQDQNodesRules (ORT 1.32; tests/stages/test_fusion.py checks it)"),
     # activations made redundant by the Q after them
     "Relu": OpRule(ABSORBED, (0,), source="qdq_selectors.cc: GetQDQSelection, IsClipMadeRedundantByQ"),
     "Clip": OpRule(ABSORBED, (0,), source="qdq_selectors.cc: GetQDQSelection, IsClipMadeRedundantByQ"),

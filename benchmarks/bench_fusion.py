@@ -2,7 +2,8 @@
 rules (backends/ort_rules.py), against fp32 and ORT's own ``quantize_static`` (QDQ, per-channel,
 U8S8), timed interleaved in one process on the ORT CPU EP with 2 threads.
 
-Run: .venv/bin/python benchmarks/bench_fusion.py [resnet50] [cnn]   -> benchmarks/results/fusion.md
+Run: .venv/bin/python benchmarks/bench_fusion.py [resnet50] [cnn] [corpus:NAME ...]   -> benchmarks/results/fusion.md
+     (corpus:NAME: any model of benchmarks/corpus, its calib.npz split as for resnet50)
 
 - resnet50: the corpus ResNet-50 (benchmarks/corpus/models/resnet50_classic, torch.onnx classic
   export of transformers' ResNetForImageClassification, random init), its calib.npz: the first
@@ -57,6 +58,14 @@ def resnet50():
     return "ResNet-50 (corpus resnet50_classic, random init, 8 x 3 x 224 x 224)", path, model, calib, held
 
 
+def corpus(name: str):
+    path = CORPUS / f"models/{name}/model.onnx"
+    model = load_model(path)
+    samples = load_samples(CORPUS / f"models/{name}/calib.npz", model)
+    calib, held = samples.split(16)
+    return f"{name} (corpus)", path, model, calib, held
+
+
 def cnn():
     from bench_models import resnet_cnn
 
@@ -98,7 +107,8 @@ def run_all(session, batches):
 
 
 def one(which: str) -> str:
-    title, path, model, calib, held = {"resnet50": resnet50, "cnn": cnn}[which]()
+    title, path, model, calib, held = ({"resnet50": resnet50, "cnn": cnn}[which]() if ":" not in which
+                                       else corpus(which.split(":", 1)[1]))
     layers = find_layers(model)
     t0 = time.perf_counter()
     ranges = compute_ranges(model, layers, calib, rules=ORT_CPU_RULES)
@@ -161,15 +171,17 @@ def one(which: str) -> str:
     return text + "\n"
 
 
-def main(which: list[str]) -> None:
+def main(which: list[str], out: str = "fusion.md") -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")
     text = header("ORT fusion rules: every conv int8, with and without the rules (issue 13 item 2)")
     text += f"`lscpu` Model name: {name}. ORT CPU EP, 2 intra-op threads, spinning off.\n\n"
     for w in which:
         text += one(w)
-        write("fusion.md", text)
+        write(out, text)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["cnn", "resnet50"])
+    args = sys.argv[1:]
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "fusion.md")
+    main([a for a in args if not a.startswith("--out=")] or ["cnn", "resnet50"], out)

@@ -46,6 +46,9 @@ class OpRule:
     inputs: tuple[int, ...] | None = (0,)
     #: lowest default-domain opset at which the backend fuses it (0: any)
     min_opset: int = 0
+    #: whether every output carries data (Split); otherwise the op has one output (an op with
+    #: a second, optional output in use, as MaxPool's Indices, is not fused)
+    all_outputs: bool = False
     #: where in the backend's source this rule comes from
     source: str = ""
 
@@ -57,6 +60,13 @@ class OpRule:
         """The slots of ``node`` that must arrive quantized (absent optional inputs skipped)."""
         slots = range(len(node.input)) if self.inputs is None else self.inputs
         return [i for i in slots if i < len(node.input) and node.input[i]]
+
+    def data_outputs(self, node: onnx.NodeProto) -> list[str] | None:
+        """The outputs of ``node`` that carry data, or None when the node's outputs do not fit the rule."""
+        made = [o for o in node.output if o]
+        if not made or (not self.all_outputs and (len(made) != 1 or not node.output[0])):
+            return None
+        return made if self.all_outputs else [node.output[0]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,11 +112,12 @@ def rule_tensors(model: onnx.ModelProto, rules: FusionRules | None, quantizable:
     names = set()
     for node in model.graph.node:  # topological: one forward sweep
         r = rules.rule(node, opset)
-        if r is None or not node.output or not node.output[0]:
+        outs = r.data_outputs(node) if r is not None else None
+        if not outs:
             continue
         data = [node.input[i] for i in r.data_inputs(node)] if r.kind != ABSORBED else node.input[:1]
         if data and all(t in int8 for t in data):
-            int8.add(node.output[0])
-            if r.kind in (INTEGER, ABSORBED) and node.output[0] in floats:
-                names.add(node.output[0])
+            int8.update(outs)
+            if r.kind in (INTEGER, ABSORBED):
+                names.update(o for o in outs if o in floats)
     return sorted(names)

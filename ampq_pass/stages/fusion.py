@@ -113,13 +113,14 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) 
                 and len(gr.users(q.input[0])) == 1)
 
     def output_ok(node, rule: OpRule) -> bool:
-        # The backend wants the op's output to go to one Q only. Other float readers then read
-        # the dequantized tensor, which is only worth it when an 8-bit reader needs the Q anyway.
-        users = gr.users(node.output[0])
-        qs = [c for c in users if gr.is_act(c, _Q)]
-        if len(qs) > 1 or any(c is _OUTSIDE for c in users):
-            return False
-        return bool(qs) or any(c.name in taken for c in users)
+        # The backend wants each output to go to one Q only. Other float readers then read the
+        # dequantized tensor, which is only worth it when an 8-bit reader needs the Q anyway.
+        for out in rule.data_outputs(node):
+            users = gr.users(out)
+            qs = [c for c in users if gr.is_act(c, _Q)]
+            if len(qs) > 1 or any(c is _OUTSIDE for c in users) or not (qs or any(c.name in taken for c in users)):
+                return False
+        return True
 
     def ok(name: str) -> bool:
         node, rule = cand[name]
@@ -147,13 +148,14 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) 
         for name in taken:
             node, rule = cand[name]
             if rule.kind == PASSTHROUGH:
-                a, b = find(node.input[0]), find(node.output[0])
-                if a != b:
-                    parent[b] = a
+                for out in rule.data_outputs(node):
+                    a, b = find(node.input[0]), find(out)
+                    if a != b:
+                        parent[b] = a
         members: dict[str, list[str]] = {}
         for name in taken:
             node, rule = cand[name]
-            for t in ([node.input[i] for i in rule.data_inputs(node)] + [node.output[0]]):
+            for t in ([node.input[i] for i in rule.data_inputs(node)] + rule.data_outputs(node)):
                 members.setdefault(find(t), [])
                 if t not in members[find(t)]:
                     members[find(t)].append(t)
@@ -188,7 +190,7 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) 
             feeds_absorbed = [c.name for c in gr.users(out) if c is not _OUTSIDE and c.name in taken
                               and cand[c.name][1].kind == ABSORBED]
             needs = [node.input[i] for i in rule.data_inputs(node)] if rule.kind != ABSORBED else []
-            needs += [] if feeds_absorbed else [out]
+            needs += [] if feeds_absorbed else rule.data_outputs(node)
             if (any(t in bad or t not in source for t in needs if t not in gr.view) or any(t in bad for t in needs)
                     or (rule.kind == ABSORBED and _zero_point(gr, source.get(out)) != 0)):
                 # no parameters, parameters in conflict, or a Q that leaves the activation needed
@@ -196,6 +198,44 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) 
                 dropped = True
         if not dropped and all(ok(n) for n in taken):
             return taken, source
+
+
+def shared_ranges(model: onnx.ModelProto, rules: FusionRules | None, ranges):
+    """``ranges`` where tensors joined by the table's passthrough ops (MaxPool, Split, Reshape
+    ...) share one range, the union of theirs: the layers then quantize them with equal
+    parameters, which the backend needs to run those ops on 8-bit tensors (a Split whose two
+    outputs feed two int8 convolutions calibrated apart would otherwise stay float). A
+    passthrough op's output range lies inside its input's, so the union is the input's range
+    in practice. Returns ``ranges`` itself when nothing is joined."""
+    if rules is None or ranges is None:
+        return ranges
+    opset = default_opset(model)
+    parent: dict[str, str] = {}
+
+    def find(t):
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    for node in model.graph.node:
+        rule = rules.rule(node, opset)
+        outs = rule.data_outputs(node) if rule is not None and rule.kind == PASSTHROUGH else None
+        if outs and rule.data_inputs(node):
+            for out in outs:
+                a, b = find(node.input[rule.data_inputs(node)[0]]), find(out)
+                if a != b:
+                    parent[b] = a
+    classes: dict[str, list[str]] = {}
+    for t in ranges.tensors:
+        classes.setdefault(find(t), []).append(t)
+    joined = {}
+    for ts in classes.values():
+        if len(ts) > 1:
+            lo, hi = min(ranges[t][0] for t in ts), max(ranges[t][1] for t in ts)
+            joined.update({t: (lo, hi) for t in ts})
+    if not joined or all(ranges[t] == r for t, r in joined.items()):
+        return ranges
+    return type(ranges)(ranges.method, {**ranges.tensors, **joined})
 
 
 def _zero_point(gr: _Graph, src) -> int | None:
@@ -217,7 +257,7 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> b
     cand = {}
     for node in model.graph.node:
         rule = rules.rule(node, opset)
-        if rule is None or not node.name or len([o for o in node.output if o]) != 1 or not node.output[0]:
+        if rule is None or not node.name or not rule.data_outputs(node):
             continue
         if rule.kind != ABSORBED and not rule.data_inputs(node):
             continue
@@ -259,23 +299,23 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> b
         else:
             for i in rule.data_inputs(node):
                 node.input[i] = gr.view[node.input[i]][0]
-        out = node.output[0]
-        users = gr.users(out)
-        if any(c.name in taken and cand[c.name][1].kind == ABSORBED for c in users):
-            continue  # the activation after it carries the Q (and is its only reader)
-        if out not in gr.view:  # else a layer's Q/DQ already follows
-            s, z = params_of(source[out], out)
-            base = f"{out}_fused_int8"
-            q = helper.make_node(_Q, [out, s, z], [base + "_quantized"], name=base + "_QuantizeLinear")
-            dq = helper.make_node(_DQ, [base + "_quantized", s, z], [base + "_dequantized"],
-                                  name=base + "_DequantizeLinear")
-            after[node.name] = [q, dq]
-            gr.view[out] = gr.view[base + "_dequantized"] = (base + "_dequantized", s, z)
-        for c in users:  # every reader but the Q reads the dequantized tensor
-            if not gr.is_act(c, _Q):
-                for i, name in enumerate(c.input):
-                    if name == out:
-                        c.input[i] = gr.view[out][0]
+        for out in rule.data_outputs(node):
+            users = gr.users(out)
+            if any(c.name in taken and cand[c.name][1].kind == ABSORBED for c in users):
+                continue  # the activation after it carries the Q (and is its only reader)
+            if out not in gr.view:  # else a layer's Q/DQ already follows
+                s, z = params_of(source[out], out)
+                base = f"{out}_fused_int8"
+                q = helper.make_node(_Q, [out, s, z], [base + "_quantized"], name=base + "_QuantizeLinear")
+                dq = helper.make_node(_DQ, [base + "_quantized", s, z], [base + "_dequantized"],
+                                      name=base + "_DequantizeLinear")
+                after.setdefault(node.name, []).extend([q, dq])
+                gr.view[out] = gr.view[base + "_dequantized"] = (base + "_dequantized", s, z)
+            for c in users:  # every reader but the Q reads the dequantized tensor
+                if not gr.is_act(c, _Q):
+                    for i, name in enumerate(c.input):
+                        if name == out:
+                            c.input[i] = gr.view[out][0]
     ordered = []
     for node in g.node:
         if node.name in removed:

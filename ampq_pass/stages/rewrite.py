@@ -25,7 +25,7 @@ from ampq_pass.core.graph import drop_unused_initializers, ensure_node_names, in
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.proto import copy_model, fits_protobuf, raise_opset, stripped_copy
 from ampq_pass.stages.calibrate import Ranges
-from ampq_pass.stages.fusion import follow_rules
+from ampq_pass.stages.fusion import follow_rules, shared_ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.plan import Plan, validate_plan
 
@@ -89,6 +89,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     that the backend fuses (:func:`ampq_pass.stages.fusion.follow_rules`).
     """
     validate_plan(plan, layers)
+    ranges = shared_ranges(model, rules, ranges)  # equal parameters across the rules' passthrough ops
     large = not fits_protobuf(model)
     out = stripped_copy(model) if large else copy_model(model)
     cuts = {t: s for t, s in plan.cuts.items() if s != HP}

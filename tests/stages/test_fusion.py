@@ -1,7 +1,9 @@
 """The rewrite that follows a backend's fusion rules (issue 13, item 2): ONNX Runtime's CPU EP
 table on a residual CNN built here, checked against the graph ONNX Runtime itself optimizes."""
 
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -264,3 +266,122 @@ def test_cli_rewrite_follows_the_backends_rules(tmp_path):
     assert main(base + ["-o", str(tmp_path / "mac.onnx"), "--backend", "mac"]) == 0
     fused = [n.name for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node if "_fused_int8" in n.name]
     assert fused and not [n for n in onnx.load(str(tmp_path / "mac.onnx")).graph.node if "_fused_int8" in n.name]
+
+
+def _probe(op: str, n_data: int = 1, extra=(), inits=(), shape=(1, 4, 8, 8), **attrs) -> Counter:
+    """DQ(s) -> op -> Q -> DQ at one scale, as ONNX Runtime's CPU EP optimizes it."""
+    nodes, feeds = [], []
+    for k in range(n_data):
+        nodes += [helper.make_node("QuantizeLinear", [f"x{k}", "s", "z"], [f"q{k}"]),
+                  helper.make_node("DequantizeLinear", [f"q{k}", "s", "z"], [f"d{k}"])]
+        feeds.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, list(shape)))
+    data = [f"d{k}" for k in range(n_data)]
+    ins = ["cond", *data] if op == "Where" else [*data, *extra]
+    if op == "Where":
+        feeds.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, list(shape)))
+    nodes += [helper.make_node(op, ins, ["y"], **attrs),
+              helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "probe", feeds, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(0), "z"),
+                               *inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = Path(tempfile.mkdtemp(prefix="ampq-probe-")) / "p.onnx"
+    _session(model, path)
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+_I64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+_PROBES = {
+    "Add": dict(n_data=2), "Mul": dict(n_data=2), "Concat": dict(n_data=2, axis=1), "Where": dict(n_data=2),
+    "AveragePool": dict(kernel_shape=[2, 2]), "GlobalAveragePool": {}, "LeakyRelu": {}, "Sigmoid": {}, "Softmax": {},
+    "MaxPool": dict(kernel_shape=[2, 2]), "ReduceMax": {}, "ReduceMin": {}, "Flatten": {}, "Squeeze": {},
+    "Transpose": dict(perm=[0, 2, 3, 1]), "DepthToSpace": dict(blocksize=2),
+    "Resize": dict(extra=["", "scales"], inits=[numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]),
+    "Reshape": dict(extra=["shape"], inits=[_I64("shape", [1, -1])]),
+    "Unsqueeze": dict(extra=["axes"], inits=[_I64("axes", [0])]),
+    "Slice": dict(extra=["starts", "ends"], inits=[_I64("starts", [0]), _I64("ends", [1])]),
+    "Tile": dict(extra=["repeats"], inits=[_I64("repeats", [1, 1, 1, 2])]),
+    "Expand": dict(extra=["eshape"], inits=[_I64("eshape", [2, 4, 8, 8])]),
+    "Gather": dict(extra=["idx"], inits=[_I64("idx", [0, 1])], axis=1),
+    "GatherElements": dict(extra=["idx"], inits=[numpy_helper.from_array(np.zeros((1, 4, 8, 8), np.int64), "idx")]),
+    "Relu": {}, "Clip": dict(extra=["lo", "hi"], inits=[numpy_helper.from_array(np.float32(0), "lo"),
+                                                         numpy_helper.from_array(np.float32(12.75), "hi")]),
+}
+
+
+@pytest.mark.parametrize("op", sorted(set(ORT_CPU_RULES.rules) - {"Split"}))
+def test_every_entry_of_the_ort_table_is_what_the_installed_ort_does(op):
+    """The table against the installed ONNX Runtime: an integer op becomes its QLinear kernel,
+    a passthrough op loses its DQ and Q, an absorbed activation disappears."""
+    got = _probe(op, **_PROBES[op])
+    kind = ORT_CPU_RULES.rules[op].kind
+    # what remains: the Q of each input and the DQ of the output
+    assert got["QuantizeLinear"] == _PROBES[op].get("n_data", 1) and got["DequantizeLinear"] == 1, got
+    if kind == INTEGER:
+        assert got[f"QLinear{op}"] == 1 and got[op] == 0, got
+    elif kind == ABSORBED:
+        assert got[op] == 0, got
+
+
+@pytest.mark.parametrize("op, spec", [
+    ("Pad", dict(extra=["pads"], inits=[_I64("pads", [0, 0, 1, 1, 0, 0, 1, 1])])),
+    ("SpaceToDepth", dict(blocksize=2)),
+    ("ReduceMean", {}),
+])
+def test_ops_left_out_of_the_table_keep_their_qdq_in_ort(op, spec):
+    got = _probe(op, **spec)
+    assert op not in ORT_CPU_RULES.rules and got["QuantizeLinear"] == 2 and got["DequantizeLinear"] == 2, got
+
+
+def test_split_runs_on_8_bit_in_ort():
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Split", ["d", "sizes"], ["a", "b"], axis=1)]
+    outs = []
+    for t in ("a", "b"):
+        nodes += [helper.make_node("QuantizeLinear", [t, "s", "z"], [t + "q"]),
+                  helper.make_node("DequantizeLinear", [t + "q", "s", "z"], [t + "_out"])]
+        outs.append(helper.make_tensor_value_info(t + "_out", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])], outs,
+                              [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(0), "z"),
+                               _I64("sizes", [2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = Path(tempfile.mkdtemp(prefix="ampq-probe-")) / "p.onnx"
+    _session(model, path)
+    got = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert got["QuantizeLinear"] == 1 and got["DequantizeLinear"] == 2 and got["Split"] == 1, got
+    assert ORT_CPU_RULES.rules["Split"].kind == PASSTHROUGH
+
+
+def test_split_between_int8_layers_shares_the_scale(tmp_path):
+    """conv -> Relu -> Split -> (conv, conv): the Split's outputs take the scale of its input and
+    ONNX Runtime runs it on uint8 (no DQ/Q left between the convolutions)."""
+    rng = np.random.default_rng(5)
+    w = lambda name, cin, cout: numpy_helper.from_array(  # noqa: E731
+        (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["s"], name="stem", pads=[1] * 4),
+             helper.make_node("Relu", ["s"], ["h"], name="relu"),
+             helper.make_node("Split", ["h", "sizes"], ["h1", "h2"], name="split", axis=1),
+             helper.make_node("Conv", ["h1", "w1"], ["a"], name="a", pads=[1] * 4),
+             helper.make_node("Conv", ["h2", "w2"], ["b"], name="b", pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+                              [w("w0", 3, 8), w("w1", 4, 4), w("w2", 4, 4), _I64("sizes", [4, 4])])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.ir_version = 8
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    plain = rewrite(model, layers, _all_int8(layers), ranges)
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    onnx.checker.check_model(fused, full_check=True)
+    without, with_ = _optimized(plain, tmp_path, "plain"), _optimized(fused, tmp_path, "fused")
+    assert with_["QLinearConv"] == 3 and with_["Relu"] == 0
+    assert with_["QuantizeLinear"] + with_["DequantizeLinear"] < without["QuantizeLinear"] + without["DequantizeLinear"]
+    feeds = _feeds(8, seed=3)
+    ref = _session(model).run(None, feeds)
+    for got, want in zip(_session(fused).run(None, feeds), ref):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
