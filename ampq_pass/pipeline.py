@@ -76,6 +76,9 @@ class PassOptions:
     #: rounds of the closed loop (:mod:`ampq_pass.stages.repair`) when the measured speed-up
     #: falls short of the prediction; 0 turns it off
     repair_rounds: int = 2
+    #: time each configuration with the states its cut tensors can have (design.md §3
+    #: "Boundary states"); False times every cut in high precision (the paper's model)
+    boundary_states: bool = True
     #: time subgraphs on a Ray device pool: "local", "auto" or "ray://HOST:PORT"
     #: (:mod:`ampq_pass.backends.ray_pool`); None times them here, one after another
     ray: str | None = None
@@ -375,7 +378,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
     with pool_for(opts.ray, inp.backend, opts.backend, log) as pool:
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
-                           progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool)
+                           progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool,
+                           boundary_states=opts.boundary_states)
     clock.lap("timing")
     if opts.metric is not None:
         return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log)
