@@ -15,6 +15,7 @@ import onnx
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError, runtime_errors
 from ampq_pass.core.formats import FORMATS
+from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.fusion import FusionRules, rule_tensors
 from ampq_pass.core.proto import fits_protobuf, save_external
 from ampq_pass.core.samples import Samples, samples_digest
@@ -131,6 +132,8 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
             for batch in calibration_batches(samples, batch_size, memory_budget):
                 calibrator.collect_data(Reader(batch))
             data = calibrator.compute_data()
+            del calibrator
+    release_freed_memory()  # the calibrator's session and augmented model, before sensitivity
     found = {}
     for name in wanted:
         if name in data:

@@ -37,6 +37,7 @@ import onnx
 import torch
 
 from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.formats import FORMATS, HP, Format, get_format
 from ampq_pass.core.graph import initializers
 from ampq_pass.core.ops import OPS
@@ -457,8 +458,13 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
         extra["loss_tensors"] = dict(view)
     if constant.to_json() is not None:
         extra["constant_outputs"] = constant.to_json()
-    return Sensitivity(mean(acc.total), mean(acc.weight), mean(acc.activation), loss_sum * scale,
-                       loss_sq * scale, count, loss_fn.name, n_probes, extra)
+    result = Sensitivity(mean(acc.total), mean(acc.weight), mean(acc.activation), loss_sum * scale,
+                         loss_sq * scale, count, loss_fn.name, n_probes, extra)
+    # The executor's weights, the kept weight errors and every batch's freed activations:
+    # given back now, or they stay resident through the stages after this one.
+    del ex, weights, items, acc
+    release_freed_memory()
+    return result
 
 
 def constant_output_warning(sens: Sensitivity) -> str | None:
