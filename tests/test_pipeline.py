@@ -63,6 +63,14 @@ def test_ort_backend_pareto_and_cache(tmp_path, block_file):
     front = first.report["pareto"]
     assert 1 <= len(front) <= 3
     assert [p["predicted_gain"] for p in front] == sorted(p["predicted_gain"] for p in front)
+    bd = first.report["boundaries"]
+    assert bd["configs"] > bd["configs_without_states"]  # the block's cuts sit next to int8-capable MatMuls
+    assert bd["cuts"] == first.solution.plan.cuts
+    from ampq_pass.stages.report import render_text
+    assert "cut tensors carry int8" in render_text(first.report)
+    written = onnx.load(tmp_path / "o1.onnx")
+    for t in first.solution.plan.cuts:  # an int8 cut is made by its one DequantizeLinear
+        assert [n.op_type for n in written.graph.node if t in n.output] == ["DequantizeLinear"]
     second = run_pass(block_file, tmp_path / "o2.onnx", **kw)
     assert all(sg["cached"] for sg in second.report["subgraphs"])
     assert second.solution.plan.formats == first.solution.plan.formats
