@@ -42,7 +42,9 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
+from ampq_pass.backends.ort_rules import ORT_CPU_RULES
 from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.fusion import FusionRules
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.proto import fits_protobuf, save_external
 
@@ -107,11 +109,18 @@ def _restrict(inputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+#: The ops between layers the CPU plugin runs in int8. Not read from OpenVINO's source (its
+#: low-precision transformations) yet: ONNX Runtime's CPU table, measured here to help as much
+#: (every conv int8, the table's Q/DQ against the layers' alone, interleaved on openvino:cpu:
+#: ResNet-50 3.25x, the residual CNN 1.90x; benchmarks/results/fusion_openvino.md).
+OPENVINO_CPU_RULES = FusionRules("openvino:cpu (ORT CPU table)", dict(ORT_CPU_RULES.rules))
+
+
 class OpenVinoBackend(Backend):
     """The OpenVINO runtime on one device (``CPU`` by default)."""
 
     def __init__(self, device: str = "cpu", *, threads: int = 2, protocol: Protocol | None = None,
-                 formats: tuple[str, ...] | None = None, core: Any = None):
+                 formats: tuple[str, ...] | None = None, core: Any = None, fusion: bool = True):
         ov = import_openvino()
         self._ov = ov
         self.core = core if core is not None else ov.Core()
@@ -131,7 +140,8 @@ class OpenVinoBackend(Backend):
                 raise AmpqError(f"openvino:{device.lower()} does not run {unknown[0]!r} fast; it offers "
                                 f"{', '.join(fast) or 'hp only'}")
             fast = tuple(f for f in fast if f in formats)
-        self._caps = Capabilities(fast, "fp32", self._device_name())
+        rules = OPENVINO_CPU_RULES if fusion and wanted == "CPU" and "int8" in fast else None
+        self._caps = Capabilities(fast, "fp32", self._device_name(), rules)
         self.name = f"openvino:{wanted.lower()}"
 
     @staticmethod
@@ -165,7 +175,8 @@ class OpenVinoBackend(Backend):
         return {"backend": "openvino", "openvino": str(self._ov.get_version()), "onnx": onnx.__version__,
                 "device": self.device, "device_name": self._caps.device, "optimization_capabilities": list(self.device_caps),
                 "formats": list(self._caps.formats), "threads": self.threads,
-                "config": {k: str(v) for k, v in sorted(self.config().items())}, "protocol": self.protocol.to_json()}
+                "config": {k: str(v) for k, v in sorted(self.config().items())}, "protocol": self.protocol.to_json(),
+                "fusion": self._caps.rules.key() if self._caps.rules is not None else None}
 
     def compile(self, model: onnx.ModelProto):
         """A compiled model with the fixed settings this backend's timings are keyed by.

@@ -3,7 +3,8 @@ rules (backends/ort_rules.py), against fp32 and ORT's own ``quantize_static`` (Q
 U8S8), timed interleaved in one process on the ORT CPU EP with 2 threads.
 
 Run: .venv/bin/python benchmarks/bench_fusion.py [resnet50] [cnn] [corpus:NAME ...]   -> benchmarks/results/fusion.md
-     (corpus:NAME: any model of benchmarks/corpus, its calib.npz split as for resnet50)
+     (corpus:NAME: any model of benchmarks/corpus, its calib.npz split as for resnet50;
+     --timer=openvino:cpu times the same four models on OpenVINO, --out=NAME.md names the result)
 
 - resnet50: the corpus ResNet-50 (benchmarks/corpus/models/resnet50_classic, torch.onnx classic
   export of transformers' ResNetForImageClassification, random init), its calib.npz: the first
@@ -33,6 +34,7 @@ sys.path.append(str(Path(__file__).parent.parent))
 
 from common import OUT, header, write  # noqa: E402
 
+from ampq_pass.backends import get_backend  # noqa: E402
 from ampq_pass.backends.ort import OrtBackend  # noqa: E402
 from ampq_pass.backends.ort_rules import ORT_CPU_RULES  # noqa: E402
 from ampq_pass.core.measure import Protocol  # noqa: E402
@@ -45,6 +47,9 @@ from ampq_pass.stages.plan import Plan  # noqa: E402
 from ampq_pass.stages.rewrite import rewrite  # noqa: E402
 
 CORPUS = Path(__file__).parent / "corpus"
+#: --timer=SPEC times the same models on another backend (e.g. openvino:cpu); quality and node
+#: counts stay ONNX Runtime's
+TIMER: str | None = None
 PROTOCOL = Protocol(warmup=2, min_repeats=12, max_repeats=40, rel_ci=0.01, max_seconds=300.0)
 SHOWN = ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QLinearConcat", "MaxPool", "Relu", "Add",
          "QuantizeLinear", "DequantizeLinear")
@@ -128,7 +133,7 @@ def one(which: str) -> str:
         ops = {k: optimized_ops(m, f"m{i}", tmp) for i, (k, m) in enumerate(models.items())}
     batches = list(held.batches(8))
     backend = OrtBackend(threads=2, protocol=PROTOCOL)
-    sessions = {k: backend.session(m) for k, m in models.items()}
+    sessions = {k: backend.session(m) for k, m in models.items()}  # quality: ORT's numerics
     ref = run_all(sessions["fp32"], batches)
     quality = {}
     for k, s in sessions.items():
@@ -138,11 +143,13 @@ def one(which: str) -> str:
     del sessions
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    timings = backend.time(models, batches)
+    timer = backend if TIMER is None else get_backend(TIMER, protocol=PROTOCOL, threads=2)
+    timings = timer.time(models, batches)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
     n = len(timings["fp32"].samples)
     text = f"## {title}\n\n"
+    text += f"Timed on {timer.name} ({timer.capabilities().device}).\n" if TIMER is not None else ""
     text += (f"{len(plan.formats)} Conv layers int8 (Gemm head fp32 in our plans; quantize_static quantizes every op "
              f"its registry knows, the head included); calibration: {len(calib)} samples, MinMax "
              f"({calib_s:.0f} s, rule tensors included); rewrite {plain_s:.1f} s without rules, {fused_s:.1f} s with.\n"
@@ -184,4 +191,5 @@ def main(which: list[str], out: str = "fusion.md") -> None:
 if __name__ == "__main__":
     args = sys.argv[1:]
     out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "fusion.md")
-    main([a for a in args if not a.startswith("--out=")] or ["cnn", "resnet50"], out)
+    TIMER = next((a.split("=", 1)[1] for a in args if a.startswith("--timer=")), None)
+    main([a for a in args if not a.startswith("--")] or ["cnn", "resnet50"], out)

@@ -385,3 +385,15 @@ def test_split_between_int8_layers_shares_the_scale(tmp_path):
     ref = _session(model).run(None, feeds)
     for got, want in zip(_session(fused).run(None, feeds), ref):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+def test_openvino_cpu_follows_the_same_table():
+    pytest.importorskip("openvino")
+    from ampq_pass.backends.openvino import OpenVinoBackend
+
+    backend = OpenVinoBackend("cpu")
+    if "int8" not in backend.capabilities().formats:
+        pytest.skip("this CPU does not list INT8")
+    assert backend.capabilities().rules.rules == ORT_CPU_RULES.rules
+    assert OpenVinoBackend("cpu", fusion=False).capabilities().rules is None
+    assert backend.key()["fusion"] != OpenVinoBackend("cpu", fusion=False).key()["fusion"]
