@@ -64,7 +64,11 @@ def block(block_file):
     return path, [set(s.layers) for s in part.subgraphs]
 
 
-def test_the_loop_drops_the_subgraph_that_slows_the_model(tmp_path, block):
+@pytest.mark.parametrize("at_once", [1, 4])
+def test_the_loop_drops_the_subgraph_that_slows_the_model(tmp_path, block, at_once, monkeypatch):
+    import ampq_pass.stages.repair as repair
+
+    monkeypatch.setattr(repair, "VARIANTS_AT_ONCE", at_once)  # variants timed one by one give the same loop
     path, (attention, mlp) = block
     res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,
                    backend=InteractingBackend([(attention, 0.4), (mlp, -0.3)]), cache_dir=None,

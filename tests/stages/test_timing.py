@@ -173,10 +173,13 @@ class Interrupting(Counting):
         return super().time(models, inputs)
 
 
-def test_gain_table_rerun_and_resume(tmp_path, block_model):
+def test_gain_table_rerun_and_resume(tmp_path, block_model, monkeypatch):
+    import ampq_pass.stages.timing as timing
     from ampq_pass.stages.partition import partition
     from ampq_pass.stages.subgraphs import capture_inputs
     from ampq_pass.stages.timing import gain_table
+
+    monkeypatch.setattr(timing, "GROUP", 64)  # one timing call per subgraph: the calls count subgraphs
 
     m = block_model
     layers = find_layers(m)
@@ -191,12 +194,12 @@ def test_gain_table_rerun_and_resume(tmp_path, block_model):
 
     stopper = Interrupting(backend, stop_at=2)
     with pytest.raises(KeyboardInterrupt):
-        gain_table(m, layers, part, ranges, captured, stopper, cache=cache, progress=False)
+        gain_table(m, layers, part, ranges, captured, stopper, cache=cache, progress=False, boundary_states=False)
     assert stopper.calls == 1  # first subgraph finished and was cached
 
     resumed = Counting(backend)
     table = gain_table(m, layers, part, ranges, captured, resumed, cache=cache, progress=False,
-                       model_inputs=[feeds])
+                       model_inputs=[feeds], boundary_states=False)
     assert resumed.calls == len(part.subgraphs) - 1 + 1  # the rest, plus the end-to-end hp time
     assert table.subgraphs[0].cached and not table.subgraphs[1].cached
     assert table.hp_total > 0 and table.n_configs == sum(len(s.configs) for s in table.subgraphs)
@@ -205,7 +208,8 @@ def test_gain_table_rerun_and_resume(tmp_path, block_model):
         assert all(set(c.formats.values()) <= {"hp", "int8"} for c in s.configs)
 
     again = Counting(backend)
-    table2 = gain_table(m, layers, part, ranges, captured, again, cache=cache, progress=False, model_inputs=[feeds])
+    table2 = gain_table(m, layers, part, ranges, captured, again, cache=cache, progress=False, model_inputs=[feeds],
+                        boundary_states=False)
     assert again.calls == 0
     assert [s.to_json()["configs"] for s in table2.subgraphs] == [s.to_json()["configs"] for s in table.subgraphs]
     plan = {l.name: "int8" for l in layers}
@@ -301,3 +305,45 @@ def test_anchoring_undoes_a_load_burst(block_model):
     assert burst.hp_time == pytest.approx(calm.hp_time)  # without anchoring it would be 3x
     assert [c.gain for c in burst.configs] == pytest.approx([c.gain for c in calm.configs])
     assert table.hp_total == pytest.approx(fair.hp_total)
+
+
+class _SlowingBackend(Backend):
+    """Each configuration takes a fixed time, scaled by how many calls came before: the
+    machine gets busier with every group of timings."""
+
+    name, unit = "slowing", "s"
+
+    def __init__(self, seconds):
+        self.seconds, self.calls, self.sizes = seconds, 0, []
+
+    def capabilities(self):
+        return Capabilities(("int8", "int8_dyn", "int4"), "fp32", "fake")
+
+    def key(self):
+        return {"fake": "slowing"}
+
+    def time(self, models, inputs):
+        self.calls += 1
+        self.sizes.append(len(models))
+        return {k: Timing.of([self.seconds(k) * self.calls] * 3) for k in models}
+
+
+def test_configurations_timed_in_groups_share_the_first_groups_scale(block_model, monkeypatch):
+    """At most GROUP sessions are alive at once; a later group timed while the machine was
+    twice as busy still gives the gains of the first group's scale (each group has hp)."""
+    import ampq_pass.stages.timing as timing
+
+    monkeypatch.setattr(timing, "GROUP", 3)
+    layers = find_layers(block_model)
+    sub_layers = layers[:2]
+    configs = [{l.name: f for l in sub_layers} for f in ("int8", "int8_dyn", "int4")] + [{sub_layers[0].name: "int8"}]
+    seconds = lambda label: 1.0 if label == "hp" else 0.5 + 0.1 * len(label) % 0.4  # noqa: E731
+    backend = _SlowingBackend(seconds)
+    ranges = compute_ranges(block_model, layers, Samples(models.feeds_for(block_model, n=4)))
+    sg = time_subgraph(block_model, sub_layers, configs, ranges, [models.feeds_for(block_model, n=4)], backend)
+    assert max(backend.sizes) <= 3 and backend.calls == 2
+    from ampq_pass.stages.timing import config_name
+    for c in sg.configs:
+        label = config_name(c.formats)
+        assert c.time == pytest.approx(seconds(label))
+        assert c.measured_gain == pytest.approx(1.0 - seconds(label))
