@@ -347,3 +347,24 @@ def test_configurations_timed_in_groups_share_the_first_groups_scale(block_model
         label = config_name(c.formats)
         assert c.time == pytest.approx(seconds(label))
         assert c.measured_gain == pytest.approx(1.0 - seconds(label))
+
+
+def test_subgraph_times_fit_the_models_hp_time():
+    """Parts that add up to more than the model (edge costs a standalone subgraph pays) are
+    scaled onto the model; ratios and significance do not change; parts that add up to less
+    (side chains outside them) are left alone."""
+    from ampq_pass.stages.timing import fit_to_model
+
+    def table(total):
+        sgs = [SubgraphGains(i, f"s{i}", [f"l{i}"], 0.2, [ConfigGain({f"l{i}": "hp"}, 0.2, 0.0, 0.0, False, 0.0),
+                                                          ConfigGain({f"l{i}": "int8"}, 0.1, 0.1, 0.01, True, 0.1)])
+               for i in range(2)]
+        return GainTable("fake", {}, "s", sgs, hp_total=total)
+
+    t = table(0.3)
+    assert fit_to_model(t) == pytest.approx(0.75)
+    assert sum(s.hp_time for s in t.subgraphs) == pytest.approx(0.3)
+    assert all(s.configs[1].gain == pytest.approx(0.075) and s.configs[1].significant for s in t.subgraphs)
+    assert predict_speedup(t, {"l0": "int8", "l1": "int8"}) == pytest.approx(2.0)  # 0.4 -> 0.2 in the parts
+    t = table(0.5)
+    assert fit_to_model(t) == 1.0 and t.subgraphs[0].hp_time == 0.2
