@@ -369,7 +369,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         log(f"      {warning}")
     clock.lap("sensitivity")
 
-    shown = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in inp.timing_info["shapes"].items())
+    shown = ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in inp.timing_info["shapes"].items())
     log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {inp.timing_info['source']})")
     part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
     captured = capture_inputs(model, part, inp.timing_inputs)  # the very batches the subgraphs are timed on

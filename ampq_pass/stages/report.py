@@ -176,7 +176,7 @@ def render_text(report: dict) -> str:
                  f"{report['calibration']['holdout']} held-out samples (measured/predicted {_fmt(ratio, '.2f')})")
     if report.get("timing_shapes"):
         t = report["timing_shapes"]
-        lines.append("timed at " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in t["shapes"].items())
+        lines.append("timed at " + ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in t["shapes"].items())
                      + f" ({t['source']}; calibration has {len(t['calibration_shapes'])} shape(s))")
     if report.get("normalized"):
         lines.append("normalised at load: " + "; ".join(report["normalized"]))
