@@ -286,7 +286,13 @@ def timed_model(sub: onnx.ModelProto, layers: list[Layer], config: Config, range
         return model
     ins = [i.name for i in sub.graph.input if i.name in cuts]
     outs = [o.name for o in sub.graph.output if o.name in cuts]
-    return split_at_cuts(model, ins, outs)
+    try:
+        return split_at_cuts(model, ins, outs)
+    except AmpqError:
+        # The fusion rules moved a cut's Q/DQ (a Relu folded across it), so its edge is not one
+        # Q or DQ: time the subgraph with the Q/DQ inside and float edges rather than refuse a
+        # valid model (the split had changed the model in place, hence a fresh rewrite).
+        return rewrite(sub, layers, Plan(dict(formats), cuts), ranges, rules=rules)
 
 
 #: models timed together: each session holds its own ONNX Runtime arena (ResNet-50's first

@@ -210,3 +210,23 @@ def test_edge_only_configurations_are_added_up_not_timed():
         base = sg.lookup(c.formats, {})
         edge = sg.lookup({}, c.cuts)
         assert c.measured_gain == pytest.approx(base.measured_gain + edge.measured_gain)
+
+
+def test_an_edge_the_rules_moved_is_timed_with_float_edges(cnn, monkeypatch):
+    """When the cut's edge is not one Q or DQ (the rules folded a Relu across it), the
+    subgraph is timed with its Q/DQ inside rather than the pass refusing the model."""
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.core.errors import AmpqError
+
+    model, layers, _, ranges, part = cnn
+    by_name = {l.name: l for l in layers}
+    sg = next(s for s in part.subgraphs if any(t in boundary_cuts(model, part, layers) for t in s.inputs))
+    cut = next(t for t in sg.inputs if t in boundary_cuts(model, part, layers))
+
+    def refuse(*a, **k):
+        raise AmpqError("moved")
+
+    monkeypatch.setattr(timing, "split_at_cuts", refuse)
+    m = timed_model(extract(model, sg), [by_name[l] for l in sg.layers], ({}, {cut: STATE}), ranges)
+    assert cut in [i.name for i in m.graph.input]  # float input, its Q/DQ inside
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == cut for n in m.graph.node)
