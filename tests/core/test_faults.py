@@ -118,7 +118,11 @@ def test_sigkill_mid_timing_leaves_a_usable_cache(tmp_path):
     assert n_cached == min(len(before), n_sub) >= 1
     again = run_pass(path, tmp_path / "o2.onnx", backend="ort:cpu", **kw)  # everything known now
     assert all(s["cached"] for s in again.report["subgraphs"])
-    assert again.solution.plan.formats == first.solution.plan.formats
+    # the same cached gain table gives the same solver plan; the shipped plan also depends on
+    # the end-to-end verification, a fresh measurement (never cached) that can reject a plan
+    # whose speed-up is inside the noise on one run and not the other
+    solver_plan = lambda r: r.report["rounds"][0]["formats"] if r.report["rounds"] else {}  # noqa: E731
+    assert solver_plan(again) == solver_plan(first)
 
 
 def test_cache_under_a_file_is_a_clear_error_before_any_work(tmp_path, block_file, capsys):
