@@ -25,10 +25,11 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.append(str(Path(__file__).parent.parent))
 
 from common import header, wait_for_quiet, write  # noqa: E402
 
-from ampq_pass.core.measure import Backend, Protocol  # noqa: E402
+from ampq_pass.core.measure import Protocol  # noqa: E402
 from ampq_pass.backends.ort import OrtBackend, time_interleaved  # noqa: E402
 from ampq_pass.core.ort import make_session  # noqa: E402
 from ampq_pass.core.cache import Cache  # noqa: E402
@@ -37,6 +38,7 @@ from ampq_pass.core.formats import HP  # noqa: E402
 from ampq_pass.stages.layers import find_layers  # noqa: E402
 from ampq_pass.core.ort import observed_shapes  # noqa: E402
 from ampq_pass.cli.minilm import english_sentences, export_minilm, tokenize  # noqa: E402
+from tests.fakes import Counting  # noqa: E402
 from ampq_pass.core.model import load_model  # noqa: E402
 from ampq_pass.stages.partition import partition  # noqa: E402
 from ampq_pass.stages.plan import Plan  # noqa: E402
@@ -48,22 +50,6 @@ from ampq_pass.stages.timing import gain_table, predict_speedup  # noqa: E402
 BATCH, SEQ, TIMING_BATCHES = 8, 128, 2
 TABLE_PROTOCOL = Protocol(warmup=2, min_repeats=9, max_repeats=30, rel_ci=0.02, max_seconds=30, retries=2)
 E2E_PROTOCOL = Protocol(warmup=2, min_repeats=15, max_repeats=60, rel_ci=0.01, max_seconds=240, retries=1)
-
-
-class Counting(Backend):
-    def __init__(self, inner: Backend):
-        self.inner, self.calls = inner, 0
-        self.name, self.unit = inner.name, inner.unit
-
-    def capabilities(self):
-        return self.inner.capabilities()
-
-    def key(self):
-        return self.inner.key()
-
-    def time(self, models, inputs):
-        self.calls += 1
-        return self.inner.time(models, inputs)
 
 
 def model_path() -> Path:

@@ -61,6 +61,7 @@ def boundary_cuts(model: onnx.ModelProto, partition: Partition, layers: list[Lay
     on at least one side. Other cuts are always ``hp``."""
     outputs = {o.name for o in model.graph.output}
     by_output = {l.output: l for l in layers}
+    by_name = {l.name: l for l in layers}
     out: dict[str, Cut] = {}
     for tensor in partition.cuts:
         if tensor in outputs:
@@ -74,7 +75,7 @@ def boundary_cuts(model: onnx.ModelProto, partition: Partition, layers: list[Lay
         maker = by_output.get(tensor)
         producer_layer = maker.name if maker is not None and maker.name in partition.subgraphs[made[0]].layers else None
         cut = Cut(tensor, made[0], read[0], producer_layer, readers)
-        if can_force(cut, {l.name: l for l in layers}):
+        if can_force(cut, by_name):
             out[tensor] = cut
     return out
 
@@ -168,11 +169,7 @@ def split_at_cuts(model: onnx.ModelProto, inputs: list[str], outputs: list[str])
             for i, name in enumerate(n.input):
                 if name == quantized:
                     n.input[i] = feed_name(tensor)
-        old = next(v for v in g.input if v.name == tensor)
-        new = helper.make_tensor_value_info(feed_name(tensor), TensorProto.UINT8, None)
-        new.type.tensor_type.shape.CopyFrom(old.type.tensor_type.shape)
-        g.input.insert(list(g.input).index(old), new)
-        g.input.remove(old)
+        _as_uint8(g.input, tensor, feed_name(tensor))
     for tensor in outputs:
         makers = [n for n in g.node if tensor in n.output]
         if len(makers) != 1 or makers[0].op_type != "DequantizeLinear":
@@ -182,12 +179,17 @@ def split_at_cuts(model: onnx.ModelProto, inputs: list[str], outputs: list[str])
         if any(tensor in n.input for n in g.node):
             raise AmpqError(f"int8 output cut {tensor!r} is also read inside its subgraph")
         g.node.remove(dq)
-        old = next(v for v in g.output if v.name == tensor)
-        new = helper.make_tensor_value_info(dq.input[0], TensorProto.UINT8, None)
-        new.type.tensor_type.shape.CopyFrom(old.type.tensor_type.shape)
-        g.output.insert(list(g.output).index(old), new)
-        g.output.remove(old)
+        _as_uint8(g.output, tensor, dq.input[0])
     return model
+
+
+def _as_uint8(values, old: str, new: str) -> None:
+    """Replace graph input/output ``old`` by a uint8 one named ``new`` of the same shape, in place."""
+    value = next(v for v in values if v.name == old)
+    typed = helper.make_tensor_value_info(new, TensorProto.UINT8, None)
+    typed.type.tensor_type.shape.CopyFrom(value.type.tensor_type.shape)
+    values.insert(list(values).index(value), typed)
+    values.remove(value)
 
 
 def quantized_feeds(batches: list[dict[str, np.ndarray]], tensors: list[str], ranges: Ranges | None) -> list[dict[str, np.ndarray]]:

@@ -337,20 +337,23 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
         if lab in derived:
             b, e = (by_label[x] for x in derived[lab])
             measured = b.measured_gain + e.measured_gain
-            noise = math.hypot(b.noise, e.noise)
-            significant = abs(measured) > noise
-            by_label[lab] = ConfigGain(dict(f), hp_time - measured, measured if significant else 0.0, noise,
-                                       significant, measured, (math.nan, math.nan), dict(st), derived=True)
+            by_label[lab] = _gain(f, st, hp_time - measured, measured, math.hypot(b.noise, e.noise),
+                                  (math.nan, math.nan), derived=True)
     return SubgraphGains(0, "", names, hp_time, [by_label[lab] for lab in labels])
 
 
 def _config_gain(formats: dict[str, str], states: dict[str, str], hp: Timing, t: Timing,
                  factor: float = 1.0) -> ConfigGain:
-    measured = (hp.median - t.median) * factor
-    noise = gain_noise(hp, t) * factor
+    return _gain(formats, states, t.median * factor, (hp.median - t.median) * factor, gain_noise(hp, t) * factor,
+                 (t.ci_low * factor, t.ci_high * factor))
+
+
+def _gain(formats: dict[str, str], states: dict[str, str], time: float, measured: float, noise: float,
+          ci: tuple[float, float], *, derived: bool = False) -> ConfigGain:
+    """A configuration's entry: a gain inside its noise counts as zero."""
     significant = abs(measured) > noise
-    return ConfigGain(dict(formats), t.median * factor, measured if significant else 0.0, noise, significant,
-                      measured, (t.ci_low * factor, t.ci_high * factor), dict(states))
+    return ConfigGain(dict(formats), time, measured if significant else 0.0, noise, significant, measured, ci,
+                      dict(states), derived=derived)
 
 
 def _edge_derived(configs: list[Config]) -> dict[str, tuple[str, str]]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import models
+from fakes import Counting
 from ampq_pass.backends.ort import OrtBackend
 from ampq_pass.core.measure import Protocol
 from ampq_pass.core.ort import make_session
@@ -173,24 +174,6 @@ def test_gain_table_with_states_predicts_a_plan_from_its_formats(cnn):
     assert predict_speedup(table, table.plan(formats)) > 0
 
 
-class _Counting:
-    """Wraps a backend and counts the models it times."""
-
-    def __init__(self, inner):
-        self.inner, self.timed = inner, set()
-        self.name, self.unit = inner.name, inner.unit
-
-    def capabilities(self):
-        return self.inner.capabilities()
-
-    def key(self):
-        return self.inner.key()
-
-    def time(self, models, inputs):
-        self.timed |= {(m.graph.name, label) for label, m in models.items()}  # hp is timed with every group
-        return self.inner.time(models, inputs)
-
-
 def test_edge_only_configurations_are_added_up_not_timed():
     """A configuration with no int8 layer whose cut is int8 only because of its neighbour is
     the same formats with an hp cut plus the all-hp formats with that cut state."""
@@ -200,7 +183,7 @@ def test_edge_only_configurations_are_added_up_not_timed():
     ranges = compute_ranges(model, layers, samples)
     part = partition(model, layers, formats={l.name: [f for f in l.formats if f in ("int8", "int8_dyn")] for l in layers})
     captured = capture_inputs(model, part, samples, batch_size=4)
-    backend = _Counting(OrtBackend(protocol=FAST, formats=("int8", "int8_dyn")))
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8", "int8_dyn")))
     table = gain_table(model, layers, part, ranges, captured, backend, progress=False)
     derived = [(sg, c) for sg in table.subgraphs for c in sg.configs if c.derived]
     assert derived, "an int8_dyn configuration next to an int8-capable neighbour"

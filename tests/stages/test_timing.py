@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import models
+from fakes import Counting
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing
 from ampq_pass.backends.ort import OrtBackend
 from ampq_pass.core.cache import Cache
@@ -17,25 +18,6 @@ from ampq_pass.stages.calibrate import compute_ranges
 from ampq_pass.stages.timing import ConfigGain, GainTable, SubgraphGains, gain_noise, predict_speedup, time_subgraph
 
 FAST = Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5, max_seconds=5)
-
-
-class Counting(Backend):
-    """Wraps a real backend and counts what it is asked to time."""
-
-    def __init__(self, inner: Backend):
-        self.inner, self.calls, self.models = inner, 0, 0
-        self.name, self.unit = inner.name, inner.unit
-
-    def capabilities(self):
-        return self.inner.capabilities()
-
-    def key(self):
-        return self.inner.key()
-
-    def time(self, models, inputs):
-        self.calls += 1
-        self.models += len(models)
-        return self.inner.time(models, inputs)
 
 
 class Scripted(Backend):
