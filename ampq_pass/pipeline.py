@@ -130,13 +130,16 @@ def make_backend(spec):
 # ----------------------------------------------------------------------------- stage helpers
 
 def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, samples: Samples,
-                       formats: tuple[str, ...], opts: PassOptions, cache: Cache | None) -> tuple[Sensitivity, bool]:
-    """:func:`ampq_pass.stages.sensitivity.sensitivity`, read from the cache when nothing changed."""
+                       formats: tuple[str, ...], opts: PassOptions, cache: Cache | None,
+                       pool=None) -> tuple[Sensitivity, bool]:
+    """:func:`ampq_pass.stages.sensitivity.sensitivity`, read from the cache when nothing changed
+    (a pool changes the float summation order only, so it shares the cache entry)."""
     key = digest("sensitivity", 1, model_digest(model), samples_digest(samples), ranges.to_json(),
                  sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers])
     return cached(cache, "sensitivity", key,
                   lambda: sensitivity(model, layers, ranges, samples, formats=formats, loss=opts.loss,
-                                      batch_size=opts.batch_size, seed=opts.seed, progress=opts.progress),
+                                      batch_size=opts.batch_size, seed=opts.seed, progress=opts.progress,
+                                      pool=pool),
                   dump=Sensitivity.to_json, load=Sensitivity.from_json)
 
 
@@ -360,23 +363,24 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                             rules=_rules(inp))
     clock.lap("calibrate")
 
-    log(f"[2/7] sensitivity ({opts.loss} loss, formats {', '.join(inp.offered)})")
-    sens, hit = cached_sensitivity(model, layers, ranges, inp.calib, inp.offered, opts, cache)
-    if hit:
-        log("      (from cache)")
-    warning = constant_output_warning(sens)  # an output that never varies: the budget means nothing on it
-    if warning:
-        log(f"      {warning}")
-    clock.lap("sensitivity")
-
-    shown = ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in inp.timing_info["shapes"].items())
-    log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {inp.timing_info['source']})")
-    part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
-    captured = capture_inputs(model, part, inp.timing_inputs)  # the very batches the subgraphs are timed on
-    clock.lap("partition")
-
-    log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
+    # One pool for the two stages that spread over workers: its actors start once.
     with pool_for(opts.ray, inp.backend, opts.backend, log) as pool:
+        log(f"[2/7] sensitivity ({opts.loss} loss, formats {', '.join(inp.offered)})")
+        sens, hit = cached_sensitivity(model, layers, ranges, inp.calib, inp.offered, opts, cache, pool)
+        if hit:
+            log("      (from cache)")
+        warning = constant_output_warning(sens)  # an output that never varies: the budget means nothing on it
+        if warning:
+            log(f"      {warning}")
+        clock.lap("sensitivity")
+
+        shown = ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in inp.timing_info["shapes"].items())
+        log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {inp.timing_info['source']})")
+        part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
+        captured = capture_inputs(model, part, inp.timing_inputs)  # the very batches the subgraphs are timed on
+        clock.lap("partition")
+
+        log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
                            progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool,
                            boundary_states=opts.boundary_states)

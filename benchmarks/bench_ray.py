@@ -10,6 +10,10 @@
    locally and once with ``ray="local"`` (one device unit ``ort:cpu:0``: the machine), each
    with an empty cache; then the Ray run again on the local run's cache (every timing read
    from it). Reported: the plans, the timing stage's seconds, and Ray's overhead.
+3. Sensitivity on the pool: a transformer encoder block (d 512, sequence 256, random weights),
+   64 calibration samples, locally (2 torch threads, and 1 as each Ray worker has) and on
+   1 and 2 workers (calibration batches split over the workers, per-layer sums added on the
+   driver); wall time and the largest relative difference to the local values.
 
 Writes benchmarks/results/ray.md. Run: .venv/bin/python benchmarks/bench_ray.py
 """
@@ -159,6 +163,48 @@ def real() -> str:
     return text
 
 
+def sensitivity_on_pool() -> str:
+    import torch
+
+    from ampq_pass.stages.sensitivity import sensitivity
+
+    ray = require_ray()
+    model = models.transformer_block(d=512)
+    layers = find_layers(model)
+    samples = Samples(models.feeds_for(model, n=64, seed=2, seq=256))
+    ranges = compute_ranges(model, layers, samples)
+    run = dict(batch_size=8, progress=False)
+    sensitivity(model, layers, ranges, samples, **run)  # warm-up: first-call costs (imports, torch) are not the stage's
+    t0 = time.perf_counter()
+    local = sensitivity(model, layers, ranges, samples, **run)
+    rows = [(f"local (no Ray), {torch.get_num_threads()} torch threads", time.perf_counter() - t0, 0.0, "-")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray worker runs with (Ray sets OMP_NUM_THREADS=1 in its workers)
+    t0 = time.perf_counter()
+    sensitivity(model, layers, ranges, samples, **run)
+    rows.append(("local (no Ray), 1 torch thread", time.perf_counter() - t0, 0.0, "-"))
+    torch.set_num_threads(threads)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning",
+             resources={device_resource("paced", i): 1 for i in range(2)})
+    try:
+        for n in (1, 2):
+            t0 = time.perf_counter()
+            with RayPool(Paced(), workers=n) as pool:
+                start = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                pooled = sensitivity(model, layers, ranges, samples, pool=pool, **run)
+                wall = time.perf_counter() - t0
+            diff = max(abs(pooled.values[l][f] - v) / max(abs(v), 1e-30)
+                       for l, per in local.values.items() for f, v in per.items())
+            rows.append((f"{n} Ray worker{'s' if n > 1 else ''} (1 torch thread each)", wall, diff, f"{start:.2f}"))
+    finally:
+        ray.shutdown()
+    text = ("## 3. Sensitivity on the pool: a transformer encoder block (d 512, sequence 256), 64 samples, batch 8 (8 batches)\n\n"
+            "| run | sensitivity stage (s) | max relative difference to local | pool start-up (s) |\n|---|---|---|---|\n")
+    text += "".join(f"| {name} | {wall:.2f} | {diff:.1e} | {start} |\n" for name, wall, diff, start in rows)
+    return text
+
+
 def _x(value) -> str:
     return "-" if value is None else f"{value:.3f}x"
 
@@ -168,11 +214,12 @@ def main() -> None:
     busy = busy_fraction()
     sim, _ = simulated()
     rl = real()
+    sens = sensitivity_on_pool()
     load_after = os.getloadavg()
     text = header("Timing on a Ray device pool (issue 16)") + (
         f"- load average before: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (busy share {busy:.0%}), after: "
         f"{load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f}\n"
-        f"- ray {require_ray().__version__}; command: `.venv/bin/python benchmarks/bench_ray.py`\n\n") + sim + "\n" + rl
+        f"- ray {require_ray().__version__}; command: `.venv/bin/python benchmarks/bench_ray.py`\n\n") + sim + "\n" + rl + "\n" + sens
     write("ray.md", text)
 
 

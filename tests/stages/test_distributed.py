@@ -231,3 +231,20 @@ def test_devices_held_by_another_run_are_an_error_not_a_hang(pool):
         RayPool(Paced(), address="local", start_timeout=2)  # wants all 4 units; the shared pool holds 2
     with RayPool(Paced(), address="local", workers=2, start_timeout=60) as other:  # the 2 free ones
         assert len(other) == 2
+
+
+@needs_ray
+def test_sensitivity_on_the_pool_equals_the_local_run(pool, setup):
+    """Calibration batches spread over the two workers; their per-layer sums added on the driver
+    give the local values up to float summation order."""
+    from ampq_pass.stages.sensitivity import sensitivity
+
+    model, layers, ranges, _, _ = setup
+    samples = Samples(models.feeds_for(model, n=12, seed=5))
+    local = sensitivity(model, layers, ranges, samples, batch_size=4, progress=False)
+    pooled = sensitivity(model, layers, ranges, samples, batch_size=4, progress=False, pool=pool)
+    assert pooled.samples == local.samples == 12
+    for layer in layers:
+        for f, v in local.values[layer.name].items():
+            assert pooled.values[layer.name][f] == pytest.approx(v, rel=1e-5), (layer.name, f)
+    assert pooled.loss_sq_mean == pytest.approx(local.loss_sq_mean, rel=1e-6)

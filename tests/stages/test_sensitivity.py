@@ -414,3 +414,60 @@ def test_an_output_constant_over_the_samples_is_named_in_one_warning():
     varying = sensitivity(model, layers, ranges, samples, loss="projection:y", progress=False)
     assert constant_output_warning(varying) is None and "constant_outputs" not in varying.extra
     assert constant_output_warning(Sensitivity.from_json(json.loads(json.dumps(both.to_json())))) == line
+
+
+# ----------------------------------------------------------------------------- sums over parts (issue 16)
+
+class InProcessPool:
+    """The :class:`RayPool` interface (``len``, ``map``) run here, jobs in reverse order: the
+    result must not depend on which part finishes first."""
+
+    def __init__(self, workers: int):
+        self.workers, self.jobs = workers, 0
+
+    def __len__(self) -> int:
+        return self.workers
+
+    def map(self, fn, jobs):
+        for tag, args in reversed(list(jobs)):
+            self.jobs += 1
+            yield tag, fn(None, *args)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_sums_over_parts_give_the_sensitivity_of_the_whole(block_model, workers):
+    """The calibration set split over workers (8 workers for 5 batches: some get none) gives
+    the values of one run, up to float summation order; int8_dyn, whose scale is taken over
+    the sub-batch, included."""
+    model, layers, samples = setup(block_model, n=18)
+    ranges = compute_ranges(model, layers, samples)
+    run = dict(batch_size=4, progress=False, probes=2)
+    local = sensitivity(model, layers, ranges, samples, **run)
+    pool = InProcessPool(workers)
+    pooled = sensitivity(model, layers, ranges, samples, pool=pool, **run)
+    assert pool.jobs == min(workers, 5)
+    assert "int8_dyn" in local.formats()
+    for layer in layers:
+        for f, v in local.values[layer.name].items():
+            assert pooled.values[layer.name][f] == pytest.approx(v, rel=1e-5, abs=1e-12), (layer.name, f)
+            assert pooled.weight[layer.name][f] == pytest.approx(local.weight[layer.name][f], rel=1e-5, abs=1e-12)
+    assert pooled.samples == local.samples == 18
+    assert pooled.loss_sq_mean == pytest.approx(local.loss_sq_mean, rel=1e-6)
+    assert pooled.extra == local.extra
+
+
+def test_constant_outputs_over_parts():
+    """An output is constant over the whole set only if each part saw the same constant."""
+    from ampq_pass.stages.sensitivity.losses import ConstantOutputs
+
+    def seen(*values):
+        c = ConstantOutputs()
+        c.update({"g": torch.tensor([[v] for v in values]), "y": torch.randn(len(values), 2)}, ["g", "y"])
+        return c
+
+    same = seen(2.0, 2.0)
+    same.add(seen(2.0, 2.0, 2.0))
+    assert set(same.constant()) == {"g"} and same.samples == 5
+    other = seen(2.0, 2.0)
+    other.add(seen(3.0, 3.0))  # constant within each part, not over both
+    assert other.constant() == {} and other.samples == 4

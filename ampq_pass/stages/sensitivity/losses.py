@@ -257,6 +257,14 @@ class TaskLoss(Loss):
         return (diff * diff).reshape(n, -1).mean(dim=1)
 
 
+def _differs(first: torch.Tensor, values: torch.Tensor, shape) -> bool:
+    """Whether ``values`` (one sample, or samples on axis 0, of per-sample ``shape``) differ
+    from ``first``. A tolerance, not equality: the same sample run in sub-batches of another
+    size differs in the last bits."""
+    tol = 1e-6 * (1.0 + float(first.abs().max())) if first.numel() else 0.0
+    return tuple(shape) != tuple(first.shape) or float((values - first).abs().max()) > tol
+
+
 class ConstantOutputs:
     """Which outputs a loss reads are the same for every sample (zero variance: a saturated
     sigmoid, a mask), found while the samples stream by (the first sample of each output is
@@ -287,13 +295,30 @@ class ConstantOutputs:
             if name in self.varies:
                 continue
             first = self.first.setdefault(name, value[0].clone())
-            # A tolerance, not equality: the same sample run in sub-batches of another size
-            # differs in the last bits.
-            tol = 1e-6 * (1.0 + float(first.abs().max())) if first.numel() else 0.0
-            if value.shape[1:] != first.shape or float((value - first).abs().max()) > tol:
+            if _differs(first, value, value.shape[1:]):
                 self.varies.add(name)
                 del self.first[name]
         self.samples += count
+
+    def add(self, other: "ConstantOutputs") -> None:
+        """Take in what ``other`` saw on other samples (a pool worker's share): an output is
+        constant over both only if it was constant over each, with the same value."""
+        for name, sq in other.sq.items():
+            self.sq[name] = self.sq.get(name, 0.0) + sq
+        for name in other.varies:
+            self.varies.add(name)
+            self.first.pop(name, None)
+        for name, first in other.first.items():
+            if name in self.varies:
+                continue
+            mine = self.first.get(name)
+            if mine is None:
+                self.first[name] = first
+                continue
+            if _differs(mine, first, first.shape):
+                self.varies.add(name)
+                del self.first[name]
+        self.samples += other.samples
 
     def constant(self) -> dict[str, float]:
         """``{output: its share of sum ||f||^2}`` for the outputs that never varied (none

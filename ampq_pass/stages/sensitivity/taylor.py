@@ -149,18 +149,6 @@ def _per_sample(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the pass
 
-@dataclass
-class _Accumulator:
-    total: dict[str, dict[str, float]] = field(default_factory=dict)
-    weight: dict[str, dict[str, float]] = field(default_factory=dict)
-    activation: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def add(self, layer: str, fmt: str, t_w: torch.Tensor, t_a: torch.Tensor, scale: float) -> None:
-        for store, value in ((self.total, t_w + t_a), (self.weight, t_w), (self.activation, t_a)):
-            per = store.setdefault(layer, {})
-            per[fmt] = per.get(fmt, 0.0) + scale * float((value.to(torch.float64) ** 2).sum())
-
-
 def _weight_terms(ex: Executor, item: _LayerErrors, errors: tuple[dict, dict], a: torch.Tensor,
                   g_y: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """Per-sample <G^W, E^W> (+ int8 bias term) for each format, [batch] each; ``errors`` is
@@ -295,7 +283,7 @@ class _Stream:
         if self.probe + 1 == self.n_probes:  # the last use of this input
             del self.acts[name][slot]
 
-    def accumulate(self, acc: "_Accumulator") -> None:
+    def accumulate(self, sums: "SensitivitySums") -> None:
         zero = torch.zeros(self.n, dtype=torch.float64)
         for name, item in self.items.items():
             for f in item.formats:
@@ -303,7 +291,7 @@ class _Stream:
                 for p in range(self.n_probes):
                     t_w = ws[p] if ws is not None and ws[p] is not None else zero
                     t_a = as_[p] if as_ is not None and as_[p] is not None else zero
-                    acc.add(name, f, t_w, t_a, 1.0 / self.n_probes)
+                    sums.add_terms(name, f, t_w, t_a, 1.0 / self.n_probes)
 
 
 class _WeightErrors:
@@ -360,20 +348,148 @@ def _forward_bytes_per_sample(ex: Executor, one: dict[str, np.ndarray]) -> int:
     return total
 
 
-def sub_batch_size(ex: Executor, batch: dict[str, np.ndarray], memory_budget: int) -> int:
+def _shape_key(batch: dict[str, np.ndarray]) -> str:
+    """The per-sample shapes of a batch: batches with the same key run in the same sub-batches."""
+    return ",".join(f"{k}:{'x'.join(map(str, v.shape[1:]))}" for k, v in sorted(batch.items()))
+
+
+def sub_batch_cap(ex: Executor, batch: dict[str, np.ndarray], memory_budget: int) -> int:
     """Samples per forward + backward so that the working set stays within ``memory_budget``:
-    ``_WORKING_SET_FACTOR`` x the forward activations of one sample, at least one sample."""
-    n = len(next(iter(batch.values())))
-    if n <= 1:
-        return 1
+    ``_WORKING_SET_FACTOR`` x the forward activations of one sample, at least one sample.
+
+    It depends on the per-sample shapes only, so every worker of a pool that sees a batch of
+    the same shapes splits it the same way (the result of ``int8_dyn``, whose scale is taken
+    over the sub-batch, depends on the split)."""
     per_sample = _forward_bytes_per_sample(ex, {k: v[:1] for k, v in batch.items()})
-    return int(max(1, min(n, memory_budget // max(1, _WORKING_SET_FACTOR * per_sample))))
+    return int(max(1, memory_budget // max(1, _WORKING_SET_FACTOR * per_sample)))
+
+
+@dataclass
+class SensitivitySums:
+    """The sums over samples that a :class:`Sensitivity` is made of.
+
+    Every entry is a sum over samples (or, for ``constant``, a property of the set of samples
+    seen), so sums over disjoint parts of the calibration set add up to the sums over all of
+    it: :meth:`add` is how a pool's workers' parts are combined (issue 16)."""
+
+    total: dict[str, dict[str, float]] = field(default_factory=dict)
+    weight: dict[str, dict[str, float]] = field(default_factory=dict)
+    activation: dict[str, dict[str, float]] = field(default_factory=dict)
+    loss_sum: float = 0.0
+    loss_sq: float = 0.0
+    grad_sq: float = 0.0
+    count: int = 0
+    sub_batch: dict[str, int] = field(default_factory=dict)  # per-sample shapes -> sub-batch cap
+    constant: ConstantOutputs = field(default_factory=ConstantOutputs)
+
+    def add_terms(self, layer: str, fmt: str, t_w: torch.Tensor, t_a: torch.Tensor, scale: float) -> None:
+        for store, value in ((self.total, t_w + t_a), (self.weight, t_w), (self.activation, t_a)):
+            per = store.setdefault(layer, {})
+            per[fmt] = per.get(fmt, 0.0) + scale * float((value.to(torch.float64) ** 2).sum())
+
+    def add(self, other: "SensitivitySums") -> None:
+        """Add the sums of other samples (in a fixed order: the float sums are then reproducible)."""
+        for mine, theirs in ((self.total, other.total), (self.weight, other.weight),
+                             (self.activation, other.activation)):
+            for layer, per in theirs.items():
+                into = mine.setdefault(layer, {})
+                for fmt, v in per.items():
+                    into[fmt] = into.get(fmt, 0.0) + v
+        self.loss_sum += other.loss_sum
+        self.loss_sq += other.loss_sq
+        self.grad_sq += other.grad_sq
+        self.count += other.count
+        for key, cap in other.sub_batch.items():
+            self.sub_batch[key] = min(cap, self.sub_batch.get(key, cap))
+        self.constant.add(other.constant)
+
+
+def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges,
+                     batches: Iterable[tuple[int, dict[str, np.ndarray]]], *, whole_feeds: bool = False,
+                     formats: Iterable[str] | None = None, loss: str | Loss = "projection", seed: int = 0,
+                     labels: np.ndarray | None = None, probes: int = 1, dtype: torch.dtype = torch.float32,
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET, on_batch=None) -> SensitivitySums:
+    """The :class:`SensitivitySums` of ``batches`` (``(index of the first sample, batch)``, as
+    :meth:`Samples.numbered_batches` gives them; with ``whole_feeds`` each batch is one whole
+    feed). ``on_batch()`` is called after each batch (progress). See :func:`sensitivity`."""
+    loss_fn = make_loss(loss, labels=labels, probes=probes)
+    n_probes = getattr(loss_fn, "probes", 1)
+    ex = Executor(model, dtype=dtype)
+    items = _prepare(model, layers, ranges, formats, dtype)
+    weights = _WeightErrors(model, ranges, dtype, memory_budget)
+    view = loss_tensors(model, loss_fn)  # graph output -> the tensor the loss reads (logits of a final Softmax)
+    read = list(dict.fromkeys(view.get(o, o) for o in ex.output_names))
+    sums = SensitivitySums()
+    for start, batch in batches:
+        # A whole feed (--calib-feeds) has no sample axis: it is one sample, never split.
+        n = 1 if whole_feeds else len(next(iter(batch.values())))
+        shape_key = _shape_key(batch)
+        if whole_feeds:
+            sums.sub_batch[shape_key] = 1
+        elif shape_key not in sums.sub_batch:
+            sums.sub_batch[shape_key] = sub_batch_cap(ex, batch, memory_budget)
+        sub = sums.sub_batch[shape_key]
+        for offset in range(0, n, sub):
+            part = batch if whole_feeds else {k: v[offset:offset + sub] for k, v in batch.items()}
+            m = 1 if whole_feeds else len(next(iter(part.values())))
+            stream = _Stream(ex, items, weights, m, n_probes)
+            with torch.enable_grad():
+                result = ex.run(part, outputs=read, input_hooks=stream.input_hooks(),
+                                output_hooks=stream.output_hooks())
+                outputs = {o: result[view.get(o, o)] for o in ex.output_names}
+                del result
+                if whole_feeds:  # the loss reads axis 0 as the samples
+                    outputs = {k: v.unsqueeze(0) for k, v in outputs.items()}
+                reference = {k: v.detach() for k, v in outputs.items()}
+                sums.constant.update(reference, loss_fn.read(reference))
+                for p in range(n_probes):
+                    stream.probe = p
+                    per_sample = loss_fn.per_sample(outputs, reference, start + offset, _probe_generator(seed, p))
+                    if p == 0:
+                        values = per_sample.detach().to(torch.float64)
+                        sums.loss_sum += float(values.sum())
+                        sums.loss_sq += float((values ** 2).sum())
+                    if per_sample.requires_grad:
+                        torch.autograd.grad(per_sample.sum(), stream.leaves, retain_graph=p + 1 < n_probes,
+                                            allow_unused=True)
+                    del per_sample
+            del outputs, reference
+            stream.accumulate(sums)
+            sums.grad_sq += stream.grad_sq
+            sums.count += m
+            del stream
+        if on_batch is not None:
+            on_batch()
+    # The executor's weights, the kept weight errors and every batch's freed activations:
+    # given back now, or they stay resident through the stages after this one.
+    del ex, weights, items
+    release_freed_memory()
+    return sums
+
+
+def _sums_on_worker(_backend, model: onnx.ModelProto, layers, ranges, batches, kwargs) -> SensitivitySums:
+    """A pool job (:meth:`RayPool.map` passes the worker's backend first; sensitivity runs on
+    the worker's CPU and does not use it)."""
+    return sensitivity_sums(model, layers, ranges, batches, **kwargs)
+
+
+def _split(batches: list, parts: int) -> list[list]:
+    """``batches`` in ``parts`` contiguous runs of near-equal length (the first ones longer)."""
+    size, extra = divmod(len(batches), parts)
+    out, at = [], 0
+    for i in range(parts):
+        n = size + (i < extra)
+        if n:
+            out.append(batches[at:at + n])
+        at += n
+    return out
 
 
 def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, samples: Samples, *,
                 formats: Iterable[str] | None = None, loss: str | Loss = "projection", batch_size: int = 8,
                 seed: int = 0, progress: bool = True, labels: np.ndarray | None = None, probes: int = 1,
-                dtype: torch.dtype = torch.float32, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Sensitivity:
+                dtype: torch.dtype = torch.float32, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                pool=None) -> Sensitivity:
     """``s[layer][format]`` for every layer and candidate format (``formats`` filters them).
 
     One forward and ``probes`` backward passes per batch on the torch executor; per-sample
@@ -387,84 +503,62 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     summation order), except for formats with dynamic scales (``int8_dyn``), whose scale is
     taken over the tensor that is run: the sub-batch, as ONNX Runtime would at that batch size.
     The projection loss draws ``r`` per sample index, so batching does not change it either.
+
+    ``pool`` (a :class:`ampq_pass.backends.ray_pool.RayPool`): the batches are split into one
+    contiguous run per worker, each worker returns its :class:`SensitivitySums`, and the sums
+    are added in the batches' order: the same result as without a pool up to float summation
+    order. Each worker holds the model and its own ``memory_budget`` working set.
     """
     from tqdm import tqdm
 
     loss_fn = make_loss(loss, labels=labels, probes=probes)
     n_probes = getattr(loss_fn, "probes", 1)
-    ex = Executor(model, dtype=dtype)
-    items = _prepare(model, layers, ranges, formats, dtype)
-    weights = _WeightErrors(model, ranges, dtype, memory_budget)
-    view = loss_tensors(model, loss_fn)  # graph output -> the tensor the loss reads (logits of a final Softmax)
-    read = list(dict.fromkeys(view.get(o, o) for o in ex.output_names))
-    acc = _Accumulator()
-    constant = ConstantOutputs()  # outputs the loss reads that never vary: the budget is meaningless on them
-    loss_sum = loss_sq = grad_sq = 0.0
-    count = 0
-    sub_sizes: dict[str, int] = {}
-    n_batches = sum(1 for _ in samples.numbered_batches(batch_size))
-    for start, batch in tqdm(samples.numbered_batches(batch_size), total=n_batches, desc="sensitivity",
-                             unit="batch", disable=not progress, file=sys.stderr):
-        # A whole feed (--calib-feeds) has no sample axis: it is one sample, never split.
-        whole = samples.whole_feeds
-        n = 1 if whole else len(next(iter(batch.values())))
-        shape_key = ",".join(f"{k}:{'x'.join(map(str, v.shape[1:]))}" for k, v in sorted(batch.items()))
-        if whole:
-            sub_sizes[shape_key] = 1
-        elif shape_key not in sub_sizes or sub_sizes[shape_key] < n:
-            sub_sizes[shape_key] = min(n, sub_sizes.get(shape_key) or sub_batch_size(ex, batch, memory_budget))
-        sub = sub_sizes[shape_key]
-        for offset in range(0, n, sub):
-            part = batch if whole else {k: v[offset:offset + sub] for k, v in batch.items()}
-            m = 1 if whole else len(next(iter(part.values())))
-            stream = _Stream(ex, items, weights, m, n_probes)
-            with torch.enable_grad():
-                result = ex.run(part, outputs=read, input_hooks=stream.input_hooks(),
-                                output_hooks=stream.output_hooks())
-                outputs = {o: result[view.get(o, o)] for o in ex.output_names}
-                del result
-                if whole:  # the loss reads axis 0 as the samples
-                    outputs = {k: v.unsqueeze(0) for k, v in outputs.items()}
-                reference = {k: v.detach() for k, v in outputs.items()}
-                constant.update(reference, loss_fn.read(reference))
-                for p in range(n_probes):
-                    stream.probe = p
-                    per_sample = loss_fn.per_sample(outputs, reference, start + offset, _probe_generator(seed, p))
-                    if p == 0:
-                        values = per_sample.detach().to(torch.float64)
-                        loss_sum += float(values.sum())
-                        loss_sq += float((values ** 2).sum())
-                    if per_sample.requires_grad:
-                        torch.autograd.grad(per_sample.sum(), stream.leaves, retain_graph=p + 1 < n_probes,
-                                            allow_unused=True)
-                    del per_sample
-            del outputs, reference
-            stream.accumulate(acc)
-            grad_sq += stream.grad_sq
-            count += m
-            del stream
-    if count and grad_sq == 0.0 and items:
-        flat = constant.constant()
+    items = _prepare(model, layers, ranges, formats, dtype)  # checks the layers before any work
+    batches = list(samples.numbered_batches(batch_size))  # slices: views of the calibration arrays
+    kwargs = dict(whole_feeds=samples.whole_feeds, formats=formats, loss=loss, seed=seed, labels=labels,
+                  probes=probes, dtype=dtype, memory_budget=memory_budget)
+    with tqdm(total=len(batches), desc="sensitivity", unit="batch", disable=not progress, file=sys.stderr) as bar:
+        if pool is None:
+            sums = sensitivity_sums(model, layers, ranges, batches, on_batch=bar.update, **kwargs)
+        else:
+            parts = _split(batches, len(pool))
+            done: dict[int, SensitivitySums] = {}
+            jobs = ((i, (model, layers, ranges, part, kwargs)) for i, part in enumerate(parts))
+            for i, part_sums in pool.map(_sums_on_worker, jobs):
+                done[i] = part_sums
+                bar.update(len(parts[i]))
+            sums = SensitivitySums()
+            for i in sorted(done):
+                sums.add(done[i])
+    if sums.count and sums.grad_sq == 0.0 and items:
+        flat = sums.constant.constant()
         why = (f" (output{'s' if len(flat) > 1 else ''} {', '.join(map(repr, flat))} never varied over the "
-               f"{constant.samples} samples: saturated?)" if flat else "")
+               f"{sums.constant.samples} samples: saturated?)" if flat else "")
         raise AmpqError(f"the gradient of loss {loss_fn.name!r} is zero at the high-precision point for every "
                         f"layer{why}: every sensitivity would be 0; use a loss with a non-zero gradient "
                         f"('projection', 'pseudo_label' or a task loss with labels, ':OUTPUT' for an output that varies)")
-    scale = 1.0 / max(count, 1)
+    scale = 1.0 / max(sums.count, 1)
+
     def mean(store):
         return {l.layer.name: {f: store.get(l.layer.name, {}).get(f, 0.0) * scale for f in l.formats} for l in items}
-    extra = {"sub_batch": sub_sizes, "memory_budget": int(memory_budget)}
+
+    extra = {"sub_batch": _sub_batches(sums.sub_batch, batches, samples.whole_feeds), "memory_budget": int(memory_budget)}
+    view = loss_tensors(model, loss_fn)
     if view:
         extra["loss_tensors"] = dict(view)
-    if constant.to_json() is not None:
-        extra["constant_outputs"] = constant.to_json()
-    result = Sensitivity(mean(acc.total), mean(acc.weight), mean(acc.activation), loss_sum * scale,
-                         loss_sq * scale, count, loss_fn.name, n_probes, extra)
-    # The executor's weights, the kept weight errors and every batch's freed activations:
-    # given back now, or they stay resident through the stages after this one.
-    del ex, weights, items, acc
-    release_freed_memory()
-    return result
+    if sums.constant.to_json() is not None:
+        extra["constant_outputs"] = sums.constant.to_json()
+    return Sensitivity(mean(sums.total), mean(sums.weight), mean(sums.activation), sums.loss_sum * scale,
+                       sums.loss_sq * scale, sums.count, loss_fn.name, n_probes, extra)
+
+
+def _sub_batches(caps: dict[str, int], batches: list, whole: bool) -> dict[str, int]:
+    """The sub-batch each shape group ran in (the cap, at most the group's largest batch), for the record."""
+    largest: dict[str, int] = {}
+    for _, batch in batches:
+        key = _shape_key(batch)
+        largest[key] = max(largest.get(key, 0), 1 if whole else len(next(iter(batch.values()))))
+    return {k: min(cap, largest.get(k, cap)) for k, cap in caps.items()}
 
 
 def constant_output_warning(sens: Sensitivity) -> str | None:
