@@ -182,7 +182,9 @@ def test_gain_table_rerun_and_resume(tmp_path, block_model, monkeypatch):
     resumed = Counting(backend)
     table = gain_table(m, layers, part, ranges, captured, resumed, cache=cache, progress=False,
                        model_inputs=[feeds], boundary_states=False)
-    assert resumed.calls == len(part.subgraphs) - 1 + 1  # the rest, plus the end-to-end hp time
+    # the rest, plus the end-to-end hp time, plus the whole model with every layer int8 (fit_int8_to_model)
+    assert resumed.calls == len(part.subgraphs) - 1 + 2
+    assert table.int8_anchor is not None and table.int8_anchor["layers"] == len(layers)
     assert table.subgraphs[0].cached and not table.subgraphs[1].cached
     assert table.hp_total > 0 and table.n_configs == sum(len(s.configs) for s in table.subgraphs)
     for s in table.subgraphs:
@@ -350,3 +352,77 @@ def test_subgraph_times_fit_the_models_hp_time():
     assert predict_speedup(t, {"l0": "int8", "l1": "int8"}) == pytest.approx(2.0)  # 0.4 -> 0.2 in the parts
     t = table(0.5)
     assert fit_to_model(t) == 1.0 and t.subgraphs[0].hp_time == 0.2
+
+
+# ----------------------------------------------------------------------------- the int8 anchor
+
+class EdgeClock(SizeClock):
+    """A deterministic clock with the one effect :func:`fit_int8_to_model` is for: a layer costs
+    1.0 in float and 0.3 with int8 weights, every other node 0.01, and a model pays ``edge`` for
+    each uint8 graph input or output - the layout change a standalone int8 subgraph pays at its
+    edges and the whole model, whose inputs and outputs are float, never does."""
+
+    name = "edge-clock"
+
+    def __init__(self, edge: float = 0.25, node: float = 0.01):
+        self.edge, self.node = edge, node
+
+    def key(self):
+        return {"backend": "edge-clock", "edge": self.edge, "node": self.node}
+
+    def _timing(self, model) -> Timing:
+        from onnx import TensorProto
+
+        made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+        cost = 0.0
+        for n in model.graph.node:
+            if n.op_type in ("Conv", "MatMul", "Gemm"):
+                cost += 0.3 if made_by.get(n.input[1]) == "DequantizeLinear" else 1.0
+            else:
+                cost += self.node
+        edges = [v for v in list(model.graph.input) + list(model.graph.output)
+                 if v.type.tensor_type.elem_type == TensorProto.UINT8]
+        return Timing.of([1e-3 * (cost + self.edge * len(edges))] * 5)
+
+
+@pytest.fixture(scope="module")
+def cnn_timing_setup(cnn_model):
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+
+    layers = find_layers(cnn_model)
+    feeds = models.feeds_for(cnn_model, n=8)
+    ranges = compute_ranges(cnn_model, layers, Samples(feeds))
+    part = partition(cnn_model, layers, formats={l.name: ["int8"] for l in layers})
+    captured = capture_inputs(cnn_model, part, Samples(feeds), batch_size=8)
+    return cnn_model, layers, feeds, ranges, part, captured
+
+
+def test_int8_anchor_puts_the_every_int8_plan_at_its_measured_time(cnn_timing_setup):
+    """Standalone int8 subgraphs pay edges the model does not: the parts under-predict the
+    every-int8 plan; after the fit, the table predicts exactly what the model measures, and a
+    plan between the two anchors lies between their speed-ups."""
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.timing import gain_table
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    clock = EdgeClock()
+    table = gain_table(model, layers, part, ranges, captured, clock, formats=("int8",), progress=False,
+                       model_inputs=[feeds])
+    anchor = table.int8_anchor
+    every = {l.name: "int8" for l in layers}
+    measured = clock._timing(model).median / clock._timing(
+        rewrite(model, layers, table.plan(every), ranges, rules=clock.capabilities().rules)).median
+    assert anchor["applied"] and anchor["factor"] < 1.0
+    assert anchor["predicted_speedup"] < measured  # the check can fail: the parts alone under-predict
+    assert anchor["measured_speedup"] == pytest.approx(measured)
+    assert predict_speedup(table, every) == pytest.approx(measured, rel=1e-6)
+    half = {l.name: "int8" for l in layers[: len(layers) // 2]}
+    assert 1.0 < predict_speedup(table, half) < measured
+    assert all(c.gain == pytest.approx(s.hp_time - c.time) for s in table.subgraphs for c in s.configs
+               if "int8" in c.formats.values())
+
+    # parts that add up exactly (no edges, free Q/DQ): nothing to fit
+    exact = gain_table(model, layers, part, ranges, captured, EdgeClock(edge=0.0, node=0.0), formats=("int8",),
+                       progress=False, model_inputs=[feeds])
+    assert not exact.int8_anchor["applied"] and "within the noise" in exact.int8_anchor["outcome"]
