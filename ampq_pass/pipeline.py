@@ -134,7 +134,8 @@ def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Rang
                        pool=None) -> tuple[Sensitivity, bool]:
     """:func:`ampq_pass.stages.sensitivity.sensitivity`, read from the cache when nothing changed
     (a pool changes the float summation order only, so it shares the cache entry)."""
-    key = digest("sensitivity", 1, model_digest(model), samples_digest(samples), ranges.to_json(),
+    # 2: the record holds the outputs that never varied (constant_output_warning reads them)
+    key = digest("sensitivity", 2, model_digest(model), samples_digest(samples), ranges.to_json(),
                  sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers])
     return cached(cache, "sensitivity", key,
                   lambda: sensitivity(model, layers, ranges, samples, formats=formats, loss=opts.loss,
