@@ -73,8 +73,9 @@ def one_run(path: Path, calib: Path, out: Path, *, states: bool, rounds: int) ->
             "layers": len(r["layers"]), "first_layers": first.get("layers_quantized"),
             "configs": r.get("boundaries", {}).get("configs"), "derived": r.get("boundaries", {}).get("configs_derived"),
             "cuts_int8": len(r.get("boundaries", {}).get("cuts", {})), "timing_s": r["stages_seconds"].get("timing"),
-            "rejected": bool(r.get("rejected_plan")), "anchor": r.get("boundaries", {}).get("int8_anchor"),
-            "is_anchor": _is_anchor(first.get("formats") or {}, r.get("boundaries", {}).get("int8_anchor"))}
+            "rejected": bool(r.get("rejected_plan")), "anchor": (r.get("boundaries", {}).get("format_anchors") or {}).get("int8"),
+            "is_anchor": _is_anchor(first.get("formats") or {},
+                                    (r.get("boundaries", {}).get("format_anchors") or {}).get("int8"))}
 
 
 def _is_anchor(formats: dict, anchor: dict | None) -> bool:
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> None:
              "(0: the solver's plan as predicted; 2: the default closed loop, what is shipped). speed-ups are over the "
              "input model (fp32), measured interleaved by the pass's verify stage.\n",
              "`int8 anchor`: the whole model with every int8-capable layer in int8, speed-up from the parts before "
-             "the fit -> measured, and the factor applied to int8 configurations (`timing.fit_int8_to_model`; "
+             "the fit -> measured, and the factor applied to int8 configurations (`timing.fit_formats_to_model`; "
              "`=plan`: the solver's plan is that plan, so its prediction is fitted to its own measurement).\n",
              "| model | boundary states | loop | layers quantized (plan / shipped) | configs (derived) | int8 cuts "
              "| int8 anchor | predicted | measured | error | shipped measured | timing s | whole s | load |",

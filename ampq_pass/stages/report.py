@@ -99,7 +99,7 @@ def build_report(record: PassRecord) -> dict:
                        "configs_without_states": sum(len({tuple(sorted(c.formats.items())) for c in s.configs})
                                                      for s in table.subgraphs),
                        # the parts fitted to the whole model: hp (factor) and every-int8 (ampq_pass.stages.timing)
-                       "parts_scale": table.parts_scale, "int8_anchor": table.int8_anchor},
+                       "parts_scale": table.parts_scale, "format_anchors": table.format_anchors},
         "predicted": {"speedup": r.predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
                       "hp_time": table.hp_total, "memory": solution.memory if opts.max_memory is not None else None},
         "measured": r.measured,
@@ -160,9 +160,8 @@ def render_text(report: dict) -> str:
         lines.append(f"boundaries: {len(bd['cuts'])} of {bd['n_cuts']} cut tensors carry int8; "
                      f"{bd['configs']} configurations ({bd.get('configs_derived', 0)} of them added up from two timed "
                      f"ones; {bd['configs_without_states']} without cut states)")
-    anchor = (bd or {}).get("int8_anchor")
-    if anchor:
-        lines.append(f"time model: every int8-capable layer in int8 ({anchor['layers']} layers) measured "
+    for fmt, anchor in ((bd or {}).get("format_anchors") or {}).items():
+        lines.append(f"time model: every {fmt}-capable layer in {fmt} ({anchor['layers']} layers) measured "
                      f"{anchor['measured_speedup']:.3f}x against {anchor['predicted_speedup']:.3f}x from the parts; "
                      f"{anchor['outcome']}")
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")

@@ -122,20 +122,20 @@ class GainTable:
     hp_total_noise: float | None = None
     #: factor the subgraphs' times were scaled by to add up to the model's hp time (:func:`fit_to_model`)
     parts_scale: float = 1.0
-    #: the whole model measured with every int8-capable layer in int8, and what it did to the
-    #: int8 configurations' times (:func:`fit_int8_to_model`); None when not measured
-    int8_anchor: dict | None = None
+    #: per low-precision format: the whole model measured with every layer that can take it in
+    #: it, and what that did to the configurations' times (:func:`fit_formats_to_model`)
+    format_anchors: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "key": self.key, "unit": self.unit, "hp_total": self.hp_total,
                 "hp_total_noise": self.hp_total_noise, "parts_scale": self.parts_scale,
-                "int8_anchor": self.int8_anchor, "subgraphs": [s.to_json() for s in self.subgraphs]}
+                "format_anchors": self.format_anchors, "subgraphs": [s.to_json() for s in self.subgraphs]}
 
     @classmethod
     def from_json(cls, d: dict) -> "GainTable":
         return cls(d["backend"], dict(d["key"]), d["unit"], [SubgraphGains.from_json(s) for s in d["subgraphs"]],
                    d.get("hp_total"), d.get("hp_total_noise"), float(d.get("parts_scale", 1.0)),
-                   d.get("int8_anchor"))
+                   dict(d.get("format_anchors") or {}))
 
     def cut_states(self, formats: dict[str, str]) -> dict[str, str]:
         """The cut states ``formats`` give (the cuts some subgraph's layers quantize, each in
@@ -469,8 +469,8 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                 rescale(sg, hp_times[sg.index])
         table.parts_scale = fit_to_model(table)
         if not isinstance(backend, CostModel):
-            table.int8_anchor = fit_int8_to_model(table, model, layers, ranges, model_inputs, backend, candidates,
-                                                  cache=cache)
+            table.format_anchors = fit_formats_to_model(table, model, layers, ranges, model_inputs, backend,
+                                                        candidates, cache=cache)
     return table
 
 
@@ -496,71 +496,88 @@ def fit_to_model(table: GainTable) -> float:
     return factor
 
 
-#: bounds on the factor :func:`fit_int8_to_model` applies: beyond them the whole-model
-#: measurement says more than layout changes at edges (a broken plan, a burst of load)
-INT8_FIT_BOUNDS = (0.5, 2.0)
+#: bounds on the factors :func:`fit_formats_to_model` applies: beyond them the whole-model
+#: measurement says more than costs at edges (a broken plan, a burst of load)
+FIT_BOUNDS = (0.5, 2.0)
 
 
-def fit_int8_to_model(table: GainTable, model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None,
-                      model_inputs: list[dict[str, np.ndarray]], backend: Measurer,
-                      candidates: dict[str, list[str]], *, cache: Cache | None = None) -> dict | None:
-    """Scale the int8 configurations' times so that the plan "every int8-capable layer in
-    int8" is predicted at its measured whole-model time.
+def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None,
+                         model_inputs: list[dict[str, np.ndarray]], backend: Measurer,
+                         candidates: dict[str, list[str]], *, cache: Cache | None = None) -> dict[str, dict]:
+    """Scale the quantized configurations' times so that, for every low-precision format, the
+    plan "every layer that can take it in it" is predicted at its measured whole-model time.
 
-    The second anchor of the time model, beside :func:`fit_to_model`'s hp one. A subgraph
-    timed alone pays layout changes at its edges that the whole model pays only where the
-    layout really changes: ONNX Runtime's CPU EP runs int8 convolutions in NHWC, so every
-    int8 subgraph timed alone has a Transpose at each edge, and the hp ones reorder into and
-    out of the blocked NCHWc layout; in the model, neighbours with the same layout pass the
-    tensor on as it is. Fitting all times to the hp model scales the int8 configurations by
-    the hp edges' factor, not their own: ResNet-50 was predicted at 2.41x and measured at 2.83x.
-    So the plan with every int8-capable layer in int8 (its cut states as the table derives
-    them) is rewritten and timed against the hp model, paired, and the times of every
-    configuration with an int8 layer are multiplied by the one factor that makes the table
-    predict that measured ratio. Plans between all-hp and all-int8 are then predicted from
-    parts fitted at both ends; a plan equal to the anchor is predicted at its own measurement,
-    which the report says (``int8_anchor``). Nothing is scaled when the anchor's prediction is
-    already within the measurement's noise, or when the factor falls outside
-    :data:`INT8_FIT_BOUNDS`. Returns what was measured and done, or None when the table has
-    no int8 configuration for every subgraph of the plan.
+    More anchors for the time model, beside :func:`fit_to_model`'s hp one. A subgraph timed
+    alone pays costs at its edges that the whole model pays only where something really
+    changes there: ONNX Runtime's CPU EP runs int8 convolutions in NHWC, so every int8
+    subgraph timed alone has a Transpose at each edge, and the hp ones reorder into and out
+    of the blocked NCHWc layout; in the model, neighbours with the same layout pass the
+    tensor on as it is. Fitting all times to the hp model scales the quantized configurations
+    by the hp edges' factor, not their own: ResNet-50 was predicted at 2.41x and measured at
+    2.83x, ViT-S at 2.12x and 2.49x.
+
+    So for each format ``p`` the plan with every layer that can take ``p`` in ``p`` (cut states
+    as the table derives them) is rewritten and timed against the hp model, paired; its
+    configurations hold ``p`` and hp only, and their times get the one factor that makes the
+    table predict that measured ratio. A configuration mixing formats gets the mean of their
+    factors, weighted by its layers. Plans between the anchors are predicted from parts
+    fitted at the ends; a plan equal to an anchor is predicted at its own measurement (the
+    report says which: ``boundaries.format_anchors``). A format's factor is left at 1 when
+    its anchor's prediction is already within the measurement's noise, or when the factor
+    falls outside :data:`FIT_BOUNDS`. Returns ``{format: what was measured and done}``.
     """
-    formats = {name: STATE for name, fmts in candidates.items() if STATE in fmts}
-    if not formats or not table.hp_total:
-        return None
-    try:
-        chosen = table.lookup_all(formats)
-    except AmpqError:  # the configuration cap left this plan out of some subgraph
-        return None
-    plan = table.plan(formats)
-    int8 = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if STATE in c.formats.values()]
-    if not int8:
-        return None
-    key = digest("int8_anchor", _CACHE_VERSION, model_digest(model), plan.to_json(), input_signature(model_inputs),
-                 backend.key())
+    if not table.hp_total:
+        return {}
+    offered = list(dict.fromkeys(f for fmts in candidates.values() for f in fmts if f != HP))
+    records: dict[str, dict] = {}
+    factors: dict[str, float] = {}
+    for fmt in offered:
+        formats = {name: fmt for name, fmts in candidates.items() if fmt in fmts}
+        try:
+            chosen = table.lookup_all(formats)
+        except AmpqError:  # the configuration cap left this plan out of some subgraph
+            continue
+        plan = table.plan(formats)
+        mine = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if fmt in c.formats.values()]
+        if not mine:
+            continue
+        key = digest("format_anchor", _CACHE_VERSION, model_digest(model), plan.to_json(),
+                     input_signature(model_inputs), backend.key())
 
-    def measure() -> dict:
-        quantized = rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules)
-        t = backend.time({"hp": model, "int8": quantized}, model_inputs)
-        ratios = np.asarray(t["int8"].samples) / np.asarray(t["hp"].samples)  # paired, round by round
-        lo, hi = median_ci(ratios)
-        return {"ratio": float(np.median(ratios)), "ratio_ci": [lo, hi]}
+        def measure(plan=plan) -> dict:
+            quantized = rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules)
+            t = backend.time({"hp": model, "plan": quantized}, model_inputs)
+            ratios = np.asarray(t["plan"].samples) / np.asarray(t["hp"].samples)  # paired, round by round
+            lo, hi = median_ci(ratios)
+            return {"ratio": float(np.median(ratios)), "ratio_ci": [lo, hi]}
 
-    got, _ = cached(cache, "gain", key, measure, dump=dict, load=dict)
-    int8_parts = sum(c.time for _, c in int8)
-    rest = table.hp_total - sum(sg.hp_time for sg, _ in int8)  # hp parts and what no subgraph holds
-    target = table.hp_total * got["ratio"]
-    factor = (target - rest) / int8_parts if int8_parts > 0 else 1.0
-    predicted = rest + int8_parts
-    lo, hi = (table.hp_total * r for r in got["ratio_ci"])
-    record = {"layers": len(plan.formats), "predicted_speedup": table.hp_total / predicted,
-              "measured_speedup": 1.0 / got["ratio"], "factor": factor, "applied": False}
-    if lo <= predicted <= hi or math.isclose(predicted, target, rel_tol=1e-9):
-        return {**record, "outcome": "within the noise of the measurement, nothing scaled"}
-    if not INT8_FIT_BOUNDS[0] <= factor <= INT8_FIT_BOUNDS[1]:
-        return {**record, "outcome": f"factor {factor:.3f} out of bounds {INT8_FIT_BOUNDS}, nothing scaled"}
-    for sg in table.subgraphs:
-        sg.configs = [_scaled(c, sg.hp_time, factor) if STATE in c.formats.values() else c for c in sg.configs]
-    return {**record, "applied": True, "outcome": f"times of configurations with an int8 layer scaled by {factor:.3f}"}
+        got, _ = cached(cache, "gain", key, measure, dump=dict, load=dict)
+        parts = sum(c.time for _, c in mine)
+        rest = table.hp_total - sum(sg.hp_time for sg, _ in mine)  # hp parts and what no subgraph holds
+        target = table.hp_total * got["ratio"]
+        factor = (target - rest) / parts if parts > 0 else 1.0
+        predicted = rest + parts
+        lo, hi = (table.hp_total * r for r in got["ratio_ci"])
+        record = {"layers": len(plan.formats), "predicted_speedup": table.hp_total / predicted,
+                  "measured_speedup": 1.0 / got["ratio"], "factor": factor, "applied": False}
+        if lo <= predicted <= hi or math.isclose(predicted, target, rel_tol=1e-9):
+            records[fmt] = {**record, "outcome": "within the noise of the measurement, nothing scaled"}
+        elif not FIT_BOUNDS[0] <= factor <= FIT_BOUNDS[1]:
+            records[fmt] = {**record, "outcome": f"factor {factor:.3f} out of bounds {FIT_BOUNDS}, nothing scaled"}
+        else:
+            factors[fmt] = factor
+            records[fmt] = {**record, "applied": True, "outcome": f"{fmt} configurations' times scaled by {factor:.3f}"}
+    if factors:
+        for sg in table.subgraphs:
+            sg.configs = [_scaled(c, sg.hp_time, f) if (f := _mixed_factor(c.formats, factors)) != 1.0 else c
+                          for c in sg.configs]
+    return records
+
+
+def _mixed_factor(formats: dict[str, str], factors: dict[str, float]) -> float:
+    """The layer-weighted mean factor of a configuration's low-precision formats (1 for all-hp)."""
+    low = [f for f in formats.values() if f != HP]
+    return sum(factors.get(f, 1.0) for f in low) / len(low) if low else 1.0
 
 
 def _scaled(c: ConfigGain, hp_time: float, factor: float) -> ConfigGain:

@@ -182,9 +182,9 @@ def test_gain_table_rerun_and_resume(tmp_path, block_model, monkeypatch):
     resumed = Counting(backend)
     table = gain_table(m, layers, part, ranges, captured, resumed, cache=cache, progress=False,
                        model_inputs=[feeds], boundary_states=False)
-    # the rest, plus the end-to-end hp time, plus the whole model with every layer int8 (fit_int8_to_model)
+    # the rest, plus the end-to-end hp time, plus the whole model with every layer int8 (fit_formats_to_model)
     assert resumed.calls == len(part.subgraphs) - 1 + 2
-    assert table.int8_anchor is not None and table.int8_anchor["layers"] == len(layers)
+    assert set(table.format_anchors) == {"int8"} and table.format_anchors["int8"]["layers"] == len(layers)
     assert table.subgraphs[0].cached and not table.subgraphs[1].cached
     assert table.hp_total > 0 and table.n_configs == sum(len(s.configs) for s in table.subgraphs)
     for s in table.subgraphs:
@@ -357,18 +357,18 @@ def test_subgraph_times_fit_the_models_hp_time():
 # ----------------------------------------------------------------------------- the int8 anchor
 
 class EdgeClock(SizeClock):
-    """A deterministic clock with the one effect :func:`fit_int8_to_model` is for: a layer costs
+    """A deterministic clock with the one effect :func:`fit_formats_to_model` is for: a layer costs
     1.0 in float and 0.3 with int8 weights, every other node 0.01, and a model pays ``edge`` for
     each uint8 graph input or output - the layout change a standalone int8 subgraph pays at its
     edges and the whole model, whose inputs and outputs are float, never does."""
 
     name = "edge-clock"
 
-    def __init__(self, edge: float = 0.25, node: float = 0.01):
-        self.edge, self.node = edge, node
+    def __init__(self, edge: float = 0.25, node: float = 0.01, io: float = 0.0):
+        self.edge, self.node, self.io = edge, node, io
 
     def key(self):
-        return {"backend": "edge-clock", "edge": self.edge, "node": self.node}
+        return {"backend": "edge-clock", "edge": self.edge, "node": self.node, "io": self.io}
 
     def _timing(self, model) -> Timing:
         from onnx import TensorProto
@@ -378,11 +378,14 @@ class EdgeClock(SizeClock):
         for n in model.graph.node:
             if n.op_type in ("Conv", "MatMul", "Gemm"):
                 cost += 0.3 if made_by.get(n.input[1]) == "DequantizeLinear" else 1.0
+            elif n.op_type == "MatMulInteger":  # int8_dyn
+                cost += 0.5
             else:
                 cost += self.node
         edges = [v for v in list(model.graph.input) + list(model.graph.output)
                  if v.type.tensor_type.elem_type == TensorProto.UINT8]
-        return Timing.of([1e-3 * (cost + self.edge * len(edges))] * 5)
+        io = self.io * (len(model.graph.input) + len(model.graph.output))  # any graph edge, any dtype
+        return Timing.of([1e-3 * (cost + self.edge * len(edges) + io)] * 5)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +412,7 @@ def test_int8_anchor_puts_the_every_int8_plan_at_its_measured_time(cnn_timing_se
     clock = EdgeClock()
     table = gain_table(model, layers, part, ranges, captured, clock, formats=("int8",), progress=False,
                        model_inputs=[feeds])
-    anchor = table.int8_anchor
+    anchor = table.format_anchors["int8"]
     every = {l.name: "int8" for l in layers}
     measured = clock._timing(model).median / clock._timing(
         rewrite(model, layers, table.plan(every), ranges, rules=clock.capabilities().rules)).median
@@ -425,4 +428,50 @@ def test_int8_anchor_puts_the_every_int8_plan_at_its_measured_time(cnn_timing_se
     # parts that add up exactly (no edges, free Q/DQ): nothing to fit
     exact = gain_table(model, layers, part, ranges, captured, EdgeClock(edge=0.0, node=0.0), formats=("int8",),
                        progress=False, model_inputs=[feeds])
-    assert not exact.int8_anchor["applied"] and "within the noise" in exact.int8_anchor["outcome"]
+    assert not exact.format_anchors["int8"]["applied"] and "within the noise" in exact.format_anchors["int8"]["outcome"]
+
+
+def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
+    """With int8 and int8_dyn offered and a cost every standalone graph edge pays, each format's
+    every-layer plan is predicted at what the clock gives the rewritten model, and a
+    configuration mixing the two gets the layer-weighted mean of their factors."""
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
+
+    layers = find_layers(block_model)
+    feeds = models.feeds_for(block_model, n=8)
+    ranges = compute_ranges(block_model, layers, Samples(feeds))
+    offered = {l.name: [f for f in ("int8", "int8_dyn") if f in l.formats] for l in layers}
+    part = partition(block_model, layers, formats=offered)
+    assert len(part.subgraphs) >= 2
+    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    clock = EdgeClock(edge=0.1, io=0.2)
+    table = gain_table(block_model, layers, part, ranges, captured, clock, formats=("int8", "int8_dyn"),
+                       progress=False, model_inputs=[feeds])
+    assert set(table.format_anchors) == {"int8", "int8_dyn"}
+    for fmt, anchor in table.format_anchors.items():
+        plan = {name: fmt for name, fmts in offered.items() if fmt in fmts}
+        measured = clock._timing(block_model).median / clock._timing(
+            rewrite(block_model, layers, table.plan(plan), ranges, rules=clock.capabilities().rules)).median
+        assert anchor["applied"], anchor
+        assert predict_speedup(table, plan) == pytest.approx(measured, rel=1e-6), fmt
+    f8, fd = (table.format_anchors[f]["factor"] for f in ("int8", "int8_dyn"))
+    import ampq_pass.stages.timing as timing
+
+    monkeypatch.setattr(timing, "fit_formats_to_model", lambda *a, **k: {})  # the parts fitted to hp only
+    before = {sg.index: sg.configs for sg in gain_table(block_model, layers, part, ranges, captured, clock,
+                                                        formats=("int8", "int8_dyn"), progress=False,
+                                                        model_inputs=[feeds]).subgraphs}
+    mixed = 0
+    for sg in table.subgraphs:
+        for c in sg.configs:
+            low = [f for f in c.formats.values() if f != "hp"]
+            if {"int8", "int8_dyn"} <= set(low):
+                raw = [r for r in before[sg.index] if r.formats == c.formats and r.cuts == c.cuts][0]
+                mixed += 1
+                expect = (f8 * low.count("int8") + fd * low.count("int8_dyn")) / len(low)
+                assert c.time == pytest.approx(raw.time * expect)
+
+    assert mixed > 0
