@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build from local disk; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[models,test]'
+	# ray and openvino: their backends' tests run in CI (on a local Ray cluster, OpenVINO's CPU plugin)
+	$(PY) -m pip install -q -e '.[models,test,ray,openvino]'
 	touch $(STAMP)
 
 demo: $(STAMP)
