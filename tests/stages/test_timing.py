@@ -479,3 +479,30 @@ def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
                 assert c.time == pytest.approx(raw.time * expect)
 
     assert mixed > 0
+
+
+def test_pass_takes_the_measured_int8_plan_when_the_parts_undersell_it(cnn_timing_setup):
+    """Standalone int8 subgraphs so burdened by their uint8 edges that int8 cuts look slower
+    than hp, while the whole model in int8 (no such edges) is faster: the solver keeps layers
+    hp, and the pass takes the anchor plan, measured, because it fits the budget."""
+    from ampq_pass.pipeline import PassOptions, _prefer_measured_anchor, build_options
+    from ampq_pass.stages.sensitivity import sensitivity
+    from ampq_pass.stages.solve import solve
+    from ampq_pass.stages.timing import gain_table
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    table = gain_table(model, layers, part, ranges, captured, EdgeClock(edge=2.0), formats=("int8",),
+                       progress=False, model_inputs=[feeds])
+    anchor = table.format_anchors["int8"]
+    assert anchor["measured_speedup"] > 1.0 and not anchor["applied"]  # factor out of bounds: parts unchanged
+    sens = sensitivity(model, layers, ranges, Samples(feeds), progress=False)
+    options = build_options(table, sens)
+    formats = {l.name: ["int8"] for l in layers}
+    lines = []
+    loose = solve(options, float("inf"))
+    assert len(loose.plan.formats) < len(layers)  # int8 cuts look too costly alone
+    taken = _prefer_measured_anchor(table, options, loose, sens, formats, float("inf"), PassOptions(), lines.append)
+    assert set(taken.plan.formats.values()) == {"int8"} and len(taken.plan.formats) == len(layers)
+    assert taken.status == "measured" and "every int8-capable layer in int8" in lines[0]
+    tight = solve(options, 0.0)  # the anchor's loss does not fit: the solver's plan stays
+    assert _prefer_measured_anchor(table, options, tight, sens, formats, 0.0, PassOptions(), lines.append) is tight
