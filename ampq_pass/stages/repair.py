@@ -47,12 +47,14 @@ class Round:
     measured: dict
     #: subgraph index -> {"table_gain": standalone gain, "context_gain": gain measured in the model}
     corrections: dict[int, dict] = field(default_factory=dict)
+    #: where the plan came from when not from a repair ("int8 anchor")
+    note: str = ""
 
     def to_json(self) -> dict:
         return {"round": self.index, "layers_quantized": len(self.formats), "formats": dict(self.formats),
                 "predicted_speedup": self.predicted_speedup, "measured_speedup": self.measured.get("speedup"),
                 "measured_loss_mse": self.measured.get("loss_mse"),
-                "corrections": {str(k): v for k, v in self.corrections.items()}}
+                "corrections": {str(k): v for k, v in self.corrections.items()}, "note": self.note}
 
 
 def speedup_interval(measured: dict) -> tuple[float, float]:

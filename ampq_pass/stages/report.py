@@ -166,7 +166,7 @@ def render_text(report: dict) -> str:
                      f"{anchor['outcome']}")
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
     for rnd in report.get("rounds", [])[1:] if len(report.get("rounds", [])) > 1 else []:
-        lines.append(f"repair round {rnd['round']}: {rnd['layers_quantized']} layers quantized, predicted "
+        lines.append(f"{rnd.get('note') or 'repair round'} {rnd['round']}: {rnd['layers_quantized']} layers quantized, predicted "
                      f"{_fmt(rnd['predicted_speedup'], '.3f')}x, measured {_fmt(rnd['measured_speedup'], '.3f')}x")
     if report.get("rejected_plan"):
         rej = report["rejected_plan"]

@@ -481,11 +481,11 @@ def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
     assert mixed > 0
 
 
-def test_pass_takes_the_measured_int8_plan_when_the_parts_undersell_it(cnn_timing_setup):
+def test_the_int8_anchor_is_a_candidate_when_it_fits_the_budget(cnn_timing_setup):
     """Standalone int8 subgraphs so burdened by their uint8 edges that int8 cuts look slower
     than hp, while the whole model in int8 (no such edges) is faster: the solver keeps layers
-    hp, and the pass takes the anchor plan, measured, because it fits the budget."""
-    from ampq_pass.pipeline import PassOptions, _prefer_measured_anchor, build_options
+    hp; the anchor plan, measured while timing, is offered to be verified when its loss fits."""
+    from ampq_pass.pipeline import PassOptions, _anchor_solution, build_options
     from ampq_pass.stages.sensitivity import sensitivity
     from ampq_pass.stages.solve import solve
     from ampq_pass.stages.timing import gain_table
@@ -498,11 +498,27 @@ def test_pass_takes_the_measured_int8_plan_when_the_parts_undersell_it(cnn_timin
     sens = sensitivity(model, layers, ranges, Samples(feeds), progress=False)
     options = build_options(table, sens)
     formats = {l.name: ["int8"] for l in layers}
-    lines = []
     loose = solve(options, float("inf"))
     assert len(loose.plan.formats) < len(layers)  # int8 cuts look too costly alone
-    taken = _prefer_measured_anchor(table, options, loose, sens, formats, float("inf"), PassOptions(), lines.append)
+    taken = _anchor_solution(table, options, sens, formats, float("inf"), PassOptions())
     assert set(taken.plan.formats.values()) == {"int8"} and len(taken.plan.formats) == len(layers)
-    assert taken.status == "measured" and "every int8-capable layer in int8" in lines[0]
-    tight = solve(options, 0.0)  # the anchor's loss does not fit: the solver's plan stays
-    assert _prefer_measured_anchor(table, options, tight, sens, formats, 0.0, PassOptions(), lines.append) is tight
+    assert taken.plan.cuts and taken.status == "measured"
+    assert _anchor_solution(table, options, sens, formats, 0.0, PassOptions()) is None  # its loss does not fit
+    assert _anchor_solution(table, options, sens, formats, float("inf"), PassOptions(max_memory=1e9)) is None
+
+
+def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_path):
+    """Through run_pass: the solver's plan is verified, then the anchor plan, measured faster
+    while timing, is verified too and shipped because it is the fastest verified plan."""
+    import onnx
+
+    from ampq_pass.pipeline import run_pass
+
+    path = tmp_path / "cnn.onnx"
+    onnx.save(cnn_model, path)
+    result = run_pass(path, tmp_path / "out.onnx", samples=Samples(models.feeds_for(cnn_model, n=24)),
+                      backend=EdgeClock(edge=2.0), max_loss_rmse=10.0, progress=False, holdout=8, log=lambda s: None)
+    rounds = result.report["rounds"]
+    assert rounds[-1]["note"] == "int8 anchor" and rounds[0]["layers_quantized"] < rounds[-1]["layers_quantized"]
+    assert rounds[-1]["measured_speedup"] > rounds[0]["measured_speedup"]
+    assert len(result.solution.plan.formats) == len(find_layers(cnn_model)) and result.solution.status == "measured"
