@@ -28,6 +28,7 @@ from ampq_pass.core.formats import FORMATS, HP
 from ampq_pass.core.model import check_output_path, finish_loading, read_model, save_model
 from ampq_pass.core.params import Integer, Number, OneOf, Shapes, SubsetOf, validate_params
 from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthetic_samples, timing_feeds
+from ampq_pass.stages.boundaries import STATE
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.partition import partition
@@ -38,7 +39,6 @@ from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, loa
                                      timed_backend, timing_saving, with_protocol)
 from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, predicted_mse, sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
-from ampq_pass.stages.boundaries import STATE
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solution_of, solve
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, gain_table, predict_speedup
@@ -468,11 +468,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         rounds.append(Round(index, dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
     anchor = _anchor_solution(table, option_table, sens, layer_formats(layers, inp.offered), tau, opts)
-    best = max((r.measured.get("speedup") or 0.0 for r in rounds if r.formats), default=1.0)
-    if (anchor is not None and all(r.formats != anchor.plan.formats for r in rounds)
-            and table.format_anchors[STATE]["measured_speedup"] > best):
-        log(f"      every int8-capable layer in int8 measured {table.format_anchors[STATE]['measured_speedup']:.3f}x "
-            f"while timing, above the {best:.3f}x verified: verifying that plan too")
+    if anchor is not None and _worth_verifying(table, anchor, rounds, log):
         candidate = rewrite(model, layers, anchor.plan, ranges, rules=_rules(inp))
         rounds.append(Round(len(rounds), dict(anchor.plan.formats), _speedup(table, anchor),
                             verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check),
@@ -634,6 +630,18 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
                                    f"whole model while timing): faster than the solver's plan")
     except AmpqError:  # the configuration cap left this plan out of some subgraph
         return None
+
+
+def _worth_verifying(table: GainTable, anchor: Solution, rounds: list[Round], log) -> bool:
+    """Whether the anchor plan is not verified yet and measured, while timing, faster than
+    every plan verified so far (then it is verified too: the fastest verified plan ships)."""
+    best = max((r.measured.get("speedup") or 0.0 for r in rounds if r.formats), default=1.0)
+    measured = table.format_anchors[STATE]["measured_speedup"]
+    if any(r.formats == anchor.plan.formats for r in rounds) or measured <= best:
+        return False
+    log(f"      every int8-capable layer in int8 measured {measured:.3f}x while timing, above the {best:.3f}x "
+        f"verified: verifying that plan too")
+    return True
 
 
 def _speedup(table: GainTable, solution: Solution) -> float | None:
