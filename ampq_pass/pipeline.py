@@ -467,7 +467,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
         rounds.append(Round(index, dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
-    anchor = _anchor_solution(table, option_table, sens, layer_formats(layers, inp.offered), tau, opts)
+    anchor = _anchor_solution(table, option_table, sens, tau, opts)
     if anchor is not None and _worth_verifying(table, anchor, rounds, log):
         candidate = rewrite(model, layers, anchor.plan, ranges, rules=_rules(inp))
         rounds.append(Round(len(rounds), dict(anchor.plan.formats), _speedup(table, anchor),
@@ -608,8 +608,8 @@ def faster_beyond_noise(measured: dict) -> bool:
     return measured["plan_ci"][1] < measured["hp_ci"][0]
 
 
-def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensitivity,
-                     formats: dict[str, list[str]], tau: float, opts: PassOptions) -> Solution | None:
+def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensitivity, tau: float,
+                     opts: PassOptions) -> Solution | None:
     """The int8 anchor plan (every int8-capable layer in int8, timed in the whole model by the
     timing stage) as a solution, when it fits the loss budget; None otherwise.
 
@@ -621,7 +621,7 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
     anchor = table.format_anchors.get(STATE)
     if not anchor or opts.max_memory is not None:
         return None
-    plan_formats = {name: STATE for name, fmts in formats.items() if STATE in fmts}
+    plan_formats = anchor["formats"]  # the plan the timing stage measured
     if predicted_mse(sens, plan_formats) > tau:
         return None
     try:

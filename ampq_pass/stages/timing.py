@@ -547,12 +547,12 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     records: dict[str, dict] = {}
     factors: dict[str, float] = {}
     for fmt in offered:
-        formats = {name: fmt for name, fmts in candidates.items() if fmt in fmts}
+        uniform = {name: fmt for name, fmts in candidates.items() if fmt in fmts}
         try:
-            chosen = table.lookup_all(formats)
+            chosen = table.lookup_all(uniform)
         except AmpqError:  # the configuration cap left this plan out of some subgraph
             continue
-        plan = table.plan(formats)
+        plan = table.plan(uniform)
         mine = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if fmt in c.formats.values()]
         if not mine:
             continue
@@ -573,7 +573,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         factor = (target - rest) / parts if parts > 0 else 1.0
         predicted = rest + parts
         lo, hi = (table.hp_total * r for r in got["ratio_ci"])
-        record = {"layers": len(plan.formats), "predicted_speedup": table.hp_total / predicted,
+        record = {"layers": len(plan.formats), "formats": uniform, "predicted_speedup": table.hp_total / predicted,
                   "measured_speedup": 1.0 / got["ratio"], "factor": factor, "applied": False}
         if lo <= predicted <= hi or math.isclose(predicted, target, rel_tol=1e-9):
             records[fmt] = {**record, "outcome": "within the noise of the measurement, nothing scaled"}

@@ -497,14 +497,13 @@ def test_the_int8_anchor_is_a_candidate_when_it_fits_the_budget(cnn_timing_setup
     assert anchor["measured_speedup"] > 1.0 and not anchor["applied"]  # factor out of bounds: parts unchanged
     sens = sensitivity(model, layers, ranges, Samples(feeds), progress=False)
     options = build_options(table, sens)
-    formats = {l.name: ["int8"] for l in layers}
     loose = solve(options, float("inf"))
     assert len(loose.plan.formats) < len(layers)  # int8 cuts look too costly alone
-    taken = _anchor_solution(table, options, sens, formats, float("inf"), PassOptions())
+    taken = _anchor_solution(table, options, sens, float("inf"), PassOptions())
     assert set(taken.plan.formats.values()) == {"int8"} and len(taken.plan.formats) == len(layers)
     assert taken.plan.cuts and taken.status == "measured"
-    assert _anchor_solution(table, options, sens, formats, 0.0, PassOptions()) is None  # its loss does not fit
-    assert _anchor_solution(table, options, sens, formats, float("inf"), PassOptions(max_memory=1e9)) is None
+    assert _anchor_solution(table, options, sens, 0.0, PassOptions()) is None  # its loss does not fit
+    assert _anchor_solution(table, options, sens, float("inf"), PassOptions(max_memory=1e9)) is None
 
 
 def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_path):
