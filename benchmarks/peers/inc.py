@@ -1,0 +1,71 @@
+"""Intel Neural Compressor for ONNX (`onnx-neural-compressor` 1.0): `tuning.autotune`, its own
+accuracy-driven search. Runs in benchmarks/peers/.venvs/inc (benchmarks/peers/setup.sh inc).
+
+    benchmarks/peers/.venvs/inc/bin/python benchmarks/peers/inc.py minilm [--tolerable-loss 0.01 ...]
+
+The search: INC's tuning config set, tried in order until one meets the accuracy goal
+(relative loss of the eval metric <= tolerable_loss) or max_trials is reached: first
+`StaticQuantConfig.get_config_set_for_tuning()` (QOperator U8S8, then dropping Add/Mul,
+Gather..., Attention from the quantized op types; x per-channel on/off x last MatMul on/off),
+then `DynamicQuantConfig.get_config_set_for_tuning()` (same idea for dynamic quantization).
+Calibration: the same calibration samples as our pass (calib.npz). INC's eval_fn: mean
+cosine to fp32 (classifier: top-1 agreement - rel. error) on search.npz, the samples our pass
+holds out for its own verification; scoring later uses eval.npz, which neither search sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peerlib  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--tolerable-loss", type=float, nargs="+", default=[0.01])
+    ap.add_argument("--max-trials", type=int, default=100)
+    a = ap.parse_args()
+    import onnx
+    from onnx_neural_compressor.quantization import config, tuning
+
+    m = peerlib.meta(a.model)
+    fp32 = peerlib.model_dir(a.model) / "fp32.onnx"
+    calib = peerlib.batches(peerlib.load(a.model, "calib"), m["batch"])
+    metric = peerlib.SearchMetric(a.model)
+    for tl in a.tolerable_loss:
+        trials = []
+
+        def eval_fn(path):
+            v = metric(path)
+            trials.append(v)
+            print(f"[inc] trial {len(trials)}: metric {v:.5f}", flush=True)
+            return v
+
+        def produce(out: Path):
+            cs = config.StaticQuantConfig.get_config_set_for_tuning() + config.DynamicQuantConfig.get_config_set_for_tuning()
+            tc = tuning.TuningConfig(config_set=cs, tolerable_loss=tl, max_trials=a.max_trials)
+            q = tuning.autotune(str(fp32), tc, eval_fn=eval_fn, calibration_data_reader=peerlib.Reader(calib))
+            if q is None:
+                raise RuntimeError("autotune returned no model")
+            onnx.save_model(q, str(out))
+            base = trials[0]
+            goal = base * (1 - tl)
+            return {"trials": len(trials) - 1, "baseline_metric": base, "metric_per_trial": trials[1:],
+                    "goal_met": trials[-1] >= goal, "chosen_search_metric": trials[-1]}
+
+        peerlib.record(a.model, "inc", f"autotune_tl{tl:g}", produce,
+                       knobs={"tolerable_loss": tl, "max_trials": a.max_trials,
+                              "config_set": "StaticQuantConfig.get_config_set_for_tuning() + "
+                                            "DynamicQuantConfig.get_config_set_for_tuning()",
+                              "eval_fn": "mean cosine to fp32 on search.npz" if m["kind"] == "embedding"
+                              else "top-1 agreement - relative logit error on search.npz",
+                              "calibration": m["calib"]},
+                       packages=("onnx-neural-compressor", "onnxruntime", "onnx"))
+
+
+if __name__ == "__main__":
+    main()

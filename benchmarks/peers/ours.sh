@@ -1,0 +1,24 @@
+#!/bin/sh
+# Our pass (main venv) on one prepared model at several --max-loss-rmse budgets, each run under
+# /usr/bin/time -v (wall time and peak RSS of that run). The first budget runs cold (empty cache:
+# calibration, sensitivity, subgraph timing); later budgets reuse its cache, as a user re-running
+# the pass would. Both costs are recorded (cold = the search time to compare with a peer's).
+#   benchmarks/peers/ours.sh minilm 0.1 0.03 0.05 0.15
+set -e
+MODEL="$1"; shift
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+D="$ROOT/benchmarks/out/peers/$MODEL"
+OUTD="$D/ours"
+mkdir -p "$OUTD"
+HOLD=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pass_holdout'])" "$D/meta.json")
+for B in "$@"; do
+  N="rmse_$B"
+  echo "[ours] $MODEL --max-loss-rmse $B"
+  uptime > "$OUTD/$N.uptime"
+  HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/ampq-pass" "$D/fp32.onnx" \
+      -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \
+      --cache-dir "$OUTD/cache" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
+      || echo "failed: see $OUTD/$N.log"
+  uptime >> "$OUTD/$N.uptime"
+  tail -3 "$OUTD/$N.log"
+done

@@ -1,0 +1,39 @@
+#!/bin/sh
+# Creates one peer's own virtualenv: benchmarks/peers/.venvs/<peer>/ (ignored by git).
+#   benchmarks/peers/setup.sh inc|aimet|modelopt|quark
+# Each peer pins its own versions, so each gets its own venv. Where a peer needs torch, the CPU
+# build torch==2.13.0 (on local disk) goes in FIRST; then `pip install --dry-run` of the peer's
+# packages is checked: if it would install any torch other than the one present, or any nvidia-*
+# / CUDA wheel, the script stops before installing anything (an unpinned torch pulls multi-GB
+# CUDA builds). Installs run under `nice -n 15` (the machine is shared).
+set -e
+PEER="$1"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+VENV="$HERE/.venvs/$PEER"
+case "$PEER" in
+  inc)      TORCH=0; PKGS="onnx-neural-compressor==1.0 prettytable scipy onnxruntime==1.32.0 onnx" ;;
+  aimet)    TORCH=1; PKGS="aimet-onnx==2.42.0 torchvision==0.28.0 onnxruntime==1.32.0" ;;
+  modelopt) TORCH=1; PKGS="nvidia-modelopt==0.47.0 onnxruntime==1.32.0 onnx onnx-graphsurgeon onnxconverter-common" ;;
+  quark)    TORCH=1; PKGS="amd-quark==0.13 onnxruntime==1.32.0 onnx" ;;
+  *) echo "usage: $0 inc|aimet|modelopt|quark" >&2; exit 2 ;;
+esac
+mkdir -p "$HERE/.venvs"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="nice -n 15 $VENV/bin/pip"
+$PIP install -q --upgrade pip
+if [ "$TORCH" = 1 ]; then $PIP install -q torch==2.13.0; fi
+REPORT="$(mktemp)"
+$PIP install -q --dry-run --report "$REPORT" $PKGS $EXTRA >/dev/null
+"$VENV/bin/python" - "$REPORT" "$TORCH" <<'PY'
+import json, sys
+rep = json.load(open(sys.argv[1]))
+names = [(i["metadata"]["name"].lower(), i["metadata"]["version"]) for i in rep["install"]]
+bad = [f"{n}=={v}" for n, v in names if n.startswith("nvidia-") or n.startswith("cuda-") or "cu1" in v or n == "triton"
+       or (n == "torch" and not v.endswith("+cpu"))]
+print(f"dry run: {len(names)} packages; torch: {[v for n, v in names if n == 'torch'] or 'none'}")
+if bad:
+    sys.exit(f"refusing to install, CUDA packages would come in: {bad}")
+PY
+rm -f "$REPORT"
+$PIP install -q $PKGS $EXTRA
+echo "$PEER venv ready: $VENV"
