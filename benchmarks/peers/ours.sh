@@ -10,12 +10,24 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 D="$ROOT/benchmarks/out/peers/$MODEL"
 OUTD="$D/ours"
 mkdir -p "$OUTD"
+# The pass runs from a clean snapshot of the committed code (git HEAD, as run_snapshot.sh does):
+# other engineers edit ampq_pass in this checkout; the commit is written to ours/commit.
+REV=$(cd "$ROOT" && git rev-parse --short=10 HEAD)
+SNAP=/tmp/ampq-snapshot-$REV
+if [ ! -d "$SNAP" ]; then
+  TMP=$(mktemp -d /tmp/ampq-snapshot-XXXXXX)
+  (cd "$ROOT" && git archive HEAD ampq_pass backends tests) | tar -x -C "$TMP"
+  mv "$TMP/backends" "$TMP/ampq_pass/backends"
+  mv -T "$TMP" "$SNAP" 2>/dev/null || rm -rf "$TMP"
+fi
+echo "$REV" > "$OUTD/commit"
 HOLD=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pass_holdout'])" "$D/meta.json")
 for B in "$@"; do
   N="rmse_$B"
   echo "[ours] $MODEL --max-loss-rmse $B"
   uptime > "$OUTD/$N.uptime"
-  HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/ampq-pass" "$D/fp32.onnx" \
+  PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
+      -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
       -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \
       --cache-dir "$OUTD/cache" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
       || echo "failed: see $OUTD/$N.log"

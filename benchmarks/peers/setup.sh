@@ -13,7 +13,8 @@ VENV="$HERE/.venvs/$PEER"
 case "$PEER" in
   inc)      TORCH=0; PKGS="onnx-neural-compressor==1.0 prettytable scipy onnxruntime==1.32.0 onnx" ;;
   aimet)    TORCH=1; PKGS="aimet-onnx==2.42.0 torchvision==0.28.0 onnxruntime==1.32.0" ;;
-  modelopt) TORCH=1; PKGS="nvidia-modelopt==0.47.0 onnxruntime==1.32.0 onnx onnx-graphsurgeon onnxconverter-common" ;;
+  # modelopt: the [onnx] extra minus its GPU packages (onnxruntime-gpu, cupy-cuda12x)
+  modelopt) TORCH=1; PKGS="nvidia-modelopt==0.47.0 onnxruntime==1.32.0 onnx onnx-graphsurgeon onnxconverter-common~=1.16.0 onnxslim onnxscript polygraphy ml_dtypes lief cppimport" ;;
   quark)    TORCH=1; PKGS="amd-quark==0.13 onnxruntime==1.32.0 onnx" ;;
   *) echo "usage: $0 inc|aimet|modelopt|quark" >&2; exit 2 ;;
 esac
@@ -28,7 +29,8 @@ $PIP install -q --dry-run --report "$REPORT" $PKGS $EXTRA >/dev/null
 import json, sys
 rep = json.load(open(sys.argv[1]))
 names = [(i["metadata"]["name"].lower(), i["metadata"]["version"]) for i in rep["install"]]
-bad = [f"{n}=={v}" for n, v in names if n.startswith("nvidia-") or n.startswith("cuda-") or "cu1" in v or n == "triton"
+ok = {"nvidia-modelopt", "nvidia-ml-py"}  # the peer itself; NVML's pure-Python bindings
+bad = [f"{n}=={v}" for n, v in names if (n.startswith("nvidia-") and n not in ok) or n.startswith("cuda-") or "cu1" in v or n == "triton"
        or (n == "torch" and not v.endswith("+cpu"))]
 print(f"dry run: {len(names)} packages; torch: {[v for n, v in names if n == 'torch'] or 'none'}")
 if bad:

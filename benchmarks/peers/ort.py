@@ -1,0 +1,64 @@
+"""ONNX Runtime's own quantizers (`quantize_static` / `quantize_dynamic`), the settings
+benchmarks/front.py found best on these models, with the same calibration samples. Runs in
+the main venv (onnxruntime only; it does not import ampq_pass). Each configuration runs in its
+own child process, so its wall time and peak RSS are its own.
+
+    .venv/bin/python benchmarks/peers/ort.py minilm [config ...]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peerlib  # noqa: E402
+
+CONFIGS = {
+    "dynamic_defaults": "quantize_dynamic, defaults",
+    "dynamic_perchannel_matmul": "quant_pre_process, then quantize_dynamic per_channel=True, op_types MatMul/Gemm/Conv",
+    "static_qdq_u8s8_perchannel": "quant_pre_process, then quantize_static QDQ, U8S8, per_channel, MinMax, "
+                                  "reduce_range=False (ORT's default op types)",
+    "static_qdq_u8s8_perchannel_matmul": "as static_qdq_u8s8_perchannel, op_types MatMul/Gemm/Conv only",
+}
+
+
+def produce(model: str, name: str) -> None:
+    import logging
+
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    logging.getLogger().setLevel(logging.ERROR)
+    m = peerlib.meta(model)
+    fp32 = peerlib.model_dir(model) / "fp32.onnx"
+    calib = peerlib.batches(peerlib.load(model, "calib"), m["batch"])
+
+    def run(out: Path):
+        pre = out.with_suffix(".pre.onnx")
+        if name != "dynamic_defaults":
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        ops = {"op_types_to_quantize": ["MatMul", "Gemm", "Conv"]} if name.endswith("matmul") else {}
+        if name == "dynamic_defaults":
+            quantize_dynamic(str(fp32), str(out))
+        elif name.startswith("dynamic"):
+            quantize_dynamic(str(pre), str(out), per_channel=True, **ops)
+        else:
+            quantize_static(str(pre), str(out), peerlib.Reader(calib), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            reduce_range=False, calibrate_method=CalibrationMethod.MinMax, **ops)
+        pre.unlink(missing_ok=True)
+        return {"search_metric": peerlib.SearchMetric(model)(out)}
+
+    peerlib.record(model, "ort", name, run, knobs={"settings": CONFIGS[name], "calibration": m["calib"]},
+                   packages=("onnxruntime", "onnx"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--one":
+        produce(sys.argv[2], sys.argv[3])
+    else:
+        for c in sys.argv[2:] or list(CONFIGS):
+            subprocess.run([sys.executable, __file__, "--one", sys.argv[1], c], check=False)

@@ -1,0 +1,25 @@
+#!/bin/sh
+# Produces every model of the peers benchmark for one model (default minilm), each peer in its
+# own venv and each configuration in its own process (its wall time and peak RSS are its own),
+# all under nice -n 15 (shared machine). Then score them:
+#   benchmarks/run_snapshot.sh benchmarks/peers/score.py MODEL
+# Set PEERS to a subset, e.g. PEERS="inc aimet" benchmarks/peers/run_all.sh minilm
+set -u
+MODEL="${1:-minilm}"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+P="$ROOT/benchmarks/peers"
+V="$P/.venvs"
+cd "$ROOT"
+N="nice -n 15"
+[ -f "benchmarks/out/peers/$MODEL/fp32.onnx" ] || $N .venv/bin/python "$P/prepare.py" "$MODEL"
+for peer in ${PEERS:-ours ort modelopt quark inc aimet}; do
+  case "$peer" in
+    ours)     "$P/ours.sh" "$MODEL" 0.1 0.03 0.05 0.15 ;;
+    ort)      $N .venv/bin/python "$P/ort.py" "$MODEL" ;;
+    modelopt) for c in int8_default int8_matmul; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
+    quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --threshold 0.005 ;;
+    inc)      $N "$V/inc/bin/python" "$P/inc.py" "$MODEL" --tolerable-loss 0.01 ;;
+    aimet)    $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --drop 0.005
+              $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --w8a8-only ;;
+  esac
+done
