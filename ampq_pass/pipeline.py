@@ -18,12 +18,13 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from tqdm.auto import tqdm
 
 from ampq_pass.backends import get_backend
 from ampq_pass.backends.ray_pool import RayAddress, pool_for, require_ray
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.measure import Protocol
+from ampq_pass.core.measure import CostModel, Protocol
 from ampq_pass.core.formats import FORMATS, HP
 from ampq_pass.core.model import check_output_path, finish_loading, read_model, save_model
 from ampq_pass.core.params import Integer, Number, OneOf, Shapes, SubsetOf, validate_params
@@ -35,6 +36,7 @@ from ampq_pass.stages.partition import partition
 from ampq_pass.stages.repair import Round, context_gains, correct, falls_short, measure_context, reverted
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.screen import Screen, screen_formats, screened_formats
 from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, load_metric, metric_name, quick_protocol, search_front,
                                      timed_backend, timing_saving, with_protocol)
 from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, predicted_mse, sensitivity
@@ -91,6 +93,9 @@ class PassOptions:
     max_metric_drop: float | None = None
     #: loss budgets of the predicted front the metric search walks (``pareto`` when larger)
     search_points: int = 12
+    #: time each layer alone in its self-contained formats (int8_dyn, int4, 16-bit) and drop the
+    #: dominated ones before the subgraphs are timed (:mod:`ampq_pass.stages.screen`)
+    screen: bool = True
 
     CONSTRAINTS = {
         "batch_size": Integer(1), "max_configs": Integer(2), "timing_batches": Integer(1),
@@ -143,6 +148,29 @@ def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Rang
                                       batch_size=opts.batch_size, seed=opts.seed, progress=opts.progress,
                                       pool=pool),
                   dump=Sensitivity.to_json, load=Sensitivity.from_json)
+
+
+def screen_stage(model: onnx.ModelProto, layers: list[Layer], formats: dict[str, list[str]], sens: Sensitivity,
+                 ranges: Ranges, inp: "_Inputs", opts: PassOptions, cache: Cache | None, log) -> Screen:
+    """:func:`ampq_pass.stages.screen.screen_formats` on the timing batches, with a progress bar
+    and one log line (each layer's timing is cached like a subgraph's)."""
+    n = sum(1 for fs in screened_formats(formats).values() if fs)
+    if not n or isinstance(inp.backend, CostModel):
+        return Screen({l: list(fs) for l, fs in formats.items()})
+    log(f"      screening self-contained formats on {n} layers timed alone")
+    # The quick protocol: a screen only asks whether a format beats hp beyond the noise; its
+    # wider interval may drop a format whose gain is marginal, never one that clearly pays.
+    quick = with_protocol(inp.backend, quick_protocol(inp.backend.protocol)) \
+        if isinstance(getattr(inp.backend, "protocol", None), Protocol) else inp.backend
+    with tqdm(total=n, desc="screen", unit="layer", disable=not opts.progress, leave=False) as bar:
+        screen = screen_formats(model, layers, formats, sens.values, ranges, inp.timing_inputs, quick,
+                                cache=cache, progress=bar.update)
+    log(f"      screen: {screen.summary()}")
+    return screen
+
+
+def _screen_json(screen: Screen | None) -> dict | None:
+    return None if screen is None else dict(screen.to_json(), summary=screen.summary())
 
 
 def layer_formats(layers: list[Layer], offered: tuple[str, ...]) -> dict[str, list[str]]:
@@ -378,6 +406,11 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
 
         shown = ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in inp.timing_info["shapes"].items())
         log(f"[3/7] partitioning into sequential subgraphs (timing at {shown}: {inp.timing_info['source']})")
+        screen = None
+        if opts.screen:
+            screen = screen_stage(model, layers, formats, sens, ranges, inp, opts, cache, log)
+            formats = screen.candidates
+            clock.lap("screen")
         part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
         captured = capture_inputs(model, part, inp.timing_inputs)  # the very batches the subgraphs are timed on
         clock.lap("partition")
@@ -385,10 +418,10 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
                            progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool,
-                           boundary_states=opts.boundary_states)
+                           boundary_states=opts.boundary_states, candidates=formats)
     clock.lap("timing")
     if opts.metric is not None:
-        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log)
+        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen)
 
     log("[5/7] solving the integer program")
     memory = weight_memory(model, layers, formats) if opts.max_memory is not None else None
@@ -426,7 +459,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                         measured=measured, tau=tau, opts=opts, ranges_method=ranges.method, samples=inp.calib,
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
-                        rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing)
+                        rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing,
+                        screen=_screen_json(screen))
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 
@@ -506,7 +540,7 @@ def _quick_backend(backend):
 
 
 def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, ranges: Ranges, sens: Sensitivity,
-                 part, table: GainTable, clock: _StageClock, log) -> PassResult:
+                 part, table: GainTable, clock: _StageClock, log, screen: Screen | None = None) -> PassResult:
     """The pass with the user's metric: the predicted front, searched by bisection for the
     fastest plan within ``max_metric_drop`` (:func:`ampq_pass.stages.search.search_front`)."""
     model, layers = inp.model, inp.layers
@@ -591,7 +625,8 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
                         measured=measured, tau=solution.max_mse, opts=opts, ranges_method=ranges.method,
                         samples=inp.calib, holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
-                        rounds=[], reference=reference, front_timing=front_timing, search=search)
+                        rounds=[], reference=reference, front_timing=front_timing, search=search,
+                        screen=_screen_json(screen))
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 

@@ -89,6 +89,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                        help="also quantize activation-by-activation MatMuls (attention scores)")
         g.add_argument("--no-boundary-states", action="store_true",
                        help="time every cut tensor in high precision only (the paper's model; fewer configurations)")
+        g.add_argument("--no-screen", action="store_true",
+                       help="time every candidate format in the subgraphs, without first dropping the self-contained "
+                            "formats (int8_dyn, int4, 16-bit) that are dominated on the layer alone")
         g.add_argument("--pareto", type=int, default=0, metavar="N", help="also solve N budgets and write the front")
         g.add_argument("--report", help="write the JSON report here (plots beside it)")
         g.add_argument("--shape", action="append", metavar="INPUT=DxDx...",
@@ -165,7 +168,7 @@ def cmd_search(args) -> int:
         max_configs=args.max_configs, activation_matmuls=args.activation_matmuls, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
         progress=not args.no_progress, shapes=parse_shapes(args.shape), ray=args.ray,
         metric=args.metric, max_metric_drop=args.max_metric_drop, search_points=args.search_points,
-        boundary_states=not args.no_boundary_states)
+        boundary_states=not args.no_boundary_states, screen=not args.no_screen)
     result = run_pass(args.model, args.output, calib=args.calib, options=opts)
     report = result.report
     print(render_text(report))

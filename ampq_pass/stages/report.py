@@ -52,6 +52,9 @@ class PassRecord:
     front_timing: dict | None = None
     #: the metric search (:class:`ampq_pass.stages.search.SearchResult` as JSON), None without a metric
     search: dict | None = None
+    #: each layer's self-contained formats timed alone (:class:`ampq_pass.stages.screen.Screen` as
+    #: JSON, with its one-line summary), None when the screen was off
+    screen: dict | None = None
 
 
 def build_report(record: PassRecord) -> dict:
@@ -114,6 +117,8 @@ def build_report(record: PassRecord) -> dict:
         "pareto_timing": r.front_timing,
         # the user's metric: every front plan tried with its metric, measured speed-up and predicted loss
         "search": r.search,
+        # formats dropped before subgraph timing because, timed alone, they were dominated
+        "screen": r.screen,
         "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
     }
 
@@ -160,6 +165,8 @@ def render_text(report: dict) -> str:
         lines.append(f"boundaries: {len(bd['cuts'])} of {bd['n_cuts']} cut tensors carry int8; "
                      f"{bd['configs']} configurations ({bd.get('configs_derived', 0)} of them added up from two timed "
                      f"ones; {bd['configs_without_states']} without cut states)")
+    if report.get("screen") and report["screen"]["screened"]:
+        lines.append(f"screen: {report['screen']['summary']}")
     for fmt, anchor in ((bd or {}).get("format_anchors") or {}).items():
         lines.append(f"time model: every {fmt}-capable layer in {fmt} ({anchor['layers']} layers) measured "
                      f"{anchor['measured_speedup']:.3f}x against {anchor['predicted_speedup']:.3f}x from the parts; "

@@ -303,6 +303,49 @@ def timed_model(sub: onnx.ModelProto, layers: list[Layer], config: Config, range
 #: subgraph at batch 8: ~200 MB each; 16 configurations at once peaked at 3.3 GB), so the
 #: configurations of a large subgraph are timed in groups, each with the hp configuration
 GROUP = 8
+#: what the sessions of one group may hold together, by :func:`session_bytes`: a Whisper-tiny
+#: encoder layer at batch 8 x 1500 tokens has 432 MB attention-score tensors, and 8 sessions
+#: of it took the pass to 6.2 GB; such a subgraph is timed 2 or 3 configurations at a time
+GROUP_BYTES = 1 << 30
+
+
+def session_bytes(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """An upper bound on what one session of ``sub`` holds while it runs on ``feeds``: its
+    weights plus every tensor it computes, at the shapes onnx shape inference gives for the
+    feeds' concrete shapes (tensors of unknown shape count nothing). The arena reuses memory
+    between tensors whose lives do not overlap, so the session usually needs less."""
+    model = onnx.ModelProto()
+    model.CopyFrom(sub)
+    for vi in model.graph.input:
+        if vi.name in feeds and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in np.shape(feeds[vi.name]):
+                dims.add().dim_value = int(d)
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an estimate only: inference refusing a model leaves the weights
+        pass
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type) for t in model.graph.initializer)
+    for vi in list(model.graph.value_info) + list(model.graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            total += int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64)) * _itemsize(tt.elem_type)
+    return total
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def group_size(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """Configurations timed at once (hp included): :data:`GROUP`, fewer when their sessions
+    would hold more than :data:`GROUP_BYTES` together, never fewer than 2 (hp and one)."""
+    return max(2, min(GROUP, GROUP_BYTES // max(session_bytes(sub, feeds), 1)))
 
 
 def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], ranges: Ranges | None,
@@ -323,8 +366,9 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
     timed = [lab for lab in labels[1:] if lab not in derived]  # labels[0]: all hp (full_configs)
     by_label: dict[str, ConfigGain] = {}
     reference = None
-    for start in range(0, max(len(timed), 1), GROUP - 1):
-        group = [labels[0]] + timed[start:start + GROUP - 1]
+    size = group_size(sub, feeds[0]) if feeds else GROUP
+    for start in range(0, max(len(timed), 1), size - 1):
+        group = [labels[0]] + timed[start:start + size - 1]
         models = {lab: timed_model(sub, layers, by_config[lab], ranges, rules) for lab in group}
         timings = measurer.time(models, feeds)
         del models
@@ -410,7 +454,7 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                inputs_by_subgraph: dict[int, list[dict[str, np.ndarray]]], backend: Measurer, *,
                formats: Iterable[str] | None = None, cache: Cache | None = None, progress: bool = True,
                model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None,
-               pool=None, boundary_states: bool = True) -> GainTable:
+               pool=None, boundary_states: bool = True, candidates: dict[str, list[str]] | None = None) -> GainTable:
     """The gain table of every configuration of every subgraph of ``partition``.
 
     ``formats`` narrows the candidates; only formats the backend runs fast are used.
@@ -421,14 +465,16 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     device, through the same cache (:func:`time_on_pool`); the table is the same.
     With ``boundary_states`` (and a measuring backend) each configuration is also timed with
     every state its cut tensors can have (:mod:`ampq_pass.stages.boundaries`); without, every
-    cut is timed in high precision, as in the paper.
+    cut is timed in high precision, as in the paper. ``candidates`` (layer -> formats, such as
+    :func:`ampq_pass.stages.screen.screen_formats` leaves) narrows each layer further.
     """
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
     by_name = {l.name: l for l in layers}
     table = GainTable(getattr(backend, "name", type(backend).__name__), backend.key(), backend.unit)
     # per-layer candidates: what the layer can take and the backend runs fast
-    candidates = {l.name: [f for f in l.formats if f in wanted] for l in layers}
+    candidates = {l.name: [f for f in l.formats if f in wanted and (candidates is None or f in candidates.get(l.name, ()))]
+                  for l in layers}
     cuts = boundary_cuts(model, partition, layers) if boundary_states and not isinstance(backend, CostModel) else {}
     plan_cfgs = [(sg, with_states(sg.index, partition_configs(sg, candidates), cuts, by_name, candidates))
                  for sg in partition.subgraphs]

@@ -521,3 +521,27 @@ def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_pa
     assert rounds[-1]["note"] == "int8 anchor" and rounds[0]["layers_quantized"] < rounds[-1]["layers_quantized"]
     assert rounds[-1]["measured_speedup"] > rounds[0]["measured_speedup"]
     assert len(result.solution.plan.formats) == len(find_layers(cnn_model)) and result.solution.status == "measured"
+
+
+def test_session_bytes_counts_weights_and_computed_tensors_at_the_feeds_shapes():
+    from ampq_pass.stages.timing import session_bytes
+
+    w = np.ones((16, 32), dtype=np.float32)
+    m = models.single_matmul(w)
+    name = m.graph.input[0].name
+    small = session_bytes(m, {name: np.zeros((4, 16), np.float32)})
+    big = session_bytes(m, {name: np.zeros((400, 16), np.float32)})
+    assert small == w.nbytes + 4 * 32 * 4
+    assert big - small == (400 - 4) * 32 * 4
+
+
+def test_groups_shrink_when_their_sessions_would_hold_too_much(monkeypatch):
+    import ampq_pass.stages.timing as timing
+
+    m = models.single_matmul(np.ones((16, 32), dtype=np.float32))
+    feeds = {m.graph.input[0].name: np.zeros((1000, 16), np.float32)}  # 128 kB out + 2 kB weight
+    assert timing.group_size(m, feeds) == timing.GROUP
+    monkeypatch.setattr(timing, "GROUP_BYTES", 3 * 130_048)
+    assert timing.group_size(m, feeds) == 3
+    monkeypatch.setattr(timing, "GROUP_BYTES", 1000)
+    assert timing.group_size(m, feeds) == 2  # hp and one configuration, whatever the size
