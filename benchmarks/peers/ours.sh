@@ -12,11 +12,13 @@ OUTD="$D/ours"
 mkdir -p "$OUTD"
 # The pass runs from a clean snapshot of the committed code (git HEAD, as run_snapshot.sh does):
 # other engineers edit ampq_pass in this checkout; the commit is written to ours/commit.
-REV=$(cd "$ROOT" && git rev-parse --short=10 HEAD)
+# (later budgets reuse the commit of the first run, recorded in ours/commit, so that one cache
+# and one code version serve them all)
+if [ -f "$OUTD/commit" ]; then REV=$(cat "$OUTD/commit"); else REV=$(cd "$ROOT" && git rev-parse --short=10 HEAD); fi
 SNAP=/tmp/ampq-snapshot-$REV
 if [ ! -d "$SNAP" ]; then
   TMP=$(mktemp -d /tmp/ampq-snapshot-XXXXXX)
-  (cd "$ROOT" && git archive HEAD ampq_pass backends tests) | tar -x -C "$TMP"
+  (cd "$ROOT" && git archive "$REV" ampq_pass backends tests) | tar -x -C "$TMP"
   mv "$TMP/backends" "$TMP/ampq_pass/backends"
   mv -T "$TMP" "$SNAP" 2>/dev/null || rm -rf "$TMP"
 fi
@@ -26,6 +28,7 @@ for B in "$@"; do
   N="rmse_$B"
   echo "[ours] $MODEL --max-loss-rmse $B"
   uptime > "$OUTD/$N.uptime"
+  rm -f "$OUTD/$N.cold"; [ -d "$OUTD/cache" ] || touch "$OUTD/$N.cold"   # cold: the cache did not exist yet
   PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
       -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
       -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \

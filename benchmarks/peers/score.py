@@ -62,24 +62,28 @@ def entries_for(model: str) -> list[dict]:
     d = peerlib.model_dir(model)
     out = [{"method": "fp32", "config": "fp32", "knob": "-", "path": str(d / "fp32.onnx"), "status": "ok"}]
     ours = d / "ours"
-    times = sorted(ours.glob("rmse_*.time"), key=lambda p: p.stat().st_mtime)
-    for i, tf in enumerate(times):
+    for tf in sorted(ours.glob("*.time"), key=lambda p: p.stat().st_mtime):
         name = tf.name[:-len(".time")]
         wall, rss = _gnu_time(tf)
         rep = ours / f"{name}.report.json"
         onnx_path = ours / f"{name}.onnx"
-        e = {"method": "ours", "config": name, "knob": f"--max-loss-rmse {name[5:]}", "search_s": wall,
+        e = {"method": "ours", "config": name, "knob": f"--max-loss-rmse {name.split('rmse_')[1]}", "search_s": wall,
              "peak_rss_mb": rss, "path": str(onnx_path),
-             "search_note": "cold (empty cache)" if i == 0 else "warm (cache of the cold run)",
+             "search_note": ("cold run (empty cache)" if (ours / f"{name}.cold").exists()
+                             else "warm run (sensitivity and subgraph timings from the cold run's cache)"),
              "status": "ok" if onnx_path.exists() and rep.exists() else "failed"}
         if rep.exists():
             r = json.loads(rep.read_text())
             n_layers = len(r["layers"])
             n_q = sum(1 for l in r["layers"] if l.get("format") not in (None, "hp", "fp32"))
             e["detail"] = f"{n_q}/{n_layers} layers low precision"
-            if r.get("rejected_plan"):
-                e["detail"] += "; plan rejected by the pass (not faster beyond noise): wrote the input"
+            rej = r.get("rejected_plan")
+            if rej:
+                e["detail"] += (f"; the pass's verification rejected its plan ({rej['predicted_speedup']:.2f}x "
+                                f"predicted, {rej['measured']['speedup']:.2f}x measured, CIs overlapping under load) "
+                                f"and wrote the input")
             e["predicted_speedup"] = r["predicted"]["speedup"]
+            e["stages"] = r.get("stages_seconds")
         else:
             e["error"] = (ours / f"{name}.log").read_text()[-500:] if (ours / f"{name}.log").exists() else "no report"
         out.append(e)
@@ -115,6 +119,27 @@ def _detail(r) -> str:
     return ", ".join(bits)
 
 
+def qdq_summary(path: str) -> str:
+    """What the written model runs in low precision: QuantizeLinear nodes by integer type, and
+    dynamic-quantization / integer-kernel nodes (counted from the file, no inference)."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    inits = {i.name: i.data_type for i in m.graph.initializer}
+    names = {2: "uint8", 3: "int8", 4: "uint16", 5: "int16"}
+    q: dict[str, int] = {}
+    other: dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear":
+            t = names.get(inits.get(n.input[2]) if len(n.input) > 2 else 2, "?")
+            q[t] = q.get(t, 0) + 1
+        elif n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                           "QLinearMatMul", "QLinearConv", "MatMulIntegerToFloat", "QAttention"):
+            other[n.op_type] = other.get(n.op_type, 0) + 1
+    parts = [f"Q {k} x{v}" for k, v in sorted(q.items())] + [f"{k} x{v}" for k, v in sorted(other.items())]
+    return ", ".join(parts) or "no quantization nodes"
+
+
 def score(model: str) -> dict:
     from ampq_pass.backends import Protocol
     from ampq_pass.backends.ort import time_interleaved
@@ -131,6 +156,7 @@ def score(model: str) -> dict:
         try:
             outs = ref if e["method"] == "fp32" else peerlib.run_model(Path(e["path"]), ev)
             e["quality"] = peerlib.quality(m["kind"], ref, outs, ev)
+            e["qdq"] = qdq_summary(e["path"])
         except Exception as ex:
             e["status"] = "failed"
             e["error"] = f"scoring: {type(ex).__name__}: {str(ex)[:300]}"
@@ -207,7 +233,7 @@ def section(res) -> str:
             s += f"| {name} | {e['knob']} | **failed** | - | - | {_f(e.get('search_s'))} | {_f(e.get('peak_rss_mb'))} | {err} |\n"
             continue
         lo, hi = e["ci"]
-        notes = "; ".join(x for x in (e.get("search_note"), e.get("detail")) if x)
+        notes = "; ".join(x for x in (e.get("search_note"), e.get("detail"), e.get("qdq")) if x)
         if e.get("predicted_speedup"):
             notes += f"; pass predicted {e['predicted_speedup']:.2f}x"
         s += (f"| {name} | {e['knob']} | **{e['speedup']:.2f}x** [{lo:.2f}, {hi:.2f}] | {e['ms']:.1f} | {_q(res, e)} | "
