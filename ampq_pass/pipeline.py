@@ -32,6 +32,7 @@ from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthe
 from ampq_pass.stages.boundaries import STATE
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
+from ampq_pass.stages.loss_check import check_loss, outside
 from ampq_pass.stages.partition import partition
 from ampq_pass.stages.repair import Round, context_gains, correct, falls_short, measure_context, reverted
 from ampq_pass.stages.report import PassRecord, build_report
@@ -443,6 +444,13 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     solution, rewritten, measured, predicted, rounds, rejected = _verify_and_repair(
         inp, ranges, table, sens, solution, rewritten, option_table, memory, tau, opts, check, cache, log)
     save_model(rewritten, output, source=model_path)
+    loss_report = None
+    if solution.plan.formats and outside(measured["loss_mse"], solution.mse):
+        log(f"      measured loss {measured['loss_mse']:.3g} against {solution.mse:.3g} predicted: measuring each "
+            f"quantized subgraph alone to say why")
+        loss_report = check_loss(model, layers, solution.plan, part, ranges, sens, inp.holdout, measured["loss_mse"],
+                                 rules=_rules(inp), **check)
+        log(f"      loss: {loss_report['reason']}")
     front_points, reference, front_timing = [], [], None
     if front:
         quick = _quick_backend(inp.backend)
@@ -460,7 +468,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
                         rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing,
-                        screen=_screen_json(screen))
+                        screen=_screen_json(screen), loss_check=loss_report)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 

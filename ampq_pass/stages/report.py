@@ -55,6 +55,9 @@ class PassRecord:
     #: each layer's self-contained formats timed alone (:class:`ampq_pass.stages.screen.Screen` as
     #: JSON, with its one-line summary), None when the screen was off
     screen: dict | None = None
+    #: why the measured loss left the band around the predicted one
+    #: (:func:`ampq_pass.stages.loss_check.check_loss`), None when it did not
+    loss_check: dict | None = None
 
 
 def build_report(record: PassRecord) -> dict:
@@ -119,6 +122,8 @@ def build_report(record: PassRecord) -> dict:
         "search": r.search,
         # formats dropped before subgraph timing because, timed alone, they were dominated
         "screen": r.screen,
+        # measured/predicted loss outside 0.5-2x: each quantized subgraph measured alone, and why
+        "loss_check": r.loss_check,
         "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
     }
 
@@ -187,6 +192,8 @@ def render_text(report: dict) -> str:
     ratio = (m["loss_mse"] / p["loss_mse"]) if p["loss_mse"] else None
     lines.append(f"loss MSE: predicted {_fmt(p['loss_mse'])}, measured {_fmt(m['loss_mse'])} on "
                  f"{report['calibration']['holdout']} held-out samples (measured/predicted {_fmt(ratio, '.2f')})")
+    if report.get("loss_check"):
+        lines.append(f"loss check: {report['loss_check']['reason']}")
     if report.get("timing_shapes"):
         t = report["timing_shapes"]
         lines.append("timed at " + ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in t["shapes"].items())
