@@ -1,7 +1,8 @@
 """Two real backends side by side: ONNX Runtime's CPU EP and OpenVINO's CPU plugin.
 
     .venv/bin/python benchmarks/bench_backends.py --probe          # which formats each runs fast
-    .venv/bin/python benchmarks/bench_backends.py [--resnet]       # + MiniLM (and ResNet-50) plans
+    .venv/bin/python benchmarks/bench_backends.py [--resnet] [--detector] [--no-minilm]
+                                                       # + MiniLM (ResNet-50, YOLOv8n) plans
 
 Probe: two MatMuls 384x1536 / 1536x384 on 8 x 128 tokens, every format as the rewrite writes
 it, timed interleaved on both backends (this is what ``MEASURED_FAST`` in
@@ -119,11 +120,11 @@ IR (INT8 Inference)", "ConvolutionTransformation") and the CPU plugin's LPT conf
 """
 
 
-def plans_for(name: str, src: Path, samples, holdout: int, budget: float) -> dict[str, Path]:
-    """The pass run once per backend at the same budget; returns written model per backend."""
+def plans_for(name: str, src: Path, samples, holdout: int, budget: float) -> tuple[dict[str, Path], dict[str, dict]]:
+    """The pass run once per backend at the same budget: written model and report per backend."""
     from ampq_pass.pipeline import run_pass
 
-    out = {}
+    out, reports = {}, {}
     for spec in SPECS:
         dst = OUT / f"{name}_{spec.replace(':', '_')}_plan.onnx"
         t0 = time.perf_counter()
@@ -134,7 +135,41 @@ def plans_for(name: str, src: Path, samples, holdout: int, budget: float) -> dic
         print(f"{name} plan for {spec}: {n} layers quantized, predicted {r.get('predicted')}, measured "
               f"{r.get('measured')} in {time.perf_counter() - t0:.0f} s (load {load()})")
         out[spec] = dst
-    return out
+        reports[spec] = dict(r, seconds=time.perf_counter() - t0)
+    return out, reports
+
+
+def ort_static(src: Path, samples, holdout: int, batch: int) -> Path | None:
+    """ONNX Runtime's ``quantize_static`` QDQ U8S8 per-channel on the calibration samples (the
+    reference issue 14's ResNet-50 target names); None when it fails."""
+    from front import ort_baselines
+
+    calib = {k: v[:-holdout] for k, v in samples.inputs.items()}
+    n = len(next(iter(calib.values())))
+    batches = [{k: v[i:i + batch] for k, v in calib.items()} for i in range(0, n, batch)]
+    name = "ort static: raw, QDQ, U8S8, per-channel"
+    made = ort_baselines(src, batches, OUT / f"backends_{src.parent.name}_ort_static", skip=())
+    path, note = made.get(name, ("", "not run"))
+    print(f"{name}: {note}")
+    return Path(path) if path else None
+
+
+def prediction_rows(reports: dict[str, dict]) -> list[str]:
+    """Each backend's own plan: predicted against measured speed-up inside its pass (issue 14's
+    prediction-error target), with the pass's wall time."""
+    rows = ["| plan made on | layers quantized | formats | predicted | measured in the pass | error | pass s |",
+            "|---|---|---|---|---|---|---|"]
+    for spec, r in reports.items():
+        counts: dict[str, int] = {}
+        for l in r["layers"]:
+            counts[l["format"]] = counts.get(l["format"], 0) + 1
+        pred, meas = (r.get("predicted") or {}).get("speedup"), (r.get("measured") or {}).get("speedup")
+        err = abs(pred - meas) / meas if pred and meas else None
+        rows.append(f"| {spec} | {sum(v for k, v in counts.items() if k != 'hp')} of {len(r['layers'])} | "
+                    f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items()))} | "
+                    f"{'-' if pred is None else f'{pred:.3f}x'} | {'-' if meas is None else f'{meas:.3f}x'} | "
+                    f"{'-' if err is None else f'{100 * err:.1f}%'} | {r['seconds']:.0f} |")
+    return rows
 
 
 def cross_time(models: dict[str, Path], batches: list[dict[str, np.ndarray]]):
@@ -165,14 +200,19 @@ def _first_output(backend, model: onnx.ModelProto, feeds):
 
 
 def section(title: str, name: str, src: Path, samples, holdout: int, budget: float, quality, quality_name: str,
-            batch: int = 8) -> str:
+            batch: int = 8, reference: bool = False) -> str:
     """Both plans and fp32, on both backends, timed in the same rounds; ``quality(out, held)`` ->
-    (mean, min) of a per-sample score against ORT fp32's output."""
+    (mean, min) of a per-sample score against ORT fp32's output. ``reference``: ORT's
+    ``quantize_static`` model too."""
     before = load()
-    plans = plans_for(name, src, samples, holdout, budget)
+    plans, reports = plans_for(name, src, samples, holdout, budget)
     held = {k: v[-holdout:] for k, v in samples.inputs.items()}
     batches = [{k: v[i:i + batch] for k, v in held.items()} for i in range(0, holdout, batch)]
     models = {"fp32": src, "ORT plan": plans["ort:cpu"], "OpenVINO plan": plans["openvino:cpu"]}
+    if reference:
+        static = ort_static(src, samples, holdout, batch)
+        if static is not None:
+            models["ORT quantize_static QDQ U8S8 per-channel"] = static
     load_timing = load()
     timings, outputs = cross_time(models, batches)
     base = timings[("ort:cpu", "fp32")].median
@@ -189,6 +229,8 @@ def section(title: str, name: str, src: Path, samples, holdout: int, budget: flo
             mean, low = quality(outputs[(spec, key)], ref, held)
             lines.append(f"| {key} | {spec} | {t.median * 1e3:.1f} ({t.ci_low * 1e3:.1f}-{t.ci_high * 1e3:.1f}) | "
                          f"{base / t.median:.2f}x | {own / t.median:.2f}x | {mean:.4f} / {low:.4f} |")
+    lines += ["", "Each plan as its own pass predicted and verified it (held-out timing inside the pass):", ""]
+    lines += prediction_rows(reports)
     return "\n".join(lines) + "\n"
 
 
@@ -223,13 +265,34 @@ def resnet_section(budget: float) -> str:
 
     return section("ResNet-50 (corpus resnet50_classic), batch 4 x 3 x 224 x 224", "resnet50", folder / "model.onnx",
                    samples, 16, budget, agreement, "top-1 agreement with ORT fp32 / 1 - max relative logit error",
-                   batch=4)
+                   batch=4, reference=True)
+
+
+def detector_section(budget: float) -> str:
+    """nudenet's YOLOv8n (real weights, from the corpus): quality is the relative error of the
+    raw head output (boxes and class scores) to ORT fp32, per image."""
+    from ampq_pass.core.samples import Samples
+
+    folder = Path(__file__).parent / "corpus" / "models" / "nudenet_yolov8n"
+    data = np.load(folder / "calib.npz")
+    samples = Samples({k: data[k] for k in data.files}, source="corpus calib.npz")
+    n = len(next(iter(samples.inputs.values())))
+
+    def closeness(out, ref, held):
+        rel = np.linalg.norm((out - ref).reshape(len(out), -1), axis=1) / np.linalg.norm(ref.reshape(len(ref), -1), axis=1)
+        return float(1.0 - rel.mean()), float(1.0 - rel.max())
+
+    return section(f"YOLOv8n detector (corpus nudenet_yolov8n, real weights), batch 4", "yolov8n",
+                   folder / "model.onnx", samples, min(16, n // 3), budget, closeness,
+                   "1 - mean / 1 - max relative output error to ORT fp32", batch=4, reference=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--probe", action="store_true", help="only the per-format probe")
     ap.add_argument("--resnet", action="store_true", help="also ResNet-50 from benchmarks/corpus (slow)")
+    ap.add_argument("--detector", action="store_true", help="also the YOLOv8n detector from benchmarks/corpus (slow)")
+    ap.add_argument("--no-minilm", action="store_true", help="leave MiniLM out")
     ap.add_argument("--budget", type=float, default=0.1, help="--max-loss-rmse of both passes (default 0.1, as the demo)")
     args = ap.parse_args()
     if args.probe:
@@ -240,9 +303,13 @@ def main() -> int:
     cmd = "benchmarks/bench_backends.py " + " ".join(sys.argv[1:])
     text = header("Backends: ONNX Runtime CPU EP vs OpenVINO CPU") + f"- openvino {openvino.get_version()}\n"
     text += f"- command: `.venv/bin/python {cmd.strip()}`\n\n"
-    text += CONVENTIONS + "\n" + probe() + "\n" + minilm_section(args.budget)
+    text += CONVENTIONS + "\n" + probe() + "\n"
+    if not args.no_minilm:
+        text += minilm_section(args.budget)
     if args.resnet:
         text += "\n" + resnet_section(args.budget)
+    if args.detector:
+        text += "\n" + detector_section(args.budget)
     write("backends.md", text)
     return 0
 
