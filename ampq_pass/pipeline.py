@@ -159,8 +159,8 @@ def screen_stage(model: onnx.ModelProto, layers: list[Layer], formats: dict[str,
     if not n or isinstance(inp.backend, CostModel):
         return Screen({l: list(fs) for l, fs in formats.items()})
     log(f"      screening self-contained formats on {n} layers timed alone")
-    # The quick protocol: a screen only asks whether a format beats hp beyond the noise; its
-    # wider interval may drop a format whose gain is marginal, never one that clearly pays.
+    # The quick protocol: a screen drops a format only when its median is no faster than hp,
+    # or when another format is faster beyond the (wider) noise of both.
     quick = with_protocol(inp.backend, quick_protocol(inp.backend.protocol)) \
         if isinstance(getattr(inp.backend, "protocol", None), Protocol) else inp.backend
     with tqdm(total=n, desc="screen", unit="layer", disable=not opts.progress, leave=False) as bar:

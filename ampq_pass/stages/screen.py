@@ -16,8 +16,9 @@ Definition. Layer ``l`` is timed alone in hp and in each of its screened candida
 interleaved group, :func:`ampq_pass.stages.timing.time_subgraph`). A screened format ``f`` is
 *dominated* and dropped when
 
-1. it is not faster than hp beyond the noise (hp loses no accuracy, so ``f`` cannot be on
-   the front), or
+1. it is not faster than hp at all (median gain <= 0: hp loses no accuracy, so ``f`` cannot
+   be on the front; a gain inside the noise is kept, since gains of several layers add up
+   in a subgraph and one measured on a busy machine is easily inside it), or
 2. another screened format ``g`` of ``l`` is faster than ``f`` beyond the noise of both and
    its predicted loss is no larger (``s[l][g] <= s[l][f]``).
 
@@ -106,7 +107,7 @@ def dominated(alone: dict[str, tuple[float, float, float]], loss: dict[str, floa
     """
     out = {}
     for f, (t, gain, noise) in alone.items():
-        if not gain > noise:
+        if not gain > 0:
             out[f] = "not faster than hp alone"
     for f, (t, _, noise) in alone.items():
         if f in out:

@@ -23,8 +23,9 @@ def test_a_format_not_faster_than_hp_is_dominated():
     assert dominated(alone, {"int4": 1e-6, "int8_dyn": 1e-3}) == {"int4": "not faster than hp alone"}
 
 
-def test_a_gain_inside_the_noise_is_dominated():
-    assert dominated({"int4": (0.97, 0.03, 0.05)}, {"int4": 0.0}) == {"int4": "not faster than hp alone"}
+def test_a_gain_inside_the_noise_is_kept_and_none_at_all_is_not():
+    assert dominated({"int4": (0.97, 0.03, 0.05)}, {"int4": 0.0}) == {}
+    assert dominated({"int4": (1.0, 0.0, 0.05)}, {"int4": 0.0}) == {"int4": "not faster than hp alone"}
 
 
 def test_faster_and_no_lossier_dominates_but_faster_and_lossier_does_not():
