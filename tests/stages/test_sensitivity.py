@@ -342,6 +342,20 @@ def test_weight_errors_beyond_the_budget_are_recomputed_with_the_same_values(mlp
     assert len(kept.kept) == len(items) and not none.kept and none.recomputed == len(items)
 
 
+def test_formats_that_quantize_weights_alike_share_one_error_tensor(mlp_model):
+    import ampq_pass.stages.sensitivity.taylor as module
+
+    model, layers, samples = setup(mlp_model, n=8)
+    ranges = compute_ranges(model, layers, samples)
+    errors = module._WeightErrors(model, ranges, torch.float32, 1 << 30)
+    item = next(i for i in module._prepare(model, layers, ranges, None, torch.float32)
+                if {"int8", "int8_dyn", "int4"} <= set(i.formats))
+    w_err, _ = errors.get(item)
+    assert w_err["int8"] is w_err["int8_dyn"] and w_err["int4"] is not w_err["int8"]
+    one = w_err["int8"].numel() * 4
+    assert errors.kept_bytes == one * len({id(t) for t in w_err.values()})
+
+
 # ----------------------------------------------------------------------------- saturated outputs
 
 def saturated_classifier(seed: int = 0, classes: int = 10, gain: float = 400.0) -> onnx.ModelProto:

@@ -313,7 +313,9 @@ class _WeightErrors:
         w_err, b_err = {}, {}
         for f in item.formats:
             fmt = FORMATS[f]
-            w_err[f] = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).to(self.dtype)
+            err = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).to(self.dtype)
+            # int8 and int8_dyn quantize weights alike: one tensor for both halves what is kept
+            w_err[f] = next((e for e in w_err.values() if torch.equal(e, err)), err)
             e = _bias_error(fmt, self.inits, self.nodes[layer.name], w, layer, self.ranges)
             if e is not None:
                 b_err[f] = torch.from_numpy(e).to(self.dtype)
@@ -324,7 +326,7 @@ class _WeightErrors:
         if name in self.kept:
             return self.kept[name]
         errors = self._compute(item)
-        size = sum(t.numel() * t.element_size() for d in errors for t in d.values())
+        size = sum(t.numel() * t.element_size() for t in {id(t): t for d in errors for t in d.values()}.values())
         if self.kept_bytes + size <= self.budget:
             self.kept[name] = errors
             self.kept_bytes += size
@@ -416,7 +418,11 @@ def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges
     n_probes = getattr(loss_fn, "probes", 1)
     ex = Executor(model, dtype=dtype)
     items = _prepare(model, layers, ranges, formats, dtype)
-    weights = _WeightErrors(model, ranges, dtype, memory_budget)
+    # At most one model's worth of weight errors is kept (the rest recomputed per batch, a few
+    # ms a layer): with the model proto and the executor's weights that is the 3x the model
+    # file issue 12 allows; DistilBERT's three formats had kept 1 GB, its peak 4.4 GB.
+    weight_bytes = sum(int(np.prod(l.weight_shape)) * 4 for l in layers if l.weight_shape)
+    weights = _WeightErrors(model, ranges, dtype, min(memory_budget, weight_bytes))
     view = loss_tensors(model, loss_fn)  # graph output -> the tensor the loss reads (logits of a final Softmax)
     read = list(dict.fromkeys(view.get(o, o) for o in ex.output_names))
     sums = SensitivitySums()
