@@ -21,6 +21,8 @@ MAIN = [  # issue 7: the comparison against baselines
      "benchmarks/run_snapshot.sh benchmarks/bench_models.py llama"),
     ("cnn_front.md", "Residual CNN (random init): timing, partition, prediction",
      "benchmarks/run_snapshot.sh benchmarks/bench_models.py cnn"),
+    ("peers.md", "Peers' own automatic mixed-precision searches against ours (issue 15)",
+     "benchmarks/peers/run_all.sh MODEL; benchmarks/run_snapshot.sh benchmarks/peers/score.py MODEL"),
 ]
 EARLIER = [  # per-stage benchmarks from earlier issues
     ("rewrite_int8.md", "all-int8 rewrite vs fp32 on MiniLM", ".venv/bin/python benchmarks/bench_rewrite_int8.py"),

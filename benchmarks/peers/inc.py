@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--tolerable-loss", type=float, nargs="+", default=[0.01])
     ap.add_argument("--max-trials", type=int, default=100)
+    ap.add_argument("--config-set", choices=("both", "static", "dynamic"), default="both",
+                    help="INC's tuning sets tried: static then dynamic (default), or one of them")
     a = ap.parse_args()
     import onnx
     from onnx_neural_compressor.quantization import config, tuning
@@ -46,7 +48,8 @@ def main() -> None:
             return v
 
         def produce(out: Path):
-            cs = config.StaticQuantConfig.get_config_set_for_tuning() + config.DynamicQuantConfig.get_config_set_for_tuning()
+            cs = ((config.StaticQuantConfig.get_config_set_for_tuning() if a.config_set != "dynamic" else [])
+                  + (config.DynamicQuantConfig.get_config_set_for_tuning() if a.config_set != "static" else []))
             tc = tuning.TuningConfig(config_set=cs, tolerable_loss=tl, max_trials=a.max_trials)
             q = tuning.autotune(str(fp32), tc, eval_fn=eval_fn, calibration_data_reader=peerlib.Reader(calib))
             if q is None:
@@ -57,10 +60,13 @@ def main() -> None:
             return {"trials": len(trials) - 1, "baseline_metric": base, "metric_per_trial": trials[1:],
                     "goal_met": trials[-1] >= goal, "chosen_search_metric": trials[-1]}
 
-        peerlib.record(a.model, "inc", f"autotune_tl{tl:g}", produce,
+        suffix = "" if a.config_set == "both" else f"_{a.config_set}"
+        peerlib.record(a.model, "inc", f"autotune_tl{tl:g}{suffix}", produce,
                        knobs={"tolerable_loss": tl, "max_trials": a.max_trials,
-                              "config_set": "StaticQuantConfig.get_config_set_for_tuning() + "
-                                            "DynamicQuantConfig.get_config_set_for_tuning()",
+                              "config_set": {"both": "StaticQuantConfig.get_config_set_for_tuning() + "
+                                                     "DynamicQuantConfig.get_config_set_for_tuning()",
+                                             "static": "StaticQuantConfig.get_config_set_for_tuning()",
+                                             "dynamic": "DynamicQuantConfig.get_config_set_for_tuning()"}[a.config_set],
                               "eval_fn": "mean cosine to fp32 on search.npz" if m["kind"] == "embedding"
                               else "top-1 agreement - relative logit error on search.npz",
                               "calibration": m["calib"]},

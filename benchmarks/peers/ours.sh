@@ -29,7 +29,7 @@ for B in "$@"; do
   echo "[ours] $MODEL --max-loss-rmse $B"
   uptime > "$OUTD/$N.uptime"
   rm -f "$OUTD/$N.cold"; [ -d "$OUTD/cache" ] || touch "$OUTD/$N.cold"   # cold: the cache did not exist yet
-  PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
+  PYTHONHASHSEED=0 PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
       -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
       -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \
       --cache-dir "$OUTD/cache" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
