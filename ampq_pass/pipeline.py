@@ -419,7 +419,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
                            progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool,
-                           boundary_states=opts.boundary_states, candidates=formats)
+                           boundary_states=opts.boundary_states, candidates=formats, loss=sens.values)
     clock.lap("timing")
     if opts.metric is not None:
         return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen)

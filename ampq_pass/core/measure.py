@@ -13,6 +13,8 @@ differences cancel it. A :class:`CostModel` answers the same question from a for
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import time
 from abc import ABC, abstractmethod
@@ -235,3 +237,19 @@ class CostModel(Measurer):
              inputs: list[dict[str, np.ndarray]]) -> float:
         """Cost of one run of ``model`` (a subgraph or the whole model) with ``formats``
         applied to ``layers`` (:class:`ampq_pass.stages.layers.Layer`; layers not named stay hp)."""
+
+
+def quick_protocol(protocol: Protocol) -> Protocol:
+    """A cheaper version of ``protocol``: one warm-up, 5 to 9 rounds, no retries."""
+    return dataclasses.replace(protocol, warmup=min(protocol.warmup, 1), min_repeats=min(protocol.min_repeats, 5),
+                               max_repeats=min(protocol.max_repeats, 9), rel_ci=max(protocol.rel_ci, 0.05),
+                               max_seconds=min(protocol.max_seconds or 10.0, 10.0), retries=0)
+
+
+def with_protocol(backend, protocol: Protocol):
+    """A shallow copy of ``backend`` timing with ``protocol`` (backends without one: itself)."""
+    if isinstance(backend, CostModel) or not isinstance(getattr(backend, "protocol", None), Protocol):
+        return backend
+    quick = copy.copy(backend)
+    quick.protocol = protocol
+    return quick

@@ -102,6 +102,8 @@ def build_report(record: PassRecord) -> dict:
         "boundaries": {"cuts": dict(solution.plan.cuts), "n_cuts": len(partition.cuts),
                        "configs": table.n_configs,
                        "configs_derived": sum(c.derived for s in table.subgraphs for c in s.configs),
+                       # clearly dominated in a quick first pass, so not timed again in full
+                       "configs_quick": sum(c.quick for s in table.subgraphs for c in s.configs),
                        "configs_without_states": sum(len({tuple(sorted(c.formats.items())) for c in s.configs})
                                                      for s in table.subgraphs),
                        # the parts fitted to the whole model: hp (factor) and every-int8 (ampq_pass.stages.timing)
@@ -169,7 +171,8 @@ def render_text(report: dict) -> str:
     if bd and bd["configs"] > bd["configs_without_states"]:
         lines.append(f"boundaries: {len(bd['cuts'])} of {bd['n_cuts']} cut tensors carry int8; "
                      f"{bd['configs']} configurations ({bd.get('configs_derived', 0)} of them added up from two timed "
-                     f"ones; {bd['configs_without_states']} without cut states)")
+                     f"ones, {bd.get('configs_quick', 0)} clearly dominated after a quick pass; "
+                     f"{bd['configs_without_states']} without cut states)")
     if report.get("screen") and report["screen"]["screened"]:
         lines.append(f"screen: {report['screen']['summary']}")
     for fmt, anchor in ((bd or {}).get("format_anchors") or {}).items():

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.measure import CostModel, Protocol
+from ampq_pass.core.measure import CostModel, Protocol, quick_protocol, with_protocol  # noqa: F401 (re-exported)
 from ampq_pass.stages.solve import Solution
 
 Metric = Callable[[str], float]
@@ -93,22 +93,6 @@ def evaluate_metric(metric: Metric, path: str | Path) -> float:
 
 
 # ----------------------------------------------------------------------------- timing cost
-
-def quick_protocol(protocol: Protocol) -> Protocol:
-    """A cheaper version of ``protocol``: one warm-up, 5 to 9 rounds, no retries."""
-    return dataclasses.replace(protocol, warmup=min(protocol.warmup, 1), min_repeats=min(protocol.min_repeats, 5),
-                               max_repeats=min(protocol.max_repeats, 9), rel_ci=max(protocol.rel_ci, 0.05),
-                               max_seconds=min(protocol.max_seconds or 10.0, 10.0), retries=0)
-
-
-def with_protocol(backend, protocol: Protocol):
-    """A shallow copy of ``backend`` timing with ``protocol`` (backends without one: itself)."""
-    if isinstance(backend, CostModel) or not isinstance(getattr(backend, "protocol", None), Protocol):
-        return backend
-    quick = copy.copy(backend)
-    quick.protocol = protocol
-    return quick
-
 
 class Meter:
     """A backend that counts what its end-to-end timings cost: seconds, timed runs (repeats

@@ -11,6 +11,7 @@ subgraph it had not finished.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
-from ampq_pass.core.measure import CostModel, Measurer, Timing, median_ci
+from ampq_pass.core.measure import CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, with_protocol
 from ampq_pass.stages.boundaries import STATE, boundary_cuts, forces, quantized_feeds, split_at_cuts, with_states
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
@@ -48,6 +49,7 @@ class ConfigGain:
     ``cuts`` are the states of the subgraph's cut tensors it was timed with (none: all hp);
     ``forces`` the cuts its own formats quantize (:func:`ampq_pass.stages.boundaries.forces`).
     ``derived``: not timed but added up from two timed configurations (:func:`_edge_derived`).
+    ``quick``: timed with the quick protocol only, being clearly dominated (:func:`_measure`).
     """
 
     formats: dict[str, str]
@@ -60,6 +62,7 @@ class ConfigGain:
     cuts: dict[str, str] = field(default_factory=dict)
     forces: list[str] = field(default_factory=list)
     derived: bool = False
+    quick: bool = False
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -70,7 +73,8 @@ class ConfigGain:
     def from_json(cls, d: dict) -> "ConfigGain":
         return cls(dict(d["formats"]), float(d["time"]), float(d["gain"]), float(d["noise"]), bool(d["significant"]),
                    float(d["measured_gain"]), tuple(float(x) for x in d.get("ci", (math.nan, math.nan))),
-                   dict(d.get("cuts", {})), list(d.get("forces", [])), bool(d.get("derived", False)))
+                   dict(d.get("cuts", {})), list(d.get("forces", [])), bool(d.get("derived", False)),
+                   bool(d.get("quick", False)))
 
 
 @dataclass
@@ -190,15 +194,20 @@ def input_signature(inputs: list[dict[str, np.ndarray]]) -> list:
 
 
 def subgraph_key(sub: onnx.ModelProto, configs: list[Config], inputs: list[dict[str, np.ndarray]],
-                 measurer: Measurer) -> str:
+                 measurer: Measurer, loss: dict[str, dict[str, float]] | None = None) -> str:
     """Cache key: subgraph (ops, attributes, shapes, dtypes, weight digests via
-    :func:`model_digest`), configurations, input shapes and the backend key.
+    :func:`model_digest`), configurations, input shapes, the backend key and, when the
+    dominated configurations are timed quickly only, the losses that decide which they are.
 
     The calibrated ranges are not part of it: they only change scale values, not which
     kernels run, so they do not change the time.
     """
     canon = [[sorted(f.items()), sorted(st.items())] for f, st in configs]
-    return digest("gain", _CACHE_VERSION, model_digest(sub), canon, input_signature(inputs), measurer.key())
+    parts = [model_digest(sub), canon, input_signature(inputs), measurer.key()]
+    if loss is not None:
+        names = sorted({l for f, _ in configs for l in f})
+        parts.append(["prune", [[l, sorted(loss.get(l, {}).items())] for l in names]])
+    return digest("gain", _CACHE_VERSION, *parts)
 
 
 # ----------------------------------------------------------------------------- one subgraph
@@ -211,11 +220,14 @@ def config_name(formats: dict[str, str], states: dict[str, str] | None = None) -
 
 def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str] | Config], ranges: Ranges | None,
                   inputs: list[dict[str, np.ndarray]], measurer: Measurer, *, index: int = 0, name: str = "",
-                  cache: Cache | None = None) -> SubgraphGains:
-    """Time every configuration of one standalone subgraph model (hp first) and derive gains."""
+                  cache: Cache | None = None, loss: dict[str, dict[str, float]] | None = None) -> SubgraphGains:
+    """Time every configuration of one standalone subgraph model (hp first) and derive gains.
+
+    With ``loss`` (layer -> format -> predicted loss), configurations that the quick protocol
+    shows clearly dominated are not timed again with the full one (:func:`_measure`)."""
     configs = full_configs(layers, configs)
-    key = subgraph_key(sub, configs, inputs, measurer)
-    out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer),
+    key = subgraph_key(sub, configs, inputs, measurer, loss)
+    out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer, loss),
                       dump=SubgraphGains.to_json, load=SubgraphGains.from_json)
     out.index, out.name, out.cached = index, name, hit
     return out
@@ -234,14 +246,15 @@ def full_configs(layers: list[Layer], configs: list[dict[str, str] | Config]) ->
 
 
 def measure_subgraph(measurer: Measurer, sub: onnx.ModelProto, layers: list[Layer], configs: list[Config],
-                     ranges: Ranges | None, inputs: list[dict[str, np.ndarray]]) -> dict:
+                     ranges: Ranges | None, inputs: list[dict[str, np.ndarray]],
+                     loss: dict[str, dict[str, float]] | None = None) -> dict:
     """One job of a device pool: the cache entry :func:`time_subgraph` would store for
     ``configs`` (from :func:`full_configs`), measured on ``measurer`` (the worker's device)."""
-    return _measure(sub, layers, configs, ranges, inputs, measurer).to_json()
+    return _measure(sub, layers, configs, ranges, inputs, measurer, loss).to_json()
 
 
 def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache: Cache | None = None,
-                 bar=None) -> list[SubgraphGains]:
+                 bar=None, loss: dict[str, dict[str, float]] | None = None) -> list[SubgraphGains]:
     """Every subgraph of ``work`` (``(subgraph, standalone model, layers, configs, inputs)``
     tuples, consumed lazily) timed on a device pool, in ``work``'s order.
 
@@ -264,12 +277,12 @@ def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache
     def jobs():
         for pos, (sg, sub, sub_layers, cfgs, inputs) in enumerate(work):
             configs = full_configs(sub_layers, cfgs)
-            key = subgraph_key(sub, configs, inputs, measurer)
+            key = subgraph_key(sub, configs, inputs, measurer, loss)
             hit = cache.get("gain", key) if cache is not None else None
             if hit is not None:
                 finish(pos, sg, hit, True, len(cfgs))
                 continue
-            yield (pos, sg, key, len(cfgs)), (sub, sub_layers, configs, ranges, inputs)
+            yield (pos, sg, key, len(cfgs)), (sub, sub_layers, configs, ranges, inputs, loss)
 
     for (pos, sg, key, n), data in pool.map(measure_subgraph, jobs()):
         if cache is not None:
@@ -348,8 +361,25 @@ def group_size(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
     return max(2, min(GROUP, GROUP_BYTES // max(session_bytes(sub, feeds), 1)))
 
 
+#: at least this many timed configurations before the quick first pass pays for itself
+PRUNE_MIN = 8
+
+
 def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], ranges: Ranges | None,
-             inputs: list[dict[str, np.ndarray]], measurer: Measurer) -> SubgraphGains:
+             inputs: list[dict[str, np.ndarray]], measurer: Measurer,
+             loss: dict[str, dict[str, float]] | None = None) -> SubgraphGains:
+    """Time ``configs`` (hp first) in groups, each with hp; gains on the first group's scale.
+
+    With ``loss`` and a backend that follows a :class:`Protocol`, every configuration is first
+    timed with the quick protocol (:func:`ampq_pass.core.measure.quick_protocol`), and only
+    those not *clearly dominated* are timed again with the full one: a configuration is
+    clearly dominated when another with the same cut states has no more predicted loss and
+    a quick gain larger beyond both quick noises. The solver never picks it on any budget
+    (the other is as accurate and faster), so its time needs no more precision; it keeps its
+    quick measurement (``ConfigGain.quick``). On a transformer block with int8, int8_dyn and
+    cut states most configurations are dominated, and the timing rounds are what the cold
+    time is made of (DistilBERT: 108 configurations of one attention block took 7 minutes).
+    """
     names = [l.name for l in layers]
     labels = [config_name(*c) for c in configs]
     if isinstance(measurer, CostModel):
@@ -364,22 +394,36 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
     feeds = quantized_feeds(inputs, int8_inputs, ranges)
     by_config = dict(zip(labels, configs))
     timed = [lab for lab in labels[1:] if lab not in derived]  # labels[0]: all hp (full_configs)
-    by_label: dict[str, ConfigGain] = {}
-    reference = None
     size = group_size(sub, feeds[0]) if feeds else GROUP
-    for start in range(0, max(len(timed), 1), size - 1):
-        group = [labels[0]] + timed[start:start + size - 1]
-        models = {lab: timed_model(sub, layers, by_config[lab], ranges, rules) for lab in group}
-        timings = measurer.time(models, feeds)
-        del models
-        hp_g = timings[labels[0]]
-        # every group on the first group's scale: a group timed while the machine was busier
-        # keeps its ratios to hp (gain and noise scale alike, significance is unchanged)
-        reference = reference or hp_g.median
-        factor = reference / hp_g.median if hp_g.median > 0 else 1.0
-        for lab in group:
-            if lab not in by_label:
-                by_label[lab] = _config_gain(*by_config[lab], hp_g, timings[lab], factor)
+    scale: list[float] = []  # the first group's hp median: every group is put on it
+
+    def in_groups(todo: list[str], timer: Measurer) -> dict[str, ConfigGain]:
+        out: dict[str, ConfigGain] = {}
+        for start in range(0, max(len(todo), 1), size - 1):
+            group = [labels[0]] + todo[start:start + size - 1]
+            models = {lab: timed_model(sub, layers, by_config[lab], ranges, rules) for lab in group}
+            timings = timer.time(models, feeds)
+            del models
+            hp_g = timings[labels[0]]
+            # every group on the first group's scale: a group timed while the machine was busier
+            # keeps its ratios to hp (gain and noise scale alike, significance is unchanged)
+            if not scale:
+                scale.append(hp_g.median)
+            factor = scale[0] / hp_g.median if hp_g.median > 0 else 1.0
+            for lab in group:
+                if lab not in out:
+                    out[lab] = _config_gain(*by_config[lab], hp_g, timings[lab], factor)
+        return out
+
+    protocol = getattr(measurer, "protocol", None)
+    if loss is not None and isinstance(protocol, Protocol) and len(timed) >= PRUNE_MIN:
+        first = in_groups(timed, with_protocol(measurer, quick_protocol(protocol)))
+        losses = {lab: _config_loss(by_config[lab][0], loss) for lab in first}
+        keep = [lab for lab in timed if not _clearly_dominated(lab, first, losses)]
+        by_label = {lab: dataclasses.replace(c, quick=True) for lab, c in first.items()}
+        by_label.update(in_groups(keep, measurer))
+    else:
+        by_label = in_groups(timed, measurer)
     hp_time = by_label[labels[0]].time
     for lab, (f, st) in zip(labels, configs):
         if lab in derived:
@@ -388,6 +432,20 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
             by_label[lab] = _gain(f, st, hp_time - measured, measured, math.hypot(b.noise, e.noise),
                                   (math.nan, math.nan), derived=True)
     return SubgraphGains(0, "", names, hp_time, [by_label[lab] for lab in labels])
+
+
+def _config_loss(formats: dict[str, str], loss: dict[str, dict[str, float]]) -> float:
+    """The configuration's predicted loss: its layers' losses added (a missing one: infinite)."""
+    return sum(loss.get(l, {}).get(f, math.inf) for l, f in formats.items() if f != HP)
+
+
+def _clearly_dominated(label: str, quick: dict[str, ConfigGain], losses: dict[str, float]) -> bool:
+    """Whether another quickly timed configuration with the same cut states has no more loss
+    and a gain larger beyond both noises (see :func:`_measure`)."""
+    me = quick[label]
+    return any(other != label and c.cuts == me.cuts and losses[other] <= losses[label]
+               and c.measured_gain - c.noise > me.measured_gain + me.noise
+               for other, c in quick.items())
 
 
 def _config_gain(formats: dict[str, str], states: dict[str, str], hp: Timing, t: Timing,
@@ -454,7 +512,8 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                inputs_by_subgraph: dict[int, list[dict[str, np.ndarray]]], backend: Measurer, *,
                formats: Iterable[str] | None = None, cache: Cache | None = None, progress: bool = True,
                model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None,
-               pool=None, boundary_states: bool = True, candidates: dict[str, list[str]] | None = None) -> GainTable:
+               pool=None, boundary_states: bool = True, candidates: dict[str, list[str]] | None = None,
+               loss: dict[str, dict[str, float]] | None = None) -> GainTable:
     """The gain table of every configuration of every subgraph of ``partition``.
 
     ``formats`` narrows the candidates; only formats the backend runs fast are used.
@@ -467,6 +526,8 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     every state its cut tensors can have (:mod:`ampq_pass.stages.boundaries`); without, every
     cut is timed in high precision, as in the paper. ``candidates`` (layer -> formats, such as
     :func:`ampq_pass.stages.screen.screen_formats` leaves) narrows each layer further.
+    ``loss`` (layer -> format -> predicted loss, the sensitivity) lets each subgraph time its
+    clearly dominated configurations with the quick protocol only (:func:`_measure`).
     """
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
@@ -493,11 +554,11 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
 
     try:
         if pool is not None:
-            table.subgraphs.extend(time_on_pool(pool, work(), ranges, backend, cache=cache, bar=bar))
+            table.subgraphs.extend(time_on_pool(pool, work(), ranges, backend, cache=cache, bar=bar, loss=loss))
         else:
             for sg, sub, sub_layers, cfgs, inputs in work():
                 table.subgraphs.append(time_subgraph(sub, sub_layers, cfgs, ranges, inputs, backend,
-                                                     index=sg.index, name=sg.name, cache=cache))
+                                                     index=sg.index, name=sg.name, cache=cache, loss=loss))
                 bar.update(len(cfgs))
     finally:
         bar.close()

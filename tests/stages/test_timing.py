@@ -545,3 +545,56 @@ def test_groups_shrink_when_their_sessions_would_hold_too_much(monkeypatch):
     assert timing.group_size(m, feeds) == 3
     monkeypatch.setattr(timing, "GROUP_BYTES", 1000)
     assert timing.group_size(m, feeds) == 2  # hp and one configuration, whatever the size
+
+
+class _ProtocolClock(Backend):
+    """A deterministic device with a timing protocol: a configuration takes 1.0 minus 0.3 per
+    int8 layer and 0.1 per fp16 layer; records which protocol timed which labels."""
+
+    name, unit = "protocol-clock", "s"
+
+    def __init__(self):
+        self.protocol = Protocol()
+        self.calls = []
+
+    def capabilities(self):
+        return Capabilities(("int8", "fp16"), "fp32", "none")
+
+    def key(self):
+        return {"backend": "protocol-clock"}
+
+    def time(self, models, inputs):
+        self.calls.append((self.protocol.max_repeats, sorted(models)))
+
+        def t(label):
+            return 1.0 - 0.3 * label.count("=int8,") - 0.3 * label.endswith("=int8") - 0.1 * label.count("=fp16")
+        return {k: Timing.of([t(k)] * 5) for k in models}
+
+
+def test_clearly_dominated_configurations_are_timed_quickly_only(mlp_setup):
+    """fp16 is slower than int8 here; with fp16's loss no lower, every configuration
+    using it is dominated by the same one with int8 and is not timed with the full protocol."""
+    from itertools import product
+    from ampq_pass.stages.timing import config_name
+
+    m, layers, feeds, ranges, _ = mlp_setup
+    configs = [dict(zip([l.name for l in layers], fs)) for fs in product(("hp", "int8", "fp16"), repeat=len(layers))]
+    loss = {l.name: {"int8": 1e-3, "fp16": 1e-3} for l in layers}
+    clock = _ProtocolClock()
+    sg = time_subgraph(m, layers, configs, ranges, [feeds], clock, loss=loss)
+    full = {lab for reps, labs in clock.calls if reps == Protocol().max_repeats for lab in labs}
+    quick = {lab for reps, labs in clock.calls if reps < Protocol().max_repeats for lab in labs}
+    assert len(quick) == len(configs)  # everything once, quickly
+    for c in sg.configs:
+        label = config_name(c.formats)
+        uses_fp16 = "fp16" in c.formats.values()
+        assert c.quick == uses_fp16 and (label in full) == (not uses_fp16 or label == "hp"), label
+    # the kept ones carry the full measurement; all gains are right either way (no noise here)
+    assert all(c.measured_gain == pytest.approx(1.0 - (sum(0.7 if f == "int8" else 0.9 if f == "fp16" else 1.0
+                                                           for f in c.formats.values()) - (len(layers) - 1)))
+               for c in sg.configs)
+    # with a lower loss, fp16 is no longer dominated: everything is timed in full
+    clock2 = _ProtocolClock()
+    cheaper = {l.name: {"int8": 1e-3, "fp16": 1e-4} for l in layers}
+    sg2 = time_subgraph(m, layers, configs, ranges, [feeds], clock2, loss=cheaper)
+    assert not any(c.quick for c in sg2.configs)
