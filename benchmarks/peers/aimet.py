@@ -16,6 +16,9 @@ Setup, as issue 15 found necessary:
 - callbacks: CallbackFunc; encodings from calib.npz (the same samples as our pass); AIMET's eval
   (both phases): mean cosine to fp32 (classifier: top-1 - rel. error) on search.npz.
 - `--w8a8-only`: no search, every remaining quantizer W8A8 (AIMET's plain PTQ).
+- `--all-quantizers`: AIMET's default config kept (no quantizer disabled). On a CNN, ORT fuses
+  DQ->Conv->Q into QLinearConv only when the conv's output is quantized as well, which the
+  MatMul/Conv-input rule above disables.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--drop", type=float, nargs="+", default=[0.005])
     ap.add_argument("--w8a8-only", action="store_true")
+    ap.add_argument("--all-quantizers", action="store_true",
+                    help="keep AIMET's default config (every quantizer on): for CNNs, where ORT fuses "
+                         "Q->Conv->Relu->Q chains only when the conv outputs are quantized too")
     a = ap.parse_args()
     import numpy as np
     import onnx
@@ -72,7 +78,7 @@ def main() -> None:
                                    providers=["CPUExecutionProvider"], path=tmp)
         kept, off = 0, 0
         for name, q in sim.qc_quantize_op_dict.items():
-            if not consumers.get(name, set()) & FEEDS_OPS:
+            if not a.all_quantizers and not consumers.get(name, set()) & FEEDS_OPS:
                 if q.enabled:
                     q.enabled = False
                     off += 1
@@ -92,7 +98,8 @@ def main() -> None:
         return {"float_quantizers_exported_fp32": nfloat, "quantize_linear_nodes": nq}
 
     knobs_common = {"quant_scheme": "min_max", "calibration": m["calib"],
-                    "disabled": "quantizers whose tensor feeds no MatMul/Gemm/Conv",
+                    "disabled": "none (AIMET's default config)" if a.all_quantizers
+                    else "quantizers whose tensor feeds no MatMul/Gemm/Conv",
                     "eval": "mean cosine to fp32 on search.npz" if m["kind"] == "embedding"
                     else "top-1 agreement - relative logit error on search.npz"}
     pkgs = ("aimet-onnx", "onnxruntime", "onnx", "torch")
@@ -104,7 +111,7 @@ def main() -> None:
                 info["search_metric"] = evaluate(sim.session, None)
                 info.update(export(sim, out))
                 return info
-        peerlib.record(a.model, "aimet", "w8a8_matmul", produce_w8a8, knobs={**knobs_common, "search": "none (PTQ)"},
+        peerlib.record(a.model, "aimet", "w8a8_all" if a.all_quantizers else "w8a8_matmul", produce_w8a8, knobs={**knobs_common, "search": "none (PTQ)"},
                        packages=pkgs)
         return
     candidates = [((16, QuantizationDataType.float), (16, QuantizationDataType.float)),
@@ -123,7 +130,7 @@ def main() -> None:
                 info["evaluations"] = metric.calls
                 info.update(export(sim, out))
                 return info
-        peerlib.record(a.model, "aimet", f"amp_drop{drop:g}", produce,
+        peerlib.record(a.model, "aimet", f"amp_drop{drop:g}" + ("_all" if a.all_quantizers else ""), produce,
                        knobs={**knobs_common, "allowed_accuracy_drop": drop,
                               "candidates": "W16A16 float (exported fp32), W8A8 int",
                               "amp_search_algo": "Binary (default)", "phase1_optimize": True},

@@ -24,8 +24,15 @@ for peer in ${PEERS:-ours ort modelopt quark inc aimet}; do
     ort)      $N .venv/bin/python "$P/ort.py" "$MODEL" ;;
     modelopt) for c in int8_default int8_matmul; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
     quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --threshold $QTH ;;
-    inc)      $N "$V/inc/bin/python" "$P/inc.py" "$MODEL" --tolerable-loss $TL ;;
+    inc)      $N "$V/inc/bin/python" "$P/inc.py" "$MODEL" --tolerable-loss $TL
+              # ResNet-50: INC's dynamic tuning configs crash on Conv with bias (recorded); its static set
+              # alone never reached 0.05 in 16 trials, so the static set with 0.1
+              [ "$MODEL" = minilm ] || $N "$V/inc/bin/python" "$P/inc.py" "$MODEL" --tolerable-loss 0.1 --config-set static ;;
     aimet)    $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --drop $DROP
-              $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --w8a8-only ;;
+              $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --w8a8-only
+              if [ "$MODEL" != minilm ]; then  # CNN: also AIMET's default config, every quantizer on
+                $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --w8a8-only --all-quantizers
+                $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --drop $DROP --all-quantizers
+              fi ;;
   esac
 done
