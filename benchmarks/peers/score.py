@@ -39,7 +39,8 @@ import peerlib  # noqa: E402
 from common import RESULTS, wait_for_quiet  # noqa: E402
 
 PEER_NAMES = {"inc": "Intel Neural Compressor", "aimet": "Qualcomm AIMET", "modelopt": "NVIDIA ModelOpt",
-              "quark": "AMD Quark", "ort": "ONNX Runtime quantizer", "ours": "ours (ampq-pass)", "fp32": "fp32"}
+              "quark": "AMD Quark", "ort": "ONNX Runtime quantizer", "ours": "ours (ampq-pass)", "fp32": "fp32",
+              "rejected": "ours: plan rejected by the pass's verification (not shipped)"}
 ORDER = ["fp32", "ours", "inc", "aimet", "quark", "modelopt", "ort"]
 
 
@@ -89,6 +90,17 @@ def entries_for(model: str) -> list[dict]:
         else:
             e["error"] = (ours / f"{name}.log").read_text()[-500:] if (ours / f"{name}.log").exists() else "no report"
         out.append(e)
+    for plan in sorted(ours.glob("*.rejected_plan.onnx")):
+        name = plan.name[:-len(".rejected_plan.onnx")]
+        rep = json.loads((ours / f"{name}.report.json").read_text())
+        rej = rep["rejected_plan"]
+        n_q = sum(1 for f in rej["formats"].values() if f not in ("hp", "fp32"))
+        out.append({"method": "ours", "config": f"{name} rejected plan", "rejected": True,
+                    "knob": f"--max-loss-rmse {name.split('rmse_')[1]}", "path": str(plan), "status": "ok",
+                    "search_note": "NOT the pass's output: the plan its verification rejected (written with --plan)",
+                    "detail": (f"{n_q}/{len(rep['layers'])} layers low precision; pass predicted "
+                               f"{rej['predicted_speedup']:.2f}x, its verification measured "
+                               f"{rej['measured']['speedup']:.2f}x")})
     for peer in ORDER[2:]:
         for jf in sorted((d / peer).glob("*.json")) if (d / peer).exists() else []:
             r = json.loads(jf.read_text())
@@ -195,6 +207,8 @@ def score(model: str) -> dict:
            "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
            "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
            "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"),
+           "pass_code": ((peerlib.model_dir(model) / "ours" / "commit").read_text().strip()
+                         if (peerlib.model_dir(model) / "ours" / "commit").exists() else "?"),
            "date": datetime.datetime.now().isoformat(timespec="minutes"), "batch": m["batch"]}
     (peerlib.model_dir(model) / ("score_smoke.json" if SMOKE else "score.json")).write_text(
         json.dumps(res, indent=1, default=str))
@@ -223,7 +237,8 @@ def section(res) -> str:
     qname = "mean cosine to fp32 (min)" if kind == "embedding" else "top-1 agreement, relative logit error"
     s = (f"## {m['model']}\n\n"
          f"- date {res['date']}; CPU: {res['cpu']}, {res['cores']} cores; Python {res['python']}, onnxruntime "
-         f"{res['onnxruntime']}; ampq_pass at git {res['code']}.\n"
+         f"{res['onnxruntime']}; our pass ran at git {res.get('pass_code', '?')} (clean snapshot), the scoring "
+         f"(timing with the project's measurer) at git {res['code']}.\n"
          f"- data: calibration {m['calib']} (every method); a peer's own search evaluates on {m['search']} (the "
          f"samples our pass holds out to verify itself); quality below on {m['eval']} (seen by no search).\n"
          f"- timing: all {sum(1 for e in res['entries'] if e.get('speedup'))} models interleaved round-robin in one "
@@ -239,6 +254,8 @@ def section(res) -> str:
           " | search time s | peak RSS MB | notes |\n|---|---|---|---|---|---|---|---|\n")
     for e in res["entries"]:
         name = PEER_NAMES[e["method"]] + ("" if e["method"] in ("fp32", "ours") else f" `{e['config']}`")
+        if e.get("rejected"):
+            name = "ours: the plan the pass rejected (not shipped)"
         if e["status"] != "ok" or not e.get("speedup"):
             err = (e.get("error") or "").replace("\n", " ").replace("|", "/")[:300]
             s += f"| {name} | {e['knob']} | **failed** | - | - | {_f(e.get('search_s'))} | {_f(e.get('peak_rss_mb'))} | {err} |\n"
@@ -250,7 +267,8 @@ def section(res) -> str:
         s += (f"| {name} | {e['knob']} | **{e['speedup']:.2f}x** [{lo:.2f}, {hi:.2f}] | {e['ms']:.1f} | {_q(res, e)} | "
               f"{_f(e.get('search_s'))} | {_f(e.get('peak_rss_mb'))} | {notes} |\n")
     # front check
-    ours = [(primary(res, e), e["speedup"]) for e in res["entries"] if e["method"] in ("ours", "fp32") and e.get("speedup")]
+    ours = [(primary(res, e), e["speedup"]) for e in res["entries"]
+            if e["method"] in ("ours", "fp32") and e.get("speedup") and not e.get("rejected")]
     lines = []
     for e in res["entries"]:
         if e["method"] in ("ours", "fp32") or not e.get("speedup"):
@@ -274,7 +292,8 @@ def _f(x) -> str:
 
 
 MARK = {"fp32": ("black", "*"), "ours": ("tab:red", "o"), "inc": ("tab:blue", "s"), "aimet": ("tab:green", "^"),
-        "quark": ("tab:purple", "v"), "modelopt": ("olive", "P"), "ort": ("tab:orange", "D")}
+        "quark": ("tab:purple", "v"), "modelopt": ("olive", "P"), "ort": ("tab:orange", "D"),
+        "rejected": ("tab:red", "o")}
 
 
 def plot(res) -> str:
@@ -286,21 +305,24 @@ def plot(res) -> str:
     kind = res["meta"]["kind"]
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     xf = (lambda e: 1 - e["quality"]["cos_mean"]) if kind == "embedding" else (lambda e: e["quality"]["rel_err"])
-    for meth in ORDER:
-        pts = [e for e in res["entries"] if e["method"] == meth and e.get("speedup")]
+    for meth in ORDER + ["rejected"]:
+        if meth == "rejected":
+            pts = [e for e in res["entries"] if e.get("rejected") and e.get("speedup")]
+        else:
+            pts = [e for e in res["entries"] if e["method"] == meth and e.get("speedup") and not e.get("rejected")]
         if meth == "fp32" or not pts:
             continue
         c, mk = MARK[meth]
         x = [max(xf(e), 1e-6) for e in pts]
         y = [e["speedup"] for e in pts]
         err = [[e["speedup"] - e["ci"][0] for e in pts], [e["ci"][1] - e["speedup"] for e in pts]]
-        ax.errorbar(x, y, yerr=err, fmt=mk, c=c, label=PEER_NAMES[meth], ms=8 if meth == "ours" else 7, capsize=2,
-                    zorder=3)
+        ax.errorbar(x, y, yerr=err, fmt=mk, c=c, label=PEER_NAMES.get(meth, meth), ms=8 if meth == "ours" else 7,
+                    capsize=2, zorder=3, mfc="none" if meth == "rejected" else c)
         if meth == "ours":
             o = sorted(zip(x, y))
             ax.plot([p[0] for p in o], [p[1] for p in o], c=c, lw=1.2, alpha=0.7)
         for e, xx, yy in zip(pts, x, y):
-            ax.annotate(e["config"].replace("rmse_", ""), (xx, yy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(e["config"].replace("rmse_", "").replace(" rejected plan", ""), (xx, yy), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.0, c="black", lw=0.8, ls=":", label="fp32")
     ax.set_xscale("log")
     ax.set_xlabel("1 - mean cosine of mean-pooled embeddings to fp32 (log; lower is better)" if kind == "embedding"
