@@ -20,7 +20,8 @@ case "$MODEL" in
 esac
 for peer in ${PEERS:-ours ort modelopt quark inc aimet}; do
   case "$peer" in
-    ours)     "$P/ours.sh" "$MODEL" 0.1 0.03 0.05 0.15; "$P/ours_rejected.sh" "$MODEL" ;;
+    ours)     "$P/ours.sh" "$MODEL" 0.1 0.03 0.05 0.15; "$P/ours_rejected.sh" "$MODEL"
+              [ "$MODEL" = minilm ] && "$P/ours_metric.sh" 0.01 ;;
     ort)      $N .venv/bin/python "$P/ort.py" "$MODEL" ;;
     modelopt) for c in int8_default int8_matmul; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
     quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --threshold $QTH ;;

@@ -68,7 +68,9 @@ def entries_for(model: str) -> list[dict]:
         wall, rss = _gnu_time(tf)
         rep = ours / f"{name}.report.json"
         onnx_path = ours / f"{name}.onnx"
-        e = {"method": "ours", "config": name, "knob": f"--max-loss-rmse {name.split('rmse_')[1]}", "search_s": wall,
+        knob = (f"--max-loss-rmse {name.split('rmse_')[1]}" if "rmse_" in name else
+                f"--max-metric-drop {name.split('drop')[1]} (cosine on search.npz)")
+        e = {"method": "ours", "config": name, "knob": knob, "search_s": wall,
              "peak_rss_mb": rss, "path": str(onnx_path),
              "search_note": "",
              "status": "ok" if onnx_path.exists() and rep.exists() else "failed"}
@@ -83,6 +85,10 @@ def entries_for(model: str) -> list[dict]:
                                 f"predicted, {rej['measured']['speedup']:.2f}x measured, CIs overlapping under load) "
                                 f"and wrote the input")
             e["predicted_speedup"] = r["predicted"]["speedup"]
+            if r.get("search"):
+                srch = r["search"]
+                tried = srch.get("plans") or srch.get("tried") or []
+                e["detail"] += f"; metric search: {len(tried) if isinstance(tried, list) else tried} plans evaluated"
             e["stages"] = st = r.get("stages_seconds") or {}
             # cold = the run timed the subgraphs itself (its cache did not have them)
             e["search_note"] = (f"cold run (timing stage {st.get('timing', 0):.0f} s)" if st.get("timing", 0) > 30 else
