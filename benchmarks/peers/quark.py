@@ -48,6 +48,9 @@ def main() -> None:
                                          metric_threshold=th, metric_optimize_object="quality")
             cfg = QConfig(global_config=QLayerConfig(activation=UInt8Spec(), weight=Int8Spec()), algo_config=[amp],
                           OpTypesToQuantize=["MatMul", "Gemm", "Conv"])
+            import os
+
+            os.chdir(out.parent)  # Quark writes quantized_info.csv into the working directory
             ModelQuantizer(cfg).quantize_model(str(fp32), str(out), calibration_data_reader=peerlib.Reader(calib))
             import onnx
 
