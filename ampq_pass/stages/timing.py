@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
+from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.measure import CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, with_protocol
 from ampq_pass.stages.boundaries import STATE, boundary_cuts, forces, quantized_feeds, split_at_cuts, with_states
 from ampq_pass.stages.calibrate import Ranges
@@ -404,6 +405,7 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
             models = {lab: timed_model(sub, layers, by_config[lab], ranges, rules) for lab in group}
             timings = timer.time(models, feeds)
             del models
+            release_freed_memory(collect=False)  # the group's sessions and arenas, freed but resident until trimmed
             hp_g = timings[labels[0]]
             # every group on the first group's scale: a group timed while the machine was busier
             # keeps its ratios to hp (gain and noise scale alike, significance is unchanged)

@@ -464,6 +464,10 @@ def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges
             sums.grad_sq += stream.grad_sq
             sums.count += m
             del stream
+            # Each sub-batch's activations and gradients, freed, stay resident in glibc's heap
+            # until trimmed: DistilBERT (2 samples a sub-batch) grew 250 MB a sub-batch to 4.2 GB;
+            # trimmed here it stays at 1.8 GB.
+            release_freed_memory(collect=False)
         if on_batch is not None:
             on_batch()
     # The executor's weights, the kept weight errors and every batch's freed activations:
