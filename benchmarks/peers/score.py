@@ -351,7 +351,8 @@ def plot(res) -> str:
     ax.set_ylabel("measured speed-up over fp32 (x), 95% CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{res['meta']['model']}: peers' own searches vs ours (ORT CPU EP, one interleaved run)", fontsize=9)
+    short = {"minilm": "all-MiniLM-L6-v2", "resnet50": "ResNet-50 (random init)"}.get(res["model"], res["model"])
+    ax.set_title(f"{short}: peers' own searches vs ours (ORT CPU EP, one interleaved run)", fontsize=9)
     fig.tight_layout()
     name = f"peers_{res['model']}.png"
     fig.savefig(Path("/tmp") / name if SMOKE else RESULTS / name, dpi=110)
