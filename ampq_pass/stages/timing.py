@@ -318,8 +318,9 @@ def timed_model(sub: onnx.ModelProto, layers: list[Layer], config: Config, range
 #: configurations of a large subgraph are timed in groups, each with the hp configuration
 GROUP = 8
 #: what the sessions of one group may hold together, by :func:`session_bytes`: a Whisper-tiny
-#: encoder layer at batch 8 x 1500 tokens has 432 MB attention-score tensors, and 8 sessions
-#: of it took the pass to 6.2 GB; such a subgraph is timed 2 or 3 configurations at a time
+#: encoder layer at batch 8 x 1500 tokens has 432 MB attention-score tensors, so 8 sessions of
+#: it would hold several GB; such a subgraph is timed 2 or 3 configurations at a time (the pass
+#: still peaked at 5.7 GB on it at batch 8, so the rest of that peak comes from elsewhere)
 GROUP_BYTES = 1 << 30
 
 
