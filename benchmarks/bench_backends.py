@@ -18,6 +18,7 @@ each backend computes it. Writes benchmarks/results/backends.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -136,6 +137,8 @@ def plans_for(name: str, src: Path, samples, holdout: int, budget: float) -> tup
               f"{r.get('measured')} in {time.perf_counter() - t0:.0f} s (load {load()})")
         out[spec] = dst
         reports[spec] = dict(r, seconds=time.perf_counter() - t0)
+        # the whole report beside the plan: its rounds say which plan shipped and why
+        (OUT / f"{name}_{spec.replace(':', '_')}_report.json").write_text(json.dumps(reports[spec], default=str))
     return out, reports
 
 
