@@ -131,6 +131,8 @@ def layer_subgraph(model: onnx.ModelProto, layer: Layer, index: int) -> Subgraph
             break
         if n.input and all(t in consts for t in n.input if t):
             consts.update(n.output)
+    if node is None:
+        raise AmpqError(f"layer {layer.name!r} is not a node of the model")
     inputs = [t for t in dict.fromkeys(node.input) if t and t not in consts]
     return Subgraph(index, layer.name, [node.name], inputs, list(node.output), [layer.name], [[layer.name]], "layer")
 
@@ -152,10 +154,19 @@ def screen_formats(model: onnx.ModelProto, layers: list[Layer], candidates: dict
     screened = screened_formats(candidates, protect)
     todo = [l for l in layers if screened.get(l.name)]
     feeds = list(inputs)[:max_batches]
+    def unscreened(layer: Layer, why: AmpqError) -> None:
+        out.entries.extend(ScreenEntry(layer.name, f, math.nan, math.nan, math.nan, True, f"not screened: {why}")
+                           for f in screened[layer.name])
+
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
-        part = Partition([layer_subgraph(model, l, start + i) for i, l in enumerate(chunk)])
-        captured = capture_inputs(model, part, feeds)
+        try:
+            part = Partition([layer_subgraph(model, l, start + i) for i, l in enumerate(chunk)])
+            captured = capture_inputs(model, part, feeds)
+        except AmpqError as exc:  # a screen that cannot run keeps every candidate: the subgraphs time them all
+            for layer in chunk:
+                unscreened(layer, exc)
+            continue
         for sg, layer in zip(part.subgraphs, chunk):
             fmts = screened[layer.name]
             if progress is not None:
@@ -164,8 +175,7 @@ def screen_formats(model: onnx.ModelProto, layers: list[Layer], candidates: dict
                 gains = time_subgraph(extract(model, sg), [layer], [{layer.name: f} for f in fmts], ranges,
                                       captured.pop(sg.index), backend, index=sg.index, name=layer.name, cache=cache)
             except AmpqError as exc:  # the layer cannot stand alone: keep its formats for the subgraph timing
-                out.entries.extend(ScreenEntry(layer.name, f, math.nan, math.nan, math.nan, True,
-                                               f"not screened: {exc}") for f in fmts)
+                unscreened(layer, exc)
                 continue
             alone = {}
             for f in fmts:

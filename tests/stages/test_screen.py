@@ -119,3 +119,14 @@ def test_layer_subgraph_takes_the_activation_and_embeds_the_weight(block_setup):
     assert sg.index == 3 and sg.layers == [layers[0].name] and sg.nodes == [layers[0].name]
     assert layers[0].activation in sg.inputs and layers[0].weight not in sg.inputs
     assert sg.outputs == [layers[0].output]
+
+
+def test_a_layer_that_cannot_be_screened_keeps_its_formats(block_setup):
+    from dataclasses import replace
+
+    model, layers, feeds, ranges, candidates = block_setup
+    ghost = replace(layers[0], name="not-a-node")
+    screen = screen_formats(model, [ghost], {"not-a-node": candidates[layers[0].name]}, {}, ranges, [feeds], OpClock())
+    assert screen.candidates["not-a-node"] == candidates[layers[0].name]
+    assert screen.entries and all(e.kept and e.reason.startswith("not screened: layer 'not-a-node'")
+                                  for e in screen.entries)
