@@ -154,6 +154,7 @@ def screen_formats(model: onnx.ModelProto, layers: list[Layer], candidates: dict
     screened = screened_formats(candidates, protect)
     todo = [l for l in layers if screened.get(l.name)]
     feeds = list(inputs)[:max_batches]
+
     def unscreened(layer: Layer, why: AmpqError) -> None:
         out.entries.extend(ScreenEntry(layer.name, f, math.nan, math.nan, math.nan, True, f"not screened: {why}")
                            for f in screened[layer.name])
@@ -166,6 +167,8 @@ def screen_formats(model: onnx.ModelProto, layers: list[Layer], candidates: dict
         except AmpqError as exc:  # a screen that cannot run keeps every candidate: the subgraphs time them all
             for layer in chunk:
                 unscreened(layer, exc)
+                if progress is not None:
+                    progress(1)
             continue
         for sg, layer in zip(part.subgraphs, chunk):
             fmts = screened[layer.name]
