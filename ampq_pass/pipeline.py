@@ -420,6 +420,10 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
                            progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool,
                            boundary_states=opts.boundary_states, candidates=formats, loss=sens.values)
+        repeats = [s for s in table.subgraphs if s.repeat_of is not None]
+        if repeats:
+            log(f"      {len(repeats)} of {len(table.subgraphs)} subgraphs repeat the structure of an earlier one "
+                f"(ops and shapes; names and weights aside) and reuse its timing")
     clock.lap("timing")
     if opts.metric is not None:
         return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen)

@@ -137,6 +137,25 @@ class Cache:
         atomic_write(target, write, what=f"cache directory {self.root}")
 
 
+class MemoryCache(Cache):
+    """Entries held in this process only: what a stage uses when the user asked for no disk
+    cache, so that within one run a result is still computed once per key."""
+
+    def __init__(self):
+        super().__init__(".")
+        self._entries: dict[tuple[str, str], str] = {}
+
+    def get(self, kind: str, key: str) -> dict | None:
+        text = self._entries.get((kind, key))
+        return None if text is None else json.loads(text)  # a fresh copy each time, as from disk
+
+    def check_writable(self) -> None:
+        pass
+
+    def put(self, kind: str, key: str, value: dict) -> None:
+        self._entries[(kind, key)] = json.dumps(value)
+
+
 def cached(cache: Cache | None, kind: str, key: str, compute: Callable[[], T], *,
            dump: Callable[[T], dict], load: Callable[[dict], T]) -> tuple[T, bool]:
     """``(value, hit)``: the entry ``kind/key`` of ``cache`` read back with ``load`` when it is

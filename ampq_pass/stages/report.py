@@ -82,7 +82,8 @@ def build_report(record: PassRecord) -> dict:
         configs = [dict(c.to_json(), predicted_mse=predicted_mse(sens, c.formats)) for c in gains.configs]
         subgraphs.append({"index": sg.index, "name": sg.name, "kind": sg.kind, "layers": list(sg.layers),
                           "groups": sg.groups, "note": sg.note, "hp_time": gains.hp_time, "cached": gains.cached,
-                          "configs": configs, "chosen": pick})
+                          # an earlier subgraph of the same structure whose timing this one reuses
+                          "repeat_of": gains.repeat_of, "configs": configs, "chosen": pick})
     return {
         "version": REPORT_VERSION,
         "model": r.model_path, "output": r.output, "backend": str(getattr(opts.backend, "name", opts.backend)), "unit": table.unit,
@@ -104,6 +105,8 @@ def build_report(record: PassRecord) -> dict:
                        "configs_derived": sum(c.derived for s in table.subgraphs for c in s.configs),
                        # clearly dominated in a quick first pass, so not timed again in full
                        "configs_quick": sum(c.quick for s in table.subgraphs for c in s.configs),
+                       # subgraphs that reuse the timing of an earlier one of the same structure
+                       "subgraphs_repeated": sum(s.repeat_of is not None for s in table.subgraphs),
                        "configs_without_states": sum(len({tuple(sorted(c.formats.items())) for c in s.configs})
                                                      for s in table.subgraphs),
                        # the parts fitted to the whole model: hp (factor) and every-int8 (ampq_pass.stages.timing)
@@ -173,6 +176,9 @@ def render_text(report: dict) -> str:
                      f"{bd['configs']} configurations ({bd.get('configs_derived', 0)} of them added up from two timed "
                      f"ones, {bd.get('configs_quick', 0)} clearly dominated after a quick pass; "
                      f"{bd['configs_without_states']} without cut states)")
+    if bd and bd.get("subgraphs_repeated"):
+        lines.append(f"timing: {bd['subgraphs_repeated']} of {len(report['subgraphs'])} subgraphs repeat an earlier "
+                     f"one's structure and reuse its measurement")
     if report.get("screen") and report["screen"]["screened"]:
         lines.append(f"screen: {report['screen']['summary']}")
     for fmt, anchor in ((bd or {}).get("format_anchors") or {}).items():

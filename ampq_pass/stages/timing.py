@@ -6,7 +6,11 @@ that subgraph *together* (interleaved) on real activations captured at its input
 record ``gain = T(hp) - T(config)`` with its noise. A gain inside the noise counts as zero
 and is flagged. Results are cached on disk per subgraph, keyed by what the timing depends
 on, so a rerun times nothing it knows and an interrupted run resumes at the first
-subgraph it had not finished.
+subgraph it had not finished. The key is the subgraph's *structure*
+(:mod:`ampq_pass.core.structure`: ops, wiring, shapes; not names, not weight values), and
+entries are stored with position tokens in place of layer and tensor names: the repeated
+blocks of a network are timed once, and the others read that measurement
+(``SubgraphGains.repeat_of``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import onnx
 
 from tqdm.auto import tqdm
 
-from ampq_pass.core.cache import Cache, cached, digest, model_digest
+from ampq_pass.core.cache import Cache, MemoryCache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
 from ampq_pass.core.memory import release_freed_memory
+from ampq_pass.core.structure import canonical_names, node_token, structure_digest
 from ampq_pass.core.measure import CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, with_protocol
 from ampq_pass.stages.boundaries import STATE, boundary_cuts, forces, quantized_feeds, split_at_cuts, with_states
 from ampq_pass.stages.calibrate import Ranges
@@ -36,8 +41,8 @@ from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.subgraphs import extract
 
 
-#: bump when the meaning of a cached entry changes
-_CACHE_VERSION = 2
+#: bump when the meaning of a cached entry changes (3: keyed by structure, names as tokens)
+_CACHE_VERSION = 3
 
 #: one timed configuration of a subgraph: its layers' formats and its cut tensors' states
 Config = tuple[dict[str, str], dict[str, str]]
@@ -80,12 +85,18 @@ class ConfigGain:
 
 @dataclass
 class SubgraphGains:
+    """One subgraph's configurations. ``cached``: read from an entry an earlier run stored;
+    ``repeat_of``: the index of an earlier subgraph of the same table with the same structure,
+    whose measurement this one reuses (:func:`gain_table`); ``key`` the cache key both share."""
+
     index: int
     name: str
     layers: list[str]
     hp_time: float
     configs: list[ConfigGain]
     cached: bool = False
+    repeat_of: int | None = None
+    key: str = ""
 
     def matching(self, formats: dict[str, str]) -> list[ConfigGain]:
         """The configurations (one per cut state) that give each layer its format in ``formats``."""
@@ -106,12 +117,15 @@ class SubgraphGains:
 
     def to_json(self) -> dict:
         return {"index": self.index, "name": self.name, "layers": list(self.layers), "hp_time": self.hp_time,
-                "configs": [c.to_json() for c in self.configs], "cached": self.cached}
+                "configs": [c.to_json() for c in self.configs], "cached": self.cached, "repeat_of": self.repeat_of,
+                "key": self.key}
 
     @classmethod
     def from_json(cls, d: dict) -> "SubgraphGains":
+        repeat = d.get("repeat_of")
         return cls(int(d["index"]), d["name"], list(d["layers"]), float(d["hp_time"]),
-                   [ConfigGain.from_json(c) for c in d["configs"]], bool(d.get("cached", False)))
+                   [ConfigGain.from_json(c) for c in d["configs"]], bool(d.get("cached", False)),
+                   None if repeat is None else int(repeat), str(d.get("key", "")))
 
 
 @dataclass
@@ -194,21 +208,65 @@ def input_signature(inputs: list[dict[str, np.ndarray]]) -> list:
     return [sorted((k, str(v.dtype), list(v.shape)) for k, v in feeds.items()) for feeds in inputs]
 
 
-def subgraph_key(sub: onnx.ModelProto, configs: list[Config], inputs: list[dict[str, np.ndarray]],
-                 measurer: Measurer, loss: dict[str, dict[str, float]] | None = None) -> str:
-    """Cache key: subgraph (ops, attributes, shapes, dtypes, weight digests via
-    :func:`model_digest`), configurations, input shapes, the backend key and, when the
-    dominated configurations are timed quickly only, the losses that decide which they are.
+@dataclass(frozen=True)
+class Tokens:
+    """A subgraph's layer and cut-tensor names -> position tokens
+    (:func:`ampq_pass.core.structure.canonical_names`): cache entries are stored in tokens,
+    so one entry serves every subgraph of the same structure, each reading it back in its
+    own names. Layers and tensors are kept apart (ONNX lets a node and a tensor share a name)."""
 
-    The calibrated ranges are not part of it: they only change scale values, not which
-    kernels run, so they do not change the time.
+    layers: dict[str, str]
+    tensors: dict[str, str]
+
+    @classmethod
+    def of(cls, sub: onnx.ModelProto, configs: list[Config], names: dict[str, str] | None = None) -> "Tokens":
+        names = names if names is not None else canonical_names(sub)
+        # a name the subgraph does not hold keeps itself (marked): no other subgraph shares it
+        layers = {l: node_token(names, l) or f"?{l}" for f, _ in configs for l in f}
+        tensors = {t: names.get(t, f"?{t}") for _, st in configs for t in st}
+        return cls(layers, tensors)
+
+    def configs(self, configs: list[Config]) -> list:
+        return [[sorted((self.layers[l], v) for l, v in f.items()), sorted((self.tensors[t], v) for t, v in st.items())]
+                for f, st in configs]
+
+    def encode(self, entry: dict) -> dict:
+        """A :meth:`SubgraphGains.to_json` entry with tokens for names (and no index or name)."""
+        return _renamed(entry, self.layers, self.tensors)
+
+    def decode(self, entry: dict) -> dict:
+        return _renamed(entry, {v: k for k, v in self.layers.items()}, {v: k for k, v in self.tensors.items()})
+
+
+def _renamed(entry: dict, layers: dict[str, str], tensors: dict[str, str]) -> dict:
+    def config(c: dict) -> dict:
+        return dict(c, formats={layers.get(l, l): f for l, f in c["formats"].items()},
+                    cuts={tensors.get(t, t): v for t, v in c.get("cuts", {}).items()},
+                    forces=[tensors.get(t, t) for t in c.get("forces", [])])
+
+    return dict(entry, index=0, name="", cached=False, repeat_of=None, key="",
+                layers=[layers.get(l, l) for l in entry["layers"]], configs=[config(c) for c in entry["configs"]])
+
+
+def subgraph_key(sub: onnx.ModelProto, configs: list[Config], inputs: list[dict[str, np.ndarray]],
+                 measurer: Measurer, loss: dict[str, dict[str, float]] | None = None) -> tuple[str, Tokens]:
+    """Cache key and name tokens: the subgraph's structure
+    (:func:`ampq_pass.core.structure.structure_digest`: ops, attributes, wiring, shapes, dtypes;
+    not names, not weight values), the configurations and input shapes in position tokens,
+    the backend key, and whether dominated configurations are timed quickly only.
+
+    Left out, because they do not change which kernels run on which shapes: the calibrated
+    ranges (scale values), the weights' values, and the losses that pick the dominated
+    configurations (a subgraph reusing another's entry keeps its quick measurements, which
+    are measurements too, only less repeated).
     """
-    canon = [[sorted(f.items()), sorted(st.items())] for f, st in configs]
-    parts = [model_digest(sub), canon, input_signature(inputs), measurer.key()]
+    names = canonical_names(sub)
+    tokens = Tokens.of(sub, configs, names)
+    shapes = [sorted((names.get(k, f"?{k}"), str(v.dtype), list(v.shape)) for k, v in feeds.items()) for feeds in inputs]
+    parts = [structure_digest(sub, names), tokens.configs(configs), shapes, measurer.key()]
     if loss is not None:
-        names = sorted({l for f, _ in configs for l in f})
-        parts.append(["prune", [[l, sorted(loss.get(l, {}).items())] for l in names]])
-    return digest("gain", _CACHE_VERSION, *parts)
+        parts.append("prune")
+    return digest("gain", _CACHE_VERSION, *parts), tokens
 
 
 # ----------------------------------------------------------------------------- one subgraph
@@ -227,10 +285,11 @@ def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[
     With ``loss`` (layer -> format -> predicted loss), configurations that the quick protocol
     shows clearly dominated are not timed again with the full one (:func:`_measure`)."""
     configs = full_configs(layers, configs)
-    key = subgraph_key(sub, configs, inputs, measurer, loss)
+    key, tokens = subgraph_key(sub, configs, inputs, measurer, loss)
     out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer, loss),
-                      dump=SubgraphGains.to_json, load=SubgraphGains.from_json)
-    out.index, out.name, out.cached = index, name, hit
+                      dump=lambda sg: tokens.encode(sg.to_json()),
+                      load=lambda d: SubgraphGains.from_json(tokens.decode(d)))
+    out.index, out.name, out.cached, out.key = index, name, hit, key
     return out
 
 
@@ -267,28 +326,36 @@ def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache
     they finish (:class:`ampq_pass.backends.ray_pool.RayPool`).
     """
     bar = bar or _NoBar()
+    cache = cache if cache is not None else MemoryCache()
     done: dict[int, SubgraphGains] = {}
+    waiting: dict[str, list] = {}  # key -> subgraphs of the same structure as one in flight
 
-    def finish(pos: int, sg, data: dict, hit: bool, n: int) -> None:
-        out = SubgraphGains.from_json(data)
-        out.index, out.name, out.cached = sg.index, sg.name, hit
+    def finish(pos: int, sg, tokens: Tokens, key: str, entry: dict, hit: bool, n: int) -> None:
+        out = SubgraphGains.from_json(tokens.decode(entry))
+        out.index, out.name, out.cached, out.key = sg.index, sg.name, hit, key
         done[pos] = out
         bar.update(n)
 
     def jobs():
         for pos, (sg, sub, sub_layers, cfgs, inputs) in enumerate(work):
             configs = full_configs(sub_layers, cfgs)
-            key = subgraph_key(sub, configs, inputs, measurer, loss)
-            hit = cache.get("gain", key) if cache is not None else None
-            if hit is not None:
-                finish(pos, sg, hit, True, len(cfgs))
+            key, tokens = subgraph_key(sub, configs, inputs, measurer, loss)
+            if key in waiting:
+                waiting[key].append((pos, sg, tokens, len(cfgs)))
                 continue
-            yield (pos, sg, key, len(cfgs)), (sub, sub_layers, configs, ranges, inputs, loss)
+            hit = cache.get("gain", key)
+            if hit is not None:
+                finish(pos, sg, tokens, key, hit, True, len(cfgs))
+                continue
+            waiting[key] = []
+            yield (pos, sg, key, tokens, len(cfgs)), (sub, sub_layers, configs, ranges, inputs, loss)
 
-    for (pos, sg, key, n), data in pool.map(measure_subgraph, jobs()):
-        if cache is not None:
-            cache.put("gain", key, data)
-        finish(pos, sg, data, False, n)
+    for (pos, sg, key, tokens, n), data in pool.map(measure_subgraph, jobs()):
+        entry = tokens.encode(data)
+        cache.put("gain", key, entry)
+        finish(pos, sg, tokens, key, entry, False, n)
+        for w_pos, w_sg, w_tokens, w_n in waiting.pop(key, []):
+            finish(w_pos, w_sg, w_tokens, key, entry, False, w_n)
     return [done[p] for p in sorted(done)]
 
 
@@ -535,6 +602,8 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
     by_name = {l.name: l for l in layers}
+    # without a disk cache the run still times each distinct block once
+    cache = cache if cache is not None else MemoryCache()
     table = GainTable(getattr(backend, "name", type(backend).__name__), backend.key(), backend.unit)
     # per-layer candidates: what the layer can take and the backend runs fast
     candidates = {l.name: [f for f in l.formats if f in wanted and (candidates is None or f in candidates.get(l.name, ()))]
@@ -565,7 +634,11 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                 bar.update(len(cfgs))
     finally:
         bar.close()
+    first: dict[str, SubgraphGains] = {}
     for sg in table.subgraphs:
+        if sg.key in first:
+            sg.repeat_of, sg.cached = first[sg.key].index, first[sg.key].cached
+        first.setdefault(sg.key, sg)
         for c in sg.configs:
             c.forces = [t for t in c.cuts if t in cuts and forces(cuts[t], c.formats, by_name, sg.index)]
     if model_inputs:

@@ -78,12 +78,40 @@ def test_any_key_part_change_misses(tmp_path, mlp_setup):
         return c.calls == 1
 
     assert misses(cfgs=configs[:2])  # configuration set
-    other_w = models.mlp(seed=5, sizes=(64, 128, 128, 32))  # same graph, other weights
-    assert misses(model=other_w, lay=find_layers(other_w))
+    other_w = models.mlp(seed=5, sizes=(64, 128, 128, 32))  # same graph, other weights: the same time
+    assert not misses(model=other_w, lay=find_layers(other_w))
+    wider = models.mlp(sizes=(64, 256, 128, 32))  # other weight shapes
+    assert misses(model=wider, lay=find_layers(wider))
     assert misses(inputs=(models.feeds_for(m, n=8),))  # input shape
     assert misses(backend=OrtBackend(threads=1, protocol=FAST))  # threads
     assert misses(backend=OrtBackend(protocol=Protocol(warmup=1, min_repeats=3, max_repeats=4, rel_ci=0.5)))
     assert not misses()  # and the original is still a hit
+
+
+def test_a_renamed_copy_reads_the_entry_in_its_own_names(tmp_path, mlp_setup):
+    """The repeated blocks of a network differ in names and weights only: the second one
+    reads the first one's measurement, with its own layer and cut names."""
+    m, layers, feeds, ranges, configs = mlp_setup
+    cache = Cache(tmp_path)
+    a = time_subgraph(m, layers, configs, ranges, [feeds], OrtBackend(protocol=FAST), cache=cache)
+    copy = models.mlp(seed=7, sizes=(64, 128, 128, 32))
+    rename = {n: f"block2/{n}" for n in ["x", "y"] + [t for node in copy.graph.node for t in node.output]
+              + [t.name for t in copy.graph.initializer]}
+    for node in copy.graph.node:
+        node.name = f"block2/{node.name}"
+        node.input[:] = [rename.get(t, t) for t in node.input]
+        node.output[:] = [rename.get(t, t) for t in node.output]
+    for t in list(copy.graph.initializer) + list(copy.graph.input) + list(copy.graph.output):
+        t.name = rename[t.name]
+    copy_layers = find_layers(copy)
+    assert [l.name for l in copy_layers] == [f"block2/{l.name}" for l in layers]
+    copy_configs = [{f"block2/{l}": f for l, f in c.items()} for c in configs]
+    counting = Counting(OrtBackend(protocol=FAST))
+    b = time_subgraph(copy, copy_layers, copy_configs, ranges, [{"block2/x": feeds["x"]}], counting, cache=cache)
+    assert counting.calls == 0 and b.cached and b.key == a.key
+    assert b.layers == [l.name for l in copy_layers]
+    assert [c.formats for c in b.configs] == [{f"block2/{l}": f for l, f in c.formats.items()} for c in a.configs]
+    assert [c.time for c in b.configs] == [c.time for c in a.configs]
 
 
 def test_gain_within_noise_counts_zero_and_is_flagged():
@@ -598,3 +626,72 @@ def test_clearly_dominated_configurations_are_timed_quickly_only(mlp_setup):
     cheaper = {l.name: {"int8": 1e-3, "fp16": 1e-4} for l in layers}
     sg2 = time_subgraph(m, layers, configs, ranges, [feeds], clock2, loss=cheaper)
     assert not any(c.quick for c in sg2.configs)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repeated_blocks_are_timed_once(tmp_path, use_cache, monkeypatch):
+    """A three-layer decoder: later layers' subgraphs repeat earlier ones' structure. Each
+    distinct structure is timed once, with or without a disk cache; the repeats carry the
+    first one's measurement in their own names and say which subgraph they repeat."""
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
+
+    monkeypatch.setattr(timing, "GROUP", 64)  # one timing call per subgraph: the calls count subgraphs
+    m = models.llama_decoder(layers=3)
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=4)
+    ranges = compute_ranges(m, layers, Samples(feeds))
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
+    part = partition(m, layers, formats={l.name: [f for f in l.formats if f == "int8"] for l in layers})
+    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    table = gain_table(m, layers, part, ranges, captured, backend, cache=Cache(tmp_path) if use_cache else None,
+                       progress=False, boundary_states=False)
+    repeats = [s for s in table.subgraphs if s.repeat_of is not None]
+    assert repeats, [s.name for s in table.subgraphs]
+    assert backend.calls == len({s.key for s in table.subgraphs}) < len(table.subgraphs)
+    by_index = {s.index: s for s in table.subgraphs}
+    for s in repeats:
+        first = by_index[s.repeat_of]
+        assert first.repeat_of is None and first.index < s.index and not s.cached
+        assert set(s.layers) == set(part.subgraphs[s.index].layers) and not set(s.layers) & set(first.layers)
+        assert [c.time for c in s.configs] == [c.time for c in first.configs]
+        assert [sorted(c.formats.values()) for c in s.configs] == [sorted(c.formats.values()) for c in first.configs]
+
+
+class _AllAtOncePool:
+    """A device pool that takes every job before finishing any: repeats of a structure still
+    in flight must wait for it instead of being timed again."""
+
+    def __init__(self, measurer):
+        self.measurer, self.jobs = measurer, 0
+
+    def map(self, fn, jobs):
+        jobs = list(jobs)
+        self.jobs += len(jobs)
+        for tag, args in jobs:
+            yield tag, fn(self.measurer, *args)
+
+
+def test_pool_times_each_structure_once_even_when_repeats_are_in_flight(monkeypatch):
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
+
+    monkeypatch.setattr(timing, "GROUP", 64)
+    m = models.llama_decoder(layers=3)
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=4)
+    ranges = compute_ranges(m, layers, Samples(feeds))
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
+    part = partition(m, layers, formats={l.name: [f for f in l.formats if f == "int8"] for l in layers})
+    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    pool = _AllAtOncePool(backend)
+    table = gain_table(m, layers, part, ranges, captured, backend, pool=pool, progress=False, boundary_states=False)
+    distinct = len({s.key for s in table.subgraphs})
+    assert pool.jobs == backend.calls == distinct < len(table.subgraphs)
+    assert [s.index for s in table.subgraphs] == [s.index for s in part.subgraphs]
+    assert all(set(s.layers) == set(p.layers) for s, p in zip(table.subgraphs, part.subgraphs))
+    assert sum(s.repeat_of is not None for s in table.subgraphs) == len(table.subgraphs) - distinct
