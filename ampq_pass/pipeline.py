@@ -189,7 +189,7 @@ def build_options(table: GainTable, sens: Sensitivity,
         for c in sg.configs:
             mem = float(sum(memory[l][c.formats.get(l, HP)] for l in sg.layers)) if memory else 0.0
             opts.append(Option(dict(c.formats), float(c.gain), float(predicted_mse(sens, c.formats)), mem,
-                               dict(c.cuts), frozenset(c.forces)))
+                               dict(c.cuts), frozenset(c.forces), frozenset(c.joins)))
         options.append(opts)
     return options
 
@@ -433,8 +433,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     option_table = build_options(table, sens, memory)
     tau = loss_budget(max_loss_rmse=opts.max_loss_rmse, max_loss_mse=opts.max_loss_mse,
                       loss_sq_mean=sens.loss_sq_mean if opts.max_loss_rmse is not None else None)
-    solution = solve(option_table, tau, max_memory=opts.max_memory)
-    front = pareto_front(option_table, opts.pareto, max_memory=opts.max_memory) if opts.pareto else []
+    solution = solve(option_table, tau, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
+    front = pareto_front(option_table, opts.pareto, max_memory=opts.max_memory,
+                         cut_bonus=table.cut_bonus) if opts.pareto else []
     clock.lap("solve")
 
     log("[6/7] rewriting")
@@ -502,10 +503,11 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             members, time = step
             new = solution_of(build_options(table, sens, memory), reverted(table, solution.plan, members), tau,
                               status="measured", message=f"subgraphs {members} reverted to hp: measured faster in "
-                                                         f"the model than with them quantized")
+                                                         f"the model than with them quantized",
+                              cut_bonus=table.cut_bonus)
             predicted = measured["speedup"] * ctx.plan_time / time
         else:
-            new = solve(build_options(table, sens, memory), tau, max_memory=opts.max_memory)
+            new = solve(build_options(table, sens, memory), tau, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
             predicted = _speedup(table, new)
         if new.plan.formats == solution.plan.formats:
             break  # measured in context, the same plan is still the best one
@@ -560,7 +562,7 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
     log(f"[5/7] solving the integer program for {points} loss budgets (the predicted front)")
     memory = weight_memory(model, layers, formats) if opts.max_memory is not None else None
     option_table = build_options(table, sens, memory)
-    front = pareto_front(option_table, points, max_memory=opts.max_memory)
+    front = pareto_front(option_table, points, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
     if front[0].plan.formats:  # budget 0 still quantizes (zero predicted loss): the search starts from hp
         front.insert(0, hp_solution(option_table, 0.0, status="hp", message=""))
     clock.lap("solve")
@@ -674,7 +676,8 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
     try:
         return solution_of(options, table.plan(plan_formats), tau, status="measured",
                            message=f"every int8-capable layer in int8 (measured {anchor['measured_speedup']:.3f}x in the "
-                                   f"whole model while timing): faster than the solver's plan")
+                                   f"whole model while timing): faster than the solver's plan",
+                           cut_bonus=table.cut_bonus)
     except AmpqError:  # the configuration cap left this plan out of some subgraph
         return None
 

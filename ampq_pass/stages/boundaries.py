@@ -96,6 +96,18 @@ def forces(cut: Cut, formats: dict[str, str], layers: dict[str, Layer], side: in
     return any(n is not None and _forces_with(cut, layers[n], formats.get(n, HP)) for n in names)
 
 
+def joins(cut: Cut, formats: dict[str, str], layers: dict[str, Layer], side: int) -> bool:
+    """Whether subgraph ``side`` computes in int8 at the cut, so that an int8 cut passes int8 on
+    between int8 work (the runtime keeps its int8 layout across it): the consumer when its
+    layers quantize the cut; the producer when the layer that makes the cut runs int8, or, when
+    non-layer ops (Relu, Add, pooling) make it, when any of its layers does."""
+    if side == cut.consumer:
+        return forces(cut, formats, layers, side)
+    if cut.producer_layer is not None:
+        return formats.get(cut.producer_layer, HP) == STATE
+    return any(f == STATE for f in formats.values())
+
+
 def can_force(cut: Cut, layers: dict[str, Layer], candidates: dict[str, list[str]] | None = None, *,
               side: int | None = None) -> bool:
     """Whether some candidate format of a layer next to the cut (on ``side`` only, when given)

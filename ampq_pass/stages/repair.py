@@ -148,14 +148,16 @@ def reverted(table: GainTable, plan: Plan, members: list[int]) -> Plan:
 def context_gains(table: GainTable, plan: Plan, ctx: Context) -> dict[int, tuple[float, float]]:
     """Subgraph index -> (gain in context, its noise), in the gain table's time unit.
 
-    A group's gain in context is ``T(plan with the group reverted to hp) - T(plan)``; it is
-    shared among the group's subgraphs in proportion to their table gains (equally when those
-    are all zero).
+    A group's gain in context is ``T(plan with the group reverted to hp) - T(plan)``, less the
+    cut bonus the revert gives up (``GainTable.cut_bonus``: the table credits that to the cuts,
+    not to the subgraphs); it is shared among the group's subgraphs in proportion to their
+    table gains (equally when those are all zero).
     """
     by_index = {s.index: s for s in table.subgraphs}
     out: dict[int, tuple[float, float]] = {}
     for members, time, noise in ctx.groups:
-        gain = time - ctx.plan_time
+        lost = table.bonus(plan) - table.bonus(reverted(table, plan, members)) if table.cut_bonus else 0.0
+        gain = time - ctx.plan_time - lost
         weights = [max(by_index[i].lookup(plan.formats, plan.cuts).gain, 0.0) for i in members]
         total = sum(weights)
         for i, w in zip(members, weights):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dataclasses import dataclass, field
 
+from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
 from ampq_pass.core.samples import Samples
 from ampq_pass.core.text import table as text_table
@@ -110,7 +111,10 @@ def build_report(record: PassRecord) -> dict:
                        "configs_without_states": sum(len({tuple(sorted(c.formats.items())) for c in s.configs})
                                                      for s in table.subgraphs),
                        # the parts fitted to the whole model: hp (factor) and every-int8 (ampq_pass.stages.timing)
-                       "parts_scale": table.parts_scale, "format_anchors": table.format_anchors},
+                       "parts_scale": table.parts_scale, "format_anchors": table.format_anchors,
+                       # time credited to cuts quantized on both sides, and those the plan earns
+                       "cut_bonus": dict(table.cut_bonus),
+                       "cuts_earning_bonus": _earning(table, solution.plan)},
         "predicted": {"speedup": r.predicted_speedup, "loss_mse": solution.mse, "gain": solution.gain,
                       "hp_time": table.hp_total, "memory": solution.memory if opts.max_memory is not None else None},
         "measured": r.measured,
@@ -131,6 +135,13 @@ def build_report(record: PassRecord) -> dict:
         "loss_check": r.loss_check,
         "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
     }
+
+
+def _earning(table, plan) -> list[str]:
+    try:
+        return table.bonus_cuts(table.lookup_all(plan)) if table.cut_bonus else []
+    except AmpqError:  # a plan chosen by measurement outside the table (not expected)
+        return []
 
 
 def _fmt(v, spec=".3g") -> str:

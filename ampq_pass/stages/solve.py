@@ -21,6 +21,15 @@ a cut ``k`` between subgraphs ``p`` and ``q``, with ``b_k`` the int8 state::
     sum_{c of p: b_k} y_{p,c} <= sum_{c of p forcing k} y_{p,c} + sum_{c of q forcing k} y_{q,c}
 
 the second because a cut is quantized only when a layer next to it quantizes it.
+
+Cut bonuses (``cut_bonus``, :attr:`ampq_pass.stages.timing.GainTable.cut_bonus`): the time the
+whole model saves at cut ``k`` when it is int8 with int8 work on every side
+(``Option.joins``). With a binary ``z_k`` and ``J_{s,k}`` the options of ``s`` joining ``k``::
+
+    maximise  ... + sum_k bonus_k z_k
+    s.t.      z_k <= sum_{c in J_{s,k}} y_{s,c}     for every subgraph s next to k
+
+(``z_k`` is 1 only when every side joins ``k``; a positive bonus makes it 1 whenever it can be).
 """
 
 from __future__ import annotations
@@ -44,9 +53,11 @@ class Option:
     #: states of the subgraph's cut tensors (unnamed: hp) and the cuts its formats quantize
     cuts: dict[str, str] = field(default_factory=dict)
     forces: frozenset[str] = frozenset()
+    #: the int8 cuts it computes in int8 next to (they earn a cut bonus when every side joins)
+    joins: frozenset[str] = frozenset()
 
     def signature(self) -> tuple:
-        return tuple(sorted(self.cuts.items())), tuple(sorted(self.forces))
+        return tuple(sorted(self.cuts.items())), tuple(sorted(self.forces)), tuple(sorted(self.joins))
 
 
 @dataclass
@@ -104,16 +115,20 @@ def pareto_options(opts: list[Option], *, memory: bool = True) -> list[int]:
 
 
 def solve(options: list[list[Option]], max_mse: float, *, max_memory: float | None = None,
-          time_limit: float = 60.0) -> Solution:
-    """The plan maximising gain with predicted loss MSE <= ``max_mse`` (and memory <= ``max_memory``).
+          time_limit: float = 60.0, cut_bonus: dict[str, float] | None = None) -> Solution:
+    """The plan maximising gain with predicted loss MSE <= ``max_mse`` (and memory <= ``max_memory``),
+    counting ``cut_bonus`` (cut -> gain) at every cut that all subgraphs next to it join.
 
     A negative ``max_mse`` or a memory budget no plan can meet is not an error: the
     nearest feasible plan is returned (all-hp for the loss; least memory for the memory
     budget) with ``status`` and ``message`` saying so.
     """
     _validate(options, max_mse, max_memory)
+    bonus = {t: float(b) for t, b in (cut_bonus or {}).items()}
+    if any(not math.isfinite(b) or b < 0 for b in bonus.values()):
+        raise AmpqError(f"cut_bonus must hold finite gains >= 0, got {bonus}")
     if max_mse < 0:
-        sol = _solve(options, 0.0, max_memory, time_limit)
+        sol = _solve(options, 0.0, max_memory, time_limit, bonus)
         sol.status, sol.max_mse = "infeasible-loss", max_mse
         sol.message = f"loss budget {max_mse:g} is negative; the nearest feasible plan keeps every layer in hp"
         return sol
@@ -121,15 +136,15 @@ def solve(options: list[list[Option]], max_mse: float, *, max_memory: float | No
         least = sum(min(o.memory for o in opts if o.mse <= max_mse) if any(o.mse <= max_mse for o in opts)
                     else min(o.memory for o in opts) for opts in options)
         if least > max_memory * (1 + 1e-12):
-            sol = _solve_least_memory(options, max_mse, time_limit)
+            sol = _solve_least_memory(options, max_mse, time_limit, bonus)
             sol.status, sol.max_memory = "infeasible-memory", max_memory
             sol.message = (f"memory budget {max_memory:,.0f} B cannot be met within loss budget {max_mse:g}; "
                            f"nearest feasible plan uses {sol.memory:,.0f} B (the least possible)")
             return sol
-    return _solve(options, max_mse, max_memory, time_limit)
+    return _solve(options, max_mse, max_memory, time_limit, bonus)
 
 
-def _solve(options, max_mse, max_memory, time_limit) -> Solution:
+def _solve(options, max_mse, max_memory, time_limit, bonus=None) -> Solution:
     import mip
 
     # An option whose own loss exceeds the whole budget can never be part of a plan. Dropping
@@ -139,7 +154,9 @@ def _solve(options, max_mse, max_memory, time_limit) -> Solution:
                   for opts in options]
     kept = [[affordable[s][k] for k in pareto_options([opts[i] for i in affordable[s]], memory=max_memory is not None)]
             for s, opts in enumerate(options)]
-    gscale = max((abs(options[s][i].gain) for s, ks in enumerate(kept) for i in ks), default=1.0) or 1.0
+    bonus = bonus or {}
+    gscale = max([abs(options[s][i].gain) for s, ks in enumerate(kept) for i in ks] + list(bonus.values()),
+                 default=1.0) or 1.0
     m = mip.Model(sense=mip.MAXIMIZE, solver_name=mip.CBC)
     m.verbose = 0
     # 1e-6 relative: far below timing noise, and it spares CBC proving the last digits.
@@ -158,14 +175,42 @@ def _solve(options, max_mse, max_memory, time_limit) -> Solution:
         m += mip.xsum(options[s][i].memory / bscale * v for s, ks in enumerate(kept)
                       for i, v in zip(ks, y[s])) <= (1.0 if max_memory > 0 else 0.0)
     _link_cuts(m, options, kept, y)
-    m.objective = mip.xsum(options[s][i].gain / gscale * v for s, ks in enumerate(kept) for i, v in zip(ks, y[s]))
+    earned = _bonus_terms(m, options, kept, y, bonus)
+    m.objective = mip.xsum([options[s][i].gain / gscale * v for s, ks in enumerate(kept) for i, v in zip(ks, y[s])]
+                           + [b / gscale * z for b, z in earned])
     status = m.optimize(max_seconds=time_limit)
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
         # Every subgraph has an hp option with zero loss, so this only happens for memory.
         raise AmpqError(f"the integer program has no solution ({status.name}); check the memory budget")
     choice = [ks[max(range(len(ks)), key=lambda j: y[s][j].x)] for s, ks in enumerate(kept)]
     return _solution(options, choice, max_mse, max_memory,
-                     "optimal" if status == mip.OptimizationStatus.OPTIMAL else "feasible (time limit)")
+                     "optimal" if status == mip.OptimizationStatus.OPTIMAL else "feasible (time limit)", bonus)
+
+
+def _bonus_terms(m, options, kept, y, bonus: dict[str, float]) -> list:
+    """``(bonus_k, z_k)`` for every cut with a positive bonus and two or more sides (module docstring)."""
+    import mip
+
+    terms = []
+    for t, b in bonus.items():
+        sides = [s for s, opts in enumerate(options) if any(t in o.cuts for o in opts)]
+        if b <= 0 or len(sides) < 2:
+            continue
+        z = m.add_var(var_type=mip.BINARY)
+        for s in sides:
+            m += z <= mip.xsum(v for i, v in zip(kept[s], y[s]) if t in options[s][i].joins)
+        terms.append((b, z))
+    return terms
+
+
+def earned_bonus(options: list[list[Option]], choice: list[int], cut_bonus: dict[str, float] | None) -> float:
+    """The bonus of every cut that all subgraphs next to it join under ``choice``."""
+    total = 0.0
+    for t, b in (cut_bonus or {}).items():
+        sides = [s for s, opts in enumerate(options) if any(t in o.cuts for o in opts)]
+        if len(sides) > 1 and all(t in options[s][choice[s]].joins for s in sides):
+            total += b
+    return total
 
 
 def _link_cuts(m, options, kept, y) -> None:
@@ -189,10 +234,10 @@ def _link_cuts(m, options, kept, y) -> None:
             m += mip.xsum(on[subs[0]]) <= mip.xsum(forcing)
 
 
-def _solve_least_memory(options, max_mse, time_limit) -> Solution:
+def _solve_least_memory(options, max_mse, time_limit, bonus=None) -> Solution:
     neg = [[replace(o, gain=-o.memory) for o in opts] for opts in options]
     sol = _solve(neg, max(max_mse, 0.0), None, time_limit)
-    return _solution(options, sol.choice, max_mse, None, sol.status)
+    return _solution(options, sol.choice, max_mse, None, sol.status, bonus)
 
 
 def hp_solution(options: list[list[Option]], max_mse: float, *, status: str, message: str) -> Solution:
@@ -200,7 +245,8 @@ def hp_solution(options: list[list[Option]], max_mse: float, *, status: str, mes
     return solution_of(options, Plan({}), max_mse, status=status, message=message)
 
 
-def solution_of(options: list[list[Option]], plan: Plan, max_mse: float, *, status: str, message: str) -> Solution:
+def solution_of(options: list[list[Option]], plan: Plan, max_mse: float, *, status: str, message: str,
+                cut_bonus: dict[str, float] | None = None) -> Solution:
     """The :class:`Solution` whose options give every layer its format in ``plan`` (a plan chosen
     by measurement rather than by the solver)."""
     choice = []
@@ -210,16 +256,16 @@ def solution_of(options: list[list[Option]], plan: Plan, max_mse: float, *, stat
         if not match:
             raise AmpqError(f"subgraph {s} has no configuration matching the plan")
         choice.append(match[0])
-    sol = _solution(options, choice, max_mse, None, status)
+    sol = _solution(options, choice, max_mse, None, status, cut_bonus)
     sol.message = message
     return sol
 
 
-def _solution(options, choice, max_mse, max_memory, status) -> Solution:
+def _solution(options, choice, max_mse, max_memory, status, bonus=None) -> Solution:
     picked = [options[s][i] for s, i in enumerate(choice)]
     formats = {l: f for o in picked for l, f in o.formats.items() if f != HP}
     cuts = {t: st for o in picked for t, st in o.cuts.items() if st != HP}
-    gain = float(sum(o.gain for o in picked))
+    gain = float(sum(o.gain for o in picked) + earned_bonus(options, choice, bonus))
     mse = float(sum(o.mse for o in picked))
     memory = float(sum(o.memory for o in picked))
     binding = _binding(options, choice, max_mse, max_memory)
@@ -256,18 +302,19 @@ def _binding(options, choice, max_mse, max_memory) -> str:
         (loss, memory), "cuts" if linked else "none")
 
 
-def pareto_front(options: list[list[Option]], points: int, *, max_memory: float | None = None) -> list[Solution]:
+def pareto_front(options: list[list[Option]], points: int, *, max_memory: float | None = None,
+                 cut_bonus: dict[str, float] | None = None) -> list[Solution]:
     """Solutions for ``points`` loss budgets from 0 to the loss of the unconstrained best plan
     (geometrically spaced), sorted by budget; gain never decreases along the front."""
     if points < 2:
         raise AmpqError(f"pareto points must be >= 2, got {points}")
-    top = solve(options, math.inf, max_memory=max_memory)
+    top = solve(options, math.inf, max_memory=max_memory, cut_bonus=cut_bonus)
     positive = sorted(o.mse for opts in options for o in opts if o.mse > 0)
     if top.mse <= 0 or not positive:
         return [top]
     lo = positive[0]
     budgets = [0.0] + [lo * (top.mse / lo) ** (k / (points - 2)) for k in range(points - 1)] if points > 2 else [0.0, top.mse]
-    return [solve(options, b, max_memory=max_memory) for b in budgets]
+    return [solve(options, b, max_memory=max_memory, cut_bonus=cut_bonus) for b in budgets]
 
 
 def loss_budget(*, max_loss_rmse: float | None = None, max_loss_mse: float | None = None,

@@ -112,6 +112,30 @@ def test_correct_moves_every_quantized_config_of_the_subgraph_and_zeroes_noise()
     assert quantized_groups(table, plan, 1) == [[0, 1]] and quantized_groups(table, plan, 5) == [[0], [1]]
 
 
+def test_context_gain_leaves_out_the_cut_bonus_the_revert_gives_up():
+    """Two int8 subgraphs joined at cut k with a bonus of 0.3: reverting s1 to hp costs the
+    model its gain (0.4) and the bonus; the gain put back into s1 is 0.4, not 0.7, since the
+    table still credits the bonus to the cut."""
+    from ampq_pass.stages.repair import Context, context_gains
+
+    def config(layers, fmt, gain, k_state):
+        joins = ["k"] if fmt == "int8" and k_state == "int8" else []
+        return ConfigGain({l: fmt for l in layers}, 1.0 - gain, gain, 0.01, True, gain, cuts={"k": k_state},
+                          forces=joins if layers == ["c"] else [], joins=joins)
+
+    sgs = [SubgraphGains(0, "s0", ["a"], 1.0, [config(["a"], "hp", 0.0, "hp"), config(["a"], "int8", 0.45, "hp"),
+                                               config(["a"], "int8", 0.5, "int8")]),
+           SubgraphGains(1, "s1", ["c"], 1.0, [config(["c"], "hp", 0.0, "hp"), config(["c"], "int8", 0.4, "int8")])]
+    table = GainTable("fake", {}, "s", sgs, hp_total=2.0, cut_bonus={"k": 0.3})
+    plan = table.plan({"a": "int8", "c": "int8"})
+    assert table.bonus(plan) == pytest.approx(0.3) and table.total_gain(plan) == pytest.approx(1.2)
+    plan_time = 2.0 - 1.2
+    # with s1 reverted nothing quantizes k: s0 runs its k=hp configuration, and the bonus is gone
+    assert table.bonus(table.plan({"a": "int8"})) == 0.0
+    ctx = Context(plan_time, [([1], plan_time + 0.4 + 0.3, 0.01)])
+    assert context_gains(table, plan, ctx)[1][0] == pytest.approx(0.4)
+
+
 def test_falls_short_only_beyond_the_noise():
     m = {"speedup": 1.2, "hp_ci": [0.99, 1.01], "plan_ci": [0.82, 0.84]}
     lo, hi = speedup_interval(m)

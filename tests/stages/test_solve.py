@@ -118,3 +118,53 @@ def test_bad_options():
         solve([[Option({"a": "hp"}, 0, 0), Option({"a": "int8"}, math.nan, 1)]], 1.0)
     with pytest.raises(AmpqError, match="no subgraph"):
         solve([], 1.0)
+
+
+def _cut_options():
+    """Two subgraphs around cut k. p: hp, hp reading nothing int8, or int8 work next to an int8 k;
+    q: hp, or int8 (its layer quantizes k, so it forces and joins k). p int8 alone loses a little."""
+    k = "k"
+    p = [Option({"a": "hp"}, 0.0, 0.0, cuts={k: "hp"}),
+         Option({"a": "hp"}, -0.05, 0.0, cuts={k: "int8"}),
+         Option({"a": "int8"}, -0.1, 0.1, cuts={k: "int8"}, joins=frozenset({k}))]
+    q = [Option({"b": "hp"}, 0.0, 0.0, cuts={k: "hp"}),
+         Option({"b": "int8"}, 0.5, 0.1, cuts={k: "int8"}, forces=frozenset({k}), joins=frozenset({k}))]
+    return [p, q]
+
+
+def test_cut_bonus_is_earned_only_with_int8_work_on_both_sides():
+    options = _cut_options()
+    plain = solve(options, math.inf)
+    assert plain.plan.formats == {"b": "int8"} and plain.gain == pytest.approx(0.45)
+    small = solve(options, math.inf, cut_bonus={"k": 0.01})  # not worth p's loss of 0.05
+    assert small.plan.formats == {"b": "int8"} and small.gain == pytest.approx(0.45)
+    big = solve(options, math.inf, cut_bonus={"k": 0.2})  # -0.1 + 0.5 + 0.2 beats 0.45
+    assert big.plan.formats == {"a": "int8", "b": "int8"} and big.gain == pytest.approx(0.6)
+    # the loss budget still binds: with room for one int8 layer only, no bonus can be earned
+    tight = solve(options, 0.15, cut_bonus={"k": 0.2})
+    assert tight.plan.formats == {"b": "int8"} and tight.gain == pytest.approx(0.45)
+
+
+def test_cut_bonus_matches_brute_force():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        options = _cut_options()
+        options = [[Option(o.formats, float(o.gain + rng.normal(0, 0.1)), o.mse, cuts=o.cuts, forces=o.forces,
+                           joins=o.joins) for o in opts] for opts in options]
+        bonus = {"k": float(rng.uniform(0, 0.3))}
+        budget = float(rng.choice([0.05, 0.15, 0.3]))
+        sol = solve(options, budget, cut_bonus=bonus)
+        best = -math.inf
+        for i, j in itertools.product(range(3), range(2)):
+            a, b = options[0][i], options[1][j]
+            if a.cuts["k"] != b.cuts["k"] or (b.cuts["k"] == "int8" and "k" not in b.forces):
+                continue  # the sides disagree, or nobody quantizes the cut
+            if a.mse + b.mse > budget:
+                continue
+            best = max(best, a.gain + b.gain + (bonus["k"] if "k" in a.joins and "k" in b.joins else 0.0))
+        assert sol.gain == pytest.approx(best, abs=1e-9), trial
+
+
+def test_negative_cut_bonus_is_refused():
+    with pytest.raises(AmpqError, match="cut_bonus"):
+        solve(_cut_options(), math.inf, cut_bonus={"k": -1.0})

@@ -430,8 +430,10 @@ def cnn_timing_setup(cnn_model):
 
 def test_int8_anchor_puts_the_every_int8_plan_at_its_measured_time(cnn_timing_setup):
     """Standalone int8 subgraphs pay edges the model does not: the parts under-predict the
-    every-int8 plan; after the fit, the table predicts exactly what the model measures, and a
-    plan between the two anchors lies between their speed-ups."""
+    every-int8 plan. The difference goes to the cuts with int8 work on both sides (each int8
+    part pays one edge there alone, two per cut), so after the fit the table predicts what
+    the model measures for the every-int8 plan and for a plan with half the layers int8,
+    which earns the bonus of its one int8-int8 cut only."""
     from ampq_pass.stages.rewrite import rewrite
     from ampq_pass.stages.timing import gain_table
 
@@ -440,15 +442,21 @@ def test_int8_anchor_puts_the_every_int8_plan_at_its_measured_time(cnn_timing_se
     table = gain_table(model, layers, part, ranges, captured, clock, formats=("int8",), progress=False,
                        model_inputs=[feeds])
     anchor = table.format_anchors["int8"]
+
+    def measured(plan):
+        return clock._timing(model).median / clock._timing(
+            rewrite(model, layers, table.plan(plan), ranges, rules=clock.capabilities().rules)).median
+
     every = {l.name: "int8" for l in layers}
-    measured = clock._timing(model).median / clock._timing(
-        rewrite(model, layers, table.plan(every), ranges, rules=clock.capabilities().rules)).median
-    assert anchor["applied"] and anchor["factor"] < 1.0
-    assert anchor["predicted_speedup"] < measured  # the check can fail: the parts alone under-predict
-    assert anchor["measured_speedup"] == pytest.approx(measured)
-    assert predict_speedup(table, every) == pytest.approx(measured, rel=1e-6)
-    half = {l.name: "int8" for l in layers[: len(layers) // 2]}
-    assert 1.0 < predict_speedup(table, half) < measured
+    assert anchor["applied"] and anchor["bonus_cuts"] == 3 and anchor["factor"] == 1.0
+    assert anchor["cut_bonus"] == pytest.approx(2 * clock.edge * 1e-3)
+    assert anchor["predicted_speedup"] < measured(every)  # the check can fail: the parts alone under-predict
+    assert anchor["measured_speedup"] == pytest.approx(measured(every))
+    assert predict_speedup(table, every) == pytest.approx(measured(every), rel=1e-6)
+    half = {l.name: "int8" for l in layers[:3]}  # the stem and the first block
+    assert table.bonus_cuts(table.lookup_all(half)) == ["/Relu_output_0"]
+    assert 1.0 < predict_speedup(table, half) < measured(every)
+    assert predict_speedup(table, half) == pytest.approx(measured(half), rel=1e-6)
     assert all(c.gain == pytest.approx(s.hp_time - c.time) for s in table.subgraphs for c in s.configs
                if "int8" in c.formats.values())
 
