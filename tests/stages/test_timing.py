@@ -703,3 +703,58 @@ def test_pool_times_each_structure_once_even_when_repeats_are_in_flight(monkeypa
     assert [s.index for s in table.subgraphs] == [s.index for s in part.subgraphs]
     assert all(set(s.layers) == set(p.layers) for s, p in zip(table.subgraphs, part.subgraphs))
     assert sum(s.repeat_of is not None for s in table.subgraphs) == len(table.subgraphs) - distinct
+
+
+def test_anchor_chunks_bound_the_weights_timed_beside_the_model(monkeypatch):
+    """Subgraphs in order, cut into runs whose weights stay under the bound; the table built
+    in chunks puts every subgraph on the first chunk's scale through the model timed in each."""
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.timing import anchor_chunks
+
+    m = models.llama_decoder(layers=3)
+    layers = find_layers(m)
+    part = partition(m, layers, formats={l.name: ["int8"] for l in layers})
+    assert [s.index for c in anchor_chunks(m, part) for s in c] == [s.index for s in part.subgraphs]
+    assert len(anchor_chunks(m, part)) == 1
+    monkeypatch.setattr(timing, "ANCHOR_CHUNK_BYTES", 1)  # every subgraph alone
+    chunks = anchor_chunks(m, part)
+    assert [len(c) for c in chunks] == [1] * len(part.subgraphs)
+
+
+class _DriftingClock(SizeClock):
+    """Times every model by its node count, the machine 1.5x slower at every later call: the
+    chunks must be put back on one scale."""
+
+    name = "drifting-clock"
+
+    def __init__(self):
+        self.calls = 0
+
+    def key(self):
+        return {"backend": "drifting-clock"}
+
+    def time_each(self, jobs):
+        self.calls += 1
+        slow = 1.5 ** (self.calls - 1)
+        return {k: Timing.of([1e-3 * len(m.graph.node) * slow] * 5) for k, (m, _) in jobs.items()}
+
+
+def test_anchor_hp_times_in_chunks_share_one_scale(monkeypatch):
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs, extract
+    from ampq_pass.stages.timing import anchor_hp_times
+
+    m = models.llama_decoder(layers=2)
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=4)
+    part = partition(m, layers, formats={l.name: ["int8"] for l in layers})
+    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    monkeypatch.setattr(timing, "ANCHOR_CHUNK_BYTES", 1)
+    clock = _DriftingClock()
+    (total, _), hp = anchor_hp_times(m, part, captured, [feeds], clock)
+    assert clock.calls == len(part.subgraphs) > 1
+    assert total == pytest.approx(1e-3 * len(m.graph.node))
+    for s in part.subgraphs:
+        assert hp[s.index] == pytest.approx(1e-3 * len(extract(m, s).graph.node)), s.index
