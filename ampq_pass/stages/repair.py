@@ -24,6 +24,7 @@ import onnx
 
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.formats import HP
+from ampq_pass.core.proto import expected_bytes
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.plan import Plan
@@ -35,6 +36,16 @@ _CACHE_VERSION = 2
 
 #: reverted variants timed together with the plan (each whole-model session holds its own arena)
 VARIANTS_AT_ONCE = 4
+#: what the variants' weights may add up to in one batch: GPT-2 small (500 MB of weights) with
+#: four variants and the plan peaked at 7.6 GB, against 3.5 GB in the verify stage before it
+CONTEXT_BYTES = 1 << 30
+
+
+def variants_at_once(model: onnx.ModelProto) -> int:
+    """How many reverted variants of ``model`` are timed beside the plan at once: up to
+    :data:`VARIANTS_AT_ONCE`, as many as :data:`CONTEXT_BYTES` of its weights allow, at least one."""
+    weights = sum(expected_bytes(t) or 0 for t in model.graph.initializer)
+    return max(1, min(VARIANTS_AT_ONCE, CONTEXT_BYTES // max(weights, 1)))
 
 
 @dataclass
@@ -122,8 +133,9 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
         # whole-model sessions each hold an ONNX Runtime arena (ResNet-50: ~350 MB): the
         # variants are timed a few at a time, each batch with the plan, and put on the first
         # batch's scale (a busier batch keeps its ratios to the plan)
-        for start in range(0, len(groups), VARIANTS_AT_ONCE):
-            batch = list(enumerate(groups))[start:start + VARIANTS_AT_ONCE]
+        at_once = variants_at_once(model)
+        for start in range(0, len(groups), at_once):
+            batch = list(enumerate(groups))[start:start + at_once]
             models = {"plan": planned}
             models.update({f"revert{g}": rewrite(model, layers, reverted(table, plan, members), ranges, rules=rules)
                            for g, members in batch})

@@ -174,3 +174,18 @@ def test_a_variant_measured_faster_is_taken_as_it_is(tmp_path, block):
     assert res.report["measured"]["speedup"] == pytest.approx(2.0 / 1.8, rel=0.01)
     assert res.report["predicted"]["speedup"] == pytest.approx(2.0 / 1.8, rel=0.01)  # measured in context
     assert res.solution.status == "measured" and res.report["rejected_plan"] is None
+
+
+def test_large_models_time_fewer_variants_at_once(monkeypatch):
+    import ampq_pass.stages.repair as repair
+    from ampq_pass.stages.repair import variants_at_once
+
+    import models
+
+    small = models.mlp()
+    assert variants_at_once(small) == repair.VARIANTS_AT_ONCE
+    weights = sum(t.ByteSize() for t in small.graph.initializer)
+    monkeypatch.setattr(repair, "CONTEXT_BYTES", 2 * weights)
+    assert variants_at_once(small) == 2
+    monkeypatch.setattr(repair, "CONTEXT_BYTES", 1)
+    assert variants_at_once(small) == 1  # never none: the plan needs a variant to compare with
