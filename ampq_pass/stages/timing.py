@@ -860,23 +860,33 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
     which carries the scale from chunk to chunk. Returns None when the backend cannot time
     models with different inputs together.
     """
+    by_index = {s.index: s for s in partition.subgraphs}
     key = digest("anchor", _CACHE_VERSION, model_digest(model), [s.to_json() for s in partition.subgraphs],
                  input_signature(model_inputs),
                  {s.index: input_signature(inputs_by_subgraph[s.index][:max_batches]) for s in partition.subgraphs},
                  backend.key())
     def measure() -> dict:
+        chunks = anchor_chunks(model, partition)
+        # the scale goes from chunk to chunk through one subgraph of the first, timed in every
+        # chunk: the heaviest, so that its own noise stays small (the whole model would do too,
+        # at the cost of one more model run per round in every chunk)
+        carrier = str(max(chunks[0], key=lambda s: subgraph_weight_bytes(model, s)).index)
         out: dict = {"subgraphs": {}}
-        for chunk in anchor_chunks(model, partition):
-            jobs = {"model": (model, model_inputs)}
-            jobs.update({str(s.index): (extract(model, s), inputs_by_subgraph[s.index][:max_batches]) for s in chunk})
+        for k, chunk in enumerate(chunks):
+            jobs = {"model": (model, model_inputs)} if k == 0 else {}
+            for s in chunk if k == 0 else [by_index[int(carrier)]] + chunk:
+                jobs[str(s.index)] = (extract(model, s), inputs_by_subgraph[s.index][:max_batches])
             timings = backend.time_each(jobs)
             del jobs
-            total = timings.pop("model")
-            if "total" not in out:
-                out.update(total=total.median, noise=total.half_width)
-            # every chunk on the first one's scale, through the model timed in each
-            factor = out["total"] / total.median if total.median > 0 else 1.0
-            out["subgraphs"].update({k: t.median * factor for k, t in timings.items()})
+            if k == 0:
+                total = timings.pop("model")
+                out.update(total=total.median, noise=total.half_width, carrier=timings[carrier].median)
+                factor = 1.0
+            else:
+                ref = timings.pop(carrier)
+                factor = out["carrier"] / ref.median if ref.median > 0 else 1.0
+            out["subgraphs"].update({name: t.median * factor for name, t in timings.items()})
+        out.pop("carrier", None)
         return out
 
     try:
@@ -892,15 +902,21 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
 ANCHOR_CHUNK_BYTES = 128 << 20
 
 
+def subgraph_weight_bytes(model: onnx.ModelProto, subgraph) -> int:
+    """Bytes of the initializers ``subgraph``'s nodes read."""
+    sizes = {t.name: expected_bytes(t) or 0 for t in model.graph.initializer}
+    nodes = set(subgraph.nodes)
+    read = {t for n in model.graph.node if n.name in nodes for t in n.input}
+    return sum(sizes.get(t, 0) for t in read)
+
+
 def anchor_chunks(model: onnx.ModelProto, partition) -> list[list]:
     """``partition``'s subgraphs in order, in runs whose initializers add up to at most
     :data:`ANCHOR_CHUNK_BYTES` (one subgraph alone may hold more)."""
-    sizes = {t.name: expected_bytes(t) or 0 for t in model.graph.initializer}
-    made_by = {n.name: n for n in model.graph.node}
     chunks: list[list] = [[]]
     held = 0
     for s in partition.subgraphs:
-        size = sum(sizes.get(t, 0) for name in s.nodes if name in made_by for t in set(made_by[name].input))
+        size = subgraph_weight_bytes(model, s)
         if chunks[-1] and held + size > ANCHOR_CHUNK_BYTES:
             chunks.append([])
             held = 0

@@ -706,8 +706,7 @@ def test_pool_times_each_structure_once_even_when_repeats_are_in_flight(monkeypa
 
 
 def test_anchor_chunks_bound_the_weights_timed_beside_the_model(monkeypatch):
-    """Subgraphs in order, cut into runs whose weights stay under the bound; the table built
-    in chunks puts every subgraph on the first chunk's scale through the model timed in each."""
+    """Subgraphs in order, cut into runs whose weights stay under the bound."""
     import ampq_pass.stages.timing as timing
     from ampq_pass.stages.partition import partition
     from ampq_pass.stages.timing import anchor_chunks
@@ -724,18 +723,19 @@ def test_anchor_chunks_bound_the_weights_timed_beside_the_model(monkeypatch):
 
 class _DriftingClock(SizeClock):
     """Times every model by its node count, the machine 1.5x slower at every later call: the
-    chunks must be put back on one scale."""
+    chunks must be put back on the first one's scale (through the subgraph timed in each)."""
 
     name = "drifting-clock"
 
     def __init__(self):
-        self.calls = 0
+        self.calls = self.models = 0
 
     def key(self):
         return {"backend": "drifting-clock"}
 
     def time_each(self, jobs):
         self.calls += 1
+        self.models += len(jobs)
         slow = 1.5 ** (self.calls - 1)
         return {k: Timing.of([1e-3 * len(m.graph.node) * slow] * 5) for k, (m, _) in jobs.items()}
 
@@ -755,6 +755,7 @@ def test_anchor_hp_times_in_chunks_share_one_scale(monkeypatch):
     clock = _DriftingClock()
     (total, _), hp = anchor_hp_times(m, part, captured, [feeds], clock)
     assert clock.calls == len(part.subgraphs) > 1
+    assert clock.models == 1 + 1 + 2 * (len(part.subgraphs) - 1)  # the model once, the carrier in every chunk
     assert total == pytest.approx(1e-3 * len(m.graph.node))
     for s in part.subgraphs:
         assert hp[s.index] == pytest.approx(1e-3 * len(extract(m, s).graph.node)), s.index
