@@ -246,6 +246,17 @@ def quick_protocol(protocol: Protocol) -> Protocol:
                                max_seconds=min(protocol.max_seconds or 10.0, 10.0), retries=0)
 
 
+def split_time(backend, parts: int, *, floor: float = 10.0):
+    """``backend`` whose protocol gives each of ``parts`` measurements an equal share of one
+    attempt's wall-clock cap (at least ``floor`` seconds each, no retries): a measurement cut
+    into parts for memory's sake then takes about as long as it did whole."""
+    protocol = getattr(backend, "protocol", None)
+    if parts <= 1 or not isinstance(protocol, Protocol) or protocol.max_seconds is None:
+        return backend
+    share = max(floor, protocol.max_seconds / parts)
+    return with_protocol(backend, dataclasses.replace(protocol, max_seconds=min(protocol.max_seconds, share), retries=0))
+
+
 def with_protocol(backend, protocol: Protocol):
     """A shallow copy of ``backend`` timing with ``protocol`` (backends without one: itself)."""
     if isinstance(backend, CostModel) or not isinstance(getattr(backend, "protocol", None), Protocol):

@@ -24,6 +24,7 @@ import onnx
 
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.formats import HP
+from ampq_pass.core.measure import split_time
 from ampq_pass.core.proto import expected_bytes
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
@@ -37,8 +38,9 @@ _CACHE_VERSION = 2
 #: reverted variants timed together with the plan (each whole-model session holds its own arena)
 VARIANTS_AT_ONCE = 4
 #: what the variants' weights may add up to in one batch: GPT-2 small (500 MB of weights) with
-#: four variants and the plan peaked at 7.6 GB, against 3.5 GB in the verify stage before it
-CONTEXT_BYTES = 1 << 30
+#: four variants and the plan peaked at 7.6 GB, against 3.5 GB in the verify stage before it;
+#: BERT-base (435 MB) with two at 4.6 GB
+CONTEXT_BYTES = 512 << 20
 
 
 def variants_at_once(model: onnx.ModelProto) -> int:
@@ -134,12 +136,15 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
         # variants are timed a few at a time, each batch with the plan, and put on the first
         # batch's scale (a busier batch keeps its ratios to the plan)
         at_once = variants_at_once(model)
+        # the batches share one attempt's time cap: on BERT-base six batches of full rounds
+        # made the repair round six minutes long
+        timer = split_time(backend, -(-len(groups) // at_once))
         for start in range(0, len(groups), at_once):
             batch = list(enumerate(groups))[start:start + at_once]
             models = {"plan": planned}
             models.update({f"revert{g}": rewrite(model, layers, reverted(table, plan, members), ranges, rules=rules)
                            for g, members in batch})
-            t = backend.time(models, inputs)
+            t = timer.time(models, inputs)
             del models
             reference = reference or t["plan"].median
             f = reference / t["plan"].median if t["plan"].median > 0 else 1.0

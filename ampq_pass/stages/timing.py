@@ -32,7 +32,8 @@ from ampq_pass.core.formats import HP
 from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.proto import expected_bytes
 from ampq_pass.core.structure import canonical_names, node_token, structure_digest
-from ampq_pass.core.measure import CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, with_protocol
+from ampq_pass.core.measure import (CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, split_time,
+                                   with_protocol)
 from ampq_pass.stages.boundaries import (STATE, boundary_cuts, forces, joins, quantized_feeds, split_at_cuts,
                                         with_states)
 from ampq_pass.stages.calibrate import Ranges
@@ -872,11 +873,12 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
         # at the cost of one more model run per round in every chunk)
         carrier = str(max(chunks[0], key=lambda s: subgraph_weight_bytes(model, s)).index)
         out: dict = {"subgraphs": {}}
+        timer = split_time(backend, len(chunks))  # about as long in chunks as whole
         for k, chunk in enumerate(chunks):
             jobs = {"model": (model, model_inputs)} if k == 0 else {}
             for s in chunk if k == 0 else [by_index[int(carrier)]] + chunk:
                 jobs[str(s.index)] = (extract(model, s), inputs_by_subgraph[s.index][:max_batches])
-            timings = backend.time_each(jobs)
+            timings = timer.time_each(jobs)
             del jobs
             if k == 0:
                 total = timings.pop("model")
