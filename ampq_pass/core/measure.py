@@ -261,6 +261,9 @@ def with_protocol(backend, protocol: Protocol):
     """A shallow copy of ``backend`` timing with ``protocol`` (backends without one: itself)."""
     if isinstance(backend, CostModel) or not isinstance(getattr(backend, "protocol", None), Protocol):
         return backend
+    own = getattr(type(backend), "with_protocol", None)
+    if own is not None:  # a wrapper (a meter) that forwards to the backend it holds
+        return own(backend, protocol)
     quick = copy.copy(backend)
     quick.protocol = protocol
     return quick

@@ -98,8 +98,9 @@ class Meter:
     """A backend that counts what its end-to-end timings cost: seconds, timed runs (repeats
     and warm-ups of every model) and measurements (calls of :meth:`time`)."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, *, counts_into: "Meter | None" = None):
         self.inner = backend
+        self.counts_into = counts_into
         self.seconds = 0.0
         self.runs = 0
         self.measurements = 0
@@ -107,16 +108,27 @@ class Meter:
         self.models = 0
 
     def __getattr__(self, name):
+        if name in ("inner", "counts_into"):  # not set yet (copy.copy builds without __init__)
+            raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def with_protocol(self, protocol):
+        """This meter's backend timing with ``protocol`` (:func:`ampq_pass.core.measure.with_protocol`),
+        its costs counted here too."""
+        return Meter(with_protocol(self.inner, protocol), counts_into=self)
 
     def time(self, models, inputs):
         t0 = time.perf_counter()
         out = self.inner.time(models, inputs)
-        self.seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
         warmup = getattr(getattr(self.inner, "protocol", None), "warmup", 0)
-        self.runs += sum(len(t.samples) + warmup for t in out.values())
-        self.measurements += 1
-        self.models += len(out)
+        meter = self
+        while meter is not None:
+            meter.seconds += elapsed
+            meter.runs += sum(len(t.samples) + warmup for t in out.values())
+            meter.measurements += 1
+            meter.models += len(out)
+            meter = meter.counts_into
         return out
 
     def to_json(self) -> dict:

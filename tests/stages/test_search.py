@@ -151,3 +151,25 @@ def test_quick_protocol_and_the_saving():
     assert saving["full_measurements_saved"] == 3
     assert saving["saved_runs"] == 3 * 20 - 48
     assert "note" in timing_saving(object(), mf, remeasured=0)
+
+
+def test_a_meter_takes_another_protocol_and_keeps_counting():
+    """The repair round splits its time cap over batches (core.measure.split_time) on the
+    pipeline's metered backend: that used to recurse forever in copy.copy (a corpus run of
+    BERT-base ended in RecursionError)."""
+    import copy
+
+    import models
+
+    from ampq_pass.backends.ort import OrtBackend
+    from ampq_pass.core.measure import Protocol, split_time
+    from ampq_pass.stages.search import Meter
+
+    meter = Meter(OrtBackend(protocol=Protocol(warmup=1, min_repeats=3, max_repeats=3, max_seconds=60.0)))
+    copy.copy(meter)  # no recursion
+    part = split_time(meter, 4)
+    assert isinstance(part, Meter) and part.protocol.max_seconds == 15.0
+    assert meter.protocol.max_seconds == 60.0
+    m = models.mlp()
+    part.time({"a": m}, [models.feeds_for(m, n=2)])
+    assert part.measurements == meter.measurements == 1 and meter.runs == part.runs == 3 + 1
