@@ -246,7 +246,7 @@ def quick_protocol(protocol: Protocol) -> Protocol:
                                max_seconds=min(protocol.max_seconds or 10.0, 10.0), retries=0)
 
 
-def split_time(backend, parts: int, *, floor: float = 10.0):
+def split_time(backend: "Measurer", parts: int, *, floor: float = 10.0) -> "Measurer":
     """``backend`` whose protocol gives each of ``parts`` measurements an equal share of one
     attempt's wall-clock cap (at least ``floor`` seconds each, no retries): a measurement cut
     into parts for memory's sake then takes about as long as it did whole."""

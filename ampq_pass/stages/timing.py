@@ -38,7 +38,7 @@ from ampq_pass.stages.boundaries import (STATE, boundary_cuts, forces, joins, qu
                                         with_states)
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
-from ampq_pass.stages.partition import configs as partition_configs
+from ampq_pass.stages.partition import Partition, Subgraph, configs as partition_configs
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.subgraphs import extract
@@ -904,7 +904,7 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
 ANCHOR_CHUNK_BYTES = 128 << 20
 
 
-def subgraph_weight_bytes(model: onnx.ModelProto, subgraph) -> int:
+def subgraph_weight_bytes(model: onnx.ModelProto, subgraph: Subgraph) -> int:
     """Bytes of the initializers ``subgraph``'s nodes read."""
     sizes = {t.name: expected_bytes(t) or 0 for t in model.graph.initializer}
     nodes = set(subgraph.nodes)
@@ -912,7 +912,7 @@ def subgraph_weight_bytes(model: onnx.ModelProto, subgraph) -> int:
     return sum(sizes.get(t, 0) for t in read)
 
 
-def anchor_chunks(model: onnx.ModelProto, partition) -> list[list]:
+def anchor_chunks(model: onnx.ModelProto, partition: Partition) -> list[list[Subgraph]]:
     """``partition``'s subgraphs in order, in runs whose initializers add up to at most
     :data:`ANCHOR_CHUNK_BYTES` (one subgraph alone may hold more)."""
     chunks: list[list] = [[]]
