@@ -193,7 +193,7 @@ def _bonus_terms(m, options, kept, y, bonus: dict[str, float]) -> list:
 
     terms = []
     for t, b in bonus.items():
-        sides = [s for s, opts in enumerate(options) if any(t in o.cuts for o in opts)]
+        sides = _sides(options, t)
         if b <= 0 or len(sides) < 2:
             continue
         z = m.add_var(var_type=mip.BINARY)
@@ -207,10 +207,15 @@ def earned_bonus(options: list[list[Option]], choice: list[int], cut_bonus: dict
     """The bonus of every cut that all subgraphs next to it join under ``choice``."""
     total = 0.0
     for t, b in (cut_bonus or {}).items():
-        sides = [s for s, opts in enumerate(options) if any(t in o.cuts for o in opts)]
+        sides = _sides(options, t)
         if len(sides) > 1 and all(t in options[s][choice[s]].joins for s in sides):
             total += b
     return total
+
+
+def _sides(options: list[list[Option]], cut: str) -> list[int]:
+    """The subgraphs with ``cut`` among their options' cut tensors."""
+    return [s for s, opts in enumerate(options) if any(cut in o.cuts for o in opts)]
 
 
 def _link_cuts(m, options, kept, y) -> None:

@@ -185,6 +185,10 @@ class GainTable:
         """The cuts with a bonus that ``chosen`` earns (:meth:`joined_cuts`)."""
         return self.joined_cuts(chosen, self.cut_bonus)
 
+    def earned(self, chosen: list[ConfigGain]) -> float:
+        """The bonus of the cuts ``chosen`` earns (:meth:`bonus_cuts`)."""
+        return float(sum(self.cut_bonus[t] for t in self.bonus_cuts(chosen)))
+
     def cut_states(self, formats: dict[str, str]) -> dict[str, str]:
         """The cut states ``formats`` give (the cuts some subgraph's layers quantize, each in
         the state that subgraph was timed with)."""
@@ -206,13 +210,13 @@ class GainTable:
 
     def bonus(self, formats: dict[str, str] | Plan) -> float:
         """The cut bonus a plan earns (:meth:`bonus_cuts` of its configurations)."""
-        return float(sum(self.cut_bonus[t] for t in self.bonus_cuts(self.lookup_all(formats))))
+        return self.earned(self.lookup_all(formats))
 
     def total_gain(self, formats: dict[str, str] | Plan) -> float:
         """G(plan) = sum over subgraphs of the chosen configuration's gain, plus the bonus of every
         cut with int8 work on both sides (:attr:`cut_bonus`)."""
         chosen = self.lookup_all(formats)
-        return float(sum(c.gain for c in chosen) + sum(self.cut_bonus[t] for t in self.bonus_cuts(chosen)))
+        return float(sum(c.gain for c in chosen) + self.earned(chosen))
 
     @property
     def n_configs(self) -> int:
@@ -230,7 +234,7 @@ def predict_speedup(table: GainTable, plan_formats: dict[str, str] | Plan, *, si
     total = table.hp_total if table.hp_total is not None else sum(s.hp_time for s in table.subgraphs)
     pick = (lambda c: c.gain) if significant_only else (lambda c: c.measured_gain)
     chosen = table.lookup_all(plan_formats)
-    gain = sum(pick(c) for c in chosen) + sum(table.cut_bonus[t] for t in table.bonus_cuts(chosen))
+    gain = sum(pick(c) for c in chosen) + table.earned(chosen)
     if total - gain <= 0:
         raise AmpqError(f"predicted time is not positive (T_hp {total:.4g} - gain {gain:.4g}); the gain table is inconsistent")
     return float(total / (total - gain))
@@ -867,11 +871,12 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
                  {s.index: input_signature(inputs_by_subgraph[s.index][:max_batches]) for s in partition.subgraphs},
                  backend.key())
     def measure() -> dict:
-        chunks = anchor_chunks(model, partition)
+        sizes = weight_bytes(model, partition)
+        chunks = anchor_chunks(model, partition, sizes)
         # the scale goes from chunk to chunk through one subgraph of the first, timed in every
         # chunk: the heaviest, so that its own noise stays small (the whole model would do too,
         # at the cost of one more model run per round in every chunk)
-        carrier = str(max(chunks[0], key=lambda s: subgraph_weight_bytes(model, s)).index)
+        carrier = str(max(chunks[0], key=lambda s: sizes[s.index]).index)
         out: dict = {"subgraphs": {}}
         timer = split_time(backend, len(chunks))  # about as long in chunks as whole
         for k, chunk in enumerate(chunks):
@@ -904,21 +909,25 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
 ANCHOR_CHUNK_BYTES = 128 << 20
 
 
-def subgraph_weight_bytes(model: onnx.ModelProto, subgraph: Subgraph) -> int:
-    """Bytes of the initializers ``subgraph``'s nodes read."""
+def weight_bytes(model: onnx.ModelProto, partition: Partition) -> dict[int, int]:
+    """Subgraph index -> bytes of the initializers its nodes read."""
     sizes = {t.name: expected_bytes(t) or 0 for t in model.graph.initializer}
-    nodes = set(subgraph.nodes)
-    read = {t for n in model.graph.node if n.name in nodes for t in n.input}
-    return sum(sizes.get(t, 0) for t in read)
+    by_name = {n.name: n for n in model.graph.node}
+    return {s.index: sum(sizes.get(t, 0) for t in {t for name in s.nodes if name in by_name
+                                                   for t in by_name[name].input})
+            for s in partition.subgraphs}
 
 
-def anchor_chunks(model: onnx.ModelProto, partition: Partition) -> list[list[Subgraph]]:
+def anchor_chunks(model: onnx.ModelProto, partition: Partition,
+                  sizes: dict[int, int] | None = None) -> list[list[Subgraph]]:
     """``partition``'s subgraphs in order, in runs whose initializers add up to at most
-    :data:`ANCHOR_CHUNK_BYTES` (one subgraph alone may hold more)."""
+    :data:`ANCHOR_CHUNK_BYTES` (one subgraph alone may hold more); ``sizes`` as
+    :func:`weight_bytes` gives them (computed when not given)."""
+    sizes = sizes if sizes is not None else weight_bytes(model, partition)
     chunks: list[list] = [[]]
     held = 0
     for s in partition.subgraphs:
-        size = subgraph_weight_bytes(model, s)
+        size = sizes[s.index]
         if chunks[-1] and held + size > ANCHOR_CHUNK_BYTES:
             chunks.append([])
             held = 0

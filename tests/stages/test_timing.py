@@ -636,24 +636,32 @@ def test_clearly_dominated_configurations_are_timed_quickly_only(mlp_setup):
     assert not any(c.quick for c in sg2.configs)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_repeated_blocks_are_timed_once(tmp_path, use_cache, monkeypatch):
-    """A three-layer decoder: later layers' subgraphs repeat earlier ones' structure. Each
-    distinct structure is timed once, with or without a disk cache; the repeats carry the
-    first one's measurement in their own names and say which subgraph they repeat."""
-    import ampq_pass.stages.timing as timing
+@pytest.fixture(scope="module")
+def decoder3_setup():
+    """A three-layer decoder, partitioned with int8 offered, and its captured subgraph inputs."""
     from ampq_pass.stages.partition import partition
     from ampq_pass.stages.subgraphs import capture_inputs
-    from ampq_pass.stages.timing import gain_table
 
-    monkeypatch.setattr(timing, "GROUP", 64)  # one timing call per subgraph: the calls count subgraphs
     m = models.llama_decoder(layers=3)
     layers = find_layers(m)
     feeds = models.feeds_for(m, n=4)
     ranges = compute_ranges(m, layers, Samples(feeds))
-    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
     part = partition(m, layers, formats={l.name: [f for f in l.formats if f == "int8"] for l in layers})
     captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    return m, layers, ranges, part, captured
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_repeated_blocks_are_timed_once(tmp_path, use_cache, monkeypatch, decoder3_setup):
+    """A three-layer decoder: later layers' subgraphs repeat earlier ones' structure. Each
+    distinct structure is timed once, with or without a disk cache; the repeats carry the
+    first one's measurement in their own names and say which subgraph they repeat."""
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.timing import gain_table
+
+    monkeypatch.setattr(timing, "GROUP", 64)  # one timing call per subgraph: the calls count subgraphs
+    m, layers, ranges, part, captured = decoder3_setup
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
     table = gain_table(m, layers, part, ranges, captured, backend, cache=Cache(tmp_path) if use_cache else None,
                        progress=False, boundary_states=False)
     repeats = [s for s in table.subgraphs if s.repeat_of is not None]
@@ -682,20 +690,13 @@ class _AllAtOncePool:
             yield tag, fn(self.measurer, *args)
 
 
-def test_pool_times_each_structure_once_even_when_repeats_are_in_flight(monkeypatch):
+def test_pool_times_each_structure_once_even_when_repeats_are_in_flight(monkeypatch, decoder3_setup):
     import ampq_pass.stages.timing as timing
-    from ampq_pass.stages.partition import partition
-    from ampq_pass.stages.subgraphs import capture_inputs
     from ampq_pass.stages.timing import gain_table
 
     monkeypatch.setattr(timing, "GROUP", 64)
-    m = models.llama_decoder(layers=3)
-    layers = find_layers(m)
-    feeds = models.feeds_for(m, n=4)
-    ranges = compute_ranges(m, layers, Samples(feeds))
+    m, layers, ranges, part, captured = decoder3_setup
     backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
-    part = partition(m, layers, formats={l.name: [f for f in l.formats if f == "int8"] for l in layers})
-    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
     pool = _AllAtOncePool(backend)
     table = gain_table(m, layers, part, ranges, captured, backend, pool=pool, progress=False, boundary_states=False)
     distinct = len({s.key for s in table.subgraphs})
