@@ -8,6 +8,7 @@ an interruption) repeats only what is missing.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -97,6 +98,11 @@ class PassOptions:
     #: time each layer alone in its self-contained formats (int8_dyn, int4, 16-bit) and drop the
     #: dominated ones before the subgraphs are timed (:mod:`ampq_pass.stages.screen`)
     screen: bool = True
+    #: wall-clock seconds the pass aims to finish in: the subgraphs are timed within a share of
+    #: what is left (:data:`TIMING_SHARE`; fewer rounds, wider noise) and a repair round or the
+    #: int8 anchor's verification is skipped when what is left cannot hold it; the report's
+    #: ``time_budget`` says what gave way. None: no limit. Stages before timing are not cut.
+    time_budget: float | None = 600.0
 
     CONSTRAINTS = {
         "batch_size": Integer(1), "max_configs": Integer(2), "timing_batches": Integer(1),
@@ -104,7 +110,7 @@ class PassOptions:
         "holdout": Integer(1, optional=True), "seed": Integer(0), "repair_rounds": Integer(0),
         "max_loss_rmse": Number(0, optional=True), "max_loss_mse": Number(0, optional=True),
         "max_memory": Number(0, optional=True), "max_metric_drop": Number(0, optional=True),
-        "search_points": Integer(2),
+        "search_points": Integer(2), "time_budget": Number(0, optional=True),
         "calib_method": OneOf(CALIBRATION_METHODS), "formats": SubsetOf(tuple(FORMATS), optional=True),
         "shapes": Shapes(optional=True), "ray": RayAddress(optional=True),
     }
@@ -245,6 +251,45 @@ class _StageClock:
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
         self._last = now
 
+    def elapsed(self) -> float:
+        """Seconds since the pass started."""
+        return sum(self.seconds.values()) + time.perf_counter() - self._last
+
+
+#: of the time budget left when subgraph timing starts, the share it may use; the rest is for
+#: the whole-model measurements after it, solving, rewriting and verifying (GPT-2 small: timing
+#: 119 s, verify 80 s; ConvNeXt-tiny's subgraphs alone took 600 s at fifty rounds each)
+TIMING_SHARE = 0.6
+
+
+@dataclass
+class TimeBudget:
+    """The pass's wall-clock budget (``PassOptions.time_budget``) and what gave way to it."""
+
+    seconds: float | None
+    clock: _StageClock
+    #: seconds the subgraph timing was allowed
+    timing: float | None = None
+    #: one line for each step skipped to keep to the budget
+    skipped: list[str] = field(default_factory=list)
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - self.clock.elapsed()
+
+    def fits(self, need: float, what: str, log) -> bool:
+        """Whether ``need`` seconds fit in what is left; if not, ``what`` is recorded as skipped."""
+        left = self.left()
+        if need <= left:
+            return True
+        line = (f"{what} skipped: it would take about {need:.0f} s and {max(left, 0):.0f} s of the "
+                f"{self.seconds:.0f} s time budget are left")
+        self.skipped.append(line)
+        log(f"      {line}")
+        return False
+
+    def to_json(self) -> dict:
+        return {"seconds": self.seconds, "timing_allowance": self.timing, "skipped": list(self.skipped)}
+
 
 def _check_inputs(model_path, output, calib, samples: Samples | None, opts: PassOptions, log) -> _Inputs:
     """Load and normalise the model, pick the backend, formats, layers, samples and timing
@@ -384,6 +429,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     if opts.ray:
         require_ray()  # one line saying how to get it, before any work
     clock = _StageClock()
+    budget = TimeBudget(opts.time_budget, clock)
     inp = _check_inputs(model_path, output, calib, samples, opts, log)
     model, layers, cache = inp.model, inp.layers, inp.cache
     formats = layer_formats(layers, inp.offered)
@@ -416,10 +462,14 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         captured = capture_inputs(model, part, inp.timing_inputs)  # the very batches the subgraphs are timed on
         clock.lap("partition")
 
-        log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}")
+        if opts.time_budget is not None:
+            budget.timing = max(budget.left(), 0.0) * TIMING_SHARE
+        log(f"[4/7] timing {len(part.subgraphs)} subgraphs on {opts.backend}"
+            + (f" (within {budget.timing:.0f} s of the {opts.time_budget:.0f} s time budget)" if budget.timing is not None else ""))
         table = gain_table(model, layers, part, ranges, captured, inp.backend, formats=inp.offered, cache=cache,
                            progress=opts.progress, model_inputs=inp.timing_inputs, pool=pool,
-                           boundary_states=opts.boundary_states, candidates=formats, loss=sens.values)
+                           boundary_states=opts.boundary_states, candidates=formats, loss=sens.values,
+                           seconds=budget.timing)
         repeats = [s for s in table.subgraphs if s.repeat_of is not None]
         if repeats:
             log(f"      {len(repeats)} of {len(table.subgraphs)} subgraphs repeat the structure of an earlier one "
@@ -447,7 +497,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     check = dict(loss=opts.loss, batch_size=opts.batch_size, seed=opts.seed,
                  hp_outputs=run_batches(model, inp.holdout, opts.batch_size))
     solution, rewritten, measured, predicted, rounds, rejected = _verify_and_repair(
-        inp, ranges, table, sens, solution, rewritten, option_table, memory, tau, opts, check, cache, log)
+        inp, ranges, table, sens, solution, rewritten, option_table, memory, tau, opts, check, cache, log, budget)
     save_model(rewritten, output, source=model_path)
     loss_report = None
     if solution.plan.formats and outside(measured["loss_mse"], solution.mse):
@@ -473,26 +523,32 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
                         rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing,
-                        screen=_screen_json(screen), loss_check=loss_report)
+                        screen=_screen_json(screen), loss_check=loss_report, time_budget=budget.to_json())
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 
 def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sensitivity, solution: Solution,
                        rewritten: onnx.ModelProto, option_table: list[list[Option]], memory, tau: float,
-                       opts: PassOptions, check: dict, cache: Cache | None, log):
+                       opts: PassOptions, check: dict, cache: Cache | None, log, budget: TimeBudget):
     """Verify the plan; while the measured speed-up falls short of the prediction, time the
     quantized subgraphs inside the whole model, correct the gain table and solve again
     (:mod:`ampq_pass.stages.repair`, at most ``opts.repair_rounds`` rounds). Returns the
     fastest verified plan that beats the input beyond the noise, or the all-hp plan with the
     rejected one: ``(solution, rewritten, measured, predicted speed-up, rounds, rejected)``; the
     prediction is the one made for the plan when it was chosen (after a correction the table
-    no longer describes earlier plans)."""
+    no longer describes earlier plans). A repair round (about two verifications) and the int8
+    anchor's verification run only while ``budget`` has time left for them."""
     model, layers = inp.model, inp.layers
+    started = time.perf_counter()
     measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
+    once = time.perf_counter() - started  # one verification: the unit the later steps are costed in
     rounds = [Round(0, dict(solution.plan.formats), _speedup(table, solution), measured)]
     verified = [(solution, rewritten)]
     for index in range(1, opts.repair_rounds + 1):
         if not solution.plan.formats or not falls_short(rounds[-1].predicted_speedup, measured):
+            break
+        if not budget.fits(2 * once, f"repair round {index} (measured {measured['speedup']:.3f}x, predicted "
+                                     f"{rounds[-1].predicted_speedup:.3f}x)", log):
             break
         log(f"      measured {measured['speedup']:.3f}x, predicted {rounds[-1].predicted_speedup:.3f}x: timing the "
             f"quantized subgraphs inside the whole model (repair round {index} of at most {opts.repair_rounds})")
@@ -500,12 +556,12 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))
         step = ctx.best_revert()
         if step is not None:  # a variant measured faster than the plan is the next plan, as measured
-            members, time = step
+            members, variant_time = step
             new = solution_of(build_options(table, sens, memory), reverted(table, solution.plan, members), tau,
                               status="measured", message=f"subgraphs {members} reverted to hp: measured faster in "
                                                          f"the model than with them quantized",
                               cut_bonus=table.cut_bonus)
-            predicted = measured["speedup"] * ctx.plan_time / time
+            predicted = measured["speedup"] * ctx.plan_time / variant_time
         else:
             new = solve(build_options(table, sens, memory), tau, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
             predicted = _speedup(table, new)
@@ -516,7 +572,8 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         rounds.append(Round(index, dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
     anchor = _anchor_solution(table, option_table, sens, tau, opts)
-    if anchor is not None and _worth_verifying(table, anchor, rounds, log):
+    if anchor is not None and _worth_verifying(table, anchor, rounds, log) \
+            and budget.fits(once, "verifying the every-int8 plan (the int8 anchor)", log):
         candidate = rewrite(model, layers, anchor.plan, ranges, rules=_rules(inp))
         rounds.append(Round(len(rounds), dict(anchor.plan.formats), _speedup(table, anchor),
                             verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check),

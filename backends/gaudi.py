@@ -226,7 +226,7 @@ class GaudiBackend(Backend):
 
     def key(self) -> dict:
         return {"backend": "gaudi", "device": f"gaudi:{self.rt.generation}", "hp": str(self.hp_dtype),
-                "versions": dict(sorted(self.rt.versions.items())), "protocol": self.protocol.to_json()}
+                "versions": dict(sorted(self.rt.versions.items())), "protocol": self.protocol.key()}
 
     def lower(self, model: onnx.ModelProto) -> Lowered:
         return Lowered(model, self.rt, self.hp_dtype)

@@ -175,7 +175,7 @@ class OpenVinoBackend(Backend):
         return {"backend": "openvino", "openvino": str(self._ov.get_version()), "onnx": onnx.__version__,
                 "device": self.device, "device_name": self._caps.device, "optimization_capabilities": list(self.device_caps),
                 "formats": list(self._caps.formats), "threads": self.threads,
-                "config": {k: str(v) for k, v in sorted(self.config().items())}, "protocol": self.protocol.to_json(),
+                "config": {k: str(v) for k, v in sorted(self.config().items())}, "protocol": self.protocol.key(),
                 "fusion": self._caps.rules.key() if self._caps.rules is not None else None}
 
     def compile(self, model: onnx.ModelProto):

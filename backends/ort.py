@@ -138,7 +138,7 @@ class OrtBackend(Backend):
     def key(self) -> dict:
         return {"backend": "ort", "provider": PROVIDERS[self.provider][0], "device": self._caps.device,
                 "onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": self.threads,
-                "inter_op_threads": 1, "spinning": False, "io": "binding", "protocol": self.protocol.to_json(),
+                "inter_op_threads": 1, "spinning": False, "io": "binding", "protocol": self.protocol.key(),
                 "fusion": self._caps.rules.key() if self._caps.rules is not None else None}
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:

@@ -81,6 +81,7 @@ def test_ort_backend_pareto_and_cache(tmp_path, block_file):
     (dict(max_loss_rmse=-1.0), "max_loss_rmse must be a finite number >= 0"),
     (dict(max_loss_rmse=0.1, max_loss_mse=0.1), "either max_loss_rmse or max_loss_mse"),
     (dict(pareto=1), "pareto must be 0"),
+    (dict(time_budget=-5.0), "time_budget must be a finite number >= 0"),
     (dict(formats=("int9",)), "formats must be some of int8"),
     (dict(backend="tpu"), "unknown backend 'tpu'"),
     (dict(backend="ort:cpu", formats=("fp16",)), "does not run 'fp16' fast"),

@@ -98,6 +98,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                        help="time subgraphs at this input shape, batch first (e.g. image=1x3x48x640; repeatable; "
                             "default: the most common shape of the calibration set)")
         g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--time-budget", type=float, default=600.0, metavar="SECONDS",
+                       help="wall-clock time the pass aims to finish in (default 600): subgraph timing gets fewer "
+                            "rounds and repair rounds are skipped to keep to it, and the report says so; 0: no limit")
         g.add_argument("--ray", metavar="ADDRESS",
                        help="time subgraphs on a Ray cluster, one actor per device: local (start one here), auto or "
                             "ray://HOST:PORT (join one); needs pip install 'ampq-pass[ray]'")
@@ -167,6 +170,7 @@ def cmd_search(args) -> int:
         loss=args.loss, batch_size=args.batch_size, holdout=args.holdout, calib_method=args.calib_method,
         max_configs=args.max_configs, activation_matmuls=args.activation_matmuls, pareto=args.pareto, seed=args.seed, cache_dir=args.cache_dir,
         progress=not args.no_progress, shapes=parse_shapes(args.shape), ray=args.ray,
+        time_budget=args.time_budget or None,
         metric=args.metric, max_metric_drop=args.max_metric_drop, search_points=args.search_points,
         boundary_states=not args.no_boundary_states, screen=not args.no_screen)
     result = run_pass(args.model, args.output, calib=args.calib, options=opts)

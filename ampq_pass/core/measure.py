@@ -99,7 +99,8 @@ class Timing:
 @dataclass(frozen=True)
 class Protocol:
     """How long to measure: warm-up runs, then rounds until every configuration's median
-    is known to within ``rel_ci`` (95% CI half-width / median), or a cap is hit."""
+    is known to within ``rel_ci`` (95% CI half-width / median), or a cap is hit; never fewer
+    than ``min_repeats`` rounds."""
 
     warmup: int = 3
     min_repeats: int = 7
@@ -114,6 +115,12 @@ class Protocol:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def key(self) -> dict:
+        """What a measurement's result depends on, for cache keys: the caps on effort (wall
+        clock, retries) are left out, so a run with another time budget, or one resumed after
+        an interruption, reads the measurements already made instead of repeating them."""
+        return {k: v for k, v in asdict(self).items() if k not in ("max_seconds", "retries")}
 
 
 def interleave(runners: Mapping[str, Callable[[int], None]], protocol: Protocol, *, n_inputs: int = 1,
@@ -161,7 +168,9 @@ def _attempt(runners, protocol: Protocol, n_inputs: int, clock, sync) -> dict[st
             if sync:
                 sync()
             samples[key].append(clock() - t0)
-        if rnd + 1 >= protocol.min_repeats and _tight(samples, protocol.rel_ci):
+        if rnd + 1 < protocol.min_repeats:  # a median of fewer rounds says too little, whatever the cap
+            continue
+        if _tight(samples, protocol.rel_ci):
             break
         if protocol.max_seconds is not None and clock() - start > protocol.max_seconds:
             break
@@ -255,6 +264,16 @@ def split_time(backend: "Measurer", parts: int, *, floor: float = 10.0) -> "Meas
         return backend
     share = max(floor, protocol.max_seconds / parts)
     return with_protocol(backend, dataclasses.replace(protocol, max_seconds=min(protocol.max_seconds, share), retries=0))
+
+
+def within(backend: "Measurer", seconds: float) -> "Measurer":
+    """``backend`` whose protocol stops each attempt after ``seconds`` of rounds (never before
+    its ``min_repeats``; no retries): how a time allowance is spent on a measurement."""
+    protocol = getattr(backend, "protocol", None)
+    if not isinstance(protocol, Protocol):
+        return backend
+    cap = max(float(seconds), 0.0) if protocol.max_seconds is None else min(protocol.max_seconds, max(float(seconds), 0.0))
+    return with_protocol(backend, dataclasses.replace(protocol, max_seconds=cap, retries=0))
 
 
 def with_protocol(backend, protocol: Protocol):

@@ -59,6 +59,9 @@ class PassRecord:
     #: why the measured loss left the band around the predicted one
     #: (:func:`ampq_pass.stages.loss_check.check_loss`), None when it did not
     loss_check: dict | None = None
+    #: the pass's wall-clock budget, what timing was allowed and what was skipped to keep to it
+    #: (:class:`ampq_pass.pipeline.TimeBudget` as JSON), None when not tracked
+    time_budget: dict | None = None
 
 
 def build_report(record: PassRecord) -> dict:
@@ -134,6 +137,7 @@ def build_report(record: PassRecord) -> dict:
         # measured/predicted loss outside 0.5-2x: each quantized subgraph measured alone, and why
         "loss_check": r.loss_check,
         "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
+        "time_budget": r.time_budget,
     }
 
 
@@ -222,6 +226,9 @@ def render_text(report: dict) -> str:
         lines.append("normalised at load: " + "; ".join(report["normalized"]))
     if report.get("stages_seconds"):
         lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages_seconds"].items()))
+    budget = report.get("time_budget") or {}
+    for line in budget.get("skipped", []):
+        lines.append(f"time budget: {line}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -33,7 +34,7 @@ from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.proto import expected_bytes
 from ampq_pass.core.structure import canonical_names, node_token, structure_digest
 from ampq_pass.core.measure import (CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, split_time,
-                                   with_protocol)
+                                   with_protocol, within)
 from ampq_pass.stages.boundaries import (STATE, boundary_cuts, forces, joins, quantized_feeds, split_at_cuts,
                                         with_states)
 from ampq_pass.stages.calibrate import Ranges
@@ -320,14 +321,16 @@ def config_name(formats: dict[str, str], states: dict[str, str] | None = None) -
 
 def time_subgraph(sub: onnx.ModelProto, layers: list[Layer], configs: list[dict[str, str] | Config], ranges: Ranges | None,
                   inputs: list[dict[str, np.ndarray]], measurer: Measurer, *, index: int = 0, name: str = "",
-                  cache: Cache | None = None, loss: dict[str, dict[str, float]] | None = None) -> SubgraphGains:
+                  cache: Cache | None = None, loss: dict[str, dict[str, float]] | None = None,
+                  seconds: float | None = None) -> SubgraphGains:
     """Time every configuration of one standalone subgraph model (hp first) and derive gains.
 
     With ``loss`` (layer -> format -> predicted loss), configurations that the quick protocol
-    shows clearly dominated are not timed again with the full one (:func:`_measure`)."""
+    shows clearly dominated are not timed again with the full one (:func:`_measure`).
+    ``seconds`` is the time allowed for its rounds (:func:`_measure`); None: the protocol's caps."""
     configs = full_configs(layers, configs)
     key, tokens = subgraph_key(sub, configs, inputs, measurer, loss)
-    out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer, loss),
+    out, hit = cached(cache, "gain", key, lambda: _measure(sub, layers, configs, ranges, inputs, measurer, loss, seconds),
                       dump=lambda sg: tokens.encode(sg.to_json()),
                       load=lambda d: SubgraphGains.from_json(tokens.decode(d)))
     out.index, out.name, out.cached, out.key = index, name, hit, key
@@ -348,14 +351,15 @@ def full_configs(layers: list[Layer], configs: list[dict[str, str] | Config]) ->
 
 def measure_subgraph(measurer: Measurer, sub: onnx.ModelProto, layers: list[Layer], configs: list[Config],
                      ranges: Ranges | None, inputs: list[dict[str, np.ndarray]],
-                     loss: dict[str, dict[str, float]] | None = None) -> dict:
+                     loss: dict[str, dict[str, float]] | None = None, seconds: float | None = None) -> dict:
     """One job of a device pool: the cache entry :func:`time_subgraph` would store for
     ``configs`` (from :func:`full_configs`), measured on ``measurer`` (the worker's device)."""
-    return _measure(sub, layers, configs, ranges, inputs, measurer, loss).to_json()
+    return _measure(sub, layers, configs, ranges, inputs, measurer, loss, seconds).to_json()
 
 
 def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache: Cache | None = None,
-                 bar=None, loss: dict[str, dict[str, float]] | None = None) -> list[SubgraphGains]:
+                 bar=None, loss: dict[str, dict[str, float]] | None = None,
+                 seconds: float | None = None, total: int = 0) -> list[SubgraphGains]:
     """Every subgraph of ``work`` (``(subgraph, standalone model, layers, configs, inputs)``
     tuples, consumed lazily) timed on a device pool, in ``work``'s order.
 
@@ -364,7 +368,10 @@ def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache
     finished job is stored at once under the same key, so an interrupted or resumed run, or
     one with more workers, reuses every finished measurement. ``pool.map(fn, jobs)`` runs
     ``fn(worker_measurer, *args)`` for each ``(tag, args)`` and yields ``(tag, result)`` as
-    they finish (:class:`ampq_pass.backends.ray_pool.RayPool`).
+    they finish (:class:`ampq_pass.backends.ray_pool.RayPool`). ``seconds`` (with ``total``, the
+    configurations of all of ``work``) is shared among the jobs in proportion to their
+    configurations, as :func:`gain_table` does; the devices run in parallel, so the stage takes
+    at most about that long.
     """
     bar = bar or _NoBar()
     cache = cache if cache is not None else MemoryCache()
@@ -389,7 +396,8 @@ def time_on_pool(pool, work, ranges: Ranges | None, measurer: Measurer, *, cache
                 finish(pos, sg, tokens, key, hit, True, len(cfgs))
                 continue
             waiting[key] = []
-            yield (pos, sg, key, tokens, len(cfgs)), (sub, sub_layers, configs, ranges, inputs, loss)
+            share = None if seconds is None else seconds * len(cfgs) / max(total, len(cfgs))
+            yield (pos, sg, key, tokens, len(cfgs)), (sub, sub_layers, configs, ranges, inputs, loss, share)
 
     for (pos, sg, key, tokens, n), data in pool.map(measure_subgraph, jobs()):
         entry = tokens.encode(data)
@@ -477,8 +485,14 @@ PRUNE_MIN = 8
 
 def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], ranges: Ranges | None,
              inputs: list[dict[str, np.ndarray]], measurer: Measurer,
-             loss: dict[str, dict[str, float]] | None = None) -> SubgraphGains:
+             loss: dict[str, dict[str, float]] | None = None, seconds: float | None = None) -> SubgraphGains:
     """Time ``configs`` (hp first) in groups, each with hp; gains on the first group's scale.
+
+    ``seconds`` is the time allowed for all the rounds: each group's attempt may take what is
+    left divided by the groups still to time (:func:`ampq_pass.core.measure.within`), and
+    never less than the protocol's ``min_repeats`` rounds. A large subgraph then gets fewer
+    rounds, so wider confidence intervals (its gains' noise says how wide), instead of making
+    the pass run for as long as its configurations times fifty rounds.
 
     With ``loss`` and a backend that follows a :class:`Protocol`, every configuration is first
     timed with the quick protocol (:func:`ampq_pass.core.measure.quick_protocol`), and only
@@ -507,12 +521,16 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
     size = group_size(sub, feeds[0]) if feeds else GROUP
     scale: list[float] = []  # the first group's hp median: every group is put on it
 
+    started = time.monotonic()
+
     def in_groups(todo: list[str], timer: Measurer) -> dict[str, ConfigGain]:
         out: dict[str, ConfigGain] = {}
-        for start in range(0, max(len(todo), 1), size - 1):
+        starts = range(0, max(len(todo), 1), size - 1)
+        for k, start in enumerate(starts):
             group = [labels[0]] + todo[start:start + size - 1]
             models = {lab: timed_model(sub, layers, by_config[lab], ranges, rules) for lab in group}
-            timings = timer.time(models, feeds)
+            left = None if seconds is None else seconds - (time.monotonic() - started)
+            timings = (timer if left is None else within(timer, left / (len(starts) - k))).time(models, feeds)
             del models
             release_freed_memory(collect=False)  # the group's sessions and arenas, freed but resident until trimmed
             hp_g = timings[labels[0]]
@@ -624,7 +642,7 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                formats: Iterable[str] | None = None, cache: Cache | None = None, progress: bool = True,
                model_inputs: list[dict[str, np.ndarray]] | None = None, max_batches: int | None = None,
                pool=None, boundary_states: bool = True, candidates: dict[str, list[str]] | None = None,
-               loss: dict[str, dict[str, float]] | None = None) -> GainTable:
+               loss: dict[str, dict[str, float]] | None = None, seconds: float | None = None) -> GainTable:
     """The gain table of every configuration of every subgraph of ``partition``.
 
     ``formats`` narrows the candidates; only formats the backend runs fast are used.
@@ -639,6 +657,10 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
     :func:`ampq_pass.stages.screen.screen_formats` leaves) narrows each layer further.
     ``loss`` (layer -> format -> predicted loss, the sensitivity) lets each subgraph time its
     clearly dominated configurations with the quick protocol only (:func:`_measure`).
+    ``seconds`` is the time allowed for timing the subgraphs: what is left of it goes to each
+    subgraph in proportion to its configurations (a subgraph reusing an earlier one's timing
+    spends nothing and leaves its share to the rest); within a subgraph, the protocol's rounds
+    give way to it (:func:`_measure`). None: every measurement runs to the protocol's caps.
     """
     caps = backend.capabilities()
     wanted = caps.formats if formats is None else caps.filter(tuple(formats))
@@ -665,13 +687,19 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
             bar.set_postfix_str(f"subgraph {sg.index} {sg.name}"[:40])
             yield sg, extract(model, sg), sub_layers, cfgs, inputs
 
+    started, remaining = time.monotonic(), total
     try:
         if pool is not None:
-            table.subgraphs.extend(time_on_pool(pool, work(), ranges, backend, cache=cache, bar=bar, loss=loss))
+            table.subgraphs.extend(time_on_pool(pool, work(), ranges, backend, cache=cache, bar=bar, loss=loss,
+                                                seconds=seconds, total=total))
         else:
             for sg, sub, sub_layers, cfgs, inputs in work():
+                share = None if seconds is None else \
+                    max(seconds - (time.monotonic() - started), 0.0) * len(cfgs) / max(remaining, 1)
                 table.subgraphs.append(time_subgraph(sub, sub_layers, cfgs, ranges, inputs, backend,
-                                                     index=sg.index, name=sg.name, cache=cache, loss=loss))
+                                                     index=sg.index, name=sg.name, cache=cache, loss=loss,
+                                                     seconds=share))
+                remaining -= len(cfgs)
                 bar.update(len(cfgs))
     finally:
         bar.close()

@@ -11,3 +11,31 @@ def test_split_time_shares_one_attempts_cap():
     assert backend.protocol.max_seconds == 60.0  # the original is left as it was
     assert split_time(backend, 100).protocol.max_seconds == 10.0  # never below the floor
     assert split_time(OrtBackend(protocol=Protocol(max_seconds=None)), 4).protocol.max_seconds is None
+
+
+def test_within_caps_each_attempt_and_the_key_ignores_caps():
+    from ampq_pass.backends.ort import OrtBackend
+    from ampq_pass.core.measure import Protocol, within
+
+    backend = OrtBackend(protocol=Protocol(max_seconds=60.0, retries=2))
+    short = within(backend, 5.0)
+    assert short.protocol.max_seconds == 5.0 and short.protocol.retries == 0
+    assert within(backend, 500.0).protocol.max_seconds == 60.0  # never above the protocol's own cap
+    assert within(backend, -3.0).protocol.max_seconds == 0.0
+    assert within(OrtBackend(protocol=Protocol(max_seconds=None)), 5.0).protocol.max_seconds == 5.0
+    assert short.key() == backend.key()  # caps on effort do not change what is measured
+
+
+def test_a_cap_never_stops_before_min_repeats():
+    from ampq_pass.core.measure import Protocol, interleave
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0  # every reading one second later: any cap is exceeded at once
+        return now[0]
+
+    runs = {"a": [], "b": []}
+    p = Protocol(warmup=0, min_repeats=4, max_repeats=50, rel_ci=0.0, max_seconds=0.0)
+    got = interleave({k: (lambda i, k=k: runs[k].append(i)) for k in runs}, p, clock=clock)
+    assert len(runs["a"]) == len(runs["b"]) == 4 and len(got["a"].samples) == 4

@@ -84,6 +84,25 @@ def test_the_loop_drops_the_subgraph_that_slows_the_model(tmp_path, block, at_on
     assert _quantized_layers(onnx.load(tmp_path / "o.onnx")) == set(res.solution.plan.formats)
 
 
+def test_a_pass_out_of_time_skips_the_repair_round_and_still_never_writes_a_slow_down(tmp_path, block, monkeypatch):
+    import ampq_pass.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.TimeBudget, "left", lambda self: 0.0)  # the budget is spent when timing starts
+    path, (attention, mlp) = block
+    lines = []
+    res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,
+                   backend=InteractingBackend([(attention, 0.4), (mlp, -0.3)]), cache_dir=None,
+                   progress=False, log=lines.append, time_budget=60.0)
+    budget = res.report["time_budget"]
+    assert budget["seconds"] == 60.0 and budget["timing_allowance"] == 0.0
+    assert any(line.startswith("repair round 1") and "time budget" in line for line in budget["skipped"])
+    assert any("repair round 1" in line and "skipped" in line for line in lines)
+    assert len(res.report["rounds"]) == 1 and res.report["rounds"][0]["measured_speedup"] < 1.0
+    # the unrepaired plan measured slower than the input: every layer stays hp, as without a budget
+    assert res.report["rejected_plan"] is not None and res.solution.plan.formats == {}
+    assert not _quantized_layers(onnx.load(tmp_path / "o.onnx"))
+
+
 def test_no_loop_when_the_prediction_holds(tmp_path, block):
     path, (attention, mlp) = block
     res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,

@@ -85,6 +85,9 @@ def test_any_key_part_change_misses(tmp_path, mlp_setup):
     assert misses(inputs=(models.feeds_for(m, n=8),))  # input shape
     assert misses(backend=OrtBackend(threads=1, protocol=FAST))  # threads
     assert misses(backend=OrtBackend(protocol=Protocol(warmup=1, min_repeats=3, max_repeats=4, rel_ci=0.5)))
+    # caps on effort are not part of the key: a run with another time budget, or a resumed one, hits
+    assert not misses(backend=OrtBackend(protocol=Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5,
+                                                           max_seconds=0.5, retries=3)))
     assert not misses()  # and the original is still a hit
 
 
@@ -760,3 +763,80 @@ def test_anchor_hp_times_in_chunks_share_one_scale(monkeypatch):
     assert total == pytest.approx(1e-3 * len(m.graph.node))
     for s in part.subgraphs:
         assert hp[s.index] == pytest.approx(1e-3 * len(extract(m, s).graph.node)), s.index
+
+
+class _CapClock(_ProtocolClock):
+    """Each timing call takes ``step`` seconds of a fake clock; records each call's cap."""
+
+    def __init__(self, step: float, now: list):
+        super().__init__()
+        self.step, self.now, self.caps = step, now, []
+
+    def time(self, models, inputs):
+        self.caps.append((self.protocol.max_seconds, self.protocol.retries))
+        self.now[0] += self.step
+        return super().time(models, inputs)
+
+
+def test_a_time_allowance_is_shared_among_the_groups_left(mlp_setup, monkeypatch):
+    """Each group's attempt may take what is left of the allowance divided by the groups still
+    to time; without an allowance every attempt keeps the protocol's cap."""
+    import types
+    from itertools import product
+    import ampq_pass.stages.timing as timing
+
+    m, layers, feeds, ranges, _ = mlp_setup
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(timing, "GROUP", 4)  # hp and three configurations a group
+    configs = [dict(zip([l.name for l in layers], fs)) for fs in product(("hp", "int8", "fp16"), repeat=len(layers))]
+    n_timed = len(configs) - 1
+    groups = -(-n_timed // 3)
+    assert groups >= 3
+    clock = _CapClock(step=2.0, now=now)
+    time_subgraph(m, layers, configs, ranges, [feeds], clock, seconds=12.0)
+    assert len(clock.caps) == groups
+    left = 12.0
+    for k, (cap, retries) in enumerate(clock.caps):
+        assert cap == pytest.approx(min(Protocol().max_seconds, max(left, 0.0) / (groups - k))) and retries == 0
+        left -= 2.0
+    assert clock.caps[-1][0] < clock.caps[0][0] or clock.caps[-1][0] == 0.0
+    free = _CapClock(step=2.0, now=now)
+    time_subgraph(m, layers, configs, ranges, [feeds], free)
+    assert free.caps == [(Protocol().max_seconds, Protocol().retries)] * groups
+
+
+def test_gain_table_shares_its_allowance_by_configurations(block_model, monkeypatch):
+    """Each subgraph gets what is left of the stage's allowance times its share of the
+    configurations still to time."""
+    import types
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
+
+    m = block_model
+    layers = find_layers(m)
+    feeds = models.feeds_for(m, n=8)
+    ranges = compute_ranges(m, layers, Samples(feeds))
+    formats = {l.name: [f for f in l.formats if f == "int8"] for l in layers}
+    part = partition(m, layers, formats=formats)
+    captured = capture_inputs(m, part, Samples(feeds), batch_size=4)
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    given, real = [], timing.time_subgraph
+
+    def recording(sub, sub_layers, cfgs, *args, seconds=None, **kw):
+        given.append((len(cfgs), seconds))
+        now[0] += 3.0  # each subgraph takes 3 s of the fake clock
+        return real(sub, sub_layers, cfgs, *args, **kw)
+
+    monkeypatch.setattr(timing, "time_subgraph", recording)
+    gain_table(m, layers, part, ranges, captured, OrtBackend(protocol=FAST, formats=("int8",)), progress=False,
+               boundary_states=False, seconds=20.0)
+    assert len(given) == len(part.subgraphs) >= 2
+    total, spent = sum(n for n, _ in given), 0.0
+    for n, seconds in given:
+        assert seconds == pytest.approx(max(20.0 - spent, 0.0) * n / total)
+        total -= n
+        spent += 3.0
