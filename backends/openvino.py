@@ -42,9 +42,8 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from ampq_pass.backends.ort_rules import ORT_CPU_RULES
+from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.fusion import FusionRules
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.proto import fits_protobuf, save_external
 
@@ -107,13 +106,6 @@ def _restrict(inputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                 v = v.reshape(want)
         out[name] = v
     return out
-
-
-#: The ops between layers the CPU plugin runs in int8. Not read from OpenVINO's source (its
-#: low-precision transformations) yet: ONNX Runtime's CPU table, measured here to help as much
-#: (every conv int8, the table's Q/DQ against the layers' alone, interleaved on openvino:cpu:
-#: ResNet-50 3.25x, the residual CNN 1.90x; benchmarks/results/fusion_openvino.md).
-OPENVINO_CPU_RULES = FusionRules("openvino:cpu (ORT CPU table)", dict(ORT_CPU_RULES.rules))
 
 
 class OpenVinoBackend(Backend):

@@ -4,7 +4,8 @@ U8S8), timed interleaved in one process on the ORT CPU EP with 2 threads.
 
 Run: .venv/bin/python benchmarks/bench_fusion.py [resnet50] [cnn] [corpus:NAME ...]   -> benchmarks/results/fusion.md
      (corpus:NAME: any model of benchmarks/corpus, its calib.npz split as for resnet50;
-     --timer=openvino:cpu times the same four models on OpenVINO, --out=NAME.md names the result)
+     --timer=openvino:cpu times the same models on OpenVINO, plus the rewrite with OpenVINO's own table
+     (backends/openvino_rules.py); --out=NAME.md names the result)
 
 - resnet50: the corpus ResNet-50 (benchmarks/corpus/models/resnet50_classic, torch.onnx classic
   export of transformers' ResNetForImageClassification, random init), its calib.npz: the first
@@ -37,6 +38,7 @@ from common import OUT, header, write  # noqa: E402
 from ampq_pass.backends import get_backend  # noqa: E402
 from ampq_pass.backends.ort import OrtBackend  # noqa: E402
 from ampq_pass.backends.ort_rules import ORT_CPU_RULES  # noqa: E402
+from ampq_pass.core.fusion import FusionRules  # noqa: E402
 from ampq_pass.core.measure import Protocol  # noqa: E402
 from ampq_pass.core.model import load_model, save_model  # noqa: E402
 from ampq_pass.core.ort import make_session  # noqa: E402
@@ -115,8 +117,14 @@ def one(which: str) -> str:
     title, path, model, calib, held = ({"resnet50": resnet50, "cnn": cnn}[which]() if ":" not in which
                                        else corpus(which.split(":", 1)[1]))
     layers = find_layers(model)
+    timer = OrtBackend(threads=2, protocol=PROTOCOL) if TIMER is None else get_backend(TIMER, protocol=PROTOCOL, threads=2)
+    # the timing backend's own table, when it has one other than ONNX Runtime's
+    own = timer.capabilities().rules if TIMER is not None else None
+    own = own if own is not None and own.rules != ORT_CPU_RULES.rules else None
+    # calibration once, for every tensor either table may quantize
+    both = ORT_CPU_RULES if own is None else FusionRules("both", {**ORT_CPU_RULES.rules, **own.rules})
     t0 = time.perf_counter()
-    ranges = compute_ranges(model, layers, calib, rules=ORT_CPU_RULES)
+    ranges = compute_ranges(model, layers, calib, rules=both)
     calib_s = time.perf_counter() - t0
     plan = Plan({l.name: "int8" for l in layers if l.op_type == "Conv"})
     t0 = time.perf_counter()
@@ -128,8 +136,10 @@ def one(which: str) -> str:
     with tempfile.TemporaryDirectory(prefix="ampq-bench-fusion-") as tmp:
         tmp = Path(tmp)
         ortq = ort_quantize_static(path, calib, tmp / "ort_qdq.onnx")
-        models = {"fp32": model, "int8 convs (layers only)": plain, "int8 convs + ORT rules": fused,
-                  "ORT quantize_static QDQ U8S8 per-channel": ortq}
+        models = {"fp32": model, "int8 convs (layers only)": plain, "int8 convs + ORT rules": fused}
+        if own is not None:
+            models[f"int8 convs + {own.name} rules"] = rewrite(model, layers, plan, ranges, rules=own)
+        models["ORT quantize_static QDQ U8S8 per-channel"] = ortq
         ops = {k: optimized_ops(m, f"m{i}", tmp) for i, (k, m) in enumerate(models.items())}
     batches = list(held.batches(8))
     backend = OrtBackend(threads=2, protocol=PROTOCOL)
@@ -143,7 +153,6 @@ def one(which: str) -> str:
     del sessions
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    timer = backend if TIMER is None else get_backend(TIMER, protocol=PROTOCOL, threads=2)
     timings = timer.time(models, batches)
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
@@ -164,13 +173,19 @@ def one(which: str) -> str:
         text += (f"| {k} | {t.median * 1e3:.1f} | {t.ci_low * 1e3:.1f}-{t.ci_high * 1e3:.1f} | {hp / t.median:.2f}x | "
                  f"{lay / t.median:.2f}x | {err:.4f} | {top:.3f} |\n")
     # the ratio of the two rewrites round by round (same round, same batch: drift cancels)
-    a = np.asarray(timings["int8 convs (layers only)"].samples)
-    b = np.asarray(timings["int8 convs + ORT rules"].samples)
     from ampq_pass.core.measure import median_ci
 
-    lo, hi = median_ci(a / b)
-    text += (f"\nPer-round ratio layers-only / with rules: median {np.median(a / b):.3f}x "
-             f"(95% CI {lo:.3f}-{hi:.3f}).\n\n")
+    a = np.asarray(timings["int8 convs (layers only)"].samples)
+    text += "\n"
+    for k in [k for k in timings if k.startswith("int8 convs + ")]:
+        b = np.asarray(timings[k].samples)
+        lo, hi = median_ci(a / b)
+        text += f"Per-round ratio layers-only / {k[len('int8 convs + '):]}: median {np.median(a / b):.3f}x (95% CI {lo:.3f}-{hi:.3f}).\n"
+    if own is not None:
+        b, c = (np.asarray(timings[k].samples) for k in ("int8 convs + ORT rules", f"int8 convs + {own.name} rules"))
+        lo, hi = median_ci(b / c)
+        text += f"Per-round ratio ORT rules / {own.name} rules: median {np.median(b / c):.3f}x (95% CI {lo:.3f}-{hi:.3f}).\n"
+    text += "\n"
     text += "ONNX Runtime's optimized graph (ORT_ENABLE_ALL, CPU EP), node counts:\n\n"
     text += "| model | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN) + "\n"
     for k, c in ops.items():

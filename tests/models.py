@@ -208,3 +208,41 @@ def saturated_gate(seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def residual_cnn(seed: int = 0, c: int = 8, head: bool = True) -> onnx.ModelProto:
+    """stem Conv -> Relu -> [Conv -> Relu -> Conv] + skip -> Add -> Relu -> MaxPool -> Conv -> Relu
+    -> (GlobalAveragePool -> Flatten -> Gemm, or the last Relu as the output)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name, x, cin, cout):
+        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin))
+                                             .astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype(np.float32), f"{name}.b"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}_out"], name=name, pads=[1] * 4))
+        return f"{name}_out"
+
+    def op(kind, inputs, name, **attrs):
+        nodes.append(helper.make_node(kind, inputs, [f"{name}_out"], name=name, **attrs))
+        return f"{name}_out"
+
+    h = op("Relu", [conv("stem", "x", 3, c)], "stem_relu")
+    b = conv("b", op("Relu", [conv("a", h, c, c)], "a_relu"), c, c)
+    r = op("Relu", [op("Add", [h, b], "add")], "add_relu")
+    p = op("MaxPool", [r], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    y = op("Relu", [conv("c", p, c, c)], "c_relu")
+    if head:
+        g = op("Flatten", [op("GlobalAveragePool", [y], "gap")], "flat")
+        inits.append(numpy_helper.from_array((rng.standard_normal((10, c)) / np.sqrt(c)).astype(np.float32), "fc.w"))
+        inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"))
+        nodes.append(helper.make_node("Gemm", [g, "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])
+    else:
+        nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c, 8, 8])
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -166,3 +167,106 @@ def test_whole_pass_on_openvino(tmp_path):
                       cache_dir=str(tmp_path / "cache"), log=lambda s: None)
     onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
     assert result.report["backend"] == "openvino:cpu" and result.report["predicted"]["speedup"] >= 1.0
+
+
+def _ov_probe(op: str, n_data: int = 1, n_out: int = 1, inits=(), extra=(), **attrs) -> set[tuple[str, str]]:
+    """(layer type, runtime precision) of DQ(s) -> op -> Q -> DQ compiled on the CPU plugin."""
+    shape = [1, 16, 16, 16]
+    nodes, feeds = [], []
+    for k in range(n_data):
+        nodes += [helper.make_node("QuantizeLinear", [f"x{k}", "s", "z"], [f"q{k}"]),
+                  helper.make_node("DequantizeLinear", [f"q{k}", "s", "z"], [f"d{k}"])]
+        feeds.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, shape))
+    outs = [f"y{k}" for k in range(n_out)]
+    nodes.append(helper.make_node(op, [f"d{k}" for k in range(n_data)] + list(extra), outs, **attrs))
+    results = []
+    for y in outs:
+        nodes += [helper.make_node("QuantizeLinear", [y, "s", "z"], [y + "q"]),
+                  helper.make_node("DequantizeLinear", [y + "q", "s", "z"], [y + "_out"])]
+        results.append(helper.make_tensor_value_info(y + "_out", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "probe", feeds, results, [numpy_helper.from_array(np.float32(0.05), "s"),
+                                                                numpy_helper.from_array(np.uint8(0), "z"), *inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    compiled = get_backend("openvino:cpu").compile(model)
+    return {(str(o.get_rt_info()["layerType"].astype(str)), str(o.get_rt_info()["runtimePrecision"].astype(str)))
+            for o in compiled.get_runtime_model().get_ordered_ops()}
+
+
+def _i64(name, v):
+    return numpy_helper.from_array(np.array(v, np.int64), name)
+
+
+#: op -> (probe arguments, the CPU plugin's layer type for it)
+_OV_PROBES = {
+    "MaxPool": (dict(kernel_shape=[2, 2]), "Pooling"), "AveragePool": (dict(kernel_shape=[2, 2]), "Pooling"),
+    "GlobalAveragePool": ({}, "Reduce"), "ReduceMean": ({}, "Reduce"), "ReduceMax": ({}, "Reduce"),
+    "ReduceMin": ({}, "Reduce"), "Concat": (dict(n_data=2, axis=1), "Concatenation"),
+    "Reshape": (dict(extra=["shape"], inits=[_i64("shape", [1, -1])]), "Reshape"), "Flatten": ({}, "Reshape"),
+    "Squeeze": (dict(extra=["axes"], inits=[_i64("axes", [0])]), "Reshape"),
+    "Unsqueeze": (dict(extra=["axes"], inits=[_i64("axes", [0])]), "Reshape"),
+    "Transpose": (dict(perm=[0, 2, 3, 1]), "Transpose"), "DepthToSpace": (dict(blocksize=2), "DepthToSpace"),
+    "Gather": (dict(extra=["idx"], inits=[_i64("idx", [0, 1])], axis=1), "Gather"),
+    "Expand": (dict(extra=["shape"], inits=[_i64("shape", [2, 16, 16, 16])]), "Broadcast"),
+    "Resize": (dict(extra=["", "scales"], inits=[numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]),
+               "Interpolate"),
+    "Split": (dict(n_out=2, axis=1), "Split"),
+}
+
+
+@needs_ov
+@pytest.mark.parametrize("op", sorted(_OV_PROBES))
+def test_every_8_bit_entry_of_the_openvino_table_runs_in_u8(op):
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
+
+    if "int8" not in get_backend("openvino:cpu").capabilities().formats:
+        pytest.skip("this CPU does not list INT8")
+    assert op in OPENVINO_CPU_RULES.rules
+    args, layer_type = _OV_PROBES[op]
+    got = _ov_probe(op, **args)
+    assert (layer_type, "u8") in got, got
+
+
+@needs_ov
+@pytest.mark.parametrize("op, args", [("Sigmoid", {}), ("LeakyRelu", {}), ("Softmax", {}),
+                                      ("Tile", dict(extra=["r"], inits=[_i64("r", [1, 1, 1, 2])])),
+                                      ("Slice", dict(extra=["a", "b"], inits=[_i64("a", [0]), _i64("b", [1])]))])
+def test_ops_left_out_of_the_openvino_table_run_in_float(op, args):
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
+
+    got = _ov_probe(op, **args)
+    assert op not in OPENVINO_CPU_RULES.rules
+    assert not any(precision == "u8" for layer, precision in got if layer not in ("Input", "Output", "Const", "Reorder")), got
+
+
+@needs_ov
+def test_a_residual_add_between_int8_convs_runs_in_u8_with_the_table():
+    """The residual CNN with every conv int8: with the table's Q/DQ the plugin folds the residual
+    Add into a u8 convolution (sum post-op) and runs the MaxPool in u8, with no FakeQuantize left
+    but the input's; with the Q/DQ only at the layers the Add and its Relu run as f32 eltwise
+    ops between float FakeQuantizes."""
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.calibrate import compute_ranges
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    if "int8" not in get_backend("openvino:cpu").capabilities().formats:
+        pytest.skip("this CPU does not list INT8")
+    model = models.residual_cnn(c=16)
+    layers = find_layers(model)
+    feeds = {"x": np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    ranges = compute_ranges(model, layers, Samples(feeds), rules=OPENVINO_CPU_RULES)
+    plan = Plan({l.name: "int8" for l in layers if l.op_type == "Conv"})
+    b = get_backend("openvino:cpu")
+
+    def kinds(m):
+        return Counter((str(o.get_rt_info()["layerType"].astype(str)), str(o.get_rt_info()["runtimePrecision"].astype(str)))
+                       for o in b.compile(m).get_runtime_model().get_ordered_ops())
+
+    fused, plain = kinds(rewrite(model, layers, plan, ranges, rules=OPENVINO_CPU_RULES)), kinds(rewrite(model, layers, plan, ranges))
+    assert fused[("FakeQuantize", "f32")] == 1 and plain[("FakeQuantize", "f32")] > 1, (fused, plain)
+    assert fused[("Convolution", "u8")] == plain[("Convolution", "u8")] == len(plan.formats)
+    assert fused[("Pooling", "u8")] == 1 and plain[("Pooling", "u8")] == 0
+    assert sum(n for (kind, _), n in fused.items() if kind == "Eltwise") < sum(n for (kind, _), n in plain.items() if kind == "Eltwise")

@@ -25,44 +25,6 @@ from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
 
 
-def residual_cnn(seed: int = 0, c: int = 8, head: bool = True) -> onnx.ModelProto:
-    """stem Conv -> Relu -> [Conv -> Relu -> Conv] + skip -> Add -> Relu -> MaxPool -> Conv -> Relu
-    -> (GlobalAveragePool -> Flatten -> Gemm, or the last Relu as the output)."""
-    rng = np.random.default_rng(seed)
-    inits, nodes = [], []
-
-    def conv(name, x, cin, cout):
-        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin))
-                                             .astype(np.float32), f"{name}.w"))
-        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype(np.float32), f"{name}.b"))
-        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}_out"], name=name, pads=[1] * 4))
-        return f"{name}_out"
-
-    def op(kind, inputs, name, **attrs):
-        nodes.append(helper.make_node(kind, inputs, [f"{name}_out"], name=name, **attrs))
-        return f"{name}_out"
-
-    h = op("Relu", [conv("stem", "x", 3, c)], "stem_relu")
-    b = conv("b", op("Relu", [conv("a", h, c, c)], "a_relu"), c, c)
-    r = op("Relu", [op("Add", [h, b], "add")], "add_relu")
-    p = op("MaxPool", [r], "pool", kernel_shape=[2, 2], strides=[2, 2])
-    y = op("Relu", [conv("c", p, c, c)], "c_relu")
-    if head:
-        g = op("Flatten", [op("GlobalAveragePool", [y], "gap")], "flat")
-        inits.append(numpy_helper.from_array((rng.standard_normal((10, c)) / np.sqrt(c)).astype(np.float32), "fc.w"))
-        inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc.b"))
-        nodes.append(helper.make_node("Gemm", [g, "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
-        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])
-    else:
-        nodes.append(helper.make_node("Identity", [y], ["y"], name="out"))
-        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c, 8, 8])
-    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
-                              [out], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return onnx.shape_inference.infer_shapes(model)
-
-
 def _feeds(n=16, seed=1):
     return {"x": np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)}
 
@@ -83,7 +45,7 @@ def _optimized(model, tmp_path, tag):
 
 @pytest.fixture(scope="module")
 def cnn_setup():
-    model = residual_cnn()
+    model = models.residual_cnn()
     layers = find_layers(model)
     ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
     return model, layers, ranges
@@ -193,7 +155,7 @@ def test_a_missing_range_keeps_the_op_float(cnn_setup, tmp_path):
 
 
 def test_passthrough_shares_the_scale_of_its_input():
-    model = residual_cnn(head=False)
+    model = models.residual_cnn(head=False)
     layers = find_layers(model)
     ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
     fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
@@ -255,7 +217,7 @@ def test_cli_rewrite_follows_the_backends_rules(tmp_path):
 
     from ampq_pass.cli.main import main
 
-    model = residual_cnn()
+    model = models.residual_cnn()
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", **_feeds())
     layers = find_layers(model)
@@ -387,13 +349,17 @@ def test_split_between_int8_layers_shares_the_scale(tmp_path):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
-def test_openvino_cpu_follows_the_same_table():
+def test_openvino_cpu_has_its_own_table():
     pytest.importorskip("openvino")
     from ampq_pass.backends.openvino import OpenVinoBackend
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
 
     backend = OpenVinoBackend("cpu")
     if "int8" not in backend.capabilities().formats:
         pytest.skip("this CPU does not list INT8")
-    assert backend.capabilities().rules.rules == ORT_CPU_RULES.rules
+    rules = backend.capabilities().rules
+    assert rules is OPENVINO_CPU_RULES and rules.rules != ORT_CPU_RULES.rules
+    # ONNX Runtime has QLinearSigmoid and QLinearSoftmax; OpenVINO's LPT keeps them in float
+    assert {"Sigmoid", "Softmax"} <= set(ORT_CPU_RULES.rules) and not {"Sigmoid", "Softmax"} & set(rules.rules)
     assert OpenVinoBackend("cpu", fusion=False).capabilities().rules is None
     assert backend.key()["fusion"] != OpenVinoBackend("cpu", fusion=False).key()["fusion"]
