@@ -35,7 +35,8 @@ from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_rang
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.loss_check import check_loss, outside
 from ampq_pass.stages.partition import partition
-from ampq_pass.stages.repair import Round, context_gains, correct, falls_short, measure_context, reverted
+from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short, measure_context, reverted,
+                                     variants_at_once)
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.screen import Screen, screen_formats, screened_formats
@@ -260,6 +261,8 @@ class _StageClock:
 #: the whole-model measurements after it, solving, rewriting and verifying (GPT-2 small: timing
 #: 119 s, verify 80 s; ConvNeXt-tiny's subgraphs alone took 600 s at fifty rounds each)
 TIMING_SHARE = 0.6
+#: groups of neighbouring subgraphs a repair round reverts one at a time, when time allows
+REPAIR_GROUPS = 12
 
 
 @dataclass
@@ -282,7 +285,8 @@ class TimeBudget:
         if need <= left:
             return True
         line = (f"{what} skipped: it would take about {need:.0f} s and {max(left, 0):.0f} s of the "
-                f"{self.seconds:.0f} s time budget are left")
+                f"{self.seconds:.0f} s time budget are left" if need > 0 else
+                f"{what} skipped: the {self.seconds:.0f} s time budget is spent")
         self.skipped.append(line)
         log(f"      {line}")
         return False
@@ -500,11 +504,14 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         inp, ranges, table, sens, solution, rewritten, option_table, memory, tau, opts, check, cache, log, budget)
     save_model(rewritten, output, source=model_path)
     loss_report = None
-    if solution.plan.formats and outside(measured["loss_mse"], solution.mse):
+    if solution.plan.formats and outside(measured["loss_mse"], solution.mse) and \
+            budget.fits(0.0, f"measuring each quantized subgraph alone to say why the measured loss "
+                             f"({measured['loss_mse']:.3g}) left 0.5-2x of the predicted ({solution.mse:.3g})", log):
         log(f"      measured loss {measured['loss_mse']:.3g} against {solution.mse:.3g} predicted: measuring each "
             f"quantized subgraph alone to say why")
+        left = budget.left()
         loss_report = check_loss(model, layers, solution.plan, part, ranges, sens, inp.holdout, measured["loss_mse"],
-                                 rules=_rules(inp), **check)
+                                 rules=_rules(inp), seconds=None if math.isinf(left) else left, **check)
         log(f"      loss: {loss_report['reason']}")
     front_points, reference, front_timing = [], [], None
     if front:
@@ -552,7 +559,14 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             break
         log(f"      measured {measured['speedup']:.3f}x, predicted {rounds[-1].predicted_speedup:.3f}x: timing the "
             f"quantized subgraphs inside the whole model (repair round {index} of at most {opts.repair_rounds})")
-        ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache)
+        # a batch of reverted variants costs about one verification (whole-model sessions and
+        # their rounds): as many groups as batches fit before the new plan's verification
+        # (BERT-base: twelve one-variant batches took 196 s, after a 39 s verification)
+        allowance = budget.left() - once
+        groups = REPAIR_GROUPS if math.isinf(allowance) else \
+            max(1, min(REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * variants_at_once(model)))
+        ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache,
+                              max_groups=groups, seconds=None if math.isinf(allowance) else allowance)
         rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))
         step = ctx.best_revert()
         if step is not None:  # a variant measured faster than the plan is the next plan, as measured

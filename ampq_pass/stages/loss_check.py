@@ -18,6 +18,7 @@ neither when only their product leaves the band).
 from __future__ import annotations
 
 import math
+import time
 
 import onnx
 
@@ -55,8 +56,11 @@ def plan_on(plan: Plan, partition: Partition, index: int) -> Plan:
 
 def check_loss(model: onnx.ModelProto, layers: list[Layer], plan: Plan, partition: Partition, ranges: Ranges,
                sens: Sensitivity, holdout: Samples, measured: float, *, rules=None, loss: str = "projection",
-               batch_size: int = 8, seed: int = 0, hp_outputs: list | None = None) -> dict:
-    """The measurement and reason of the module docstring, as plain data for the report."""
+               batch_size: int = 8, seed: int = 0, hp_outputs: list | None = None,
+               seconds: float | None = None) -> dict:
+    """The measurement and reason of the module docstring, as plain data for the report. With
+    ``seconds``, no subgraph is started once they are spent (the largest predicted losses go
+    first; the rest count as unchecked)."""
     predicted = predicted_mse(sens, plan.formats)
     parts = []
     for sg in partition.subgraphs:
@@ -65,7 +69,11 @@ def check_loss(model: onnx.ModelProto, layers: list[Layer], plan: Plan, partitio
             parts.append((predicted_mse(sens, sub.formats), sg.index, sub))
     parts.sort(key=lambda p: -p[0])
     checked, rows = parts[:MAX_SUBGRAPHS], []
-    for pred, index, sub in checked:
+    started = time.monotonic()
+    for k, (pred, index, sub) in enumerate(checked):
+        if rows and seconds is not None and time.monotonic() - started > seconds:
+            checked = checked[:k]
+            break
         q = rewrite(model, layers, sub, ranges, rules=rules)
         rows.append({"subgraph": index, "layers": len(sub.formats), "predicted": pred,
                      "measured": measured_loss_mse(model, q, holdout, loss, batch_size=batch_size, seed=seed,

@@ -17,6 +17,7 @@ again. A bounded number of rounds (the pipeline's ``repair_rounds``).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,9 +121,11 @@ class Context:
 
 def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None, table: GainTable,
                     plan: Plan, backend, inputs: list[dict[str, np.ndarray]], *, max_groups: int = 12,
-                    cache: Cache | None = None) -> Context:
+                    cache: Cache | None = None, seconds: float | None = None) -> Context:
     """Time ``plan`` and, for each group of :func:`quantized_groups`, the plan with that group
-    reverted to hp, interleaved on ``inputs`` (cached like every timing)."""
+    reverted to hp, interleaved on ``inputs`` (cached like every timing). With ``seconds``, no
+    batch of variants starts once they are spent: the groups not timed are left out of the
+    context (their subgraphs keep their standalone gains)."""
     groups = quantized_groups(table, plan, max_groups)
     key = digest("context", _CACHE_VERSION, model_digest(model), sorted(plan.formats.items()),
                  sorted(plan.cuts.items()), groups,
@@ -139,7 +142,10 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
         # the batches share one attempt's time cap: on BERT-base six batches of full rounds
         # made the repair round six minutes long
         timer = split_time(backend, -(-len(groups) // at_once))
+        started = time.monotonic()
         for start in range(0, len(groups), at_once):
+            if out and seconds is not None and time.monotonic() - started > seconds:
+                break
             batch = list(enumerate(groups))[start:start + at_once]
             models = {"plan": planned}
             models.update({f"revert{g}": rewrite(model, layers, reverted(table, plan, members), ranges, rules=rules)

@@ -62,6 +62,11 @@ def test_check_loss_measures_each_subgraph_alone(cnn_model):
     assert one["measured"] == pytest.approx(measured_loss_mse(cnn_model, alone, samples))
     assert out["alone"] == pytest.approx(sum(r["measured"] for r in out["subgraphs"]))
     assert isinstance(out["reason"], str) and out["reason"]
+    # with no time left one subgraph is still measured, the rest count as unchecked
+    assert len(quantized) > 1
+    short = check_loss(cnn_model, layers, plan, part, ranges, sens, samples, measured, seconds=0.0)
+    assert len(short["subgraphs"]) == 1 and short["unchecked"] == len(quantized) - 1
+    assert short["subgraphs"][0] == out["subgraphs"][0] and "not measured" in short["reason"]
 
 
 def test_one_subgraph_alone_is_the_plan(mlp_model):

@@ -208,3 +208,32 @@ def test_large_models_time_fewer_variants_at_once(monkeypatch):
     assert variants_at_once(small) == 2
     monkeypatch.setattr(repair, "CONTEXT_BYTES", 1)
     assert variants_at_once(small) == 1  # never none: the plan needs a variant to compare with
+
+
+def test_the_context_starts_no_batch_once_its_time_is_spent(block, monkeypatch):
+    """With no time allowed, one batch of variants is timed and the other groups are left out."""
+    import ampq_pass.stages.repair as repair
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.calibrate import compute_ranges
+    from ampq_pass.stages.repair import measure_context
+    from ampq_pass.stages.timing import gain_table
+    from ampq_pass.stages.subgraphs import capture_inputs
+
+    import models
+
+    path, (attention, mlp) = block
+    model = load_model(path)
+    layers = find_layers(model)
+    feeds = models.feeds_for(model, n=8)
+    ranges = compute_ranges(model, layers, Samples(feeds))
+    part = partition(model, layers, formats={l.name: ["int8"] for l in layers})
+    backend = InteractingBackend([(attention, 0.4), (mlp, -0.3)])
+    table = gain_table(model, layers, part, ranges, capture_inputs(model, part, Samples(feeds)), backend,
+                       progress=False, boundary_states=False)
+    plan = Plan({l.name: "int8" for l in layers})
+    assert len(quantized_groups(table, plan, 12)) == 2
+    full = measure_context(model, layers, ranges, table, plan, backend, [feeds], max_groups=12)
+    assert len(full.groups) == 2
+    monkeypatch.setattr(repair, "VARIANTS_AT_ONCE", 1)  # one variant a batch: two batches
+    short = measure_context(model, layers, ranges, table, plan, backend, [feeds], max_groups=12, seconds=0.0)
+    assert len(short.groups) == 1 and short.groups[0][0] == full.groups[0][0]
