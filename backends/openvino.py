@@ -108,6 +108,23 @@ def _restrict(inputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+#: lines of OpenVINO's error text that locate the check, not the cause
+_NOISE = ("Exception from", "Check '", "FrontEnd API failed", "Model wasn't fully converted", "Summary:",
+          "While validating node")
+
+
+def openvino_reason(text: str) -> str:
+    """One line from OpenVINO's multi-line error ``text``: the ONNX node it names and the first
+    line that says why (its first line only says where in OpenVINO's sources it was raised)."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    node = next((l.split("': ")[0] + "'" for l in lines if l.startswith("While validating ONNX node")), "")
+    why = next((l for l in lines if not l.startswith(_NOISE) and not l.startswith("While validating ONNX node")
+                and not l.startswith("-- ")), "")
+    failed = next((l[3:] for l in lines if l.startswith("-- Conversion is failed for")), "")
+    parts = [p for p in (node.replace("While validating ONNX node ", "node "), why, failed) if p]
+    return "; ".join(parts) if parts else (lines[0] if lines else "")
+
+
 class OpenVinoBackend(Backend):
     """The OpenVINO runtime on one device (``CPU`` by default)."""
 
@@ -185,9 +202,9 @@ class OpenVinoBackend(Backend):
                 return self.core.compile_model(self.core.read_model(path), self.device, self.config())
         except AmpqError:
             raise
-        except Exception as e:  # OpenVINO raises RuntimeError with multi-line text: keep its first line
-            first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
-            raise AmpqError(f"OpenVINO cannot run the model {model.graph.name!r} on {self.device}: {first}") from None
+        except Exception as e:  # OpenVINO raises RuntimeError with multi-line text: keep what names the cause
+            raise AmpqError(f"OpenVINO cannot run the model {model.graph.name!r} on {self.device}: "
+                            f"{openvino_reason(str(e)) or type(e).__name__}") from None
 
     def runner(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]):
         """``run(i)``: one synchronous inference on batch ``i``, inputs prepared beforehand."""

@@ -270,3 +270,24 @@ def test_a_residual_add_between_int8_convs_runs_in_u8_with_the_table():
     assert fused[("Convolution", "u8")] == plain[("Convolution", "u8")] == len(plan.formats)
     assert fused[("Pooling", "u8")] == 1 and plain[("Pooling", "u8")] == 0
     assert sum(n for (kind, _), n in fused.items() if kind == "Eltwise") < sum(n for (kind, _), n in plain.items() if kind == "Eltwise")
+
+
+def test_openvino_errors_are_one_line_naming_the_node_and_the_cause():
+    from ampq_pass.backends.openvino import openvino_reason
+
+    text = """Exception from src/inference/src/cpp/core.cpp:105:
+Check 'false' failed at src/frontends/common_translators/src/unconverted_ops_report.cpp:151:
+FrontEnd API failed with OpConversionFailure:
+Model wasn't fully converted. Failed operations detailed log:
+-- AveragePool-17 with a message:
+While validating ONNX node '<Node(AveragePool): /m/pooler/AveragePool>': Check 'cmp::le(kernel, dim.get_length())' failed at src/core/shape_inference/include/pooling_shape_inference_util.hpp:149:
+While validating node 'opset16::AvgPool AvgPool_1 (opset1::Multiply x[0]:f32[?,1280,7,7]) -> (dynamic[...])' with friendly_name 'AvgPool_1':
+Kernel after dilation has size (dim: 1280) larger than the data shape after padding (dim: 7) at axis 0.
+Summary:
+-- Conversion is failed for: AveragePool-17
+"""
+    got = openvino_reason(text)
+    assert "\n" not in got and "<Node(AveragePool): /m/pooler/AveragePool>" in got
+    assert "Kernel after dilation has size (dim: 1280)" in got and "AveragePool-17" in got
+    assert not got.startswith("Exception from")
+    assert openvino_reason("plain message") == "plain message"
