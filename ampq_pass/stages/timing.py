@@ -900,7 +900,10 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
                  backend.key())
     def measure() -> dict:
         sizes = weight_bytes(model, partition)
-        chunks = anchor_chunks(model, partition, sizes)
+        # what each session holds while it runs: on a detector fed 2 x 736 x 3008 images the
+        # subgraphs' activations, not their weights, made the anchor the pass's peak (4.4 GB)
+        held = {s.index: session_bytes(extract(model, s), inputs_by_subgraph[s.index][0]) for s in partition.subgraphs}
+        chunks = anchor_chunks(model, partition, sizes, held, model_bytes=session_bytes(model, model_inputs[0]))
         # the scale goes from chunk to chunk through one subgraph of the first, timed in every
         # chunk: the heaviest, so that its own noise stays small (the whole model would do too,
         # at the cost of one more model run per round in every chunk)
@@ -935,6 +938,9 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
 #: all of GPT-2 small's at once (the model's session and every subgraph's, each holding its
 #: weights) was the pass's peak, 4.8 GB against 3.4 GB in any other stage
 ANCHOR_CHUNK_BYTES = 128 << 20
+#: what the sessions of one chunk may hold, by :func:`session_bytes` (weights and every
+#: computed tensor; the same bound as a group of configurations, :data:`GROUP_BYTES`)
+ANCHOR_SESSION_BYTES = 1 << 30
 
 
 def weight_bytes(model: onnx.ModelProto, partition: Partition) -> dict[int, int]:
@@ -946,21 +952,25 @@ def weight_bytes(model: onnx.ModelProto, partition: Partition) -> dict[int, int]
             for s in partition.subgraphs}
 
 
-def anchor_chunks(model: onnx.ModelProto, partition: Partition,
-                  sizes: dict[int, int] | None = None) -> list[list[Subgraph]]:
+def anchor_chunks(model: onnx.ModelProto, partition: Partition, sizes: dict[int, int] | None = None,
+                  sessions: dict[int, int] | None = None, *, model_bytes: int = 0) -> list[list[Subgraph]]:
     """``partition``'s subgraphs in order, in runs whose initializers add up to at most
-    :data:`ANCHOR_CHUNK_BYTES` (one subgraph alone may hold more); ``sizes`` as
+    :data:`ANCHOR_CHUNK_BYTES` and whose sessions (``sessions``: index -> :func:`session_bytes`)
+    to at most :data:`ANCHOR_SESSION_BYTES`, the first run counting the whole model's session
+    (``model_bytes``) too; every run has at least one subgraph. ``sizes`` as
     :func:`weight_bytes` gives them (computed when not given)."""
     sizes = sizes if sizes is not None else weight_bytes(model, partition)
+    sessions = sessions or {}
     chunks: list[list] = [[]]
-    held = 0
+    weights, held = 0, model_bytes
     for s in partition.subgraphs:
-        size = sizes[s.index]
-        if chunks[-1] and held + size > ANCHOR_CHUNK_BYTES:
+        size, session = sizes[s.index], sessions.get(s.index, 0)
+        if chunks[-1] and (weights + size > ANCHOR_CHUNK_BYTES or held + session > ANCHOR_SESSION_BYTES):
             chunks.append([])
-            held = 0
+            weights, held = 0, 0
         chunks[-1].append(s)
-        held += size
+        weights += size
+        held += session
     return [c for c in chunks if c]
 
 

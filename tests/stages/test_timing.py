@@ -725,6 +725,27 @@ def test_anchor_chunks_bound_the_weights_timed_beside_the_model(monkeypatch):
     assert [len(c) for c in chunks] == [1] * len(part.subgraphs)
 
 
+
+def test_anchor_chunks_bound_what_the_sessions_hold(monkeypatch):
+    """Activations count too: sessions of 400 units against a bound of 1000, the whole model's
+    600 in the first chunk: one subgraph beside the model, then two at a time."""
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.timing import anchor_chunks
+
+    m = models.llama_decoder(layers=3)
+    layers = find_layers(m)
+    part = partition(m, layers, formats={l.name: ["int8"] for l in layers})
+    n = len(part.subgraphs)
+    assert n >= 4
+    monkeypatch.setattr(timing, "ANCHOR_SESSION_BYTES", 1000)
+    chunks = anchor_chunks(m, part, sessions={s.index: 400 for s in part.subgraphs}, model_bytes=600)
+    assert [len(c) for c in chunks] == [1] + [2] * ((n - 1) // 2) + [1] * ((n - 1) % 2)
+    assert [s.index for c in chunks for s in c] == [s.index for s in part.subgraphs]
+    # a session larger than the bound still gets a chunk of its own
+    assert [len(c) for c in anchor_chunks(m, part, sessions={s.index: 5000 for s in part.subgraphs})] == [1] * n
+
+
 class _DriftingClock(SizeClock):
     """Times every model by its node count, the machine 1.5x slower at every later call: the
     chunks must be put back on the first one's scale (through the subgraph timed in each)."""
