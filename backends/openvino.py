@@ -108,9 +108,9 @@ def _restrict(inputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-#: lines of OpenVINO's error text that locate the check, not the cause
+#: lines of OpenVINO's error text that are not the cause (where it was raised; the node and the failed ops are read apart)
 _NOISE = ("Exception from", "Check '", "FrontEnd API failed", "Model wasn't fully converted", "Summary:",
-          "While validating node")
+          "While validating node", "While validating ONNX node", "-- ")
 
 
 def openvino_reason(text: str) -> str:
@@ -118,8 +118,7 @@ def openvino_reason(text: str) -> str:
     line that says why (its first line only says where in OpenVINO's sources it was raised)."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     node = next((l.split("': ")[0] + "'" for l in lines if l.startswith("While validating ONNX node")), "")
-    why = next((l for l in lines if not l.startswith(_NOISE) and not l.startswith("While validating ONNX node")
-                and not l.startswith("-- ")), "")
+    why = next((l for l in lines if not l.startswith(_NOISE)), "")
     failed = next((l[3:] for l in lines if l.startswith("-- Conversion is failed for")), "")
     parts = [p for p in (node.replace("While validating ONNX node ", "node "), why, failed) if p]
     return "; ".join(parts) if parts else (lines[0] if lines else "")

@@ -262,8 +262,7 @@ def split_time(backend: "Measurer", parts: int, *, floor: float = 10.0) -> "Meas
     protocol = getattr(backend, "protocol", None)
     if parts <= 1 or not isinstance(protocol, Protocol) or protocol.max_seconds is None:
         return backend
-    share = max(floor, protocol.max_seconds / parts)
-    return with_protocol(backend, dataclasses.replace(protocol, max_seconds=min(protocol.max_seconds, share), retries=0))
+    return within(backend, max(floor, protocol.max_seconds / parts))
 
 
 def within(backend: "Measurer", seconds: float) -> "Measurer":
@@ -272,7 +271,9 @@ def within(backend: "Measurer", seconds: float) -> "Measurer":
     protocol = getattr(backend, "protocol", None)
     if not isinstance(protocol, Protocol):
         return backend
-    cap = max(float(seconds), 0.0) if protocol.max_seconds is None else min(protocol.max_seconds, max(float(seconds), 0.0))
+    cap = max(float(seconds), 0.0)
+    if protocol.max_seconds is not None:
+        cap = min(protocol.max_seconds, cap)
     return with_protocol(backend, dataclasses.replace(protocol, max_seconds=cap, retries=0))
 
 
