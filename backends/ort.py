@@ -13,8 +13,11 @@ would emulate slowly is not offered):
   and the measurement decides), fp16 37.8 ms, bf16 36.5 ms, fp8 QDQ 56.8 ms (not fused:
   Cast/DequantizeLinear run as separate ops before an fp32 MatMul). So the CPU EP offers
   int8 and int4 and not fp16/bf16/fp8.
-- CUDA EP: runs QDQ and Cast nodes as separate ops around fp32 kernels (no fused int8
-  MatMul), so nothing beyond hp is offered. Not measured here (no GPU on these machines).
+- CUDA EP, measured on a lent H100 (ORT 1.31.1 CUDA 13 build, benchmarks/results/cuda.md):
+  every format as written is slower than fp32. int8/fp8 QDQ stay separate Q/DQ ops around
+  fp32 MatMuls (0.39-0.69x), int8_dyn's MatMulInteger falls back to the CPU (0.02-0.07x),
+  int4 fuses into MatMulNBits only in part (0.54-0.57x), fp16/bf16 Cast pairs 0.71-0.83x.
+  So nothing beyond hp is offered; a 16-bit compute format (the op itself in fp16) would be.
 - TensorRT EP: consumes explicit QDQ as int8 (and fp8 on GPUs that have it) kernels.
   Not measured here.
 - OpenVINO EP: consumes int8 QDQ. Not measured here.
@@ -36,7 +39,7 @@ from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.ort import make_session
 from ampq_pass.backends.ort_rules import ORT_CPU_RULES
 
-__all__ = ["OrtBackend", "Timing", "available_providers", "time_interleaved"]
+__all__ = ["OrtBackend", "Timing", "available_providers", "io_device", "time_interleaved"]
 
 #: short name -> (ONNX Runtime provider, formats it runs fast, high-precision format)
 PROVIDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -71,16 +74,35 @@ def _runner(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]])
     a fresh numpy array: for a subgraph timed alone that copy is of a whole activation (8 MB
     for a 64-channel 64x64 feature map at batch 8), a cost the model does not pay at a cut
     and one that shrinks 4x when the cut is uint8, which made int8 cuts look faster than they
-    are (the repo's residual CNN: 4.6x predicted, 3.6x measured)."""
+    are (the repo's residual CNN: 4.6x predicted, 3.6x measured). On a GPU provider the
+    inputs are copied to the device once and the outputs stay there, for the same reason:
+    a host<->device copy of every cut tensor is paid by no subgraph inside the whole model."""
+    device, device_id = io_device(session)
     bindings = []
     for feeds in batches:
         binding = session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
+            if device == "cpu":
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, device_id))
         for out in session.get_outputs():
-            binding.bind_output(out.name, "cpu")
+            binding.bind_output(out.name, device, device_id)
         bindings.append(binding)
     return lambda i: session.run_with_iobinding(bindings[i])
+
+
+#: providers whose tensors live in GPU memory (ONNX Runtime's device name for an OrtValue)
+_GPU_PROVIDERS = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+def io_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """Where the first (preferred) provider of ``session`` keeps its tensors, and its device id."""
+    first = session.get_providers()[0]
+    device = _GPU_PROVIDERS.get(first, "cpu")
+    if device == "cpu":
+        return device, 0
+    return device, int(session.get_provider_options().get(first, {}).get("device_id", 0))
 
 
 def _restrict(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

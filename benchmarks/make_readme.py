@@ -36,6 +36,8 @@ EARLIER = [  # per-stage benchmarks from earlier issues
      "corpus:mobilenetv2_classic"),
     ("fusion.md", "every conv int8 with and without ORT's fusion rules (issue 13)",
      ".venv/bin/python benchmarks/bench_fusion.py cnn resnet50"),
+    ("cuda.md", "ONNX Runtime's CUDA EP on a lent H100: formats probe and the pass",
+     "bash benchmarks/gpu_check.sh (on a GPU machine; see its header)"),
 ]
 
 

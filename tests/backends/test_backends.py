@@ -115,6 +115,25 @@ def test_ort_time_interleaves_all_models(mlp_model):
         b.time({"one": mlp_model}, [{"y": np.zeros((1, 16), np.float32)}])
 
 
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="onnxruntime-gpu with a GPU only (run on a lent GPU by benchmarks/gpu_check.sh)")
+def test_cuda_backend_times_with_tensors_in_gpu_memory(mlp_model):
+    from ampq_pass.backends.ort import io_device
+
+    b = OrtBackend("cuda", protocol=FAST)
+    session = b.session(mlp_model)
+    assert session.get_providers()[0] == "CUDAExecutionProvider" and io_device(session) == ("cuda", 0)
+    out = b.time({"one": mlp_model, "two": mlp_model}, [models.feeds_for(mlp_model, n=4)])
+    assert set(out) == {"one", "two"} and all(t.median > 0 for t in out.values())
+    assert b.key()["provider"] == "CUDAExecutionProvider" and b.capabilities().hp == "fp32"
+
+
+def test_cpu_sessions_bind_host_memory(mlp_model):
+    from ampq_pass.backends.ort import io_device
+
+    assert io_device(OrtBackend("cpu").session(mlp_model)) == ("cpu", 0)
+
+
 def test_time_interleaved_fixed_rounds(mlp_model):
     feeds = models.feeds_for(mlp_model, n=2)
     out = time_interleaved({"a": make_session(mlp_model)}, feeds, repeats=5, warmup=1)
