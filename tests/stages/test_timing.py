@@ -520,20 +520,63 @@ def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
     assert mixed > 0
 
 
-def test_the_int8_anchor_is_a_candidate_when_it_fits_the_budget(cnn_timing_setup):
-    """Standalone int8 subgraphs so burdened by their uint8 edges that int8 cuts look slower
-    than hp, while the whole model in int8 (no such edges) is faster: the solver keeps layers
-    hp; the anchor plan, measured while timing, is offered to be verified when its loss fits."""
+def test_a_model_far_faster_than_its_int8_parts_still_credits_its_cuts(cnn_timing_setup):
+    """Standalone int8 subgraphs so burdened by their uint8 edges that int8 looks slower than hp
+    alone, while the whole model in int8 (no such edges) is far faster: the factor that would
+    scale the parts is below FIT_BOUNDS (as on OpenVINO's ResNet-50, 0.499), yet the cut bonus
+    still applies - it scales nothing, it credits the int8-int8 cuts - so the every-int8 plan is
+    predicted at its measurement and the solver, with the budget loose, takes it."""
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.sensitivity import sensitivity
+    from ampq_pass.pipeline import build_options
+    from ampq_pass.stages.solve import solve
+    from ampq_pass.stages.timing import FIT_BOUNDS, gain_table
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    clock = EdgeClock(edge=2.0)
+    table = gain_table(model, layers, part, ranges, captured, clock, formats=("int8",), progress=False,
+                       model_inputs=[feeds])
+    anchor = table.format_anchors["int8"]
+    every = {l.name: "int8" for l in layers}
+    measured = clock._timing(model).median / clock._timing(
+        rewrite(model, layers, table.plan(every), ranges, rules=clock.capabilities().rules)).median
+    assert anchor["parts_factor"] < FIT_BOUNDS[0] and anchor["applied"] and anchor["bonus_cuts"] == 3
+    assert anchor["predicted_speedup"] < 1.0 < measured  # the parts alone: int8 slower than hp
+    assert predict_speedup(table, every) == pytest.approx(measured, rel=1e-6)
+    sens = sensitivity(model, layers, ranges, Samples(feeds), progress=False)
+    assert solve(build_options(table, sens), float("inf"), cut_bonus=table.cut_bonus).plan.formats == every
+
+
+def _without_cut_bonus(monkeypatch):
+    """The timing stage's int8 anchor measured but not fitted (as when its factor is out of
+    bounds and no cut can be credited): the parts keep their standalone times."""
+    import ampq_pass.stages.timing as timing
+
+    real = timing.fit_formats_to_model
+
+    def fit(table, *args, **kwargs):
+        records = real(table, *args, **kwargs)
+        table.cut_bonus.clear()
+        return {f: {**r, "applied": False, "outcome": "not fitted (test)"} for f, r in records.items()}
+
+    monkeypatch.setattr(timing, "fit_formats_to_model", fit)
+
+
+def test_the_int8_anchor_is_a_candidate_when_it_fits_the_budget(cnn_timing_setup, monkeypatch):
+    """With the parts left as timed alone (int8 cuts look slower than hp there) the solver keeps
+    layers hp; the anchor plan, measured faster while timing, is offered to be verified when
+    its loss fits."""
     from ampq_pass.pipeline import PassOptions, _anchor_solution, build_options
     from ampq_pass.stages.sensitivity import sensitivity
     from ampq_pass.stages.solve import solve
     from ampq_pass.stages.timing import gain_table
 
+    _without_cut_bonus(monkeypatch)
     model, layers, feeds, ranges, part, captured = cnn_timing_setup
     table = gain_table(model, layers, part, ranges, captured, EdgeClock(edge=2.0), formats=("int8",),
                        progress=False, model_inputs=[feeds])
     anchor = table.format_anchors["int8"]
-    assert anchor["measured_speedup"] > 1.0 and not anchor["applied"]  # factor out of bounds: parts unchanged
+    assert anchor["measured_speedup"] > 1.0 and not anchor["applied"] and not table.cut_bonus
     sens = sensitivity(model, layers, ranges, Samples(feeds), progress=False)
     options = build_options(table, sens)
     loose = solve(options, float("inf"))
@@ -545,13 +588,14 @@ def test_the_int8_anchor_is_a_candidate_when_it_fits_the_budget(cnn_timing_setup
     assert _anchor_solution(table, options, sens, float("inf"), PassOptions(max_memory=1e9)) is None
 
 
-def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_path):
+def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_path, monkeypatch):
     """Through run_pass: the solver's plan is verified, then the anchor plan, measured faster
     while timing, is verified too and shipped because it is the fastest verified plan."""
     import onnx
 
     from ampq_pass.pipeline import run_pass
 
+    _without_cut_bonus(monkeypatch)
     path = tmp_path / "cnn.onnx"
     onnx.save(cnn_model, path)
     result = run_pass(path, tmp_path / "out.onnx", samples=Samples(models.feeds_for(cnn_model, n=24)),
