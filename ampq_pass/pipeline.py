@@ -46,7 +46,7 @@ from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, p
 from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solution_of, solve
 from ampq_pass.stages.subgraphs import capture_inputs
-from ampq_pass.stages.timing import GainTable, gain_table, predict_speedup
+from ampq_pass.stages.timing import GainTable, fit_timing_batch, gain_table, predict_speedup
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.verify import run_batches, verify
 
@@ -329,6 +329,11 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
         cache.check_writable()
     timing_inputs, timing_info = timing_feeds(model, calib_set, shapes=opts.shapes, batch_size=opts.batch_size,
                                               n_batches=opts.timing_batches)
+    if not opts.shapes and not calib_set.whole_feeds:  # a batch the user named is kept as named
+        timing_inputs, note = fit_timing_batch(model, timing_inputs)
+        if note:
+            timing_info = {**timing_info, "shapes": {k: list(v.shape) for k, v in timing_inputs[0].items()},
+                           "source": f"{timing_info['source']}; {note}"}
     return _Inputs(model, normalized, backend, offered, layers, calib_set, holdout, cache, timing_inputs, timing_info)
 
 

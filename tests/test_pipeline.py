@@ -316,3 +316,18 @@ def test_constant_output_warned_in_one_line(tmp_path):
              max_loss_rmse=0.05, cache_dir=None, progress=False, log=lines.append)
     warned = [l for l in lines if "constant over the" in l]
     assert len(warned) == 1 and "'gate'" in warned[0] and "\n" not in warned[0], lines
+
+
+def test_a_timing_batch_too_large_for_memory_is_cut_and_reported(tmp_path, block_file, monkeypatch):
+    """The whole model's session at the default batch would hold more than the bound: the pass
+    times on fewer of the same samples and says so in the report (a batch named with --shape
+    is kept)."""
+    import ampq_pass.stages.timing as timing
+
+    monkeypatch.setattr(timing, "TIMING_SESSION_BYTES", 1)  # below any one-sample session
+    logs: list[str] = []
+    res = run_pass(block_file, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", backend="mac",
+                   max_loss_rmse=0.05, progress=False, log=logs.append)
+    shapes = res.report["timing_shapes"]
+    assert "batch cut from 8 to 1" in shapes["source"] and all(v[0] == 1 for v in shapes["shapes"].values())
+    assert any("batch cut from 8 to 1" in line for line in logs)

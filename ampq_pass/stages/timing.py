@@ -466,6 +466,41 @@ def session_bytes(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
     return total
 
 
+#: what one session of the whole model may hold at the timing batch, by :func:`session_bytes`:
+#: nudenet's YOLOv8n fed 736 x 3008 images holds about 1.1 GB of computed tensors per 2 images,
+#: and at the default batch 8 the pass went past 3.6 GB in the timing stage (every subgraph's
+#: captured inputs are held at that batch too, and the anchor runs the model beside subgraphs)
+TIMING_SESSION_BYTES = 1 << 30
+
+
+def fit_timing_batch(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                     bound: int | None = None) -> tuple[list[dict[str, np.ndarray]], str | None]:
+    """``feeds`` (batches along axis 0) cut to the largest batch whose whole-model session holds
+    at most ``bound`` bytes (default :data:`TIMING_SESSION_BYTES`), and a note saying so (None:
+    left as they are).
+
+    :func:`session_bytes` at the batch given and at batch 1 give the bytes per sample (the
+    weights do not grow with the batch); the batch is never cut below 1. A smaller batch
+    times the same kernels on the same real samples; per-sample times shift a little (less
+    parallel work per run) and the user can ask for a batch with ``--shape``.
+    """
+    bound = TIMING_SESSION_BYTES if bound is None else bound
+    batch = min(len(v) for v in feeds[0].values()) if feeds and feeds[0] else 0
+    if batch <= 1:
+        return feeds, None
+    full = session_bytes(model, feeds[0])
+    if full <= bound:
+        return feeds, None
+    one = session_bytes(model, {k: v[:1] for k, v in feeds[0].items()})
+    per = (full - one) / (batch - 1)
+    if per <= 0:
+        return feeds, None
+    fits = int(max(1, min(batch - 1, (bound - (one - per)) // per)))
+    note = (f"batch cut from {batch} to {fits}: the whole model's session would hold {full / 2**30:.2f} GiB of "
+            f"weights and tensors at {batch} (bound {bound / 2**30:.2f} GiB); --shape names another batch")
+    return [{k: v[:fits] for k, v in f.items()} for f in feeds], note
+
+
 def _itemsize(elem_type: int) -> int:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize

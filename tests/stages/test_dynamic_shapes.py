@@ -123,6 +123,8 @@ def test_timing_feeds_default_and_named(listed_npz, model):
     got, info = timing_feeds(model, s, shapes=None, batch_size=4, n_batches=5)
     assert info["source"] == "most common calibration shape" and info["shapes"] == {"x": [4, 3, 8, 16]}
     assert len(got) == 3  # 10 samples: batches of 4 without repeating
+    got, info = timing_feeds(model, s, shapes=None, batch_size=64, n_batches=5)
+    assert [g["x"].shape[0] for g in got] == [10]  # fewer samples than the batch: each once
     got, info = timing_feeds(model, s, shapes={"x": (3, 3, 8, 20)}, batch_size=4, n_batches=2)
     assert info["source"] == "--shape" and [g["x"].shape for g in got] == [(3, 3, 8, 20)] * 2
     with pytest.raises(AmpqError, match=r"--shape x=1x3x8x640: no calibration sample has this shape .*x=Nx3x8x12"):

@@ -618,6 +618,26 @@ def test_session_bytes_counts_weights_and_computed_tensors_at_the_feeds_shapes()
     assert big - small == (400 - 4) * 32 * 4
 
 
+def test_the_timing_batch_is_cut_to_what_one_whole_model_session_may_hold():
+    from ampq_pass.stages.timing import fit_timing_batch, session_bytes
+
+    w = np.ones((16, 32), dtype=np.float32)
+    m = models.single_matmul(w)
+    name = m.graph.input[0].name
+    rng = np.random.default_rng(0)
+    feeds = [{name: rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(2)]
+    bound = session_bytes(m, {name: feeds[0][name][:3]})  # weights + 3 samples' output
+    cut, note = fit_timing_batch(m, feeds, bound=bound)
+    assert [f[name].shape for f in cut] == [(3, 16)] * 2 and "batch cut from 8 to 3" in note
+    assert np.array_equal(cut[1][name], feeds[1][name][:3])  # the same real samples, fewer of them
+    assert fit_timing_batch(m, feeds, bound=bound - 1)[0][0][name].shape == (2, 16)
+    assert fit_timing_batch(m, feeds, bound=1)[0][0][name].shape == (1, 16)  # never below one sample
+    same, none = fit_timing_batch(m, feeds, bound=session_bytes(m, feeds[0]))
+    assert same is feeds and none is None
+    single = [{name: feeds[0][name][:1]}]
+    assert fit_timing_batch(m, single, bound=1) == (single, None)
+
+
 def test_groups_shrink_when_their_sessions_would_hold_too_much(monkeypatch):
     import ampq_pass.stages.timing as timing
 
