@@ -14,7 +14,8 @@ Setup, as issue 15 found necessary:
   a group AIMET leaves in float16 is exported in fp32 (its quantizers disabled before
   `to_onnx_qdq`); the W8A8 groups become QDQ pairs that ORT fuses into integer kernels.
 - callbacks: CallbackFunc; encodings from calib.npz (the same samples as our pass); AIMET's eval
-  (both phases): mean cosine to fp32 (classifier: top-1 - rel. error) on search.npz.
+  (both phases): peerlib.SearchMetric on search.npz (MiniLM: mean cosine to fp32; classifier: top-1 - rel.
+  error; detector: 1 - rel. error).
 - `--w8a8-only`: no search, every remaining quantizer W8A8 (AIMET's plain PTQ).
 - `--all-quantizers`: AIMET's default config kept (no quantizer disabled). On a CNN, ORT fuses
   DQ->Conv->Q into QLinearConv only when the conv's output is quantized as well, which the
@@ -64,9 +65,8 @@ def main() -> None:
         run_session(sess, calib)
 
     def evaluate(sess, _args):
-        q = peerlib.quality(metric.kind, metric.ref, run_session(sess, metric.feeds), metric.feeds)
         metric.calls += 1
-        return q["cos_mean"] if metric.kind == "embedding" else q["top1"] - q["rel_err"]
+        return metric.score(run_session(sess, metric.feeds))
 
     def make_sim(tmp):
         model = onnx.load(str(fp32_path))
@@ -100,8 +100,7 @@ def main() -> None:
     knobs_common = {"quant_scheme": "min_max", "calibration": m["calib"],
                     "disabled": "none (AIMET's default config)" if a.all_quantizers
                     else "quantizers whose tensor feeds no MatMul/Gemm/Conv",
-                    "eval": "mean cosine to fp32 on search.npz" if m["kind"] == "embedding"
-                    else "top-1 agreement - relative logit error on search.npz"}
+                    "eval": peerlib.SearchMetric.DESCRIBED[m["kind"]]}
     pkgs = ("aimet-onnx", "onnxruntime", "onnx", "torch")
     if a.w8a8_only:
         def produce_w8a8(out: Path):

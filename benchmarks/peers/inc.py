@@ -67,8 +67,7 @@ def main() -> None:
                                                      "DynamicQuantConfig.get_config_set_for_tuning()",
                                              "static": "StaticQuantConfig.get_config_set_for_tuning()",
                                              "dynamic": "DynamicQuantConfig.get_config_set_for_tuning()"}[a.config_set],
-                              "eval_fn": "mean cosine to fp32 on search.npz" if m["kind"] == "embedding"
-                              else "top-1 agreement - relative logit error on search.npz",
+                              "eval_fn": peerlib.SearchMetric.DESCRIBED[m["kind"]],
                               "calibration": m["calib"]},
                        packages=("onnx-neural-compressor", "onnxruntime", "onnx"))
 

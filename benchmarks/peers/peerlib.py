@@ -82,7 +82,8 @@ def mean_pool(hidden, mask):
 
 def quality(kind: str, ref: list[np.ndarray], outs: list[np.ndarray], feeds: list[dict]) -> dict:
     """MiniLM: cosine of mean-pooled embeddings to fp32 (mean, min). Classifier: top-1
-    agreement with fp32 and relative L2 error of the logits."""
+    agreement with fp32 and relative L2 error of the logits. Detector: relative L2 error of
+    the raw head output and the share of fp32's detections kept."""
     if kind == "embedding":
         a = np.concatenate([mean_pool(o, f["attention_mask"]) for o, f in zip(ref, feeds)])
         b = np.concatenate([mean_pool(o, f["attention_mask"]) for o, f in zip(outs, feeds)])
@@ -91,13 +92,26 @@ def quality(kind: str, ref: list[np.ndarray], outs: list[np.ndarray], feeds: lis
         cos = (a * b).sum(1)
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
     a, b = np.concatenate(ref), np.concatenate(outs)
-    return {"top1": float((a.argmax(1) == b.argmax(1)).mean()),
-            "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(a))}
+    rel_err = float(np.linalg.norm(a - b) / np.linalg.norm(a))
+    if kind == "detector":
+        # YOLOv8 head [N, 4 box + C classes, anchors]: the anchors fp32 scores above DETECT in some
+        # class, and how many of them the model keeps (same class, score above DETECT)
+        sa, sb = a[:, 4:], b[:, 4:]
+        hit = sa.max(1) >= DETECT
+        kept = hit & (sb.max(1) >= DETECT) & (sa.argmax(1) == sb.argmax(1))
+        return {"rel_err": rel_err, "detections": int(hit.sum()),
+                "kept": float(kept.sum() / hit.sum()) if hit.any() else None}
+    return {"top1": float((a.argmax(1) == b.argmax(1)).mean()), "rel_err": rel_err}
+
+
+#: class score above which a YOLOv8 anchor counts as a detection (the detector's quality)
+DETECT = 0.25
 
 
 class SearchMetric:
     """The metric a peer's search evaluates (higher is better): MiniLM = mean cosine to fp32,
-    classifier = top-1 agreement minus relative error (so ties still rank), on search.npz."""
+    classifier = top-1 agreement minus relative error (so ties still rank), detector = 1 minus
+    the relative error of the head output, on search.npz."""
 
     def __init__(self, model: str):
         m = meta(model)
@@ -106,10 +120,24 @@ class SearchMetric:
         self.ref = run_model(model_dir(model) / "fp32.onnx", self.feeds)
         self.calls = 0
 
+    #: what :meth:`score` computes, per kind (for the knobs the peers record)
+    DESCRIBED = {"embedding": "mean cosine to fp32 on search.npz",
+                 "classifier": "top-1 agreement - relative logit error on search.npz",
+                 "detector": "1 - relative error of the head output on search.npz"}
+
+    def describe(self) -> str:
+        return self.DESCRIBED[self.kind]
+
+    def score(self, outs: list[np.ndarray]) -> float:
+        """The metric of outputs already computed on :attr:`feeds`."""
+        q = quality(self.kind, self.ref, outs, self.feeds)
+        if self.kind == "embedding":
+            return q["cos_mean"]
+        return q["top1"] - q["rel_err"] if self.kind == "classifier" else 1.0 - q["rel_err"]
+
     def __call__(self, model) -> float:
         self.calls += 1
-        q = quality(self.kind, self.ref, run_model(model, self.feeds), self.feeds)
-        return q["cos_mean"] if self.kind == "embedding" else q["top1"] - q["rel_err"]
+        return self.score(run_model(model, self.feeds))
 
 
 def versions(*names: str) -> dict:

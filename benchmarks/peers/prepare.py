@@ -1,7 +1,7 @@
 """Writes, for each model, the fp32 ONNX model and the data every method uses (main venv:
 it imports ampq_pass's MiniLM code; the peers' venvs only read the files written here).
 
-    .venv/bin/python benchmarks/peers/prepare.py [minilm] [resnet50]
+    .venv/bin/python benchmarks/peers/prepare.py [minilm] [resnet50] [yolov8n]
 
 -> benchmarks/out/peers/<model>/
    fp32.onnx        the model (MiniLM: exported as bench_minilm_front.py does, opset 17)
@@ -78,6 +78,33 @@ def resnet50() -> Path:
     meta = {"model": "ResNet-50 (transformers ResNetForImageClassification, random init; corpus resnet50_classic)",
             "kind": "classifier", "output": "logits", "batch": BATCH, "calib": f"corpus images 0-{n_calib - 1}",
             "search": f"corpus images {n_calib}-47", "eval": "64 images, benchmarks/corpus/build.py smooth_images seed 1006",
+            "pass_holdout": len(imgs) - n_calib}
+    (d / "meta.json").write_text(json.dumps(meta, indent=1))
+    return d
+
+
+def yolov8n() -> Path:
+    """nudenet's YOLOv8n (real weights, 320x320), the corpus's detector: its calibration images,
+    and held-out ones from another seed of the same generator."""
+    sys.path.insert(0, str(BENCH / "corpus"))
+    from build import smooth_images
+
+    src = BENCH / "corpus" / "models" / "nudenet_yolov8n"
+    d = OUT / "yolov8n"
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "fp32.onnx").exists():
+        shutil.copy(src / "model.onnx", d / "fp32.onnx")
+    with np.load(src / "calib.npz") as z:
+        imgs = z["images"]  # 48 images from the corpus build
+    n_calib = 32
+    ev = smooth_images(64, 320, 320, 1001).astype(np.float32)
+    np.savez(d / "calib.npz", images=imgs[:n_calib])
+    np.savez(d / "search.npz", images=imgs[n_calib:])
+    np.savez(d / "pass_calib.npz", images=imgs)
+    np.savez(d / "eval.npz", images=ev)
+    meta = {"model": "YOLOv8n detector (nudenet 320n.onnx, real weights; corpus nudenet_yolov8n)",
+            "kind": "detector", "output": "output0", "batch": BATCH, "calib": f"corpus images 0-{n_calib - 1}",
+            "search": f"corpus images {n_calib}-47", "eval": "64 images, benchmarks/corpus/build.py smooth_images seed 1001",
             "pass_holdout": len(imgs) - n_calib}
     (d / "meta.json").write_text(json.dumps(meta, indent=1))
     return d

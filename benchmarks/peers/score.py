@@ -229,6 +229,9 @@ def _q(res, e) -> str:
         return "-"
     if res["meta"]["kind"] == "embedding":
         return f"{q['cos_mean']:.4f} (min {q['cos_min']:.4f})"
+    if res["meta"]["kind"] == "detector":
+        kept = "-" if q.get("kept") is None else f"{q['kept']:.3f} of {q['detections']}"
+        return f"rel. err {q['rel_err']:.4f}, detections kept {kept}"
     return f"top-1 {q['top1']:.3f}, rel. err {q['rel_err']:.4f}"
 
 
@@ -240,7 +243,8 @@ def primary(res, e) -> float:
 def section(res) -> str:
     m = res["meta"]
     kind = res["meta"]["kind"]
-    qname = "mean cosine to fp32 (min)" if kind == "embedding" else "top-1 agreement, relative logit error"
+    qname = {"embedding": "mean cosine to fp32 (min)", "detector": "relative output error, fp32 detections kept"}.get(
+        kind, "top-1 agreement, relative logit error")
     s = (f"## {m['model']}\n\n"
          f"- date {res['date']}; CPU: {res['cpu']}, {res['cores']} cores; Python {res['python']}, onnxruntime "
          f"{res['onnxruntime']}; our pass ran at git {res.get('pass_code', '?')} (clean snapshot), the scoring "
@@ -347,11 +351,13 @@ def plot(res) -> str:
     ax.axhline(1.0, c="black", lw=0.8, ls=":", label="fp32")
     ax.set_xscale("log")
     ax.set_xlabel("1 - mean cosine of mean-pooled embeddings to fp32 (log; lower is better)" if kind == "embedding"
-                  else "relative L2 error of the logits to fp32 (log; lower is better)")
+                  else f"relative L2 error of the {'head output' if kind == 'detector' else 'logits'} to fp32 "
+                       f"(log; lower is better)")
     ax.set_ylabel("measured speed-up over fp32 (x), 95% CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    short = {"minilm": "all-MiniLM-L6-v2", "resnet50": "ResNet-50 (random init)"}.get(res["model"], res["model"])
+    short = {"minilm": "all-MiniLM-L6-v2", "resnet50": "ResNet-50 (random init)",
+             "yolov8n": "YOLOv8n detector (nudenet, real weights)"}.get(res["model"], res["model"])
     ax.set_title(f"{short}: peers' own searches vs ours (ORT CPU EP, one interleaved run)", fontsize=9)
     fig.tight_layout()
     name = f"peers_{res['model']}.png"
@@ -372,7 +378,8 @@ def failures(results) -> str:
 def write_report() -> None:
     results = [json.loads(p.read_text()) for p in
                sorted(peerlib.OUT.glob("*/score_smoke.json" if SMOKE else "*/score.json"))]
-    results.sort(key=lambda r: ["minilm", "resnet50"].index(r["model"]) if r["model"] in ("minilm", "resnet50") else 9)
+    order = ["minilm", "resnet50", "yolov8n"]
+    results.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else 9)
     text = ("# Peers' own automatic mixed-precision searches against ours (issue 15)\n\n"
             "Commands (each peer in its own virtualenv, `benchmarks/peers/setup.sh PEER`; see "
             "`benchmarks/peers/README.md`): `benchmarks/peers/run_all.sh MODEL` produces every model, then "
