@@ -23,16 +23,19 @@ if [ ! -d "$SNAP" ]; then
   mv -T "$TMP" "$SNAP" 2>/dev/null || rm -rf "$TMP"
 fi
 echo "$REV" > "$OUTD/commit"
+# AMPQ_BACKEND=openvino:cpu: plans made by timing on OpenVINO (named openvino_rmse_B, own cache)
+BACKEND="${AMPQ_BACKEND:-ort:cpu}"
+case "$BACKEND" in ort:cpu) PRE=""; CACHE="$OUTD/cache" ;; *) PRE="$(echo "$BACKEND" | cut -d: -f1)_"; CACHE="$OUTD/cache_$PRE" ;; esac
 HOLD=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pass_holdout'])" "$D/meta.json")
 for B in "$@"; do
-  N="rmse_$B"
-  echo "[ours] $MODEL --max-loss-rmse $B"
+  N="${PRE}rmse_$B"
+  echo "[ours] $MODEL --max-loss-rmse $B --backend $BACKEND"
   uptime > "$OUTD/$N.uptime"
-  rm -f "$OUTD/$N.cold"; [ -d "$OUTD/cache" ] || touch "$OUTD/$N.cold"   # cold: the cache did not exist yet
+  rm -f "$OUTD/$N.cold"; [ -d "$CACHE" ] || touch "$OUTD/$N.cold"   # cold: the cache did not exist yet
   PYTHONHASHSEED=0 PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
       -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
       -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \
-      --cache-dir "$OUTD/cache" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
+      --backend "$BACKEND" --cache-dir "$CACHE" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
       || echo "failed: see $OUTD/$N.log"
   uptime >> "$OUTD/$N.uptime"
   tail -3 "$OUTD/$N.log"

@@ -79,6 +79,8 @@ def entries_for(model: str) -> list[dict]:
             n_layers = len(r["layers"])
             n_q = sum(1 for l in r["layers"] if l.get("format") not in (None, "hp", "fp32"))
             e["detail"] = f"{n_q}/{n_layers} layers low precision"
+            if r.get("backend", "ort:cpu") != "ort:cpu":
+                e["detail"] = f"plan made by timing on {r['backend']}; " + e["detail"]
             rej = r.get("rejected_plan")
             if rej:
                 e["detail"] += (f"; the pass's verification rejected its plan ({rej['predicted_speedup']:.2f}x "
@@ -165,6 +167,47 @@ def qdq_summary(path: str) -> str:
 SMOKE = os.environ.get("PEERS_SMOKE") == "1"  # development: 2 eval batches, 3 rounds, nothing written to results/
 
 
+def time_on_openvino(live: list[dict], feeds: list[dict], protocol) -> dict | None:
+    """Every model also on OpenVINO's CPU plugin (``openvino:cpu``, the project's adapter: 2
+    threads, f32 inference precision), interleaved in one run of its own after ONNX Runtime's;
+    each entry gets ``ov_speedup`` over OpenVINO's fp32 and its CI. A model OpenVINO cannot
+    compile gets ``ov_error``. Returns what ran (None without the openvino package)."""
+    import onnx
+
+    from ampq_pass.backends import get_backend
+    from ampq_pass.core.errors import AmpqError
+    from ampq_pass.core.measure import median_ci
+
+    try:
+        backend = get_backend("openvino:cpu", protocol=protocol)
+    except AmpqError as ex:
+        return {"skipped": str(ex)}
+    runners = {}
+    for e in live:
+        try:
+            runners[f"{e['method']}/{e['config']}"] = backend.runner(onnx.load(e["path"]), feeds)
+        except AmpqError as ex:  # a model OpenVINO cannot read or compile: named, not timed
+            e["ov_error"] = str(ex)[:200]
+    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    t0 = time.perf_counter()
+    from ampq_pass.core.measure import interleave
+
+    timings = interleave(runners, protocol, n_inputs=len(feeds))
+    del runners
+    ref = np.asarray(timings["fp32/fp32"].samples)
+    for e in live:
+        t = timings.get(f"{e['method']}/{e['config']}")
+        if t is None:
+            continue
+        ratios = ref / np.asarray(t.samples)
+        lo, hi = median_ci(ratios)
+        e.update(ov_ms=t.median * 1e3, ov_speedup=float(np.median(ratios)), ov_ci=[float(lo), float(hi)])
+    import openvino
+
+    return {"version": openvino.get_version(), "rounds": len(ref), "timing_s": time.perf_counter() - t0,
+            "uptime_before": up, "fp32_ms": timings["fp32/fp32"].median * 1e3}
+
+
 def score(model: str) -> dict:
     from ampq_pass.backends import Protocol
     from ampq_pass.backends.ort import time_interleaved
@@ -206,6 +249,7 @@ def score(model: str) -> dict:
         ratios = ref_t / np.asarray(t.samples)
         lo, hi = median_ci(ratios)
         e.update(ms=t.median * 1e3, speedup=float(np.median(ratios)), ci=[float(lo), float(hi)])
+    ov = time_on_openvino(live, feeds, protocol)
     import onnxruntime
 
     res = {"model": model, "meta": m, "entries": ents, "rounds": len(ref_t), "timing_s": t_e2e,
@@ -215,7 +259,7 @@ def score(model: str) -> dict:
            "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"),
            "pass_code": ((peerlib.model_dir(model) / "ours" / "commit").read_text().strip()
                          if (peerlib.model_dir(model) / "ours" / "commit").exists() else "?"),
-           "date": datetime.datetime.now().isoformat(timespec="minutes"), "batch": m["batch"]}
+           "date": datetime.datetime.now().isoformat(timespec="minutes"), "batch": m["batch"], "openvino": ov}
     (peerlib.model_dir(model) / ("score_smoke.json" if SMOKE else "score.json")).write_text(
         json.dumps(res, indent=1, default=str))
     return res
@@ -260,35 +304,33 @@ def section(res) -> str:
          f"peak RSS = that process's maximum resident set (ours: `/usr/bin/time -v`; peers: getrusage). Model "
          f"production ran under `nice -n 15` on the shared 2-core machine, beside other jobs: search times "
          f"are inflated by that load.\n\n")
-    s += ("| method | knob | speed-up over fp32 [95% CI] | median ms | " + qname +
-          " | search time s | peak RSS MB | notes |\n|---|---|---|---|---|---|---|---|\n")
+    ov = res.get("openvino") if (res.get("openvino") or {}).get("rounds") else None
+    if ov:
+        s += (f"- OpenVINO column: the same models on OpenVINO {ov['version']}'s CPU plugin (the project's adapter, 2 "
+              f"threads, f32 inference precision), interleaved in a run of their own after ONNX Runtime's "
+              f"({ov['rounds']} rounds, {ov['timing_s']:.0f} s; `uptime` before: `{ov['uptime_before']}`); speed-up "
+              f"over OpenVINO's fp32 ({ov['fp32_ms']:.1f} ms).\n\n")
+    else:
+        s += "- OpenVINO column: not run for this model (scored before the column existed).\n\n"
+    s += ("| method | knob | speed-up over fp32 [95% CI] | median ms | on OpenVINO: over its fp32 [95% CI] | " + qname +
+          " | search time s | peak RSS MB | notes |\n|---|---|---|---|---|---|---|---|---|\n")
     for e in res["entries"]:
         name = PEER_NAMES[e["method"]] + ("" if e["method"] in ("fp32", "ours") else f" `{e['config']}`")
         if e.get("rejected"):
             name = "ours: the plan the pass rejected (not shipped)"
         if e["status"] != "ok" or not e.get("speedup"):
             err = (e.get("error") or "").replace("\n", " ").replace("|", "/")[:300]
-            s += f"| {name} | {e['knob']} | **failed** | - | - | {_f(e.get('search_s'))} | {_f(e.get('peak_rss_mb'))} | {err} |\n"
+            s += (f"| {name} | {e['knob']} | **failed** | - | - | - | {_f(e.get('search_s'))} | "
+                  f"{_f(e.get('peak_rss_mb'))} | {err} |\n")
             continue
         lo, hi = e["ci"]
         notes = "; ".join(x for x in (e.get("search_note"), e.get("detail"), e.get("qdq")) if x)
         if e.get("predicted_speedup"):
             notes += f"; pass predicted {e['predicted_speedup']:.2f}x"
-        s += (f"| {name} | {e['knob']} | **{e['speedup']:.2f}x** [{lo:.2f}, {hi:.2f}] | {e['ms']:.1f} | {_q(res, e)} | "
+        s += (f"| {name} | {e['knob']} | **{e['speedup']:.2f}x** [{lo:.2f}, {hi:.2f}] | {e['ms']:.1f} | {_ov(e)} | "
+              f"{_q(res, e)} | "
               f"{_f(e.get('search_s'))} | {_f(e.get('peak_rss_mb'))} | {notes} |\n")
-    # front check
-    ours = [(primary(res, e), e["speedup"]) for e in res["entries"]
-            if e["method"] in ("ours", "fp32") and e.get("speedup") and not e.get("rejected")]
-    lines = []
-    for e in res["entries"]:
-        if e["method"] in ("ours", "fp32") or not e.get("speedup"):
-            continue
-        q = primary(res, e)
-        best = max((sp for qq, sp in ours if qq >= q), default=None)
-        verdict = ("above ours" if best is None or best < e["speedup"] else "at or below ours")
-        lines.append(f"  - {PEER_NAMES[e['method']]} `{e['config']}`: {e['speedup']:.2f}x at "
-                     f"{'cosine' if kind == 'embedding' else 'rel. err'} {abs(q):.4f}; best of ours at equal or better "
-                     f"quality: {'none' if best is None else f'{best:.2f}x'} -> **{verdict}**")
+    lines = front_lines(res, "speedup")
     above = sum("above ours**" in l for l in lines)
     if kind == "embedding":
         usable = [l for l, e in zip(lines, [e for e in res["entries"] if e["method"] not in ("ours", "fp32")
@@ -308,8 +350,40 @@ def section(res) -> str:
           f"{'mean cosine' if kind == 'embedding' else 'relative error'}; point estimates, the CIs above say how "
           f"much of a gap is noise): {above} of {len(lines)} peer points above our front.{extra}\n\n"
           + "\n".join(lines) + "\n\n")
+    if ov:
+        ov_lines = front_lines(res, "ov_speedup")
+        s += (f"On OpenVINO (same check with the OpenVINO column; our plans marked `openvino` were made by the pass "
+              f"timing on OpenVINO, the others for ONNX Runtime): {sum('above ours**' in l for l in ov_lines)} of "
+              f"{len(ov_lines)} peer points above our front.\n\n" + "\n".join(ov_lines) + "\n\n")
     s += f"![front](peers_{res['model']}.png)\n\n"
     return s
+
+
+def front_lines(res, key: str) -> list[str]:
+    """Each peer point (speed-up ``key``) against the fastest of our shipped plans, or fp32,
+    with equal or better quality."""
+    kind = res["meta"]["kind"]
+    ours = [(primary(res, e), e[key]) for e in res["entries"]
+            if e["method"] in ("ours", "fp32") and e.get(key) and not e.get("rejected")]
+    lines = []
+    for e in res["entries"]:
+        if e["method"] in ("ours", "fp32") or not e.get(key):
+            continue
+        q = primary(res, e)
+        best = max((sp for qq, sp in ours if qq >= q), default=None)
+        verdict = "above ours" if best is None or best < e[key] else "at or below ours"
+        lines.append(f"  - {PEER_NAMES[e['method']]} `{e['config']}`: {e[key]:.2f}x at "
+                     f"{'cosine' if kind == 'embedding' else 'rel. err'} {abs(q):.4f}; best of ours at equal or better "
+                     f"quality: {'none' if best is None else f'{best:.2f}x'} -> **{verdict}**")
+    return lines
+
+
+def _ov(e) -> str:
+    if e.get("ov_error"):
+        return "not compiled: " + e["ov_error"].replace("|", "/")[:80]
+    if e.get("ov_speedup") is None:
+        return "-"
+    return f"{e['ov_speedup']:.2f}x [{e['ov_ci'][0]:.2f}, {e['ov_ci'][1]:.2f}]"
 
 
 def _f(x) -> str:
