@@ -604,6 +604,11 @@ def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_pa
     assert rounds[-1]["note"] == "int8 anchor" and rounds[0]["layers_quantized"] < rounds[-1]["layers_quantized"]
     assert rounds[-1]["measured_speedup"] > rounds[0]["measured_speedup"]
     assert len(result.solution.plan.formats) == len(find_layers(cnn_model)) and result.solution.status == "measured"
+    # predicted at its whole-model measurement while timing (the deterministic clock: exactly the verified one)
+    anchor = result.report["boundaries"]["format_anchors"]["int8"]
+    assert rounds[-1]["predicted_speedup"] == pytest.approx(anchor["measured_speedup"])
+    assert rounds[-1]["predicted_speedup"] == pytest.approx(rounds[-1]["measured_speedup"], rel=1e-6)
+    assert result.report["predicted"]["speedup"] == pytest.approx(rounds[-1]["predicted_speedup"])
 
 
 def test_session_bytes_counts_weights_and_computed_tensors_at_the_feeds_shapes():
