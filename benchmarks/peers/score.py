@@ -186,8 +186,8 @@ def time_on_openvino(live: list[dict], feeds: list[dict], protocol) -> dict | No
     for e in live:
         try:
             runners[f"{e['method']}/{e['config']}"] = backend.runner(onnx.load(e["path"]), feeds)
-        except AmpqError as ex:  # a model OpenVINO cannot read or compile: named, not timed
-            e["ov_error"] = str(ex)[:200]
+        except Exception as ex:  # noqa: BLE001 - a model OpenVINO cannot read or compile: named, not timed
+            e["ov_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
     up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t0 = time.perf_counter()
     from ampq_pass.core.measure import interleave
