@@ -486,7 +486,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                 f"(ops and shapes; names and weights aside) and reuse its timing")
     clock.lap("timing")
     if opts.metric is not None:
-        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen)
+        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen,
+                            budget)
 
     log("[5/7] solving the integer program")
     memory = weight_memory(model, layers, formats) if opts.max_memory is not None else None
@@ -634,9 +635,11 @@ def _quick_backend(backend):
 
 
 def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, ranges: Ranges, sens: Sensitivity,
-                 part, table: GainTable, clock: _StageClock, log, screen: Screen | None = None) -> PassResult:
+                 part, table: GainTable, clock: _StageClock, log, screen: Screen | None = None,
+                 budget: TimeBudget | None = None) -> PassResult:
     """The pass with the user's metric: the predicted front, searched by bisection for the
-    fastest plan within ``max_metric_drop`` (:func:`ampq_pass.stages.search.search_front`)."""
+    fastest plan within ``max_metric_drop`` (:func:`ampq_pass.stages.search.search_front`).
+    ``budget``: the pass's time budget, reported (the search itself is bounded by its points)."""
     model, layers = inp.model, inp.layers
     points = max(opts.pareto, opts.search_points)
     log(f"[5/7] solving the integer program for {points} loss budgets (the predicted front)")
@@ -720,7 +723,7 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
                         samples=inp.calib, holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
                         rounds=[], reference=reference, front_timing=front_timing, search=search,
-                        screen=_screen_json(screen))
+                        screen=_screen_json(screen), time_budget=budget.to_json() if budget is not None else None)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 

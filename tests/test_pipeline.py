@@ -232,6 +232,7 @@ def test_metric_search_finds_the_front_point_at_a_known_threshold(tmp_path, bloc
     losses = [p["predicted_mse"] for p in front]
     assert losses == sorted(losses) and front[0]["layers_quantized"] == 0 and len(front) >= 4
     assert loose.report["search"]["chosen"] == len(front) - 1
+    assert loose.report["time_budget"]["seconds"] == 600.0  # the metric path reports the budget too
     for cut in (len(front) // 2, len(front) // 3):
         bound = (losses[cut] + losses[cut + 1]) / 2
         metric = _PredictedLossMetric(sens)
