@@ -52,7 +52,8 @@ LEARNED = """## What we learned (read with the tables below)
   is cut to what one whole-model session holds in 1 GiB: the 736 x 3008 detector's whole pass peaked at 2.98 GB
   (target 3.04) in 527 s (`results/memory.md`). YOLOv8n in the peers table (`results/peers.md`): on ORT our plans
   (1.87-2.02x) tie AIMET W8A8 (2.12x) and ORT `quantize_static` (2.06x) within the spread of our own identical
-  plans; on OpenVINO ModelOpt's int8 QDQ (2.17x) beats our OpenVINO plan (1.74x) - missed.
+  plans; on OpenVINO ModelOpt's int8 QDQ (2.17x) beats our OpenVINO plan (1.74x) - missed: by A/B, OpenVINO runs
+  signed symmetric int8 activations faster than our uint8 asymmetric ones (our plan made symmetric: 1.92x).
 
 - **Issue 15 (2026-11-26): the peers' own automatic searches** (`results/peers.md`; each peer in its own venv,
   same calibration data, one interleaved timing run per model on this VM at load 4-6, so CIs are wide). MiniLM:
