@@ -571,7 +571,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         # (BERT-base: twelve one-variant batches took 196 s, after a 39 s verification)
         allowance = budget.left() - once
         groups = REPAIR_GROUPS if math.isinf(allowance) else \
-            max(1, min(REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * variants_at_once(model)))
+            max(1, min(REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * variants_at_once(model, inp.timing_inputs[0])))
         ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache,
                               max_groups=groups, seconds=None if math.isinf(allowance) else allowance)
         rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))

@@ -31,7 +31,7 @@ from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
-from ampq_pass.stages.timing import GainTable, gain_noise, input_signature
+from ampq_pass.stages.timing import GainTable, gain_noise, input_signature, session_bytes
 
 #: bump when the meaning of a cached entry changes
 _CACHE_VERSION = 2
@@ -42,13 +42,22 @@ VARIANTS_AT_ONCE = 4
 #: four variants and the plan peaked at 7.6 GB, against 3.5 GB in the verify stage before it;
 #: BERT-base (435 MB) with two at 4.6 GB
 CONTEXT_BYTES = 512 << 20
+#: what the variants' sessions may hold in one batch, weights and computed tensors by
+#: :func:`ampq_pass.stages.timing.session_bytes`: a detector fed 736 x 3008 images has 12 MB of
+#: weights but holds about 1.1 GB per image, which the weights' bound alone let through four times
+CONTEXT_SESSION_BYTES = 2 << 30
 
 
-def variants_at_once(model: onnx.ModelProto) -> int:
+def variants_at_once(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> int:
     """How many reverted variants of ``model`` are timed beside the plan at once: up to
-    :data:`VARIANTS_AT_ONCE`, as many as :data:`CONTEXT_BYTES` of its weights allow, at least one."""
+    :data:`VARIANTS_AT_ONCE`, as many as :data:`CONTEXT_BYTES` of its weights allow and, with
+    ``feeds`` (one timing batch), as many as :data:`CONTEXT_SESSION_BYTES` of its sessions
+    allow; at least one."""
     weights = sum(expected_bytes(t) or 0 for t in model.graph.initializer)
-    return max(1, min(VARIANTS_AT_ONCE, CONTEXT_BYTES // max(weights, 1)))
+    n = min(VARIANTS_AT_ONCE, CONTEXT_BYTES // max(weights, 1))
+    if feeds is not None and n > 1:
+        n = min(n, CONTEXT_SESSION_BYTES // max(session_bytes(model, feeds), 1))
+    return max(1, n)
 
 
 @dataclass
@@ -138,7 +147,7 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
         # whole-model sessions each hold an ONNX Runtime arena (ResNet-50: ~350 MB): the
         # variants are timed a few at a time, each batch with the plan, and put on the first
         # batch's scale (a busier batch keeps its ratios to the plan)
-        at_once = variants_at_once(model)
+        at_once = variants_at_once(model, inputs[0] if inputs else None)
         # the batches share one attempt's time cap: on BERT-base six batches of full rounds
         # made the repair round six minutes long
         timer = split_time(backend, -(-len(groups) // at_once))

@@ -210,6 +210,25 @@ def test_large_models_time_fewer_variants_at_once(monkeypatch):
     assert variants_at_once(small) == 1  # never none: the plan needs a variant to compare with
 
 
+def test_sessions_that_hold_much_bound_the_variants_at_once(monkeypatch):
+    """Few weights, large computed tensors (a detector on large images): the sessions' bytes
+    at the timing batch bound the variants too."""
+    import ampq_pass.stages.repair as repair
+    from ampq_pass.stages.repair import variants_at_once
+    from ampq_pass.stages.timing import session_bytes
+
+    import models
+
+    small = models.mlp()
+    feeds = {k: v[:4] for k, v in models.feeds_for(small, n=4).items()}
+    assert variants_at_once(small, feeds) == repair.VARIANTS_AT_ONCE
+    monkeypatch.setattr(repair, "CONTEXT_SESSION_BYTES", 2 * session_bytes(small, feeds))
+    assert variants_at_once(small, feeds) == 2
+    assert variants_at_once(small) == repair.VARIANTS_AT_ONCE  # without a batch: the weights' bound only
+    monkeypatch.setattr(repair, "CONTEXT_SESSION_BYTES", 1)
+    assert variants_at_once(small, feeds) == 1
+
+
 def test_the_context_starts_no_batch_once_its_time_is_spent(block, monkeypatch):
     """With no time allowed, one batch of variants is timed and the other groups are left out."""
     import ampq_pass.stages.repair as repair
