@@ -445,6 +445,32 @@ def session_bytes(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
     weights plus every tensor it computes, at the shapes onnx shape inference gives for the
     feeds' concrete shapes (tensors of unknown shape count nothing). The arena reuses memory
     between tensors whose lives do not overlap, so the session usually needs less."""
+    model = _shaped(sub, feeds)
+    return _initializer_bytes(model) + sum(_computed_bytes(model).values())
+
+
+def subgraph_session_bytes(model: onnx.ModelProto, partition: Partition,
+                           feeds: dict[str, np.ndarray]) -> tuple[int, dict[int, int]]:
+    """:func:`session_bytes` of ``model`` at ``feeds`` and of each subgraph of ``partition``
+    (index -> bytes) at the tensors the model computes there, from one shape inference of the
+    whole model: a subgraph's session holds the initializers its nodes read and the tensors its
+    nodes compute. Extracting every subgraph to infer it alone gave the same within the
+    constants an extracted subgraph embeds, at the cost of a copy of the model per subgraph."""
+    shaped = _shaped(model, feeds)
+    computed = _computed_bytes(shaped)
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type) for t in shaped.graph.initializer}
+    by_name = {n.name: n for n in shaped.graph.node}
+    held = {}
+    for s in partition.subgraphs:
+        nodes = [by_name[name] for name in s.nodes if name in by_name]
+        read = {t for n in nodes for t in n.input if t in sizes}
+        held[s.index] = sum(sizes[t] for t in read) + sum(computed.get(o, 0) for n in nodes for o in n.output)
+    return sum(sizes.values()) + sum(computed.values()), held
+
+
+def _shaped(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``sub`` with its inputs fixed to the feeds' shapes and shapes inferred (as far
+    as onnx shape inference goes; a model it refuses keeps no value_info)."""
     model = onnx.ModelProto()
     model.CopyFrom(sub)
     for vi in model.graph.input:
@@ -455,15 +481,23 @@ def session_bytes(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
                 dims.add().dim_value = int(d)
     del model.graph.value_info[:]
     try:
-        model = onnx.shape_inference.infer_shapes(model)
+        return onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - an estimate only: inference refusing a model leaves the weights
-        pass
-    total = sum(int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type) for t in model.graph.initializer)
+        return model
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * _itemsize(t.data_type) for t in model.graph.initializer)
+
+
+def _computed_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> bytes, for the value_info and outputs of ``model`` whose shape is fully known."""
+    out = {}
     for vi in list(model.graph.value_info) + list(model.graph.output):
         tt = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
-            total += int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64)) * _itemsize(tt.elem_type)
-    return total
+            out[vi.name] = int(np.prod([d.dim_value for d in tt.shape.dim], dtype=np.int64)) * _itemsize(tt.elem_type)
+    return out
 
 
 #: what one session of the whole model may hold at the timing batch, by :func:`session_bytes`:
@@ -944,8 +978,8 @@ def anchor_hp_times(model: onnx.ModelProto, partition, inputs_by_subgraph: dict[
         sizes = weight_bytes(model, partition)
         # what each session holds while it runs: on a detector fed 2 x 736 x 3008 images the
         # subgraphs' activations, not their weights, made the anchor the pass's peak (4.4 GB)
-        held = {s.index: session_bytes(extract(model, s), inputs_by_subgraph[s.index][0]) for s in partition.subgraphs}
-        chunks = anchor_chunks(model, partition, sizes, held, model_bytes=session_bytes(model, model_inputs[0]))
+        whole, held = subgraph_session_bytes(model, partition, model_inputs[0])
+        chunks = anchor_chunks(model, partition, sizes, held, model_bytes=whole)
         # the scale goes from chunk to chunk through one subgraph of the first, timed in every
         # chunk: the heaviest, so that its own noise stays small (the whole model would do too,
         # at the cost of one more model run per round in every chunk)

@@ -930,3 +930,21 @@ def test_gain_table_shares_its_allowance_by_configurations(block_model, monkeypa
         assert seconds == pytest.approx(max(20.0 - spent, 0.0) * n / total)
         total -= n
         spent += 3.0
+
+
+def test_subgraph_session_bytes_match_the_extracted_subgraphs(cnn_timing_setup):
+    """One shape inference of the whole model gives each subgraph's session bytes: the same as
+    inferring each extracted subgraph at its captured inputs (up to the constants an extracted
+    subgraph embeds), and the model's own as session_bytes gives it."""
+    from ampq_pass.stages.subgraphs import extract
+    from ampq_pass.stages.timing import session_bytes, subgraph_session_bytes
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    batch = {k: v[:8] for k, v in feeds.items()}
+    whole, held = subgraph_session_bytes(model, part, batch)
+    assert whole == session_bytes(model, batch)
+    assert set(held) == {s.index for s in part.subgraphs}
+    for s in part.subgraphs:
+        alone = session_bytes(extract(model, s), captured[s.index][0])
+        assert held[s.index] == pytest.approx(alone, rel=0.02), s.index
+    assert sum(held.values()) <= whole  # every subgraph's share is part of the model's
