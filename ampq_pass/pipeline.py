@@ -570,8 +570,8 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         # their rounds): as many groups as batches fit before the new plan's verification
         # (BERT-base: twelve one-variant batches took 196 s, after a 39 s verification)
         allowance = budget.left() - once
-        groups = REPAIR_GROUPS if math.isinf(allowance) else \
-            max(1, min(REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * variants_at_once(model, inp.timing_inputs[0])))
+        groups = REPAIR_GROUPS if math.isinf(allowance) else max(1, min(
+            REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * variants_at_once(model, inp.timing_inputs[0])))
         ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache,
                               max_groups=groups, seconds=None if math.isinf(allowance) else allowance)
         rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))
