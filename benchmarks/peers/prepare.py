@@ -57,57 +57,48 @@ def minilm() -> Path:
     return d
 
 
+def _from_corpus(name: str, corpus: str, input_name: str, eval_images: np.ndarray, seed: int, meta: dict) -> Path:
+    """A corpus image model: its file, its 48 calibration images split 32 calib / 16 search (all
+    48 for our pass, which holds the last 16 out), held-out ``eval_images`` (another seed of the
+    corpus's generator) and ``meta`` completed with the split."""
+    src = BENCH / "corpus" / "models" / corpus
+    d = OUT / name
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "fp32.onnx").exists():
+        shutil.copy(src / "model.onnx", d / "fp32.onnx")
+    with np.load(src / "calib.npz") as z:
+        imgs = z[input_name]  # 48 images from the corpus build
+    n_calib = 32
+    np.savez(d / "calib.npz", **{input_name: imgs[:n_calib]})
+    np.savez(d / "search.npz", **{input_name: imgs[n_calib:]})
+    np.savez(d / "pass_calib.npz", **{input_name: imgs})
+    np.savez(d / "eval.npz", **{input_name: eval_images})
+    meta = {**meta, "batch": BATCH, "calib": f"corpus images 0-{n_calib - 1}", "search": f"corpus images {n_calib}-47",
+            "eval": f"{len(eval_images)} images, benchmarks/corpus/build.py smooth_images seed {seed}",
+            "pass_holdout": len(imgs) - n_calib}
+    (d / "meta.json").write_text(json.dumps(meta, indent=1))
+    return d
+
+
 def resnet50() -> Path:
     sys.path.insert(0, str(BENCH / "corpus"))
     from build import IMAGENET_MEAN, IMAGENET_STD, smooth_images
 
-    src = BENCH / "corpus" / "models" / "resnet50_classic"
-    d = OUT / "resnet50"
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "fp32.onnx").exists():
-        shutil.copy(src / "model.onnx", d / "fp32.onnx")
-    with np.load(src / "calib.npz") as z:
-        imgs = z["pixel_values"]  # 48 images from the corpus build (seed 6)
-    n_calib = 32
-    # held-out images of the same kind as the corpus's (another seed of the same generator)
     ev = ((smooth_images(64, 224, 224, 1006) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-    np.savez(d / "calib.npz", pixel_values=imgs[:n_calib])
-    np.savez(d / "search.npz", pixel_values=imgs[n_calib:])
-    np.savez(d / "pass_calib.npz", pixel_values=imgs)
-    np.savez(d / "eval.npz", pixel_values=ev)
-    meta = {"model": "ResNet-50 (transformers ResNetForImageClassification, random init; corpus resnet50_classic)",
-            "kind": "classifier", "output": "logits", "batch": BATCH, "calib": f"corpus images 0-{n_calib - 1}",
-            "search": f"corpus images {n_calib}-47", "eval": "64 images, benchmarks/corpus/build.py smooth_images seed 1006",
-            "pass_holdout": len(imgs) - n_calib}
-    (d / "meta.json").write_text(json.dumps(meta, indent=1))
-    return d
+    return _from_corpus("resnet50", "resnet50_classic", "pixel_values", ev, 1006, {
+        "model": "ResNet-50 (transformers ResNetForImageClassification, random init; corpus resnet50_classic)",
+        "kind": "classifier", "output": "logits"})
 
 
 def yolov8n() -> Path:
-    """nudenet's YOLOv8n (real weights, 320x320), the corpus's detector: its calibration images,
-    and held-out ones from another seed of the same generator."""
+    """nudenet's YOLOv8n (real weights, 320x320), the corpus's detector."""
     sys.path.insert(0, str(BENCH / "corpus"))
     from build import smooth_images
 
-    src = BENCH / "corpus" / "models" / "nudenet_yolov8n"
-    d = OUT / "yolov8n"
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "fp32.onnx").exists():
-        shutil.copy(src / "model.onnx", d / "fp32.onnx")
-    with np.load(src / "calib.npz") as z:
-        imgs = z["images"]  # 48 images from the corpus build
-    n_calib = 32
     ev = smooth_images(64, 320, 320, 1001).astype(np.float32)
-    np.savez(d / "calib.npz", images=imgs[:n_calib])
-    np.savez(d / "search.npz", images=imgs[n_calib:])
-    np.savez(d / "pass_calib.npz", images=imgs)
-    np.savez(d / "eval.npz", images=ev)
-    meta = {"model": "YOLOv8n detector (nudenet 320n.onnx, real weights; corpus nudenet_yolov8n)",
-            "kind": "detector", "output": "output0", "batch": BATCH, "calib": f"corpus images 0-{n_calib - 1}",
-            "search": f"corpus images {n_calib}-47", "eval": "64 images, benchmarks/corpus/build.py smooth_images seed 1001",
-            "pass_holdout": len(imgs) - n_calib}
-    (d / "meta.json").write_text(json.dumps(meta, indent=1))
-    return d
+    return _from_corpus("yolov8n", "nudenet_yolov8n", "images", ev, 1001, {
+        "model": "YOLOv8n detector (nudenet 320n.onnx, real weights; corpus nudenet_yolov8n)",
+        "kind": "detector", "output": "output0"})
 
 
 if __name__ == "__main__":
