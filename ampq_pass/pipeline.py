@@ -558,6 +558,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     once = time.perf_counter() - started  # one verification: the unit the later steps are costed in
     rounds = [Round(0, dict(solution.plan.formats), _speedup(table, solution), measured)]
     verified = [(solution, rewritten)]
+    at_once = None  # reverted variants timed together: the same model and inputs every round
     for index in range(1, opts.repair_rounds + 1):
         if not solution.plan.formats or not falls_short(rounds[-1].predicted_speedup, measured):
             break
@@ -570,10 +571,11 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         # their rounds): as many groups as batches fit before the new plan's verification
         # (BERT-base: twelve one-variant batches took 196 s, after a 39 s verification)
         allowance = budget.left() - once
-        groups = REPAIR_GROUPS if math.isinf(allowance) else max(1, min(
-            REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * variants_at_once(model, inp.timing_inputs[0])))
+        at_once = at_once or variants_at_once(model, inp.timing_inputs[0])
+        groups = REPAIR_GROUPS if math.isinf(allowance) else \
+            max(1, min(REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * at_once))
         ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache,
-                              max_groups=groups, seconds=None if math.isinf(allowance) else allowance)
+                              max_groups=groups, seconds=None if math.isinf(allowance) else allowance, at_once=at_once)
         rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))
         step = ctx.best_revert()
         if step is not None:  # a variant measured faster than the plan is the next plan, as measured

@@ -130,11 +130,13 @@ class Context:
 
 def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None, table: GainTable,
                     plan: Plan, backend, inputs: list[dict[str, np.ndarray]], *, max_groups: int = 12,
-                    cache: Cache | None = None, seconds: float | None = None) -> Context:
+                    cache: Cache | None = None, seconds: float | None = None,
+                    at_once: int | None = None) -> Context:
     """Time ``plan`` and, for each group of :func:`quantized_groups`, the plan with that group
     reverted to hp, interleaved on ``inputs`` (cached like every timing). With ``seconds``, no
     batch of variants starts once they are spent: the groups not timed are left out of the
-    context (their subgraphs keep their standalone gains)."""
+    context (their subgraphs keep their standalone gains). ``at_once``: the variants timed
+    together, when the caller has :func:`variants_at_once` already (it infers the model's shapes)."""
     groups = quantized_groups(table, plan, max_groups)
     key = digest("context", _CACHE_VERSION, model_digest(model), sorted(plan.formats.items()),
                  sorted(plan.cuts.items()), groups,
@@ -147,15 +149,15 @@ def measure_context(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges 
         # whole-model sessions each hold an ONNX Runtime arena (ResNet-50: ~350 MB): the
         # variants are timed a few at a time, each batch with the plan, and put on the first
         # batch's scale (a busier batch keeps its ratios to the plan)
-        at_once = variants_at_once(model, inputs[0] if inputs else None)
+        per_batch = at_once or variants_at_once(model, inputs[0] if inputs else None)
         # the batches share one attempt's time cap: on BERT-base six batches of full rounds
         # made the repair round six minutes long
-        timer = split_time(backend, -(-len(groups) // at_once))
+        timer = split_time(backend, -(-len(groups) // per_batch))
         started = time.monotonic()
-        for start in range(0, len(groups), at_once):
+        for start in range(0, len(groups), per_batch):
             if out and seconds is not None and time.monotonic() - started > seconds:
                 break
-            batch = list(enumerate(groups))[start:start + at_once]
+            batch = list(enumerate(groups))[start:start + per_batch]
             models = {"plan": planned}
             models.update({f"revert{g}": rewrite(model, layers, reverted(table, plan, members), ranges, rules=rules)
                            for g, members in batch})
