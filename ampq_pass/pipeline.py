@@ -30,7 +30,7 @@ from ampq_pass.core.formats import FORMATS, HP
 from ampq_pass.core.model import check_output_path, finish_loading, read_model, save_model
 from ampq_pass.core.params import Integer, Number, OneOf, Shapes, SubsetOf, validate_params
 from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthetic_samples, timing_feeds
-from ampq_pass.stages.boundaries import STATE
+from ampq_pass.stages.boundaries import STATES
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.loss_check import check_loss, outside
@@ -363,10 +363,12 @@ def _front_entry(sol: Solution, table: GainTable, sens: Sensitivity, measured: d
 
 
 def _uniform_int8(inp: _Inputs, formats: dict[str, list[str]], table: GainTable, sens: Sensitivity) -> Solution | None:
-    """Every layer that can run int8 in int8: the reference point of the front's plot."""
-    chosen = {l.name: "int8" for l in inp.layers if "int8" in formats[l.name]}
-    if not chosen:
+    """Every layer that can run the 8-bit format offered (int8, or int8_sym) in it: the
+    reference point of the front's plot."""
+    offered = [s for s in STATES if any(s in formats[l.name] for l in inp.layers)]
+    if not offered:
         return None
+    chosen = {l.name: offered[0] for l in inp.layers if offered[0] in formats[l.name]}
     return Solution(table.plan(chosen), [], 0.0, float(predicted_mse(sens, chosen)), 0.0, float("nan"), None, "none",
                     "reference")
 
@@ -601,7 +603,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         # predicted at what it measured in the whole model while timing, as a reverted variant is
         # at its measurement: the table, corrected for the solver's plan by the repair rounds, is
         # not what chose it (YOLOv8n: 1.51x from the corrected table, 1.91x timed, 1.89x verified)
-        rounds.append(Round(len(rounds), dict(anchor.plan.formats), table.format_anchors[STATE]["measured_speedup"],
+        rounds.append(Round(len(rounds), dict(anchor.plan.formats), _anchor_record(table)["measured_speedup"],
                             verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check),
                             note="int8 anchor"))
         verified.append((anchor, candidate))
@@ -742,6 +744,13 @@ def faster_beyond_noise(measured: dict) -> bool:
     return measured["plan_ci"][1] < measured["hp_ci"][0]
 
 
+def _anchor_record(table: GainTable) -> dict | None:
+    """The 8-bit anchor the timing stage measured fastest in the whole model (one per 8-bit
+    format offered, :data:`ampq_pass.stages.boundaries.STATES`), or None."""
+    anchors = [table.format_anchors[s] for s in STATES if s in table.format_anchors]
+    return max(anchors, key=lambda a: a["measured_speedup"], default=None)
+
+
 def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensitivity, tau: float,
                      opts: PassOptions) -> Solution | None:
     """The int8 anchor plan (every int8-capable layer in int8, timed in the whole model by the
@@ -752,15 +761,16 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
     shows: on the repo's CNN, with the budget not binding, the solver kept 2 of 21 layers hp
     (measured 3.18x) where every layer int8 measured 3.47x; on YOLOv8n, 59 of 64 layers
     measured 1.72x and all 64 1.99x. So the anchor is one more candidate the pass verifies."""
-    anchor = table.format_anchors.get(STATE)
+    anchor = _anchor_record(table)
     if not anchor or opts.max_memory is not None:
         return None
     plan_formats = anchor["formats"]  # the plan the timing stage measured
+    fmt = "/".join(sorted(set(plan_formats.values())))
     if predicted_mse(sens, plan_formats) > tau:
         return None
     try:
         return solution_of(options, table.plan(plan_formats), tau, status="measured",
-                           message=f"every int8-capable layer in int8 (measured {anchor['measured_speedup']:.3f}x in the "
+                           message=f"every {fmt}-capable layer in {fmt} (measured {anchor['measured_speedup']:.3f}x in the "
                                    f"whole model while timing): faster than the solver's plan",
                            cut_bonus=table.cut_bonus)
     except AmpqError:  # the configuration cap left this plan out of some subgraph
@@ -771,10 +781,11 @@ def _worth_verifying(table: GainTable, anchor: Solution, rounds: list[Round], lo
     """Whether the anchor plan is not verified yet and measured, while timing, faster than
     every plan verified so far (then it is verified too: the fastest verified plan ships)."""
     best = max((r.measured.get("speedup") or 0.0 for r in rounds if r.formats), default=1.0)
-    measured = table.format_anchors[STATE]["measured_speedup"]
+    measured = _anchor_record(table)["measured_speedup"]
     if any(r.formats == anchor.plan.formats for r in rounds) or measured <= best:
         return False
-    log(f"      every int8-capable layer in int8 measured {measured:.3f}x while timing, above the {best:.3f}x "
+    fmt = "/".join(sorted(anchor.plan.used_formats()))
+    log(f"      every {fmt}-capable layer in {fmt} measured {measured:.3f}x while timing, above the {best:.3f}x "
         f"verified: verifying that plan too")
     return True
 

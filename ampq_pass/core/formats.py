@@ -94,6 +94,9 @@ class Format:
     throughput: float = 1.0
     #: bytes per activation element entering the op (None: the activation stays hp)
     activation_bytes: float | None = None
+    #: whether a cut tensor between subgraphs can carry this format's activation Q/DQ as its
+    #: state (design.md §3 "Boundary states"): only formats whose Q/DQ the runtimes fuse across ops
+    cut_state: bool = False
 
     def accepts(self, op_type: str, weight_shape: tuple[int, ...] | None) -> bool:
         """Whether a layer of ``op_type`` (weight shape, None for activation x activation) can take it."""
@@ -145,6 +148,7 @@ class Int8(Format):
     quantizes_bias = True
     throughput = 4.0
     activation_bytes = 1.0
+    cut_state = True
 
     # ---- parameters
     @staticmethod
@@ -175,15 +179,23 @@ class Int8(Format):
         q, scale = self.quantize_weight(w, axis)
         return (q.astype(np.float32) * _expand(scale, w.ndim, axis)).astype(np.float32)
 
+    def activation_codes(self, x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        """``x`` quantized as the activation's QuantizeLinear does: round half to even (numpy's
+        ``rint``, as the operator), add the zero point, saturate to the zero point's type."""
+        scale, zp = self.activation_params(lo, hi)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(x.astype(np.float32) / scale) + np.float32(zp), info.min, info.max)
+        return q.astype(zp.dtype)
+
     def fake_activation(self, x, lo, hi):
         scale, zp = self.activation_params(lo, hi)
-        q = np.clip(np.rint(x.astype(np.float32) / scale) + np.float32(zp), 0, 255)
+        q = self.activation_codes(x, lo, hi).astype(np.float32)
         return ((q - np.float32(zp)) * scale).astype(np.float32)
 
     # ---- graph
     def weight_nodes(self, name, w, axis):
         q, scale = self.quantize_weight(w, axis)
-        base = f"{name}_int8"
+        base = f"{name}_{self.name}"
         inits = [numpy_helper.from_array(q, base),
                  numpy_helper.from_array(scale, base + "_scale"),
                  numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero_point")]
@@ -193,9 +205,9 @@ class Int8(Format):
 
     def activation_nodes(self, name, lo, hi):
         scale, zp = self.activation_params(lo, hi)
-        base = f"{name}_int8"
+        base = f"{name}_{self.name}"
         inits = [numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
-                 numpy_helper.from_array(np.asarray(zp, np.uint8), base + "_zero_point")]
+                 numpy_helper.from_array(np.asarray(zp), base + "_zero_point")]  # its type picks the codes'
         q = helper.make_node("QuantizeLinear", [name, base + "_scale", base + "_zero_point"],
                              [base + "_quantized"], name=base + "_QuantizeLinear")
         dq = _dq_node(base + "_DequantizeLinear", [base + "_quantized", base + "_scale", base + "_zero_point"],
@@ -230,6 +242,35 @@ class Int8(Format):
         dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale", base + "_zero_point"],
                       base + "_dequantized", 0 if scale.ndim else None)
         return Emitted(inits, [dq], base + "_dequantized")
+
+
+class Int8Symmetric(Int8):
+    """int8 with symmetric activations (zero point 0), the scheme OpenVINO's CPU plugin runs
+    fastest: an activation whose calibrated range holds no negative value is uint8 over
+    [0, hi], any other int8 over [-m, m] with m = max(|lo|, |hi|) (NNCF's default "performance"
+    preset for OpenVINO; NVIDIA ModelOpt writes the same). Weights and bias as :class:`Int8`.
+
+    The op's output is not quantized: OpenVINO's low-precision transformations carry the
+    dequantization down to the next FakeQuantize themselves, so a Q/DQ at an int8 convolution's
+    output (what ONNX Runtime's QLinearConv needs) is only one more rounding there. Measured on
+    this repo's YOLOv8n plan on OpenVINO 2026.4 (2-core Xeon, 30 interleaved rounds): the same
+    plan 1.70x over fp32 with uint8 asymmetric activations, 1.92x with symmetric ones, and 3%
+    more without the 57 convolution-output Q/DQ pairs (``benchmarks/results/backends.md``).
+    """
+
+    name = "int8_sym"
+    output_quantized_ops = ()
+
+    @staticmethod
+    def activation_params(lo: float, hi: float) -> tuple[np.float32, np.integer]:
+        from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+        # ORT's symmetric int8 maps [-m, m] onto [-127, 127]; uint8 from 0 has zero point 0 anyway.
+        signed = lo < 0
+        qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8 if signed else TensorProto.UINT8, symmetric=signed)
+        zp, scale = compute_scale_zp(np.array(lo, np.float32), np.array(hi, np.float32), qmin, qmax,
+                                     symmetric=signed)
+        return np.float32(scale), (np.int8 if signed else np.uint8)(zp)
 
 
 class Fp8E4M3(Format):
@@ -381,6 +422,7 @@ class Int8Dynamic(Int8):
     needs_range = False
     output_quantized_ops = ()
     quantizes_bias = False
+    cut_state = False  # its activation is quantized inside the op, per batch: nothing for a cut to carry
 
     def accepts(self, op_type, weight_shape):
         return op_type == "MatMul" and weight_shape is not None and len(weight_shape) == 2
@@ -429,8 +471,11 @@ class Int8Dynamic(Int8):
 
 
 #: The table of formats: add a class above and a line here.
-FORMATS: dict[str, Format] = {f.name: f for f in (Int8(), Int8Dynamic(), Fp8E4M3(), Fp16(), Bf16(), Int4())}
+FORMATS: dict[str, Format] = {f.name: f for f in (Int8(), Int8Symmetric(), Int8Dynamic(), Fp8E4M3(), Fp16(), Bf16(),
+                                                   Int4())}
 ALL_FORMATS: tuple[str, ...] = (HP, *FORMATS)
+#: the formats a cut tensor can carry as its state (:attr:`Format.cut_state`), in table order
+CUT_STATES: tuple[str, ...] = tuple(name for name, f in FORMATS.items() if f.cut_state)
 
 
 def get_format(name: str) -> Format:

@@ -7,7 +7,8 @@ runtime then fuses across the cut - it moves the QuantizeLinear over a MaxPool, 
 between in uint8, and changes layout there - none of which a subgraph timed with a float
 input and a float output sees.
 
-So every cut tensor has a *state*: ``hp``, or ``int8`` when the plan quantizes it. The
+So every cut tensor has a *state*: ``hp``, or the 8-bit format (``int8``, or ``int8_sym`` where
+the backend wants symmetric activations) whose Q/DQ it carries when the plan quantizes it. The
 state is not a free choice: it follows from the formats of the layers on both sides
 (:func:`forces`): a cut is int8 exactly when its producer layer's format quantizes its
 output or a layer reading it quantizes it as its activation (a free Q/DQ at a cut would
@@ -29,17 +30,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.formats import FORMATS, HP
+from ampq_pass.core.formats import CUT_STATES, FORMATS, HP
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import Partition
 
-#: the one non-hp state: the format whose activation Q/DQ a cut carries. Only int8 is fused
-#: across ops by the runtimes here (fp8 Q/DQ runs as separate ops on ORT's CPU EP).
-STATE = "int8"
+#: the non-hp states: the formats whose activation Q/DQ a cut can carry. Only 8-bit integer
+#: Q/DQ is fused across ops by the runtimes here (fp8 Q/DQ runs as separate ops on ORT's CPU EP).
+STATES = CUT_STATES
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def boundary_cuts(model: onnx.ModelProto, partition: Partition, layers: list[Lay
 
 
 def _forces_with(cut: Cut, layer: Layer, fmt_name: str) -> bool:
-    if fmt_name != STATE:
+    if fmt_name not in STATES:
         return False
     fmt = FORMATS[fmt_name]
     if layer.name == cut.producer_layer:
@@ -89,45 +90,63 @@ def _forces_with(cut: Cut, layer: Layer, fmt_name: str) -> bool:
     return layer.name in cut.readers and cut.tensor in fmt.calibrated_tensors(layer)
 
 
+def forced_states(cut: Cut, formats: dict[str, str], layers: dict[str, Layer], side: int) -> set[str]:
+    """The states the layers of subgraph ``side`` (the cut's producer or consumer) with
+    ``formats`` give the cut tensor by quantizing it themselves (empty: they do not; two:
+    readers in different 8-bit formats, which no single Q/DQ on the cut can serve)."""
+    names = [cut.producer_layer] if side == cut.producer else list(cut.readers)
+    return {formats[n] for n in names if n is not None and _forces_with(cut, layers[n], formats.get(n, HP))}
+
+
 def forces(cut: Cut, formats: dict[str, str], layers: dict[str, Layer], side: int) -> bool:
     """Whether the layers of subgraph ``side`` (the cut's producer or consumer) with
     ``formats`` quantize the cut tensor themselves."""
-    names = [cut.producer_layer] if side == cut.producer else list(cut.readers)
-    return any(n is not None and _forces_with(cut, layers[n], formats.get(n, HP)) for n in names)
+    return bool(forced_states(cut, formats, layers, side))
 
 
-def joins(cut: Cut, formats: dict[str, str], layers: dict[str, Layer], side: int) -> bool:
-    """Whether subgraph ``side`` computes in int8 at the cut, so that an int8 cut passes int8 on
-    between int8 work (the runtime keeps its int8 layout across it): the consumer when its
-    layers quantize the cut; the producer when the layer that makes the cut runs int8, or, when
-    non-layer ops (Relu, Add, pooling) make it, when any of its layers does."""
+def joins(cut: Cut, formats: dict[str, str], layers: dict[str, Layer], side: int, state: str) -> bool:
+    """Whether subgraph ``side`` computes in ``state`` at the cut, so that a cut in that state
+    passes 8-bit data on between 8-bit work (the runtime keeps its layout across it): the
+    consumer when its layers quantize the cut; the producer when the layer that makes the cut
+    runs in ``state``, or, when non-layer ops (Relu, Add, pooling) make it, when any of its
+    layers does."""
     if side == cut.consumer:
-        return forces(cut, formats, layers, side)
+        return state in forced_states(cut, formats, layers, side)
     if cut.producer_layer is not None:
-        return formats.get(cut.producer_layer, HP) == STATE
-    return any(f == STATE for f in formats.values())
+        return formats.get(cut.producer_layer, HP) == state
+    return any(f == state for f in formats.values())
 
 
-def can_force(cut: Cut, layers: dict[str, Layer], candidates: dict[str, list[str]] | None = None, *,
-              side: int | None = None) -> bool:
-    """Whether some candidate format of a layer next to the cut (on ``side`` only, when given)
-    quantizes it."""
+def forceable_states(cut: Cut, layers: dict[str, Layer], candidates: dict[str, list[str]] | None = None, *,
+                     side: int | None = None) -> list[str]:
+    """The states some candidate format of a layer next to the cut (on ``side`` only, when
+    given) gives it, in :data:`STATES` order."""
     names = []
     if side in (None, cut.producer) and cut.producer_layer is not None:
         names.append(cut.producer_layer)
     if side in (None, cut.consumer):
         names.extend(cut.readers)
     pick = (lambda n: candidates.get(n, ())) if candidates is not None else (lambda n: layers[n].formats)
-    return any(_forces_with(cut, layers[n], f) for n in names for f in pick(n))
+    found = {f for n in names for f in pick(n) if _forces_with(cut, layers[n], f)}
+    return [s for s in STATES if s in found]
+
+
+def can_force(cut: Cut, layers: dict[str, Layer], candidates: dict[str, list[str]] | None = None, *,
+              side: int | None = None) -> bool:
+    """Whether some candidate format of a layer next to the cut (on ``side`` only, when given)
+    quantizes it."""
+    return bool(forceable_states(cut, layers, candidates, side=side))
 
 
 def with_states(index: int, configs: list[dict[str, str]], cuts: dict[str, Cut], layers: dict[str, Layer],
                 candidates: dict[str, list[str]]) -> list[tuple[dict[str, str], dict[str, str]]]:
     """Every ``(formats, states)`` of subgraph ``index`` the whole model can have.
 
-    A cut this configuration quantizes is ``int8``; one it does not is ``hp``, or ``int8``
-    too when the neighbour on the other side can quantize it (then this side is timed with
-    the neighbour's Q or DQ at its edge). All-hp formats with all-hp states come first.
+    A cut this configuration quantizes is in its layers' 8-bit format; one it does not is
+    ``hp``, or any state the neighbour on the other side can give it (then this side is timed
+    with the neighbour's Q or DQ at its edge). A configuration whose layers would quantize one
+    cut in two formats has no Q/DQ to time and is left out. All-hp formats with all-hp states
+    come first.
     """
     mine = [c for c in cuts.values() if index in (c.producer, c.consumer)]
     out = []
@@ -135,41 +154,50 @@ def with_states(index: int, configs: list[dict[str, str]], cuts: dict[str, Cut],
         choices = []
         for cut in mine:
             other = cut.consumer if index == cut.producer else cut.producer
-            if forces(cut, formats, layers, index):
-                choices.append([STATE])
-            elif can_force(cut, layers, candidates, side=other):
-                choices.append([HP, STATE])
+            forced = forced_states(cut, formats, layers, index)
+            if forced:
+                choices.append(sorted(forced))
             else:
-                choices.append([HP])
+                choices.append([HP, *forceable_states(cut, layers, candidates, side=other)])
+        if any(len(c) > 1 and HP not in c for c in choices):
+            continue
         for picked in itertools.product(*choices):
             out.append((formats, {c.tensor: s for c, s in zip(mine, picked)}))
     return out
 
 
 def forced_cuts(cuts: dict[str, Cut], formats: dict[str, str], layers: dict[str, Layer]) -> dict[str, str]:
-    """The states that ``formats`` give the cuts (a plan's ``cuts``): ``int8`` where a layer
-    on either side quantizes the tensor, nothing (``hp``) elsewhere."""
-    return {t: STATE for t, c in cuts.items()
-            if forces(c, formats, layers, c.producer) or forces(c, formats, layers, c.consumer)}
+    """The states that ``formats`` give the cuts (a plan's ``cuts``): the 8-bit format of the
+    layers on either side that quantize the tensor, nothing (``hp``) elsewhere. Both sides
+    agree in a plan the solver made (its linking constraints); where they do not, the
+    producer's wins (one Q/DQ on the cut)."""
+    out = {}
+    for t, c in cuts.items():
+        states = sorted(forced_states(c, formats, layers, c.consumer)) + sorted(forced_states(c, formats, layers, c.producer))
+        if states:
+            out[t] = states[-1]
+    return out
 
 
 # --------------------------------------------------------------------------- timing models
 
-def feed_name(tensor: str) -> str:
-    """Name of the uint8 graph input that replaces an int8 input cut in a timed subgraph."""
-    return f"{tensor}__{STATE}"
+def feed_name(tensor: str, state: str) -> str:
+    """Name of the 8-bit graph input that replaces an input cut in ``state`` in a timed subgraph."""
+    return f"{tensor}__{state}"
 
 
-def split_at_cuts(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    """Move a rewritten subgraph's edges past the Q/DQ of its int8 cuts (in place; returned).
+def split_at_cuts(model: onnx.ModelProto, inputs: dict[str, str], outputs: list[str]) -> onnx.ModelProto:
+    """Move a rewritten subgraph's edges past the Q/DQ of its 8-bit cuts (in place; returned).
 
-    For an input cut, its QuantizeLinear is removed and the quantized tensor becomes a uint8
-    graph input (:func:`feed_name`); for an output cut, its DequantizeLinear is removed and
-    the quantized tensor becomes the graph output. That QuantizeLinear is timed in the
-    producer's subgraph and that DequantizeLinear in the consumer's, as in the whole model.
+    For an input cut (``inputs``: tensor -> state), its QuantizeLinear is removed and the
+    quantized tensor becomes an 8-bit graph input (:func:`feed_name`); for an output cut, its
+    DequantizeLinear is removed and the quantized tensor becomes the graph output. That
+    QuantizeLinear is timed in the producer's subgraph and that DequantizeLinear in the
+    consumer's, as in the whole model. The 8-bit type is the zero point's (uint8 or int8).
     """
     g = model.graph
-    for tensor in inputs:
+    zero_type = {t.name: t.data_type for t in g.initializer}
+    for tensor, state in inputs.items():
         readers = [n for n in g.node if tensor in n.input]
         if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
             raise AmpqError(f"int8 input cut {tensor!r}: expected one QuantizeLinear reading it, found "
@@ -180,8 +208,8 @@ def split_at_cuts(model: onnx.ModelProto, inputs: list[str], outputs: list[str])
         for n in g.node:
             for i, name in enumerate(n.input):
                 if name == quantized:
-                    n.input[i] = feed_name(tensor)
-        _as_uint8(g.input, tensor, feed_name(tensor))
+                    n.input[i] = feed_name(tensor, state)
+        _as_quantized(g.input, tensor, feed_name(tensor, state), zero_type[q.input[2]])
     for tensor in outputs:
         makers = [n for n in g.node if tensor in n.output]
         if len(makers) != 1 or makers[0].op_type != "DequantizeLinear":
@@ -191,35 +219,28 @@ def split_at_cuts(model: onnx.ModelProto, inputs: list[str], outputs: list[str])
         if any(tensor in n.input for n in g.node):
             raise AmpqError(f"int8 output cut {tensor!r} is also read inside its subgraph")
         g.node.remove(dq)
-        _as_uint8(g.output, tensor, dq.input[0])
+        _as_quantized(g.output, tensor, dq.input[0], zero_type[dq.input[2]])
     return model
 
 
-def _as_uint8(values, old: str, new: str) -> None:
-    """Replace graph input/output ``old`` by a uint8 one named ``new`` of the same shape, in place."""
+def _as_quantized(values, old: str, new: str, elem_type: int) -> None:
+    """Replace graph input/output ``old`` by one of ``elem_type`` named ``new`` of the same shape, in place."""
     value = next(v for v in values if v.name == old)
-    typed = helper.make_tensor_value_info(new, TensorProto.UINT8, None)
+    typed = helper.make_tensor_value_info(new, elem_type, None)
     typed.type.tensor_type.shape.CopyFrom(value.type.tensor_type.shape)
     values.insert(list(values).index(value), typed)
     values.remove(value)
 
 
-def quantized_feeds(batches: list[dict[str, np.ndarray]], tensors: list[str], ranges: Ranges | None) -> list[dict[str, np.ndarray]]:
-    """``batches`` with, for each int8 input cut, its captured value quantized as the cut's
-    QuantizeLinear would (uint8, the calibrated scale and zero point; numpy's ``rint``
-    rounds half to even like the operator) under :func:`feed_name`."""
-    if not tensors:
+def quantized_feeds(batches: list[dict[str, np.ndarray]], cuts: list[tuple[str, str]],
+                    ranges: Ranges | None) -> list[dict[str, np.ndarray]]:
+    """``batches`` with, for each 8-bit input cut ``(tensor, state)``, its captured value
+    quantized as the cut's QuantizeLinear would (the state's format with the calibrated range:
+    :meth:`ampq_pass.core.formats.Int8.activation_codes`) under :func:`feed_name`."""
+    if not cuts:
         return batches
-    params = {}
-    for t in tensors:
+    for t, _ in cuts:
         if ranges is None or t not in ranges:
             raise AmpqError(f"no calibrated range for cut tensor {t!r}; calibrate before timing")
-        params[t] = FORMATS[STATE].activation_params(*ranges[t])
-    out = []
-    for b in batches:
-        extra = {}
-        for t, (scale, zp) in params.items():
-            x = b[t].astype(np.float32)
-            extra[feed_name(t)] = np.clip(np.rint(x / scale) + np.float32(zp), 0, 255).astype(np.uint8)
-        out.append({**b, **extra})
-    return out
+    return [{**b, **{feed_name(t, st): FORMATS[st].activation_codes(b[t], *ranges[t]) for t, st in cuts}}
+            for b in batches]

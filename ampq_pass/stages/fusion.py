@@ -22,7 +22,8 @@ What is placed, per kind:
   scale and zero point (tensors joined by passthrough ops share parameters; where two layers
   already fixed different ones, those ops stay float).
 
-Only uint8 per-tensor activations (the ``int8`` format's) take part. A tensor without a
+Only 8-bit per-tensor activations take part (the ``int8`` format's uint8 ones, or ``int8_sym``'s
+uint8/int8 ones with zero point 0); new ones are made in the plan's 8-bit format. A tensor without a
 calibrated range (ranges computed without the rules, see
 :func:`ampq_pass.core.fusion.rule_tensors`) keeps its op in float.
 """
@@ -33,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ampq_pass.core.formats import Int8
+from ampq_pass.core.formats import FORMATS, Int8
 from ampq_pass.core.fusion import ABSORBED, INTEGER, PASSTHROUGH, FusionRules, OpRule
 from ampq_pass.core.graph import bodies, outer_scope_reads
 from ampq_pass.core.proto import default_opset
@@ -72,23 +73,23 @@ class _Graph:
                         self.view[dq.output[0]] = (dq.output[0], n.input[1], n.input[2])
 
     def is_act(self, node, op: str) -> bool:
-        """Whether ``node`` is a QuantizeLinear/DequantizeLinear of a uint8 per-tensor activation."""
+        """Whether ``node`` is a QuantizeLinear/DequantizeLinear of an 8-bit per-tensor activation."""
         if node is _OUTSIDE or node.op_type != op or node.domain not in ("", "ai.onnx") or len(node.input) < 3:
             return False
         scale, zp = self.inits.get(node.input[1]), self.inits.get(node.input[2])
-        return (scale is not None and zp is not None and zp.data_type == TensorProto.UINT8
+        return (scale is not None and zp is not None and zp.data_type in (TensorProto.UINT8, TensorProto.INT8)
                 and int(np.prod(scale.dims)) == 1 and int(np.prod(zp.dims)) == 1)
 
-    def params(self, tensor: str) -> tuple[float, int]:
+    def params(self, tensor: str) -> tuple[float, np.integer]:
+        """Scale and zero point (a numpy scalar of the 8-bit type) of a tensor with a Q/DQ."""
         _, s, z = self.view[tensor]
-        return (float(numpy_helper.to_array(self.inits[s]).reshape(())),
-                int(numpy_helper.to_array(self.inits[z]).reshape(())))
+        return float(numpy_helper.to_array(self.inits[s]).reshape(())), numpy_helper.to_array(self.inits[z]).reshape(())[()]
 
     def users(self, tensor: str) -> list:
         return self.cons.get(tensor, [])
 
 
-def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) -> tuple[set[str], dict]:
+def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges, act: Int8) -> tuple[set[str], dict]:
     """The greatest set of candidate nodes that satisfy the rules, and the parameters of every
     tensor the pass quantizes anew: tensor -> ("view", tensor with a Q/DQ) or ("range", (lo, hi))."""
     taken = set(cand)
@@ -163,7 +164,7 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) 
         bad: set[str] = set()
         for root, ts in members.items():
             fixed = [t for t in ts if t in gr.view]
-            values = {gr.params(t) for t in fixed}
+            values = {(s, int(z), z.dtype.name) for s, z in (gr.params(t) for t in fixed)}
             if len(values) > 1:  # the backend compares the values exactly
                 bad.update(ts)
                 continue
@@ -192,7 +193,7 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges) 
             needs = [node.input[i] for i in rule.data_inputs(node)] if rule.kind != ABSORBED else []
             needs += [] if feeds_absorbed else rule.data_outputs(node)
             if (any(t in bad or t not in source for t in needs if t not in gr.view) or any(t in bad for t in needs)
-                    or (rule.kind == ABSORBED and _zero_point(gr, source.get(out)) != 0)):
+                    or (rule.kind == ABSORBED and not _lowest_code(gr, source.get(out), act))):
                 # no parameters, parameters in conflict, or a Q that leaves the activation needed
                 taken.discard(name)
                 dropped = True
@@ -238,20 +239,23 @@ def shared_ranges(model: onnx.ModelProto, rules: FusionRules | None, ranges):
     return type(ranges)(ranges.method, {**ranges.tensors, **joined})
 
 
-def _zero_point(gr: _Graph, src) -> int | None:
+def _lowest_code(gr: _Graph, src, act: Int8) -> bool:
+    """Whether the zero point of ``src``'s parameters is its type's lowest code (a Q that
+    clips at 0 by itself, which makes a Relu before it redundant)."""
     if src is None:
-        return None
-    if src[0] == "view":
-        return gr.params(src[1])[1]
-    return int(Int8.activation_params(*src[1])[1])
+        return False
+    zp = gr.params(src[1])[1] if src[0] == "view" else act.activation_params(*src[1])[1]
+    return int(zp) == int(np.iinfo(zp.dtype).min)
 
 
-def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> bool:
+def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges, fmt: str = "int8") -> bool:
     """Quantize, in place, the ops of ``model`` (already rewritten by the plan) that ``rules``
     fuse between 8-bit neighbours; ``ranges`` (:class:`ampq_pass.stages.calibrate.Ranges`)
-    gives the parameters of tensors no layer quantized. Returns whether ``model`` changed."""
+    gives the parameters of tensors no layer quantized, in 8-bit format ``fmt`` (the plan's).
+    Returns whether ``model`` changed."""
     if rules is None:
         return False
+    act = FORMATS[fmt]
     opset = default_opset(model)
     gr = _Graph(model)
     cand = {}
@@ -264,7 +268,7 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> b
         cand[node.name] = (node, rule)
     if not cand:
         return False
-    taken, source = _decide(gr, cand, ranges)
+    taken, source = _decide(gr, cand, ranges, act)
     if not taken:
         return False
 
@@ -278,10 +282,10 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges) -> b
             _, s, z = gr.view[src[1]]
             return s, z
         if src not in made:
-            scale, zp = Int8.activation_params(*src[1])
+            scale, zp = act.activation_params(*src[1])
             base = f"{tensor}_fused_int8"
             g.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), base + "_scale"),
-                                  numpy_helper.from_array(np.asarray(zp, np.uint8), base + "_zero_point")])
+                                  numpy_helper.from_array(np.asarray(zp), base + "_zero_point")])
             made[src] = (base + "_scale", base + "_zero_point")
         return made[src]
 

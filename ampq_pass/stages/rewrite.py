@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.formats import FORMATS, HP, Emitted, Format
+from ampq_pass.core.formats import CUT_STATES, FORMATS, HP, Emitted, Format
 from ampq_pass.core.fusion import FusionRules
 from ampq_pass.core.graph import drop_unused_initializers, ensure_node_names, initializers
 from ampq_pass.core.ops import OPS
@@ -109,7 +109,9 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
             if fmt_name != HP:
                 _rewrite_layer(edits, by_name[node_name], FORMATS[fmt_name], nodes[node_name], inits, ranges)
         edits.apply()
-        follow_rules(out, rules, ranges)
+        used = plan.used_formats() | set(cuts.values())
+        # ops between layers are quantized in the plan's 8-bit format (int8_sym where the plan has it)
+        follow_rules(out, rules, ranges, next((f for f in reversed(CUT_STATES) if f in used), CUT_STATES[0]))
         drop_unused_initializers(out.graph)
     return _fill_weights(out, model) if large else out
 

@@ -38,7 +38,7 @@ from ampq_pass.core.cache import Cache
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import HP
 from ampq_pass.core.measure import CostModel, Measurer
-from ampq_pass.stages.boundaries import STATE
+from ampq_pass.stages.boundaries import STATES
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import Partition, Subgraph
@@ -93,7 +93,7 @@ class Screen:
                 + (": " + "; ".join(parts) if parts else ""))
 
 
-def screened_formats(candidates: dict[str, list[str]], protect: tuple[str, ...] = (STATE,)) -> dict[str, list[str]]:
+def screened_formats(candidates: dict[str, list[str]], protect: tuple[str, ...] = STATES) -> dict[str, list[str]]:
     """Per layer, the candidates the screen judges: every format but hp and ``protect``."""
     return {l: [f for f in fs if f != HP and f not in protect] for l, fs in candidates.items()}
 
@@ -139,7 +139,7 @@ def layer_subgraph(model: onnx.ModelProto, layer: Layer, index: int) -> Subgraph
 
 def screen_formats(model: onnx.ModelProto, layers: list[Layer], candidates: dict[str, list[str]],
                    loss: dict[str, dict[str, float]], ranges: Ranges | None, inputs: list[dict[str, np.ndarray]],
-                   backend: Measurer, *, protect: tuple[str, ...] = (STATE,), cache: Cache | None = None,
+                   backend: Measurer, *, protect: tuple[str, ...] = STATES, cache: Cache | None = None,
                    max_batches: int = 2, progress=None) -> Screen:
     """Drop each layer's dominated self-contained formats (module docstring).
 

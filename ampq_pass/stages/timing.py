@@ -35,7 +35,7 @@ from ampq_pass.core.proto import expected_bytes
 from ampq_pass.core.structure import canonical_names, node_token, structure_digest
 from ampq_pass.core.measure import (CostModel, Measurer, Protocol, Timing, median_ci, quick_protocol, split_time,
                                    with_protocol, within)
-from ampq_pass.stages.boundaries import (STATE, boundary_cuts, forces, joins, quantized_feeds, split_at_cuts,
+from ampq_pass.stages.boundaries import (STATES, boundary_cuts, forces, joins, quantized_feeds, split_at_cuts,
                                         with_states)
 from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
@@ -418,7 +418,7 @@ def timed_model(sub: onnx.ModelProto, layers: list[Layer], config: Config, range
     model = rewrite(sub, layers, Plan(dict(formats), cuts), ranges, rules=rules)
     if not cuts:
         return model
-    ins = [i.name for i in sub.graph.input if i.name in cuts]
+    ins = {i.name: cuts[i.name] for i in sub.graph.input if i.name in cuts}
     outs = [o.name for o in sub.graph.output if o.name in cuts]
     try:
         return split_at_cuts(model, ins, outs)
@@ -583,7 +583,7 @@ def _measure(sub: onnx.ModelProto, layers: list[Layer], configs: list[Config], r
     rules = measurer.capabilities().rules  # the backend's fusions, as in the whole-model rewrite
     derived = _edge_derived(configs)
     graph_inputs = {i.name for i in sub.graph.input}
-    int8_inputs = sorted({t for _, st in configs for t, v in st.items() if v != HP and t in graph_inputs})
+    int8_inputs = sorted({(t, v) for _, st in configs for t, v in st.items() if v != HP and t in graph_inputs})
     feeds = quantized_feeds(inputs, int8_inputs, ranges)
     by_config = dict(zip(labels, configs))
     timed = [lab for lab in labels[1:] if lab not in derived]  # labels[0]: all hp (full_configs)
@@ -677,7 +677,7 @@ def _edge_derived(configs: list[Config]) -> dict[str, tuple[str, str]]:
     labels = {config_name(*c) for c in configs}
     out = {}
     for formats, states in configs:
-        if any(f == STATE for f in formats.values()) or all(f == HP for f in formats.values()):
+        if any(f in STATES for f in formats.values()) or all(f == HP for f in formats.values()):
             continue
         if all(v == HP for v in states.values()):
             continue
@@ -780,7 +780,7 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
         for c in sg.configs:
             c.forces = [t for t in c.cuts if t in cuts and forces(cuts[t], c.formats, by_name, sg.index)]
             c.joins = [t for t, st in c.cuts.items()
-                       if st == STATE and t in cuts and joins(cuts[t], c.formats, by_name, sg.index)]
+                       if st in STATES and t in cuts and joins(cuts[t], c.formats, by_name, sg.index, st)]
     if model_inputs:
         anchored = None if isinstance(backend, CostModel) else anchor_hp_times(
             model, partition, inputs_by_subgraph, model_inputs, backend, cache=cache, max_batches=max_batches)
@@ -824,9 +824,9 @@ def fit_to_model(table: GainTable) -> float:
 FIT_BOUNDS = (0.5, 2.0)
 
 
-#: the formats :func:`fit_formats_to_model` anchors by default: the one whose cut states the
+#: the formats :func:`fit_formats_to_model` anchors by default: those whose cut states the
 #: boundary model times (see its docstring for why not the others)
-ANCHORED_FORMATS = (STATE,)
+ANCHORED_FORMATS = STATES
 
 
 def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None,
@@ -914,7 +914,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         both = table.joined_cuts(chosen)
         if lo <= predicted <= hi or math.isclose(predicted, target, rel_tol=1e-9):
             records[fmt] = {**record, "outcome": "within the noise of the measurement, nothing scaled"}
-        elif fmt == STATE and both and predicted > target > rest:
+        elif fmt in STATES and both and predicted > target > rest:
             # The model is faster than its parts: credit the cuts where int8 meets int8 (see above).
             # Before the factor's bounds: a bonus changes no configuration's time, and the factor it
             # replaces says nothing about it (OpenVINO's ResNet-50: the int8 model 8.94x, its parts

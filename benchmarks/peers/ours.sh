@@ -14,7 +14,15 @@ mkdir -p "$OUTD"
 # other engineers edit ampq_pass in this checkout; the commit is written to ours/commit.
 # (later budgets reuse the commit of the first run, recorded in ours/commit, so that one cache
 # and one code version serve them all)
-if [ -f "$OUTD/commit" ]; then REV=$(cat "$OUTD/commit"); else REV=$(cd "$ROOT" && git rev-parse --short=10 HEAD); fi
+# AMPQ_BACKEND=openvino:cpu: plans made by timing on OpenVINO (named openvino_rmse_B, own cache and commit);
+# AMPQ_FORMATS=int8: only those formats offered (--formats; named openvino_int8_rmse_B)
+BACKEND="${AMPQ_BACKEND:-ort:cpu}"
+case "$BACKEND" in ort:cpu) PRE="" ;; *) PRE="$(echo "$BACKEND" | cut -d: -f1)_" ;; esac
+FORMATS_ARG=""
+if [ -n "${AMPQ_FORMATS:-}" ]; then PRE="${PRE}$(echo "$AMPQ_FORMATS" | tr ',' '_')_"; FORMATS_ARG="--formats $AMPQ_FORMATS"; fi
+if [ -n "$PRE" ]; then CACHE="$OUTD/cache_$PRE"; else CACHE="$OUTD/cache"; fi
+COMMIT="$OUTD/${PRE}commit"
+if [ -f "$COMMIT" ]; then REV=$(cat "$COMMIT"); else REV=$(cd "$ROOT" && git rev-parse --short=10 HEAD); fi
 SNAP=/tmp/ampq-snapshot-$REV
 if [ ! -d "$SNAP" ]; then
   TMP=$(mktemp -d /tmp/ampq-snapshot-XXXXXX)
@@ -22,20 +30,17 @@ if [ ! -d "$SNAP" ]; then
   mv "$TMP/backends" "$TMP/ampq_pass/backends"
   mv -T "$TMP" "$SNAP" 2>/dev/null || rm -rf "$TMP"
 fi
-echo "$REV" > "$OUTD/commit"
-# AMPQ_BACKEND=openvino:cpu: plans made by timing on OpenVINO (named openvino_rmse_B, own cache)
-BACKEND="${AMPQ_BACKEND:-ort:cpu}"
-case "$BACKEND" in ort:cpu) PRE=""; CACHE="$OUTD/cache" ;; *) PRE="$(echo "$BACKEND" | cut -d: -f1)_"; CACHE="$OUTD/cache_$PRE" ;; esac
+echo "$REV" > "$COMMIT"
 HOLD=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pass_holdout'])" "$D/meta.json")
 for B in "$@"; do
   N="${PRE}rmse_$B"
-  echo "[ours] $MODEL --max-loss-rmse $B --backend $BACKEND"
+  echo "[ours] $MODEL --max-loss-rmse $B --backend $BACKEND $FORMATS_ARG"
   uptime > "$OUTD/$N.uptime"
   rm -f "$OUTD/$N.cold"; [ -d "$CACHE" ] || touch "$OUTD/$N.cold"   # cold: the cache did not exist yet
   PYTHONHASHSEED=0 PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
       -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
       -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \
-      --backend "$BACKEND" --cache-dir "$CACHE" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
+      --backend "$BACKEND" $FORMATS_ARG --cache-dir "$CACHE" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
       || echo "failed: see $OUTD/$N.log"
   uptime >> "$OUTD/$N.uptime"
   tail -3 "$OUTD/$N.log"

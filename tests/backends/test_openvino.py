@@ -40,16 +40,31 @@ def test_fast_formats_from_capabilities():
     from ampq_pass.backends.openvino import OpenVinoBackend
 
     fast = OpenVinoBackend.fast_formats
-    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8",)  # 16-bit Cast pairs are not fast
+    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8_sym",)  # 16-bit Cast pairs are not fast
     assert fast("CPU", ("FP32", "BF16")) == ()  # no INT8 listed: nothing beyond hp
-    assert fast("GPU.0", ("FP32", "FP16", "INT8")) == ("int8",)  # unmeasured device type: int8 if listed
+    assert fast("GPU.0", ("FP32", "FP16", "INT8")) == ("int8_sym",)  # unmeasured device type: int8_sym if listed
+    # ONNX Runtime's int8 (uint8 asymmetric activations) runs in int8 kernels too, slower: on request only
+    request = OpenVinoBackend.requestable_formats
+    assert request("CPU", ("FP32", "FP16", "INT8")) == ("int8_sym", "int8")
+    assert request("CPU", ("FP32", "FP16")) == ()
+
+
+@needs_ov
+def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
+    b = get_backend("openvino:cpu", protocol=FAST, formats=("int8",))
+    if "INT8" not in b.device_caps:
+        pytest.skip("this CPU does not list INT8")
+    assert b.capabilities().formats == ("int8",) and b.capabilities().rules is not None
+    assert get_backend("openvino:cpu", protocol=FAST).capabilities().formats == ("int8_sym",)
+    with pytest.raises(AmpqError, match="does not run 'int8_dyn' fast; it offers int8_sym, int8"):
+        get_backend("openvino:cpu", protocol=FAST, formats=("int8_dyn",))
 
 
 @needs_ov
 def test_capabilities_key_and_compiled_settings():
     b = get_backend("openvino:cpu", protocol=FAST)
     caps = b.capabilities()
-    assert caps.hp == "fp32" and set(caps.formats) <= {"int8", "fp16", "bf16"}
+    assert caps.hp == "fp32" and set(caps.formats) <= {"int8_sym", "fp16", "bf16"}
     assert "int8_dyn" not in caps.formats and "int4" not in caps.formats
     key = b.key()
     import openvino as ov
@@ -219,7 +234,7 @@ _OV_PROBES = {
 def test_every_8_bit_entry_of_the_openvino_table_runs_in_u8(op):
     from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
 
-    if "int8" not in get_backend("openvino:cpu").capabilities().formats:
+    if "int8_sym" not in get_backend("openvino:cpu").capabilities().formats:
         pytest.skip("this CPU does not list INT8")
     assert op in OPENVINO_CPU_RULES.rules
     args, layer_type = _OV_PROBES[op]
@@ -252,7 +267,7 @@ def test_a_residual_add_between_int8_convs_runs_in_u8_with_the_table():
     from ampq_pass.stages.plan import Plan
     from ampq_pass.stages.rewrite import rewrite
 
-    if "int8" not in get_backend("openvino:cpu").capabilities().formats:
+    if "int8_sym" not in get_backend("openvino:cpu").capabilities().formats:
         pytest.skip("this CPU does not list INT8")
     model = models.residual_cnn(c=16)
     layers = find_layers(model)
@@ -291,3 +306,52 @@ Summary:
     assert "Kernel after dilation has size (dim: 1280)" in got and "AveragePool-17" in got
     assert not got.startswith("Exception from")
     assert openvino_reason("plain message") == "plain message"
+
+
+def _silu_convs(c: int = 16) -> onnx.ModelProto:
+    """Conv -> SiLU -> Conv (YOLOv8's block): the second conv reads a tensor with negative values."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((c, k, 3, 3)).astype(np.float32) * 0.2 for k in (3, c))
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["a"], ["s"], name="sig"),
+             helper.make_node("Mul", ["a", "s"], ["h"], name="silu"),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "silu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, c, 32, 32])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@needs_ov
+def test_int8_sym_convolutions_run_in_integer_kernels_on_signed_and_unsigned_inputs():
+    """int8_sym (zero point 0, int8 for a signed range, uint8 otherwise; no Q/DQ at the conv
+    output) compiles every convolution to an 8-bit one: on the residual CNN with the table (ReLU
+    ranges: uint8) and after a SiLU (a signed range: int8); outputs stay close to fp32."""
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.calibrate import compute_ranges
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    b = get_backend("openvino:cpu", protocol=FAST)
+    if "int8_sym" not in b.capabilities().formats:
+        pytest.skip("this CPU does not list INT8")
+    for model, shape in ((models.residual_cnn(c=16), (8, 3, 16, 16)), (_silu_convs(), (8, 3, 32, 32))):
+        layers = find_layers(model)
+        feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+        ranges = compute_ranges(model, layers, Samples(feeds), rules=OPENVINO_CPU_RULES)
+        plan = Plan({l.name: "int8_sym" for l in layers if l.op_type == "Conv"})
+        q = rewrite(model, layers, plan, ranges, rules=OPENVINO_CPU_RULES)
+        zero_points = [t for t in q.graph.initializer if t.name.endswith("_zero_point") and t.data_type != TensorProto.INT32]
+        assert zero_points and all(not numpy_helper.to_array(t).any() for t in zero_points)
+        kinds = Counter((str(o.get_rt_info()["layerType"].astype(str)), str(o.get_rt_info()["runtimePrecision"].astype(str)))
+                        for o in b.compile(q).get_runtime_model().get_ordered_ops())
+        integer = sum(n for (kind, prec), n in kinds.items() if kind == "Convolution" and prec in ("u8", "i8"))
+        assert integer == len(plan.formats), kinds
+        ref = make_session(model).run(None, feeds)[0]
+        got = b.run(q, feeds)[next(iter(b.run(q, feeds)))]
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+    inits = {t.name: t for t in q.graph.initializer}
+    silu_q = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "h")
+    assert inits[silu_q.input[2]].data_type == TensorProto.INT8  # the SiLU output is signed: int8

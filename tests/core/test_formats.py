@@ -101,3 +101,27 @@ def test_dynamic_int8_matmul_matches_reference():
         got = sess.run(None, {"x": x})[0]
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
         assert np.abs(got - x @ w).max() > 0  # it is quantized
+
+
+@pytest.mark.parametrize("lo,hi,dtype", [(0.0, 6.0, np.uint8), (-0.28, 9.0, np.int8), (-4.0, 1.0, np.int8)])
+def test_int8_sym_activations_are_symmetric_with_the_range_sign_picking_the_type(lo, hi, dtype):
+    """int8_sym: zero point 0 always; uint8 over [0, hi] when nothing is negative, else int8 over
+    [-m, m], m = max(|lo|, |hi|) mapped onto [-127, 127] (ORT's symmetric int8); the codes are
+    what the emitted QuantizeLinear computes, and no op's output is quantized."""
+    fmt = FORMATS["int8_sym"]
+    scale, zp = fmt.activation_params(lo, hi)
+    assert zp.dtype == dtype and int(zp) == 0
+    m = max(abs(lo), abs(hi))
+    assert scale == pytest.approx(m / (255.0 if dtype == np.uint8 else 127.0), rel=1e-6)
+    x = np.linspace(lo - 1.0, hi + 1.0, 301, dtype=np.float32).reshape(7, 43)
+    emitted = fmt.activation_nodes("x", lo, hi)
+    q = emitted.nodes[0]
+    graph = helper.make_graph([q], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info(q.output[0], helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                             list(x.shape))], emitted.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    codes = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(codes, fmt.activation_codes(x, lo, hi))
+    assert codes.dtype == dtype
+    assert not fmt.quantizes_output("Conv") and FORMATS["int8"].quantizes_output("Conv")
+    assert fmt.cut_state and not FORMATS["int8_dyn"].cut_state

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import models
 from fakes import Counting
@@ -11,8 +13,7 @@ from ampq_pass.backends.ort import OrtBackend
 from ampq_pass.core.measure import Protocol
 from ampq_pass.core.ort import make_session
 from ampq_pass.core.samples import Samples
-from ampq_pass.stages.boundaries import (STATE, boundary_cuts, feed_name, forced_cuts, quantized_feeds,
-                                         with_states)
+from ampq_pass.stages.boundaries import Cut, boundary_cuts, feed_name, forced_cuts, quantized_feeds, with_states
 from ampq_pass.stages.calibrate import compute_ranges
 from ampq_pass.stages.layers import find_layers
 from ampq_pass.stages.partition import configs, partition
@@ -22,6 +23,7 @@ from ampq_pass.stages.solve import Option, solve
 from ampq_pass.stages.subgraphs import capture_inputs, extract
 from ampq_pass.stages.timing import gain_table, predict_speedup, timed_model
 
+STATE = "int8"  # the cut state of ONNX Runtime's int8 (uint8 asymmetric activations)
 FAST = Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5, max_seconds=5)
 
 
@@ -91,15 +93,18 @@ def test_an_int8_cut_has_one_qdq_that_every_reader_reads(cnn):
     assert any(n.op_type != "QuantizeLinear" and t in n.input for n in plain.graph.node)
 
 
-def test_subgraphs_split_at_int8_cuts_compose_to_the_rewritten_model(cnn):
-    """Each subgraph timed as :func:`timed_model` builds it (uint8 in and out at int8 cuts),
+@pytest.mark.parametrize("fmt", ["int8", "int8_sym"])
+def test_subgraphs_split_at_int8_cuts_compose_to_the_rewritten_model(cnn, fmt):
+    """Each subgraph timed as :func:`timed_model` builds it (8-bit in and out at 8-bit cuts),
     run one after the other, computes what the whole rewritten model computes: every Q and
-    DQ is in exactly one subgraph."""
+    DQ is in exactly one subgraph. With int8_sym (no Q/DQ at a conv's output) the cuts a conv
+    makes are quantized by their readers, in uint8 or int8 as the range's sign says."""
     model, layers, samples, ranges, part = cnn
     by_name = {l.name: l for l in layers}
-    formats = _all_int8(layers)
+    formats = {l.name: fmt for l in layers if fmt in l.formats}
     cuts = boundary_cuts(model, part, layers)
     plan = Plan(formats, forced_cuts(cuts, formats, by_name))
+    assert plan.cuts and set(plan.cuts.values()) == {fmt}
     feeds = next(iter(samples.batches(8)))
     whole = make_session(rewrite(model, layers, plan, ranges)).run(None, feeds)[0]
     values = dict(feeds)
@@ -112,9 +117,10 @@ def test_subgraphs_split_at_int8_cuts_compose_to_the_rewritten_model(cnn):
         outs = sess.run(None, {n: values[n] for n in names})
         for o, v in zip(sess.get_outputs(), outs):
             cut = next((t for t in mine if o.name.startswith(t)), None)
-            if cut is not None and mine[cut] == STATE:
-                assert v.dtype == np.uint8
-                values[feed_name(cut)] = v
+            if cut is not None and mine[cut] == fmt:
+                lo = ranges[cut][0]
+                assert v.dtype == (np.uint8 if fmt == "int8" or lo >= 0 else np.int8)
+                values[feed_name(cut, fmt)] = v
             values[o.name] = v
     assert np.allclose(values[model.graph.output[0].name], whole, atol=1e-5)
 
@@ -124,7 +130,7 @@ def test_quantized_feeds_match_quantize_linear(cnn):
     t = next(iter(boundary_cuts(model, part, layers)))
     captured = capture_inputs(model, part, samples, batch_size=8)
     batch = next(b for b in captured.values() if t in b[0])
-    fed = quantized_feeds(batch, [t], ranges)[0][feed_name(t)]
+    fed = quantized_feeds(batch, [(t, STATE)], ranges)[0][feed_name(t, STATE)]
     q = rewrite(model, layers, Plan({}, {t: STATE}), ranges)
     qnode = next(n for n in q.graph.node if n.op_type == "QuantizeLinear")
     from onnx import helper, TensorProto, numpy_helper
@@ -135,6 +141,37 @@ def test_quantized_feeds_match_quantize_linear(cnn):
                           [numpy_helper.from_array(inits[qnode.input[1]], "s"), numpy_helper.from_array(inits[qnode.input[2]], "z")])
     ref = make_session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])).run(None, {"x": batch[0][t]})[0]
     assert np.array_equal(fed, ref)
+
+
+def _fork() -> onnx.ModelProto:
+    """x -> MatMul mm0 -> h; h read by MatMuls mm1 and mm2 (a cut with two reading layers)."""
+    rng = np.random.default_rng(0)
+    ws = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+             helper.make_node("MatMul", ["h", "w1"], ["y1"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y2"], name="mm2"),
+             helper.make_node("Add", ["y1", "y2"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "fork", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], ws)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_cut_two_readers_would_quantize_in_two_formats_is_left_out():
+    """One Q/DQ on a cut serves one format: a configuration whose layers read the same cut in
+    int8 and in int8_sym has nothing to time, and with_states leaves it out; with both readers
+    in int8_sym the cut is int8_sym, and the producer's side may meet it in either state."""
+    by_name = {l.name: l for l in find_layers(_fork())}
+    cut = Cut("h", 0, 1, "mm0", ("mm1", "mm2"))
+    cuts, cands = {"h": cut}, {n: ["int8", "int8_sym"] for n in by_name}
+    assert with_states(1, [{"mm1": "int8", "mm2": "int8_sym"}], cuts, by_name, cands) == []
+    same = with_states(1, [{"mm1": "int8_sym", "mm2": "int8_sym"}], cuts, by_name, cands)
+    assert [st for _, st in same] == [{"h": "int8_sym"}]
+    assert forced_cuts(cuts, {"mm1": "int8_sym", "mm2": "int8_sym"}, by_name) == {"h": "int8_sym"}
+    # the producer in hp meets whatever its neighbour can give the cut: hp, int8, int8_sym
+    assert [st["h"] for _, st in with_states(0, [{"mm0": "hp"}], cuts, by_name, cands)] == ["hp", "int8", "int8_sym"]
+    # a MatMul's int8 output is not quantized (no QLinearMatMul output here): the producer in
+    # int8 does not force the cut, so it too is offered every state its readers can give
+    assert [st["h"] for _, st in with_states(0, [{"mm0": "int8"}], cuts, by_name, cands)] == ["hp", "int8", "int8_sym"]
 
 
 def test_the_solver_links_both_sides_of_a_cut():

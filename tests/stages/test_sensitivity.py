@@ -76,7 +76,7 @@ def _finite_difference_terms(model, layer, fmt_name, ranges, feeds, loss, eps=1e
             return x + t * e_b if e_b is not None else x
 
         def out(slot, y):
-            if isinstance(fmt, Int8) and layer.op_type in ("Conv", "ConvTranspose"):
+            if fmt.quantizes_output(layer.op_type):
                 return y + t * act_err(y, layer.output)
             return y
 
