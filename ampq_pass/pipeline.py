@@ -136,9 +136,11 @@ class PassOptions:
         return self
 
 
-def make_backend(spec):
-    """A backend object from a spec (:func:`ampq_pass.backends.get_backend`); objects pass through."""
-    return get_backend(spec) if isinstance(spec, str) else spec
+def make_backend(spec, formats: tuple[str, ...] | None = None):
+    """A backend object from a spec (:func:`ampq_pass.backends.get_backend`), told the user's
+    ``formats`` (a backend may run a format it does not offer by default when asked: OpenVINO's
+    ``int8``); objects pass through."""
+    return get_backend(spec, formats=formats) if isinstance(spec, str) else spec
 
 
 # ----------------------------------------------------------------------------- stage helpers
@@ -308,7 +310,7 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     del raw
     for change in normalized:
         log(f"      normalised: {change}")
-    backend = make_backend(opts.backend)
+    backend = make_backend(opts.backend, opts.formats)
     offered = backend.capabilities().formats
     if opts.formats is not None:
         missing = [f for f in opts.formats if f not in offered]

@@ -58,6 +58,10 @@ def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
     assert get_backend("openvino:cpu", protocol=FAST).capabilities().formats == ("int8_sym",)
     with pytest.raises(AmpqError, match="does not run 'int8_dyn' fast; it offers int8_sym, int8"):
         get_backend("openvino:cpu", protocol=FAST, formats=("int8_dyn",))
+    # the pass hands the user's --formats to the backend it makes from a spec
+    from ampq_pass.pipeline import make_backend
+
+    assert make_backend("openvino:cpu", ("int8",)).capabilities().formats == ("int8",)
 
 
 @needs_ov
