@@ -69,7 +69,7 @@ def probe() -> str:
     samples = Samples({"x": x.reshape(32, 128, 384)[:8]}, source="random")
     ranges = compute_ranges(model, layers, samples)
     models = {"fp32": model}
-    for fmt in ("int8", "int8_dyn", "int4", "fp16", "bf16", "fp8_e4m3"):
+    for fmt in ("int8", "int8_sym", "int8_dyn", "int4", "fp16", "bf16", "fp8_e4m3"):
         try:
             models[fmt] = rewrite(model, layers, Plan({l.name: fmt for l in layers}), ranges)
         except Exception as e:  # a format a layer does not accept
