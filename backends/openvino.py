@@ -26,10 +26,12 @@ Formats offered (design.md §3: never a format the device would emulate slowly):
 ``OPTIMIZATION_CAPABILITIES`` (INT8 -> ``int8_sym`` and ``int8``, FP16 -> ``fp16``, BF16 ->
 ``bf16``), narrowed to those measured fast *as the rewrite writes them* (:data:`MEASURED_FAST`).
 On the CPU that is ``int8_sym`` (activations symmetric, zero point 0, no Q/DQ at a
-convolution's output: what OpenVINO's own tools write); ``int8`` (ONNX Runtime's uint8
-asymmetric activations) also runs in int8 kernels, slower, and is taken when asked for
-(``--formats int8``): on YOLOv8n the same plan ran 1.70x over fp32 with ``int8``'s
-activations and 1.92x with symmetric ones, with more error (0.0192 against 0.0124).
+convolution's output: what OpenVINO's own tools write) *and* ``int8`` (ONNX Runtime's uint8
+asymmetric activations), and the time model chooses per layer: neither is faster everywhere.
+Every conv of YOLOv8n ran 1.86x over fp32 in int8_sym against 1.46x in int8 (SiLU outputs);
+MiniLM's plan at budget 0.1 ran 1.70x over OpenVINO's fp32 with int8 (28 of 36 layers) and
+1.49x with int8_sym (27 of 36): symmetric activations cost accuracy on one-sided ranges, so
+fewer layers fit the budget, and they were not faster there.
 Measured on this repository's machine (Intel Xeon, Sapphire Rapids class: AVX512-VNNI, AMX,
 AVX512_BF16, AVX512_FP16; OpenVINO 2026.4, 2 threads, two MatMuls 384x1536 / 1536x384, batch
 8 x 128 tokens; ``benchmarks/bench_backends.py --probe``): see the table in
@@ -71,11 +73,11 @@ CAPABILITY_FORMATS: dict[str, tuple[str, ...]] = {"INT8": ("int8_sym", "int8"), 
 #: per-channel weight DQ into the MatMul/Conv; fp16/bf16: Cast down/up pairs and weights
 #: stored in 16 bits behind a Cast). See the module docstring for where this was measured; an
 #: unknown device type offers int8_sym only when the device lists INT8.
-MEASURED_FAST: dict[str, tuple[str, ...]] = {"CPU": ("int8_sym",)}
+MEASURED_FAST: dict[str, tuple[str, ...]] = {"CPU": ("int8_sym", "int8")}
 
-#: per device type, formats that also run in low-precision kernels as written, slower than the
-#: default ones: taken only when the user asks for them (``--formats``)
-ON_REQUEST: dict[str, tuple[str, ...]] = {"CPU": ("int8",)}
+#: per device type, formats that also run in low-precision kernels as written but are not
+#: offered by default: taken only when the user asks for them (``--formats``)
+ON_REQUEST: dict[str, tuple[str, ...]] = {"CPU": ()}
 
 
 def import_openvino():

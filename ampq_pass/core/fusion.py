@@ -75,6 +75,11 @@ class FusionRules:
 
     name: str
     rules: dict[str, OpRule] = field(default_factory=dict)
+    #: whether a quantized layer's float output may get a Q/DQ of its own where every reader is
+    #: an op the table runs in 8 bits (a residual Add after a convolution): for backends whose
+    #: 8-bit formats leave the layer's output float (OpenVINO's int8_sym); ONNX Runtime's int8
+    #: quantizes a convolution's output itself (QLinearConv)
+    layer_outputs: bool = False
 
     def rule(self, node: onnx.NodeProto, opset: int) -> OpRule | None:
         """The rule for ``node`` at ``opset``, or None when the backend keeps it in float."""
@@ -86,7 +91,8 @@ class FusionRules:
     def key(self) -> dict:
         """What a timing made with these rules depends on (part of cache keys)."""
         return {"name": self.name, "rules": {op: [r.kind, list(r.inputs) if r.inputs is not None else None,
-                                                  r.min_opset] for op, r in sorted(self.rules.items())}}
+                                                  r.min_opset] for op, r in sorted(self.rules.items())},
+                **({"layer_outputs": True} if self.layer_outputs else {})}
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:

@@ -40,11 +40,12 @@ def test_fast_formats_from_capabilities():
     from ampq_pass.backends.openvino import OpenVinoBackend
 
     fast = OpenVinoBackend.fast_formats
-    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8_sym",)  # 16-bit Cast pairs are not fast
+    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8_sym", "int8")  # 16-bit Cast pairs are not fast
     assert fast("CPU", ("FP32", "BF16")) == ()  # no INT8 listed: nothing beyond hp
     assert fast("GPU.0", ("FP32", "FP16", "INT8")) == ("int8_sym",)  # unmeasured device type: int8_sym if listed
-    # ONNX Runtime's int8 (uint8 asymmetric activations) runs in int8 kernels too, slower: on request only
+    # on an unmeasured device type ONNX Runtime's int8 (uint8 asymmetric activations) is taken on request only
     request = OpenVinoBackend.requestable_formats
+    assert request("GPU.0", ("FP32", "FP16", "INT8")) == ("int8_sym", "int8")
     assert request("CPU", ("FP32", "FP16", "INT8")) == ("int8_sym", "int8")
     assert request("CPU", ("FP32", "FP16")) == ()
 
@@ -55,7 +56,7 @@ def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
     if "INT8" not in b.device_caps:
         pytest.skip("this CPU does not list INT8")
     assert b.capabilities().formats == ("int8",) and b.capabilities().rules is not None
-    assert get_backend("openvino:cpu", protocol=FAST).capabilities().formats == ("int8_sym",)
+    assert get_backend("openvino:cpu", protocol=FAST).capabilities().formats == ("int8_sym", "int8")
     with pytest.raises(AmpqError, match="does not run 'int8_dyn' fast; it offers int8_sym, int8"):
         get_backend("openvino:cpu", protocol=FAST, formats=("int8_dyn",))
     # the pass hands the user's --formats to the backend it makes from a spec
@@ -68,7 +69,7 @@ def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
 def test_capabilities_key_and_compiled_settings():
     b = get_backend("openvino:cpu", protocol=FAST)
     caps = b.capabilities()
-    assert caps.hp == "fp32" and set(caps.formats) <= {"int8_sym", "fp16", "bf16"}
+    assert caps.hp == "fp32" and set(caps.formats) <= {"int8_sym", "int8", "fp16", "bf16"}
     assert "int8_dyn" not in caps.formats and "int4" not in caps.formats
     key = b.key()
     import openvino as ov

@@ -363,3 +363,34 @@ def test_openvino_cpu_has_its_own_table():
     assert {"Sigmoid", "Softmax"} <= set(ORT_CPU_RULES.rules) and not {"Sigmoid", "Softmax"} & set(rules.rules)
     assert OpenVinoBackend("cpu", fusion=False).capabilities().rules is None
     assert backend.key()["fusion"] != OpenVinoBackend("cpu", fusion=False).key()["fusion"]
+
+
+def test_a_layers_float_output_is_quantized_for_an_8_bit_reader_only_where_the_table_says(cnn_setup):
+    """int8_sym leaves a conv's output float. With a table that allows it (OpenVINO's,
+    ``layer_outputs``), the conv whose only reader is the residual Add gets one Q/DQ after it, so
+    the Add reads two dequantized tensors and runs in 8 bits; a conv followed by a Relu keeps its
+    output float; without the permission (ONNX Runtime's table) the Add stays float."""
+    from dataclasses import replace
+
+    model, layers, ranges = cnn_setup
+    plan = Plan({l.name: "int8_sym" for l in layers})
+    allowed = replace(ORT_CPU_RULES, layer_outputs=True)
+    plain, fused = (rewrite(model, layers, plan, ranges, rules=r) for r in (ORT_CPU_RULES, allowed))
+    onnx.checker.check_model(fused, full_check=True)
+    prod = lambda m: {o: n for n in m.graph.node for o in n.output}  # noqa: E731
+
+    def add_inputs(m):
+        p = prod(m)
+        add = next(n for n in m.graph.node if n.op_type == "Add")
+        return [p[i].op_type for i in add.input]
+
+    assert add_inputs(fused) == ["DequantizeLinear", "DequantizeLinear"]
+    assert "DequantizeLinear" not in add_inputs(plain)
+    quantized = {n.input[0] for n in fused.graph.node if n.op_type == "QuantizeLinear"}
+    convs = [n for n in fused.graph.node if n.op_type == "Conv"]
+    by_reader = {n.output[0]: [r.op_type for r in fused.graph.node if n.output[0] in r.input] for n in convs}
+    assert any(readers == ["QuantizeLinear"] for readers in by_reader.values())  # the one before the Add
+    assert all(out not in quantized for out, readers in by_reader.items() if "Relu" in readers)
+    ref = _session(model).run(None, _feeds(8, seed=3))[0]
+    out = _session(fused).run(None, _feeds(8, seed=3))[0]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
