@@ -922,7 +922,10 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
             # neighbours, which the bonus credits, not a broken measurement). ``target > rest``: the
             # int8 subgraphs cannot take less than nothing.
             bonus = (predicted - target) / len(both)
-            table.cut_bonus.update({t: bonus for t in both})
+            # A cut's bonus is not kept per state: where two 8-bit formats' anchors (int8 and
+            # int8_sym on OpenVINO) both credit a cut, it keeps the smaller, so that neither
+            # format's plans are credited the other's larger saving.
+            table.cut_bonus.update({t: min(bonus, table.cut_bonus.get(t, bonus)) for t in both})
             records[fmt] = {**record, "applied": True, "factor": 1.0, "parts_factor": factor, "cut_bonus": bonus,
                             "bonus_cuts": len(both),
                             "outcome": f"{len(both)} int8 cuts with int8 work on both sides credited "

@@ -948,3 +948,35 @@ def test_subgraph_session_bytes_match_the_extracted_subgraphs(cnn_timing_setup):
         alone = session_bytes(extract(model, s), captured[s.index][0])
         assert held[s.index] == pytest.approx(alone, rel=0.02), s.index
     assert sum(held.values()) <= whole  # every subgraph's share is part of the model's
+
+
+class TwoFormatClock(EdgeClock):
+    """EdgeClock on a backend offering both 8-bit formats (as OpenVINO's CPU does), whose
+    standalone int8_sym subgraphs pay twice the edge cost of int8 ones."""
+
+    def capabilities(self):
+        from dataclasses import replace
+
+        return replace(super().capabilities(), formats=("int8", "int8_sym"))
+
+    def _timing(self, model) -> Timing:
+        sym = any(t.name.endswith("_int8_sym") for t in model.graph.initializer)
+        if not sym:
+            return super()._timing(model)
+        doubled = EdgeClock(edge=2 * self.edge, node=self.node, io=self.io)
+        return doubled._timing(model)
+
+
+def test_two_8_bit_anchors_leave_each_shared_cut_the_smaller_bonus(cnn_timing_setup):
+    """With int8 and int8_sym both anchored, each format's every-layer model credits its
+    int8-int8 cuts; a cut both credit keeps the smaller bonus (the bonus is not kept per state,
+    and the larger would credit one format's plans with the other's saving)."""
+    from ampq_pass.stages.timing import gain_table
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    table = gain_table(model, layers, part, ranges, captured, TwoFormatClock(edge=2.0), formats=("int8", "int8_sym"),
+                       progress=False, model_inputs=[feeds])
+    credited = {f: a["cut_bonus"] for f, a in table.format_anchors.items() if a.get("applied") and "cut_bonus" in a}
+    assert set(credited) == {"int8", "int8_sym"} and credited["int8"] != pytest.approx(credited["int8_sym"])
+    assert table.cut_bonus
+    assert all(b == pytest.approx(min(credited.values())) for b in table.cut_bonus.values())
