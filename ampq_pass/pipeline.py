@@ -605,7 +605,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         # predicted at what it measured in the whole model while timing, as a reverted variant is
         # at its measurement: the table, corrected for the solver's plan by the repair rounds, is
         # not what chose it (YOLOv8n: 1.51x from the corrected table, 1.91x timed, 1.89x verified)
-        rounds.append(Round(len(rounds), dict(anchor.plan.formats), _anchor_record(table)["measured_speedup"],
+        rounds.append(Round(len(rounds), dict(anchor.plan.formats), _anchor_record(table, anchor.plan)["measured_speedup"],
                             verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check),
                             note="int8 anchor"))
         verified.append((anchor, candidate))
@@ -746,11 +746,16 @@ def faster_beyond_noise(measured: dict) -> bool:
     return measured["plan_ci"][1] < measured["hp_ci"][0]
 
 
-def _anchor_record(table: GainTable) -> dict | None:
-    """The 8-bit anchor the timing stage measured fastest in the whole model (one per 8-bit
-    format offered, :data:`ampq_pass.stages.boundaries.STATES`), or None."""
+def _anchor_records(table: GainTable) -> list[dict]:
+    """The 8-bit anchors the timing stage measured in the whole model (one per 8-bit format
+    offered, :data:`ampq_pass.stages.boundaries.STATES`), fastest first."""
     anchors = [table.format_anchors[s] for s in STATES if s in table.format_anchors]
-    return max(anchors, key=lambda a: a["measured_speedup"], default=None)
+    return sorted(anchors, key=lambda a: -a["measured_speedup"])
+
+
+def _anchor_record(table: GainTable, plan: Plan) -> dict:
+    """The anchor record whose plan is ``plan``."""
+    return next(a for a in _anchor_records(table) if a["formats"] == dict(plan.formats))
 
 
 def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensitivity, tau: float,
@@ -763,13 +768,14 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
     shows: on the repo's CNN, with the budget not binding, the solver kept 2 of 21 layers hp
     (measured 3.18x) where every layer int8 measured 3.47x; on YOLOv8n, 59 of 64 layers
     measured 1.72x and all 64 1.99x. So the anchor is one more candidate the pass verifies."""
-    anchor = _anchor_record(table)
-    if not anchor or opts.max_memory is not None:
+    if opts.max_memory is not None:
+        return None
+    # the fastest anchor whose loss fits (int8_sym's may not where int8's does)
+    anchor = next((a for a in _anchor_records(table) if predicted_mse(sens, a["formats"]) <= tau), None)
+    if anchor is None:
         return None
     plan_formats = anchor["formats"]  # the plan the timing stage measured
     fmt = "/".join(sorted(set(plan_formats.values())))
-    if predicted_mse(sens, plan_formats) > tau:
-        return None
     try:
         return solution_of(options, table.plan(plan_formats), tau, status="measured",
                            message=f"every {fmt}-capable layer in {fmt} (measured {anchor['measured_speedup']:.3f}x in the "
@@ -783,7 +789,7 @@ def _worth_verifying(table: GainTable, anchor: Solution, rounds: list[Round], lo
     """Whether the anchor plan is not verified yet and measured, while timing, faster than
     every plan verified so far (then it is verified too: the fastest verified plan ships)."""
     best = max((r.measured.get("speedup") or 0.0 for r in rounds if r.formats), default=1.0)
-    measured = _anchor_record(table)["measured_speedup"]
+    measured = _anchor_record(table, anchor.plan)["measured_speedup"]
     if any(r.formats == anchor.plan.formats for r in rounds) or measured <= best:
         return False
     fmt = "/".join(sorted(anchor.plan.used_formats()))

@@ -980,3 +980,33 @@ def test_two_8_bit_anchors_leave_each_shared_cut_the_smaller_bonus(cnn_timing_se
     assert set(credited) == {"int8", "int8_sym"} and credited["int8"] != pytest.approx(credited["int8_sym"])
     assert table.cut_bonus
     assert all(b == pytest.approx(min(credited.values())) for b in table.cut_bonus.values())
+
+
+def test_the_pass_verifies_the_fastest_anchor_whose_loss_fits(cnn_timing_setup):
+    """Two 8-bit anchors (int8, int8_sym): with a budget only the more accurate one fits, that one
+    is offered for verification; with a loose budget the one measured fastest; with a budget
+    neither fits, none."""
+    from ampq_pass.pipeline import PassOptions, _anchor_solution, build_options
+    from ampq_pass.stages.sensitivity import predicted_mse, sensitivity
+    from ampq_pass.stages.timing import gain_table
+
+    class SlowSym(TwoFormatClock):  # int8_sym layers cost more: its (more accurate here) anchor is the slower
+        def _timing(self, model) -> Timing:
+            extra = 5e-4 * sum(t.name.endswith("_int8_sym") for t in model.graph.initializer)
+            return Timing.of([v + extra for v in super()._timing(model).samples])
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    table = gain_table(model, layers, part, ranges, captured, SlowSym(edge=2.0), formats=("int8", "int8_sym"),
+                       progress=False, model_inputs=[feeds])
+    sens = sensitivity(model, layers, ranges, Samples(feeds), formats=("int8", "int8_sym"), progress=False)
+    anchors = sorted(table.format_anchors.values(), key=lambda a: -a["measured_speedup"])
+    assert len(anchors) == 2
+    mse = [predicted_mse(sens, a["formats"]) for a in anchors]
+    assert mse[0] != pytest.approx(mse[1])
+    accurate = anchors[int(mse[1] < mse[0])]
+    assert accurate is anchors[1]  # the case the choice matters in: the fastest anchor does not fit
+    options, opts = build_options(table, sens), PassOptions().validate()
+    between = _anchor_solution(table, options, sens, sum(mse) / 2, opts)
+    assert dict(between.plan.formats) == accurate["formats"]
+    assert dict(_anchor_solution(table, options, sens, max(mse) * 2, opts).plan.formats) == anchors[0]["formats"]
+    assert _anchor_solution(table, options, sens, min(mse) / 2, opts) is None
