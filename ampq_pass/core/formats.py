@@ -256,6 +256,8 @@ class Int8Symmetric(Int8):
     this repo's YOLOv8n plan on OpenVINO 2026.4 (2-core Xeon, 30 interleaved rounds): the same
     plan 1.70x over fp32 with uint8 asymmetric activations, 1.92x with symmetric ones, and 3%
     more without the 57 convolution-output Q/DQ pairs (``benchmarks/results/backends.md``).
+    Where an 8-bit op needs the output (a residual Add), the fusion stage quantizes it
+    (:attr:`ampq_pass.core.fusion.FusionRules.layer_outputs`).
     """
 
     name = "int8_sym"

@@ -173,9 +173,9 @@ def forced_cuts(cuts: dict[str, Cut], formats: dict[str, str], layers: dict[str,
     producer's wins (one Q/DQ on the cut)."""
     out = {}
     for t, c in cuts.items():
-        states = sorted(forced_states(c, formats, layers, c.consumer)) + sorted(forced_states(c, formats, layers, c.producer))
+        states = forced_states(c, formats, layers, c.producer) or forced_states(c, formats, layers, c.consumer)
         if states:
-            out[t] = states[-1]
+            out[t] = max(states)  # one state: two only where readers disagree, which the solver never picks
     return out
 
 
