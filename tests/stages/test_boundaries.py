@@ -193,6 +193,29 @@ def test_the_solver_links_both_sides_of_a_cut():
     assert sol.plan.formats == {} and sol.gain == 0.0
 
 
+def test_every_8_bit_state_of_a_cut_is_linked_and_bought_by_a_layer_in_that_state():
+    """With two 8-bit states on one cut, each is linked: neither side may take a state that
+    no layer quantizes the cut in (a reader in int8_sym does not pay for an int8 cut)."""
+    k = "cut0"
+    hp0 = Option({"a": "hp"}, 0.0, 0.0, cuts={k: "hp"})
+    edge0 = {st: Option({"a": "hp"}, 0.3, 0.0, cuts={k: st}) for st in ("int8", "int8_sym")}  # timed with a Q
+    sym0 = Option({"a": "int8_sym"}, 1.0, 1.0, cuts={k: "int8_sym"}, forces=frozenset({k}))
+    hp1 = Option({"b": "hp"}, 0.0, 0.0, cuts={k: "hp"})
+    edge1 = {st: Option({"b": "hp"}, 0.5, 0.0, cuts={k: st}) for st in ("int8", "int8_sym")}
+    sym1 = Option({"b": "int8_sym"}, 1.0, 1.0, cuts={k: "int8_sym"}, forces=frozenset({k}))
+    options = [[hp0, edge0["int8_sym"], edge0["int8"], sym0], [hp1, edge1["int8_sym"], edge1["int8"], sym1]]
+    # free edges in a state nobody quantizes in: not buyable, whatever their gain
+    assert solve(options, 0.0).plan.cuts == {}
+    # one layer in int8_sym: the cut is int8_sym on both sides, never the int8 also offered
+    sol = solve(options, 1.0)
+    assert sol.plan.formats == {"a": "int8_sym"} and sol.plan.cuts == {k: "int8_sym"}
+    assert sol.gain == pytest.approx(1.5)
+    # with a forcing option in int8 the int8 state is buyable too, and chosen only with it
+    int0 = Option({"a": "int8"}, 1.2, 1.0, cuts={k: "int8"}, forces=frozenset({k}))
+    sol = solve([[*options[0], int0], options[1]], 1.0)
+    assert sol.plan.formats == {"a": "int8"} and sol.plan.cuts == {k: "int8"} and sol.gain == pytest.approx(1.7)
+
+
 def test_gain_table_with_states_predicts_a_plan_from_its_formats(cnn):
     model, layers, samples, ranges, part = cnn
     by_name = {l.name: l for l in layers}
