@@ -10,7 +10,10 @@ needs TensorRT and AutoQuantize is PyTorch only. So this is its ONNX INT8 PTQ, a
   high_precision_dtype='fp32' (its default fp16 would put Casts everywhere: no fast fp16 on CPU),
   calibration_eps=['cpu'];
 - `int8_matmul`: the same, only MatMul/Gemm/Conv quantized (what ORT's CPU EP runs in int8) and
-  no QDQ in the attention (disable_mha_qdq).
+  no QDQ in the attention (disable_mha_qdq);
+- `int4_rtn` / `int4_awq_clip` (the decoder LM): quantize_mode='int4', its weight-only int4
+  (round-to-nearest DQ, or AWQ with clipping, calibrated), block 32 as ours, MatMul weights only;
+  ONNX Runtime fuses its DQ -> MatMul into MatMulNBits.
 Calibration: calib.npz, the same samples as our pass.
 """
 
@@ -29,6 +32,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != peerlib.HERE]
 CONFIGS = {
     "int8_default": {},
     "int8_matmul": {"op_types_to_quantize": ["MatMul", "Gemm", "Conv"], "disable_mha_qdq": True},
+    "int4_rtn": {"quantize_mode": "int4", "calibration_method": "rtn_dq", "block_size": 32},
+    "int4_awq_clip": {"quantize_mode": "int4", "calibration_method": "awq_clip", "block_size": 32},
 }
 
 
@@ -41,7 +46,7 @@ def main() -> None:
     fp32 = peerlib.model_dir(a.model) / "fp32.onnx"
     calib = peerlib.load(a.model, "calib")
     for name in a.configs:
-        kw = dict(quantize_mode="int8", high_precision_dtype="fp32", calibration_eps=["cpu"], **CONFIGS[name])
+        kw = dict({"quantize_mode": "int8"}, high_precision_dtype="fp32", calibration_eps=["cpu"], **CONFIGS[name])
 
         def produce(out: Path, kw=kw):
             from modelopt.onnx.quantization import quantize

@@ -1,9 +1,11 @@
 """ONNX Runtime's own quantizers (`quantize_static` / `quantize_dynamic`), the settings
-benchmarks/front.py found best on these models, with the same calibration samples. Runs in
-the main venv (onnxruntime only; it does not import ampq_pass). Each configuration runs in its
-own child process, so its wall time and peak RSS are its own.
+benchmarks/front.py found best on these models, with the same calibration samples, and, for
+the decoder LM, its int4 weight-only quantizer (`MatMulNBitsQuantizer`, round-to-nearest: what
+onnxruntime-genai's CPU models use). Runs in benchmarks/peers/.venvs/ort (setup.sh ort:
+onnxruntime 1.32, onnx, onnx-ir, which the int4 quantizer needs; it does not import ampq_pass).
+Each configuration runs in its own child process, so its wall time and peak RSS are its own.
 
-    .venv/bin/python benchmarks/peers/ort.py minilm [config ...]
+    benchmarks/peers/.venvs/ort/bin/python benchmarks/peers/ort.py minilm [config ...]
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ CONFIGS = {
                                   "reduce_range=False (ORT's default op types)",
     "static_qdq_u8s8_perchannel_matmul": "as static_qdq_u8s8_perchannel, op_types MatMul/Gemm/Conv only",
 }
+#: int4 weight-only (MatMul weights only, activations stay float): the decoder LM's configurations
+INT4 = {
+    "int4_rtn_block32": "MatMulNBitsQuantizer, 4 bits, block 32, symmetric, RTN, accuracy_level 4 (int8 "
+                        "activations inside the kernel), QOperator (MatMulNBits)",
+    "int4_rtn_block128": "as int4_rtn_block32 with ORT's default block 128",
+}
+CONFIGS.update(INT4)
+#: the configurations run by default, per model kind
+DEFAULT = {"lm": ["dynamic_perchannel_matmul", "static_qdq_u8s8_perchannel_matmul", *INT4]}
 
 
 def produce(model: str, name: str) -> None:
@@ -37,6 +48,15 @@ def produce(model: str, name: str) -> None:
     calib = peerlib.batches(peerlib.load(model, "calib"), m["batch"])
 
     def run(out: Path):
+        if name in INT4:
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=int(name.rsplit("block", 1)[1]),
+                                     is_symmetric=True, accuracy_level=4)
+            q.process()
+            q.model.save_model_to_file(str(out), False)
+            return {"search_metric": peerlib.SearchMetric(model)(out)}
         pre = out.with_suffix(".pre.onnx")
         if name != "dynamic_defaults":
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
@@ -60,5 +80,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--one":
         produce(sys.argv[2], sys.argv[3])
     else:
-        for c in sys.argv[2:] or list(CONFIGS):
+        for c in sys.argv[2:] or DEFAULT.get(peerlib.meta(sys.argv[1])["kind"], [c for c in CONFIGS if c not in INT4]):
             subprocess.run([sys.executable, __file__, "--one", sys.argv[1], c], check=False)

@@ -32,6 +32,8 @@ if [ ! -d "$SNAP" ]; then
 fi
 echo "$REV" > "$COMMIT"
 HOLD=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pass_holdout'])" "$D/meta.json")
+# what the model needs besides (the decoder LM: its formats and the decode shape to time at)
+FLAGS=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('pass_flags', ''))" "$D/meta.json")
 for B in "$@"; do
   N="${PRE}rmse_$B"
   echo "[ours] $MODEL --max-loss-rmse $B --backend $BACKEND $FORMATS_ARG"
@@ -39,7 +41,7 @@ for B in "$@"; do
   rm -f "$OUTD/$N.cold"; [ -d "$CACHE" ] || touch "$OUTD/$N.cold"   # cold: the cache did not exist yet
   PYTHONHASHSEED=0 PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
       -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
-      -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" \
+      -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout "$HOLD" --max-loss-rmse "$B" $FLAGS \
       --backend "$BACKEND" $FORMATS_ARG --cache-dir "$CACHE" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
       || echo "failed: see $OUTD/$N.log"
   uptime >> "$OUTD/$N.uptime"

@@ -82,8 +82,9 @@ def mean_pool(hidden, mask):
 
 def quality(kind: str, ref: list[np.ndarray], outs: list[np.ndarray], feeds: list[dict]) -> dict:
     """MiniLM: cosine of mean-pooled embeddings to fp32 (mean, min). Classifier: top-1
-    agreement with fp32 and relative L2 error of the logits. Detector: relative L2 error of
-    the raw head output and the share of fp32's detections kept."""
+    agreement with fp32 and relative L2 error of the logits. Decoder LM (``lm``): the same on
+    the next-token logits of each decode step (top-1 = the greedy next token). Detector:
+    relative L2 error of the raw head output and the share of fp32's detections kept."""
     if kind == "embedding":
         a = np.concatenate([mean_pool(o, f["attention_mask"]) for o, f in zip(ref, feeds)])
         b = np.concatenate([mean_pool(o, f["attention_mask"]) for o, f in zip(outs, feeds)])
@@ -92,6 +93,8 @@ def quality(kind: str, ref: list[np.ndarray], outs: list[np.ndarray], feeds: lis
         cos = (a * b).sum(1)
         return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
     a, b = np.concatenate(ref), np.concatenate(outs)
+    if kind == "lm":  # [steps, 1 new token, vocab] -> [steps, vocab]
+        a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     rel_err = float(np.linalg.norm(a - b) / np.linalg.norm(a))
     if kind == "detector":
         # YOLOv8 head [N, 4 box + C classes, anchors]: the anchors fp32 scores above DETECT in some
@@ -110,8 +113,8 @@ DETECT = 0.25
 
 class SearchMetric:
     """The metric a peer's search evaluates (higher is better): MiniLM = mean cosine to fp32,
-    classifier = top-1 agreement minus relative error (so ties still rank), detector = 1 minus
-    the relative error of the head output, on search.npz."""
+    classifier and decoder LM = top-1 agreement minus relative error of the logits (so ties
+    still rank), detector = 1 minus the relative error of the head output, on search.npz."""
 
     def __init__(self, model: str):
         m = meta(model)
@@ -123,6 +126,7 @@ class SearchMetric:
     #: what :meth:`score` computes, per kind (for the knobs the peers record)
     DESCRIBED = {"embedding": "mean cosine to fp32 on search.npz",
                  "classifier": "top-1 agreement - relative logit error on search.npz",
+                 "lm": "next-token top-1 agreement - relative logit error on search.npz (decode steps)",
                  "detector": "1 - relative error of the head output on search.npz"}
 
     def describe(self) -> str:
@@ -133,7 +137,7 @@ class SearchMetric:
         q = quality(self.kind, self.ref, outs, self.feeds)
         if self.kind == "embedding":
             return q["cos_mean"]
-        return q["top1"] - q["rel_err"] if self.kind == "classifier" else 1.0 - q["rel_err"]
+        return q["top1"] - q["rel_err"] if self.kind in ("classifier", "lm") else 1.0 - q["rel_err"]
 
     def __call__(self, model) -> float:
         self.calls += 1

@@ -32,7 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--threshold", type=float, nargs="+", default=[0.005])
+    ap.add_argument("--matmul-nbits", action="store_true",
+                    help="the decoder LM: Quark's int4 weight-only MatMulNBits instead of its AMP")
     a = ap.parse_args()
+    if a.matmul_nbits:
+        return matmul_nbits(a.model)
     m = peerlib.meta(a.model)
     fp32 = peerlib.model_dir(a.model) / "fp32.onnx"
     calib = peerlib.batches(peerlib.load(a.model, "calib"), m["batch"])
@@ -68,6 +72,33 @@ def main() -> None:
                               "OpTypesToQuantize": ["MatMul", "Gemm", "Conv"], "calibration": m["calib"],
                               "metric_data": "the calibration samples (Quark's AMP evaluates on its data reader)"},
                        packages=("amd-quark", "onnxruntime", "onnx", "torch"))
+
+
+def matmul_nbits(model: str) -> None:
+    """Quark's int4 weight-only path (its MATMUL_NBITS default config, group 32 as ours,
+    symmetric, accuracy level 4 as ORT's and INC's here)."""
+    m = peerlib.meta(model)
+    fp32 = peerlib.model_dir(model) / "fp32.onnx"
+    calib = peerlib.batches(peerlib.load(model, "calib"), m["batch"])
+    params = {"GroupSize": 32, "Symmetric": True, "Bits": 4, "AccuracyLevel": 4}
+
+    def produce(out: Path):
+        import os
+
+        from quark.onnx import ModelQuantizer
+        from quark.onnx.quantization.config.config import Config
+        from quark.onnx.quantization.config.custom_config import get_default_config
+
+        cfg = get_default_config("MATMUL_NBITS")
+        cfg.extra_options["MatMulNBitsParams"] = dict(params)
+        os.chdir(out.parent)
+        ModelQuantizer(Config(global_quant_config=cfg)).quantize_model(str(fp32), str(out),
+                                                                       calibration_data_reader=peerlib.Reader(calib))
+        return {"search_metric": peerlib.SearchMetric(model)(out)}
+
+    peerlib.record(model, "quark", "matmul_nbits_g32", produce,
+                   knobs={"config": "MATMUL_NBITS (UseMatMulNBits)", "MatMulNBitsParams": params},
+                   packages=("amd-quark", "onnxruntime", "onnx", "torch"))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,21 @@ case "$MODEL" in
   minilm) TL=0.01; DROP=0.005; QTH=0.005 ;;
   *)      TL=0.05; DROP=0.05; QTH=0.005 ;;
 esac
+# the decoder LM (a decode step, int4 weight-only offered): each peer's LLM recipe for CPU - int4
+# weight-only MatMulNBits (ORT RTN, INC RTN/GPTQ/AWQ, Quark, ModelOpt RTN/AWQ) - and int8
+if [ "$MODEL" = llama ]; then
+  for peer in ${PEERS:-ours ort modelopt quark inc aimet}; do
+    case "$peer" in
+      ours)     "$P/ours.sh" "$MODEL" 0.03 0.005 0.01 0.1; "$P/ours_rejected.sh" "$MODEL" ;;
+      ort)      $N "$V/ort/bin/python" "$P/ort.py" "$MODEL" ;;
+      modelopt) for c in int8_matmul int4_rtn int4_awq_clip; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
+      quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --matmul-nbits ;;
+      inc)      $N "$V/inc/bin/python" "$P/inc.py" "$MODEL" --weight-only ;;
+      aimet)    $N "$V/aimet/bin/python" "$P/aimet.py" "$MODEL" --w8a8-only ;;
+    esac
+  done
+  exit 0
+fi
 for peer in ${PEERS:-ours ours_ov ours_ov_int8 ort modelopt quark inc aimet}; do
   case "$peer" in
     ours)     "$P/ours.sh" "$MODEL" 0.1 0.03 0.05 0.15; "$P/ours_rejected.sh" "$MODEL"
@@ -25,7 +40,7 @@ for peer in ${PEERS:-ours ours_ov ours_ov_int8 ort modelopt quark inc aimet}; do
     ours_ov)  AMPQ_BACKEND=openvino:cpu "$P/ours.sh" "$MODEL" 0.1 ;;  # the plan made for OpenVINO (its column)
     # the same with ONNX Runtime's uint8 asymmetric activations (OpenVINO's int8 on request): slower, more accurate
     ours_ov_int8) AMPQ_BACKEND=openvino:cpu AMPQ_FORMATS=int8 "$P/ours.sh" "$MODEL" 0.1 ;;
-    ort)      $N .venv/bin/python "$P/ort.py" "$MODEL" ;;
+    ort)      $N "$V/ort/bin/python" "$P/ort.py" "$MODEL" ;;
     modelopt) for c in int8_default int8_matmul; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
     quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --threshold $QTH ;;
     inc)      $N "$V/inc/bin/python" "$P/inc.py" "$MODEL" --tolerable-loss $TL

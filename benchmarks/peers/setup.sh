@@ -1,6 +1,6 @@
 #!/bin/sh
 # Creates one peer's own virtualenv: benchmarks/peers/.venvs/<peer>/ (ignored by git).
-#   benchmarks/peers/setup.sh inc|aimet|modelopt|quark
+#   benchmarks/peers/setup.sh ort|inc|aimet|modelopt|quark
 # Each peer pins its own versions, so each gets its own venv. Where a peer needs torch, the CPU
 # build torch==2.13.0 (on local disk) goes in FIRST; then `pip install --dry-run` of the peer's
 # packages is checked: if it would install any torch other than the one present, or any nvidia-*
@@ -11,12 +11,15 @@ PEER="$1"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 VENV="$HERE/.venvs/$PEER"
 case "$PEER" in
+  # ort: ONNX Runtime's own quantizers; its int4 weight-only quantizer (MatMulNBitsQuantizer) needs onnx-ir,
+  # which the project does not depend on
+  ort)      TORCH=0; PKGS="onnxruntime==1.32.0 onnx onnx-ir numpy" ;;
   inc)      TORCH=0; PKGS="onnx-neural-compressor==1.0 prettytable scipy onnxruntime==1.32.0 onnx" ;;
   aimet)    TORCH=1; PKGS="aimet-onnx==2.42.0 torchvision==0.28.0 onnxruntime==1.32.0" ;;
   # modelopt: the [onnx] extra minus its GPU packages (onnxruntime-gpu, cupy-cuda12x)
   modelopt) TORCH=1; PKGS="nvidia-modelopt==0.47.0 onnxruntime==1.32.0 onnx onnx-graphsurgeon onnxconverter-common~=1.16.0 onnxslim onnxscript polygraphy ml_dtypes lief cppimport" ;;
   quark)    TORCH=1; PKGS="amd-quark==0.13 onnxruntime==1.32.0 onnx" ;;
-  *) echo "usage: $0 inc|aimet|modelopt|quark" >&2; exit 2 ;;
+  *) echo "usage: $0 ort|inc|aimet|modelopt|quark" >&2; exit 2 ;;
 esac
 mkdir -p "$HERE/.venvs"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
