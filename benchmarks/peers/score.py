@@ -452,7 +452,7 @@ def failures(results) -> str:
 def write_report() -> None:
     results = [json.loads(p.read_text()) for p in
                sorted(peerlib.OUT.glob("*/score_smoke.json" if SMOKE else "*/score.json"))]
-    order = ["minilm", "resnet50", "yolov8n"]
+    order = ["minilm", "resnet50", "yolov8n", "llama"]
     results.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else 9)
     text = ("# Peers' own automatic mixed-precision searches against ours (issue 15)\n\n"
             "Commands (each peer in its own virtualenv, `benchmarks/peers/setup.sh PEER`; see "
