@@ -168,6 +168,32 @@ def test_a_plan_not_faster_beyond_noise_is_never_written(tmp_path, block_file, p
         assert "not faster than the input beyond the noise" in res.report["budget"]["message"]
 
 
+@pytest.mark.parametrize("factor", [10.0, 1e9])
+def test_a_plan_whose_measured_loss_is_over_the_budget_never_ships(tmp_path, block_file, monkeypatch, factor):
+    """Where the layers' errors compound (here: every verified loss times ``factor``), a plan
+    measured over twice the budget is not written: the pass solves again under the budget
+    scaled by the measured/predicted ratio and ships a plan whose measured loss fits, or, when
+    none does, the input, saying why."""
+    from ampq_pass import pipeline
+
+    real = pipeline.verify
+    monkeypatch.setattr(pipeline, "verify", lambda *a, **kw: (lambda m: dict(m, loss_mse=m["loss_mse"] * factor))(
+        real(*a, **kw)))
+    res = run_pass(block_file, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=0.01,
+                   backend=_SlowerWhenWritten(0.5), cache_dir=None, progress=False, log=lambda s: None)
+    r = res.report
+    tau, first = r["budget"]["tau"], r["rounds"][0]
+    assert first["layers_quantized"] > 0 and first["measured_loss_mse"] > pipeline.LOSS_SLACK * tau
+    assert r["measured"]["loss_mse"] <= pipeline.LOSS_SLACK * tau
+    if factor == 10.0:  # a plan of fewer layers fits
+        assert r["rounds"][1]["note"].startswith("loss budget")
+        assert 0 < len(res.solution.plan.formats) < first["layers_quantized"]
+        assert r["rejected_plan"] is None
+    else:  # none does: the input is written, and the report says why
+        assert res.solution.plan.formats == {} and res.solution.status == "loss"
+        assert "over 2x the budget" in r["budget"]["message"] and r["rejected_plan"]["formats"]
+
+
 def test_normalisation_is_checked_on_the_calibration_samples(tmp_path, capsys):
     """Random probe ids overflow this embedding (3 rows); the pass probes with the user's own
     calibration samples instead, so the normalisation is verified, not skipped with a warning."""

@@ -202,13 +202,16 @@ def render_text(report: dict) -> str:
                      f"{anchor['outcome']}")
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x")
     for rnd in report.get("rounds", [])[1:] if len(report.get("rounds", [])) > 1 else []:
-        lines.append(f"{rnd.get('note') or 'repair round'} {rnd['round']}: {rnd['layers_quantized']} layers quantized, predicted "
-                     f"{_fmt(rnd['predicted_speedup'], '.3f')}x, measured {_fmt(rnd['measured_speedup'], '.3f')}x")
+        lines.append(f"round {rnd['round']} ({rnd.get('note') or 'repair'}): {rnd['layers_quantized']} layers quantized, "
+                     f"predicted {_fmt(rnd['predicted_speedup'], '.3f')}x, measured {_fmt(rnd['measured_speedup'], '.3f')}x, "
+                     f"loss MSE {_fmt(rnd.get('measured_loss_mse'), '.3g')}")
     if report.get("rejected_plan"):
         rej = report["rejected_plan"]
+        why = (f"its measured loss {_fmt(rej['measured'].get('loss_mse'), '.3g')} over the budget"
+               if report["budget"].get("status") == "loss" else "not faster than the input beyond the noise")
         lines.append(f"rejected: the solver's plan ({len(rej['formats'])} layers quantized, predicted "
                      f"{_fmt(rej['predicted_speedup'], '.3f')}x) measured {_fmt(rej['measured'].get('speedup'), '.3f')}x, "
-                     f"not faster than the input beyond the noise; every layer stays hp")
+                     f"{why}; every layer stays hp")
     if search:
         lines.extend(_search_lines(report))
     elif report.get("pareto_timing") and report["pareto_timing"].get("quick"):
