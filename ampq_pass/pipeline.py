@@ -270,6 +270,8 @@ REPAIR_GROUPS = 12
 LOSS_SLACK = BAND[1]
 #: rounds that solve again under a tighter loss budget while the plan's measured loss exceeds it
 LOSS_ROUNDS = 2
+#: where a loss round aims, as a share of the accepted measured loss (LOSS_SLACK x the budget)
+LOSS_AIM = 0.9
 
 
 @dataclass
@@ -554,7 +556,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
                        rewritten: onnx.ModelProto, option_table: list[list[Option]], memory, tau: float,
                        opts: PassOptions, check: dict, cache: Cache | None, log, budget: TimeBudget):
     """Verify the plan; while its measured loss is over :data:`LOSS_SLACK` times the budget,
-    solve again under a budget scaled by its measured/predicted loss (at most
+    solve again under a budget scaled by its measured/predicted loss (:data:`LOSS_AIM`; at most
     :data:`LOSS_ROUNDS` rounds); while the measured speed-up falls short of the prediction, time
     the quantized subgraphs inside the whole model, correct the gain table and solve again
     (:mod:`ampq_pass.stages.repair`, at most ``opts.repair_rounds`` rounds). Returns the
@@ -571,13 +573,14 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     verified = [(solution, rewritten)]
     # The loss budget, measured: where the quantization errors of the plan's layers compound
     # (or a first-order estimate is off), its measured loss exceeds the budget; solve again
-    # under the budget scaled by that plan's measured/predicted ratio.
+    # under the prediction that, at that plan's measured/predicted ratio, lands a tenth inside
+    # what is accepted (the ratio of a smaller plan differs; a second round corrects it).
     tight = tau
     for _ in range(LOSS_ROUNDS):
         if not solution.plan.formats or loss_fits(measured, tau):
             break
         ratio = measured["loss_mse"] / solution.mse if solution.mse > 0 else math.inf
-        tight = min(tight, tau / ratio)
+        tight = min(tight, LOSS_AIM * LOSS_SLACK * tau / ratio)
         if not budget.fits(once, f"a plan under a tighter loss budget (measured loss {measured['loss_mse']:.3g}, "
                                  f"over {LOSS_SLACK:g}x the budget {tau:.3g})", log):
             break
