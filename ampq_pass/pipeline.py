@@ -561,9 +561,9 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     the quantized subgraphs inside the whole model, correct the gain table and solve again
     (:mod:`ampq_pass.stages.repair`, at most ``opts.repair_rounds`` rounds). Returns the
     fastest verified plan whose loss fits and that beats the input beyond the noise, or the
-    all-hp plan with the rejected one: ``(solution, rewritten, measured, predicted speed-up, rounds, rejected)``; the
-    prediction is the one made for the plan when it was chosen (after a correction the table
-    no longer describes earlier plans). A repair round (about two verifications) and the int8
+    all-hp plan with the rejected one: ``(solution, rewritten, measured, predicted speed-up,
+    rounds, rejected)``; the prediction is the one made for the plan when it was chosen (after
+    a correction the table no longer describes earlier plans). A repair round (about two verifications) and the int8
     anchor's verification run only while ``budget`` has time left for them."""
     model, layers = inp.model, inp.layers
     started = time.perf_counter()
