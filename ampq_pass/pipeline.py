@@ -631,15 +631,16 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         rounds.append(Round(len(rounds), dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
     anchor = _anchor_solution(table, option_table, sens, tight, opts)
+    kind = "/".join(sorted(anchor.plan.used_formats())) if anchor is not None else ""
     if anchor is not None and _worth_verifying(table, anchor, rounds, tau, log) \
-            and budget.fits(once, "verifying the every-int8 plan (the int8 anchor)", log):
+            and budget.fits(once, f"verifying the every-{kind} plan (the {kind} anchor)", log):
         candidate = rewrite(model, layers, anchor.plan, ranges, rules=_rules(inp))
         # predicted at what it measured in the whole model while timing, as a reverted variant is
         # at its measurement: the table, corrected for the solver's plan by the repair rounds, is
         # not what chose it (YOLOv8n: 1.51x from the corrected table, 1.91x timed, 1.89x verified)
         rounds.append(Round(len(rounds), dict(anchor.plan.formats), _anchor_record(table, anchor.plan)["measured_speedup"],
                             verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check),
-                            note="int8 anchor"))
+                            note=f"{kind} anchor"))
         verified.append((anchor, candidate))
     # Never ship a slow-down: of the verified plans whose measured loss fits, the fastest that
     # beats the input beyond the noise.
@@ -795,10 +796,10 @@ def faster_beyond_noise(measured: dict) -> bool:
 
 
 def _anchor_records(table: GainTable) -> list[dict]:
-    """The 8-bit anchors the timing stage measured in the whole model (one per 8-bit format
-    offered, :data:`ampq_pass.stages.boundaries.STATES`), fastest first."""
-    anchors = [table.format_anchors[s] for s in STATES if s in table.format_anchors]
-    return sorted(anchors, key=lambda a: -a["measured_speedup"])
+    """The uniform plans the timing stage measured in the whole model (the 8-bit anchors, one per
+    format of :data:`ampq_pass.stages.boundaries.STATES`, and the other formats' candidates:
+    :func:`ampq_pass.stages.timing.fit_formats_to_model`), fastest first."""
+    return sorted(table.format_anchors.values(), key=lambda a: -a["measured_speedup"])
 
 
 def _anchor_record(table: GainTable, plan: Plan) -> dict:
@@ -808,14 +809,17 @@ def _anchor_record(table: GainTable, plan: Plan) -> dict:
 
 def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensitivity, tau: float,
                      opts: PassOptions) -> Solution | None:
-    """The int8 anchor plan (every int8-capable layer in int8, timed in the whole model by the
-    timing stage) as a solution, when it fits the loss budget; None otherwise.
+    """The fastest uniform plan (every layer that can take a format in it, timed in the whole
+    model by the timing stage: the int8 anchor, and the other formats' candidates) whose loss
+    fits the budget, as a solution; None when none fits.
 
     The subgraph model sees a layer's gain alone; keeping one layer hp inside an int8 region
     costs its neighbours the fusion and layout they share, which no single configuration
     shows: on the repo's CNN, with the budget not binding, the solver kept 2 of 21 layers hp
     (measured 3.18x) where every layer int8 measured 3.47x; on YOLOv8n, 59 of 64 layers
-    measured 1.72x and all 64 1.99x. So the anchor is one more candidate the pass verifies."""
+    measured 1.72x and all 64 1.99x. Subgraphs of a millisecond (a decode step) time too
+    noisily to tell int4 from int8 apart. So a uniform plan is one more candidate the pass
+    verifies."""
     if opts.max_memory is not None:
         return None
     # the fastest anchor whose loss fits (int8_sym's may not where int8's does)

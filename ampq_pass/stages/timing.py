@@ -792,8 +792,11 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
                 rescale(sg, hp_times[sg.index])
         table.parts_scale = fit_to_model(table)
         if cuts:  # boundary states on, and some cut can carry int8 (never with a cost model)
+            # the 8-bit anchors are part of the time model; the other formats' candidates are
+            # measured only while the timing allowance has time left
+            spare = seconds is None or time.monotonic() - started < seconds
             table.format_anchors = fit_formats_to_model(table, model, layers, ranges, model_inputs, backend,
-                                                        candidates, cache=cache)
+                                                        candidates, cache=cache, others=spare)
     return table
 
 
@@ -832,7 +835,7 @@ ANCHORED_FORMATS = STATES
 def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None,
                          model_inputs: list[dict[str, np.ndarray]], backend: Measurer,
                          candidates: dict[str, list[str]], *, cache: Cache | None = None,
-                         formats: Iterable[str] = ANCHORED_FORMATS) -> dict[str, dict]:
+                         formats: Iterable[str] = ANCHORED_FORMATS, others: bool = True) -> dict[str, dict]:
     """Scale the quantized configurations' times so that, for every low-precision format, the
     plan "every layer that can take it in it" is predicted at its measured whole-model time.
 
@@ -868,8 +871,15 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     the model too. Offline over YOLOv8n, ResNet-50, EfficientNet-B0 and MobileNetV2 plans the
     bonus model's error was 4.7% mean, 10.1% max, against 5.8% and 16.0% with the factor.
 
-    Only ``formats`` are anchored, by default int8 alone, and only with boundary states
-    (:func:`gain_table`). Measured (quiet Xeon): on the repo's residual CNN with states the
+    With ``others``, the uniform plans of the other formats offered (int8_dyn, int4 on ONNX
+    Runtime) are measured too, where the format covers at least half of the layers, but scale
+    nothing: they
+    are whole-model candidates the pass verifies when they beat its plan (a decode step of a
+    small Llama ran every MatMul int4 at 2.06x over fp32, while the subgraphs, each a
+    millisecond alone, made a mixed int4/int8 plan the fastest at 1.84x).
+
+    Only ``formats`` are anchored, by default the 8-bit cut states, and only with boundary
+    states (:func:`gain_table`). Measured (quiet Xeon): on the repo's residual CNN with states the
     int8 anchor took the solver's plan from 12.2% to 4.7% prediction error; without states
     the same fit gave 33% (parts that leave out the cut's Q/DQ are far from the anchor, and
     one factor does not carry over to a plan with hp layers); on MiniLM the int8_dyn anchor
@@ -879,11 +889,13 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     if not table.hp_total:
         return {}
     wanted = set(formats)
-    offered = [f for f in dict.fromkeys(f for fmts in candidates.values() for f in fmts if f != HP) if f in wanted]
+    offered = [f for f in dict.fromkeys(f for fmts in candidates.values() for f in fmts if f != HP)]
     records: dict[str, dict] = {}
     factors: dict[str, float] = {}
     for fmt in offered:
         uniform = {name: fmt for name, fmts in candidates.items() if fmt in fmts}
+        if fmt not in wanted and (not others or 2 * len(uniform) < len(layers)):
+            continue  # a whole-model candidate only where the format covers most layers (see below)
         try:
             chosen = table.lookup_all(uniform)
         except AmpqError:  # the configuration cap left this plan out of some subgraph
@@ -912,7 +924,9 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         record = {"layers": len(plan.formats), "formats": uniform, "predicted_speedup": table.hp_total / predicted,
                   "measured_speedup": 1.0 / got["ratio"], "factor": factor, "applied": False}
         both = table.joined_cuts(chosen)
-        if lo <= predicted <= hi or math.isclose(predicted, target, rel_tol=1e-9):
+        if fmt not in wanted:
+            records[fmt] = {**record, "factor": 1.0, "outcome": "measured as a whole-model candidate, nothing scaled"}
+        elif lo <= predicted <= hi or math.isclose(predicted, target, rel_tol=1e-9):
             records[fmt] = {**record, "outcome": "within the noise of the measurement, nothing scaled"}
         elif fmt in STATES and both and predicted > target > rest:
             # The model is faster than its parts: credit the cuts where int8 meets int8 (see above).

@@ -1010,3 +1010,80 @@ def test_the_pass_verifies_the_fastest_anchor_whose_loss_fits(cnn_timing_setup):
     assert dict(between.plan.formats) == accurate["formats"]
     assert dict(_anchor_solution(table, options, sens, max(mse) * 2, opts).plan.formats) == anchors[0]["formats"]
     assert _anchor_solution(table, options, sens, min(mse) / 2, opts) is None
+
+
+class UniformClock(SizeClock):
+    """A deterministic clock where int4 pays only in a whole model: a MatMul costs 1.0 in float,
+    0.3 with int8 weights, 0.35 with int4 weights in a model of few int4 MatMuls and 0.1 in one
+    of many (a decode step, memory-bound, where the whole model's weights shrink 8x, against
+    subgraphs of a millisecond each); every other node 0.01."""
+
+    name = "uniform-clock"
+
+    def __init__(self, many: int):
+        self.many = many
+
+    def key(self):
+        return {"backend": "uniform-clock", "many": self.many}
+
+    def _timing(self, model) -> Timing:
+        from onnx import TensorProto
+
+        bits = {i.name: i.data_type for i in model.graph.initializer}
+        made_by = {o: n for n in model.graph.node for o in n.output}
+        weights = [made_by[n.input[1]] for n in model.graph.node
+                   if n.op_type == "MatMul" and n.input[1] in made_by and made_by[n.input[1]].op_type == "DequantizeLinear"]
+        int4 = sum(bits.get(dq.input[0]) == TensorProto.INT4 for dq in weights)
+        cost = 0.0
+        for n in model.graph.node:
+            if n.op_type == "MatMul" and n.input[1] in made_by and made_by[n.input[1]].op_type == "DequantizeLinear":
+                cost += (0.1 if int4 >= self.many else 0.35) if bits.get(made_by[n.input[1]].input[0]) == TensorProto.INT4 else 0.3
+            elif n.op_type in ("MatMul", "Gemm", "Conv"):
+                cost += 1.0
+            else:
+                cost += 0.01
+        return Timing.of([1e-3 * cost] * 5)
+
+
+def test_other_formats_uniform_plans_are_measured_as_candidates_and_scale_nothing(block_model):
+    """int4 is not a cut state, so it anchors nothing; its uniform plan is measured in the whole
+    model as a candidate, and every int4 configuration keeps its standalone time."""
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
+
+    layers = find_layers(block_model)
+    feeds = models.feeds_for(block_model, n=8)
+    ranges = compute_ranges(block_model, layers, Samples(feeds))
+    formats = {l.name: [f for f in ("int8", "int4") if f in l.formats] for l in layers}
+    part = partition(block_model, layers, formats=formats)
+    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    clock = UniformClock(many=len(layers))
+    kw = dict(formats=("int8", "int4"), candidates=formats, progress=False, model_inputs=[feeds])
+    table = gain_table(block_model, layers, part, ranges, captured, clock, **kw)
+    record = table.format_anchors["int4"]
+    assert record["layers"] == sum("int4" in f for f in formats.values()) and not record["applied"]
+    assert record["outcome"].startswith("measured as a whole-model candidate")
+    assert record["measured_speedup"] > table.format_anchors["int8"]["measured_speedup"]
+    # nothing scaled: the same int4 configurations as a table without the candidate's measurement
+    alone = gain_table(block_model, layers, part, ranges, captured, clock, **{**kw, "model_inputs": None})
+    times = lambda t: sorted(round(c.time, 12) for sg in t.subgraphs for c in sg.configs if "int4" in c.formats.values())
+    assert times(table) == pytest.approx(times(alone))
+
+
+def test_the_pass_ships_a_uniform_int4_plan_the_subgraphs_could_not_see(block_file, tmp_path):
+    """Per subgraph int8 beats int4 (0.3 against 0.35), so the solver's plan is int8; the whole
+    model in int4 measured faster while timing, so the pass verifies it and ships it."""
+    import onnx
+
+    from ampq_pass.pipeline import run_pass
+
+    layers = find_layers(onnx.load(block_file))
+    result = run_pass(block_file, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", formats=("int8", "int4"),
+                      backend=UniformClock(many=sum("int4" in l.formats for l in layers)), max_loss_rmse=1e6,
+                      progress=False, log=lambda s: None)
+    rounds = result.report["rounds"]
+    assert "int4" not in rounds[0]["formats"].values()
+    assert rounds[-1]["note"] == "int4 anchor" and set(result.solution.plan.formats.values()) == {"int4"}
+    assert result.report["measured"]["speedup"] == pytest.approx(rounds[-1]["measured_speedup"])
+    assert rounds[-1]["measured_speedup"] > rounds[0]["measured_speedup"]
