@@ -123,6 +123,8 @@ def entries_for(model: str) -> list[dict]:
 
 def _knob(peer, config, knobs) -> str:
     if peer == "inc":
+        if "algorithm" in knobs:  # its int4 weight-only quantizers (no search)
+            return f"{knobs['algorithm']} int4, group {knobs['group_size']}"
         return f"tolerable_loss={knobs.get('tolerable_loss')}"
     if peer == "aimet":
         return (f"allowed_accuracy_drop={knobs['allowed_accuracy_drop']}" if "allowed_accuracy_drop" in knobs
@@ -144,8 +146,10 @@ def _detail(r) -> str:
 
 
 def qdq_summary(path: str) -> str:
-    """What the written model runs in low precision: QuantizeLinear nodes by integer type, and
-    dynamic-quantization / integer-kernel nodes (counted from the file, no inference)."""
+    """What the written model runs in low precision: QuantizeLinear nodes by integer type,
+    dynamic-quantization / integer-kernel nodes, and weight-only ones (MatMulNBits, and
+    DequantizeLinear of int4 weights, which ORT fuses into it), counted from the file, no
+    inference."""
     import onnx
 
     m = onnx.load(path, load_external_data=False)
@@ -158,8 +162,10 @@ def qdq_summary(path: str) -> str:
             t = names.get(inits.get(n.input[2]) if len(n.input) > 2 else 2, "?")
             q[t] = q.get(t, 0) + 1
         elif n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
-                           "QLinearMatMul", "QLinearConv", "MatMulIntegerToFloat", "QAttention"):
+                           "QLinearMatMul", "QLinearConv", "MatMulIntegerToFloat", "QAttention", "MatMulNBits"):
             other[n.op_type] = other.get(n.op_type, 0) + 1
+        elif n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in (22, 21):  # INT4, UINT4 weights
+            other["DQ int4"] = other.get("DQ int4", 0) + 1
     parts = [f"Q {k} x{v}" for k, v in sorted(q.items())] + [f"{k} x{v}" for k, v in sorted(other.items())]
     return ", ".join(parts) or "no quantization nodes"
 
