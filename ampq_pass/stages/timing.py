@@ -791,12 +791,14 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
             for sg in table.subgraphs:
                 rescale(sg, hp_times[sg.index])
         table.parts_scale = fit_to_model(table)
-        if cuts:  # boundary states on, and some cut can carry int8 (never with a cost model)
-            # the 8-bit anchors are part of the time model; the other formats' candidates are
-            # measured only while the timing allowance has time left
+        if boundary_states and not isinstance(backend, CostModel):  # without states: the paper's model
+            # the 8-bit anchors are part of the time model where some cut can carry 8 bits (a
+            # decoder whose cuts all pass a norm first has none); the other uniform plans are
+            # candidates, measured only while the timing allowance has time left
             spare = seconds is None or time.monotonic() - started < seconds
             table.format_anchors = fit_formats_to_model(table, model, layers, ranges, model_inputs, backend,
-                                                        candidates, cache=cache, others=spare)
+                                                        candidates, cache=cache, others=spare,
+                                                        formats=ANCHORED_FORMATS if cuts else ())
     return table
 
 

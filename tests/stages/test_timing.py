@@ -488,11 +488,8 @@ def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
     clock = EdgeClock(edge=0.1, io=0.2)
     import ampq_pass.stages.timing as timing
 
-    import functools
-
-    # both formats anchored (the pass anchors int8 only: timing.ANCHORED_FORMATS says why)
-    monkeypatch.setattr(timing, "fit_formats_to_model",
-                        functools.partial(timing.fit_formats_to_model, formats=("int8", "int8_dyn")))
+    # both formats anchored (the pass anchors the 8-bit cut states only: timing.ANCHORED_FORMATS says why)
+    monkeypatch.setattr(timing, "ANCHORED_FORMATS", ("int8", "int8_dyn"))
     table = gain_table(block_model, layers, part, ranges, captured, clock, formats=("int8", "int8_dyn"),
                        progress=False, model_inputs=[feeds])
     assert set(table.format_anchors) == {"int8", "int8_dyn"}
@@ -1045,7 +1042,7 @@ class UniformClock(SizeClock):
         return Timing.of([1e-3 * cost] * 5)
 
 
-def test_other_formats_uniform_plans_are_measured_as_candidates_and_scale_nothing(block_model):
+def test_other_formats_uniform_plans_are_measured_as_candidates_and_scale_nothing(block_model, monkeypatch):
     """int4 is not a cut state, so it anchors nothing; its uniform plan is measured in the whole
     model as a candidate, and every int4 configuration keeps its standalone time."""
     from ampq_pass.stages.partition import partition
@@ -1069,6 +1066,14 @@ def test_other_formats_uniform_plans_are_measured_as_candidates_and_scale_nothin
     alone = gain_table(block_model, layers, part, ranges, captured, clock, **{**kw, "model_inputs": None})
     times = lambda t: sorted(round(c.time, 12) for sg in t.subgraphs for c in sg.configs if "int4" in c.formats.values())
     assert times(table) == pytest.approx(times(alone))
+    # where no cut can carry 8 bits (a decoder whose cuts all pass a norm) nothing is anchored,
+    # every uniform plan is a candidate
+    import ampq_pass.stages.timing as timing
+
+    monkeypatch.setattr(timing, "boundary_cuts", lambda *a: {})
+    plain = gain_table(block_model, layers, part, ranges, captured, clock, **kw)
+    assert set(plain.format_anchors) == {"int8", "int4"} and not plain.cut_bonus
+    assert all(r["outcome"].startswith("measured as a whole-model candidate") for r in plain.format_anchors.values())
 
 
 def test_the_pass_ships_a_uniform_int4_plan_the_subgraphs_could_not_see(block_file, tmp_path):
