@@ -895,7 +895,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     records: dict[str, dict] = {}
     factors: dict[str, float] = {}
     for fmt in offered:
-        uniform = {name: fmt for name, fmts in candidates.items() if fmt in fmts}
+        uniform = uniform_formats(table, fmt)
         if fmt not in wanted and (not others or 2 * len(uniform) < len(layers)):
             continue  # a whole-model candidate only where the format covers most layers (see below)
         try:
@@ -956,6 +956,18 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
             sg.configs = [_scaled(c, sg.hp_time, f) if (f := _mixed_factor(c.formats, factors)) != 1.0 else c
                           for c in sg.configs]
     return records
+
+
+def uniform_formats(table: GainTable, fmt: str) -> dict[str, str]:
+    """The plan "every layer in ``fmt`` that can be": in each subgraph, the configuration of
+    ``fmt`` and hp with the most layers in ``fmt`` (layers tied by a shared input take one
+    format together, so where the screen left ``fmt`` to some of them only, none takes it)."""
+    out: dict[str, str] = {}
+    for sg in table.subgraphs:
+        mine = [c.formats for c in sg.configs if set(c.formats.values()) <= {HP, fmt}]
+        best = max(mine, key=lambda f: sum(v == fmt for v in f.values()), default={})
+        out.update({layer: f for layer, f in best.items() if f == fmt})
+    return out
 
 
 def _mixed_factor(formats: dict[str, str], factors: dict[str, float]) -> float:

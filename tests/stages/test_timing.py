@@ -1092,3 +1092,28 @@ def test_the_pass_ships_a_uniform_int4_plan_the_subgraphs_could_not_see(block_fi
     assert rounds[-1]["note"] == "int4 anchor" and set(result.solution.plan.formats.values()) == {"int4"}
     assert result.report["measured"]["speedup"] == pytest.approx(rounds[-1]["measured_speedup"])
     assert rounds[-1]["measured_speedup"] > rounds[0]["measured_speedup"]
+
+
+def test_the_uniform_plan_leaves_out_layers_tied_to_one_the_format_was_screened_off(block_model):
+    """q/k/v read one input and take one format together: with int4 screened off for k, the
+    group offers int8 only, so "every layer in int4 that can be" leaves all three out (the plan
+    taken from the candidates, with q and v in int4, is no configuration of the table)."""
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table, uniform_formats
+
+    layers = find_layers(block_model)
+    feeds = models.feeds_for(block_model, n=8)
+    ranges = compute_ranges(block_model, layers, Samples(feeds))
+    formats = {l.name: ["int8", "int4"] for l in layers} | {"/k/MatMul": ["int8"]}
+    part = partition(block_model, layers, formats=formats, max_configs=16)  # the cap ties q/k/v
+    assert ["/q/MatMul", "/k/MatMul", "/v/MatMul"] in part.subgraphs[0].groups
+    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    table = gain_table(block_model, layers, part, ranges, captured, SizeClock(), formats=("int8", "int4"),
+                       candidates=formats, progress=False, model_inputs=[feeds])
+    tied = {"/q/MatMul", "/k/MatMul", "/v/MatMul"}
+    assert set(uniform_formats(table, "int4")) == {l.name for l in layers} - tied
+    assert set(uniform_formats(table, "int8")) == {l.name for l in layers}
+    table.lookup_all(uniform_formats(table, "int4"))  # a plan the table can price
+    # and so the int4 candidate is measured (a plan from the candidates was skipped: no configuration)
+    assert table.format_anchors["int4"]["layers"] == 3
