@@ -24,6 +24,13 @@ interleaved group, :func:`ampq_pass.stages.timing.time_subgraph`). A screened fo
 
 Every dominated (layer, format) pair is also dominated in any configuration of any subgraph
 that contains it, up to the interaction of neighbours the first-order model ignores anyway.
+
+Except for a weight-only format on a memory-bound layer (at most :data:`MEMORY_BOUND_ROWS`
+rows of activations per run: a decode step): timed alone, round after round, the layer's
+weights stay in the CPU's caches, so fp32 reads them as fast as int4 does; in the model, whose
+weights do not stay there, reading them is the cost int4 cuts. A decode step of a small Llama
+(batch 1): the screen found int4 not faster alone on 5-8 of 29 MatMuls, and every MatMul in
+int4 ran 2.2x over fp32 against 1.96x with those left hp. Such pairs are not screened.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import onnx
 
 from ampq_pass.core.cache import Cache
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.formats import HP
+from ampq_pass.core.formats import FORMATS, HP
 from ampq_pass.core.measure import CostModel, Measurer
 from ampq_pass.stages.boundaries import STATES
 from ampq_pass.stages.calibrate import Ranges
@@ -48,6 +55,18 @@ from ampq_pass.stages.timing import time_subgraph
 #: layers whose inputs are captured in one run of the whole model: bounds the memory the
 #: captured activations take (one batch of ConvNeXt's first stage is ~10 MB per layer)
 CHUNK = 16
+#: activation rows per run (tokens x batch) up to which a layer counts as memory-bound: a MAC
+#: per 4-byte weight per row is far below what a CPU computes per byte it reads
+MEMORY_BOUND_ROWS = 16
+
+
+def activation_rows(batches: list[dict[str, np.ndarray]], layer: Layer) -> int | None:
+    """Rows of ``layer``'s activation per run (its size over the last axis), from the captured
+    batches; None when it is not among them."""
+    x = next((b[layer.activation] for b in batches if layer.activation in b), None)
+    if x is None or x.ndim == 0 or x.shape[-1] == 0:
+        return None
+    return int(x.size // x.shape[-1])
 
 
 @dataclass
@@ -171,12 +190,20 @@ def screen_formats(model: onnx.ModelProto, layers: list[Layer], candidates: dict
                     progress(1)
             continue
         for sg, layer in zip(part.subgraphs, chunk):
-            fmts = screened[layer.name]
+            batches = captured.pop(sg.index)
+            rows = activation_rows(batches, layer)
+            bound = rows is not None and rows <= MEMORY_BOUND_ROWS
+            fmts = [f for f in screened[layer.name] if not (bound and f in FORMATS and not FORMATS[f].quantizes_activation)]
+            out.entries.extend(ScreenEntry(layer.name, f, math.nan, math.nan, math.nan, True,
+                                           f"not screened: weight-only on a memory-bound layer ({rows} rows)")
+                               for f in screened[layer.name] if f not in fmts)
             if progress is not None:
                 progress(1)
+            if not fmts:
+                continue
             try:
                 gains = time_subgraph(extract(model, sg), [layer], [{layer.name: f} for f in fmts], ranges,
-                                      captured.pop(sg.index), backend, index=sg.index, name=layer.name, cache=cache)
+                                      batches, backend, index=sg.index, name=layer.name, cache=cache)
             except AmpqError as exc:  # the layer cannot stand alone: keep its formats for the subgraph timing
                 unscreened(layer, exc)
                 continue

@@ -96,6 +96,28 @@ def test_screen_drops_int4_that_is_slower_alone_and_keeps_the_rest(block_setup, 
     assert again.timed == []
 
 
+def test_a_weight_only_format_on_a_memory_bound_layer_is_not_screened(block_setup, tmp_path):
+    """At a decode-like shape (at most MEMORY_BOUND_ROWS rows per run) a layer timed alone keeps
+    its weights in cache, so int4 is kept untimed; the other formats are screened as before."""
+    from ampq_pass.stages.screen import MEMORY_BOUND_ROWS, activation_rows
+
+    model, layers, feeds, ranges, candidates = block_setup
+    one = {k: v[:1] for k, v in feeds.items()}  # one sequence of 8 tokens: 8 rows
+    assert activation_rows([one], layers[0]) <= MEMORY_BOUND_ROWS < activation_rows([feeds], layers[0])
+    loss = {l.name: {"int8": 1e-3, "int8_dyn": 1e-4, "int4": 1e-5} for l in layers}
+    clock = OpClock()
+    screen = screen_formats(model, layers, candidates, loss, ranges, [one], clock, cache=Cache(tmp_path))
+    assert screen.candidates == candidates  # int4 kept (OpClock would have it slower alone)
+    int4 = [e for e in screen.entries if e.format == "int4"]
+    assert int4 and all(e.kept and e.reason.startswith("not screened: weight-only on a memory-bound layer")
+                        for e in int4)
+    from onnx import TensorProto
+
+    int4_weights = [m for m in clock.timed if any(i.data_type == TensorProto.INT4 for i in m.graph.initializer)]
+    assert clock.timed and not int4_weights  # int8_dyn timed alone, int4 never
+    assert all(e.kept for e in screen.entries if e.format == "int8_dyn")
+
+
 def test_screen_on_onnx_runtime_keeps_the_layers_and_reports_real_times(block_setup):
     model, layers, feeds, ranges, candidates = block_setup
     loss = {l.name: {"int8_dyn": 1e-4, "int4": 1e-5} for l in layers}
