@@ -54,10 +54,12 @@ LEARNED = """## What we learned (read with the tables below)
   (budget 0.001) and 3.204x vs 3.202x (0.002); a many-model interleaved run also inflates fp32 (141 ms there, 110 ms
   with seven models): ratios from different runs do not compare. The decoder LM (small Llama, a decode step, batch
   1, past 256; `results/peers.md`): the peers' int4 weight-only recipes (ORT/INC/Quark MatMulNBits, ModelOpt DQ
-  int4) run 2.17-2.36x at logit error 0.15-0.22, ours 1.96x at 0.18 (the uniform int4 plan, now a candidate the
-  pass measures and verifies; before, its subgraph-chosen int4/int8 mix shipped 1.84x) - missed: the screen timed
-  each MatMul alone, where its 1 MB of fp32 weights stays in cache between repeats, so int4 looked no faster than
-  fp32 on 5-8 of 29 layers and they stay hp; in the model (181 MB of weights per step) every one is memory-bound.
+  int4) run 2.24-2.42x at logit error 0.15-0.22. Our subgraph-chosen int4/int8 mix shipped 1.84x; the uniform
+  int4 plan, now a whole-model candidate the pass verifies, 1.96x with 24 of 29 MatMuls: the screen timed each
+  MatMul alone, where its 1 MB of fp32 weights stays in cache between repeats, so int4 looked no faster than fp32
+  on 5-8 layers, while in the model (181 MB of weights per step) every one is memory-bound. With int4 no longer
+  screened on memory-bound layers (<= 16 rows per run) every MatMul ships in int4: 2.14x at 0.18 - still below
+  the peers (ModelOpt's identical int4 RTN 2.24x in the same run, ORT's block 128 2.42x): missed.
 
 - **2026-11-26, night: OpenVINO's own activation convention.** OpenVINO runs symmetric activations (zero point
   0) far faster than ONNX Runtime's uint8 asymmetric ones on SiLU networks: every YOLOv8n conv 1.86x over fp32 in
