@@ -30,7 +30,7 @@ rows of activations per run: a decode step): timed alone, round after round, the
 weights stay in the CPU's caches, so fp32 reads them as fast as int4 does; in the model, whose
 weights do not stay there, reading them is the cost int4 cuts. A decode step of a small Llama
 (batch 1): the screen found int4 not faster alone on 5-8 of 29 MatMuls, and every MatMul in
-int4 ran 2.2x over fp32 against 1.96x with those left hp. Such pairs are not screened.
+int4 ran 2.14x over fp32 against 1.96x with those left hp. Such pairs are not screened.
 """
 
 from __future__ import annotations

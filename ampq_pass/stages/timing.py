@@ -875,10 +875,9 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
 
     With ``others``, the uniform plans of the other formats offered (int8_dyn, int4 on ONNX
     Runtime) are measured too, where the format covers at least half of the layers, but scale
-    nothing: they
-    are whole-model candidates the pass verifies when they beat its plan (a decode step of a
-    small Llama ran every MatMul int4 at 2.06x over fp32, while the subgraphs, each a
-    millisecond alone, made a mixed int4/int8 plan the fastest at 1.84x).
+    nothing: they are whole-model candidates the pass verifies when they beat its plan (at a
+    decode step of a small Llama every MatMul in int4 ran 2.14x over fp32, where the
+    subgraphs, each a millisecond alone, had made a mixed int4/int8 plan the fastest: 1.84x).
 
     Only ``formats`` are anchored, by default the 8-bit cut states, and only with boundary
     states (:func:`gain_table`). Measured (quiet Xeon): on the repo's residual CNN with states the
@@ -891,7 +890,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     if not table.hp_total:
         return {}
     wanted = set(formats)
-    offered = [f for f in dict.fromkeys(f for fmts in candidates.values() for f in fmts if f != HP)]
+    offered = list(dict.fromkeys(f for fmts in candidates.values() for f in fmts if f != HP))
     records: dict[str, dict] = {}
     factors: dict[str, float] = {}
     for fmt in offered:
