@@ -108,7 +108,9 @@ def _restrict(inputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     input that arrives as shape (1,) (ONNX Runtime accepts it, OpenVINO does not)."""
     out = {}
     for port in inputs:
-        name = port.any_name
+        # a port carries every name of its tensor: where OpenVINO folds an op into a graph input
+        # (a Pad after an 8-bit cut's feed), ``any_name`` may be the folded op's output
+        name = next((n for n in sorted(port.get_names()) if n in feeds), port.any_name)
         if name not in feeds:
             raise AmpqError(f"timing inputs lack model input {name!r} (given: {sorted(feeds)})")
         v = np.asarray(feeds[name])

@@ -105,6 +105,24 @@ def test_outputs_match_onnxruntime(name):
 
 
 @needs_ov
+def test_an_input_whose_port_took_a_folded_ops_name_is_still_fed():
+    """OpenVINO folds a Pad with zero pads (the classic exporter writes one before each 1x1 conv
+    of MobileNetV2) into the graph input, whose port then carries both names and may report
+    the Pad's output as ``any_name``: the feed is found by any of the port's names."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.zeros(8, np.int64), "pads")
+    graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["a_padded"]),
+                               helper.make_node("Conv", ["a_padded", "w"], ["y"])], "g", [x], [y], [w, pads])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    b = get_backend("openvino:cpu", protocol=FAST)
+    np.testing.assert_allclose(b.run(model, feeds)["y"], make_session(model).run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+    assert b.time({"a": model}, [feeds])["a"].median > 0
+
+
+@needs_ov
 def test_time_and_time_each_interleave():
     b = get_backend("openvino:cpu", protocol=FAST)
     m1, m2 = models.mlp(0), models.mlp(1, sizes=(16, 64, 64, 8))
