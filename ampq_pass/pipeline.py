@@ -563,8 +563,9 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     fastest verified plan whose loss fits and that beats the input beyond the noise, or the
     all-hp plan with the rejected one: ``(solution, rewritten, measured, predicted speed-up,
     rounds, rejected)``; the prediction is the one made for the plan when it was chosen (after
-    a correction the table no longer describes earlier plans). A repair round (about two verifications) and the int8
-    anchor's verification run only while ``budget`` has time left for them."""
+    a correction the table no longer describes earlier plans). A loss round (one verification),
+    a repair round (about two) and the anchor's verification run only while ``budget`` has time
+    left for them."""
     model, layers = inp.model, inp.layers
     started = time.perf_counter()
     measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
@@ -586,7 +587,8 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             break
         log(f"      measured loss {measured['loss_mse']:.3g} is {ratio:.3g}x the predicted {solution.mse:.3g} and over "
             f"{LOSS_SLACK:g}x the budget {tau:.3g}: solving again under {tight:.3g}")
-        new = solve(build_options(table, sens, memory), tight, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
+        # the table is not corrected before the repair rounds: the options the first solve had
+        new = solve(option_table, tight, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
         if not new.plan.formats or new.plan.formats == solution.plan.formats:
             break
         solution, rewritten = new, rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
@@ -644,9 +646,9 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         verified.append((anchor, candidate))
     # Never ship a slow-down: of the verified plans whose measured loss fits, the fastest that
     # beats the input beyond the noise.
-    faster = [i for i, r in enumerate(rounds) if r.formats and faster_beyond_noise(r.measured)
-              and loss_fits(r.measured, tau)]
-    over = [r for r in rounds if r.formats and faster_beyond_noise(r.measured) and not loss_fits(r.measured, tau)]
+    beat = [i for i, r in enumerate(rounds) if r.formats and faster_beyond_noise(r.measured)]
+    faster = [i for i in beat if loss_fits(rounds[i].measured, tau)]
+    over = [rounds[i] for i in beat if i not in faster]
     rejected = None
     if faster:
         best = max(faster, key=lambda i: rounds[i].measured["speedup"])
