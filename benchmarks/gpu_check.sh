@@ -2,9 +2,10 @@
 # The CUDA check, run on a lent GPU machine (the workplace's `device` tool) from the repo root:
 #   bash benchmarks/gpu_check.sh            # results under $OUT (or ./gpu_out)
 # That machine has torch, onnx and CUDA 13 libraries but no onnxruntime-gpu, python-mip or
-# network: onnxruntime-gpu 1.31.1 (CUDA 13 build, 255 MB) travels in 52 MB pieces that earlier
-# calls left in /tmp/parts (`cp .gpuN/* /tmp/parts/`), mip/cffi/pycparser as wheels, and CBC's
-# shared libraries (copied from cbcbox, whose 191 MB wheel would not travel) as cbc.tgz.
+# network: onnxruntime-gpu 1.31.1 (CUDA 13 build, 255 MB) travels in pieces (`split -b 60000000 -d -a 1`,
+# under 64 MiB with the repo) that earlier calls left in /tmp/parts (`cp .gpuN/* /tmp/parts/`, each
+# call within the machine's 30 s warm window), mip/cffi/pycparser as wheels, and CBC's shared libraries
+# (libCbc.so and the .so.0 files it needs, copied from cbcbox, whose wheel would not travel) as cbc.tgz.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 P=/tmp/parts
