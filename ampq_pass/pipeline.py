@@ -318,6 +318,7 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     for change in normalized:
         log(f"      normalised: {change}")
     backend = make_backend(opts.backend, opts.formats)
+    backend.check_runs(model, str(model_path))
     offered = backend.capabilities().formats
     if opts.formats is not None:
         missing = [f for f in opts.formats if f not in offered]

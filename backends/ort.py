@@ -43,7 +43,7 @@ __all__ = ["OrtBackend", "Timing", "available_providers", "io_device", "time_int
 
 #: short name -> (ONNX Runtime provider, formats it runs fast, high-precision format)
 PROVIDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "cpu": ("CPUExecutionProvider", ("int8", "int8_dyn", "int4"), "fp32"),
+    "cpu": ("CPUExecutionProvider", ("int8", "int8_dyn", "int4", "int4_b128"), "fp32"),
     "cuda": ("CUDAExecutionProvider", (), "fp32"),
     "tensorrt": ("TensorrtExecutionProvider", ("int8", "fp8_e4m3"), "fp32"),
     "openvino": ("OpenVINOExecutionProvider", ("int8",), "fp32"),

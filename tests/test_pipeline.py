@@ -11,6 +11,7 @@ import models
 from ampq_pass.core.samples import Samples
 from ampq_pass.cli import main
 from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.measure import Backend
 from ampq_pass.pipeline import PassOptions, run_pass
 
 
@@ -118,7 +119,7 @@ def test_activation_matmuls_as_layers(tmp_path, block_file):
     assert any(l["format"] != "hp" for l in scores)  # a loose budget quantizes them too
 
 
-class _SlowerWhenWritten:
+class _SlowerWhenWritten(Backend):
     """A timing backend whose subgraph measurements promise a gain (every quantized
     configuration half the hp time) while the end-to-end check of the written model takes
     ``plan_seconds`` against 1 s: what happens on CNNs whose subgraph gains do not add up."""

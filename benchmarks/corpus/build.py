@@ -492,7 +492,7 @@ def b_llama_kv_decode(name, d):
     return {"calib": save_calib(d, arrays), "source": "transformers LlamaForCausalLM RANDOM init",
             "params": sum(p.numel() for p in model.parameters()),
             "exporter": "optimum-onnx main_export text-generation-with-past (transformers 4.57)",
-            "flags": f"--formats int8,int4 {shapes}",
+            "flags": f"--formats int8,int4,int4_b128 {shapes}",
             "notes": "small Llama (4 layers, d512, GQA 8/4 heads); decode step: 1 new token, past 256 from a real prompt"}
 
 

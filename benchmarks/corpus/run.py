@@ -162,6 +162,21 @@ def vm_hwm_kb(pid: int) -> int:
         return 0
 
 
+def flags_for(entry: dict, backend: str) -> list[str]:
+    """The manifest's flags for ``backend``: its ``--formats`` (written for ONNX Runtime's CPU EP,
+    e.g. the Llama's int8,int4) keeps the formats ``backend`` offers, since the pass refuses a
+    format its backend does not run fast (the user's error, not the model's)."""
+    flags = entry.get("flags", "").split()
+    if backend == "ort:cpu" or "--formats" not in flags:
+        return flags
+    from ampq_pass.backends import get_backend
+
+    offered = get_backend(backend).capabilities().formats
+    i = flags.index("--formats")
+    kept = [f for f in flags[i + 1].split(",") if f in offered]
+    return flags[:i] + (["--formats", ",".join(kept)] if kept else []) + flags[i + 2:]
+
+
 def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int, backend: str, out: Path) -> dict:
     name = entry["name"]
     d = out / name
@@ -175,7 +190,7 @@ def run_one(entry: dict, snap: Path, rev: str, code: str, timeout: int, backend:
     cmd = [str(PY), "-c", code, str(model), "-o", str(d / "model_mp.onnx"),
            "--calib-feeds" if entry.get("feeds") else "--calib", str(calib),
            "--max-loss-rmse", "0.05", "--report", str(report), "--cache-dir", str(d / "cache"), "--no-progress",
-           *entry.get("flags", "").split(), *(["--backend", backend] if backend != "ort:cpu" else [])]
+           *flags_for(entry, backend), *(["--backend", backend] if backend != "ort:cpu" else [])]
     timefile = d / "time.txt"
     env = {**os.environ, "PYTHONPATH": str(snap), "AMPQ_CODE_COMMIT": rev, "HF_HUB_OFFLINE": "1"}
     (d / "command.txt").write_text(" ".join(cmd) + "\n")
@@ -257,6 +272,8 @@ def parse_result(entry: dict, d: Path, rev: str) -> dict:
             res["stages_seconds"] = r.get("stages_seconds")
             res["binding"] = (r.get("budget") or {}).get("binding")
             res["budget_message"] = (r.get("budget") or {}).get("message")
+            if r.get("loss_check"):  # the report's own account of a loss ratio outside [0.5, 2]
+                res["loss_check"] = r["loss_check"].get("reason")
             chosen = {}
             for layer in r.get("layers") or []:
                 chosen[layer.get("format")] = chosen.get(layer.get("format"), 0) + 1
@@ -339,7 +356,8 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backen
             details.append(f"- **{name}**: {r['plan_line']}")
         elif r["result"] == "ok":
             details.append(f"- **{name}**: formats {r.get('formats')}, binding `{r.get('binding')}`, "
-                           f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else ""))
+                           f"stages s {r.get('stages_seconds')}" + (f"; budget: {r['budget_message']}" if r.get('budget_message') else "")
+                           + (f"; loss check: {r['loss_check']}" if r.get("loss_check") else ""))
     rows += ["", f"Flags and notes per model are in `corpus.json`; logs in `benchmarks/out/{out.name}/<name>/`.", ""]
     if details:
         rows += ["## Plans of the models that passed", ""] + details + [""]

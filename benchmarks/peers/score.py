@@ -38,6 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import peerlib  # noqa: E402
 from common import RESULTS, wait_for_quiet  # noqa: E402
 
+#: every model's score, committed (peers.md and its plots are drawn from these)
+SCORES = RESULTS / "peers"
+
 PEER_NAMES = {"inc": "Intel Neural Compressor", "aimet": "Qualcomm AIMET", "modelopt": "NVIDIA ModelOpt",
               "quark": "AMD Quark", "ort": "ONNX Runtime quantizer", "ours": "ours (ampq-pass)", "fp32": "fp32",
               "rejected": "ours: plan rejected by the pass's verification (not shipped)"}
@@ -268,6 +271,9 @@ def score(model: str) -> dict:
            "date": datetime.datetime.now().isoformat(timespec="minutes"), "batch": m["batch"], "openvino": ov}
     (peerlib.model_dir(model) / ("score_smoke.json" if SMOKE else "score.json")).write_text(
         json.dumps(res, indent=1, default=str))
+    if not SMOKE:  # committed beside peers.md: a fresh checkout rescoring one model keeps the others
+        SCORES.mkdir(parents=True, exist_ok=True)
+        (SCORES / f"{model}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     return res
 
 
@@ -455,9 +461,27 @@ def failures(results) -> str:
     return ("## Failed runs (exact errors)\n\n" + s + "\n") if s else ""
 
 
+def legacy_sections(text: str, titles: set[str], models: set[str]) -> tuple[list[str], list[str], list[str]]:
+    """From a peers.md written before the scores were committed (``SCORES``): the model sections
+    whose title is not in ``titles``, the failed-run lines of models not in ``models`` and the
+    version lines, to keep as they are (the runs behind them are not on this checkout)."""
+    parts = re.split(r"^## ", text, flags=re.M)[1:]
+    kept, failed, versions = [], [], []
+    for part in parts:
+        title, _, body = part.partition("\n")
+        if title.startswith("Failed runs"):
+            failed = [ln for ln in body.splitlines() if ln.startswith("- ") and ln[2:].split(",")[0] not in models]
+        elif title == "Versions":
+            versions = [ln for ln in body.splitlines() if ln.startswith("- ")]
+        elif title not in titles:
+            kept.append("## " + part.rstrip() + "\n\n")
+    return kept, failed, versions
+
+
 def write_report() -> None:
-    results = [json.loads(p.read_text()) for p in
-               sorted(peerlib.OUT.glob("*/score_smoke.json" if SMOKE else "*/score.json"))]
+    scored = {json.loads(p.read_text())["model"]: p for p in sorted(SCORES.glob("*.json"))} if not SMOKE else {}
+    scored.update({p.parent.name: p for p in sorted(peerlib.OUT.glob("*/score_smoke.json" if SMOKE else "*/score.json"))})
+    results = [json.loads(p.read_text()) for p in scored.values()]
     order = ["minilm", "resnet50", "yolov8n", "llama"]
     results.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else 9)
     text = ("# Peers' own automatic mixed-precision searches against ours (issue 15)\n\n"
@@ -465,17 +489,26 @@ def write_report() -> None:
             "`benchmarks/peers/README.md`): `benchmarks/peers/run_all.sh MODEL` produces every model, then "
             "`benchmarks/run_snapshot.sh benchmarks/peers/score.py MODEL` scores and times them and writes this "
             "file. Every number below comes from those runs; a peer that failed is listed with its error.\n\n")
+    old = RESULTS / "peers.md"
+    kept, old_failed, old_versions = (legacy_sections(old.read_text(), {r["meta"]["model"] for r in results},
+                                                      {r["model"] for r in results})
+                                      if old.exists() and not SMOKE else ([], [], []))
     for res in results:
         text += section(res)
         plot(res)
-    text += failures(results)
+    text += "".join(kept)
+    fail = failures(results)
+    if old_failed:
+        fail = (fail.rstrip("\n") + "\n" if fail else "## Failed runs (exact errors)\n\n") + "\n".join(old_failed) + "\n\n"
+    text += fail
     versions = {}
     for res in results:
         for e in res["entries"]:
             if e.get("versions"):
                 versions.setdefault(e["method"], e["versions"])
-    text += "## Versions\n\n" + "".join(f"- {PEER_NAMES[k]}: " + ", ".join(f"{a} {b}" for a, b in v.items()) + "\n"
-                                         for k, v in versions.items())
+    lines = [f"- {PEER_NAMES[k]}: " + ", ".join(f"{a} {b}" for a, b in v.items()) for k, v in versions.items()]
+    lines += [ln for ln in old_versions if ln not in lines]  # a peer's versions in the sections kept as they were
+    text += "## Versions\n\n" + "".join(ln + "\n" for ln in lines)
     RESULTS.mkdir(exist_ok=True)
     (Path("/tmp/peers_smoke.md") if SMOKE else RESULTS / "peers.md").write_text(text)
     print(text)

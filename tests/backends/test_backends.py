@@ -75,7 +75,7 @@ def test_timing_json_roundtrip():
 
 def test_cpu_capabilities_exclude_unfused_formats():
     caps = OrtBackend("cpu").capabilities()
-    assert caps.formats == ("int8", "int8_dyn", "int4") and caps.hp == "fp32"
+    assert caps.formats == ("int8", "int8_dyn", "int4", "int4_b128") and caps.hp == "fp32"
     for slow in ("fp16", "bf16", "fp8_e4m3"):
         assert slow not in caps.formats
     assert caps.filter(("fp8_e4m3", "int4", "fp16", "int8")) == ("int4", "int8")

@@ -207,6 +207,34 @@ def test_whole_pass_on_openvino(tmp_path):
     assert result.report["backend"] == "openvino:cpu" and result.report["predicted"]["speedup"] >= 1.0
 
 
+@needs_ov
+def test_a_model_openvino_cannot_run_is_refused_before_any_work(tmp_path):
+    """A pooling kernel larger than its input (what the dynamo exporter wrote for EfficientNet-B0):
+    ONNX Runtime runs it, OpenVINO's CPU plugin refuses it. The pass says so at once, naming the
+    file, the node and the cause, instead of after timing the subgraphs before the one holding it."""
+    from ampq_pass.backends.openvino import OpenVinoBackend
+    from ampq_pass.pipeline import run_pass
+
+    w = np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("AveragePool", ["c"], ["y"], name="too_wide_pool", kernel_shape=[8, 8], strides=[8, 8],
+                          ceil_mode=1, pads=[0, 0, 0, 0])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 1, 1])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert make_session(model).run(None, {"x": np.ones((2, 4, 3, 3), np.float32)})[0].shape == (2, 4, 1, 1)
+    src = tmp_path / "pool.onnx"
+    onnx.save(model, src)
+    stages = []
+    with pytest.raises(AmpqError) as e:
+        run_pass(src, tmp_path / "out.onnx", backend=OpenVinoBackend(protocol=FAST), log=stages.append)
+    msg = str(e.value)
+    assert msg.startswith(str(src)) and "too_wide_pool" in msg and "\n" not in msg
+    assert not any(line.startswith("[2/7]") for line in stages)  # refused before calibration
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def _ov_probe(op: str, n_data: int = 1, n_out: int = 1, inits=(), extra=(), **attrs) -> set[tuple[str, str]]:
     """(layer type, runtime precision) of DQ(s) -> op -> Q -> DQ compiled on the CPU plugin."""
     shape = [1, 16, 16, 16]

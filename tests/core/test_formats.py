@@ -66,14 +66,33 @@ def test_int8_weight_error_bound_and_symmetry():
     assert np.all(np.abs(q).max(axis=0) == 127)
 
 
-def test_int4_blocks_along_k():
+@pytest.mark.parametrize("name, block", [("int4", 32), ("int4_b128", 128)])
+def test_int4_blocks_along_k(name, block):
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((70, 8)).astype(np.float32)  # K not a multiple of the block
-    fmt = FORMATS["int4"]
+    w = rng.standard_normal((300, 8)).astype(np.float32)  # K not a multiple of the block
+    fmt = FORMATS[name]
     q, scale = fmt.quantize_weight(w)
-    assert q.shape == w.shape and scale.shape == (3, 8)
+    assert q.shape == w.shape and scale.shape == (-(-300 // block), 8)
     err = np.abs(fmt.fake_weight(w, 1) - w)
-    assert np.all(err <= np.repeat(scale, 32, axis=0)[:70] / 2 + 1e-6)
+    assert np.all(err <= np.repeat(scale, block, axis=0)[:300] / 2 + 1e-6)
+    # each block's absmax lands on +-7: the scale is that block's own
+    full = q[: 300 // block * block].astype(np.int8).reshape(-1, block, 8)
+    assert np.all(np.abs(full).max(axis=1) == 7)
+
+
+def test_int4_b128_is_offered_only_where_k_spans_more_than_one_block():
+    fmt = FORMATS["int4_b128"]
+    assert fmt.accepts("MatMul", (256, 64)) and fmt.accepts("MatMul", (129, 8))
+    assert not fmt.accepts("MatMul", (128, 64)) and not fmt.accepts("MatMul", (32, 64))
+    assert not fmt.accepts("Conv", (256, 64, 1, 1)) and FORMATS["int4"].accepts("MatMul", (32, 64))
+
+
+def test_int4_with_larger_blocks_is_lossier_and_stores_fewer_scales():
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((512, 64)) * rng.uniform(0.1, 3, (512, 1))).astype(np.float32)  # rows of varied range
+    err = {n: np.linalg.norm(FORMATS[n].fake_weight(w, 1) - w) for n in ("int4", "int4_b128")}
+    assert err["int4"] < err["int4_b128"]
+    assert FORMATS["int4_b128"].stored_bytes(w, 1) < FORMATS["int4"].stored_bytes(w, 1)
 
 
 def test_unknown_format():

@@ -3,7 +3,7 @@
 import onnx
 import pytest
 
-from ampq_pass.core.measure import Capabilities, Timing
+from ampq_pass.core.measure import Backend, Capabilities, Timing
 from ampq_pass.core.model import load_model
 from ampq_pass.pipeline import run_pass
 from ampq_pass.stages.layers import find_layers
@@ -25,7 +25,7 @@ def _quantized_layers(model: onnx.ModelProto) -> set[str]:
             and producer.get(n.input[1]) is not None and producer[n.input[1]].op_type == "DequantizeLinear"}
 
 
-class InteractingBackend:
+class InteractingBackend(Backend):
     """Every quantized subgraph configuration halves its time when timed alone (1 s -> 0.5 s);
     in the whole model (2 s in hp) quantizing any layer of ``effects[i][0]`` changes the time
     by ``effects[i][1]`` seconds: a positive effect is what cut effects do on CNNs."""

@@ -72,12 +72,20 @@ def test_uniform_plans_check_run_and_stay_close(any_model, fmt):
     assert 0 < rel < {"int8": 0.1, "fp8_e4m3": 0.15, "fp16": 2e-3, "bf16": 2e-2}[fmt]
 
 
-def test_int4_on_matmul_layers(block_model, tmp_path):
+@pytest.mark.parametrize("fmt", ["int4", "int4_b128"])
+def test_int4_on_matmul_layers(block_model, tmp_path, fmt):
+    if fmt == "int4_b128":  # blocks of 128 need K > 128
+        block_model = models.transformer_block(d=256)
     layers, feeds, ranges = _setup(block_model)
-    out = rewrite(block_model, layers, Plan.uniform(layers, "int4"), ranges)
+    taking = [l.name for l in layers if fmt in l.formats]
+    assert len(taking) == (6 if fmt == "int4" else 5)  # the block's ff2 has K = 64
+    out = rewrite(block_model, layers, Plan({l: fmt for l in taking}), ranges)
     onnx.checker.check_model(out, full_check=True)
     assert default_opset(out) >= 21
-    assert _optimized_ops(out, tmp_path).count("MatMulNBits") == 6
+    assert _optimized_ops(out, tmp_path).count("MatMulNBits") == len(taking)
+    block = FORMATS[fmt].BLOCK
+    assert {a.i for n in out.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute
+            if a.name == "block_size"} == {block}
     ref, got = run(make_session(block_model), feeds)[0], run(make_session(out), feeds)[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.3
 
