@@ -493,10 +493,10 @@ def write_report() -> None:
     kept, old_failed, old_versions = (legacy_sections(old.read_text(), {r["meta"]["model"] for r in results},
                                                       {r["model"] for r in results})
                                       if old.exists() and not SMOKE else ([], [], []))
+    text += "".join(kept)  # sections of earlier runs first: the models' usual order, the newest last
     for res in results:
         text += section(res)
         plot(res)
-    text += "".join(kept)
     fail = failures(results)
     if old_failed:
         fail = (fail.rstrip("\n") + "\n" if fail else "## Failed runs (exact errors)\n\n") + "\n".join(old_failed) + "\n\n"
