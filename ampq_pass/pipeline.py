@@ -318,7 +318,6 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     for change in normalized:
         log(f"      normalised: {change}")
     backend = make_backend(opts.backend, opts.formats)
-    backend.check_runs(model, str(model_path))
     offered = backend.capabilities().formats
     if opts.formats is not None:
         missing = [f for f in opts.formats if f not in offered]
@@ -330,6 +329,7 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
     check_supported(model)  # an op the sensitivity executor lacks is named before any work
     if samples is None:
         samples = synthetic_samples(model, count=32, seed=opts.seed)
+    backend.check_runs(model, str(model_path), probe if probe is not None else next(samples.batches(2)))
     if len(samples) < 2:
         raise AmpqError(f"calibration set has {len(samples)} sample; need at least 2 (calibration + held-out)")
     n_hold = opts.holdout if opts.holdout is not None else max(1, min(len(samples) // 4, 32))

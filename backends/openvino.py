@@ -134,7 +134,10 @@ def openvino_reason(text: str) -> str:
     line that says why (its first line only says where in OpenVINO's sources it was raised)."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     node = next((l.split("': ")[0] + "'" for l in lines if l.startswith("While validating ONNX node")), "")
-    why = next((l for l in lines if not l.startswith(_NOISE)), "")
+    # at inference the plugin names its own node: "[CPU] AvgPool node with name '...' Check '...' failed at ..."
+    plugin = next((l for l in lines if l.startswith("[") and " node with name '" in l), "")
+    node = node or plugin.split(" Check '")[0]
+    why = next((l for l in lines if not l.startswith(_NOISE) and l != plugin), "")
     failed = next((l[3:] for l in lines if l.startswith("-- Conversion is failed for")), "")
     parts = [p for p in (node.replace("While validating ONNX node ", "node "), why, failed) if p]
     return "; ".join(parts) if parts else (lines[0] if lines else "")
@@ -225,17 +228,20 @@ class OpenVinoBackend(Backend):
                 return self.core.compile_model(self.core.read_model(path), self.device, self.config())
         except AmpqError:
             raise
-        except Exception as e:  # OpenVINO raises RuntimeError with multi-line text: keep what names the cause
-            raise AmpqError(f"OpenVINO cannot run the model {model.graph.name!r} on {self.device}: "
-                            f"{openvino_reason(str(e)) or type(e).__name__}") from None
+        except Exception as e:
+            raise self._cannot_run(model, e) from None
 
-    def check_runs(self, model: onnx.ModelProto, where: str) -> None:
+    def check_runs(self, model: onnx.ModelProto, where: str, feeds: dict[str, np.ndarray] | None = None) -> None:
         # OpenVINO converts ONNX itself and has ops and attribute ranges ONNX Runtime runs but it
         # does not (an AveragePool whose kernel exceeds its input, a Conv on a dynamic-rank
-        # input): compiling the whole model costs seconds, and finding out at the first
-        # subgraph that holds such an op cost minutes (227 s on EfficientNet-B0, dynamo export).
+        # input): compiling the whole model, and running it once where samples exist (with
+        # dynamic shapes some checks wait for the first inference), costs seconds; finding out at
+        # the first subgraph that holds such an op cost minutes (227 s on EfficientNet-B0).
         try:
-            self.compile(model)
+            if feeds is None:
+                self.compile(model)
+            else:
+                self.run(model, feeds)
         except AmpqError as exc:
             raise AmpqError(f"{where}: {exc}") from None
 
@@ -244,13 +250,30 @@ class OpenVinoBackend(Backend):
         compiled = self.compile(model)
         request = compiled.create_infer_request()
         prepared = [_restrict(compiled.inputs, b) for b in batches]
-        return lambda i: request.infer(prepared[i], share_inputs=True)
+
+        def run(i: int):
+            try:
+                return request.infer(prepared[i], share_inputs=True)
+            except Exception as e:  # a shape check OpenVINO defers to the first inference
+                raise self._cannot_run(model, e) from None
+
+        return run
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of one inference, by output name (for checks; timing uses :meth:`runner`)."""
         compiled = self.compile(model)
-        out = compiled.create_infer_request().infer(_restrict(compiled.inputs, feeds))
+        try:
+            out = compiled.create_infer_request().infer(_restrict(compiled.inputs, feeds))
+        except AmpqError:
+            raise
+        except Exception as e:
+            raise self._cannot_run(model, e) from None
         return {o.any_name: np.asarray(v) for o, v in out.items()}
+
+    def _cannot_run(self, model: onnx.ModelProto, e: Exception) -> AmpqError:
+        # OpenVINO raises RuntimeError with multi-line text: keep what names the cause
+        return AmpqError(f"OpenVINO cannot run the model {model.graph.name!r} on {self.device}: "
+                         f"{openvino_reason(str(e)) or type(e).__name__}")
 
     def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
         n = min((len(inputs) for _, inputs in jobs.values()), default=0)

@@ -213,11 +213,11 @@ class Measurer(ABC):
     def capabilities(self) -> Capabilities:
         """The formats it runs fast, its high-precision format and its device."""
 
-    def check_runs(self, model: onnx.ModelProto, where: str) -> None:
-        """Raise :class:`AmpqError` naming ``where`` when this measurer cannot run ``model`` at all.
-        Checked once, before any work: a subgraph refused after minutes of timing names a part
-        the user never saw. Default (cost models, ONNX Runtime, whose first session in
-        calibration says so within seconds): nothing to check."""
+    def check_runs(self, model: onnx.ModelProto, where: str, feeds: dict[str, np.ndarray] | None = None) -> None:
+        """Raise :class:`AmpqError` naming ``where`` when this measurer cannot run ``model`` (on
+        ``feeds``, a batch of samples, where given). Checked once, before any work: a subgraph
+        refused after minutes of timing names a part the user never saw. Default (cost models,
+        ONNX Runtime, whose first session in calibration says so within seconds): nothing to check."""
 
     @abstractmethod
     def key(self) -> dict:

@@ -207,32 +207,55 @@ def test_whole_pass_on_openvino(tmp_path):
     assert result.report["backend"] == "openvino:cpu" and result.report["predicted"]["speedup"] >= 1.0
 
 
-@needs_ov
-def test_a_model_openvino_cannot_run_is_refused_before_any_work(tmp_path):
-    """A pooling kernel larger than its input (what the dynamo exporter wrote for EfficientNet-B0):
-    ONNX Runtime runs it, OpenVINO's CPU plugin refuses it. The pass says so at once, naming the
-    file, the node and the cause, instead of after timing the subgraphs before the one holding it."""
-    from ampq_pass.backends.openvino import OpenVinoBackend
-    from ampq_pass.pipeline import run_pass
-
+def _too_wide_pool(spatial) -> onnx.ModelProto:
+    """Conv -> AveragePool whose kernel exceeds its 3x3 input (what the exporters wrote for
+    EfficientNet-B0's pooler): ONNX Runtime runs it, OpenVINO's CPU plugin refuses it - at
+    compile time with static spatial dims, at the first inference with dynamic ones."""
     w = np.random.default_rng(0).standard_normal((4, 4, 1, 1)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
          helper.make_node("AveragePool", ["c"], ["y"], name="too_wide_pool", kernel_shape=[8, 8], strides=[8, 8],
                           ceil_mode=1, pads=[0, 0, 0, 0])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 3, 3])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, *spatial])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 1, 1])], [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     assert make_session(model).run(None, {"x": np.ones((2, 4, 3, 3), np.float32)})[0].shape == (2, 4, 1, 1)
+    return model
+
+
+@needs_ov
+@pytest.mark.parametrize("spatial", [(3, 3), ("h", "w")], ids=["static", "dynamic"])
+def test_a_model_openvino_cannot_run_is_refused_before_any_work(tmp_path, spatial):
+    """The pass says so at once, naming the file, the node and the cause, instead of after
+    timing the subgraphs before the one holding it (227 s on EfficientNet-B0, dynamo export) or
+    with a traceback from the first inference (310 s, classic export)."""
+    from ampq_pass.backends.openvino import OpenVinoBackend
+    from ampq_pass.pipeline import run_pass
+
     src = tmp_path / "pool.onnx"
-    onnx.save(model, src)
+    onnx.save(_too_wide_pool(spatial), src)
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((8, 4, 3, 3)).astype(np.float32))
     stages = []
     with pytest.raises(AmpqError) as e:
-        run_pass(src, tmp_path / "out.onnx", backend=OpenVinoBackend(protocol=FAST), log=stages.append)
+        run_pass(src, tmp_path / "out.onnx", calib=tmp_path / "c.npz", backend=OpenVinoBackend(protocol=FAST),
+                 log=stages.append)
     msg = str(e.value)
-    assert msg.startswith(str(src)) and "too_wide_pool" in msg and "\n" not in msg
-    assert not any(line.startswith("[2/7]") for line in stages)  # refused before calibration
+    # the node: by its ONNX name at compile time, by OpenVINO's (its output, 'y') at inference
+    assert msg.startswith(str(src)) and ("too_wide_pool" in msg or "AvgPool node with name 'y'" in msg)
+    assert "Kernel after dilation" in msg and "\n" not in msg
+    assert not any(line.startswith("[1/7]") for line in stages)  # refused before calibration
     assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ov
+def test_an_inference_openvino_refuses_is_an_error_naming_the_node_not_a_traceback():
+    from ampq_pass.backends.openvino import OpenVinoBackend
+
+    feeds = [{"x": np.ones((2, 4, 3, 3), np.float32)}]
+    with pytest.raises(AmpqError, match="cannot run the model 'g' on CPU: .*AvgPool node with name 'y'; Kernel after"):
+        OpenVinoBackend(protocol=FAST).time({"m": _too_wide_pool(("h", "w"))}, feeds)
+    with pytest.raises(AmpqError, match="AvgPool node with name 'y'"):
+        OpenVinoBackend(protocol=FAST).run(_too_wide_pool(("h", "w")), feeds[0])
 
 
 def _ov_probe(op: str, n_data: int = 1, n_out: int = 1, inits=(), extra=(), **attrs) -> set[tuple[str, str]]:
@@ -357,6 +380,15 @@ Summary:
     assert "Kernel after dilation has size (dim: 1280)" in got and "AveragePool-17" in got
     assert not got.startswith("Exception from")
     assert openvino_reason("plain message") == "plain message"
+    at_inference = """Exception from src/inference/src/cpp/infer_request.cpp:224:
+Exception from src/plugins/intel_cpu/src/node.cpp:794:
+[CPU] AvgPool node with name '/m/pooler/AveragePool' Check 'cmp::le(kernel, dim.get_length())' failed at src/core/shape_inference/include/pooling_shape_inference_util.hpp:149:
+While validating node 'opset16::AvgPool /m/pooler/AveragePool (Mul[0]:f32[?,1280,?,?]) -> (f32[?,1280,1..,1..])' with friendly_name 'x':
+Kernel after dilation has size (dim: 1280) larger than the data shape after padding (dim: 7) at axis 0.
+"""
+    assert openvino_reason(at_inference) == ("[CPU] AvgPool node with name '/m/pooler/AveragePool'; Kernel after "
+                                             "dilation has size (dim: 1280) larger than the data shape after "
+                                             "padding (dim: 7) at axis 0.")
 
 
 def _silu_convs(c: int = 16) -> onnx.ModelProto:
