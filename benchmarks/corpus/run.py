@@ -388,14 +388,15 @@ def main() -> int:
     if args.only:  # in the order given
         todo.sort(key=lambda e: args.only.index(e["name"]))
     if args.reparse:
-        for e in manifest:
-            old = results.get(e["name"])
-            if old and not (out / e["name"] / "run.json").exists():  # rows from before run.json existed
-                (out / e["name"] / "run.json").write_text(json.dumps(
+        for e in manifest:  # rows whose output folder is on this checkout; the others are kept as committed
+            old, d = results.get(e["name"]), out / e["name"]
+            if old and d.is_dir() and not (d / "run.json").exists():  # rows from before run.json existed
+                (d / "run.json").write_text(json.dumps(
                     {"rc": old["rc"], "timed_out": old["result"] == "timeout", "wall_s": old["wall_s"],
                      "timeout": args.timeout}))
-            if (out / e["name"] / "run.json").exists():
-                results[e["name"]] = parse_result(e, out / e["name"], results.get(e["name"], {}).get("commit", rev))
+            if (d / "run.json").exists():
+                results[e["name"]] = parse_result(e, d, (old or {}).get("commit", rev))
+                results[e["name"]]["cpu"] = (old or {}).get("cpu", results[e["name"]]["cpu"])  # where it ran
         store.write_text(json.dumps(results, indent=1) + "\n")
         todo = []
     write_table(results, manifest, rev, args.backend)
