@@ -585,14 +585,19 @@ def test_the_int8_anchor_is_a_candidate_when_it_fits_the_budget(cnn_timing_setup
     assert _anchor_solution(table, options, sens, float("inf"), PassOptions(max_memory=1e9)) is None
 
 
-def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("left", [None, 1e-3], ids=["budget", "budget-nearly-spent"])
+def test_the_pass_verifies_the_anchor_and_ships_it_when_faster(cnn_model, tmp_path, monkeypatch, left):
     """Through run_pass: the solver's plan is verified, then the anchor plan, measured faster
-    while timing, is verified too and shipped because it is the fastest verified plan."""
+    while timing, is verified too and shipped because it is the fastest verified plan - also
+    where less of the time budget is left than a verification takes (it can only help)."""
     import onnx
 
+    import ampq_pass.pipeline as pipeline
     from ampq_pass.pipeline import run_pass
 
     _without_cut_bonus(monkeypatch)
+    if left is not None:
+        monkeypatch.setattr(pipeline.TimeBudget, "left", lambda self: left)
     path = tmp_path / "cnn.onnx"
     onnx.save(cnn_model, path)
     result = run_pass(path, tmp_path / "out.onnx", samples=Samples(models.feeds_for(cnn_model, n=24)),
