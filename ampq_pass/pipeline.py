@@ -640,7 +640,8 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     # the shipped plan faster (ConvNeXt-tiny on OpenVINO shipped 2.02x with 23 s left, where the
     # anchor needed 28 s and had measured 2.18x while timing).
     if anchor is not None and _worth_verifying(table, anchor, rounds, tau, log) \
-            and budget.fits(0.0 if budget.left() > 0 else once, f"verifying the every-{kind} plan (the {kind} anchor)", log):
+            and budget.fits(0.0 if budget.left() > 0 else once,
+                            f"verifying the every-{kind} plan (the {kind} anchor)", log):
         candidate = rewrite(model, layers, anchor.plan, ranges, rules=_rules(inp))
         # predicted at what it measured in the whole model while timing, as a reverted variant is
         # at its measurement: the table, corrected for the solver's plan by the repair rounds, is

@@ -251,13 +251,13 @@ class OpenVinoBackend(Backend):
         request = compiled.create_infer_request()
         prepared = [_restrict(compiled.inputs, b) for b in batches]
 
-        def run(i: int):
+        def infer(i: int):
             try:
                 return request.infer(prepared[i], share_inputs=True)
             except Exception as e:  # a shape check OpenVINO defers to the first inference
                 raise self._cannot_run(model, e) from None
 
-        return run
+        return infer
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of one inference, by output name (for checks; timing uses :meth:`runner`)."""
