@@ -55,7 +55,7 @@ LEARNED = """## What we learned (read with the tables below)
   with a kernel wider than its input, silero-vad's dynamic-rank Conv): the pass now compiles and runs the whole
   model there before any work and says so in 4-9 s (was 227 s, and once a traceback after 310 s where OpenVINO
   deferred the check to the first inference). The OpenVINO corpus is complete: 20 of 24 ok, 4 refused in one line,
-  median prediction error 4.2% (`results/corpus_openvino.md`, rows from two machines, each naming its CPU).
+  median prediction error 3.6% (`results/corpus_openvino.md`, rows from two machines, each naming its CPU).
 
 - **2026-11-26, late night: each 8-bit state linked; the loss budget measured; a decoder LM among the peers.**
   With int8 and int8_sym both offered (OpenVINO) the solver linked only one state per cut, so both sides of a cut
