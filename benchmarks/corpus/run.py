@@ -28,6 +28,7 @@ results go to ``benchmarks/out/corpus_<kind>/`` and ``benchmarks/results/corpus_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -51,37 +52,6 @@ def places(backend: str) -> tuple[Path, Path, Path]:
     results = REPO / "benchmarks" / "results"
     return REPO / "benchmarks" / "out" / f"corpus{tag}", results / f"corpus{tag}.md", results / f"corpus{tag}.json"
 
-
-def rows_from_table(table: Path) -> dict[str, dict]:
-    """The rows of a table written before its rows were committed (one-time migration): the
-    columns and the plan lines, as :func:`write_table` shows them; CPU and commit from its header
-    (such a table was written by one machine)."""
-    results: dict[str, dict] = {}
-    if not table.exists():
-        return results
-    text = table.read_text()
-    cpu = re.search(r"^- CPU: (.*?), \d+ cores", text, re.M)
-    commit = re.search(r"^- code: commit `(\w+)`", text, re.M)
-    num = lambda v: None if v in ("", "-") else float(v)
-    for ln in text.splitlines():
-        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
-        if not ln.startswith("| ") or len(cells) < 12 or cells[0] == "model" or cells[5] in ("not run yet", ""):
-            continue
-        name, result = cells[0], cells[5]
-        kind, _, detail = result.partition(": ")
-        r = {"name": name, "exporter": cells[1], "result": kind, "stage": cells[6],
-             "cpu": cpu.group(1) if cpu else "?", "commit": f"{commit.group(1)} or earlier" if commit else "?",
-             "wall_s": num(cells[7]), "peak_rss_mb": num(cells[8]), "loss_ratio": num(cells[10]), "load": num(cells[11]),
-             "layers": int(cells[3]) if cells[3].isdigit() else "-", "subgraphs": int(cells[4]) if cells[4].isdigit() else "-"}
-        if detail:
-            r["detail"] = detail.strip("`")
-        if " / " in cells[9]:
-            r["pred_speedup"], r["meas_speedup"] = (num(v) for v in cells[9].split(" / "))
-        plan = re.search(rf"^- \*\*{re.escape(name)}\*\*: (.*)$", text, re.M)
-        if plan:
-            r["plan_line"] = plan.group(1)
-        results[name] = r
-    return results
 
 PY = REPO / ".venv" / "bin" / "python"
 
@@ -162,16 +132,22 @@ def vm_hwm_kb(pid: int) -> int:
         return 0
 
 
+@functools.cache
+def offered_formats(backend: str) -> tuple[str, ...]:
+    """The formats ``backend`` offers (asked once per run: an OpenVINO backend opens a Core)."""
+    from ampq_pass.backends import get_backend
+
+    return get_backend(backend).capabilities().formats
+
+
 def flags_for(entry: dict, backend: str) -> list[str]:
     """The manifest's flags for ``backend``: its ``--formats`` (written for ONNX Runtime's CPU EP,
-    e.g. the Llama's int8,int4) keeps the formats ``backend`` offers, since the pass refuses a
-    format its backend does not run fast (the user's error, not the model's)."""
+    e.g. the Llama's int8,int4,int4_b128) keeps the formats ``backend`` offers, since the pass
+    refuses a format its backend does not run fast (the user's error, not the model's)."""
     flags = entry.get("flags", "").split()
     if backend == "ort:cpu" or "--formats" not in flags:
         return flags
-    from ampq_pass.backends import get_backend
-
-    offered = get_backend(backend).capabilities().formats
+    offered = offered_formats(backend)
     i = flags.index("--formats")
     kept = [f for f in flags[i + 1].split(",") if f in offered]
     return flags[:i] + (["--formats", ",".join(kept)] if kept else []) + flags[i + 2:]
@@ -323,7 +299,7 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backen
             f"--max-loss-rmse 0.05 --report R.json --cache-dir <fresh> --no-progress [flags]"
             f"{'' if backend == 'ort:cpu' else ' --backend ' + backend}` against a `git archive "
             "HEAD` snapshot, cold cache, one model at a time, timeout per model as given.", "",
-            f"- CPU (2 cores; the machine changes between sessions, so each row names its own): "
+            f"- CPU ({os.cpu_count()} cores; the machine changes between sessions, so each row names its own): "
             f"{'; '.join(f'{short_cpu(c)} = {c}' for c in cpus)}; load average when the table was written: {' '.join(load)}",
             f"- code: table written at commit `{rev}`; each row's own commit and CPU are in `benchmarks/results/{table.stem}.json`",
             "- RANDOM = `transformers` class with random (seeded) weights, no pretrained weights exist offline; "
@@ -377,11 +353,7 @@ def main() -> int:
     manifest = json.loads((HERE / "corpus.json").read_text())
     snap, rev, code = snapshot()
     out.mkdir(parents=True, exist_ok=True)
-    if store.exists():
-        results = json.loads(store.read_text())
-    else:  # a table from before the rows were committed
-        results = rows_from_table(table)
-        store.write_text(json.dumps(results, indent=1) + "\n")
+    results = json.loads(store.read_text()) if store.exists() else {}
     todo = [e for e in manifest if e.get("status") == "built"
             and (not args.only or e["name"] in args.only) and (not args.quick or e.get("quick"))
             and not (args.skip_done and e["name"] in results)]

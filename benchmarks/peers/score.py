@@ -479,7 +479,8 @@ def legacy_sections(text: str, titles: set[str], models: set[str]) -> tuple[list
 
 
 def write_report() -> None:
-    scored = {json.loads(p.read_text())["model"]: p for p in sorted(SCORES.glob("*.json"))} if not SMOKE else {}
+    # by model: the committed scores (SCORES/<model>.json), then this checkout's runs (out/<model>/score.json)
+    scored = {p.stem: p for p in sorted(SCORES.glob("*.json"))} if not SMOKE else {}
     scored.update({p.parent.name: p for p in sorted(peerlib.OUT.glob("*/score_smoke.json" if SMOKE else "*/score.json"))})
     results = [json.loads(p.read_text()) for p in scored.values()]
     order = ["minilm", "resnet50", "yolov8n", "llama"]
