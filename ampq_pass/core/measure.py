@@ -264,11 +264,12 @@ def quick_protocol(protocol: Protocol) -> Protocol:
 def split_time(backend: "Measurer", parts: int, *, floor: float = 10.0) -> "Measurer":
     """``backend`` whose protocol gives each of ``parts`` measurements an equal share of one
     attempt's wall-clock cap (at least ``floor`` seconds each, no retries): a measurement cut
-    into parts for memory's sake then takes about as long as it did whole."""
+    into parts for memory's sake then takes about as long as it did whole. The floor never
+    exceeds the cap itself: a backend already held to a spent allowance (:func:`within`) stays so."""
     protocol = getattr(backend, "protocol", None)
     if parts <= 1 or not isinstance(protocol, Protocol) or protocol.max_seconds is None:
         return backend
-    return within(backend, max(floor, protocol.max_seconds / parts))
+    return within(backend, max(min(floor, protocol.max_seconds), protocol.max_seconds / parts))
 
 
 def within(backend: "Measurer", seconds: float) -> "Measurer":

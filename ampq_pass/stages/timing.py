@@ -548,6 +548,12 @@ def group_size(sub: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
     return max(2, min(GROUP, GROUP_BYTES // max(session_bytes(sub, feeds), 1)))
 
 
+#: of the timing allowance, the share the subgraphs' configurations may use; the rest is for the
+#: whole-model anchors after them (:func:`anchor_hp_times`, :func:`fit_formats_to_model`): on
+#: OpenVINO, ConvNeXt-T's timing stage took 514 s of a 325 s allowance when the anchors (hp,
+#: int8, int8_sym, each up to the protocol's 60 s cap, and their compilations) ran outside it
+SUBGRAPH_SHARE = 0.7
+
 #: at least this many timed configurations before the quick first pass pays for itself
 PRUNE_MIN = 8
 
@@ -757,14 +763,19 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
             yield sg, extract(model, sg), sub_layers, cfgs, inputs
 
     started, remaining = time.monotonic(), total
+    parts = None if seconds is None else seconds * SUBGRAPH_SHARE
+
+    def left() -> float | None:
+        return None if seconds is None else max(seconds - (time.monotonic() - started), 0.0)
+
     try:
         if pool is not None:
             table.subgraphs.extend(time_on_pool(pool, work(), ranges, backend, cache=cache, bar=bar, loss=loss,
-                                                seconds=seconds, total=total))
+                                                seconds=parts, total=total))
         else:
             for sg, sub, sub_layers, cfgs, inputs in work():
-                share = None if seconds is None else \
-                    max(seconds - (time.monotonic() - started), 0.0) * len(cfgs) / max(remaining, 1)
+                share = None if parts is None else \
+                    max(parts - (time.monotonic() - started), 0.0) * len(cfgs) / max(remaining, 1)
                 table.subgraphs.append(time_subgraph(sub, sub_layers, cfgs, ranges, inputs, backend,
                                                      index=sg.index, name=sg.name, cache=cache, loss=loss,
                                                      seconds=share))
@@ -782,8 +793,14 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
             c.joins = [t for t, st in c.cuts.items()
                        if st in STATES and t in cuts and joins(cuts[t], c.formats, by_name, sg.index, st)]
     if model_inputs:
+        anchored_formats = ANCHORED_FORMATS if cuts else ()
+        # the whole-model anchors share what the subgraphs left of the allowance: the hp one and
+        # each 8-bit format's (:func:`fit_formats_to_model`) an equal part of it
+        n_anchors = 1 + (len({f for fs in candidates.values() for f in fs} & set(anchored_formats))
+                         if boundary_states else 0)
+        hp_timer = backend if seconds is None else within(backend, left() / n_anchors)
         anchored = None if isinstance(backend, CostModel) else anchor_hp_times(
-            model, partition, inputs_by_subgraph, model_inputs, backend, cache=cache, max_batches=max_batches)
+            model, partition, inputs_by_subgraph, model_inputs, hp_timer, cache=cache, max_batches=max_batches)
         if anchored is None:
             table.hp_total, table.hp_total_noise = measure_hp_total(model, layers, model_inputs, backend, cache=cache)
         else:
@@ -795,10 +812,9 @@ def gain_table(model: onnx.ModelProto, layers: list[Layer], partition, ranges: R
             # the 8-bit anchors are part of the time model where some cut can carry 8 bits (a
             # decoder whose cuts all pass a norm first has none); the other uniform plans are
             # candidates, measured only while the timing allowance has time left
-            spare = seconds is None or time.monotonic() - started < seconds
             table.format_anchors = fit_formats_to_model(table, model, layers, ranges, model_inputs, backend,
-                                                        candidates, cache=cache, others=spare,
-                                                        formats=ANCHORED_FORMATS if cuts else ())
+                                                        candidates, cache=cache, formats=anchored_formats,
+                                                        seconds=left())
     return table
 
 
@@ -837,7 +853,8 @@ ANCHORED_FORMATS = STATES
 def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None,
                          model_inputs: list[dict[str, np.ndarray]], backend: Measurer,
                          candidates: dict[str, list[str]], *, cache: Cache | None = None,
-                         formats: Iterable[str] = ANCHORED_FORMATS, others: bool = True) -> dict[str, dict]:
+                         formats: Iterable[str] = ANCHORED_FORMATS, others: bool = True,
+                         seconds: float | None = None) -> dict[str, dict]:
     """Scale the quantized configurations' times so that, for every low-precision format, the
     plan "every layer that can take it in it" is predicted at its measured whole-model time.
 
@@ -886,13 +903,20 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     one factor does not carry over to a plan with hp layers); on MiniLM the int8_dyn anchor
     (uniform plan 8% faster than its parts) made a 27-of-36-layer plan over-predicted by 4.8%
     where it had been exact: the gain of a uniform plan is not spread evenly over its parts.
+
+    ``seconds`` is the time allowed for these measurements: the anchored formats share it
+    equally (each never fewer than the protocol's ``min_repeats`` rounds), and the other
+    formats' candidates are measured only while some of it is left. None: the protocol's caps.
     """
     if not table.hp_total:
         return {}
     wanted = set(formats)
     offered = list(dict.fromkeys(f for fmts in candidates.values() for f in fmts if f != HP))
+    offered.sort(key=lambda f: f not in wanted)  # the anchors first: the time model needs them
+    started = time.monotonic()
     records: dict[str, dict] = {}
     factors: dict[str, float] = {}
+    todo = []
     for fmt in offered:
         uniform = uniform_formats(table, fmt)
         if fmt not in wanted and (not others or 2 * len(uniform) < len(layers)):
@@ -901,16 +925,22 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
             chosen = table.lookup_all(uniform)
         except AmpqError:  # the configuration cap left this plan out of some subgraph
             continue
-        plan = table.plan(uniform)
         mine = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if fmt in c.formats.values()]
-        if not mine:
-            continue
+        if mine:
+            todo.append((fmt, uniform, chosen, mine))
+    n_anchors = sum(fmt in wanted for fmt, *_ in todo)
+    for k, (fmt, uniform, chosen, mine) in enumerate(todo):
+        left = None if seconds is None else seconds - (time.monotonic() - started)
+        if fmt not in wanted and left is not None and left <= 0:
+            continue  # a candidate, not part of the time model: only while time is left
+        timer = backend if left is None else within(backend, max(left, 0.0) / max(n_anchors - k, 1))
+        plan = table.plan(uniform)
         key = digest("format_anchor", _CACHE_VERSION, model_digest(model), plan.to_json(),
                      input_signature(model_inputs), backend.key())
 
-        def measure(plan=plan) -> dict:
+        def measure(plan=plan, timer=timer) -> dict:
             quantized = rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules)
-            t = backend.time({"hp": model, "plan": quantized}, model_inputs)
+            t = timer.time({"hp": model, "plan": quantized}, model_inputs)
             ratios = np.asarray(t["plan"].samples) / np.asarray(t["hp"].samples)  # paired, round by round
             lo, hi = median_ci(ratios)
             return {"ratio": float(np.median(ratios)), "ratio_ci": [lo, hi]}

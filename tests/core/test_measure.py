@@ -10,6 +10,10 @@ def test_split_time_shares_one_attempts_cap():
     assert four.protocol.max_seconds == 15.0 and four.protocol.retries == 0
     assert backend.protocol.max_seconds == 60.0  # the original is left as it was
     assert split_time(backend, 100).protocol.max_seconds == 10.0  # never below the floor
+    # ... unless the cap itself is lower: a spent allowance is not raised back to the floor
+    from ampq_pass.core.measure import within
+    assert split_time(within(backend, 4.0), 2).protocol.max_seconds == 4.0
+    assert split_time(within(backend, 0.0), 3).protocol.max_seconds == 0.0
     assert split_time(OrtBackend(protocol=Protocol(max_seconds=None)), 4).protocol.max_seconds is None
 
 

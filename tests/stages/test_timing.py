@@ -517,6 +517,99 @@ def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
     assert mixed > 0
 
 
+class _AnchorCapClock(EdgeClock):
+    """EdgeClock with a timing protocol on a fake clock: every call takes ``step`` seconds and
+    records which models it timed under which wall-clock cap."""
+
+    def __init__(self, now: list, step: float, calls: list):
+        super().__init__()
+        self.protocol, self.now, self.step, self.calls = Protocol(), now, step, calls
+
+    def _record(self, names):
+        whole = "model" in names or sorted(names) == ["hp", "plan"]  # an anchor: a subgraph's rounds are free
+        self.calls.append((sorted(names), self.protocol.max_seconds))
+        self.now[0] += self.step if whole else 0.0
+
+    def time(self, models, inputs):
+        self._record(models)
+        return super().time(models, inputs)
+
+    def time_each(self, jobs):
+        self._record(jobs)
+        return super().time_each(jobs)
+
+
+def test_the_whole_model_anchors_keep_to_the_timing_allowance(cnn_timing_setup, monkeypatch):
+    """The subgraphs take SUBGRAPH_SHARE of the allowance; the whole-model anchors (hp, int8)
+    share what is left, each an equal part, and a format that is a whole-model candidate only
+    (int8_dyn here) is measured only while time is left. Before, the anchors ran outside the
+    allowance at the protocol's 60 s cap each (OpenVINO's ConvNeXt-T: 514 s for 325 s)."""
+    import types
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.timing import gain_table
+
+    model, layers, feeds, ranges, part, captured = cnn_timing_setup
+    now, calls = [0.0], []
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+
+    def run(seconds, spent_in_subgraphs):
+        def subgraph(sub, sub_layers, cfgs, *args, seconds=None, **kw):
+            now[0] += spent_in_subgraphs / len(part.subgraphs)
+            return real(sub, sub_layers, cfgs, *args, **kw)
+
+        monkeypatch.setattr(timing, "time_subgraph", subgraph)
+        calls.clear()
+        clock = _AnchorCapClock(now, step=5.0, calls=calls)
+        start = now[0]
+        table = gain_table(model, layers, part, ranges, captured, clock, formats=("int8",), progress=False,
+                           model_inputs=[feeds], seconds=seconds)
+        return table, now[0] - start
+
+    def anchors():
+        return [cap for names, cap in calls if "model" in names or names == ["hp", "plan"]]
+
+    real = timing.time_subgraph
+    table, _ = run(100.0, spent_in_subgraphs=50.0)
+    assert len(anchors()) == 2 and "int8" in table.format_anchors  # the hp anchor, then the int8 one
+    assert anchors()[0] <= 50.0 / 2  # 50 s left after the subgraphs, two anchors
+    assert anchors()[1] == pytest.approx(50.0 - 5.0)  # what the hp anchor left, to the last anchor
+    # subgraphs that overran the whole allowance leave the anchors their protocol's floor only
+    run(100.0, spent_in_subgraphs=150.0)
+    assert anchors() == [0.0, 0.0]
+    # no allowance: the protocol's caps
+    run(None, spent_in_subgraphs=0.0)
+    assert {cap for _, cap in calls} == {Protocol().max_seconds}
+
+
+def test_a_candidate_format_is_measured_only_while_the_allowance_lasts(block_model, monkeypatch):
+    """int8_dyn's every-layer plan is a whole-model candidate (not an anchor): measured after
+    the anchors when time is left, skipped when the allowance is spent."""
+    import types
+    import ampq_pass.stages.timing as timing
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import fit_formats_to_model, gain_table
+
+    layers = find_layers(block_model)
+    feeds = models.feeds_for(block_model, n=8)
+    ranges = compute_ranges(block_model, layers, Samples(feeds))
+    offered = {l.name: [f for f in ("int8", "int8_dyn") if f in l.formats] for l in layers}
+    part = partition(block_model, layers, formats=offered)
+    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    now, calls = [0.0], []
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    clock = _AnchorCapClock(now, step=5.0, calls=calls)
+    table = gain_table(block_model, layers, part, ranges, captured, clock, formats=("int8", "int8_dyn"),
+                       progress=False, model_inputs=[feeds], boundary_states=False)
+    candidates = {l.name: ["hp", *fs] for l, fs in zip(layers, offered.values())}
+    for seconds, measured in ((30.0, {"int8", "int8_dyn"}), (4.0, {"int8"})):
+        calls.clear()
+        got = fit_formats_to_model(table, block_model, layers, ranges, [feeds], clock, candidates,
+                                   formats=("int8",), seconds=seconds)
+        assert set(got) == measured, seconds
+        assert calls[0][1] == pytest.approx(seconds)  # the one anchor gets all of it
+
+
 def test_a_model_far_faster_than_its_int8_parts_still_credits_its_cuts(cnn_timing_setup):
     """Standalone int8 subgraphs so burdened by their uint8 edges that int8 looks slower than hp
     alone, while the whole model in int8 (no such edges) is far faster: the factor that would
@@ -928,8 +1021,8 @@ def test_gain_table_shares_its_allowance_by_configurations(block_model, monkeypa
                boundary_states=False, seconds=20.0)
     assert len(given) == len(part.subgraphs) >= 2
     total, spent = sum(n for n, _ in given), 0.0
-    for n, seconds in given:
-        assert seconds == pytest.approx(max(20.0 - spent, 0.0) * n / total)
+    for n, seconds in given:  # the rest of the 20 s is the whole-model anchors'
+        assert seconds == pytest.approx(max(20.0 * timing.SUBGRAPH_SHARE - spent, 0.0) * n / total)
         total -= n
         spent += 3.0
 
