@@ -904,9 +904,10 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     (uniform plan 8% faster than its parts) made a 27-of-36-layer plan over-predicted by 4.8%
     where it had been exact: the gain of a uniform plan is not spread evenly over its parts.
 
-    ``seconds`` is the time allowed for these measurements: the anchored formats share it
-    equally (each never fewer than the protocol's ``min_repeats`` rounds), and the other
-    formats' candidates are measured only while some of it is left. None: the protocol's caps.
+    ``seconds`` is the time allowed for these measurements: each gets an equal share of what
+    is left when it starts (never fewer than the protocol's ``min_repeats`` rounds), the anchored
+    formats first; the other formats' candidates are measured only while some of it is left.
+    None: the protocol's caps.
     """
     if not table.hp_total:
         return {}
@@ -928,12 +929,11 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         mine = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if fmt in c.formats.values()]
         if mine:
             todo.append((fmt, uniform, chosen, mine))
-    n_anchors = sum(fmt in wanted for fmt, *_ in todo)
     for k, (fmt, uniform, chosen, mine) in enumerate(todo):
         left = None if seconds is None else seconds - (time.monotonic() - started)
         if fmt not in wanted and left is not None and left <= 0:
             continue  # a candidate, not part of the time model: only while time is left
-        timer = backend if left is None else within(backend, max(left, 0.0) / max(n_anchors - k, 1))
+        timer = backend if left is None else within(backend, max(left, 0.0) / (len(todo) - k))
         plan = table.plan(uniform)
         key = digest("format_anchor", _CACHE_VERSION, model_digest(model), plan.to_json(),
                      input_signature(model_inputs), backend.key())
