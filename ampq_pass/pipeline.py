@@ -42,7 +42,7 @@ from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.screen import Screen, screen_formats, screened_formats
 from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, load_metric, metric_name, quick_protocol, search_front,
                                      timed_backend, timing_saving, with_protocol)
-from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, predicted_mse, sensitivity
+from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, cut_mse, predicted_mse, sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solution_of, solve
 from ampq_pass.stages.subgraphs import capture_inputs
@@ -151,7 +151,8 @@ def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Rang
     """:func:`ampq_pass.stages.sensitivity.sensitivity`, read from the cache when nothing changed
     (a pool changes the float summation order only, so it shares the cache entry)."""
     # 2: the record holds the outputs that never varied (constant_output_warning reads them)
-    key = digest("sensitivity", 2, model_digest(model), samples_digest(samples), ranges.to_json(),
+    # 3: the record holds the cut tensors' losses (Sensitivity.cuts)
+    key = digest("sensitivity", 3, model_digest(model), samples_digest(samples), ranges.to_json(),
                  sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers])
     return cached(cache, "sensitivity", key,
                   lambda: sensitivity(model, layers, ranges, samples, formats=formats, loss=opts.loss,
@@ -191,13 +192,23 @@ def layer_formats(layers: list[Layer], offered: tuple[str, ...]) -> dict[str, li
 def build_options(table: GainTable, sens: Sensitivity,
                   memory: dict[str, dict[str, int]] | None = None) -> list[list[Option]]:
     """Solver options: per subgraph, each timed configuration with its gain, predicted loss
-    MSE (sum of its layers' sensitivities) and weight memory."""
+    MSE (sum of its layers' sensitivities, and what its 8-bit cut states add: each cut counted
+    once, on the side that makes the tensor, whose formats say whether its producer's own
+    output quantization is the cut's, :func:`ampq_pass.stages.sensitivity.cut_mse`) and
+    weight memory."""
+    made_by: dict[str, int] = {}  # cut -> the first subgraph next to it: the one that makes it
+    for s, sg in enumerate(table.subgraphs):
+        for c in sg.configs:
+            for t in c.cuts:
+                made_by.setdefault(t, s)
     options = []
-    for sg in table.subgraphs:
+    for s, sg in enumerate(table.subgraphs):
         opts = []
         for c in sg.configs:
             mem = float(sum(memory[l][c.formats.get(l, HP)] for l in sg.layers)) if memory else 0.0
-            opts.append(Option(dict(c.formats), float(c.gain), float(predicted_mse(sens, c.formats)), mem,
+            mine = {t: st for t, st in c.cuts.items() if made_by[t] == s}
+            mse = predicted_mse(sens, c.formats) + cut_mse(sens, c.formats, mine)
+            opts.append(Option(dict(c.formats), float(c.gain), float(mse), mem,
                                dict(c.cuts), frozenset(c.forces), frozenset(c.joins)))
         options.append(opts)
     return options
@@ -379,8 +390,9 @@ def _uniform_int8(inp: _Inputs, formats: dict[str, list[str]], table: GainTable,
     if not offered:
         return None
     chosen = {l.name: offered[0] for l in inp.layers if offered[0] in formats[l.name]}
-    return Solution(table.plan(chosen), [], 0.0, float(predicted_mse(sens, chosen)), 0.0, float("nan"), None, "none",
-                    "reference")
+    plan = table.plan(chosen)
+    return Solution(plan, [], 0.0, float(predicted_mse(sens, chosen) + cut_mse(sens, chosen, plan.cuts)), 0.0,
+                    float("nan"), None, "none", "reference")
 
 
 def _reference_points(inp: _Inputs, formats, table: GainTable, sens: Sensitivity, ranges: Ranges, check: dict,
@@ -831,7 +843,9 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
     if opts.max_memory is not None:
         return None
     # the fastest anchor whose loss fits (int8_sym's may not where int8's does)
-    anchor = next((a for a in _anchor_records(table) if predicted_mse(sens, a["formats"]) <= tau), None)
+    anchor = next((a for a in _anchor_records(table)
+                   if predicted_mse(sens, a["formats"]) + cut_mse(sens, a["formats"], table.plan(a["formats"]).cuts)
+                   <= tau), None)
     if anchor is None:
         return None
     plan_formats = anchor["formats"]  # the plan the timing stage measured

@@ -186,9 +186,9 @@ def test_a_plan_whose_measured_loss_is_over_the_budget_never_ships(tmp_path, blo
     tau, first = r["budget"]["tau"], r["rounds"][0]
     assert first["layers_quantized"] > 0 and first["measured_loss_mse"] > pipeline.LOSS_SLACK * tau
     assert r["measured"]["loss_mse"] <= pipeline.LOSS_SLACK * tau
-    if factor == 10.0:  # a plan of fewer layers fits
+    if factor == 10.0:  # a plan of less predicted loss (fewer layers or 8-bit cuts) fits
         assert r["rounds"][1]["note"].startswith("loss budget")
-        assert 0 < len(res.solution.plan.formats) < first["layers_quantized"]
+        assert res.solution.plan.formats and r["rounds"][1]["measured_loss_mse"] < first["measured_loss_mse"]
         assert r["rejected_plan"] is None
     else:  # none does: the input is written, and the report says why
         assert res.solution.plan.formats == {} and res.solution.status == "loss"

@@ -29,7 +29,7 @@ from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import Partition
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
-from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse
+from ampq_pass.stages.sensitivity import Sensitivity, cut_mse, predicted_mse
 from ampq_pass.stages.verify import measured_loss_mse
 
 #: the measured/predicted loss ratio the budget is taken to mean what it says within
@@ -61,12 +61,12 @@ def check_loss(model: onnx.ModelProto, layers: list[Layer], plan: Plan, partitio
     """The measurement and reason of the module docstring, as plain data for the report. With
     ``seconds``, no subgraph is started once they are spent (the largest predicted losses go
     first; the rest count as unchecked)."""
-    predicted = predicted_mse(sens, plan.formats)
+    predicted = predicted_mse(sens, plan.formats) + cut_mse(sens, plan.formats, plan.cuts)
     parts = []
     for sg in partition.subgraphs:
         sub = plan_on(plan, partition, sg.index)
         if sub.formats:
-            parts.append((predicted_mse(sens, sub.formats), sg.index, sub))
+            parts.append((predicted_mse(sens, sub.formats) + cut_mse(sens, sub.formats, sub.cuts), sg.index, sub))
     parts.sort(key=lambda p: -p[0])
     checked, rows = parts[:MAX_SUBGRAPHS], []
     started = time.monotonic()

@@ -13,7 +13,7 @@ from ampq_pass.core.samples import Samples
 from ampq_pass.core.text import table as text_table
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import Partition
-from ampq_pass.stages.sensitivity import Sensitivity, predicted_mse
+from ampq_pass.stages.sensitivity import Sensitivity, cut_mse, predicted_mse
 from ampq_pass.stages.solve import Solution
 from ampq_pass.stages.timing import GainTable
 
@@ -105,6 +105,8 @@ def build_report(record: PassRecord) -> dict:
         # cut tensors the plan quantizes (design.md §3 "Boundary states"), and how many
         # configurations were timed with and without counting cut states
         "boundaries": {"cuts": dict(solution.plan.cuts), "n_cuts": len(partition.cuts),
+                       # what the chosen 8-bit cuts add to the predicted loss (readers other than layers)
+                       "cuts_predicted_mse": cut_mse(sens, chosen, solution.plan.cuts),
                        "configs": table.n_configs,
                        "configs_derived": sum(c.derived for s in table.subgraphs for c in s.configs),
                        # clearly dominated in a quick first pass, so not timed again in full

@@ -80,3 +80,33 @@ def test_one_subgraph_alone_is_the_plan(mlp_model):
     measured = measured_loss_mse(mlp_model, rewrite(mlp_model, layers, plan, ranges), samples)
     out = check_loss(mlp_model, layers, plan, part, ranges, sens, samples, measured)
     assert out["alone"] == pytest.approx(measured)
+
+
+def test_a_cut_read_by_a_residual_add_adds_what_that_add_sees(block_model):
+    """The post-LN block's first LayerNorm output feeds ff1 (a layer) and the residual Add: one
+    Q->DQ on it as an int8 cut (every reader reads it) puts an error on the residual path that
+    ff1's own activation term does not count. The cut's term (Sensitivity.cuts, cut_mse) is
+    what that Add sees: with it the prediction matches the measured loss; without it the plan
+    measured several times its prediction (DistilBERT on OpenVINO: 175 measured, 52 predicted)."""
+    from ampq_pass.stages.sensitivity import cut_mse
+
+    layers = find_layers(block_model)
+    samples = Samples(models.feeds_for(block_model, n=32))
+    ranges = compute_ranges(block_model, layers, samples)
+    sens = sensitivity(block_model, layers, ranges, samples, formats=("int8",), progress=False)
+    ff1 = next(l for l in layers if "ff1" in l.name)
+    cut = ff1.activation
+    assert sens.cuts[cut].loss["int8"] > 0 and sens.cuts[cut].producer is None  # a LayerNorm makes it
+    formats = {ff1.name: "int8"}
+    layer_only = predicted_mse(sens, formats)
+    with_cut = layer_only + cut_mse(sens, formats, {cut: "int8"})
+
+    def measured(plan):
+        return measured_loss_mse(block_model, rewrite(block_model, layers, plan, ranges), samples, "projection")
+
+    alone, as_cut = measured(Plan(formats)), measured(Plan(formats, {cut: "int8"}))
+    assert alone == pytest.approx(layer_only, rel=0.5)  # the layer's own term holds
+    assert as_cut > 2 * alone  # the residual path's share is real and large here
+    assert with_cut == pytest.approx(as_cut, rel=0.5)
+    # a cut nothing but layers read adds nothing: q/k/v read the block's input, a graph input (no cut)
+    assert "hidden" not in sens.cuts

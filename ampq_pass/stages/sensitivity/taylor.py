@@ -38,7 +38,7 @@ import torch
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.memory import release_freed_memory
-from ampq_pass.core.formats import FORMATS, HP, Format, get_format
+from ampq_pass.core.formats import CUT_STATES, FORMATS, HP, Format, get_format
 from ampq_pass.core.graph import initializers
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.samples import Samples
@@ -68,19 +68,24 @@ class Sensitivity:
     loss: str
     probes: int = 1
     extra: dict = field(default_factory=dict)
+    #: tensor -> what quantizing it once for every reader (an 8-bit cut state) adds beyond the
+    #: terms of the layers that read it (:class:`CutLoss`, :func:`cut_mse`)
+    cuts: dict[str, "CutLoss"] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"layers": self.values, "weight": self.weight, "activation": self.activation,
                 "loss": self.loss, "samples": self.samples, "probes": self.probes,
-                "loss_mean": self.loss_mean, "loss_sq_mean": self.loss_sq_mean, **self.extra}
+                "loss_mean": self.loss_mean, "loss_sq_mean": self.loss_sq_mean,
+                "cuts": {t: c.to_json() for t, c in self.cuts.items()}, **self.extra}
 
     @classmethod
     def from_json(cls, data: dict) -> "Sensitivity":
-        known = {"layers", "weight", "activation", "loss", "samples", "probes", "loss_mean", "loss_sq_mean"}
+        known = {"layers", "weight", "activation", "loss", "samples", "probes", "loss_mean", "loss_sq_mean", "cuts"}
         return cls(values=data["layers"], weight=data["weight"], activation=data["activation"],
                    loss_mean=float(data["loss_mean"]), loss_sq_mean=float(data["loss_sq_mean"]),
                    samples=int(data["samples"]), loss=data["loss"], probes=int(data.get("probes", 1)),
-                   extra={k: v for k, v in data.items() if k not in known})
+                   extra={k: v for k, v in data.items() if k not in known},
+                   cuts={t: CutLoss.from_json(c) for t, c in data.get("cuts", {}).items()})
 
     def formats(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -99,6 +104,84 @@ class _LayerErrors:
     formats: list[str]
     ranges: dict[str, tuple[float, float]]  # tensor -> calibrated range
     bias_scale: float = 1.0  # the op's factor on its bias (Gemm's beta)
+
+
+@dataclass
+class CutLoss:
+    """The loss a cut state adds to a plan: ``loss[state]`` for quantizing ``tensor`` once for
+    every reader (the rewrite's one Q->DQ on a cut, :func:`ampq_pass.stages.rewrite.rewrite`).
+
+    Each layer's activation term counts only the error that layer reads; a cut's Q->DQ also
+    feeds the readers that are not layers: the residual Add and the norm after a transformer
+    block's LayerNorm output, the skip path of a CNN block. With ``G_t`` the gradient of the
+    tensor (all readers) and ``G_r`` that of each layer ``r`` reading it::
+
+        loss[p] = E_x[(<G_t(x) - sum_r G_r(x), E_p(x)>)^2]
+
+    the first-order loss of the error those other readers see (per sample, as the layer terms).
+    On DistilBERT with every LayerNorm output an 8-bit cut (OpenVINO) the layer terms alone
+    predicted 52 and the plan measured 175. ``producer`` is the layer making the tensor, if
+    one does; in the states of ``covered`` its own output quantization is the cut's Q->DQ and
+    its term, taken with ``G_t``, already counts every reader, so the cut adds nothing.
+    """
+
+    loss: dict[str, float]
+    producer: str | None = None
+    covered: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"loss": self.loss, "producer": self.producer, "covered": list(self.covered)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CutLoss":
+        return cls({k: float(v) for k, v in data["loss"].items()}, data.get("producer"), tuple(data.get("covered", ())))
+
+
+@dataclass
+class _CutTensor:
+    """A tensor some layer reads that an 8-bit cut state could quantize for every reader."""
+
+    tensor: str
+    producer: str  # the node that makes it
+    slot: int  # which output of the producer
+    range: tuple[float, float]
+    states: list[str]
+    layer: str | None = None  # the producer, when it is a layer
+    covered: tuple[str, ...] = ()
+
+
+def _cut_tensors(model: onnx.ModelProto, items: list[_LayerErrors], ranges: Ranges) -> list[_CutTensor]:
+    """Every calibrated layer input made by a node (a graph input is never a cut), with the
+    8-bit cut states the layers offer (:data:`ampq_pass.core.formats.CUT_STATES`)."""
+    states = [f for f in CUT_STATES if any(f in item.formats for item in items)]
+    if not states:
+        return []
+    made = {out: (n.name, slot) for n in model.graph.node for slot, out in enumerate(n.output) if out}
+    layers = {item.layer.name: item.layer for item in items}
+    out: dict[str, _CutTensor] = {}
+    for item in items:
+        for t in item.layer.activations:
+            if t in out or t not in made or t not in ranges:
+                continue
+            node, slot = made[t]
+            maker = layers.get(node)
+            covered = tuple(f for f in states if maker is not None and maker.output == t
+                            and FORMATS[f].quantizes_output(maker.op_type))
+            out[t] = _CutTensor(t, node, slot, tuple(ranges[t]), states, node if maker is not None else None, covered)
+    return list(out.values())
+
+
+def cut_mse(sens: Sensitivity, formats: Mapping[str, str], cuts: Mapping[str, str]) -> float:
+    """What the 8-bit ``cuts`` (tensor -> state) add to the loss of a plan with layer ``formats``
+    (:class:`CutLoss`; a cut whose producer quantizes its output in that state adds nothing)."""
+    total = 0.0
+    for t, state in cuts.items():
+        c = sens.cuts.get(t)
+        if state == HP or c is None or (c.producer is not None and formats.get(c.producer) == state
+                                        and state in c.covered):
+            continue
+        total += c.loss.get(state, 0.0)
+    return total
 
 
 def _bias_error(fmt: Format, model_inits: dict, node: onnx.NodeProto, w: np.ndarray, layer: Layer,
@@ -200,9 +283,16 @@ class _Stream:
     autograd itself keeps for the backward pass plus one layer's error tensors.
     """
 
-    def __init__(self, ex: Executor, items: list[_LayerErrors], weights: "_WeightErrors", n: int, n_probes: int):
+    def __init__(self, ex: Executor, items: list[_LayerErrors], weights: "_WeightErrors", n: int, n_probes: int,
+                 cuts: list[_CutTensor] | None = None):
         self.ex, self.weights, self.n, self.n_probes = ex, weights, n, n_probes
         self.items = {item.layer.name: item for item in items}
+        # cut tensors: their value until their (all readers') gradient arrives, and per
+        # (tensor, state) the terms <G_t, E> and the sum of the layer readers' <G_r, E>
+        self.cuts = {c.tensor: c for c in cuts or ()}
+        self.cut_values: dict[str, torch.Tensor] = {}
+        self.t_cut: dict[tuple[str, str], list[torch.Tensor | None]] = {}
+        self.t_cut_read: dict[tuple[str, str], list[torch.Tensor | None]] = {}
         self.acts: dict[str, dict[int, torch.Tensor]] = {}
         self.outs: dict[str, torch.Tensor] = {}
         self.leaves: list[torch.Tensor] = []
@@ -240,9 +330,25 @@ class _Stream:
                     self.outs[name] = y.detach()
                 return self._tap(y, lambda g: self._on_output_grad(name, g))
             return hook
-        return {name: make(name, any(FORMATS[f].quantizes_activation and FORMATS[f].quantizes_output(item.layer.op_type)
-                                     for f in item.formats))
-                for name, item in self.items.items()}
+
+        def cut_hook(cuts: dict[int, _CutTensor], inner):
+            def hook(slot: int, y: torch.Tensor) -> torch.Tensor:
+                c = cuts.get(slot)
+                if c is not None and y.is_floating_point():
+                    self.cut_values[c.tensor] = y.detach()
+                    y = self._tap(y, lambda g: self._on_cut_grad(c, g))  # the gradient of every reader
+                return inner(slot, y) if inner is not None else y
+            return hook
+
+        hooks = {name: make(name, any(FORMATS[f].quantizes_activation and FORMATS[f].quantizes_output(item.layer.op_type)
+                                      for f in item.formats))
+                 for name, item in self.items.items()}
+        by_producer: dict[str, dict[int, _CutTensor]] = {}
+        for c in self.cuts.values():
+            by_producer.setdefault(c.producer, {})[c.slot] = c
+        for node, cuts in by_producer.items():
+            hooks[node] = cut_hook(cuts, hooks.get(node))
+        return hooks
 
     def _add(self, store: dict, key: tuple[str, str], value: torch.Tensor) -> None:
         per = store.setdefault(key, [None] * self.n_probes)
@@ -274,17 +380,45 @@ class _Stream:
             return
         tensor = item.layer.activations[slot]
         g = g.detach()
-        for f in item.formats:
+        cut = self.cuts.get(tensor)
+        states = cut.states if cut is not None else ()
+        for f in dict.fromkeys([*item.formats, *states]):
             fmt = FORMATS[f]
-            if fmt.quantizes_activation:
+            if not fmt.quantizes_activation:
+                continue
+            term = None
+            if f in item.formats:
                 err = _activation_error(fmt, a, *item.ranges.get(tensor, (0.0, 0.0)))
-                self._add(self.t_a, (name, f), _per_sample(g * err, n, f"input {tensor!r}"))
-                del err
+                term = _per_sample(g * err, n, f"input {tensor!r}")
+                self._add(self.t_a, (name, f), term)
+            if f in states:  # this layer's share of the error a cut's Q->DQ on its input makes
+                if term is None or item.ranges.get(tensor) != cut.range:
+                    err = _activation_error(fmt, a, *cut.range)
+                    term = _per_sample(g * err, n, f"input {tensor!r}")
+                self._add(self.t_cut_read, (tensor, f), term)
+            err = None
         if self.probe + 1 == self.n_probes:  # the last use of this input
             del self.acts[name][slot]
 
+    def _on_cut_grad(self, cut: _CutTensor, g: torch.Tensor) -> None:
+        y = self.cut_values.get(cut.tensor)
+        if y is None:
+            return
+        g = g.detach()
+        for f in cut.states:
+            err = _activation_error(FORMATS[f], y, *cut.range)
+            self._add(self.t_cut, (cut.tensor, f), _per_sample(g * err, self.n, f"cut {cut.tensor!r}"))
+            del err
+        if self.probe + 1 == self.n_probes:
+            del self.cut_values[cut.tensor]
+
     def accumulate(self, sums: "SensitivitySums") -> None:
         zero = torch.zeros(self.n, dtype=torch.float64)
+        for key, per in self.t_cut.items():
+            read = self.t_cut_read.get(key, [None] * self.n_probes)
+            for p in range(self.n_probes):
+                other = (per[p] if per[p] is not None else zero) - (read[p] if read[p] is not None else zero)
+                sums.add_cut(*key, other, 1.0 / self.n_probes)
         for name, item in self.items.items():
             for f in item.formats:
                 ws, as_ = self.t_w.get((name, f)), self.t_a.get((name, f))
@@ -377,12 +511,17 @@ class SensitivitySums:
     total: dict[str, dict[str, float]] = field(default_factory=dict)
     weight: dict[str, dict[str, float]] = field(default_factory=dict)
     activation: dict[str, dict[str, float]] = field(default_factory=dict)
+    cuts: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> state -> sum (CutLoss)
     loss_sum: float = 0.0
     loss_sq: float = 0.0
     grad_sq: float = 0.0
     count: int = 0
     sub_batch: dict[str, int] = field(default_factory=dict)  # per-sample shapes -> sub-batch cap
     constant: ConstantOutputs = field(default_factory=ConstantOutputs)
+
+    def add_cut(self, tensor: str, fmt: str, term: torch.Tensor, scale: float) -> None:
+        per = self.cuts.setdefault(tensor, {})
+        per[fmt] = per.get(fmt, 0.0) + scale * float((term.to(torch.float64) ** 2).sum())
 
     def add_terms(self, layer: str, fmt: str, t_w: torch.Tensor, t_a: torch.Tensor, scale: float) -> None:
         for store, value in ((self.total, t_w + t_a), (self.weight, t_w), (self.activation, t_a)):
@@ -392,7 +531,7 @@ class SensitivitySums:
     def add(self, other: "SensitivitySums") -> None:
         """Add the sums of other samples (in a fixed order: the float sums are then reproducible)."""
         for mine, theirs in ((self.total, other.total), (self.weight, other.weight),
-                             (self.activation, other.activation)):
+                             (self.activation, other.activation), (self.cuts, other.cuts)):
             for layer, per in theirs.items():
                 into = mine.setdefault(layer, {})
                 for fmt, v in per.items():
@@ -418,6 +557,7 @@ def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges
     n_probes = getattr(loss_fn, "probes", 1)
     ex = Executor(model, dtype=dtype)
     items = _prepare(model, layers, ranges, formats, dtype)
+    cuts = _cut_tensors(model, items, ranges)
     # At most one model's worth of weight errors is kept (the rest recomputed per batch, a few
     # ms a layer): with the model proto and the executor's weights that is the 3x the model
     # file issue 12 allows; DistilBERT's three formats had kept 1 GB, its peak 4.4 GB.
@@ -438,7 +578,7 @@ def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges
         for offset in range(0, n, sub):
             part = batch if whole_feeds else {k: v[offset:offset + sub] for k, v in batch.items()}
             m = 1 if whole_feeds else len(next(iter(part.values())))
-            stream = _Stream(ex, items, weights, m, n_probes)
+            stream = _Stream(ex, items, weights, m, n_probes, cuts)
             with torch.enable_grad():
                 result = ex.run(part, outputs=read, input_hooks=stream.input_hooks(),
                                 output_hooks=stream.output_hooks())
@@ -558,8 +698,10 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
         extra["loss_tensors"] = dict(view)
     if sums.constant.to_json() is not None:
         extra["constant_outputs"] = sums.constant.to_json()
+    cut_losses = {c.tensor: CutLoss({f: v * scale for f, v in sums.cuts.get(c.tensor, {}).items()}, c.layer, c.covered)
+                  for c in _cut_tensors(model, items, ranges) if c.tensor in sums.cuts}
     return Sensitivity(mean(sums.total), mean(sums.weight), mean(sums.activation), sums.loss_sum * scale,
-                       sums.loss_sq * scale, sums.count, loss_fn.name, n_probes, extra)
+                       sums.loss_sq * scale, sums.count, loss_fn.name, n_probes, extra, cut_losses)
 
 
 def _sub_batches(caps: dict[str, int], batches: list, whole: bool) -> dict[str, int]:
