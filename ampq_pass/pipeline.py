@@ -35,8 +35,8 @@ from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_rang
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.loss_check import BAND, check_loss, outside
 from ampq_pass.stages.partition import partition
-from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short, measure_context, reverted,
-                                     variants_at_once)
+from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short, fit_to_measured, measure_context,
+                                     reverted, variants_at_once)
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.screen import Screen, screen_formats, screened_formats
@@ -627,7 +627,8 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             max(1, min(REPAIR_GROUPS, int(allowance // max(once, 1e-9)) * at_once))
         ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache,
                               max_groups=groups, seconds=None if math.isinf(allowance) else allowance, at_once=at_once)
-        rounds[-1].corrections = correct(table, solution.plan, context_gains(table, solution.plan, ctx))
+        gains = fit_to_measured(table, solution.plan, context_gains(table, solution.plan, ctx), measured["speedup"])
+        rounds[-1].corrections = correct(table, solution.plan, gains)
         step = ctx.best_revert()
         if step is not None:  # a variant measured faster than the plan is the next plan, as measured
             members, variant_time = step

@@ -155,6 +155,26 @@ def test_context_gain_leaves_out_the_cut_bonus_the_revert_gives_up():
     assert context_gains(table, plan, ctx)[1][0] == pytest.approx(0.4)
 
 
+def test_context_gains_that_count_a_shared_saving_twice_are_fitted_to_the_measurement():
+    """Two int8 subgraphs that share a saving: reverting either gives it up, so each one's gain
+    in context counts it (0.7 + 0.6 = 1.3 against a measured 1.0 for the plan). Scaled to the
+    plan's measured speed-up the corrected table predicts the plan at what it measured; gains
+    that already fit are left as they are."""
+    from ampq_pass.stages.repair import fit_to_measured
+    from ampq_pass.stages.timing import predict_speedup
+
+    table = _table()
+    plan = Plan({"a": "int8", "b": "int8", "c": "int8"})
+    gains = {0: (0.7, 0.02), 1: (0.6, 0.02)}
+    fitted = fit_to_measured(table, plan, gains, speedup=2.0)  # hp 2.0 -> plan 1.0: a gain of 1.0
+    assert sum(g for g, _ in fitted.values()) == pytest.approx(1.0)
+    assert fitted[0][0] / fitted[1][0] == pytest.approx(0.7 / 0.6)  # proportions kept
+    correct(table, plan, fitted)
+    assert predict_speedup(table, plan.formats) == pytest.approx(2.0)
+    assert fit_to_measured(_table(), plan, {0: (0.3, 0.02), 1: (0.4, 0.02)}, speedup=2.0) == \
+        {0: (0.3, 0.02), 1: (0.4, 0.02)}  # 0.7 fits under the measured 1.0
+
+
 def test_falls_short_only_beyond_the_noise():
     m = {"speedup": 1.2, "hp_ci": [0.99, 1.01], "plan_ci": [0.82, 0.84]}
     lo, hi = speedup_interval(m)
