@@ -469,22 +469,30 @@ def test_int8_anchor_puts_the_every_int8_plan_at_its_measured_time(cnn_timing_se
     assert not exact.format_anchors["int8"]["applied"] and "within the noise" in exact.format_anchors["int8"]["outcome"]
 
 
-def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
-    """With int8 and int8_dyn offered and a cost every standalone graph edge pays, each format's
-    every-layer plan is predicted at what the clock gives the rewritten model, and a
-    configuration mixing the two gets the layer-weighted mean of their factors."""
+def _block_setup(block_model, wanted: tuple[str, ...]):
+    """The encoder block partitioned for the formats of ``wanted`` each layer can take, with its
+    calibration ranges and every subgraph's captured inputs (batch 8)."""
     from ampq_pass.stages.partition import partition
-    from ampq_pass.stages.rewrite import rewrite
     from ampq_pass.stages.subgraphs import capture_inputs
-    from ampq_pass.stages.timing import gain_table
 
     layers = find_layers(block_model)
     feeds = models.feeds_for(block_model, n=8)
     ranges = compute_ranges(block_model, layers, Samples(feeds))
-    offered = {l.name: [f for f in ("int8", "int8_dyn") if f in l.formats] for l in layers}
+    offered = {l.name: [f for f in wanted if f in l.formats] for l in layers}
     part = partition(block_model, layers, formats=offered)
-    assert len(part.subgraphs) >= 2
     captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    return layers, feeds, ranges, offered, part, captured
+
+
+def test_format_anchors_fit_each_format_and_mix_them(block_model, monkeypatch):
+    """With int8 and int8_dyn offered and a cost every standalone graph edge pays, each format's
+    every-layer plan is predicted at what the clock gives the rewritten model, and a
+    configuration mixing the two gets the layer-weighted mean of their factors."""
+    from ampq_pass.stages.rewrite import rewrite
+    from ampq_pass.stages.timing import gain_table
+
+    layers, feeds, ranges, offered, part, captured = _block_setup(block_model, ("int8", "int8_dyn"))
+    assert len(part.subgraphs) >= 2
     clock = EdgeClock(edge=0.1, io=0.2)
     import ampq_pass.stages.timing as timing
 
@@ -586,16 +594,9 @@ def test_a_candidate_format_is_measured_only_while_the_allowance_lasts(block_mod
     the anchors when time is left, skipped when the allowance is spent."""
     import types
     import ampq_pass.stages.timing as timing
-    from ampq_pass.stages.partition import partition
-    from ampq_pass.stages.subgraphs import capture_inputs
     from ampq_pass.stages.timing import fit_formats_to_model, gain_table
 
-    layers = find_layers(block_model)
-    feeds = models.feeds_for(block_model, n=8)
-    ranges = compute_ranges(block_model, layers, Samples(feeds))
-    offered = {l.name: [f for f in ("int8", "int8_dyn") if f in l.formats] for l in layers}
-    part = partition(block_model, layers, formats=offered)
-    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    layers, feeds, ranges, offered, part, captured = _block_setup(block_model, ("int8", "int8_dyn"))
     now, calls = [0.0], []
     monkeypatch.setattr(timing, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     clock = _AnchorCapClock(now, step=5.0, calls=calls)
@@ -1143,16 +1144,9 @@ class UniformClock(SizeClock):
 def test_other_formats_uniform_plans_are_measured_as_candidates_and_scale_nothing(block_model, monkeypatch):
     """int4 is not a cut state, so it anchors nothing; its uniform plan is measured in the whole
     model as a candidate, and every int4 configuration keeps its standalone time."""
-    from ampq_pass.stages.partition import partition
-    from ampq_pass.stages.subgraphs import capture_inputs
     from ampq_pass.stages.timing import gain_table
 
-    layers = find_layers(block_model)
-    feeds = models.feeds_for(block_model, n=8)
-    ranges = compute_ranges(block_model, layers, Samples(feeds))
-    formats = {l.name: [f for f in ("int8", "int4") if f in l.formats] for l in layers}
-    part = partition(block_model, layers, formats=formats)
-    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    layers, feeds, ranges, formats, part, captured = _block_setup(block_model, ("int8", "int4"))
     clock = UniformClock(many=len(layers))
     kw = dict(formats=("int8", "int4"), candidates=formats, progress=False, model_inputs=[feeds])
     table = gain_table(block_model, layers, part, ranges, captured, clock, **kw)
