@@ -853,8 +853,7 @@ ANCHORED_FORMATS = STATES
 def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[Layer], ranges: Ranges | None,
                          model_inputs: list[dict[str, np.ndarray]], backend: Measurer,
                          candidates: dict[str, list[str]], *, cache: Cache | None = None,
-                         formats: Iterable[str] = ANCHORED_FORMATS, others: bool = True,
-                         seconds: float | None = None) -> dict[str, dict]:
+                         formats: Iterable[str] = ANCHORED_FORMATS, seconds: float | None = None) -> dict[str, dict]:
     """Scale the quantized configurations' times so that, for every low-precision format, the
     plan "every layer that can take it in it" is predicted at its measured whole-model time.
 
@@ -890,7 +889,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     the model too. Offline over YOLOv8n, ResNet-50, EfficientNet-B0 and MobileNetV2 plans the
     bonus model's error was 4.7% mean, 10.1% max, against 5.8% and 16.0% with the factor.
 
-    With ``others``, the uniform plans of the other formats offered (int8_dyn, int4 on ONNX
+    The uniform plans of the other formats offered (int8_dyn, int4 on ONNX
     Runtime) are measured too, where the format covers at least half of the layers, but scale
     nothing: they are whole-model candidates the pass verifies when they beat its plan (at a
     decode step of a small Llama every MatMul in int4 ran 2.14x over fp32, where the
@@ -920,7 +919,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     todo = []
     for fmt in offered:
         uniform = uniform_formats(table, fmt)
-        if fmt not in wanted and (not others or 2 * len(uniform) < len(layers)):
+        if fmt not in wanted and 2 * len(uniform) < len(layers):
             continue  # a whole-model candidate only where the format covers most layers (see below)
         try:
             chosen = table.lookup_all(uniform)
