@@ -19,13 +19,18 @@ and their checks in ``qdq_selectors.cc``:
   absorbed when the Q makes it redundant (``IsClipMadeRedundantByQ``: zero point at the
   lowest code).
 
-``tests/stages/test_fusion.py`` checks every entry, and Pad, SpaceToDepth and ReduceMean
+``tests/stages/test_fusion.py`` checks every entry, and SpaceToDepth and ReduceMean
 staying out, against the installed ONNX Runtime (1.32: DepthToSpace is dropped too).
+
+Pad is in no selector (DQ -> Pad -> Q stays float), but the CPU EP's Pad kernel takes uint8 and
+int8 tensors: the table marks it ``on_quantized``, and the rewrite writes Q -> Pad -> DQ with the
+pad value mapped to its code. TensorFlow-style "same" padding exports a Pad before every
+strided depthwise convolution (EfficientNet): float, it also kept the SiLU before it float.
 
 Every selector also requires (``CheckQDQNodes``) that the target's outputs go to Q nodes
 only, one per output, and that the target produces no graph output. ``SplitQDQRules`` (CPU):
 a Split with one DQ in and, on every output, a Q with the input's parameters runs on the
-8-bit tensor. Not in the table: ArgMax (DQ dropped, no Q), Pad and SpaceToDepth (kept as
+8-bit tensor. Not in the table: ArgMax (DQ dropped, no Q), SpaceToDepth (kept as
 DQ -> float -> Q), ReduceMean (no QLinear kernel on the CPU EP: ``x.mean(dim=(2, 3))``
 exports as ReduceMean and stays float), and the layers themselves (Conv, MatMul, Gemm: the
 formats' business).
@@ -69,6 +74,8 @@ ORT_CPU_RULES = FusionRules("ort:cpu", {
                                                   "Slice", "Squeeze", "Tile", "Transpose", "Unsqueeze")},
     "Split": OpRule(PASSTHROUGH, (0,), all_outputs=True,
                     source=f"{_SEL}: SplitQDQRules -> SplitReplaceWithQuant (equal quantization parameters)"),
+    "Pad": OpRule(PASSTHROUGH, (0,), 11, on_quantized=True, value_input=2,
+                  source="cpu/tensor/pad.cc: Pad kernels for int8/uint8 (no QDQ selector: written on the 8-bit tensor)"),
     # newer than the source read above (which says it has no integer kernel): ORT 1.32 drops it
     "DepthToSpace": _drop("DropQDQNodesRules (ORT 1.32; tests/stages/test_fusion.py checks it)"),
     # activations made redundant by the Q after them

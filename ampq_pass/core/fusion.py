@@ -15,6 +15,12 @@ places Q/DQ by the table. One entry per op, three kinds:
 - :data:`ABSORBED`: an activation (Relu, Clip) after an op with an 8-bit output, which the
   output's Q makes redundant when its zero point is the lowest code.
 
+A passthrough op the backend does *not* fuse but whose kernel takes 8-bit tensors (ONNX
+Runtime's Pad: DQ -> Pad -> Q stays float, a uint8 Pad runs 2.5x faster than a float one) is
+marked ``on_quantized``: the rewrite writes it on the quantized tensor itself, Q -> op -> DQ,
+which is exact for an op that only moves values (a constant it inserts, Pad's
+``constant_value``, is mapped into the 8-bit domain the way the Q after it would map it).
+
 :func:`rule_tensors` names the tensors whose calibrated range a rewrite with the table may
 read (calibration runs once, before any plan is known).
 """
@@ -51,10 +57,21 @@ class OpRule:
     all_outputs: bool = False
     #: where in the backend's source this rule comes from
     source: str = ""
+    #: (passthrough only) the backend keeps DQ -> op -> Q in float, but its kernel takes the
+    #: 8-bit tensor: the rewrite writes Q -> op -> DQ
+    on_quantized: bool = False
+    #: (with ``on_quantized``) the slot of a scalar in the data's float type that the op inserts
+    #: (Pad's constant_value; absent means 0), mapped into the 8-bit domain
+    value_input: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown fusion kind {self.kind!r}; expected one of {KINDS}")
+        if (self.on_quantized or self.value_input is not None) and (self.kind != PASSTHROUGH or self.all_outputs
+                                                                    or not self.on_quantized):
+            raise ValueError("on_quantized and value_input are for a single-output passthrough op; "
+                             f"got kind {self.kind!r}, all_outputs={self.all_outputs}, "
+                             f"on_quantized={self.on_quantized}, value_input={self.value_input}")
 
     def data_inputs(self, node: onnx.NodeProto) -> list[int]:
         """The slots of ``node`` that must arrive quantized (absent optional inputs skipped)."""
@@ -91,7 +108,8 @@ class FusionRules:
     def key(self) -> dict:
         """What a timing made with these rules depends on (part of cache keys)."""
         return {"name": self.name, "rules": {op: [r.kind, list(r.inputs) if r.inputs is not None else None,
-                                                  r.min_opset] for op, r in sorted(self.rules.items())},
+                                                  r.min_opset, *(["on_quantized", r.value_input] if r.on_quantized else [])]
+                                             for op, r in sorted(self.rules.items())},
                 **({"layer_outputs": True} if self.layer_outputs else {})}
 
 

@@ -21,6 +21,10 @@ What is placed, per kind:
 - passthrough op (MaxPool, Reshape, Transpose ...): DQ before and Q after with the *same*
   scale and zero point (tensors joined by passthrough ops share parameters; where two layers
   already fixed different ones, those ops stay float).
+- passthrough op the backend does not fuse but runs on 8-bit tensors (``on_quantized``: ONNX
+  Runtime's Pad): written on the quantized tensor, Q -> op -> DQ; the Q that followed it goes,
+  the DQ before it goes when nothing else reads it, and an inserted value (Pad's constant) is
+  mapped to its 8-bit code.
 - a quantized layer's float output (a format that leaves it float, as ``int8_sym``), where the
   table allows it (:attr:`ampq_pass.core.fusion.FusionRules.layer_outputs`) and every reader is
   an op taken: one Q -> DQ right after the layer, from the tensor's calibrated range. On
@@ -69,6 +73,8 @@ class _Graph:
             self.cons.setdefault(o.name, []).append(_OUTSIDE)
         #: float tensor -> (its dequantized name, scale initializer, zero-point initializer)
         self.view: dict[str, tuple[str, str, str]] = {}
+        #: a dequantized name -> the 8-bit tensor it dequantizes
+        self.qname: dict[str, str] = {}
         #: float outputs of quantized layers (an 8-bit activation and a dequantized weight in)
         self.layer_out: set[str] = set()
         for n in g.node:
@@ -79,6 +85,7 @@ class _Graph:
                     self.view.setdefault(n.input[0], (dqs[0].output[0], n.input[1], n.input[2]))
                     for dq in dqs:
                         self.view[dq.output[0]] = (dq.output[0], n.input[1], n.input[2])
+                        self.qname[dq.output[0]] = n.output[0]
         for n in g.node:
             if n.op_type in _LAYERS and len(n.input) > 1 and n.output and n.output[0]:
                 x, w = self.prod.get(n.input[0]), self.prod.get(n.input[1])
@@ -141,8 +148,19 @@ def _decide(gr: _Graph, cand: dict[str, tuple[onnx.NodeProto, OpRule]], ranges, 
                 return False
         return True
 
+    def on_quantized_ok(node, rule: OpRule) -> bool:
+        # the inserted value must be known to map it; the Q after the op goes, so nothing
+        # outside the graph may read its output
+        slot = rule.value_input
+        if slot is not None and slot < len(node.input) and node.input[slot] and node.input[slot] not in gr.inits:
+            return False
+        return not any(c is _OUTSIDE for out in rule.data_outputs(node) for q in gr.users(out)
+                       if gr.is_act(q, _Q) for c in gr.users(q.output[0]))
+
     def ok(name: str) -> bool:
         node, rule = cand[name]
+        if rule.on_quantized and not on_quantized_ok(node, rule):
+            return False
         if rule.kind == ABSORBED:
             if not absorbed_ok(node):
                 return False
@@ -315,11 +333,55 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges, fmt:
         dq = helper.make_node(_DQ, [base + "_quantized", s, z], [base + "_dequantized"], name=base + "_DequantizeLinear")
         after.setdefault(anchor, []).extend([q, dq])
         gr.view[t] = gr.view[base + "_dequantized"] = (base + "_dequantized", s, z)
+        gr.qname[base + "_dequantized"] = base + "_quantized"
+
+    rename: dict[str, str] = {}  # an 8-bit tensor whose Q went -> the op output that replaces it
+
+    def write_on_quantized(node: onnx.NodeProto, rule: OpRule) -> None:
+        """Q -> op -> DQ: the op reads the input's 8-bit tensor and its output is one."""
+        i = rule.data_inputs(node)[0]
+        t = node.input[i]
+        if t not in gr.view:  # a layer's float output (_decide's avail)
+            quantize(t, gr.prod[t].name)
+        node.input[i] = gr.qname[gr.view[t][0]]
+        out = node.output[0]
+        s, z = params_of(source[out], out) if out not in gr.view else gr.view[out][1:]
+        if rule.value_input is not None:
+            slot = rule.value_input
+            given = node.input[slot] if slot < len(node.input) else ""
+            value = float(numpy_helper.to_array(gr.inits[given]).reshape(())) if given else 0.0
+            scale = float(numpy_helper.to_array(gr.inits[s]).reshape(()))
+            zp = numpy_helper.to_array(gr.inits[z]).reshape(())
+            info = np.iinfo(zp.dtype)
+            code = np.asarray(np.clip(np.rint(value / scale) + int(zp), info.min, info.max), zp.dtype)
+            g.initializer.append(numpy_helper.from_array(code, f"{node.name}_value_8bit"))
+            while len(node.input) <= slot:
+                node.input.append("")
+            node.input[slot] = f"{node.name}_value_8bit"
+        node.output[0] = out8 = f"{out}_8bit"
+        if out in gr.view:  # the Q after it goes; what read that Q's output reads the op's
+            q = next(c for c in gr.users(out) if gr.is_act(c, _Q))
+            removed.add(q.name)
+            rename[q.output[0]] = out8
+            gr.qname[gr.view[out][0]] = out8
+        else:
+            dq = helper.make_node(_DQ, [out8, s, z], [out8 + "_dequantized"], name=out8 + "_DequantizeLinear")
+            after.setdefault(node.name, []).append(dq)
+            gr.view[out] = gr.view[dq.output[0]] = (dq.output[0], s, z)
+            gr.qname[dq.output[0]] = out8
+        for c in gr.users(out):
+            if not gr.is_act(c, _Q):
+                for k, name in enumerate(c.input):
+                    if name == out:
+                        c.input[k] = gr.view[out][0]
 
     for node in list(g.node):
         if node.name not in taken:
             continue
         rule = cand[node.name][1]
+        if rule.on_quantized:
+            write_on_quantized(node, rule)
+            continue
         if rule.kind == ABSORBED:
             x = node.input[0]
             p = gr.prod[x]
@@ -349,9 +411,35 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges, fmt:
             continue
         ordered.append(node)
         ordered.extend(after.get(node.name, []))
+    for node in ordered:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    if rename:
+        ordered = _without_dead_qdq(ordered, {o.name for o in g.output})
+        written = {o for n in ordered for o in n.output}
+        # an op written on the quantized tensor renamed its float output away
+        kept = [v for v in g.value_info if v.name in written or v.name not in gr.prod]
+        del g.value_info[:]
+        g.value_info.extend(kept)
     del g.node[:]
     g.node.extend(_topological(ordered, {i.name for i in g.input} | set(gr.inits)))
     return True
+
+
+def _without_dead_qdq(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without the Q/DQ nodes nothing reads any more (the DQ before an op written on
+    the quantized tensor, when that op was its only reader)."""
+    while True:
+        read = set(outputs)
+        for n in nodes:
+            read.update(i for i in n.input if i)
+            if bodies(n):
+                read.update(outer_scope_reads(n))
+        keep = [n for n in nodes if n.op_type not in (_Q, _DQ) or any(o in read for o in n.output)]
+        if len(keep) == len(nodes):
+            return nodes
+        nodes = keep
 
 
 def _topological(nodes: list[onnx.NodeProto], ready: set[str]) -> list[onnx.NodeProto]:

@@ -273,7 +273,7 @@ _PROBES = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(set(ORT_CPU_RULES.rules) - {"Split"}))
+@pytest.mark.parametrize("op", sorted(op for op, r in ORT_CPU_RULES.rules.items() if op != "Split" and not r.on_quantized))
 def test_every_entry_of_the_ort_table_is_what_the_installed_ort_does(op):
     """The table against the installed ONNX Runtime: an integer op becomes its QLinear kernel,
     a passthrough op loses its DQ and Q, an absorbed activation disappears."""
@@ -288,13 +288,135 @@ def test_every_entry_of_the_ort_table_is_what_the_installed_ort_does(op):
 
 
 @pytest.mark.parametrize("op, spec", [
-    ("Pad", dict(extra=["pads"], inits=[_I64("pads", [0, 0, 1, 1, 0, 0, 1, 1])])),
     ("SpaceToDepth", dict(blocksize=2)),
     ("ReduceMean", {}),
 ])
 def test_ops_left_out_of_the_table_keep_their_qdq_in_ort(op, spec):
     got = _probe(op, **spec)
     assert op not in ORT_CPU_RULES.rules and got["QuantizeLinear"] == 2 and got["DequantizeLinear"] == 2, got
+
+
+def test_ort_keeps_qdq_around_pad_but_runs_pad_on_uint8():
+    """Why Pad is ``on_quantized``: ONNX Runtime keeps DQ -> Pad -> Q in float, and runs the
+    same Pad written on the uint8 tensor (the pad value mapped to its code) to the same codes."""
+    pads = _I64("pads", [0, 0, 1, 1, 0, 0, 1, 1])
+    value = numpy_helper.from_array(np.float32(0.5), "v")
+    got = _probe("Pad", extra=["pads", "v"], inits=[pads, value])
+    assert got["QuantizeLinear"] == 2 and got["DequantizeLinear"] == 2 and got["Pad"] == 1, got
+    rule = ORT_CPU_RULES.rules["Pad"]
+    assert rule.kind == PASSTHROUGH and rule.on_quantized and rule.value_input == 2
+
+    def model(on_quantized: bool):
+        q = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])]
+        if on_quantized:  # 0.5 / 0.05 + 3 = code 13
+            nodes = q + [helper.make_node("Pad", ["q", "pads", "v8"], ["p"]),
+                         helper.make_node("DequantizeLinear", ["p", "s", "z"], ["out"])]
+        else:
+            nodes = q + [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+                         helper.make_node("Pad", ["d", "pads", "v"], ["p"]),
+                         helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"]),
+                         helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["out"])]
+        graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(np.float32(0.05), "s"),
+                                   numpy_helper.from_array(np.uint8(3), "z"), pads, value,
+                                   numpy_helper.from_array(np.uint8(13), "v8")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    x = {"x": np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    want, got = (_session(model(flag)).run(None, x)[0] for flag in (False, True))
+    assert got.shape == (2, 4, 10, 10) and np.array_equal(got, want)
+    assert np.allclose(got[:, :, 0, :], 0.5)
+
+
+def _silu_pad_cnn(pad_value=None):
+    """conv -> SiLU (Sigmoid, Mul) -> Pad -> depthwise conv (stride 2) -> conv: the
+    TensorFlow-style "same" padding of EfficientNet's strided depthwise convolutions."""
+    rng = np.random.default_rng(11)
+    w = lambda name, shape: numpy_helper.from_array(  # noqa: E731
+        (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+    pad_in = ["e", "pads"] + (["pv"] if pad_value is not None else [])
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["e"], name="expand", pads=[1] * 4),
+             helper.make_node("Sigmoid", ["e"], ["sg"], name="sigmoid"),
+             helper.make_node("Mul", ["e", "sg"], ["act"], name="silu"),
+             helper.make_node("Pad", ["act", "pads"] + pad_in[2:], ["padded"], name="pad"),
+             helper.make_node("Conv", ["padded", "w1"], ["dw"], name="depthwise", group=8, strides=[2, 2]),
+             helper.make_node("Conv", ["dw", "w2"], ["y"], name="project")]
+    inits = [w("w0", (8, 3, 3, 3)), w("w1", (8, 1, 3, 3)), w("w2", (4, 8, 1, 1)), _I64("pads", [0, 0, 0, 0, 0, 0, 1, 1])]
+    if pad_value is not None:
+        inits.append(numpy_helper.from_array(np.float32(pad_value), "pv"))
+    graph = helper.make_graph(nodes, "silu_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("pad_value", [None, 0.25])
+def test_pad_before_an_int8_conv_runs_on_uint8_and_takes_the_silu_with_it(tmp_path, pad_value):
+    """All three convolutions int8: the Pad reads the uint8 tensor and feeds the depthwise
+    convolution's DQ (no Q/DQ around it), so the SiLU before it, whose only reader was the
+    float Pad, becomes QLinearSigmoid and QLinearMul. The outputs stay those of the model with
+    a float Pad: the pad value's code is what the Q after a float Pad would make of it."""
+    model = _silu_pad_cnn(pad_value)
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    without_pad = FusionRules("no-pad", {k: v for k, v in ORT_CPU_RULES.rules.items() if k != "Pad"})
+    old = rewrite(model, layers, _all_int8(layers), ranges, rules=without_pad)
+    new = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    onnx.checker.check_model(new, full_check=True)
+    prod = {o: n for n in new.graph.node for o in n.output}
+    pad = next(n for n in new.graph.node if n.op_type == "Pad")
+    assert prod[pad.input[0]].op_type == "QuantizeLinear"
+    assert [n.op_type for n in new.graph.node if pad.output[0] in n.input] == ["DequantizeLinear"]
+    if pad_value is not None:
+        s = numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == prod[pad.input[0]].input[1]))
+        z = numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == prod[pad.input[0]].input[2]))
+        code = numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == pad.input[2]))
+        assert code.dtype == z.dtype and int(code) == int(np.rint(pad_value / s)) + int(z)
+    before, after = _optimized(old, tmp_path, "old"), _optimized(new, tmp_path, "new")
+    assert before["Sigmoid"] == 1 and before["Mul"] == 1 and before["QLinearSigmoid"] == 0
+    assert after["Sigmoid"] == 0 and after["Mul"] == 0 and after["QLinearSigmoid"] == 1 and after["QLinearMul"] == 1
+    assert after["QLinearConv"] == 3 and after["Pad"] == 1
+    qdq = lambda c: c["QuantizeLinear"] + c["DequantizeLinear"]  # noqa: E731
+    assert qdq(after) < qdq(before)
+    feeds = _feeds(8, seed=4)
+    ref = _session(model).run(None, feeds)[0]
+    for m in (old, new):
+        out = _session(m).run(None, feeds)[0]
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
+    # the same codes as DQ -> float Pad -> Q in its place
+    floated = onnx.ModelProto()
+    floated.CopyFrom(new)
+    pad = next(n for n in floated.graph.node if n.op_type == "Pad")
+    q_in, p_out = pad.input[0], pad.output[0]
+    s, z = prod[q_in].input[1:3]
+    at = list(floated.graph.node).index(pad)
+    floated.graph.node.insert(at, helper.make_node("DequantizeLinear", [q_in, s, z], ["pad_in_float"]))
+    floated.graph.node.insert(at + 2, helper.make_node("QuantizeLinear", ["pad_out_float", s, z], [p_out]))
+    pad.input[0], pad.output[0] = "pad_in_float", "pad_out_float"
+    del pad.input[2:]
+    if pad_value is not None:
+        pad.input.append("pv_float")
+        floated.graph.initializer.append(numpy_helper.from_array(np.float32(pad_value), "pv_float"))
+    assert np.array_equal(_session(floated).run(None, feeds)[0], _session(new).run(None, feeds)[0])
+
+
+def test_a_pad_with_a_computed_value_stays_float():
+    model = _silu_pad_cnn(0.25)
+    cast = helper.make_node("Identity", ["pv"], ["pv_computed"], name="computed")
+    pad = next(n for n in model.graph.node if n.op_type == "Pad")
+    pad.input[2] = "pv_computed"
+    model.graph.node.insert(0, cast)
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    new = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    prod = {o: n for n in new.graph.node for o in n.output}
+    pad = next(n for n in new.graph.node if n.op_type == "Pad")
+    assert prod[pad.input[0]].op_type != "QuantizeLinear"
+    onnx.checker.check_model(new, full_check=True)
 
 
 def test_split_runs_on_8_bit_in_ort():
