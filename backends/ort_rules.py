@@ -59,7 +59,11 @@ ORT_CPU_RULES = FusionRules("ort:cpu", {
     "Add": _integer("BinaryOpQDQRules -> QLinearAdd", (0, 1)),
     "Mul": _integer("BinaryOpQDQRules -> QLinearMul", (0, 1)),
     "Concat": _integer("VariadicOpQDQRules -> QLinearConcat", None),
-    "AveragePool": _integer("UnaryOpQDQRules -> QLinearAveragePool"),
+    # QLinearAveragePool divides a ceil_mode window that hangs off the input by the whole kernel
+    # with count_include_pad (the float kernel counts only what is inside: ORT issue 16203);
+    # HF EfficientNet's pooler, AvgPool2d(1280, ceil_mode=True) on a 7x7 map, came out constant
+    "AveragePool": OpRule(INTEGER, (0,), float_when=((("ceil_mode", 1), ("count_include_pad", 1)),),
+                          source=f"{_SEL}: UnaryOpQDQRules -> QLinearAveragePool"),
     "GlobalAveragePool": _integer("UnaryOpQDQRules -> QLinearGlobalAveragePool"),
     "LeakyRelu": _integer("UnaryOpQDQRules -> QLinearLeakyRelu"),
     "Sigmoid": _integer("UnaryOpQDQRules -> QLinearSigmoid"),

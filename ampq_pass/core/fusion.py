@@ -63,6 +63,10 @@ class OpRule:
     #: (with ``on_quantized``) the slot of a scalar in the data's float type that the op inserts
     #: (Pad's constant_value; absent means 0), mapped into the 8-bit domain
     value_input: int | None = None
+    #: attribute values under which the backend's integer kernel computes something else than
+    #: the op, so the op stays float: each entry a set of (name, value) pairs that must all hold
+    #: (values other than the attribute's default; an absent attribute matches none)
+    float_when: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -72,6 +76,13 @@ class OpRule:
             raise ValueError("on_quantized and value_input are for a single-output passthrough op; "
                              f"got kind {self.kind!r}, all_outputs={self.all_outputs}, "
                              f"on_quantized={self.on_quantized}, value_input={self.value_input}")
+
+    def fits(self, node: onnx.NodeProto) -> bool:
+        """Whether the backend's kernel computes ``node`` as written (no ``float_when`` match)."""
+        if not self.float_when:
+            return True
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return not any(all(attrs.get(k) == v for k, v in case) for case in self.float_when)
 
     def data_inputs(self, node: onnx.NodeProto) -> list[int]:
         """The slots of ``node`` that must arrive quantized (absent optional inputs skipped)."""
@@ -99,16 +110,18 @@ class FusionRules:
     layer_outputs: bool = False
 
     def rule(self, node: onnx.NodeProto, opset: int) -> OpRule | None:
-        """The rule for ``node`` at ``opset``, or None when the backend keeps it in float."""
+        """The rule for ``node`` at ``opset``, or None when the backend keeps it in float (no
+        entry, an older opset, or attributes its kernel gets wrong)."""
         if node.domain not in ("", "ai.onnx"):
             return None
         r = self.rules.get(node.op_type)
-        return r if r is not None and opset >= r.min_opset else None
+        return r if r is not None and opset >= r.min_opset and r.fits(node) else None
 
     def key(self) -> dict:
         """What a timing made with these rules depends on (part of cache keys)."""
         return {"name": self.name, "rules": {op: [r.kind, list(r.inputs) if r.inputs is not None else None,
-                                                  r.min_opset, *(["on_quantized", r.value_input] if r.on_quantized else [])]
+                                                  r.min_opset, *(["on_quantized", r.value_input] if r.on_quantized else []),
+                                                  *([[list(map(list, c)) for c in r.float_when]] if r.float_when else [])]
                                              for op, r in sorted(self.rules.items())},
                 **({"layer_outputs": True} if self.layer_outputs else {})}
 

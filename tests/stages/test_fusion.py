@@ -419,6 +419,46 @@ def test_a_pad_with_a_computed_value_stays_float():
     onnx.checker.check_model(new, full_check=True)
 
 
+def _average_pool_pair(**attrs) -> tuple[np.ndarray, np.ndarray]:
+    """DQ -> AveragePool -> Q -> DQ on a 7x7 map: (float semantics, ONNX Runtime's QLinearAveragePool)."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("AveragePool", ["d"], ["y"], **attrs),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(0), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = {"x": np.random.default_rng(0).uniform(0, 10, (2, 4, 7, 7)).astype(np.float32)}
+    got = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        got.append(ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, x)[0])
+    return got[0], got[1]
+
+
+def test_an_average_pool_that_qlinear_average_pool_gets_wrong_stays_float():
+    """ONNX Runtime's QLinearAveragePool divides a ceil_mode window hanging off the input by the
+    whole kernel under count_include_pad (the float kernel by what is inside): HF EfficientNet's
+    pooler, AvgPool2d(1280, ceil_mode=True) on a 7x7 map, gave a constant. The table keeps that
+    AveragePool float and fuses the others. (If the first assertion fails, ONNX Runtime fixed its
+    kernel and the ``float_when`` entry can go.)"""
+    bad = dict(kernel_shape=[8, 8], strides=[8, 8], ceil_mode=1, count_include_pad=1)
+    want, got = _average_pool_pair(**bad)
+    assert not np.allclose(got, want, atol=0.1)
+    for fine in (dict(kernel_shape=[7, 7]), dict(kernel_shape=[8, 8], strides=[8, 8], ceil_mode=1),
+                 dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)):
+        want, got = _average_pool_pair(**fine)
+        assert np.allclose(got, want, atol=0.051), fine
+        assert ORT_CPU_RULES.rule(helper.make_node("AveragePool", ["d"], ["y"], **fine), 17) is not None
+    assert ORT_CPU_RULES.rule(helper.make_node("AveragePool", ["d"], ["y"], **bad), 17) is None
+    assert "float_when" not in str(ORT_CPU_RULES.key()) and [["ceil_mode", 1], ["count_include_pad", 1]] in \
+        ORT_CPU_RULES.key()["rules"]["AveragePool"][-1]
+
+
 def test_split_runs_on_8_bit_in_ort():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
