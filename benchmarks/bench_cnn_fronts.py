@@ -54,9 +54,10 @@ from ampq_pass.stages.verify import run_batches  # noqa: E402
 MODELS = HERE / "corpus" / "models"
 RESULT_DIR = RESULTS / "cnn_fronts"
 #: the CNNs of issue 13's target list that the corpus holds (MobileNetV2 stands in for V3: the
-#: corpus exports MobileNetV2, the transformers class that exists offline), in the order run
-CNNS = ("resnet50_classic", "nudenet_yolov8n", "mobilenetv2_dynamo", "efficientnet_b0_classic", "mtcnn_onet",
-        "convnext_tiny_classic")
+#: corpus exports MobileNetV2, the transformers class that exists offline; its classic export has a
+#: TensorFlow-style Pad before every convolution, the dynamo one none), in the order run
+CNNS = ("resnet50_classic", "nudenet_yolov8n", "mobilenetv2_dynamo", "mobilenetv2_classic", "efficientnet_b0_classic",
+        "mtcnn_onet", "convnext_tiny_classic")
 #: the last, no budget at all (``front.NO_BUDGET``): the fastest plan the pass finds, whatever its loss, so that
 #: the front reaches as far into the error axis as ORT's points do (MobileNetV2's are at 27% output error)
 BUDGETS = (0.02, 0.05, 0.1, 0.3, front.NO_BUDGET)
