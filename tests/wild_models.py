@@ -43,7 +43,13 @@ def wild_cnn(seed: int = 0, opset: int = 12, c: int = 8, height: int = 8) -> onn
     nodes.append(helper.make_node("Identity", ["dw_w_raw"], ["dw_w"], name="dw_w_identity"))
     bn2 = _bn_params(rng, c, "bn2")
     inits.extend(numpy_helper.from_array(v, k) for k, v in bn2.items())
-    nodes.append(helper.make_node("Conv", ["r1", "dw_w"], ["dw_y"], name="depthwise", pads=[1, 1, 1, 1], group=c))
+    # TensorFlow-style "same" padding: a zero Pad, its pads computed from constants, before a VALID conv
+    inits.append(numpy_helper.from_array(np.array([0, 0, 1, 1], np.int64), "pad_begin"))
+    inits.append(numpy_helper.from_array(np.array([0, 0, 1, 1], np.int64), "pad_end"))
+    inits.append(numpy_helper.from_array(np.array(0, f32), "pad_zero"))
+    nodes.append(helper.make_node("Concat", ["pad_begin", "pad_end"], ["dw_pads"], name="dw_pads", axis=0))
+    nodes.append(helper.make_node("Pad", ["r1", "dw_pads", "pad_zero"], ["r1_padded"], name="dw_pad"))
+    nodes.append(helper.make_node("Conv", ["r1_padded", "dw_w"], ["dw_y"], name="depthwise", auto_pad="VALID", group=c))
     nodes.append(helper.make_node("BatchNormalization", ["dw_y", *bn2], ["bn2_y"], name="bn2"))
     nodes.append(helper.make_node("Relu", ["bn2_y"], ["r2"], name="relu2"))
     # grouped ConvTranspose (weight [C_in, C_out/group, k, k]) followed by BatchNorm

@@ -12,6 +12,9 @@ this one (layers, rewrite, sensitivity, partition) assume:
   is the weight that actually multiplies the activation (quantizing the un-folded weight
   and then scaling by the BN would give a different per-channel error than the plan
   predicts, and ONNX Runtime folds the BN anyway, after the QDQ nodes would block it);
+- a zero ``Pad`` whose only reader is a ``Conv`` is folded into the convolution's pads (so an
+  int8 convolution reads its 8-bit input directly, as the float one does once ONNX Runtime
+  has fused the Pad);
 - every node has a name (unnamed nodes get ``<op_type>_<index>`` from their index in the
   *original* file, before any node is removed, so plan names stay stable).
 
@@ -330,6 +333,137 @@ class FoldIdentityAndCast(NormalizationPass):
                        Change(f"folded {n_cast} Cast nodes of weights into initializers") if n_cast else None)
 
 
+class FoldPadsIntoConvs(NormalizationPass):
+    """Fold a zero ``Pad`` in front of a ``Conv`` into the convolution's ``pads``.
+
+    For ``y = Pad(x, pads, value)`` of mode ``constant`` with ``value`` absent or 0, no
+    ``axes`` input, ``pads = [b_0, ..., b_{r-1}, e_0, ..., e_{r-1}]`` known (an initializer,
+    or computed from initializers only) with ``b_i, e_i >= 0`` and ``b_0 = b_1 = e_0 = e_1 = 0``
+    (nothing padded on the batch and channel axes), whose only reader is ``z = Conv(y, ...)``
+    (as input 0, ``auto_pad`` absent, ``NOTSET`` or ``VALID``) and ``y`` not a graph output:
+    the Conv reads ``x`` and its pads become ``[p_j + b_{j+2}] + [q_j + e_{j+2}]`` for its own
+    ``[p_j] + [q_j]`` (zeros when absent or ``VALID``), ``auto_pad`` dropped. The Pad, and the nodes that computed its ``pads``
+    when nothing else reads them, are removed.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some Pad folded; one exact change
+        ``"folded <k> Pad nodes into convolutions (<pad> into <conv>, ...)"`` (zero padding
+        inside the convolution adds the same zeros).
+
+    Notes
+    -----
+    TensorFlow-style "same" padding exports a Pad, its pads computed by a chain of
+    ConstantOfShape/Concat/Slice/Transpose/Cast from constants, before every strided (HF
+    EfficientNet) or every (HF MobileNetV2) convolution. ONNX Runtime folds them into float
+    convolutions itself (constant folding, then ``PadFusion``), but a Q/DQ between the Pad
+    and the Conv stops that: the int8 model paid a Pad per convolution that the fp32 model
+    did not. ``pads`` chains are evaluated with ``onnx.reference`` (onnx has no
+    constant-folding pass; see :class:`FoldIdentityAndCast`).
+    """
+
+    #: a pads chain longer than this is not evaluated (exporters use about 12 nodes)
+    MAX_CHAIN = 64
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        readers = consumers(graph)
+        outputs = _graph_outputs(graph)
+        producer = {o: n for n in graph.node for o in n.output if o}
+        removed: set[int] = set()
+        chains: list[onnx.NodeProto] = []
+        folded = []
+        for pad in graph.node:
+            if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or len(pad.input) < 2 or len(pad.input) > 3 \
+                    and pad.input[3]:
+                continue
+            mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+            y = pad.output[0]
+            users = readers.get(y, [])
+            if mode != b"constant" or y in outputs or len(users) != 1:
+                continue
+            conv = users[0]
+            if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or list(conv.input).index(y) != 0 \
+                    or conv.input[1:].count(y) or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+                continue
+            value = pad.input[2] if len(pad.input) > 2 else ""
+            if value and (value not in inits or np.any(numpy_helper.to_array(inits[value]) != 0)):
+                continue
+            pads, chain = self._known(model, pad.input[1], inits, producer)
+            if pads is None:
+                continue
+            rank = pads.size // 2
+            if pads.ndim != 1 or rank < 3 or np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]] != 0):
+                continue
+            own = _attr(conv, "pads", None) if _attr(conv, "auto_pad", b"NOTSET") == b"NOTSET" else None
+            own = np.zeros(2 * (rank - 2), np.int64) if own is None else np.asarray(own, np.int64)
+            if own.size != 2 * (rank - 2):
+                continue
+            new = own + np.concatenate([pads[2:rank], pads[rank + 2:]])
+            for a in list(conv.attribute):
+                if a.name in ("pads", "auto_pad"):
+                    conv.attribute.remove(a)
+            conv.attribute.append(helper.make_attribute("pads", [int(v) for v in new]))
+            conv.input[0] = pad.input[0]
+            removed.add(id(pad))
+            chains.extend(chain)
+            folded.append(f"{pad.name} into {conv.name}")
+        if not folded:
+            return _result(model)
+        keep = [n for n in graph.node if id(n) not in removed]
+        # the pads chains' nodes that nothing reads any more
+        chain_ids = {id(n) for n in chains}
+        while True:
+            read = {i for n in keep for i in n.input if i} | outputs
+            for n in keep:
+                for sub in bodies(n):
+                    read.update(i for b in sub.node for i in b.input)
+            dead = [n for n in keep if id(n) in chain_ids and not any(o in read for o in n.output)]
+            if not dead:
+                break
+            keep = [n for n in keep if all(n is not d for d in dead)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        written = {o for n in graph.node for o in n.output}
+        for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
+            graph.value_info.remove(v)
+        return _result(model, Change(f"folded {len(folded)} Pad nodes into convolutions "
+                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})"))
+
+    def _known(self, model, name, inits, producer) -> tuple[np.ndarray | None, list[onnx.NodeProto]]:
+        """The value of tensor ``name`` when it is an initializer or computed from initializers only
+        by default-domain nodes without bodies, and the nodes computing it."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name]), []
+        chain, todo, seen = [], [name], set()
+        while todo:
+            t = todo.pop()
+            if t in inits or t in seen or not t:
+                continue
+            seen.add(t)
+            node = producer.get(t)
+            if node is None or node.domain not in ("", "ai.onnx") or bodies(node) or len(chain) >= self.MAX_CHAIN:
+                return None, []
+            if all(node is not c for c in chain):
+                chain.append(node)
+            todo.extend(node.input)
+        order = [n for n in model.graph.node if any(n is c for c in chain)]
+        used = {i for n in order for i in n.input}
+        sub = helper.make_graph(order, "pads", [], [helper.make_tensor_value_info(name, TensorProto.INT64, None)],
+                                [inits[i] for i in used if i in inits])
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            value = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import,
+                                                         ir_version=model.ir_version)).run(None, {})[0]
+        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate: the Pad stays
+            return None, []
+        value = np.asarray(value)
+        return (value.astype(np.int64), order) if value.dtype.kind in "iu" else (None, [])
+
+
 class FoldBatchNorms(NormalizationPass):
     """Fold ``BatchNormalization(Conv(x, W, b))`` into ``Conv(x, W', b')`` (inference mode).
 
@@ -452,6 +586,7 @@ NORMALIZATION_PASSES: tuple[NormalizationPass, ...] = (
     UpgradeOpset(),
     ConstantsToInitializers(),
     FoldIdentityAndCast(),
+    FoldPadsIntoConvs(),
     FoldBatchNorms(),
     DropUnusedInitializers(),
 )
@@ -502,6 +637,11 @@ def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
 _CAST_TARGETS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
                  TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32,
                  TensorProto.INT64: np.int64}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    a = next((a for a in node.attribute if a.name == name), None)
+    return default if a is None else helper.get_attribute_value(a)
 
 
 def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:

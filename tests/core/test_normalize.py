@@ -109,7 +109,8 @@ def test_each_pass_reports_whether_it_modified(wild, mlp_model):
 
     passes = nm.NORMALIZATION_PASSES
     assert [type(p).__name__ for p in passes] == ["NameNodes", "UpgradeOpset", "ConstantsToInitializers",
-                                                  "FoldIdentityAndCast", "FoldBatchNorms", "DropUnusedInitializers"]
+                                                  "FoldIdentityAndCast", "FoldPadsIntoConvs", "FoldBatchNorms",
+                                                  "DropUnusedInitializers"]
     normalised, _ = normalize(_unnamed_relus(_copy(wild)))
     for index, pass_ in enumerate(passes):
         for done in (normalised, mlp_model):
@@ -133,6 +134,7 @@ def test_normalize_reports_each_pass_change_in_order(wild):
         "moved 9 Constant nodes into initializers",
         "removed 1 Identity nodes of weights",
         "folded 1 Cast nodes of weights into initializers",
+        "folded 1 Pad nodes into convolutions (dw_pad into depthwise)",
         "folded 3 BatchNormalization into convolutions (bn1 into stem, bn2 into depthwise, bn3 into up)"]
     assert not done.exact
 
@@ -235,3 +237,58 @@ def test_original_that_cannot_run_on_probes_only_warns(capsys):
     model, done = normalize_checked(m, source="emb.onnx")
     assert done.changed and "normalisation not verified" in capsys.readouterr().err
     assert check_equivalent(m, model, feeds={"ids": np.zeros((1, 5), np.int64)})
+
+
+def _pad_conv(pads=(0, 0, 1, 0, 0, 0, 2, 1), value=0.0, mode="constant", conv_pads=(1, 0, 1, 0), second_reader=False,
+              pads_from_shape=False):
+    """x -> Pad -> Conv(3x3), the Pad's pads computed by Concat (or from x's Shape)."""
+    rng = np.random.default_rng(2)
+    half = len(pads) // 2
+    inits = [numpy_helper.from_array(np.array(pads[:half], np.int64), "pb"),
+             numpy_helper.from_array(np.array(pads[half:], np.int64), "pe"),
+             numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) / 5).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(value, np.float32), "v")]
+    nodes = [helper.make_node("Concat", ["pb", "pe"], ["pads"], name="pads", axis=0)]
+    if pads_from_shape:  # pads = pads + 0 * rank(x): depends on the input
+        nodes += [helper.make_node("Shape", ["x"], ["xs"], name="shape"),
+                  helper.make_node("Shape", ["xs"], ["rank"], name="rank"),
+                  helper.make_node("Sub", ["rank", "rank"], ["zero"], name="zero"),
+                  helper.make_node("Add", ["pads_c", "zero"], ["pads_x"], name="addz")]
+        nodes[0].output[0] = "pads_c"
+    nodes += [helper.make_node("Pad", ["x", "pads_x" if pads_from_shape else "pads", "v"], ["p"], name="pad", mode=mode),
+              helper.make_node("Conv", ["p", "w"], ["y"], name="conv", pads=list(conv_pads))]
+    outs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["p"], ["r"], name="relu"))
+        outs.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "padconv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                               ["n", 3, 9, 10])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_zero_pad_before_a_conv_is_folded_into_its_pads():
+    """Pad [0,0,1,0 | 0,0,2,1] before a Conv with pads [1,0 | 1,0]: one Conv with pads
+    [2,0 | 3,1], the Pad and its Concat gone, outputs equal."""
+    model = _pad_conv()
+    done, record = normalize_checked(_copy(model), source="padconv.onnx")
+    ops = [n.op_type for n in done.graph.node]
+    assert ops == ["Conv"] and "folded 1 Pad nodes into convolutions (pad into conv)" in record.changes
+    conv = done.graph.node[0]
+    assert conv.input[0] == "x" and list(helper.get_attribute_value(next(a for a in conv.attribute
+                                                                        if a.name == "pads"))) == [2, 0, 3, 1]
+    assert {t.name for t in done.graph.initializer} == {"w"}
+    x = {"x": np.random.default_rng(3).standard_normal((2, 3, 9, 10)).astype(np.float32)}
+    assert np.allclose(ort_run(done, x)[0], ort_run(model, x)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [dict(value=0.5), dict(mode="reflect"), dict(pads=(0, 1, 1, 0, 0, 0, 1, 0)),
+                                  dict(pads=(0, 0, -1, 0, 0, 0, 1, 0)), dict(second_reader=True),
+                                  dict(pads_from_shape=True)])
+def test_a_pad_that_is_not_a_zero_spatial_pad_of_one_conv_stays(case):
+    """Not folded: a non-zero value, another mode, padding on the channel axis, a crop, a
+    second reader of the padded tensor, pads that depend on the input."""
+    done, record = normalize_checked(_pad_conv(**case), source="padconv.onnx")
+    assert "Pad" in [n.op_type for n in done.graph.node]
+    assert not any("Pad nodes" in c for c in record.changes)
