@@ -59,7 +59,7 @@ RESULT_DIR = RESULTS / "cnn_fronts"
 #: corpus exports MobileNetV2, the transformers class that exists offline; its classic export has a
 #: TensorFlow-style Pad before every convolution, the dynamo one none), in the order run
 CNNS = ("resnet50_classic", "nudenet_yolov8n", "mobilenetv2_dynamo", "mobilenetv2_classic", "efficientnet_b0_classic",
-        "mtcnn_onet", "convnext_tiny_classic")
+        "mtcnn_onet", "mtcnn_rnet", "mtcnn_pnet", "convnext_tiny_classic")
 #: the last, no budget at all (``front.NO_BUDGET``): the fastest plan the pass finds, whatever its loss, so that
 #: the front reaches as far into the error axis as ORT's points do (MobileNetV2's are at 27% output error)
 BUDGETS = (0.02, 0.05, 0.1, 0.3, front.NO_BUDGET)
@@ -75,8 +75,8 @@ def eval_inputs(name: str) -> tuple[str, np.ndarray, str]:
     if name == "nudenet_yolov8n":
         return "images", smooth_images(32, 320, 320, seed).astype(np.float32), f"smooth_images seed {seed}, 0..1"
     if name.startswith("mtcnn_"):
-        size = {"mtcnn_onet": 48, "mtcnn_rnet": 24}[name]
-        x = ((smooth_images(32, size, size, seed) * 255 - 127.5) * 0.0078125).astype(np.float32)
+        h, w = {"mtcnn_onet": (48, 48), "mtcnn_rnet": (24, 24), "mtcnn_pnet": (120, 160)}[name]
+        x = ((smooth_images(32, h, w, seed) * 255 - 127.5) * 0.0078125).astype(np.float32)
         return "input", x, f"smooth_images seed {seed}, MTCNN normalisation"
     x = ((smooth_images(32, 224, 224, seed) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
     return "pixel_values", x, f"smooth_images seed {seed}, ImageNet normalisation"
