@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from ampq_pass.core.cache import atomic_write
 from ampq_pass.core.errors import AmpqError, first_line
-from ampq_pass.core.normalize import normalize_checked
+from ampq_pass.core.normalize import Normalized, normalize_checked
 from ampq_pass.core.proto import expected_bytes, fits_protobuf, infer_shapes_safe, pass_types_removed, save_external
 
 
@@ -53,12 +53,13 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def finish_loading(model: onnx.ModelProto, path: str | os.PathLike, *, normalize: bool = True,
                    infer_shapes: bool = True, changes: list[str] | None = None,
-                   feeds: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+                   feeds: dict[str, np.ndarray] | None = None, record: Normalized | None = None) -> onnx.ModelProto:
     """Normalise a model from :func:`read_model` and run shape inference.
 
     ``feeds`` are the inputs the normalised model is checked on against the original: give
     real ones (the first calibration samples) where random probes cannot run the model
     (image sizes a detector needs, a scalar sample rate, token ids within the vocabulary).
+    ``record`` receives what normalisation did (its changes, and whether they may change timing).
     """
     path = Path(path)
     if normalize:
@@ -70,6 +71,9 @@ def finish_loading(model: onnx.ModelProto, path: str | os.PathLike, *, normalize
             raise AmpqError(f"{path}: cannot normalise the model ({type(exc).__name__}: {first_line(exc)})") from None
         if changes is not None:
             changes.extend(done.changes)
+        if record is not None:
+            for message in done.changes:
+                record.add(message, exact=done.exact, timing=done.timing)
     if infer_shapes:
         try:
             model = infer_shapes_safe(model)

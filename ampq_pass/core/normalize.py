@@ -69,10 +69,14 @@ class Normalized:
 
     changes: list[str] = field(default_factory=list)
     exact: bool = True
+    #: whether a change may change how long a backend takes to run the model (not only how it
+    #: is held): speed-ups over the normalised model then differ from speed-ups over the file
+    timing: bool = False
 
-    def add(self, message: str, *, exact: bool = True) -> None:
+    def add(self, message: str, *, exact: bool = True, timing: bool = False) -> None:
         self.changes.append(message)
         self.exact = self.exact and exact
+        self.timing = self.timing or timing
 
     @property
     def changed(self) -> bool:
@@ -83,10 +87,12 @@ class Normalized:
 
 @dataclass(frozen=True)
 class Change:
-    """One thing a pass did: ``message`` for the report; ``exact`` False when it may move outputs by rounding."""
+    """One thing a pass did: ``message`` for the report; ``exact`` False when it may move outputs by
+    rounding; ``timing`` True when it may change how long a backend takes (a Pad folded away)."""
 
     message: str
     exact: bool = True
+    timing: bool = False
 
 
 @dataclass
@@ -350,7 +356,8 @@ class FoldPadsIntoConvs(NormalizationPass):
     PassResult
         ``modified`` iff some Pad folded; one exact change
         ``"folded <k> Pad nodes into convolutions (<pad> into <conv>, ...)"`` (zero padding
-        inside the convolution adds the same zeros).
+        inside the convolution adds the same zeros), marked ``timing``: ONNX Runtime does not
+        fold every such Pad itself (HF EfficientNet-B0 runs 1.32x faster folded).
 
     Notes
     -----
@@ -430,7 +437,7 @@ class FoldPadsIntoConvs(NormalizationPass):
         for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
             graph.value_info.remove(v)
         return _result(model, Change(f"folded {len(folded)} Pad nodes into convolutions "
-                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})"))
+                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", timing=True))
 
     def _known(self, model, name, inits, producer) -> tuple[np.ndarray | None, list[onnx.NodeProto]]:
         """The value of tensor ``name`` when it is an initializer or computed from initializers only
@@ -601,7 +608,7 @@ def normalize(model: onnx.ModelProto, *, source: str = "model",
     result = PassManager(NORMALIZATION_PASSES if passes is None else passes)(model, source=source)
     done = Normalized()
     for change in result.changes:
-        done.add(change.message, exact=change.exact)
+        done.add(change.message, exact=change.exact, timing=change.timing)
     return result.model, done
 
 
