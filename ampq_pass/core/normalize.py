@@ -402,7 +402,7 @@ class FoldPadsIntoConvs(NormalizationPass):
             if pads is None:
                 continue
             rank = pads.size // 2
-            if pads.ndim != 1 or rank < 3 or np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]] != 0):
+            if pads.ndim != 1 or pads.size % 2 or rank < 3 or np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]] != 0):
                 continue
             own = _attr(conv, "pads", None) if _attr(conv, "auto_pad", b"NOTSET") == b"NOTSET" else None
             own = np.zeros(2 * (rank - 2), np.int64) if own is None else np.asarray(own, np.int64)
