@@ -208,6 +208,25 @@ def test_where_normalising_changes_timing_the_written_model_is_also_timed_agains
     assert "speedup_over_file" not in res.report["measured"] and ["file", "written"] not in plain.asked
 
 
+class _FileUntimeable(_FileSlowerThanNormalised):
+    def time(self, models, inputs):
+        if "file" in models:
+            raise RuntimeError("this backend cannot run the file as given")
+        return super().time(models, inputs)
+
+
+def test_a_file_the_backend_cannot_time_leaves_the_speed_up_over_the_normalised_model(tmp_path):
+    from wild_models import wild_cnn
+
+    onnx.save(wild_cnn(), tmp_path / "wild.onnx")
+    np.savez(tmp_path / "wild.npz", x=np.random.default_rng(0).standard_normal((24, 3, 8, 16)).astype(np.float32))
+    lines = []
+    res = run_pass(tmp_path / "wild.onnx", tmp_path / "o.onnx", calib=tmp_path / "wild.npz", max_loss_rmse=1.0,
+                   backend=_FileUntimeable(), cache_dir=None, progress=False, log=lines.append)
+    assert "speedup_over_file" not in res.report["measured"] and (tmp_path / "o.onnx").exists()
+    assert any("could not time the input file as given" in line for line in lines)
+
+
 @pytest.mark.parametrize("factor", [10.0, 1e9])
 def test_a_plan_whose_measured_loss_is_over_the_budget_never_ships(tmp_path, block_file, monkeypatch, factor):
     """Where the layers' errors compound (here: every verified loss times ``factor``), a plan

@@ -415,7 +415,7 @@ def follow_rules(model: onnx.ModelProto, rules: FusionRules | None, ranges, fmt:
         for k, name in enumerate(node.input):
             if name in rename:
                 node.input[k] = rename[name]
-    if rename:
+    if any(cand[n][1].on_quantized for n in taken):
         ordered = _without_dead_qdq(ordered, {o.name for o in g.output})
         written = {o for n in ordered for o in n.output}
         # an op written on the quantized tensor renamed its float output away

@@ -404,6 +404,40 @@ def test_pad_before_an_int8_conv_runs_on_uint8_and_takes_the_silu_with_it(tmp_pa
     assert np.array_equal(_session(floated).run(None, feeds)[0], _session(new).run(None, feeds)[0])
 
 
+def test_a_pad_read_by_a_passthrough_op_leaves_no_unread_dequantize(tmp_path):
+    """conv -> Relu -> Pad -> MaxPool -> conv, all int8: no layer's Q follows the Pad (the
+    MaxPool reads it), so the Pad gets a DQ of its own; the DQ it no longer reads goes."""
+    rng = np.random.default_rng(4)
+    w = lambda name, cin, cout: numpy_helper.from_array(  # noqa: E731
+        (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["s"], name="stem", pads=[1] * 4),
+             helper.make_node("Relu", ["s"], ["h"], name="relu"),
+             helper.make_node("Pad", ["h", "pads"], ["hp"], name="pad"),
+             helper.make_node("MaxPool", ["hp"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w1"], ["y"], name="head", pads=[1] * 4)]
+    graph = helper.make_graph(nodes, "padpool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [w("w0", 3, 8), w("w1", 8, 8), _I64("pads", [0, 0, 1, 1, 0, 0, 1, 1])])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.ir_version = 8
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
+    onnx.checker.check_model(fused, full_check=True)
+    prod = {o: n for n in fused.graph.node for o in n.output}
+    read = {i for n in fused.graph.node for i in n.input} | {o.name for o in fused.graph.output}
+    pad = next(n for n in fused.graph.node if n.op_type == "Pad")
+    assert prod[pad.input[0]].op_type == "QuantizeLinear"
+    assert [n.op_type for n in fused.graph.node if pad.output[0] in n.input] == ["DequantizeLinear"]
+    assert all(o in read for n in fused.graph.node for o in n.output)  # nothing computed for no reader
+    c = _optimized(fused, tmp_path, "padpool")
+    assert c["QLinearConv"] == 2 and c["MaxPool"] == 1 and c["Pad"] == 1 and c["DequantizeLinear"] == 1
+    feeds = _feeds(8, seed=3)
+    ref = _session(model).run(None, feeds)[0]
+    out = _session(fused).run(None, feeds)[0]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
+
+
 def test_a_pad_with_a_computed_value_stays_float():
     model = _silu_pad_cnn(0.25)
     cast = helper.make_node("Identity", ["pv"], ["pv_computed"], name="computed")
