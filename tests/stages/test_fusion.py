@@ -178,6 +178,10 @@ def test_rules_reach_the_stages_through_the_backend():
 def test_table_entries_are_checked():
     with pytest.raises(ValueError):
         OpRule("fused")
+    for wrong in (dict(kind=INTEGER, on_quantized=True), dict(kind=PASSTHROUGH, value_input=2),
+                  dict(kind=PASSTHROUGH, on_quantized=True, all_outputs=True)):
+        with pytest.raises(ValueError, match="single-output passthrough"):
+            OpRule(**wrong)
     assert {r.kind for r in ORT_CPU_RULES.rules.values()} == {INTEGER, PASSTHROUGH, ABSORBED}
     mp = helper.make_node("MaxPool", ["a"], ["b"], kernel_shape=[2, 2])
     assert ORT_CPU_RULES.rule(mp, 11) is None and ORT_CPU_RULES.rule(mp, 12) is not None
