@@ -348,8 +348,8 @@ class FoldPadsIntoConvs(NormalizationPass):
     (nothing padded on the batch and channel axes), whose only reader is ``z = Conv(y, ...)``
     (as input 0, ``auto_pad`` absent, ``NOTSET`` or ``VALID``) and ``y`` not a graph output:
     the Conv reads ``x`` and its pads become ``[p_j + b_{j+2}] + [q_j + e_{j+2}]`` for its own
-    ``[p_j] + [q_j]`` (zeros when absent or ``VALID``), ``auto_pad`` dropped. The Pad, and the nodes that computed its ``pads``
-    when nothing else reads them, are removed.
+    ``[p_j] + [q_j]`` (zeros when absent or ``VALID``), ``auto_pad`` dropped. The Pad, and the
+    nodes that computed its ``pads`` when nothing else reads them, are removed.
 
     Returns
     -------
