@@ -32,6 +32,7 @@ from typing import Iterable
 
 import onnx
 
+from ampq_pass.core.graph import attribute
 from ampq_pass.core.proto import default_opset
 
 INTEGER = "integer"
@@ -79,10 +80,7 @@ class OpRule:
 
     def fits(self, node: onnx.NodeProto) -> bool:
         """Whether the backend's kernel computes ``node`` as written (no ``float_when`` match)."""
-        if not self.float_when:
-            return True
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        return not any(all(attrs.get(k) == v for k, v in case) for case in self.float_when)
+        return not any(all(attribute(node, k) == v for k, v in case) for case in self.float_when)
 
     def data_inputs(self, node: onnx.NodeProto) -> list[int]:
         """The slots of ``node`` that must arrive quantized (absent optional inputs skipped)."""

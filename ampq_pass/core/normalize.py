@@ -49,7 +49,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ampq_pass.core.errors import AmpqError, first_line
-from ampq_pass.core.graph import bodies, consumers, drop_unused_initializers, ensure_node_names
+from ampq_pass.core.graph import attribute, bodies, consumers, drop_unused_initializers, ensure_node_names
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.ort import make_session
 from ampq_pass.core.proto import default_opset, fits_protobuf, raise_opset
@@ -386,14 +386,14 @@ class FoldPadsIntoConvs(NormalizationPass):
             if pad.op_type != "Pad" or pad.domain not in ("", "ai.onnx") or len(pad.input) < 2 or len(pad.input) > 3 \
                     and pad.input[3]:
                 continue
-            mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+            mode = attribute(pad, "mode", b"constant")
             y = pad.output[0]
             users = readers.get(y, [])
             if mode != b"constant" or y in outputs or len(users) != 1:
                 continue
             conv = users[0]
             if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or list(conv.input).index(y) != 0 \
-                    or conv.input[1:].count(y) or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
+                    or conv.input[1:].count(y) or attribute(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
                 continue
             value = pad.input[2] if len(pad.input) > 2 else ""
             if value and (value not in inits or np.any(numpy_helper.to_array(inits[value]) != 0)):
@@ -404,7 +404,7 @@ class FoldPadsIntoConvs(NormalizationPass):
             rank = pads.size // 2
             if pads.ndim != 1 or pads.size % 2 or rank < 3 or np.any(pads < 0) or np.any(pads[[0, 1, rank, rank + 1]] != 0):
                 continue
-            own = _attr(conv, "pads", None) if _attr(conv, "auto_pad", b"NOTSET") == b"NOTSET" else None
+            own = attribute(conv, "pads", None) if attribute(conv, "auto_pad", b"NOTSET") == b"NOTSET" else None
             own = np.zeros(2 * (rank - 2), np.int64) if own is None else np.asarray(own, np.int64)
             if own.size != 2 * (rank - 2):
                 continue
@@ -644,11 +644,6 @@ def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
 _CAST_TARGETS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
                  TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32,
                  TensorProto.INT64: np.int64}
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    a = next((a for a in node.attribute if a.name == name), None)
-    return default if a is None else helper.get_attribute_value(a)
 
 
 def _rename_inputs(graph: onnx.GraphProto, rename: dict[str, str]) -> None:

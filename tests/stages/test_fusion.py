@@ -46,9 +46,21 @@ def _optimized(model, tmp_path, tag):
 @pytest.fixture(scope="module")
 def cnn_setup():
     model = models.residual_cnn()
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    layers, ranges = _calibrated(model)
     return model, layers, ranges
+
+
+def _inferred(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """``graph`` as an opset-17 model with inferred shapes (the rewrite's rules read tensor types)."""
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    model.ir_version = 8
+    return model
+
+
+def _calibrated(model: onnx.ModelProto):
+    """The model's layers and ranges calibrated with ORT's table (16 random inputs)."""
+    layers = find_layers(model)
+    return layers, compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
 
 
 def _all_int8(layers):
@@ -156,8 +168,7 @@ def test_a_missing_range_keeps_the_op_float(cnn_setup, tmp_path):
 
 def test_passthrough_shares_the_scale_of_its_input():
     model = models.residual_cnn(head=False)
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    layers, ranges = _calibrated(model)
     fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
     prod = {o: n for n in fused.graph.node for o in n.output}
     pool = next(n for n in fused.graph.node if n.op_type == "MaxPool")
@@ -204,10 +215,8 @@ def test_readers_before_the_layer_that_placed_the_dq_are_moved_after_it(tmp_path
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("c", TensorProto.FLOAT, None)],
                               [w("w0", 3, 8), w("w1", 8, 8), w("w2", 8, 8)])
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    model.ir_version = 8
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    model = _inferred(graph)
+    layers, ranges = _calibrated(model)
     fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
     onnx.checker.check_model(fused, full_check=True)
     pool = next(n for n in fused.graph.node if n.name == "pool")
@@ -353,8 +362,7 @@ def _silu_pad_cnn(pad_value=None):
         inits.append(numpy_helper.from_array(np.float32(pad_value), "pv"))
     graph = helper.make_graph(nodes, "silu_pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    model.ir_version = 8
+    model = _inferred(graph)
     return model
 
 
@@ -365,8 +373,7 @@ def test_pad_before_an_int8_conv_runs_on_uint8_and_takes_the_silu_with_it(tmp_pa
     float Pad, becomes QLinearSigmoid and QLinearMul. The outputs stay those of the model with
     a float Pad: the pad value's code is what the Q after a float Pad would make of it."""
     model = _silu_pad_cnn(pad_value)
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    layers, ranges = _calibrated(model)
     without_pad = FusionRules("no-pad", {k: v for k, v in ORT_CPU_RULES.rules.items() if k != "Pad"})
     old = rewrite(model, layers, _all_int8(layers), ranges, rules=without_pad)
     new = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
@@ -422,10 +429,8 @@ def test_a_pad_read_by_a_passthrough_op_leaves_no_unread_dequantize(tmp_path):
     graph = helper.make_graph(nodes, "padpool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [w("w0", 3, 8), w("w1", 8, 8), _I64("pads", [0, 0, 1, 1, 0, 0, 1, 1])])
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    model.ir_version = 8
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    model = _inferred(graph)
+    layers, ranges = _calibrated(model)
     fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
     onnx.checker.check_model(fused, full_check=True)
     prod = {o: n for n in fused.graph.node for o in n.output}
@@ -448,8 +453,7 @@ def test_a_pad_with_a_computed_value_stays_float():
     pad = next(n for n in model.graph.node if n.op_type == "Pad")
     pad.input[2] = "pv_computed"
     model.graph.node.insert(0, cast)
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    layers, ranges = _calibrated(model)
     new = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
     prod = {o: n for n in new.graph.node for o in n.output}
     pad = next(n for n in new.graph.node if n.op_type == "Pad")
@@ -533,10 +537,8 @@ def test_split_between_int8_layers_shares_the_scale(tmp_path):
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
                               [w("w0", 3, 8), w("w1", 4, 4), w("w2", 4, 4), _I64("sizes", [4, 4])])
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    model.ir_version = 8
-    layers = find_layers(model)
-    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=ORT_CPU_RULES)
+    model = _inferred(graph)
+    layers, ranges = _calibrated(model)
     plain = rewrite(model, layers, _all_int8(layers), ranges)
     fused = rewrite(model, layers, _all_int8(layers), ranges, rules=ORT_CPU_RULES)
     onnx.checker.check_model(fused, full_check=True)
