@@ -49,7 +49,7 @@ from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, p
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, fit_timing_batch, gain_table, predict_speedup
 from ampq_pass.stages.plan import Plan
-from ampq_pass.stages.verify import run_batches, verify
+from ampq_pass.stages.verify import run_batches, speedup_interval, verify
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -401,8 +401,8 @@ def _front_entry(sol: Solution, table: GainTable, sens: Sensitivity, measured: d
              "layers_quantized": len(sol.plan.formats), "measured_loss_mse": m.get("loss_mse"),
              "measured_rel_rms": _rel_rms(m.get("loss_mse"), sens.loss_sq_mean),
              "measured_speedup": m.get("speedup"), "measured_protocol": protocol, "chosen": chosen}
-    if m.get("hp_ci") and m.get("plan_ci"):
-        entry["measured_speedup_ci"] = [m["hp_ci"][0] / m["plan_ci"][1], m["hp_ci"][1] / m["plan_ci"][0]]
+    if m.get("speedup_ci") or (m.get("hp_ci") and m.get("plan_ci")):
+        entry["measured_speedup_ci"] = list(speedup_interval(m))
     if not sol.plan.formats and measured is None:
         entry.update(measured_loss_mse=0.0, measured_rel_rms=0.0, measured_speedup=1.0)
     entry.update(extra)
@@ -709,11 +709,10 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
                 f"a tighter budget fit either), so every layer stays hp")
         else:
             last = rounds[-1] if rounds[-1].formats else rounds[0]
+            low, high = speedup_interval(last.measured)
             status, message = "not-faster", (
-                f"the plan measured {last.measured['speedup']:.3f}x (hp {last.measured['hp_ci'][0] * 1e3:.3g}-"
-                f"{last.measured['hp_ci'][1] * 1e3:.3g} ms, plan {last.measured['plan_ci'][0] * 1e3:.3g}-"
-                f"{last.measured['plan_ci'][1] * 1e3:.3g} ms): not faster than the input beyond the noise, "
-                f"so every layer stays hp")
+                f"the plan measured {last.measured['speedup']:.3f}x (95% interval {low:.3f}-{high:.3f}x): not "
+                f"faster than the input beyond the noise, so every layer stays hp")
         rejected = {"formats": dict(last.formats), "predicted_speedup": last.predicted_speedup, "measured": last.measured}
         log(f"      {message}")
         solution = hp_solution(option_table, tau, status=status, message=message)
@@ -837,11 +836,12 @@ def loss_fits(measured: dict, tau: float) -> bool:
 
 
 def faster_beyond_noise(measured: dict) -> bool:
-    """Whether the written model's time is below the input's beyond the noise: the 95% CI of
-    its median lies entirely below the input's (cost-model backends measure no time: True)."""
+    """Whether the written model's time is below the input's beyond the noise: the 95% interval
+    of its measured speed-up lies entirely above 1
+    (:func:`ampq_pass.stages.verify.speedup_interval`; cost-model backends measure no time: True)."""
     if measured.get("speedup") is None:
         return True
-    return measured["plan_ci"][1] < measured["hp_ci"][0]
+    return speedup_interval(measured)[0] > 1.0
 
 
 def _anchor_records(table: GainTable) -> list[dict]:

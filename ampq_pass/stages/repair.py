@@ -32,6 +32,7 @@ from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.timing import GainTable, gain_noise, input_signature, session_bytes
+from ampq_pass.stages.verify import speedup_interval
 
 #: bump when the meaning of a cached entry changes
 _CACHE_VERSION = 2
@@ -78,12 +79,6 @@ class Round:
                 "predicted_speedup": self.predicted_speedup, "measured_speedup": self.measured.get("speedup"),
                 "measured_loss_mse": self.measured.get("loss_mse"),
                 "corrections": {str(k): v for k, v in self.corrections.items()}, "note": self.note}
-
-
-def speedup_interval(measured: dict) -> tuple[float, float]:
-    """The measured speed-up's range from the 95% CIs of the two medians (hp and plan)."""
-    (hp_lo, hp_hi), (plan_lo, plan_hi) = measured["hp_ci"], measured["plan_ci"]
-    return hp_lo / plan_hi, hp_hi / plan_lo
 
 
 def falls_short(predicted_speedup: float | None, measured: dict) -> bool:

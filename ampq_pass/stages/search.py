@@ -32,6 +32,7 @@ from typing import Callable
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import CostModel, Protocol, quick_protocol, with_protocol  # noqa: F401 (re-exported)
 from ampq_pass.stages.solve import Solution
+from ampq_pass.stages.verify import speedup_interval
 
 Metric = Callable[[str], float]
 
@@ -250,11 +251,6 @@ def bisect_front(n: int, within: Callable[[int], bool]) -> tuple[int, list[int]]
         else:
             hi = mid
     return lo, asked
-
-
-def speedup_interval(measured: dict) -> tuple[float, float]:
-    (hp_lo, hp_hi), (plan_lo, plan_hi) = measured["hp_ci"], measured["plan_ci"]
-    return hp_lo / plan_hi, hp_hi / plan_lo
 
 
 def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,

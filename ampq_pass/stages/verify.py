@@ -10,7 +10,7 @@ import onnx
 import torch
 
 from ampq_pass.core import ort
-from ampq_pass.core.measure import CostModel
+from ampq_pass.core.measure import CostModel, paired_ratio
 from ampq_pass.core.proto import copy_model, fits_protobuf
 from ampq_pass.core.samples import Samples
 from ampq_pass.stages.sensitivity.losses import Loss, logit_tensors, loss_tensors, make_loss
@@ -97,7 +97,9 @@ def _graph_outputs(model, hp: list) -> list[str]:
 def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples, backend, timing_inputs,
            *, loss: str = "projection", batch_size: int = 8, seed: int = 0, hp_outputs=None) -> dict:
     """Measured loss MSE on ``holdout`` and, on a timing backend, the end-to-end speed-up
-    (both models timed interleaved on ``timing_inputs``) with its confidence intervals."""
+    (both models timed interleaved on ``timing_inputs``) with its confidence intervals:
+    ``speedup`` is the median per-round ratio and ``speedup_ci`` its 95% CI where the rounds
+    pair (:func:`speedup_interval`), else the ratio of the medians."""
     out = {"loss_mse": measured_loss_mse(model, rewritten, holdout, loss, batch_size=batch_size,
                                          seed=seed, hp_outputs=hp_outputs)}
     if isinstance(backend, CostModel):
@@ -107,4 +109,18 @@ def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples,
     t = backend.time({"hp": model, "plan": rewritten}, timing_inputs)
     out.update(speedup=t["hp"].median / t["plan"].median, hp_time=t["hp"].median, plan_time=t["plan"].median,
                hp_ci=[t["hp"].ci_low, t["hp"].ci_high], plan_ci=[t["plan"].ci_low, t["plan"].ci_high])
+    paired = paired_ratio(t["hp"], t["plan"])
+    if paired is not None:
+        out.update(speedup=paired[0], speedup_ci=[paired[1], paired[2]])
     return out
+
+
+def speedup_interval(measured: dict) -> tuple[float, float]:
+    """The range of a verification's measured speed-up: the 95% CI of the median per-round
+    ratio (``speedup_ci``, :func:`ampq_pass.core.measure.paired_ratio`) where the rounds pair,
+    else the widest ratio of the two medians' CIs (``hp_ci``, ``plan_ci``)."""
+    if measured.get("speedup_ci"):
+        lo, hi = measured["speedup_ci"]
+        return float(lo), float(hi)
+    (hp_lo, hp_hi), (plan_lo, plan_hi) = measured["hp_ci"], measured["plan_ci"]
+    return hp_lo / plan_hi, hp_hi / plan_lo

@@ -43,3 +43,18 @@ def test_a_cap_never_stops_before_min_repeats():
     p = Protocol(warmup=0, min_repeats=4, max_repeats=50, rel_ci=0.0, max_seconds=0.0)
     got = interleave({k: (lambda i, k=k: runs[k].append(i)) for k in runs}, p, clock=clock)
     assert len(runs["a"]) == len(runs["b"]) == 4 and len(got["a"].samples) == 4
+
+
+def test_paired_ratio_cancels_what_hits_a_whole_round():
+    import numpy as np
+    from ampq_pass.core.measure import Timing, paired_ratio
+
+    rng = np.random.default_rng(0)
+    load = rng.uniform(1.0, 1.6, 40)          # a burst of load slows both models of a round alike
+    base, other = Timing.of(list(0.10 * load)), Timing.of(list(0.08 * load * rng.uniform(0.99, 1.01, 40)))
+    median, lo, hi = paired_ratio(base, other)
+    assert lo <= median <= hi and abs(median - 1.25) < 0.01 and hi - lo < 0.02
+    # the medians' own intervals carry the load: their widest ratio is far wider
+    assert base.ci_high / other.ci_low - base.ci_low / other.ci_high > 5 * (hi - lo)
+    assert paired_ratio(base, Timing.of(list(0.08 * load[:30]))) is None   # not from the same rounds
+    assert paired_ratio(Timing.exact(1.0), Timing.exact(0.5)) is None      # one sample: nothing to pair

@@ -8,7 +8,8 @@ from ampq_pass.core.model import load_model
 from ampq_pass.pipeline import run_pass
 from ampq_pass.stages.layers import find_layers
 from ampq_pass.stages.partition import partition
-from ampq_pass.stages.repair import correct, falls_short, quantized_groups, speedup_interval
+from ampq_pass.stages.repair import correct, falls_short, quantized_groups
+from ampq_pass.stages.verify import speedup_interval
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.timing import ConfigGain, GainTable, SubgraphGains
 
