@@ -55,11 +55,12 @@ from ampq_pass.stages.verify import run_batches  # noqa: E402
 
 MODELS = HERE / "corpus" / "models"
 RESULT_DIR = RESULTS / "cnn_fronts"
-#: the CNNs of issue 13's target list that the corpus holds (MobileNetV2 stands in for V3: the
-#: corpus exports MobileNetV2, the transformers class that exists offline; its classic export has a
-#: TensorFlow-style Pad before every convolution, the dynamo one none), in the order run
+#: the CNNs of issue 13's target list that the corpus holds, in the order run: MobileNetV3 is PaddleOCR's
+#: text detector (a MobileNetV3-large x0.5 backbone with its FPN and DB head, real weights, paddle2onnx);
+#: MobileNetV2 is the transformers class (its classic export has a TensorFlow-style Pad before every
+#: convolution, the dynamo one none)
 CNNS = ("resnet50_classic", "nudenet_yolov8n", "mobilenetv2_dynamo", "mobilenetv2_classic", "efficientnet_b0_classic",
-        "mtcnn_onet", "mtcnn_rnet", "mtcnn_pnet", "convnext_tiny_classic")
+        "mtcnn_onet", "mtcnn_rnet", "mtcnn_pnet", "convnext_tiny_classic", "ppocr_det_mobilenetv3")
 #: the last, no budget at all (``front.NO_BUDGET``): the fastest plan the pass finds, whatever its loss, so that
 #: the front reaches as far into the error axis as ORT's points do (MobileNetV2's are at 27% output error)
 BUDGETS = (0.02, 0.05, 0.1, 0.3, front.NO_BUDGET)
@@ -69,9 +70,12 @@ BATCH = 8
 
 def eval_inputs(name: str) -> tuple[str, np.ndarray, str]:
     """(input name, 32 evaluation inputs, how they were made): the corpus's generator, another seed."""
-    from build import IMAGENET_MEAN, IMAGENET_STD, smooth_images
+    from build import IMAGENET_MEAN, IMAGENET_STD, smooth_images, text_images
 
     seed = 2000 + sum(map(ord, name)) % 1000
+    if name == "ppocr_det_mobilenetv3":  # PaddleOCR's DB preprocessing: BGR, ImageNet mean/std
+        x = ((text_images(32, 320, 320, seed)[:, ::-1] - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+        return "x", x, f"text_images seed {seed} (rendered text pages), BGR, ImageNet normalisation"
     if name == "nudenet_yolov8n":
         return "images", smooth_images(32, 320, 320, seed).astype(np.float32), f"smooth_images seed {seed}, 0..1"
     if name.startswith("mtcnn_"):
