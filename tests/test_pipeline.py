@@ -74,7 +74,9 @@ def test_ort_backend_pareto_and_cache(tmp_path, block_file):
         assert [n.op_type for n in written.graph.node if t in n.output] == ["DequantizeLinear"]
     second = run_pass(block_file, tmp_path / "o2.onnx", **kw)
     assert all(sg["cached"] for sg in second.report["subgraphs"])
-    assert second.solution.plan.formats == first.solution.plan.formats
+    # the cached table gives the same solver plan; whether it then measures faster than the input
+    # beyond the noise is a fresh measurement (a one-layer plan on this small block is marginal)
+    assert second.report["rounds"][0]["formats"] == first.report["rounds"][0]["formats"]
 
 
 @pytest.mark.parametrize("kw, message", [

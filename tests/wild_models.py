@@ -51,15 +51,22 @@ def wild_cnn(seed: int = 0, opset: int = 12, c: int = 8, height: int = 8) -> onn
     nodes.append(helper.make_node("Pad", ["r1", "dw_pads", "pad_zero"], ["r1_padded"], name="dw_pad"))
     nodes.append(helper.make_node("Conv", ["r1_padded", "dw_w"], ["dw_y"], name="depthwise", auto_pad="VALID", group=c))
     nodes.append(helper.make_node("BatchNormalization", ["dw_y", *bn2], ["bn2_y"], name="bn2"))
-    nodes.append(helper.make_node("Relu", ["bn2_y"], ["r2"], name="relu2"))
-    # grouped ConvTranspose (weight [C_in, C_out/group, k, k]) followed by BatchNorm
+    # hard-swish as paddle2onnx spells it: x * Clip(x + 3, 0, 6) / 6
+    inits.extend(numpy_helper.from_array(np.array(v, f32), k) for k, v in (("three", 3), ("zero", 0), ("six", 6)))
+    nodes.append(helper.make_node("Add", ["bn2_y", "three"], ["hs_a"], name="hs_add"))
+    nodes.append(helper.make_node("Clip", ["hs_a", "zero", "six"], ["hs_c"], name="hs_clip"))
+    nodes.append(helper.make_node("Mul", ["bn2_y", "hs_c"], ["hs_m"], name="hs_mul"))
+    nodes.append(helper.make_node("Div", ["hs_m", "six"], ["r2"], name="hs_div"))
+    # grouped ConvTranspose (weight [C_in, C_out/group, k, k]), its bias an Add of a [1, C, 1, 1]
+    # constant (as paddle2onnx writes it, there a Reshape of the bias: ONNX Runtime cannot infer a
+    # Reshape's shape from external data, and test_large saves this model all external), then BatchNorm
     groups, c_up = 2, c // 2
     inits.append(numpy_helper.from_array((rng.standard_normal((c, c_up // groups, 2, 2)) / 2).astype(f32), "up_w"))
-    inits.append(numpy_helper.from_array((rng.standard_normal(c_up) * 0.1).astype(f32), "up_b"))
+    inits.append(numpy_helper.from_array((rng.standard_normal((1, c_up, 1, 1)) * 0.1).astype(f32), "up_b"))
     bn3 = _bn_params(rng, c_up, "bn3")
     inits.extend(numpy_helper.from_array(v, k) for k, v in bn3.items())
-    nodes.append(helper.make_node("ConvTranspose", ["r2", "up_w", "up_b"], ["up_y"], name="up", strides=[2, 2],
-                                  group=groups))
+    nodes.append(helper.make_node("ConvTranspose", ["r2", "up_w"], ["up_y0"], name="up", strides=[2, 2], group=groups))
+    nodes.append(helper.make_node("Add", ["up_y0", "up_b"], ["up_y"], name="up_bias"))
     nodes.append(helper.make_node("BatchNormalization", ["up_y", *bn3], ["bn3_y"], name="bn3"))
     nodes.append(helper.make_node("Relu", ["bn3_y"], ["r3"], name="relu3"))
     nodes.append(helper.make_node("ReduceMean", ["r3"], ["pooled"], name="pool", axes=[2, 3], keepdims=0))

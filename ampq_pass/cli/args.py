@@ -8,6 +8,7 @@ import onnx
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import get_format
+from ampq_pass.core.model import finish_loading, read_model
 from ampq_pass.core.samples import Samples, calib_feeds, load_samples, synthetic_samples
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS
 
@@ -33,6 +34,17 @@ def samples_from_args(args: argparse.Namespace, model: onnx.ModelProto) -> Sampl
     """``--calib`` / ``--calib-feeds`` read and validated against ``model``, or synthetic inputs
     (with a warning)."""
     return load_samples(args.calib, model) if args.calib else synthetic_samples(model)
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[onnx.ModelProto, Samples | None]:
+    """``args.model`` normalised, and the ``--calib`` samples (None without them). The
+    normalisation is checked on the first calibration samples where they are given: random
+    probes cannot run every model (a text detector whose image sizes must be multiples of 32)."""
+    if not args.calib:
+        return finish_loading(read_model(args.model), args.model), None
+    raw = read_model(args.model)
+    samples = load_samples(args.calib, raw)
+    return finish_loading(raw, args.model, feeds=next(samples.batches(2))), samples
 
 
 def parse_formats(arg: str | None) -> tuple[str, ...] | None:

@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 from ampq_pass.backends import get_backend
-from ampq_pass.cli.args import add_calib_args, add_debug_arg, parse_formats, parse_shapes, samples_from_args
+from ampq_pass.cli.args import (add_calib_args, add_debug_arg, model_from_args, parse_formats, parse_shapes,
+                                samples_from_args)
 from ampq_pass.core.cache import Cache, save_json
 from ampq_pass.core.errors import AmpqError
-from ampq_pass.core.model import check_output_path, load_model, save_model
+from ampq_pass.core.model import check_output_path, save_model
 from ampq_pass.core.text import table
 from ampq_pass.stages.calibrate import compute_ranges
 from ampq_pass.stages.layers import find_layers, layer_macs, require_layers
@@ -110,12 +111,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def cmd_inspect(args) -> int:
-    model = load_model(args.model)
+    model, samples = model_from_args(args)
     layers = require_layers(model, find_layers(model), args.model)
     from ampq_pass.stages.sensitivity.executor import check_supported  # torch loads only here
 
     check_supported(model)  # what the whole pass would refuse, inspect refuses too
-    samples = samples_from_args(args, model)
+    samples = samples or samples_from_args(args, model)
     batch = next(samples.batches(args.batch_size))
     macs = layer_macs(model, layers, batch)
     n = len(next(iter(batch.values())))
@@ -133,7 +134,7 @@ def cmd_inspect(args) -> int:
 def cmd_rewrite(args) -> int:
     if not args.plan:
         return cmd_search(args)
-    model = load_model(args.model)
+    model, samples = model_from_args(args)
     check_output_path(args.output, args.model)
     plan = load_plan(args.plan)
     layers = find_layers(model)
@@ -141,7 +142,7 @@ def cmd_rewrite(args) -> int:
     ranges = rules = None
     if plan.used_formats():
         rules = get_backend(args.backend).capabilities().rules  # the ops between layers it fuses in 8 bits
-        samples = samples_from_args(args, model)
+        samples = samples or samples_from_args(args, model)
         ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
                                 cache=Cache(args.cache_dir), rules=rules)
     out = rewrite(model, layers, plan, ranges, rules=rules)

@@ -269,7 +269,7 @@ class ConstantsToInitializers(NormalizationPass):
         keep, moved = [], 0
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
-                tensor = _constant_value(node)
+                tensor = _constant_node_value(node)
                 if tensor is not None:
                     tensor.name = node.output[0]
                     _add_initializer(model, tensor)
@@ -401,7 +401,8 @@ class FoldPadsIntoConvs(NormalizationPass):
             value = pad.input[2] if len(pad.input) > 2 else ""
             if value and (value not in inits or np.any(numpy_helper.to_array(inits[value]) != 0)):
                 continue
-            pads, chain = self._known(model, pad.input[1], inits, producer)
+            pads, chain = constant_value(model, pad.input[1], inits, producer, max_chain=self.MAX_CHAIN)
+            pads = pads.astype(np.int64) if pads is not None and pads.dtype.kind in "iu" else None
             if pads is None:
                 continue
             rank = pads.size // 2
@@ -422,56 +423,229 @@ class FoldPadsIntoConvs(NormalizationPass):
             folded.append(f"{pad.name} into {conv.name}")
         if not folded:
             return _result(model)
-        keep = [n for n in graph.node if id(n) not in removed]
-        # the pads chains' nodes that nothing reads any more
-        chain_ids = {id(n) for n in chains}
-        while True:
-            read = {i for n in keep for i in n.input if i} | outputs
-            for n in keep:
-                for sub in bodies(n):
-                    read.update(i for b in sub.node for i in b.input)
-            dead = [n for n in keep if id(n) in chain_ids and not any(o in read for o in n.output)]
-            if not dead:
-                break
-            keep = [n for n in keep if all(n is not d for d in dead)]
+        _remove_nodes(graph, removed, chains, inits)
+        return _result(model, Change(f"folded {len(folded)} Pad nodes into convolutions "
+                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", timing=True))
+
+class FoldBiasAddsIntoConvs(NormalizationPass):
+    """Fold ``Add(Conv(x, W, b), c)``, ``c`` one constant per output channel, into the bias.
+
+    For a ``Conv``/``ConvTranspose`` with an initializer weight ``W`` (float, rank ``r``),
+    its bias ``b`` absent or an initializer, whose output ``y`` is not a graph output and has
+    one reader ``z = Add(y, c)`` (or ``Add(c, y)``) where ``c`` is an initializer or computed
+    from initializers only (:func:`constant_value`), float, of rank at most ``r``, and of a
+    shape that, right-aligned to rank ``r``, is 1 on every axis but axis 1 and there 1 or
+    ``C_out`` (``W.shape[0]``; ``W.shape[1] * group`` for ConvTranspose): the convolution reads
+    the bias ``b + c`` (computed in float64, stored in ``W``'s dtype as ``<conv>_biasfold``)
+    and produces ``z``; the Add, and the nodes that computed ``c`` when nothing else reads
+    them, are removed.
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some Add folded; one inexact change
+        ``"folded <k> per-channel Add nodes into convolution biases (<add> into <conv>, ...)"``
+        (the constant is added inside the convolution: the float sum may round differently).
+
+    Notes
+    -----
+    paddle2onnx writes every convolution with a bias as a bias-less Conv and an Add of
+    the bias reshaped to ``[1, C, 1, 1]`` (PaddleOCR's detector: 18 of them). ONNX Runtime
+    fuses them in a float model (``ConvAddFusion``), but in a QDQ model the Add sits between
+    the convolution and its QuantizeLinear, and the convolution stays float.
+    """
+
+    #: a chain computing ``c`` longer than this is not evaluated
+    MAX_CHAIN = 16
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        readers = consumers(graph)
+        outputs = _graph_outputs(graph)
+        producer = {o: n for n in graph.node for o in n.output if o}
+        removed: set[int] = set()
+        chains: list[onnx.NodeProto] = []
+        folded = []
+        for conv in graph.node:
+            if conv.op_type not in ("Conv", "ConvTranspose") or conv.domain not in ("", "ai.onnx") \
+                    or len(conv.input) < 2 or conv.input[1] not in inits:
+                continue
+            y = conv.output[0]
+            users = readers.get(y, [])
+            if y in outputs or len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+                continue
+            add = users[0]
+            if len(add.input) != 2 or add.input[0] == add.input[1]:
+                continue
+            bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+            if bias is not None and bias not in inits:
+                continue
+            w = numpy_helper.to_array(inits[conv.input[1]])
+            other = add.input[1] if add.input[0] == y else add.input[0]
+            c, chain = constant_value(model, other, inits, producer, max_chain=self.MAX_CHAIN)
+            if w.dtype.kind != "f" or c is None or c.dtype.kind != "f" or c.ndim > w.ndim:
+                continue
+            c_out = w.shape[0] if conv.op_type == "Conv" else w.shape[1] * attribute(conv, "group", 1)
+            shape = (1,) * (w.ndim - c.ndim) + c.shape
+            if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, c_out):
+                continue
+            b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(c_out)
+            name = f"{conv.name}_biasfold"
+            new_b = numpy_helper.from_array((b + c.astype(np.float64).reshape(-1)).astype(w.dtype), name)
+            graph.initializer.append(new_b)
+            inits[name] = new_b
+            if len(conv.input) > 2:
+                conv.input[2] = name
+            else:
+                conv.input.append(name)
+            conv.output[0] = add.output[0]  # the convolution now produces what the Add produced
+            removed.add(id(add))
+            chains.extend(chain)
+            folded.append(f"{add.name} into {conv.name}")
+        if not folded:
+            return _result(model)
+        _remove_nodes(graph, removed, chains, inits)
+        return _result(model, Change(f"folded {len(folded)} per-channel Add nodes into convolution biases "
+                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", exact=False))
+
+
+class FuseHardSwish(NormalizationPass):
+    """Fuse the element-wise spelling of hard-swish and hard-sigmoid into one op.
+
+    For a float tensor ``x`` and scalar constants ``a`` and ``b > 0`` (initializers), with
+    ``h = Clip(Add(x, a), 0, b)`` (``Add`` operands in either order, ``Clip`` bounds given as
+    inputs; or ``h = Clip(x, 0, b)`` and ``a = 0``):
+
+    - ``Div(Mul(x, h), b)`` (``Mul`` in either order; ``Div(., b)`` or ``Mul(., 1/b)``)
+      becomes ``HardSwish(x)`` when ``a = 3``, ``b = 6`` and the opset is at least 14, else
+      ``Mul(x, HardSigmoid(x, alpha=1/b, beta=a/b))``;
+    - ``Div(h, b)`` becomes ``HardSigmoid(x, alpha=1/b, beta=a/b)``.
+
+    Only where every intermediate tensor has that one reader and is not a graph output; the
+    new nodes are named after the node whose output they produce (``<name>_hardsigmoid``).
+
+    Returns
+    -------
+    PassResult
+        ``modified`` iff some pattern fused; one inexact change
+        ``"fused <k> element-wise hard-swish/hard-sigmoid patterns (<node>, ...)"`` (the op
+        computes ``x/b + a/b`` where the pattern computed ``(x + a)/b``), marked ``timing``.
+
+    Notes
+    -----
+    paddle2onnx (and torch's exporter below opset 14) writes MobileNetV3's hard-swish as
+    four element-wise ops; ONNX Runtime fuses none of them, so each pass over the activation
+    is paid four times, in a float model and between the Q/DQ of an int8 one alike.
+    """
+
+    def call(self, model: onnx.ModelProto, *, source: str) -> PassResult:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        readers = consumers(graph)
+        outputs = _graph_outputs(graph)
+        producer = {o: n for n in graph.node for o in n.output if o}
+        swish = default_opset(model) >= 14
+        taken = {n.name for n in graph.node}
+
+        def fresh(name):
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            return name
+
+        removed: set[int] = set()
+        added: dict[int, list[onnx.NodeProto]] = {}  # id(last node of a pattern) -> its replacement
+        fused = []
+
+        def scalar(name):
+            if name not in inits or inits[name].data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+                return None
+            v = numpy_helper.to_array(inits[name])
+            return float(v.reshape(-1)[0]) if v.size == 1 else None
+
+        def only_reader(name, node):
+            return name not in outputs and len(readers.get(name, [])) == 1 and readers[name][0] is node
+
+        def divided(node):
+            """The divisor when ``node`` is ``Div(t, b)`` or ``Mul(t, 1/b)`` of a scalar: (t, b)."""
+            if node.op_type == "Div" and len(node.input) == 2 and scalar(node.input[1]):
+                return node.input[0], scalar(node.input[1])
+            if node.op_type == "Mul" and len(node.input) == 2:
+                for t, c in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+                    if scalar(c):
+                        return t, 1.0 / scalar(c)
+            return None, None
+
+        def hard_sigmoid_of(name):
+            """``(x, a, b, nodes)`` when ``name`` is ``Clip(Add(x, a), 0, b)``, or ``Clip(x, 0, b)``
+            with ``a = 0`` (an Add of a constant straight after a convolution is in its bias by now)."""
+            clip = producer.get(name)
+            if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or id(clip) in removed:
+                return None
+            lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
+            if lo != 0.0 or not hi or hi <= 0 or clip.input[0] in inits:
+                return None
+            add = producer.get(clip.input[0])
+            if add is not None and add.op_type == "Add" and len(add.input) == 2 and id(add) not in removed \
+                    and only_reader(add.output[0], clip):
+                for x, c in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+                    if scalar(c) is not None and x not in inits:
+                        return x, scalar(c), hi, [add, clip]
+            return clip.input[0], 0.0, hi, [clip]
+
+        for last in graph.node:
+            if last.domain not in ("", "ai.onnx") or id(last) in removed:
+                continue
+            t, b = divided(last)
+            if t is None or not only_reader(t, last):
+                continue
+            inner = producer.get(t)
+            if inner is None or id(inner) in removed:
+                continue
+            y = last.output[0]
+            got = hard_sigmoid_of(t)
+            if got is not None and _same(got[2], b):                                 # Div(h, b)
+                x, a, _, nodes = got
+                new = [helper.make_node("HardSigmoid", [x], [y], name=fresh(f"{last.name}_hardsigmoid"), alpha=1.0 / b,
+                                        beta=a / b)]
+            elif inner.op_type == "Mul" and len(inner.input) == 2:                  # Div(Mul(x, h), b)
+                for x, h in ((inner.input[0], inner.input[1]), (inner.input[1], inner.input[0])):
+                    got = hard_sigmoid_of(h)
+                    if got is not None and got[0] == x and _same(got[2], b) and only_reader(h, inner):
+                        break
+                else:
+                    continue
+                _, a, _, nodes = got
+                nodes = nodes + [inner]
+                if swish and _same(a, 3.0) and _same(b, 6.0):
+                    new = [helper.make_node("HardSwish", [x], [y], name=fresh(f"{last.name}_hardswish"))]
+                else:
+                    gate = f"{last.name}_hardsigmoid_out"
+                    new = [helper.make_node("HardSigmoid", [x], [gate], name=fresh(f"{last.name}_hardsigmoid"),
+                                            alpha=1.0 / b, beta=a / b),
+                           helper.make_node("Mul", [x, gate], [y], name=last.name)]
+            else:
+                continue
+            removed.update(id(n) for n in nodes)
+            added[id(last)] = new
+            fused.append(last.name)
+        if not fused:
+            return _result(model)
+        keep = []
+        for n in graph.node:
+            if id(n) in added:
+                keep.extend(added[id(n)])
+            elif id(n) not in removed:
+                keep.append(n)
         del graph.node[:]
         graph.node.extend(keep)
         written = {o for n in graph.node for o in n.output}
         for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
             graph.value_info.remove(v)
-        return _result(model, Change(f"folded {len(folded)} Pad nodes into convolutions "
-                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", timing=True))
-
-    def _known(self, model, name, inits, producer) -> tuple[np.ndarray | None, list[onnx.NodeProto]]:
-        """The value of tensor ``name`` when it is an initializer or computed from initializers only
-        by default-domain nodes without bodies, and the nodes computing it."""
-        if name in inits:
-            return numpy_helper.to_array(inits[name]), []
-        chain, todo, seen = [], [name], set()
-        while todo:
-            t = todo.pop()
-            if t in inits or t in seen or not t:
-                continue
-            seen.add(t)
-            node = producer.get(t)
-            if node is None or node.domain not in ("", "ai.onnx") or bodies(node) or len(chain) >= self.MAX_CHAIN:
-                return None, []
-            if all(node is not c for c in chain):
-                chain.append(node)
-            todo.extend(node.input)
-        order = [n for n in model.graph.node if any(n is c for c in chain)]
-        used = {i for n in order for i in n.input}
-        sub = helper.make_graph(order, "pads", [], [helper.make_tensor_value_info(name, TensorProto.INT64, None)],
-                                [inits[i] for i in used if i in inits])
-        try:
-            from onnx.reference import ReferenceEvaluator
-
-            value = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import,
-                                                         ir_version=model.ir_version)).run(None, {})[0]
-        except Exception:  # noqa: BLE001 - an op the reference cannot evaluate: the Pad stays
-            return None, []
-        value = np.asarray(value)
-        return (value.astype(np.int64), order) if value.dtype.kind in "iu" else (None, [])
+        return _result(model, Change(f"fused {len(fused)} element-wise hard-swish/hard-sigmoid patterns "
+                                     f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''})", exact=False,
+                                     timing=True))
 
 
 class FoldBatchNorms(NormalizationPass):
@@ -597,7 +771,9 @@ NORMALIZATION_PASSES: tuple[NormalizationPass, ...] = (
     ConstantsToInitializers(),
     FoldIdentityAndCast(),
     FoldPadsIntoConvs(),
+    FoldBiasAddsIntoConvs(),
     FoldBatchNorms(),
+    FuseHardSwish(),
     DropUnusedInitializers(),
 )
 
@@ -617,8 +793,74 @@ def normalize(model: onnx.ModelProto, *, source: str = "model",
 
 # ----------------------------------------------------------------------------- helpers
 
+def _same(a: float, b: float) -> bool:
+    """Equal up to float32 rounding (a divisor written as a multiplication by its inverse)."""
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+
+
 def _graph_outputs(graph: onnx.GraphProto) -> set[str]:
     return {o.name for o in graph.output}
+
+
+def constant_value(model: onnx.ModelProto, name: str, inits: dict[str, TensorProto],
+                   producer: dict[str, onnx.NodeProto], *, max_chain: int = 64
+                   ) -> tuple[np.ndarray | None, list[onnx.NodeProto]]:
+    """The value of tensor ``name`` when it is an initializer or computed from initializers only
+    by at most ``max_chain`` default-domain nodes without bodies, and the nodes computing it
+    (in graph order); ``(None, [])`` otherwise, or when ``onnx.reference`` cannot evaluate them.
+
+    onnx has no constant-folding pass (see :class:`FoldIdentityAndCast`); the chains folded
+    here are exporters' small shape computations (a Pad's pads, a bias reshaped for an Add).
+    """
+    if name in inits:
+        return numpy_helper.to_array(inits[name]), []
+    chain, todo, seen = [], [name], set()
+    while todo:
+        t = todo.pop()
+        if t in inits or t in seen or not t:
+            continue
+        seen.add(t)
+        node = producer.get(t)
+        if node is None or node.domain not in ("", "ai.onnx") or bodies(node) or len(chain) >= max_chain:
+            return None, []
+        if all(node is not c for c in chain):
+            chain.append(node)
+        todo.extend(node.input)
+    order = [n for n in model.graph.node if any(n is c for c in chain)]
+    used = {i for n in order for i in n.input}
+    sub = helper.make_graph(order, "constant", [], [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)],
+                            [inits[i] for i in used if i in inits])
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        value = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import,
+                                                     ir_version=model.ir_version)).run(None, {})[0]
+    except Exception:  # noqa: BLE001 - an op the reference cannot evaluate: the tensor is not known
+        return None, []
+    return np.asarray(value), order
+
+
+def _remove_nodes(graph: onnx.GraphProto, removed: set[int], chains: list[onnx.NodeProto],
+                  inits: dict[str, TensorProto]) -> None:
+    """Remove the nodes whose ``id`` is in ``removed``, then the ``chains`` nodes nothing reads any
+    more (to a fixpoint), and the ``value_info`` of tensors no node writes."""
+    outputs = _graph_outputs(graph)
+    keep = [n for n in graph.node if id(n) not in removed]
+    chain_ids = {id(n) for n in chains}
+    while True:
+        read = {i for n in keep for i in n.input if i} | outputs
+        for n in keep:
+            for sub in bodies(n):
+                read.update(i for b in sub.node for i in b.input)
+        dead = [n for n in keep if id(n) in chain_ids and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        keep = [n for n in keep if all(n is not d for d in dead)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    written = {o for n in graph.node for o in n.output}
+    for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
+        graph.value_info.remove(v)
 
 
 def _add_initializer(model: onnx.ModelProto, tensor: TensorProto) -> None:
@@ -627,7 +869,7 @@ def _add_initializer(model: onnx.ModelProto, tensor: TensorProto) -> None:
         model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
 
 
-def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
+def _constant_node_value(node: onnx.NodeProto) -> TensorProto | None:
     """The tensor a ``Constant`` node produces, or None for kinds kept as nodes (strings, sparse)."""
     if len(node.attribute) != 1:
         return None

@@ -47,6 +47,41 @@ def test_rewrite_with_plan_works(work, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def _multiple_of_32_model() -> onnx.ModelProto:
+    """Conv (stride 32) -> BatchNormalization -> Resize x32 -> Add with the input: runs only on
+    sizes that are multiples of 32 (as a text detector's FPN does); its BN is folded at load."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1.0, 1.0, 32.0, 32.0], np.float32), "scales")]
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 3).astype(np.float32), n) for n in ("g", "v")]
+    inits += [numpy_helper.from_array(rng.normal(size=3).astype(np.float32), n) for n in ("b", "m")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", strides=[32, 32]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Resize", ["n", "", "scales"], ["u"], name="up", mode="nearest"),
+             helper.make_node("Add", ["u", "x"], ["y"], name="add")]
+    dims = ["n", 3, "h", "w"]
+    g = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("x", 1, dims)],
+                          [helper.make_tensor_value_info("y", 1, dims)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_with_a_plan_normalisation_is_checked_on_the_calibration_samples(tmp_path, capsys):
+    # random probes (symbolic dims 16) cannot run this model; its calibration samples can
+    onnx.save(_multiple_of_32_model(), tmp_path / "fpn.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(4, 3, 64, 64)).astype(np.float32))
+    (tmp_path / "plan.json").write_text(json.dumps({"formats": {"conv": "int8"}}))
+    rc = main([str(tmp_path / "fpn.onnx"), "-o", str(tmp_path / "out.onnx"), "--plan", str(tmp_path / "plan.json"),
+               "--calib", str(tmp_path / "calib.npz"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "normalisation not verified" not in err, err
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"))
+    (tmp_path / "hp.json").write_text(json.dumps({"formats": {}}))
+    rc = main([str(tmp_path / "fpn.onnx"), "-o", str(tmp_path / "out2.onnx"), "--plan", str(tmp_path / "hp.json")])
+    assert rc == 0 and "normalisation not verified" in capsys.readouterr().err  # without samples: said so
+
+
 def test_not_onnx(work, capsys):
     (work / "junk.onnx").write_text("not a model")
     _fails(capsys, [work / "junk.onnx", "-o", work / "o.onnx", "--plan", work / "plan.json"], r"junk\.onnx", work)

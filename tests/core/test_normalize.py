@@ -110,8 +110,8 @@ def test_each_pass_reports_whether_it_modified(wild, mlp_model):
 
     passes = nm.NORMALIZATION_PASSES
     assert [type(p).__name__ for p in passes] == ["NameNodes", "UpgradeOpset", "ConstantsToInitializers",
-                                                  "FoldIdentityAndCast", "FoldPadsIntoConvs", "FoldBatchNorms",
-                                                  "DropUnusedInitializers"]
+                                                  "FoldIdentityAndCast", "FoldPadsIntoConvs", "FoldBiasAddsIntoConvs",
+                                                  "FoldBatchNorms", "FuseHardSwish", "DropUnusedInitializers"]
     normalised, _ = normalize(_unnamed_relus(_copy(wild)))
     for index, pass_ in enumerate(passes):
         for done in (normalised, mlp_model):
@@ -124,19 +124,22 @@ def test_each_pass_reports_whether_it_modified(wild, mlp_model):
         assert pass_.in_place == (result.model is before)
         if not isinstance(pass_, nm.DropUnusedInitializers):  # the only pass that reports nothing
             assert result.changes, pass_
-        assert all(c.exact for c in result.changes) == (not isinstance(pass_, (nm.UpgradeOpset, nm.FoldBatchNorms)))
+        inexact = (nm.UpgradeOpset, nm.FoldBiasAddsIntoConvs, nm.FoldBatchNorms, nm.FuseHardSwish)
+        assert all(c.exact for c in result.changes) == (not isinstance(pass_, inexact))
 
 
 def test_normalize_reports_each_pass_change_in_order(wild):
     _, done = normalize(_unnamed_relus(_copy(wild)))
     assert done.changes == [
-        "named 4 unnamed nodes <op>_<index>",
+        "named 3 unnamed nodes <op>_<index>",
         "upgraded opset 12 -> 13 with onnx.version_converter",
         "moved 9 Constant nodes into initializers",
         "removed 1 Identity nodes of weights",
         "folded 1 Cast nodes of weights into initializers",
         "folded 1 Pad nodes into convolutions (dw_pad into depthwise)",
-        "folded 3 BatchNormalization into convolutions (bn1 into stem, bn2 into depthwise, bn3 into up)"]
+        "folded 1 per-channel Add nodes into convolution biases (up_bias into up)",
+        "folded 3 BatchNormalization into convolutions (bn1 into stem, bn2 into depthwise, bn3 into up)",
+        "fused 1 element-wise hard-swish/hard-sigmoid patterns (hs_div)"]
     assert not done.exact
 
 
@@ -314,3 +317,106 @@ def test_a_pad_that_is_not_a_zero_spatial_pad_of_one_conv_stays(case):
     done, record = normalize_checked(model, source="padconv.onnx")
     assert "Pad" in [n.op_type for n in done.graph.node]
     assert not any("Pad nodes" in c for c in record.changes)
+
+
+def _conv_add(c_shape=(1, 4, 1, 1), conv_bias=False, reshape=False, second_reader=False, add_input_from_x=False):
+    """x -> Conv(3 -> 4) -> Add(c): c an initializer of ``c_shape`` (or that reshaped by a Reshape node)."""
+    rng = np.random.default_rng(4)
+    c = rng.standard_normal(int(np.prod(c_shape))).astype(np.float32)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) / 5).astype(np.float32), "w"),
+             numpy_helper.from_array(c if reshape else c.reshape(c_shape), "c")]
+    nodes = [helper.make_node("Conv", ["x", "w"] + (["b"] if conv_bias else []), ["y"], name="conv", pads=[1, 1, 1, 1])]
+    if conv_bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"))
+    operand = "c"
+    if reshape:
+        inits.append(numpy_helper.from_array(np.array(c_shape, np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["c", "shape"], ["c4"], name="reshape"))
+        operand = "c4"
+    if add_input_from_x:  # an operand computed from the input: not a constant
+        nodes.append(helper.make_node("ReduceMean", ["x"], ["xm"], name="mean", axes=[1, 2, 3], keepdims=1))
+        operand = "xm"
+    nodes.append(helper.make_node("Add", [operand, "y"], ["z"], name="add"))
+    outs = [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))
+        outs.append(helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "convadd", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                               ["n", 3, 6, 7])], outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("case", [dict(), dict(reshape=True), dict(conv_bias=True, c_shape=(4, 1, 1)),
+                                  dict(c_shape=(1,))])
+def test_a_per_channel_add_after_a_conv_becomes_its_bias(case):
+    """Add of [1,4,1,1] (or a Reshape of [4] to it, paddle2onnx's bias; or [4,1,1] onto the conv's
+    own bias; or a scalar): one Conv with the sum as bias, the Add (and Reshape) gone, outputs equal."""
+    model = _conv_add(**case)
+    done, record = normalize_checked(_copy(model), source="convadd.onnx")
+    assert [n.op_type for n in done.graph.node] == ["Conv"]
+    assert "folded 1 per-channel Add nodes into convolution biases (add into conv)" in record.changes
+    assert done.graph.node[0].output[0] == "z" and done.graph.node[0].input[2] == "conv_biasfold"
+    x = {"x": np.random.default_rng(5).standard_normal((2, 3, 6, 7)).astype(np.float32)}
+    assert np.allclose(ort_run(done, x)[0], ort_run(model, x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [dict(c_shape=(4,)), dict(c_shape=(1, 1, 6, 1)), dict(c_shape=(1, 1, 4, 1, 1)),
+                                  dict(second_reader=True), dict(add_input_from_x=True)])
+def test_an_add_that_is_not_one_constant_per_output_channel_stays(case):
+    """Not folded: [4] broadcasts over the width, [1,1,6,1] over the height, a rank-5 constant
+    would broadcast the output up, the conv output has a second reader, the operand is computed
+    from the input."""
+    done, record = normalize_checked(_conv_add(**case), source="convadd.onnx")
+    assert "Add" in [n.op_type for n in done.graph.node]
+    assert not any("Add nodes" in c for c in record.changes)
+
+
+def _hard_swish(kind="paddle", opset=13, b=6.0, lo=0.0, second_reader=False):
+    """x -> Conv -> the element-wise hard-swish (``paddle``: x * Clip(x + 3, 0, 6) / 6; ``mul_inverse``:
+    the same with * (1/6); ``sigmoid``: Clip(x + 3, 0, 6) / 6 alone)."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 1, 1))).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k)
+              for k, v in (("three", 3.0), ("lo", lo), ("b", b), ("inv_b", 1.0 / b))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"),
+             helper.make_node("Add", ["three", "h"], ["a"], name="add"),
+             helper.make_node("Clip", ["a", "lo", "b"], ["c"], name="clip")]
+    if kind == "sigmoid":
+        nodes.append(helper.make_node("Div", ["c", "b"], ["y"], name="div"))
+    else:
+        nodes.append(helper.make_node("Mul", ["c", "h"], ["m"], name="mul"))
+        nodes.append(helper.make_node("Mul", ["m", "inv_b"], ["y"], name="div") if kind == "mul_inverse" else
+                     helper.make_node("Div", ["m", "b"], ["y"], name="div"))
+    outs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    if second_reader:
+        outs.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                              ["n", 3, 5, 5])], outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("kind,opset,ops", [("paddle", 13, ["Conv", "HardSigmoid", "Mul"]),
+                                            ("mul_inverse", 13, ["Conv", "HardSigmoid", "Mul"]),
+                                            ("paddle", 14, ["Conv", "HardSwish"]),
+                                            ("sigmoid", 13, ["Conv", "HardSigmoid"])])
+def test_element_wise_hard_swish_becomes_one_op(kind, opset, ops):
+    model = _hard_swish(kind, opset)
+    done, record = normalize_checked(_copy(model), source="hswish.onnx")
+    assert [n.op_type for n in done.graph.node] == ops
+    assert "fused 1 element-wise hard-swish/hard-sigmoid patterns (div)" in record.changes
+    assert all(n.name for n in done.graph.node) and len({n.name for n in done.graph.node}) == len(ops)
+    x = {"x": np.random.default_rng(7).standard_normal((2, 3, 5, 5)).astype(np.float32) * 4}
+    assert np.allclose(ort_run(done, x)[0], ort_run(model, x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [dict(b=5.0), dict(lo=-1.0), dict(second_reader=True)])
+def test_a_clip_that_is_not_a_hard_swish_stays(case):
+    """Not fused: a divisor other than the Clip's upper bound, a lower bound other than 0, an
+    intermediate tensor read elsewhere (here a graph output)."""
+    model = _hard_swish(**case)
+    if "b" in case:  # the Clip's bound and the divisor are both b: make them differ
+        model.graph.initializer.append(numpy_helper.from_array(np.array(6.0, np.float32), "six"))
+        next(n for n in model.graph.node if n.name == "clip").input[2] = "six"
+    done, record = normalize_checked(model, source="hswish.onnx")
+    assert "Clip" in [n.op_type for n in done.graph.node]
+    assert not any("hard-swish" in c for c in record.changes)
