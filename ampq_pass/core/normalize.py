@@ -15,6 +15,11 @@ this one (layers, rewrite, sensitivity, partition) assume:
 - a zero ``Pad`` whose only reader is a ``Conv`` is folded into the convolution's pads (so an
   int8 convolution reads its 8-bit input directly, as the float one does once ONNX Runtime
   has fused the Pad);
+- an ``Add`` of one constant per output channel after a convolution is folded into its bias
+  (paddle2onnx's bias-less Conv + Add: the Add would sit between an int8 convolution and its
+  QuantizeLinear);
+- the element-wise hard-swish ``x * Clip(x + 3, 0, 6) / 6`` is one ``HardSwish`` (opset 14 on;
+  ``x * HardSigmoid(x)`` below), so its four passes over the activation become one or two;
 - every node has a name (unnamed nodes get ``<op_type>_<index>`` from their index in the
   *original* file, before any node is removed, so plan names stay stable).
 
