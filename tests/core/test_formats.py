@@ -74,10 +74,18 @@ def test_int4_blocks_along_k(name, block):
     q, scale = fmt.quantize_weight(w)
     assert q.shape == w.shape and scale.shape == (-(-300 // block), 8)
     err = np.abs(fmt.fake_weight(w, 1) - w)
-    assert np.all(err <= np.repeat(scale, block, axis=0)[:300] / 2 + 1e-6)
-    # each block's absmax lands on +-7: the scale is that block's own
+    step = np.abs(np.repeat(scale, block, axis=0)[:300])
+    # half a step, but a full one for a value near the largest magnitude of the other sign (+8 -> 7)
+    assert np.all(err <= step + 1e-6) and np.mean(err > step / 2 + 1e-6) < 0.01
+    # each block's value of largest magnitude lands on -8 exactly (the sign is the scale's), as
+    # ONNX Runtime's MlasQuantizeBlockwise does: 8 steps of amax/8 instead of 7 of amax/7
     full = q[: 300 // block * block].astype(np.int8).reshape(-1, block, 8)
-    assert np.all(np.abs(full).max(axis=1) == 7)
+    assert np.all(full.min(axis=1) == -8)
+    wb = w[: 300 // block * block].reshape(-1, block, 8)
+    assert np.allclose(np.abs(scale[: 300 // block]), np.abs(wb).max(axis=1) / 8)
+    at = np.abs(wb).argmax(axis=1)[:, None, :]
+    assert np.allclose(np.take_along_axis(fmt.fake_weight(w, 1)[: 300 // block * block].reshape(-1, block, 8), at, 1),
+                       np.take_along_axis(wb, at, 1))
 
 
 def test_int4_b128_is_offered_only_where_k_spans_more_than_one_block():
@@ -144,3 +152,24 @@ def test_int8_sym_activations_are_symmetric_with_the_range_sign_picking_the_type
     assert codes.dtype == dtype
     assert not fmt.quantizes_output("Conv") and FORMATS["int8"].quantizes_output("Conv")
     assert fmt.cut_state and not FORMATS["int8_dyn"].cut_state
+
+
+@pytest.mark.parametrize("name, block", [("int4", 32), ("int4_b128", 128)])
+def test_int4_weights_are_the_ones_onnx_runtimes_quantizer_writes(name, block):
+    """Our dequantized int4 weight against ONNX Runtime's RTN block quantizer, called as its
+    MatMulNBitsQuantizer calls it for MatMulNBits (symmetric; that class itself needs onnx_ir,
+    which this project does not install): B as [N, K/block, block/2] bytes, low nibble first,
+    codes offset by 8, one scale per (column, block)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rng = np.random.default_rng(9)
+    k, n = 2 * block + 64, 24  # a last block that is short
+    w = (rng.standard_normal((k, n)) * rng.uniform(0.2, 2, (k, 1))).astype(np.float32)
+    blocks = -(-k // block)
+    packed = np.zeros((n, blocks, block // 2), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    quantize_matmul_4bits(packed, np.pad(w, ((0, blocks * block - k), (0, 0))), scales,
+                          np.zeros((n, (blocks + 1) // 2), np.uint8), block, n, k, True)
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.float32) - 8
+    theirs = (codes * np.repeat(scales, block, axis=1)[:, :k]).T
+    np.testing.assert_allclose(FORMATS[name].fake_weight(w, 1), theirs, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,8 @@
+import copy
+
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 import models
@@ -88,6 +91,16 @@ def test_int4_on_matmul_layers(block_model, tmp_path, fmt):
             if a.name == "block_size"} == {block}
     ref, got = run(make_session(block_model), feeds)[0], run(make_session(out), feeds)[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.3
+    # MatMulNBits computes with the weights the format stores (signed scales included): the float
+    # model with those weights substituted gives the same output, up to its int8 activations
+    fake = copy.deepcopy(block_model)
+    weights = {t.name: t for t in fake.graph.initializer}
+    for l in layers:
+        if l.name in taking:
+            w = numpy_helper.to_array(weights[l.weight])
+            weights[l.weight].CopyFrom(numpy_helper.from_array(FORMATS[fmt].fake_weight(w, l.channel_axis), l.weight))
+    want = run(make_session(fake), feeds)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
 
 
 def test_int8_is_fused_into_integer_kernels(mlp_model, cnn_model, block_model, tmp_path):
