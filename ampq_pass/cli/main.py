@@ -116,7 +116,7 @@ def cmd_inspect(args) -> int:
     from ampq_pass.stages.sensitivity.executor import check_supported  # torch loads only here
 
     check_supported(model)  # what the whole pass would refuse, inspect refuses too
-    samples = samples or samples_from_args(args, model)
+    samples = samples if samples is not None else samples_from_args(args, model)
     batch = next(samples.batches(args.batch_size))
     macs = layer_macs(model, layers, batch)
     n = len(next(iter(batch.values())))
@@ -142,7 +142,7 @@ def cmd_rewrite(args) -> int:
     ranges = rules = None
     if plan.used_formats():
         rules = get_backend(args.backend).capabilities().rules  # the ops between layers it fuses in 8 bits
-        samples = samples or samples_from_args(args, model)
+        samples = samples if samples is not None else samples_from_args(args, model)
         ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
                                 cache=Cache(args.cache_dir), rules=rules)
     out = rewrite(model, layers, plan, ranges, rules=rules)
