@@ -523,7 +523,8 @@ class FuseHardSwish(NormalizationPass):
     inputs; or ``h = Clip(x, 0, b)`` and ``a = 0``):
 
     - ``Div(Mul(x, h), b)`` (``Mul`` in either order; ``Div(., b)`` or ``Mul(., 1/b)``)
-      becomes ``HardSwish(x)`` when ``a = 3``, ``b = 6`` and the opset is at least 14, else
+      becomes ``HardSwish(x)`` when ``a = 3``, ``b = 6`` and the opset is at least 14 (an
+      opset-13 model is raised to 14 when :func:`_raises_to_14_as_is`), else
       ``Mul(x, HardSigmoid(x, alpha=1/b, beta=a/b))``;
     - ``Div(h, b)`` becomes ``HardSigmoid(x, alpha=1/b, beta=a/b)``.
 
@@ -550,7 +551,12 @@ class FuseHardSwish(NormalizationPass):
         readers = consumers(graph)
         outputs = _graph_outputs(graph)
         producer = {o: n for n in graph.node for o in n.output if o}
-        swish = default_opset(model) >= 14
+        # HardSwish is an opset-14 op; from 13 the import is raised to 14 where nothing changes
+        # meaning (:func:`_raises_to_14_as_is`): OpenVINO fuses HardSwish as it fuses the four-op
+        # pattern, but not x * HardSigmoid(x) (PaddleOCR's detector: 0.91x of the file with it, 1.01x
+        # with HardSwish; ONNX Runtime 1.14x and 1.12x)
+        swish = default_opset(model) >= 14 or (default_opset(model) == 13 and _raises_to_14_as_is(model))
+        raised = False
         taken = {n.name for n in graph.node}
 
         def fresh(name):
@@ -625,6 +631,7 @@ class FuseHardSwish(NormalizationPass):
                 nodes = nodes + [inner]
                 if swish and _same(a, 3.0) and _same(b, 6.0):
                     new = [helper.make_node("HardSwish", [x], [y], name=fresh(f"{last.name}_hardswish"))]
+                    raised = raised or default_opset(model) < 14
                 else:
                     gate = f"{last.name}_hardsigmoid_out"
                     new = [helper.make_node("HardSigmoid", [x], [gate], name=fresh(f"{last.name}_hardsigmoid"),
@@ -637,6 +644,10 @@ class FuseHardSwish(NormalizationPass):
             fused.append(last.name)
         if not fused:
             return _result(model)
+        if raised:
+            for o in model.opset_import:
+                if o.domain in ("", "ai.onnx"):
+                    o.version = 14
         keep = []
         for n in graph.node:
             if id(n) in added:
@@ -649,8 +660,8 @@ class FuseHardSwish(NormalizationPass):
         for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
             graph.value_info.remove(v)
         return _result(model, Change(f"fused {len(fused)} element-wise hard-swish/hard-sigmoid patterns "
-                                     f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''})", exact=False,
-                                     timing=True))
+                                     f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''})"
+                                     + ("; opset 13 -> 14 for HardSwish" if raised else ""), exact=False, timing=True))
 
 
 class FoldBatchNorms(NormalizationPass):
@@ -797,6 +808,24 @@ def normalize(model: onnx.ModelProto, *, source: str = "model",
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _raises_to_14_as_is(model: onnx.ModelProto) -> bool:
+    """Whether the default-domain import of an opset-13 model can read 14 with no node changed.
+
+    Opset 14 changed Add/Sub/Mul/Div/Relu/Identity/CumSum (more types), Reshape (``allowzero``,
+    default 0: the 13 behaviour), GRU/LSTM/RNN (``layout``, default 0: the 13 behaviour) and
+    BatchNormalization, whose extra outputs exist only in training mode from 14 on: a
+    BatchNormalization with more than one output is the one node that would change meaning.
+    """
+    def walk(g: onnx.GraphProto) -> bool:
+        for n in g.node:
+            if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") and sum(1 for o in n.output if o) > 1:
+                return False
+            if not all(walk(b) for b in bodies(n)):
+                return False
+        return True
+    return walk(model.graph)
+
 
 def _same(a: float, b: float) -> bool:
     """Equal up to float32 rounding (a divisor written as a multiplication by its inverse)."""

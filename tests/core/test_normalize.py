@@ -139,7 +139,7 @@ def test_normalize_reports_each_pass_change_in_order(wild):
         "folded 1 Pad nodes into convolutions (dw_pad into depthwise)",
         "folded 1 per-channel Add nodes into convolution biases (up_bias into up)",
         "folded 3 BatchNormalization into convolutions (bn1 into stem, bn2 into depthwise, bn3 into up)",
-        "fused 1 element-wise hard-swish/hard-sigmoid patterns (hs_div)"]
+        "fused 1 element-wise hard-swish/hard-sigmoid patterns (hs_div); opset 13 -> 14 for HardSwish"]
     assert not done.exact
 
 
@@ -395,15 +395,18 @@ def _hard_swish(kind="paddle", opset=13, b=6.0, lo=0.0, second_reader=False):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-@pytest.mark.parametrize("kind,opset,ops", [("paddle", 13, ["Conv", "HardSigmoid", "Mul"]),
-                                            ("mul_inverse", 13, ["Conv", "HardSigmoid", "Mul"]),
-                                            ("paddle", 14, ["Conv", "HardSwish"]),
-                                            ("sigmoid", 13, ["Conv", "HardSigmoid"])])
-def test_element_wise_hard_swish_becomes_one_op(kind, opset, ops):
+@pytest.mark.parametrize("kind,opset,ops,raised", [("paddle", 13, ["Conv", "HardSwish"], True),
+                                                   ("mul_inverse", 13, ["Conv", "HardSwish"], True),
+                                                   ("paddle", 14, ["Conv", "HardSwish"], False),
+                                                   ("sigmoid", 13, ["Conv", "HardSigmoid"], False)])
+def test_element_wise_hard_swish_becomes_one_op(kind, opset, ops, raised):
+    """One HardSwish (an opset-13 model raised to 14 for it), or a HardSigmoid for Clip(x + 3, 0, 6) / 6."""
     model = _hard_swish(kind, opset)
     done, record = normalize_checked(_copy(model), source="hswish.onnx")
     assert [n.op_type for n in done.graph.node] == ops
-    assert "fused 1 element-wise hard-swish/hard-sigmoid patterns (div)" in record.changes
+    assert default_opset(done) == (14 if raised else opset)
+    assert "fused 1 element-wise hard-swish/hard-sigmoid patterns (div)" + (
+        "; opset 13 -> 14 for HardSwish" if raised else "") in record.changes
     assert all(n.name for n in done.graph.node) and len({n.name for n in done.graph.node}) == len(ops)
     x = {"x": np.random.default_rng(7).standard_normal((2, 3, 5, 5)).astype(np.float32) * 4}
     assert np.allclose(ort_run(done, x)[0], ort_run(model, x)[0], atol=1e-5)
@@ -420,3 +423,18 @@ def test_a_clip_that_is_not_a_hard_swish_stays(case):
     done, record = normalize_checked(model, source="hswish.onnx")
     assert "Clip" in [n.op_type for n in done.graph.node]
     assert not any("hard-swish" in c for c in record.changes)
+
+
+def test_hard_swish_stays_two_ops_where_opset_14_would_change_a_node():
+    """A training-mode BatchNormalization (extra outputs) means something else at opset 14: the
+    model stays at 13 and the pattern becomes x * HardSigmoid(x)."""
+    from ampq_pass.core.normalize import FuseHardSwish
+
+    model = _hard_swish("paddle", 13)
+    g = model.graph
+    params = [("bn_scale", 1), ("bn_bias", 0), ("bn_mean", 0), ("bn_var", 1)]
+    g.initializer.extend(numpy_helper.from_array(np.full(3, v, np.float32), k) for k, v in params)
+    g.node.append(helper.make_node("BatchNormalization", ["x", *(k for k, _ in params)], ["bn", "rm", "rv"], name="bn"))
+    done = FuseHardSwish()(model).model
+    assert default_opset(done) == 13
+    assert [n.op_type for n in done.graph.node] == ["Conv", "HardSigmoid", "Mul", "BatchNormalization"]
