@@ -18,8 +18,8 @@ this one (layers, rewrite, sensitivity, partition) assume:
 - an ``Add`` of one constant per output channel after a convolution is folded into its bias
   (paddle2onnx's bias-less Conv + Add: the Add would sit between an int8 convolution and its
   QuantizeLinear);
-- the element-wise hard-swish ``x * Clip(x + 3, 0, 6) / 6`` is one ``HardSwish`` (opset 14 on;
-  ``x * HardSigmoid(x)`` below), so its four passes over the activation become one or two;
+- the element-wise hard-swish ``x * Clip(x + 3, 0, 6) / 6`` is one ``HardSwish`` (an opset-13
+  model is raised to 14 for it), so its four passes over the activation become one;
 - every node has a name (unnamed nodes get ``<op_type>_<index>`` from their index in the
   *original* file, before any node is removed, so plan names stay stable).
 
