@@ -430,7 +430,7 @@ class FoldPadsIntoConvs(NormalizationPass):
             return _result(model)
         _remove_nodes(graph, removed, chains, inits)
         return _result(model, Change(f"folded {len(folded)} Pad nodes into convolutions "
-                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", timing=True))
+                                     f"({_first_three(folded)})", timing=True))
 
 class FoldBiasAddsIntoConvs(NormalizationPass):
     """Fold ``Add(Conv(x, W, b), c)``, ``c`` one constant per output channel, into the bias.
@@ -512,7 +512,7 @@ class FoldBiasAddsIntoConvs(NormalizationPass):
             return _result(model)
         _remove_nodes(graph, removed, chains, inits)
         return _result(model, Change(f"folded {len(folded)} per-channel Add nodes into convolution biases "
-                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", exact=False))
+                                     f"({_first_three(folded)})", exact=False))
 
 
 class FuseHardSwish(NormalizationPass):
@@ -656,11 +656,9 @@ class FuseHardSwish(NormalizationPass):
                 keep.append(n)
         del graph.node[:]
         graph.node.extend(keep)
-        written = {o for n in graph.node for o in n.output}
-        for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
-            graph.value_info.remove(v)
+        _drop_stale_value_info(graph, keep=set(inits))
         return _result(model, Change(f"fused {len(fused)} element-wise hard-swish/hard-sigmoid patterns "
-                                     f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''})"
+                                     f"({_first_three(fused)})"
                                      + ("; opset 13 -> 14 for HardSwish" if raised else ""), exact=False, timing=True))
 
 
@@ -749,11 +747,9 @@ class FoldBatchNorms(NormalizationPass):
         del graph.node[:]
         graph.node.extend(keep)
         # value_info of the Conv's old output would now describe a dangling name
-        stale = [v for v in graph.value_info if v.name not in {o for n in graph.node for o in n.output}]
-        for v in stale:
-            graph.value_info.remove(v)
+        _drop_stale_value_info(graph)
         return _result(model, Change(f"folded {len(folded)} BatchNormalization into convolutions "
-                                     f"({', '.join(folded[:3])}{', ...' if len(folded) > 3 else ''})", exact=False))
+                                     f"({_first_three(folded)})", exact=False))
 
 
 class DropUnusedInitializers(NormalizationPass):
@@ -892,9 +888,19 @@ def _remove_nodes(graph: onnx.GraphProto, removed: set[int], chains: list[onnx.N
         keep = [n for n in keep if all(n is not d for d in dead)]
     del graph.node[:]
     graph.node.extend(keep)
+    _drop_stale_value_info(graph, keep=set(inits))
+
+
+def _drop_stale_value_info(graph: onnx.GraphProto, keep: set[str] = frozenset()) -> None:
+    """Remove the ``value_info`` of tensors no node writes any more (except the names in ``keep``)."""
     written = {o for n in graph.node for o in n.output}
-    for v in [v for v in graph.value_info if v.name not in written and v.name not in inits]:
+    for v in [v for v in graph.value_info if v.name not in written and v.name not in keep]:
         graph.value_info.remove(v)
+
+
+def _first_three(names: list[str]) -> str:
+    """``"a, b, c, ..."``: the first three of ``names`` for a change message."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _add_initializer(model: onnx.ModelProto, tensor: TensorProto) -> None:
