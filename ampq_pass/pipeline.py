@@ -890,17 +890,26 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
 
 
 def _worth_verifying(table: GainTable, anchor: Solution, rounds: list[Round], tau: float, log) -> bool:
-    """Whether the anchor plan is not verified yet and measured, while timing, faster than
-    every plan verified so far whose loss fits ``tau`` (then it is verified too: the fastest
-    verified plan ships)."""
+    """Whether the anchor plan is not verified yet and may be faster than every plan verified
+    so far whose loss fits ``tau``: its whole-model measurement while timing, or the top of
+    that measurement's 95% interval, is above the best of them (then it is verified too: the
+    fastest verified plan ships). The interval counts because the timing stage measures each
+    anchor once and briefly: at a small Llama's decode step the every-int4_b128 plan measured
+    2.37x while timing, under the 2.49x verified for the solver's plan, so it was not verified;
+    timed together afterwards, ONNX Runtime's own int4 block-128 model ran 2.71x and the
+    shipped plan 2.54x."""
     best = max((r.measured.get("speedup") or 0.0 for r in rounds if r.formats and loss_fits(r.measured, tau)),
                default=1.0)
-    measured = _anchor_record(table, anchor.plan)["measured_speedup"]
-    if any(r.formats == anchor.plan.formats for r in rounds) or measured <= best:
+    record = _anchor_record(table, anchor.plan)
+    measured = record["measured_speedup"]
+    high = max(measured, (record.get("measured_speedup_ci") or (measured, measured))[1])
+    if any(r.formats == anchor.plan.formats for r in rounds) or high <= best:
         return False
     fmt = "/".join(sorted(anchor.plan.used_formats()))
-    log(f"      every {fmt}-capable layer in {fmt} measured {measured:.3f}x while timing, above the {best:.3f}x "
-        f"verified: verifying that plan too")
+    why = (f"above the {best:.3f}x verified" if measured > best else
+           f"its 95% interval reaching {high:.3f}x, above the {best:.3f}x verified")
+    log(f"      every {fmt}-capable layer in {fmt} measured {measured:.3f}x while timing, {why}: verifying that "
+        f"plan too")
     return True
 
 

@@ -419,3 +419,33 @@ def test_a_timing_batch_too_large_for_memory_is_cut_and_reported(tmp_path, block
     shapes = res.report["timing_shapes"]
     assert "batch cut from 8 to 1" in shapes["source"] and all(v[0] == 1 for v in shapes["shapes"].values())
     assert any("batch cut from 8 to 1" in line for line in logs)
+
+
+@pytest.mark.parametrize("measured, interval, best, verified", [
+    (2.60, (2.40, 2.80), 2.49, True),    # measured above the verified plan while timing
+    (2.37, (2.20, 2.60), 2.49, True),    # below it, but its interval reaches above: measured again
+    (2.37, (2.20, 2.45), 2.49, False),   # below it beyond the noise
+    (2.37, None, 2.49, False),           # a record without an interval (an older cache): the point only
+])
+def test_the_anchor_is_verified_when_its_interval_reaches_the_best_verified_plan(measured, interval, best, verified):
+    """The timing stage measures each uniform plan once, briefly; the pass verifies it also where
+    that measurement is under the best verified plan but its 95% interval reaches above it."""
+    from ampq_pass.pipeline import _worth_verifying
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.repair import Round
+    from ampq_pass.stages.solve import Solution
+    from ampq_pass.stages.timing import GainTable
+
+    every = {"a": "int4_b128", "b": "int4_b128"}
+    record = {"formats": every, "measured_speedup": measured}
+    if interval is not None:
+        record["measured_speedup_ci"] = list(interval)
+    table = GainTable("fake", {}, "s", format_anchors={"int4_b128": record})
+    anchor = Solution(Plan(every), [0], 1.0, 1.0, 0.0, 10.0, None, "loss", "measured")
+    rounds = [Round(0, {"a": "int4", "b": "int4_b128"}, 2.48, {"speedup": best, "loss_mse": 1.0})]
+    logged = []
+    assert _worth_verifying(table, anchor, rounds, 10.0, logged.append) is verified
+    assert bool(logged) is verified
+    # a plan already verified is not verified again, whatever its interval
+    rounds.append(Round(1, every, measured, {"speedup": measured, "loss_mse": 1.0}))
+    assert not _worth_verifying(table, anchor, rounds, 10.0, logged.append)

@@ -952,7 +952,9 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         predicted = rest + parts
         lo, hi = (table.hp_total * r for r in got["ratio_ci"])
         record = {"layers": len(plan.formats), "formats": uniform, "predicted_speedup": table.hp_total / predicted,
-                  "measured_speedup": 1.0 / got["ratio"], "factor": factor, "applied": False}
+                  "measured_speedup": 1.0 / got["ratio"],
+                  "measured_speedup_ci": [1.0 / got["ratio_ci"][1], 1.0 / got["ratio_ci"][0]],
+                  "factor": factor, "applied": False}
         both = table.joined_cuts(chosen)
         if fmt not in wanted:
             records[fmt] = {**record, "factor": 1.0, "outcome": "measured as a whole-model candidate, nothing scaled"}
