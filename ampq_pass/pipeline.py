@@ -286,6 +286,8 @@ LOSS_SLACK = BAND[1]
 LOSS_ROUNDS = 2
 #: where a loss round aims, as a share of the accepted measured loss (LOSS_SLACK x the budget)
 LOSS_AIM = 0.9
+#: the most a plan's measured loss far under its prediction may loosen the budget, as a factor of it
+LOOSEN_MAX = 4.0
 
 
 @dataclass
@@ -637,14 +639,40 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         rounds.append(Round(len(rounds), dict(solution.plan.formats), _speedup(table, solution), measured,
                             note=f"loss budget {tight:.3g}: the plan before measured {ratio:.3g}x its predicted loss"))
         verified.append((solution, rewritten))
+    current = len(rounds) - 1  # the round of ``solution``, the plan the repair rounds start from
+    # ... and the other way: where the estimate over-predicts beyond issue 12's band (the layers'
+    # errors partly cancel: PaddleOCR's detector measured 0.29x its predicted loss and kept 36 of
+    # 74 layers hp at budget 0.1), the budget has room the solver did not use. Solve once more
+    # under the budget scaled by the measured/predicted ratio, aiming at LOSS_AIM of the budget
+    # itself (at most LOOSEN_MAX times it: one measurement on a few held-out samples is trusted
+    # that far), and verify; that plan continues only where its measured loss fits and it
+    # measured faster (every verified plan stays a candidate to ship either way).
+    if (len(rounds) == 1 and solution.plan.formats and "loss" in solution.binding and solution.mse > 0
+            and measured.get("loss_mse") is not None and measured["loss_mse"] < BAND[0] * solution.mse):
+        ratio = measured["loss_mse"] / solution.mse
+        looser = min(LOSS_AIM * tau / max(ratio, 1e-12), LOOSEN_MAX * tau)
+        new = solve(option_table, looser, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
+        if new.plan.formats != solution.plan.formats and new.gain > solution.gain and budget.fits(
+                once, f"a plan under a looser loss budget (measured loss {measured['loss_mse']:.3g}, "
+                      f"{ratio:.3g}x the predicted)", log):
+            log(f"      measured loss {measured['loss_mse']:.3g} is {ratio:.3g}x the predicted {solution.mse:.3g}: "
+                f"solving again under {looser:.3g} (budget {tau:.3g})")
+            candidate = rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
+            got = verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check)
+            rounds.append(Round(len(rounds), dict(new.plan.formats), _speedup(table, new), got,
+                                note=f"loss budget {looser:.3g}: the plan before measured {ratio:.3g}x its "
+                                     f"predicted loss"))
+            verified.append((new, candidate))
+            if loss_fits(got, tau) and (got.get("speedup") or 0.0) > (measured.get("speedup") or 0.0):
+                solution, rewritten, measured, tight, current = new, candidate, got, looser, len(rounds) - 1
     at_once = None  # reverted variants timed together: the same model and inputs every round
     for index in range(1, opts.repair_rounds + 1):
-        if not solution.plan.formats or not falls_short(rounds[-1].predicted_speedup, measured):
+        if not solution.plan.formats or not falls_short(rounds[current].predicted_speedup, measured):
             break
         if not budget.fits(2 * once, f"repair round {index} (measured {measured['speedup']:.3f}x, predicted "
-                                     f"{rounds[-1].predicted_speedup:.3f}x)", log):
+                                     f"{rounds[current].predicted_speedup:.3f}x)", log):
             break
-        log(f"      measured {measured['speedup']:.3f}x, predicted {rounds[-1].predicted_speedup:.3f}x: timing the "
+        log(f"      measured {measured['speedup']:.3f}x, predicted {rounds[current].predicted_speedup:.3f}x: timing the "
             f"quantized subgraphs inside the whole model (repair round {index} of at most {opts.repair_rounds})")
         # a batch of reverted variants costs about one verification (whole-model sessions and
         # their rounds): as many groups as batches fit before the new plan's verification
@@ -656,7 +684,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         ctx = measure_context(model, layers, ranges, table, solution.plan, inp.backend, inp.timing_inputs, cache=cache,
                               max_groups=groups, seconds=None if math.isinf(allowance) else allowance, at_once=at_once)
         gains = fit_to_measured(table, solution.plan, context_gains(table, solution.plan, ctx), measured["speedup"])
-        rounds[-1].corrections = correct(table, solution.plan, gains)
+        rounds[current].corrections = correct(table, solution.plan, gains)
         step = ctx.best_revert()
         if step is not None:  # a variant measured faster than the plan is the next plan, as measured
             members, variant_time = step
@@ -674,6 +702,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
         rounds.append(Round(len(rounds), dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
+        current = len(rounds) - 1
     anchor = _anchor_solution(table, option_table, sens, tight, opts)
     kind = "/".join(sorted(anchor.plan.used_formats())) if anchor is not None else ""
     # Begun while any of the budget is left, even where a whole verification no longer fits: the
@@ -702,14 +731,16 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         (solution, rewritten), measured = verified[best], rounds[best].measured
         predicted = rounds[best].predicted_speedup
     elif solution.plan.formats or len(rounds) > 1:
-        if over:  # faster, but each over the loss budget
+        # plans whose loss fits but that are not faster (a looser round may have been faster, over the budget)
+        fits = [r for r in rounds if r.formats and loss_fits(r.measured, tau)]
+        if over and not fits:  # faster, but each over the loss budget
             last = min(over, key=lambda r: r.measured["loss_mse"])
             status, message = "loss", (
                 f"the plan measured {last.measured['speedup']:.3f}x, but its measured loss "
                 f"{last.measured['loss_mse']:.3g} is over {LOSS_SLACK:g}x the budget {tau:.3g} (no plan solved under "
                 f"a tighter budget fit either), so every layer stays hp")
         else:
-            last = rounds[-1] if rounds[-1].formats else rounds[0]
+            last = fits[-1] if fits else (rounds[-1] if rounds[-1].formats else rounds[0])
             low, high = speedup_interval(last.measured)
             status, message = "not-faster", (
                 f"the plan measured {last.measured['speedup']:.3f}x (95% interval {low:.3f}-{high:.3f}x): not "

@@ -449,3 +449,59 @@ def test_the_anchor_is_verified_when_its_interval_reaches_the_best_verified_plan
     # a plan already verified is not verified again, whatever its interval
     rounds.append(Round(1, every, measured, {"speedup": measured, "loss_mse": 1.0}))
     assert not _worth_verifying(table, anchor, rounds, 10.0, logged.append)
+
+
+class _FasterWithLayers(_SlowerWhenWritten):
+    """As :class:`_SlowerWhenWritten`, but the written model runs faster the more weights it
+    dequantizes (1 / (1 + 0.2 n) seconds for n weight DequantizeLinear nodes)."""
+
+    name = "faster-with-layers"
+
+    def __init__(self):
+        super().__init__(0.5)
+
+    def key(self):
+        return {"fake": self.name}
+
+    def time(self, models, inputs):
+        if set(models) == {"hp", "plan"}:
+            g = models["plan"].graph
+            inits = {t.name for t in g.initializer}
+            n = sum(node.op_type == "DequantizeLinear" and node.input[0] in inits for node in g.node)
+            return {"hp": self._timing(1.0), "plan": self._timing(1.0 / (1.0 + 0.2 * n))}
+        return super().time(models, inputs)
+
+
+def test_a_plan_measured_far_under_its_predicted_loss_is_solved_again_under_a_looser_budget(
+        tmp_path, block_file, monkeypatch):
+    """Where the first-order loss over-predicts (every verified loss here a tenth of what the
+    model measures), the budget has room: the pass solves once more under the budget scaled by
+    the measured/predicted ratio (at most LOOSEN_MAX times it), verifies that plan, and ships it
+    when its measured loss fits and it measured faster."""
+    from ampq_pass import pipeline
+
+    real = pipeline.verify
+    monkeypatch.setattr(pipeline, "verify", lambda *a, **kw: (lambda m: dict(m, loss_mse=m["loss_mse"] * 0.1))(
+        real(*a, **kw)))
+    lines = []
+    res = run_pass(block_file, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=0.001,
+                   backend=_FasterWithLayers(), cache_dir=None, progress=False, log=lines.append)
+    r = res.report
+    tau, first = r["budget"]["tau"], r["rounds"][0]
+    assert 0 < first["layers_quantized"] < len(r["layers"])  # the loss budget binds
+    looser = r["rounds"][1]
+    assert looser["note"].startswith("loss budget") and looser["layers_quantized"] > first["layers_quantized"]
+    assert looser["measured_loss_mse"] <= pipeline.LOSS_SLACK * tau
+    assert len(res.solution.plan.formats) == looser["layers_quantized"]
+    assert r["measured"]["speedup"] == pytest.approx(looser["measured_speedup"])
+    assert any("solving again under" in line for line in lines)
+
+
+def test_a_plan_measured_near_its_predicted_loss_is_not_solved_again(tmp_path, block_file):
+    """Without the over-prediction (the model measured as predicted, within issue 12's band), no
+    looser round runs."""
+    res = run_pass(block_file, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=0.001,
+                   backend=_FasterWithLayers(), cache_dir=None, progress=False, log=lambda s: None)
+    rounds = res.report["rounds"]
+    assert 0 < rounds[0]["layers_quantized"] < len(res.report["layers"])
+    assert not any(rd["note"].startswith("loss budget") for rd in rounds)
