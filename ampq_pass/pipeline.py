@@ -619,6 +619,16 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     # (or a first-order estimate is off), its measured loss exceeds the budget; solve again
     # under the prediction that, at that plan's measured/predicted ratio, lands a tenth inside
     # what is accepted (the ratio of a smaller plan differs; a second round corrects it).
+    def loss_round(new: Solution, under: float, ratio: float) -> tuple[onnx.ModelProto, dict]:
+        """Write and verify ``new``, solved under loss budget ``under`` because the plan before
+        measured ``ratio`` x its predicted loss; the round is recorded."""
+        written = rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
+        got = verify(model, written, inp.holdout, inp.backend, inp.timing_inputs, **check)
+        rounds.append(Round(len(rounds), dict(new.plan.formats), _speedup(table, new), got,
+                            note=f"loss budget {under:.3g}: the plan before measured {ratio:.3g}x its predicted loss"))
+        verified.append((new, written))
+        return written, got
+
     tight = tau
     for _ in range(LOSS_ROUNDS):
         if not solution.plan.formats or loss_fits(measured, tau):
@@ -634,11 +644,8 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         new = solve(option_table, tight, max_memory=opts.max_memory, cut_bonus=table.cut_bonus)
         if not new.plan.formats or new.plan.formats == solution.plan.formats:
             break
-        solution, rewritten = new, rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
-        measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
-        rounds.append(Round(len(rounds), dict(solution.plan.formats), _speedup(table, solution), measured,
-                            note=f"loss budget {tight:.3g}: the plan before measured {ratio:.3g}x its predicted loss"))
-        verified.append((solution, rewritten))
+        solution = new
+        rewritten, measured = loss_round(new, tight, ratio)
     current = len(rounds) - 1  # the round of ``solution``, the plan the repair rounds start from
     # ... and the other way: where the estimate over-predicts beyond issue 12's band (the layers'
     # errors partly cancel: a loss-bound MobileNetV2 plan of 13 of 53 layers measured 0.25x its
@@ -657,12 +664,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
                       f"{ratio:.3g}x the predicted)", log):
             log(f"      measured loss {measured['loss_mse']:.3g} is {ratio:.3g}x the predicted {solution.mse:.3g}: "
                 f"solving again under {looser:.3g} (budget {tau:.3g})")
-            candidate = rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
-            got = verify(model, candidate, inp.holdout, inp.backend, inp.timing_inputs, **check)
-            rounds.append(Round(len(rounds), dict(new.plan.formats), _speedup(table, new), got,
-                                note=f"loss budget {looser:.3g}: the plan before measured {ratio:.3g}x its "
-                                     f"predicted loss"))
-            verified.append((new, candidate))
+            candidate, got = loss_round(new, looser, ratio)
             if loss_fits(got, tau) and (got.get("speedup") or 0.0) > (measured.get("speedup") or 0.0):
                 solution, rewritten, measured, tight, current = new, candidate, got, looser, len(rounds) - 1
     at_once = None  # reverted variants timed together: the same model and inputs every round
