@@ -35,6 +35,7 @@ from ampq_pass.stages.boundaries import STATES
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.loss_check import BAND, check_loss, outside
+from ampq_pass.stages.numerics import Numerics, check_numerics
 from ampq_pass.stages.partition import partition
 from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short, fit_to_measured, measure_context,
                                      reverted, variants_at_once)
@@ -179,6 +180,30 @@ def screen_stage(model: onnx.ModelProto, layers: list[Layer], formats: dict[str,
                                 cache=cache, progress=bar.update)
     log(f"      screen: {screen.summary()}")
     return screen
+
+
+def numerics_stage(model: onnx.ModelProto, layers: list[Layer], formats: dict[str, list[str]], ranges: Ranges,
+                   inp: "_Inputs", opts: PassOptions, cache: Cache | None, log) -> Numerics:
+    """:func:`ampq_pass.stages.numerics.check_numerics` on one calibration batch (at most
+    :data:`NUMERICS_SAMPLES` samples: the compilation, not the batch, is its cost), with a
+    progress bar and one log line; nothing on a backend that runs QDQ as ONNX Runtime does."""
+    batch = next(inp.calib.batches(min(opts.batch_size, NUMERICS_SAMPLES)))
+    if inp.backend.outputs(model, [batch]) is None:
+        return Numerics({l: list(fs) for l, fs in formats.items()})
+    log(f"      checking the formats' numerics on {opts.backend} against the QDQ semantics (ONNX Runtime)")
+    with tqdm(desc="numerics", unit="test", disable=not opts.progress, leave=False) as bar:
+        found = check_numerics(model, layers, formats, ranges, inp.backend, batch, rules=_rules(inp), cache=cache,
+                               progress=lambda n: bar.update(1))
+    log(f"      numerics: {found.summary()}")
+    for e in found.entries:
+        names = ", ".join(e.layers[:3]) + (f" and {len(e.layers) - 3} more" if len(e.layers) > 3 else "")
+        log(f"        {e.format} off on {names}: output error {e.backend_error:.3g} on {opts.backend} against "
+            f"{e.reference_error:.3g} in ONNX Runtime ({e.reason})")
+    return found
+
+
+#: calibration samples the numerics check runs its tests on
+NUMERICS_SAMPLES = 4
 
 
 def _screen_json(screen: Screen | None) -> dict | None:
@@ -501,6 +526,9 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     ranges = compute_ranges(model, layers, inp.calib, method=opts.calib_method, batch_size=opts.batch_size, cache=cache,
                             rules=_rules(inp))
     clock.lap("calibrate")
+    numerics = numerics_stage(model, layers, formats, ranges, inp, opts, cache, log)
+    formats = numerics.candidates
+    clock.lap("numerics")
 
     # One pool for the two stages that spread over workers: its actors start once.
     with pool_for(opts.ray, inp.backend, opts.backend, log) as pool:
@@ -539,7 +567,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                 f"(ops and shapes; names and weights aside) and reuse its timing")
     clock.lap("timing")
     if opts.metric is not None:
-        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen,
+        return _metric_pass(model_path, output, opts, inp, formats, ranges, sens, part, table, clock, log, screen, numerics,
                             budget)
 
     log("[5/7] solving the integer program")
@@ -591,7 +619,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                         holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
                         rounds=[r.to_json() for r in rounds], reference=reference, front_timing=front_timing,
-                        screen=_screen_json(screen), loss_check=loss_report, time_budget=budget.to_json())
+                        screen=_screen_json(screen), loss_check=loss_report, time_budget=budget.to_json(),
+                        numerics=numerics.to_json() if numerics.checked else None)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 
@@ -767,7 +796,7 @@ def _quick_backend(backend):
 
 def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, ranges: Ranges, sens: Sensitivity,
                  part, table: GainTable, clock: _StageClock, log, screen: Screen | None = None,
-                 budget: TimeBudget | None = None) -> PassResult:
+                 numerics: Numerics | None = None, budget: TimeBudget | None = None) -> PassResult:
     """The pass with the user's metric: the predicted front, searched by bisection for the
     fastest plan within ``max_metric_drop`` (:func:`ampq_pass.stages.search.search_front`).
     ``budget``: the pass's time budget, reported (the search itself is bounded by its points)."""
@@ -855,7 +884,8 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
                         samples=inp.calib, holdout=inp.holdout, front=front_points, stages=clock.seconds,
                         timing_shapes=inp.timing_info, normalized=inp.normalized, rejected=rejected,
                         rounds=[], reference=reference, front_timing=front_timing, search=search,
-                        screen=_screen_json(screen), time_budget=budget.to_json() if budget is not None else None)
+                        screen=_screen_json(screen), time_budget=budget.to_json() if budget is not None else None,
+                        numerics=numerics.to_json() if numerics is not None and numerics.checked else None)
     return PassResult(build_report(record), solution, rewritten, clock.seconds)
 
 

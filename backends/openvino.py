@@ -270,6 +270,24 @@ class OpenVinoBackend(Backend):
             raise self._cannot_run(model, e) from None
         return {o.any_name: np.asarray(v) for o, v in out.items()}
 
+    def outputs(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Outputs of ``model`` on each batch, one compilation for all (float outputs as float64):
+        the CPU plugin's low-precision transformations compile the QDQ model their own way."""
+        compiled = self.compile(model)
+        request = compiled.create_infer_request()
+        wanted = {o.name for o in model.graph.output}
+        # a tensor may carry several names in OpenVINO: keep the one the ONNX graph gives it
+        names = [next((n for n in sorted(o.get_names()) if n in wanted), o.any_name) for o in compiled.outputs]
+        out = []
+        for batch in batches:
+            try:
+                request.infer(_restrict(compiled.inputs, batch))
+            except Exception as e:
+                raise self._cannot_run(model, e) from None
+            values = [np.array(request.get_output_tensor(i).data) for i in range(len(names))]
+            out.append({n: v.astype(np.float64) if v.dtype.kind == "f" else v for n, v in zip(names, values)})
+        return out
+
     def _cannot_run(self, model: onnx.ModelProto, e: Exception) -> AmpqError:
         # OpenVINO raises RuntimeError with multi-line text: keep what names the cause
         return AmpqError(f"OpenVINO cannot run the model {model.graph.name!r} on {self.device}: "

@@ -62,6 +62,10 @@ class PassRecord:
     #: the pass's wall-clock budget, what timing was allowed and what was skipped to keep to it
     #: (:class:`ampq_pass.pipeline.TimeBudget` as JSON), None when not tracked
     time_budget: dict | None = None
+    #: (layer, format) pairs the backend ran far off the QDQ semantics, dropped before the
+    #: sensitivity was used (:class:`ampq_pass.stages.numerics.Numerics` as JSON), None when
+    #: the backend runs QDQ as ONNX Runtime does
+    numerics: dict | None = None
 
 
 def build_report(record: PassRecord) -> dict:
@@ -136,6 +140,8 @@ def build_report(record: PassRecord) -> dict:
         "search": r.search,
         # formats dropped before subgraph timing because, timed alone, they were dominated
         "screen": r.screen,
+        # formats dropped because the backend computed them far off what the QDQ model says
+        "numerics": r.numerics,
         # measured/predicted loss outside 0.5-2x: each quantized subgraph measured alone, and why
         "loss_check": r.loss_check,
         "stages_seconds": {k: round(v, 3) for k, v in r.stages.items()},
@@ -198,6 +204,8 @@ def render_text(report: dict) -> str:
                      f"one's structure and reuse its measurement")
     if report.get("screen") and report["screen"]["screened"]:
         lines.append(f"screen: {report['screen']['summary']}")
+    if report.get("numerics"):
+        lines.append(f"numerics on the backend: {report['numerics']['summary']}")
     for fmt, anchor in ((bd or {}).get("format_anchors") or {}).items():
         lines.append(f"time model: every {fmt}-capable layer in {fmt} ({anchor['layers']} layers) measured "
                      f"{anchor['measured_speedup']:.3f}x against {anchor['predicted_speedup']:.3f}x from the parts; "

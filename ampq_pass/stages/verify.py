@@ -17,8 +17,10 @@ from ampq_pass.stages.sensitivity.losses import Loss, logit_tensors, loss_tensor
 
 
 def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = True,
-                threads: int = 0) -> list[dict[str, np.ndarray]]:
-    """Outputs of ``model`` in ONNX Runtime, batch by batch (float outputs as float64 copies).
+                threads: int = 0, backend=None) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` in ONNX Runtime, batch by batch (float outputs as float64 copies);
+    on ``backend`` instead where it computes a QDQ model its own way
+    (:meth:`ampq_pass.core.measure.Measurer.outputs`: OpenVINO).
 
     The input of a final Softmax/LogSoftmax/Sigmoid (:func:`logit_tensors`) comes back too,
     under its own name: the default losses read the logits of such an output.
@@ -27,6 +29,12 @@ def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = T
         return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
     existing = {o.name for o in model.graph.output}
     extra = sorted(set(logit_tensors(model).values()) - existing)
+    if backend is not None and fits_protobuf(model):
+        probe = copy_model(model)
+        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
+        got = backend.outputs(probe, list(samples.batches(batch_size)))
+        if got is not None:
+            return got
     if not extra:
         return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
     large = not fits_protobuf(model)
@@ -62,8 +70,11 @@ def _read(values: dict, view: dict, outputs: list[str]) -> dict:
 
 def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "projection", *,
                       labels: np.ndarray | None = None, batch_size: int = 8, seed: int = 0,
-                      optimize: bool = True, threads: int = 0, hp_outputs: list | None = None) -> float:
-    """``E_x[(L_q(x) - L_hp(x))^2]`` with both models run in ONNX Runtime on ``samples``.
+                      optimize: bool = True, threads: int = 0, hp_outputs: list | None = None,
+                      backend=None) -> float:
+    """``E_x[(L_q(x) - L_hp(x))^2]`` with both models run in ONNX Runtime on ``samples``; with
+    ``backend``, ``model_q`` runs where the plan will (:func:`run_batches`): a backend that
+    compiles QDQ its own way may compute another loss than ONNX Runtime does.
 
     For the projection loss this is the exact expectation over r: ``||f_q - f_hp||^2`` per
     sample, summed over outputs (on the logits of a final Softmax/Sigmoid, as the sensitivity
@@ -71,7 +82,7 @@ def measured_loss_mse(model_hp, model_q, samples: Samples, loss: str | Loss = "p
     """
     loss_fn = make_loss(loss, labels=labels)
     hp = hp_outputs if hp_outputs is not None else run_batches(model_hp, samples, batch_size, optimize, threads)
-    q = run_batches(model_q, samples, batch_size, optimize, threads)
+    q = run_batches(model_q, samples, batch_size, optimize, threads, backend=backend)
     view_hp, view_q = _loss_view(model_hp, model_q, loss_fn, hp, q)
     outputs = _graph_outputs(model_hp, hp)
     generator = torch.Generator().manual_seed(seed)
@@ -96,12 +107,13 @@ def _graph_outputs(model, hp: list) -> list[str]:
 
 def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples, backend, timing_inputs,
            *, loss: str = "projection", batch_size: int = 8, seed: int = 0, hp_outputs=None) -> dict:
-    """Measured loss MSE on ``holdout`` and, on a timing backend, the end-to-end speed-up
+    """Measured loss MSE on ``holdout`` (the plan run on ``backend`` where that computes QDQ its
+    own way, :func:`run_batches`) and, on a timing backend, the end-to-end speed-up
     (both models timed interleaved on ``timing_inputs``) with its confidence intervals:
     ``speedup`` is the median per-round ratio and ``speedup_ci`` its 95% CI where the rounds
     pair (:func:`speedup_interval`), else the ratio of the medians."""
     out = {"loss_mse": measured_loss_mse(model, rewritten, holdout, loss, batch_size=batch_size,
-                                         seed=seed, hp_outputs=hp_outputs)}
+                                         seed=seed, hp_outputs=hp_outputs, backend=backend)}
     if isinstance(backend, CostModel):
         out["speedup"] = None
         out["note"] = f"backend {getattr(backend, 'name', backend)} is a cost model: no time measured"

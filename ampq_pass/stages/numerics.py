@@ -1,0 +1,198 @@
+"""Numerics: drop the (layer, format) pairs a backend runs far less accurately than the QDQ
+model says (issue 14; design.md §3 "Formats").
+
+The sensitivity stage predicts each format's loss from the QDQ semantics ONNX defines (its
+executor computes them as ONNX Runtime does), and the pass verified the loss in ONNX Runtime.
+A backend that compiles the QDQ model into kernels of its own does not always compute that:
+on an AMD EPYC (no AMX) OpenVINO 2026.4's CPU plugin ran YOLOv8n with every convolution in
+``int8_sym`` at a relative output error of 0.207 where ONNX Runtime ran the same file at
+0.018. Bisected, one layer at a time: each ``int8_sym`` convolution fed by a Concat (12 of
+64) is off by 0.02-0.25 alone on OpenVINO and by 0.0004-0.002 in ONNX Runtime; every other
+layer agrees to the digit. Such a pair makes a plan whose predicted and verified loss mean
+nothing on the device the plan is for.
+
+Definition. For a set ``S`` of layers and one format ``f``, the plan "``S`` in ``f``" is
+rewritten and run on one calibration batch by the backend (outputs ``y_b``) and by ONNX
+Runtime (``y_r``); ``y`` is the hp model's output in ONNX Runtime. ``S`` is *unfaithful* on the
+backend when
+
+    ||y_b - y|| > FACTOR * ||y_r - y|| + TOL * ||y||
+
+(norms over every float output together). Group testing: the set of every layer offered
+``f`` is tested; an unfaithful set is halved and each half tested, down to single layers,
+which are dropped (``f`` leaves their candidates). The layers left are then tested together
+again (a pair can be unfaithful only beside its neighbours: a Concat quantized when all its
+inputs are), for at most :data:`ROUNDS` rounds. A set found unfaithful whose halves are
+both faithful, or that the test cap (:data:`MAX_TESTS` per format) leaves unresolved, is
+dropped whole and said so: the budget must mean on the device what it says.
+
+Backends that run the QDQ model as ONNX Runtime does (ONNX Runtime itself, cost models)
+return no outputs (:meth:`ampq_pass.core.measure.Measurer.outputs`): nothing is checked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from ampq_pass.core import ort
+from ampq_pass.core.cache import Cache, cached, digest, model_digest
+from ampq_pass.core.formats import HP
+from ampq_pass.core.measure import Measurer
+from ampq_pass.stages.calibrate import Ranges
+from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.plan import Plan
+from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.timing import input_signature
+
+#: bump when the meaning of a cached entry changes
+_CACHE_VERSION = 1
+#: how much larger than ONNX Runtime's the backend's output error may be (faithful sets measured
+#: 0.99-1.01x on YOLOv8n, MiniLM and ResNet-50; the unfaithful ones 10-100x)
+FACTOR = 2.0
+#: error relative to the output's norm below which any difference is rounding
+TOL = 1e-3
+#: rounds of "test what is left together" after the single culprits are dropped
+ROUNDS = 3
+#: tests (one rewrite, one compile, one batch in both runtimes) per format at most
+MAX_TESTS = 96
+
+
+@dataclass
+class NumericsEntry:
+    """One set of layers dropped from one format, with the errors measured on it."""
+
+    format: str
+    layers: list[str]
+    backend_error: float
+    reference_error: float
+    #: "unfaithful alone", "unfaithful only together" or "not resolved within the test cap"
+    reason: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Numerics:
+    """The candidates left per layer and the record of what was dropped."""
+
+    candidates: dict[str, list[str]]
+    entries: list[NumericsEntry] = field(default_factory=list)
+    tests: int = 0
+    checked: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"checked": list(self.checked), "tests": self.tests, "entries": [e.to_json() for e in self.entries],
+                "summary": self.summary()}
+
+    def summary(self) -> str:
+        """One line: which formats were checked, how many layers each lost, in how many tests."""
+        if not self.checked:
+            return "nothing checked"
+        lost = {f: sum(len(e.layers) for e in self.entries if e.format == f) for f in self.checked}
+        parts = [f"{f}: {n} layer{'s' if n != 1 else ''} dropped" if n else f"{f}: faithful" for f, n in lost.items()]
+        return f"{'; '.join(parts)} ({self.tests} test{'s' if self.tests != 1 else ''} on the backend)"
+
+
+def relative_error(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """``||outputs - reference|| / ||reference||`` over every float output both hold."""
+    num = den = 0.0
+    for name, ref in reference.items():
+        out = outputs.get(name)
+        if out is None or np.asarray(ref).dtype.kind != "f" or np.shape(out) != np.shape(ref):
+            continue
+        r = np.asarray(ref, dtype=np.float64)
+        num += float(np.sum((np.asarray(out, dtype=np.float64) - r) ** 2))
+        den += float(np.sum(r ** 2))
+    return math.sqrt(num) / math.sqrt(den) if den > 0 else math.sqrt(num)
+
+
+def unfaithful(backend_error: float, reference_error: float) -> bool:
+    """Whether the backend's error exceeds the reference's beyond :data:`FACTOR` and :data:`TOL`."""
+    return backend_error > FACTOR * reference_error + TOL
+
+
+def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict[str, list[str]],
+                   ranges: Ranges, backend: Measurer, batch: dict[str, np.ndarray], *, rules=None,
+                   cache: Cache | None = None, max_tests: int = MAX_TESTS, progress=None) -> Numerics:
+    """The candidates with every (layer, format) pair the backend runs unfaithfully removed
+    (module docstring). ``batch``: one batch of calibration feeds. ``progress``: called with
+    the number of tests after each one (a progress bar's update), or None."""
+    if backend.outputs(model, [batch]) is None:  # runs QDQ as ONNX Runtime does: nothing to check
+        return Numerics({l: list(fs) for l, fs in candidates.items()})
+    reference = ort.run_batches(model, [batch])[0]
+    formats = sorted({f for fs in candidates.values() for f in fs if f != HP})
+    result = Numerics({l: list(fs) for l, fs in candidates.items()}, checked=formats)
+    for fmt in formats:
+        offered = [layer.name for layer in layers if fmt in candidates.get(layer.name, ())]
+        # the ranges stand for the calibration set the batch is taken from
+        key = digest("numerics", _CACHE_VERSION, model_digest(model), fmt, offered, ranges.to_json(),
+                     input_signature([batch]), backend.key(), getattr(rules, "name", None))
+
+        def run(fmt=fmt, offered=offered) -> dict:
+            found = _group_test(model, layers, fmt, offered, ranges, backend, batch, reference, rules,
+                                max_tests, progress)
+            return {"tests": found[1], "entries": [e.to_json() for e in found[0]]}
+
+        got, _ = cached(cache, "numerics", key, run, dump=dict, load=dict)
+        result.tests += int(got["tests"])
+        for e in got["entries"]:
+            entry = NumericsEntry(**e)
+            result.entries.append(entry)
+            for name in entry.layers:
+                result.candidates[name] = [f for f in result.candidates.get(name, []) if f != fmt]
+    return result
+
+
+def _group_test(model, layers, fmt, offered, ranges, backend, batch, reference, rules, max_tests,
+                progress) -> tuple[list[NumericsEntry], int]:
+    tests = 0
+    memo: dict[tuple[str, ...], tuple[bool, float, float]] = {}
+
+    def test(names: list[str]) -> tuple[bool, float, float]:
+        nonlocal tests
+        key = tuple(names)
+        if key not in memo:
+            quantized = rewrite(model, layers, Plan({n: fmt for n in names}, {}), ranges, rules=rules)
+            eb = relative_error(backend.outputs(quantized, [batch])[0], reference)
+            er = relative_error(ort.run_batches(quantized, [batch])[0], reference)
+            memo[key] = (unfaithful(eb, er), eb, er)
+            tests += 1
+            if progress is not None:
+                progress(tests)
+        return memo[key]
+
+    dropped: list[NumericsEntry] = []
+
+    def bisect(names: list[str]) -> None:
+        bad, eb, er = test(names)
+        if not bad:
+            return
+        if len(names) == 1:
+            dropped.append(NumericsEntry(fmt, names, eb, er, "unfaithful alone"))
+            return
+        if tests + 2 > max_tests:
+            dropped.append(NumericsEntry(fmt, names, eb, er, "not resolved within the test cap"))
+            return
+        half = len(names) // 2
+        before = len(dropped)
+        for part in (names[:half], names[half:]):
+            bisect(part)
+        if len(dropped) == before:  # both halves faithful: the set is unfaithful only as a whole
+            dropped.append(NumericsEntry(fmt, names, eb, er, "unfaithful only together"))
+
+    left = list(offered)
+    for _ in range(ROUNDS):
+        if not left or tests >= max_tests:
+            break
+        before = len(dropped)
+        bisect(left)
+        if len(dropped) == before:
+            break
+        gone = {n for e in dropped for n in e.layers}
+        left = [n for n in left if n not in gone]
+    return dropped, tests

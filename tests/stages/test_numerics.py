@@ -1,0 +1,134 @@
+"""The (layer, format) pairs a backend computes far off the QDQ semantics, found by group testing."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from ampq_pass.backends.ort import OrtBackend
+from ampq_pass.core import ort
+from ampq_pass.core.cache import Cache
+from ampq_pass.core.measure import Backend
+from ampq_pass.core.samples import Samples
+from ampq_pass.stages.calibrate import compute_ranges
+from ampq_pass.stages.layers import find_layers
+from ampq_pass.stages.numerics import check_numerics, relative_error, unfaithful
+
+HAVE_OV = importlib.util.find_spec("openvino") is not None
+
+
+def test_relative_error_is_over_every_float_output_together():
+    ref = {"a": np.array([3.0, 0.0]), "b": np.array([0.0, 4.0]), "ids": np.array([1, 2])}
+    out = {"a": np.array([3.0, 0.0]), "b": np.array([0.0, 5.0]), "ids": np.array([7, 7])}
+    assert relative_error(out, ref) == pytest.approx(1.0 / 5.0)  # integer outputs are not compared
+
+
+def test_unfaithful_means_beyond_twice_the_reference_error_and_rounding():
+    assert not unfaithful(0.0105, 0.01)
+    assert unfaithful(0.05, 0.01)
+    assert not unfaithful(0.0009, 0.0)  # rounding
+    assert unfaithful(0.01, 0.0)
+
+
+class Garbling(Backend):
+    """A device whose compiler gets some layers wrong: it runs the model in ONNX Runtime and adds
+    a large error to the output when every layer of one of ``wrong`` (sets of layer names) is
+    quantized (its weight stored quantized) - a real backend's bug, in the small. ``outputs`` is
+    the method under test's only contact with it."""
+
+    name, unit = "garbling", "s"
+
+    def __init__(self, layers, wrong: list[set[str]]):
+        self.weight = {l.name: l.weight for l in layers}
+        self.wrong = wrong
+        self.runs = 0
+
+    def capabilities(self):
+        return OrtBackend().capabilities()
+
+    def key(self):
+        return {"backend": "garbling", "wrong": sorted(sorted(w) for w in self.wrong)}
+
+    def time(self, models, inputs):
+        raise AssertionError("the numerics check times nothing")
+
+    def outputs(self, model, batches):
+        self.runs += 1
+        stored = {t.name for t in model.graph.initializer}
+        quantized = {l for l, w in self.weight.items() if w not in stored}  # its float weight replaced
+        out = ort.run_batches(model, batches)
+        if any(w <= quantized for w in self.wrong):
+            out = [{k: v + 0.5 * np.abs(v).max() for k, v in o.items()} for o in out]
+        return out
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = models.mlp()
+    layers = find_layers(model)
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    samples = Samples({"x": x})
+    ranges = compute_ranges(model, layers, samples)
+    return model, layers, ranges, next(samples.batches(8))
+
+
+def test_a_layer_the_backend_gets_wrong_loses_that_format_and_only_it(mlp, tmp_path):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8", "int8_sym"] for l in layers}
+    backend = Garbling(layers, [{"fc2"}])
+    found = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
+    assert found.checked == ["int8", "int8_sym"]
+    assert {(e.format, tuple(e.layers), e.reason) for e in found.entries} == {
+        ("int8", ("fc2",), "unfaithful alone"), ("int8_sym", ("fc2",), "unfaithful alone")}
+    assert found.candidates["fc2"] == ["hp"] and found.candidates["fc1"] == ["hp", "int8", "int8_sym"]
+    assert all(e.backend_error > 10 * e.reference_error for e in found.entries)
+    # cached: a second run asks the backend only whether it has numerics of its own
+    runs = backend.runs
+    again = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
+    assert again.candidates == found.candidates and backend.runs == runs + 1
+
+
+def test_layers_wrong_only_together_are_dropped_together(mlp):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8"] for l in layers}
+    found = check_numerics(model, layers, candidates, ranges, Garbling(layers, [{"fc1", "fc3"}]), batch)
+    assert len(found.entries) == 1
+    e = found.entries[0]
+    assert set(e.layers) >= {"fc1", "fc3"} and e.reason == "unfaithful only together"
+    assert all(found.candidates[l] == ["hp"] for l in e.layers)
+    assert "int8: 3 layers dropped" in found.summary() or "int8: 2 layers dropped" in found.summary()
+
+
+def test_a_faithful_backend_costs_one_test_per_format(mlp):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8", "int8_sym"] for l in layers}
+    backend = Garbling(layers, [])
+    found = check_numerics(model, layers, candidates, ranges, backend, batch)
+    assert found.entries == [] and found.tests == 2 and found.candidates == candidates
+    assert found.summary() == "int8: faithful; int8_sym: faithful (2 tests on the backend)"
+
+
+def test_a_backend_that_runs_qdq_as_onnx_runtime_does_is_not_checked(mlp):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8"] for l in layers}
+    found = check_numerics(model, layers, candidates, ranges, OrtBackend(), batch)
+    assert found.checked == [] and found.tests == 0 and found.candidates == candidates
+    assert found.summary() == "nothing checked"
+
+
+@pytest.mark.skipif(not HAVE_OV, reason="openvino is not installed")
+def test_openvino_outputs_are_named_as_in_the_onnx_graph_and_match_onnx_runtime_in_fp32():
+    from ampq_pass.backends import get_backend
+
+    model = models.cnn()
+    feeds = models.feeds_for(model, n=4)
+    got = get_backend("openvino:cpu").outputs(model, [feeds, feeds])
+    want = ort.run_batches(model, [feeds])[0]
+    assert len(got) == 2 and set(got[0]) == {o.name for o in model.graph.output}
+    for name, value in want.items():
+        assert got[0][name].dtype == np.float64
+        np.testing.assert_allclose(got[0][name], value, rtol=1e-4, atol=1e-4)
