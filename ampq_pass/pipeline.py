@@ -600,7 +600,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
             f"quantized subgraph alone to say why")
         left = budget.left()
         loss_report = check_loss(model, layers, solution.plan, part, ranges, sens, inp.holdout, measured["loss_mse"],
-                                 rules=_rules(inp), seconds=None if math.isinf(left) else left, **check)
+                                 rules=_rules(inp), seconds=None if math.isinf(left) else left,
+                                 backend=inp.backend, **check)
         log(f"      loss: {loss_report['reason']}")
     front_points, reference, front_timing = [], [], None
     if front:

@@ -57,10 +57,11 @@ def plan_on(plan: Plan, partition: Partition, index: int) -> Plan:
 def check_loss(model: onnx.ModelProto, layers: list[Layer], plan: Plan, partition: Partition, ranges: Ranges,
                sens: Sensitivity, holdout: Samples, measured: float, *, rules=None, loss: str = "projection",
                batch_size: int = 8, seed: int = 0, hp_outputs: list | None = None,
-               seconds: float | None = None) -> dict:
+               seconds: float | None = None, backend=None) -> dict:
     """The measurement and reason of the module docstring, as plain data for the report. With
     ``seconds``, no subgraph is started once they are spent (the largest predicted losses go
-    first; the rest count as unchecked)."""
+    first; the rest count as unchecked). ``backend``: where the plan's loss was measured
+    (:func:`ampq_pass.stages.verify.run_batches`), so the parts are measured there too."""
     predicted = predicted_mse(sens, plan.formats) + cut_mse(sens, plan.formats, plan.cuts)
     parts = []
     for sg in partition.subgraphs:
@@ -77,7 +78,7 @@ def check_loss(model: onnx.ModelProto, layers: list[Layer], plan: Plan, partitio
         q = rewrite(model, layers, sub, ranges, rules=rules)
         rows.append({"subgraph": index, "layers": len(sub.formats), "predicted": pred,
                      "measured": measured_loss_mse(model, q, holdout, loss, batch_size=batch_size, seed=seed,
-                                                   hp_outputs=hp_outputs)})
+                                                   hp_outputs=hp_outputs, backend=backend)})
     covered = sum(r["predicted"] for r in rows)
     alone = sum(r["measured"] for r in rows)
     out = {"predicted": predicted, "measured": measured, "alone": alone, "alone_predicted": covered,

@@ -44,3 +44,31 @@ def test_without_paired_rounds_the_medians_intervals_are_used():
     assert faster_beyond_noise(m)
     assert not faster_beyond_noise({"speedup": 1.01, "hp_ci": [0.99, 1.01], "plan_ci": [0.98, 1.0]})
     assert speedup_interval({**m, "speedup_ci": [1.1, 1.3]}) == (1.1, 1.3)
+
+
+class OwnNumerics(RoundLoad):
+    """:class:`RoundLoad` that computes models its own way: every output ``offset`` off what ONNX
+    Runtime computes (a compiler of its own, as OpenVINO's), and records what it ran."""
+
+    def __init__(self, offset: float):
+        super().__init__(1.0, [1.0] * 5)
+        self.offset, self.ran = offset, []
+
+    def outputs(self, model, batches):
+        from ampq_pass.core import ort
+
+        self.ran.append(len(batches))
+        return [{k: v + self.offset for k, v in o.items()} for o in ort.run_batches(model, batches)]
+
+
+def test_the_loss_is_measured_with_the_backend_computing_the_plan(mlp_model):
+    name = mlp_model.graph.input[0].name
+    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    holdout = Samples({name: x})
+    same = verify(mlp_model, mlp_model, holdout, RoundLoad(1.0, [1.0] * 5), [{name: x}], batch_size=4)
+    assert same["loss_mse"] == 0.0  # ONNX Runtime against itself
+    backend = OwnNumerics(0.5)
+    off = verify(mlp_model, mlp_model, holdout, backend, [{name: x}], batch_size=4)
+    assert backend.ran == [2]  # both held-out batches, one compilation
+    # the projection loss of a constant offset d on every output: d^2 per output dimension, summed
+    assert off["loss_mse"] == pytest.approx(0.25 * mlp_model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
