@@ -297,6 +297,8 @@ def main() -> int:
     ap.add_argument("--detector", action="store_true", help="also the YOLOv8n detector from benchmarks/corpus (slow)")
     ap.add_argument("--no-minilm", action="store_true", help="leave MiniLM out")
     ap.add_argument("--budget", type=float, default=0.1, help="--max-loss-rmse of both passes (default 0.1, as the demo)")
+    ap.add_argument("--out", default="backends.md",
+                    help="file under benchmarks/results (default backends.md; a partial run: a file of its own)")
     args = ap.parse_args()
     if args.probe:
         print(probe())
@@ -313,7 +315,7 @@ def main() -> int:
         text += "\n" + resnet_section(args.budget)
     if args.detector:
         text += "\n" + detector_section(args.budget)
-    write("backends.md", text)
+    write(args.out, text)
     return 0
 
 
