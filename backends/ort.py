@@ -177,6 +177,20 @@ class OrtBackend(Backend):
         return make_session(model, threads=self.threads, spinning=False, provider=PROVIDERS[self.provider][0],
                             provider_options=options, what=f"model on ort:{self.provider}")
 
+    def outputs(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
+        """None on the CPU EP, which runs QDQ as the sensitivity stage models it; on another
+        provider (TensorRT builds its own int8 and fp8 engines) ``model``'s outputs there, by
+        output name, float outputs as float64."""
+        if self.provider == "cpu":
+            return None
+        session = self.session(model)
+        names = [o.name for o in session.get_outputs()]
+        out = []
+        for batch in batches:
+            values = session.run(None, _restrict(session, batch))
+            out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
+        return out
+
     def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
         sessions = {k: self.session(m) for k, (m, _) in jobs.items()}
         n = min(len(inputs) for _, inputs in jobs.values())

@@ -166,3 +166,18 @@ def test_retry_keeps_the_tightest_attempt():
     out = interleave({"x": run}, p, clock=clock)
     assert out["x"].median == 2.0 and out["x"].half_width == 0.0
     assert calls["n"] == 4 + 3  # first attempt to the cap, second stops once tight
+
+
+def test_the_cpu_ep_computes_qdq_as_the_sensitivity_models_it_and_another_provider_is_asked(monkeypatch):
+    from ampq_pass.backends import ort as ort_backend
+
+    model = models.mlp()
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
+    assert OrtBackend().outputs(model, [feeds]) is None
+    # a provider of its own (TensorRT builds its own engines): the CPU EP under another short
+    # name stands in for it, so that the outputs path runs here
+    monkeypatch.setitem(ort_backend.PROVIDERS, "other", ("CPUExecutionProvider", ("int8",), "fp32"))
+    got = OrtBackend("other").outputs(model, [feeds, feeds])
+    want = make_session(model).run(None, feeds)[0]
+    assert len(got) == 2 and got[0]["y"].dtype == np.float64
+    np.testing.assert_allclose(got[1]["y"], want, rtol=1e-6)
