@@ -274,6 +274,9 @@ def score(model: str) -> dict:
            "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"),
            "pass_code": ((peerlib.model_dir(model) / "ours" / "commit").read_text().strip()
                          if (peerlib.model_dir(model) / "ours" / "commit").exists() else "?"),
+           # the plans made on OpenVINO run in their own snapshot (ours.sh: openvino_commit)
+           "pass_code_openvino": ((peerlib.model_dir(model) / "ours" / "openvino_commit").read_text().strip()
+                                  if (peerlib.model_dir(model) / "ours" / "openvino_commit").exists() else None),
            "date": datetime.datetime.now().isoformat(timespec="minutes"), "batch": m["batch"], "openvino": ov}
     (peerlib.model_dir(model) / ("score_smoke.json" if SMOKE else "score.json")).write_text(
         json.dumps(res, indent=1, default=str))
@@ -311,7 +314,9 @@ def section(res) -> str:
         kind, "top-1 agreement, relative logit error")
     s = (f"## {m['model']}\n\n"
          f"- date {res['date']}; CPU: {res['cpu']}, {res['cores']} cores; Python {res['python']}, onnxruntime "
-         f"{res['onnxruntime']}; our pass ran at git {res.get('pass_code', '?')} (clean snapshot), the scoring "
+         f"{res['onnxruntime']}; our pass ran at git {res.get('pass_code', '?')}"
+         + (f" (its OpenVINO plans at git {res['pass_code_openvino']})" if res.get("pass_code_openvino") else "")
+         + f" (clean snapshot), the scoring "
          f"(timing with the project's measurer) at git {res['code']}.\n"
          f"- data: calibration {m['calib']} (every method); a peer's own search evaluates on {m['search']} (the "
          f"samples our pass holds out to verify itself); quality below on {m['eval']} (seen by no search).\n"
