@@ -23,8 +23,8 @@ backend when
 which are dropped (``f`` leaves their candidates). The layers left are then tested together
 again (a pair can be unfaithful only beside its neighbours: a Concat quantized when all its
 inputs are), for at most :data:`ROUNDS` rounds. A set found unfaithful whose halves are
-both faithful, or that the test cap (:data:`MAX_TESTS` per format) leaves unresolved, is
-dropped whole and said so: the budget must mean on the device what it says.
+both faithful, or that the test cap (:data:`MAX_TESTS` per format) or the time allowed leaves
+unresolved, is dropped whole and said so: the budget must mean on the device what it says.
 
 Backends that run the QDQ model as ONNX Runtime does (ONNX Runtime itself, cost models)
 return no outputs (:meth:`ampq_pass.core.measure.Measurer.outputs`): nothing is checked.
@@ -33,13 +33,14 @@ return no outputs (:meth:`ampq_pass.core.measure.Measurer.outputs`): nothing is 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
 from ampq_pass.core import ort
-from ampq_pass.core.cache import Cache, cached, digest, model_digest
+from ampq_pass.core.cache import Cache, digest, model_digest
 from ampq_pass.core.formats import HP
 from ampq_pass.core.measure import Measurer
 from ampq_pass.stages.calibrate import Ranges
@@ -59,6 +60,8 @@ TOL = 1e-3
 ROUNDS = 3
 #: tests (one rewrite, one compile, one batch in both runtimes) per format at most
 MAX_TESTS = 96
+#: the reason of a set dropped whole because the time allowed was spent
+TIMED_OUT = "not resolved within the time allowed"
 
 
 @dataclass
@@ -69,7 +72,8 @@ class NumericsEntry:
     layers: list[str]
     backend_error: float
     reference_error: float
-    #: "unfaithful alone", "unfaithful only together" or "not resolved within the test cap"
+    #: "unfaithful alone", "unfaithful only together", "not resolved within the test cap" or
+    #: "not resolved within the time allowed"
     reason: str
 
     def to_json(self) -> dict:
@@ -118,15 +122,19 @@ def unfaithful(backend_error: float, reference_error: float) -> bool:
 
 def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict[str, list[str]],
                    ranges: Ranges, backend: Measurer, batch: dict[str, np.ndarray], *, rules=None,
-                   cache: Cache | None = None, max_tests: int = MAX_TESTS, progress=None) -> Numerics:
+                   cache: Cache | None = None, max_tests: int = MAX_TESTS, progress=None,
+                   seconds: float | None = None) -> Numerics:
     """The candidates with every (layer, format) pair the backend runs unfaithfully removed
     (module docstring). ``batch``: one batch of calibration feeds. ``progress``: called with
-    the number of tests after each one (a progress bar's update), or None."""
+    the number of tests after each one (a progress bar's update), or None. ``seconds``: the
+    time the check may take (each test compiles the whole model: seconds on a large one); a
+    set still unfaithful when it is spent is dropped whole, like one the test cap leaves."""
     if backend.outputs(model, [batch]) is None:  # runs QDQ as ONNX Runtime does: nothing to check
         return Numerics({l: list(fs) for l, fs in candidates.items()})
     reference = ort.run_batches(model, [batch])[0]
     formats = sorted({f for fs in candidates.values() for f in fs if f != HP})
     result = Numerics({l: list(fs) for l, fs in candidates.items()}, checked=formats)
+    deadline = None if seconds is None else time.monotonic() + seconds
     for fmt in formats:
         offered = [layer.name for layer in layers if fmt in candidates.get(layer.name, ())]
         # the ranges stand for the calibration set the batch is taken from
@@ -135,10 +143,16 @@ def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict
 
         def run(fmt=fmt, offered=offered) -> dict:
             found = _group_test(model, layers, fmt, offered, ranges, backend, batch, reference, rules,
-                                max_tests, progress)
+                                max_tests, progress, deadline)
             return {"tests": found[1], "entries": [e.to_json() for e in found[0]]}
 
-        got, _ = cached(cache, "numerics", key, run, dump=dict, load=dict)
+        got = cache.get("numerics", key) if cache is not None else None
+        if got is None:
+            got = run()
+            # not through ``cached``: a result the time allowance cut short is not kept, so a run
+            # with more time resolves what this one dropped whole
+            if cache is not None and not any(e["reason"] == TIMED_OUT for e in got["entries"]):
+                cache.put("numerics", key, got)
         result.tests += int(got["tests"])
         for e in got["entries"]:
             entry = NumericsEntry(**e)
@@ -149,7 +163,7 @@ def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict
 
 
 def _group_test(model, layers, fmt, offered, ranges, backend, batch, reference, rules, max_tests,
-                progress) -> tuple[list[NumericsEntry], int]:
+                progress, deadline) -> tuple[list[NumericsEntry], int]:
     tests = 0
     memo: dict[tuple[str, ...], tuple[bool, float, float]] = {}
 
@@ -177,6 +191,9 @@ def _group_test(model, layers, fmt, offered, ranges, backend, batch, reference, 
             return
         if tests + 2 > max_tests:
             dropped.append(NumericsEntry(fmt, names, eb, er, "not resolved within the test cap"))
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            dropped.append(NumericsEntry(fmt, names, eb, er, TIMED_OUT))
             return
         half = len(names) // 2
         before = len(dropped)

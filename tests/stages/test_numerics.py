@@ -132,3 +132,16 @@ def test_openvino_outputs_are_named_as_in_the_onnx_graph_and_match_onnx_runtime_
     for name, value in want.items():
         assert got[0][name].dtype == np.float64
         np.testing.assert_allclose(got[0][name], value, rtol=1e-4, atol=1e-4)
+
+
+def test_when_the_time_allowed_is_spent_an_unfaithful_set_is_dropped_whole_and_not_cached(mlp, tmp_path):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8"] for l in layers}
+    backend = Garbling(layers, [{"fc2"}])
+    found = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path), seconds=0.0)
+    assert [(sorted(e.layers), e.reason) for e in found.entries] == [
+        (["fc1", "fc2", "fc3"], "not resolved within the time allowed")]
+    assert all(found.candidates[l.name] == ["hp"] for l in layers)
+    # with time: resolved to the one layer (the cut-short result was not kept)
+    again = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
+    assert [e.layers for e in again.entries] == [["fc2"]]
