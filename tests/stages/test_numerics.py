@@ -145,3 +145,24 @@ def test_when_the_time_allowed_is_spent_an_unfaithful_set_is_dropped_whole_and_n
     # with time: resolved to the one layer (the cut-short result was not kept)
     again = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
     assert [e.layers for e in again.entries] == [["fc2"]]
+
+
+class Refusing(Garbling):
+    """A device whose compiler refuses a model with ``refused`` quantized (OpenVINO refuses ONNX
+    Runtime's QLinearConv, for one)."""
+
+    def outputs(self, model, batches):
+        from ampq_pass.core.errors import AmpqError
+
+        stored = {t.name for t in model.graph.initializer}
+        if any(self.weight[l] not in stored for w in self.wrong for l in w):
+            raise AmpqError("cannot compile")
+        return super().outputs(model, batches)
+
+
+def test_a_layer_the_backend_cannot_run_in_a_format_loses_it(mlp):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8"] for l in layers}
+    found = check_numerics(model, layers, candidates, ranges, Refusing(layers, [{"fc3"}]), batch)
+    assert [(e.layers, e.reason) for e in found.entries] == [(["fc3"], "unfaithful alone")]
+    assert found.entries[0].backend_error == float("inf") and found.candidates["fc3"] == ["hp"]
