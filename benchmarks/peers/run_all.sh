@@ -23,8 +23,9 @@ esac
 if [ "$MODEL" = llama ]; then
   for peer in ${PEERS:-ours ort modelopt quark inc aimet}; do
     case "$peer" in
-      # 0.05/0.07/0.04 after the first four: a denser front between the 0.03 plan and the int4 one
-      ours)     "$P/ours.sh" "$MODEL" 0.03 0.005 0.01 0.1 0.05 0.07 0.04; "$P/ours_rejected.sh" "$MODEL" ;;
+      # 0.05/0.07/0.04 after the first four: a denser front between the 0.03 plan and the int4 one;
+      # 0.035 between 0.03 and 0.04 (the int4 group-32 recipes), 0.003 under ORT's dynamic int8
+      ours)     "$P/ours.sh" "$MODEL" 0.03 0.005 0.01 0.1 0.05 0.07 0.04 0.003 0.035; "$P/ours_rejected.sh" "$MODEL" ;;
       ort)      $N "$V/ort/bin/python" "$P/ort.py" "$MODEL" ;;
       modelopt) for c in int8_matmul int4_rtn int4_awq_clip; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
       quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --matmul-nbits ;;
