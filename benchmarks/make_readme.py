@@ -65,7 +65,8 @@ LEARNED = """## What we learned (read with the tables below)
   over-prediction (issue 13): the whole-model ratios of this model moved by up to 20% between runs within an hour
   (the every-int8 plan measured 1.12x, 1.26x and 1.34x over hp, each interleaved in one process), and two subgraphs of its neck (the FPN
   convs and the head conv, 9-10 ms gain each alone) measured sub-additive together (predicted 1.29x, measured
-  1.16x, each alone 1.11x); not fixed.
+  1.16x, each alone 1.11x); not fixed. The Llama front with budgets 0.035 and 0.003 added: 2 of 12 peer points
+  above on ONNX Runtime (was 5).
 - **2026-11-27, noon (AMD EPYC): the peers re-run on one machine; a uniform plan within the noise is verified; two
   ideas measured and dropped.** The peers tables of MiniLM, ResNet-50 and the Llama decoder were Intel Xeon runs
   whose MiniLM rows showed our verification rejecting three plans under load (unpaired intervals). Re-run here with
