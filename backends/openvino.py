@@ -270,6 +270,9 @@ class OpenVinoBackend(Backend):
             raise self._cannot_run(model, e) from None
         return {o.any_name: np.asarray(v) for o, v in out.items()}
 
+    #: the CPU plugin's low-precision transformations compile a QDQ model their own way
+    own_numerics = True
+
     def outputs(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Outputs of ``model`` on each batch, one compilation for all (float outputs as float64):
         the CPU plugin's low-precision transformations compile the QDQ model their own way."""

@@ -177,11 +177,16 @@ class OrtBackend(Backend):
         return make_session(model, threads=self.threads, spinning=False, provider=PROVIDERS[self.provider][0],
                             provider_options=options, what=f"model on ort:{self.provider}")
 
+    @property
+    def own_numerics(self) -> bool:
+        """Every provider but the CPU EP (the semantics the sensitivity stage models)."""
+        return self.provider != "cpu"
+
     def outputs(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
         """None on the CPU EP, which runs QDQ as the sensitivity stage models it; on another
         provider (TensorRT builds its own int8 and fp8 engines) ``model``'s outputs there, by
         output name, float outputs as float64."""
-        if self.provider == "cpu":
+        if not self.own_numerics:
             return None
         session = self.session(model)
         names = [o.name for o in session.get_outputs()]

@@ -240,11 +240,15 @@ class Measurer(ABC):
         refused after minutes of timing names a part the user never saw. Default (cost models,
         ONNX Runtime, whose first session in calibration says so within seconds): nothing to check."""
 
+    #: whether it compiles a QDQ model into kernels of its own and may compute something else
+    #: than the QDQ semantics the sensitivity stage models (OpenVINO, ONNX Runtime's GPU
+    #: providers): then :meth:`outputs` gives what it computes. False: it runs them as ONNX
+    #: Runtime's CPU EP does, or runs nothing (cost models).
+    own_numerics: bool = False
+
     def outputs(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
-        """``model``'s outputs on each batch as this backend computes them (by output name), where
-        it compiles a QDQ model into kernels of its own and may compute something else than the
-        QDQ semantics the sensitivity stage models (OpenVINO); None where it runs them as ONNX
-        Runtime does (ONNX Runtime itself) or runs nothing (cost models). The numerics check
+        """``model``'s outputs on each batch as this backend computes them (by output name) where
+        it has :attr:`own_numerics`; None otherwise. The numerics check
         (:mod:`ampq_pass.stages.numerics`) and the verified loss read them."""
         return None
 

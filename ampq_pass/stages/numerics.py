@@ -26,8 +26,8 @@ inputs are), for at most :data:`ROUNDS` rounds. A set found unfaithful whose hal
 both faithful, or that the test cap (:data:`MAX_TESTS` per format) or the time allowed leaves
 unresolved, is dropped whole and said so: the budget must mean on the device what it says.
 
-Backends that run the QDQ model as ONNX Runtime does (ONNX Runtime itself, cost models)
-return no outputs (:meth:`ampq_pass.core.measure.Measurer.outputs`): nothing is checked.
+Backends that run the QDQ model as ONNX Runtime's CPU EP does, and cost models, have no
+numerics of their own (:attr:`ampq_pass.core.measure.Measurer.own_numerics`): nothing is checked.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict
     the number of tests after each one (a progress bar's update), or None. ``seconds``: the
     time the check may take (each test compiles the whole model: seconds on a large one); a
     set still unfaithful when it is spent is dropped whole, like one the test cap leaves."""
-    if backend.outputs(model, [batch]) is None:  # runs QDQ as ONNX Runtime does: nothing to check
+    if not getattr(backend, "own_numerics", False):  # runs QDQ as ONNX Runtime does: nothing to check
         return Numerics({l: list(fs) for l, fs in candidates.items()})
     reference = ort.run_batches(model, [batch])[0]
     formats = sorted({f for fs in candidates.values() for f in fs if f != HP})

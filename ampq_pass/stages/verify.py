@@ -29,7 +29,7 @@ def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = T
         return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
     existing = {o.name for o in model.graph.output}
     extra = sorted(set(logit_tensors(model).values()) - existing)
-    if backend is not None and fits_protobuf(model):
+    if getattr(backend, "own_numerics", False) and fits_protobuf(model):
         probe = copy_model(model)
         probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
         got = backend.outputs(probe, list(samples.batches(batch_size)))

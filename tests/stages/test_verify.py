@@ -50,6 +50,8 @@ class OwnNumerics(RoundLoad):
     """:class:`RoundLoad` that computes models its own way: every output ``offset`` off what ONNX
     Runtime computes (a compiler of its own, as OpenVINO's), and records what it ran."""
 
+    own_numerics = True
+
     def __init__(self, offset: float):
         super().__init__(1.0, [1.0] * 5)
         self.offset, self.ran = offset, []
