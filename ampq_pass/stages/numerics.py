@@ -1,5 +1,5 @@
 """Numerics: drop the (layer, format) pairs a backend runs far less accurately than the QDQ
-model says (issue 14; design.md §3 "Formats").
+model says (issue 14; design.md §3 "Format" and "Verify, repair and report").
 
 The sensitivity stage predicts each format's loss from the QDQ semantics ONNX defines (its
 executor computes them as ONNX Runtime does), and the pass verified the loss in ONNX Runtime.
@@ -7,9 +7,10 @@ A backend that compiles the QDQ model into kernels of its own does not always co
 on an AMD EPYC (no AMX) OpenVINO 2026.4's CPU plugin ran YOLOv8n with every convolution in
 ``int8_sym`` at a relative output error of 0.207 where ONNX Runtime ran the same file at
 0.018. Bisected, one layer at a time: each ``int8_sym`` convolution fed by a Concat (12 of
-64) is off by 0.02-0.25 alone on OpenVINO and by 0.0004-0.002 in ONNX Runtime; every other
-layer agrees to the digit. Such a pair makes a plan whose predicted and verified loss mean
-nothing on the device the plan is for.
+64) is off by 0.02-0.26 alone on OpenVINO and by 0.0004-0.0033 in ONNX Runtime, and so is
+each box-head convolution in ``int8`` with ONNX Runtime's output Q/DQ into the head's Concat
+(0.04-0.12 against 0.0005); every other layer agrees to the digit. Such a pair makes a plan
+whose predicted and verified loss mean nothing on the device the plan is for.
 
 Definition. For a set ``S`` of layers and one format ``f``, the plan "``S`` in ``f``" is
 rewritten and run on one calibration batch by the backend (outputs ``y_b``) and by ONNX
