@@ -261,14 +261,7 @@ class OpenVinoBackend(Backend):
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of one inference, by output name (for checks; timing uses :meth:`runner`)."""
-        compiled = self.compile(model)
-        try:
-            out = compiled.create_infer_request().infer(_restrict(compiled.inputs, feeds))
-        except AmpqError:
-            raise
-        except Exception as e:
-            raise self._cannot_run(model, e) from None
-        return {o.any_name: np.asarray(v) for o, v in out.items()}
+        return self._infer(model, [feeds])[0]
 
     #: the CPU plugin's low-precision transformations compile a QDQ model their own way
     own_numerics = True
@@ -276,19 +269,25 @@ class OpenVinoBackend(Backend):
     def outputs(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         """Outputs of ``model`` on each batch, one compilation for all (float outputs as float64):
         the CPU plugin's low-precision transformations compile the QDQ model their own way."""
+        return [{n: v.astype(np.float64) if v.dtype.kind == "f" else v for n, v in o.items()}
+                for o in self._infer(model, batches)]
+
+    def _infer(self, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """One compilation of ``model``, one inference per batch: outputs by the names the ONNX
+        graph gives them (a tensor may carry several names in OpenVINO), copied out of the request."""
         compiled = self.compile(model)
         request = compiled.create_infer_request()
         wanted = {o.name for o in model.graph.output}
-        # a tensor may carry several names in OpenVINO: keep the one the ONNX graph gives it
         names = [next((n for n in sorted(o.get_names()) if n in wanted), o.any_name) for o in compiled.outputs]
         out = []
         for batch in batches:
             try:
                 request.infer(_restrict(compiled.inputs, batch))
+            except AmpqError:
+                raise
             except Exception as e:
                 raise self._cannot_run(model, e) from None
-            values = [np.array(request.get_output_tensor(i).data) for i in range(len(names))]
-            out.append({n: v.astype(np.float64) if v.dtype.kind == "f" else v for n, v in zip(names, values)})
+            out.append({n: np.array(request.get_output_tensor(i).data) for i, n in enumerate(names)})
         return out
 
     def _cannot_run(self, model: onnx.ModelProto, e: Exception) -> AmpqError:

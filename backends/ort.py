@@ -36,7 +36,7 @@ import onnxruntime as ort
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.memory import release_freed_memory
-from ampq_pass.core.ort import make_session
+from ampq_pass.core.ort import make_session, session_outputs
 from ampq_pass.backends.ort_rules import ORT_CPU_RULES
 
 __all__ = ["OrtBackend", "Timing", "available_providers", "io_device", "time_interleaved"]
@@ -188,13 +188,7 @@ class OrtBackend(Backend):
         output name, float outputs as float64."""
         if not self.own_numerics:
             return None
-        session = self.session(model)
-        names = [o.name for o in session.get_outputs()]
-        out = []
-        for batch in batches:
-            values = session.run(None, _restrict(session, batch))
-            out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
-        return out
+        return session_outputs(self.session(model), batches)
 
     def time_each(self, jobs: dict[str, tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]]) -> dict[str, Timing]:
         sessions = {k: self.session(m) for k, (m, _) in jobs.items()}

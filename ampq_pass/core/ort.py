@@ -82,11 +82,15 @@ def run(session, feeds: dict[str, np.ndarray], *, what: str = "model") -> list[n
 def run_batches(model, batches: Iterable[dict[str, np.ndarray]], *, optimize: bool = True,
                 threads: int = 0) -> list[dict[str, np.ndarray]]:
     """Outputs of ``model`` batch by batch, by output name (float outputs as float64 copies)."""
-    sess = make_session(model, optimize=optimize, threads=threads)
-    names = [o.name for o in sess.get_outputs()]
+    return session_outputs(make_session(model, optimize=optimize, threads=threads), batches)
+
+
+def session_outputs(session, batches: Iterable[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``session`` batch by batch, by output name (float outputs as float64 copies)."""
+    names = [o.name for o in session.get_outputs()]
     out = []
     for batch in batches:
-        values = run(sess, batch)
+        values = run(session, batch)
         out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
     return out
 

@@ -29,29 +29,22 @@ def run_batches(model, samples: Samples, batch_size: int = 8, optimize: bool = T
         return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
     existing = {o.name for o in model.graph.output}
     extra = sorted(set(logit_tensors(model).values()) - existing)
-    if getattr(backend, "own_numerics", False) and fits_protobuf(model):
-        probe = copy_model(model)
-        probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
-        got = backend.outputs(probe, list(samples.batches(batch_size)))
-        if got is not None:
-            return got
-    if not extra:
+    own = getattr(backend, "own_numerics", False) and fits_protobuf(model)
+    if not extra and not own:
         return ort.run_batches(model, samples.batches(batch_size), optimize=optimize, threads=threads)
     large = not fits_protobuf(model)
-    probe = model if large else copy_model(model)  # above 2 GB: outputs added only while the session is built
+    # above 2 GB (or nothing to add): outputs added only while the session is built
+    probe = model if large or not extra else copy_model(model)
     n_outputs = len(probe.graph.output)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in extra)
     try:
+        if own:
+            return backend.outputs(probe, list(samples.batches(batch_size)))
         sess = ort.make_session(probe, optimize=optimize, threads=threads)
     finally:
         while len(probe.graph.output) > n_outputs:
             probe.graph.output.pop()
-    names = [o.name for o in sess.get_outputs()]
-    out = []
-    for batch in samples.batches(batch_size):
-        values = ort.run(sess, batch)
-        out.append({k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in zip(names, values)})
-    return out
+    return ort.session_outputs(sess, samples.batches(batch_size))
 
 
 def _loss_view(model_hp, model_q, loss_fn: Loss, hp: list, q: list) -> tuple[dict, dict]:
