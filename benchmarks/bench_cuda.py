@@ -166,7 +166,7 @@ def run_pass(out: Path, offer: tuple[str, ...], budget: float) -> list[str]:
                  f"{budget} --time-budget 200`: exit {rc} in {time.time() - t:.0f} s\n")
     if report.exists():
         r = json.loads(report.read_text())
-        keep = {k: r.get(k) for k in ("backend", "predicted", "measured", "rejected_plan", "time_budget", "seconds")}
+        keep = {k: r.get(k) for k in ("backend", "numerics", "predicted", "measured", "rejected_plan", "time_budget", "seconds")}
         keep["rounds"] = [{k: v for k, v in rd.items() if not isinstance(v, (dict, list))} for rd in r.get("rounds", [])]
         counts: dict[str, int] = {}
         for layer in r.get("layers", []):
