@@ -40,13 +40,14 @@ def test_fast_formats_from_capabilities():
     from ampq_pass.backends.openvino import OpenVinoBackend
 
     fast = OpenVinoBackend.fast_formats
-    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8_sym", "int8")  # 16-bit Cast pairs are not fast
+    # 16-bit Cast pairs are not fast; int4 weight-only is (compressed-weight kernels, a decode step)
+    assert fast("CPU", ("FP32", "BF16", "FP16", "INT8", "BIN")) == ("int8_sym", "int8", "int4", "int4_b128")
     assert fast("CPU", ("FP32", "BF16")) == ()  # no INT8 listed: nothing beyond hp
     assert fast("GPU.0", ("FP32", "FP16", "INT8")) == ("int8_sym",)  # unmeasured device type: int8_sym if listed
     # on an unmeasured device type ONNX Runtime's int8 (uint8 asymmetric activations) is taken on request only
     request = OpenVinoBackend.requestable_formats
     assert request("GPU.0", ("FP32", "FP16", "INT8")) == ("int8_sym", "int8")
-    assert request("CPU", ("FP32", "FP16", "INT8")) == ("int8_sym", "int8")
+    assert request("CPU", ("FP32", "FP16", "INT8")) == ("int8_sym", "int8", "int4", "int4_b128")
     assert request("CPU", ("FP32", "FP16")) == ()
 
 
@@ -56,8 +57,8 @@ def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
     if "INT8" not in b.device_caps:
         pytest.skip("this CPU does not list INT8")
     assert b.capabilities().formats == ("int8",) and b.capabilities().rules is not None
-    assert get_backend("openvino:cpu", protocol=FAST).capabilities().formats == ("int8_sym", "int8")
-    with pytest.raises(AmpqError, match="does not run 'int8_dyn' fast; it offers int8_sym, int8"):
+    assert get_backend("openvino:cpu", protocol=FAST).capabilities().formats == ("int8_sym", "int8", "int4", "int4_b128")
+    with pytest.raises(AmpqError, match="does not run 'int8_dyn' fast; it offers int8_sym, int8, int4, int4_b128"):
         get_backend("openvino:cpu", protocol=FAST, formats=("int8_dyn",))
     # the pass hands the user's --formats to the backend it makes from a spec
     from ampq_pass.pipeline import make_backend
@@ -69,8 +70,8 @@ def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
 def test_capabilities_key_and_compiled_settings():
     b = get_backend("openvino:cpu", protocol=FAST)
     caps = b.capabilities()
-    assert caps.hp == "fp32" and set(caps.formats) <= {"int8_sym", "int8", "fp16", "bf16"}
-    assert "int8_dyn" not in caps.formats and "int4" not in caps.formats
+    assert caps.hp == "fp32" and set(caps.formats) <= {"int8_sym", "int8", "int4", "int4_b128", "fp16", "bf16"}
+    assert "int8_dyn" not in caps.formats
     key = b.key()
     import openvino as ov
 
@@ -89,8 +90,8 @@ def test_capabilities_key_and_compiled_settings():
 def test_unknown_device_and_format_are_clear_errors():
     with pytest.raises(AmpqError, match="not available; OpenVINO lists here: cpu"):
         get_backend("openvino:npu9")
-    with pytest.raises(AmpqError, match="does not run 'int4' fast"):
-        get_backend("openvino:cpu", formats=("int4",))
+    with pytest.raises(AmpqError, match="does not run 'int8_dyn' fast"):
+        get_backend("openvino:cpu", formats=("int8_dyn",))
     assert get_backend("openvino:cpu", formats=()).capabilities().formats == ()
 
 
