@@ -66,6 +66,42 @@ def cuda_ops(model: onnx.ModelProto) -> str:
     return ", ".join(f"{op}x{ops.count(op)}" if ops.count(op) > 1 else op for op in dict.fromkeys(ops))
 
 
+def fp16_compute(model: onnx.ModelProto, *, chain: bool) -> onnx.ModelProto:
+    """``model`` with its MatMuls computing in fp16 (weights stored in fp16, no Cast on them): what
+    a 16-bit *compute* format would write, which the rewrite does not (its fp16/bf16 formats cast
+    around an fp32 op). ``chain=False``: each MatMul casts its input down and its output up (a
+    per-layer format with fp32 between layers); ``chain=True``: one Cast down at the model input and
+    one up at its output, everything between in fp16 (fp16 cut states)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    weights = {t.name for t in g.initializer}
+    for t in g.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    x, y = g.input[0].name, g.output[0].name
+    nodes = []
+    if chain:
+        nodes.append(helper.make_node("Cast", [x], [x + "_h"], to=TensorProto.FLOAT16))
+        for n in g.node:
+            n.input[:] = [i if i in weights else i + "_h" for i in n.input]
+            n.output[:] = [o + "_h" for o in n.output]
+            nodes.append(n)
+        nodes.append(helper.make_node("Cast", [y + "_h"], [y], to=TensorProto.FLOAT))
+    else:
+        for n in g.node:
+            if n.op_type == "MatMul":
+                a, out = n.input[0], n.output[0]
+                nodes.append(helper.make_node("Cast", [a], [a + "_h"], to=TensorProto.FLOAT16))
+                n.input[0], n.output[0] = a + "_h", out + "_h"
+                nodes += [n, helper.make_node("Cast", [out + "_h"], [out], to=TensorProto.FLOAT)]
+            else:
+                nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(m)
+    return m
+
+
 def probe(tokens: tuple[int, int], d: int, hidden: int) -> list[str]:
     from ampq_pass.core.samples import Samples
     from ampq_pass.stages.calibrate import compute_ranges
@@ -84,6 +120,8 @@ def probe(tokens: tuple[int, int], d: int, hidden: int) -> list[str]:
             models[fmt] = rewrite(model, layers, Plan({l.name: fmt for l in layers}), ranges)
         except Exception as e:  # a format a layer does not accept
             print(f"skip {fmt}: {e}", flush=True)
+    models["fp16 compute, per layer (not a format yet)"] = fp16_compute(model, chain=False)
+    models["fp16 compute, chain (not a format yet)"] = fp16_compute(model, chain=True)
     inputs = [{"x": x[i]} for i in range(4)]
     res, refused = {}, {}
     for spec in ("ort:cuda", "ort:cpu"):
