@@ -172,8 +172,28 @@ def test_context_gains_that_count_a_shared_saving_twice_are_fitted_to_the_measur
     assert fitted[0][0] / fitted[1][0] == pytest.approx(0.7 / 0.6)  # proportions kept
     correct(table, plan, fitted)
     assert predict_speedup(table, plan.formats) == pytest.approx(2.0)
-    assert fit_to_measured(_table(), plan, {0: (0.3, 0.02), 1: (0.4, 0.02)}, speedup=2.0) == \
-        {0: (0.3, 0.02), 1: (0.4, 0.02)}  # 0.7 fits under the measured 1.0
+    exact = {0: (0.4, 0.02), 1: (0.6, 0.02)}
+    assert fit_to_measured(_table(), plan, exact, speedup=2.0) == exact  # they add up to the measured 1.0
+
+
+def test_sub_additive_context_gains_are_scaled_up_to_the_measurement():
+    """Two subgraphs that save less together than alone: each one's marginal gain in context
+    (0.3, 0.4) adds up to less than the plan's measured gain (1.0). Left as they are, the
+    corrected table would predict the plan, and a plan near it, well under what it measured."""
+    from ampq_pass.stages.repair import fit_to_measured
+    from ampq_pass.stages.timing import predict_speedup
+
+    table = _table()
+    plan = Plan({"a": "int8", "b": "int8", "c": "int8"})
+    fitted = fit_to_measured(table, plan, {0: (0.3, 0.02), 1: (0.4, 0.02)}, speedup=2.0)
+    assert sum(g for g, _ in fitted.values()) == pytest.approx(1.0)
+    assert fitted[0][0] / fitted[1][0] == pytest.approx(0.3 / 0.4)
+    assert fitted[0][1] == pytest.approx(0.02 / 0.7)  # the noise scales with its gain
+    correct(table, plan, fitted)
+    assert predict_speedup(table, plan.formats) == pytest.approx(2.0)
+    # nothing measured to share the gain in proportion to: left as it is
+    assert fit_to_measured(_table(), plan, {0: (0.0, 0.02), 1: (-0.1, 0.02)}, speedup=2.0) == \
+        {0: (0.0, 0.02), 1: (-0.1, 0.02)}
 
 
 def test_falls_short_only_beyond_the_noise():
