@@ -42,40 +42,50 @@ def load() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def two_matmuls(seed: int = 0) -> onnx.ModelProto:
+def two_matmuls(seed: int = 0, *, batch: int = 8, tokens: int = 128, d: int = 384, hidden: int = 1536) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((384, 1536)) / np.sqrt(384)).astype(np.float32)
-    w2 = (rng.standard_normal((1536, 384)) / np.sqrt(1536)).astype(np.float32)
+    w1 = (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
-    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 128, 384])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 128, 384])],
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, tokens, d])],
                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+#: the probe's shapes (batch, tokens, d, hidden): many tokens (compute-bound: MiniLM's MLP at
+#: batch 8) and one token through 4096x4096 twice (a decode step: reading the weights is the cost)
+PROBE_SHAPES = ((8, 128, 384, 1536), (1, 1, 4096, 4096))
+
+
 def probe() -> str:
+    return "\n".join(probe_shape(*shape) for shape in PROBE_SHAPES)
+
+
+def probe_shape(batch: int, tokens: int, d: int, hidden: int) -> str:
     from ampq_pass.core.samples import Samples
     from ampq_pass.stages.calibrate import compute_ranges
     from ampq_pass.stages.layers import find_layers
     from ampq_pass.stages.plan import Plan
     from ampq_pass.stages.rewrite import rewrite
 
-    model = two_matmuls()
+    model = two_matmuls(batch=batch, tokens=tokens, d=d, hidden=hidden)
     layers = find_layers(model)
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((4, 8, 128, 384)).astype(np.float32)
-    samples = Samples({"x": x.reshape(32, 128, 384)[:8]}, source="random")
+    x = rng.standard_normal((4, batch, tokens, d)).astype(np.float32)
+    samples = Samples({"x": x.reshape(4 * batch, tokens, d)[:batch]}, source="random")  # the model's fixed batch
     ranges = compute_ranges(model, layers, samples)
     models = {"fp32": model}
-    for fmt in ("int8", "int8_sym", "int8_dyn", "int4", "fp16", "bf16", "fp8_e4m3"):
+    for fmt in ("int8", "int8_sym", "int8_dyn", "int4", "int4_b128", "fp16", "bf16", "fp8_e4m3"):
         try:
             models[fmt] = rewrite(model, layers, Plan({l.name: fmt for l in layers}), ranges)
         except Exception as e:  # a format a layer does not accept
             print(f"skip {fmt}: {e}")
     inputs = [{"x": x[i]} for i in range(4)]
-    lines = [f"## Probe: formats as written, two MatMuls 384x1536 / 1536x384, 8 x 128 tokens, 2 threads\n",
+    lines = [f"## Probe: formats as written, two MatMuls {d}x{hidden} / {hidden}x{d}, {batch} x {tokens} tokens, "
+             f"2 threads\n",
              f"load average before (1/5/15 min): {load()}\n",
              "| format | ORT CPU EP ms | x fp32 | OpenVINO CPU ms | x fp32 |", "|---|---|---|---|---|"]
     res = {}
