@@ -42,7 +42,8 @@ offered: OpenVINO does not fuse that ONNX pattern. ``int4``/``int4_b128`` (block
 DequantizeLinear into MatMul, weight-only) compile to compressed-weight FullyConnected kernels:
 one token through two 4096x4096 MatMuls ran 4.98 ms in fp32, 1.54 ms in int8_sym, 1.24 ms in
 int4 and 1.13 ms in int4_b128, while 128 tokens through 384x1536 / 1536x384 ran 1.79 ms fp32 and
-1.88 ms int4 (AMD EPYC, AVX-512 VNNI, 2 threads, 2026-11-27; the probe's decode shape). Like
+1.88 ms int4 (AMD EPYC, AVX-512 VNNI, 2 threads, 2026-11-27; the probe's decode shape, in
+``benchmarks/results/backends_minilm.md`` int4 4.17x and int4_b128 4.43x over fp32 there). Like
 ONNX Runtime's int4 they are offered because a shape exists where they win; the per-layer
 screen drops them where they do not.
 """
