@@ -3,20 +3,24 @@
 # on MiniLM with the metric INC and AIMET search with (ours_metric.py: cosine on search.npz), same
 # snapshot and cache as ours.sh, under /usr/bin/time -v.
 #   benchmarks/peers/ours_metric.sh 0.01
+# AMPQ_BACKEND=openvino:cpu: the search timing on OpenVINO (its snapshot and cache, as ours.sh's)
 set -e
 DROP="$1"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 D="$ROOT/benchmarks/out/peers/minilm"
 OUTD="$D/ours"
-SNAP=/tmp/ampq-snapshot-$(cat "$OUTD/commit")
+BACKEND="${AMPQ_BACKEND:-ort:cpu}"
+case "$BACKEND" in ort:cpu) PRE="" ;; *) PRE="$(echo "$BACKEND" | cut -d: -f1)_" ;; esac
+if [ -n "$PRE" ]; then CACHE="$OUTD/cache_$PRE"; else CACHE="$OUTD/cache"; fi
+SNAP=/tmp/ampq-snapshot-$(cat "$OUTD/${PRE}commit")
 [ -d "$SNAP" ] || { echo "snapshot $SNAP missing: run ours.sh first" >&2; exit 1; }
-N="metric_drop$DROP"
+N="${PRE}metric_drop$DROP"
 uptime > "$OUTD/$N.uptime"
 PYTHONHASHSEED=0 PYTHONPATH="$SNAP" HF_HUB_OFFLINE=1 nice -n 15 /usr/bin/time -v -o "$OUTD/$N.time" "$ROOT/.venv/bin/python" -P \
     -c "import sys; from ampq_pass.cli import main; sys.argv[0] = 'ampq-pass'; sys.exit(main())" "$D/fp32.onnx" \
     -o "$OUTD/$N.onnx" --calib "$D/pass_calib.npz" --holdout 32 \
     --metric "$ROOT/benchmarks/peers/ours_metric.py:search_cosine" --max-metric-drop "$DROP" \
-    --cache-dir "$OUTD/cache" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
+    --backend "$BACKEND" --cache-dir "$CACHE" --report "$OUTD/$N.report.json" --no-progress > "$OUTD/$N.log" 2>&1 \
     || echo "failed: see $OUTD/$N.log"
 uptime >> "$OUTD/$N.uptime"
 tail -3 "$OUTD/$N.log"
