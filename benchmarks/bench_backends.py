@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OUT, header, minilm_path, write  # noqa: E402
+from common import OUT, header, minilm_path, two_matmuls, write  # noqa: E402
 
 from ampq_pass.backends import get_backend  # noqa: E402
 from ampq_pass.core.measure import Protocol  # noqa: E402
@@ -40,19 +39,6 @@ PROTOCOL = Protocol(warmup=5, min_repeats=15, max_repeats=60, rel_ci=0.01, max_s
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
-
-
-def two_matmuls(seed: int = 0, *, batch: int = 8, tokens: int = 128, d: int = 384, hidden: int = 1536) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
-    w2 = (rng.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
-    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens, d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, tokens, d])],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 #: the probe's shapes (batch, tokens, d, hidden): many tokens (compute-bound: MiniLM's MLP at
@@ -71,7 +57,7 @@ def probe_shape(batch: int, tokens: int, d: int, hidden: int) -> str:
     from ampq_pass.stages.plan import Plan
     from ampq_pass.stages.rewrite import rewrite
 
-    model = two_matmuls(batch=batch, tokens=tokens, d=d, hidden=hidden)
+    model = two_matmuls(batch, tokens, d, hidden)
     layers = find_layers(model)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, batch, tokens, d)).astype(np.float32)

@@ -34,25 +34,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ampq_pass.backends import get_backend
-from ampq_pass.core.measure import Protocol
+sys.path.insert(0, str(Path(__file__).parent))
+from common import two_matmuls  # noqa: E402
+
+from ampq_pass.backends import get_backend  # noqa: E402
+from ampq_pass.core.measure import Protocol  # noqa: E402
 
 PROTOCOL = Protocol(warmup=10, min_repeats=30, max_repeats=200, rel_ci=0.01, max_seconds=8)
 FORMATS = ("int8", "int8_dyn", "int4", "fp16", "bf16", "fp8_e4m3")
-
-
-def two_matmuls(tokens: tuple[int, int], d: int, hidden: int, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
-    w2 = (rng.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
-    shape = ["batch", tokens[1], d]  # calibration batches samples along axis 0
-    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def cuda_ops(model: onnx.ModelProto) -> str:
@@ -109,7 +98,7 @@ def probe(tokens: tuple[int, int], d: int, hidden: int) -> list[str]:
     from ampq_pass.stages.plan import Plan
     from ampq_pass.stages.rewrite import rewrite
 
-    model = two_matmuls(tokens, d, hidden)
+    model = two_matmuls("batch", tokens[1], d, hidden)  # calibration batches samples along axis 0
     layers = find_layers(model)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, *tokens, d)).astype(np.float32)

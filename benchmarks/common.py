@@ -66,3 +66,24 @@ def wait_for_quiet(*, limit: float, patience: float, pause: float = 0.0) -> floa
         time.sleep(pause)
         busy = busy_fraction()
     return busy
+
+
+def two_matmuls(batch: int | str, tokens: int, d: int, hidden: int, seed: int = 0):
+    """The formats probe's model: x[batch, tokens, d] -> MatMul d x hidden -> Relu -> MatMul
+    hidden x d (random weights, seeded). ``batch`` is a size or a dimension name (the calibration
+    batches samples along it)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((d, hidden)) / np.sqrt(d)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, d)) / np.sqrt(hidden)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    shape = [batch, tokens, d]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    # IR 8: the lent GPU machine's onnxruntime reads no newer one
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
