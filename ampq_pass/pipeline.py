@@ -42,8 +42,8 @@ from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short,
 from ampq_pass.stages.report import PassRecord, build_report
 from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.screen import Screen, screen_formats, screened_formats
-from ampq_pass.stages.search import (Meter, distinct_plans, evaluate_metric, load_metric, metric_name, quick_protocol, search_front,
-                                     timed_backend, timing_saving, with_protocol)
+from ampq_pass.stages.search import (Meter, evaluate_metric, load_metric, metric_name, plan_between, quick_protocol,
+                                     search_front, timed_backend, timing_saving, with_protocol)
 from ampq_pass.stages.sensitivity import Sensitivity, constant_output_warning, cut_mse, predicted_mse, sensitivity
 from ampq_pass.stages.sensitivity.executor import check_supported
 from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, pareto_front, solution_of, solve
@@ -838,7 +838,11 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
     result = search_front(front, hp_metric=hp_metric, max_drop=opts.max_metric_drop,
                           metric_of=lambda i, sol: _metric_of_model(opts.metric, inp, plan_model(i, sol)),
                           measure=measure, faster=faster_beyond_noise,
-                          predicted_speedup=lambda sol: _speedup(table, sol), log=log)
+                          predicted_speedup=lambda sol: _speedup(table, sol),
+                          between=lambda lo, hi: plan_between(
+                              lo, hi, lambda b: solve(option_table, b, max_memory=opts.max_memory,
+                                                      cut_bonus=table.cut_bonus)),
+                          log=log)
     clock.lap("search")
 
     log("[7/7] writing the chosen plan")
@@ -864,9 +868,10 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
     remeasured = sum(t.full is not None for t in result.trials)
     front_timing = timing_saving(quick, full, remeasured=remeasured)
     tried = {t.index: t for t in result.trials}
-    plans = distinct_plans(front)
+    plans = result.plans
     front_points = []
-    for i, sol in enumerate(plans):
+    for i in result.chain:
+        sol = plans[i]
         t = tried.get(i)
         extra = {"front_index": i}
         if t is not None:

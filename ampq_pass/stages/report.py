@@ -261,7 +261,9 @@ def _search_lines(report: dict) -> list[str]:
     out = ["", f"metric search ({search['metric']}, hp {search['hp_metric']:.5g}, max drop {search['max_drop']:g}):",
            text_table(["plan", "layers", "pred. rel. RMS", "pred. x", "metric", "drop", "within", "measured x",
                        "timing", "chosen"], rows),
-           f"evaluated {search['evaluated']} of {search['front_plans']} front plans (bisection along the front)"]
+           f"evaluated {search['evaluated']} of {search['front_plans']} front plans (bisection along the front"
+           + (f"; {search['refined']} solved between the last plan within and the first over)"
+              if search.get("refined") else ")")]
     if search.get("timing") and search["timing"].get("quick"):
         out.append("timing: " + _timing_line(search["timing"]))
     return out

@@ -7,6 +7,9 @@ budget, gain non-decreasing along it) and bisects over it: each step rewrites on
 evaluates the user's metric on the written model and times it on the backend. The drop
 ``metric(hp) - metric(plan)`` is taken as non-decreasing along the front (more loss, less
 metric), so ``1 + ceil(log2(n))`` evaluations find the last plan within the bound.
+The front's budgets are spaced geometrically, so its plans lie far apart where the loss is
+large - where a metric bound usually falls: the search then solves plans *between* the last
+plan within the bound and the first over it (:func:`plan_between`) and bisects on, a few steps.
 
 Timing is done in two passes (design.md §3 "Timing protocol"): every plan tried is timed
 with a *quick* protocol (few repeats, a wide confidence interval); only the plans that can
@@ -206,10 +209,18 @@ class SearchResult:
     rejected: Trial | None = None
     message: str = ""
     order: list[int] = field(default_factory=list)
+    #: every plan of the search by index (the front's distinct plans, then those solved between)
+    plans: list[Solution] = field(default_factory=list)
+    #: the indices of ``plans`` by increasing predicted loss (the chain the bisection walked)
+    chain: list[int] = field(default_factory=list)
+    #: how many of ``plans`` were solved between two front plans
+    refined: int = 0
 
     def to_json(self) -> dict:
+        pos = {i: k for k, i in enumerate(self.chain)}
         return {"hp_metric": self.hp_metric, "max_drop": self.max_drop, "evaluated": len(self.trials),
-                "order": list(self.order), "tried": [t.to_json() for t in sorted(self.trials, key=lambda t: t.index)],
+                "order": list(self.order), "refined": self.refined,
+                "tried": [t.to_json() for t in sorted(self.trials, key=lambda t: pos.get(t.index, t.index))],
                 "chosen": None if self.chosen is None else self.chosen.index,
                 "rejected": None if self.rejected is None else self.rejected.index, "message": self.message}
 
@@ -230,6 +241,33 @@ def distinct_plans(front: list[Solution]) -> list[Solution]:
         best = s.gain
         out.append(s)
     return out
+
+
+def _key(sol: Solution) -> tuple:
+    return tuple(sorted(sol.plan.formats.items()))
+
+
+#: budgets tried between two plans, as fractions of the way from the lower plan's loss to the
+#: upper one's (the middle first, then the halves of each side)
+BETWEEN_FRACTIONS = (0.5, 0.75, 0.25, 0.875, 0.625, 0.375, 0.125)
+
+#: plans the search solves and evaluates between the last plan within the bound and the first
+#: over it, after the bisection along the front
+REFINE_PLANS = 4
+
+
+def plan_between(lower: Solution, upper: Solution, solve_at: Callable[[float], Solution]) -> Solution | None:
+    """A plan strictly between two plans of a front: more gain than ``lower`` and less than
+    ``upper``, found by solving at loss budgets between their predicted losses
+    (:data:`BETWEEN_FRACTIONS`); ``solve_at(budget)`` is the integer program at that budget.
+    None when no budget in the interval gives one (the two are neighbours on the true front)."""
+    if not lower.mse < upper.mse:
+        return None
+    for f in BETWEEN_FRACTIONS:
+        sol = solve_at(lower.mse + f * (upper.mse - lower.mse))
+        if lower.gain < sol.gain < upper.gain and sol.plan.formats and _key(sol) not in (_key(lower), _key(upper)):
+            return sol
+    return None
 
 
 def bisect_front(n: int, within: Callable[[int], bool]) -> tuple[int, list[int]]:
@@ -258,17 +296,25 @@ def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,
                  measure: Callable[[int, Solution, str], dict],
                  faster: Callable[[dict], bool],
                  predicted_speedup: Callable[[Solution], float | None],
+                 between: Callable[[Solution, Solution], Solution | None] | None = None,
+                 refine: int = REFINE_PLANS,
                  log: Callable[[str], None] = lambda s: None) -> SearchResult:
     """The fastest plan of ``front`` whose metric drop is within ``max_drop`` and that is
     faster than the input beyond the noise.
 
-    ``metric_of(i, plan)`` evaluates the user's metric on front plan ``i``;
-    ``measure(i, plan, "quick" | "full")`` times it end to end (a verify dict, ``speedup``
-    None on cost models); ``faster(measured)`` is the never-slower rule.
+    ``metric_of(i, plan)`` evaluates the user's metric on plan ``i`` (its index in the
+    result's ``plans``); ``measure(i, plan, "quick" | "full")`` times it end to end (a verify
+    dict, ``speedup`` None on cost models); ``faster(measured)`` is the never-slower rule.
+    ``between(lower, upper)`` (e.g. :func:`plan_between`) gives a plan strictly between two
+    plans, or None: after the bisection, up to ``refine`` such plans are evaluated between the
+    last plan within the bound and the first over it.
     """
+    if refine < 0:
+        raise AmpqError(f"refine must be >= 0, got {refine}")
     plans = distinct_plans(front)
     if not plans or plans[0].plan.formats:
         raise AmpqError("the front must start with the all-hp plan (loss budget 0)")
+    chain = list(range(len(plans)))
     trials: dict[int, Trial] = {}
 
     def within(i: int) -> bool:
@@ -286,6 +332,21 @@ def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,
         return t.within
 
     last, order = bisect_front(len(plans), within)
+    refined = 0
+    lo, hi = last, last + 1  # positions in ``chain``: the last plan within, the first over
+    seen = {_key(p) for p in plans}
+    while between is not None and refined < refine and hi < len(chain):
+        mid = between(plans[chain[lo]], plans[chain[hi]])
+        if mid is None or _key(mid) in seen:
+            break
+        seen.add(_key(mid))
+        plans.append(mid)
+        k = len(plans) - 1
+        chain.insert(hi, k)
+        refined += 1
+        order.append(k)
+        if within(k):
+            lo, hi = hi, hi + 1
     candidates = sorted((t for t in trials.values() if t.within and t.solution.plan.formats),
                         key=lambda t: _rank(t.quick, t.solution), reverse=True)
     chosen = None
@@ -312,7 +373,8 @@ def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,
     if chosen is not None:
         message = (f"fastest front plan within a metric drop of {max_drop:g}: {len(chosen.solution.plan.formats)} "
                    f"layers quantized, metric {chosen.metric:.5g} (hp {hp_metric:.5g}, drop {chosen.drop:.3g}); "
-                   f"{len(trials)} of {len(plans)} front plans evaluated")
+                   f"{len(trials)} of {len(plans)} front plans evaluated"
+                   + (f", {refined} of them solved between two front plans" if refined else ""))
     elif rejected is not None:
         m = rejected.measured
         message = (f"the best plan within the metric bound measured {_x(m.get('speedup'))}: not faster than the "
@@ -321,7 +383,7 @@ def search_front(front: list[Solution], *, hp_metric: float, max_drop: float,
         message = (f"no quantized front plan keeps the metric drop within {max_drop:g}: every layer stays hp "
                    f"({len(trials)} of {len(plans)} front plans evaluated)")
     return SearchResult(hp_metric, max_drop, [trials[i] for i in sorted(trials)], chosen, rejected, message,
-                        order)
+                        order, plans, chain, refined)
 
 
 def _rank(measured: dict | None, sol: Solution) -> tuple:

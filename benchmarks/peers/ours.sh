@@ -23,13 +23,7 @@ if [ -n "${AMPQ_FORMATS:-}" ]; then PRE="${PRE}$(echo "$AMPQ_FORMATS" | tr ',' '
 if [ -n "$PRE" ]; then CACHE="$OUTD/cache_$PRE"; else CACHE="$OUTD/cache"; fi
 COMMIT="$OUTD/${PRE}commit"
 if [ -f "$COMMIT" ]; then REV=$(cat "$COMMIT"); else REV=$(cd "$ROOT" && git rev-parse --short=10 HEAD); fi
-SNAP=/tmp/ampq-snapshot-$REV
-if [ ! -d "$SNAP" ]; then
-  TMP=$(mktemp -d /tmp/ampq-snapshot-XXXXXX)
-  (cd "$ROOT" && git archive "$REV" ampq_pass backends tests) | tar -x -C "$TMP"
-  mv "$TMP/backends" "$TMP/ampq_pass/backends"
-  mv -T "$TMP" "$SNAP" 2>/dev/null || rm -rf "$TMP"
-fi
+SNAP=$("$ROOT/benchmarks/snapshot.sh" "$REV")
 echo "$REV" > "$COMMIT"
 HOLD=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['pass_holdout'])" "$D/meta.json")
 # what the model needs besides (the decoder LM: its formats and the decode shape to time at)

@@ -90,6 +90,8 @@ def entries_for(model: str) -> list[dict]:
                                 f"predicted, {rej['measured']['speedup']:.2f}x measured, CIs overlapping under load) "
                                 f"and wrote the input")
             e["predicted_speedup"] = r["predicted"]["speedup"]
+            if (ours / f"{name}.commit").exists():  # a run with its own code version (ours_metric.sh)
+                e["detail"] += f"; pass at git {(ours / f'{name}.commit').read_text().strip()}"
             if r.get("search"):
                 srch = r["search"]
                 tried = srch.get("plans") or srch.get("tried") or []

@@ -8,8 +8,8 @@ import pytest
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import Protocol, Timing
 from ampq_pass.stages.plan import Plan
-from ampq_pass.stages.search import (Meter, bisect_front, evaluate_metric, load_metric, quick_protocol, search_front,
-                                     timing_saving, with_protocol)
+from ampq_pass.stages.search import (Meter, bisect_front, evaluate_metric, load_metric, plan_between, quick_protocol,
+                                     search_front, timing_saving, with_protocol)
 from ampq_pass.stages.solve import Solution
 
 
@@ -100,6 +100,65 @@ def test_cost_model_measurements_choose_by_predicted_gain():
                        measure=lambda i, s, how: {"loss_mse": 0.0, "speedup": None}, faster=_faster,
                        predicted_speedup=lambda s: None)
     assert res.chosen.index == 2 and res.chosen.full is None
+
+
+def _sol(mse, gain, name):
+    return Solution(Plan({name: "int8"} if gain else {}), [], gain, mse, 0.0, mse, None, "loss", "optimal")
+
+
+def test_plan_between_solves_inside_the_loss_interval():
+    # the integer program over four plans: the best gain with predicted loss <= the budget
+    plans = [_sol(0.0, 0.0, "hp"), _sol(0.1, 1.0, "a"), _sol(0.15, 1.5, "b"), _sol(0.4, 2.0, "c")]
+    budgets = []
+
+    def solve_at(b):
+        budgets.append(b)
+        return max((p for p in plans if p.mse <= b), key=lambda p: p.gain)
+
+    mid = plan_between(plans[1], plans[3], solve_at)
+    assert mid is plans[2] and budgets == [pytest.approx(0.25)]
+    budgets.clear()
+    assert plan_between(plans[2], plans[3], solve_at) is None  # neighbours on the true front
+    assert len(budgets) == 7 and all(0.15 < b < 0.4 for b in budgets)
+    assert plan_between(plans[3], plans[1], solve_at) is None  # not an interval
+
+
+def _between(lo, hi):
+    """The true front has a plan half-way between two integer-gain plans (one level deep)."""
+    if hi.gain - lo.gain <= 0.5:
+        return None
+    return _sol((lo.mse + hi.mse) / 2, (lo.gain + hi.gain) / 2, f"mid{lo.gain}")
+
+
+def _run_between(refine=4, max_drop=0.027):
+    calls = []
+
+    def metric_of(i, sol):
+        calls.append(i)
+        return 0.9 - sol.mse  # the drop is the predicted loss
+
+    return search_front(_front(5), hp_metric=0.9, max_drop=max_drop, metric_of=metric_of,
+                        measure=lambda i, sol, how: _measured(1 + 0.1 * sol.gain), faster=_faster,
+                        predicted_speedup=lambda s: 1 + 0.1 * s.gain, between=_between, refine=refine), calls
+
+
+def test_the_search_evaluates_plans_between_the_last_within_and_the_first_over():
+    # front plans: loss 0, .01, .02, .03, .04; bound .027: plan 2 within, plan 3 over, the plan
+    # solved between them (loss .025, gain 2.5) is within and faster than plan 2
+    res, calls = _run_between()
+    assert res.refined == 1 and len(res.plans) == 6 and res.plans[5].gain == 2.5
+    assert res.chain == [0, 1, 2, 5, 3, 4] and calls[-1] == 5
+    assert res.chosen.index == 5 and res.chosen.within
+    assert "1 of them solved between" in res.message
+    assert [t["front_index"] for t in res.to_json()["tried"]] == [i for i in res.chain if i in calls]
+    # refine=0: the bisection alone, the front plan 2 is chosen
+    res, calls = _run_between(refine=0)
+    assert res.refined == 0 and res.chosen.index == 2 and len(res.plans) == 5
+    # the plan between is over the bound: plan 2 stays, the refined plan is the new first-over
+    res, _ = _run_between(max_drop=0.022)
+    assert res.refined == 1 and res.chosen.index == 2 and res.chain.index(5) == 3
+    with pytest.raises(AmpqError, match="refine"):
+        _run_between(refine=-1)
 
 
 def test_front_must_start_at_hp():
