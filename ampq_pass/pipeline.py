@@ -35,7 +35,7 @@ from ampq_pass.stages.boundaries import STATES
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
 from ampq_pass.stages.loss_check import BAND, check_loss, outside
-from ampq_pass.stages.numerics import Numerics, check_numerics
+from ampq_pass.stages.numerics import Numerics, check_numerics, scale_sensitivity
 from ampq_pass.stages.partition import partition
 from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short, fit_to_measured, measure_context,
                                      reverted, variants_at_once)
@@ -541,6 +541,11 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         sens, hit = cached_sensitivity(model, layers, ranges, inp.calib, inp.offered, opts, cache, pool)
         if hit:
             log("      (from cache)")
+        scales = numerics.loss_scales()
+        if scales:  # the backend computes these formats less accurately than the QDQ semantics say
+            sens = scale_sensitivity(sens, scales)
+            log("      loss scaled for the backend's own error: "
+                + ", ".join(f"{f} x{k:.2f}" for f, k in sorted(scales.items())))
         warning = constant_output_warning(sens)  # an output that never varies: the budget means nothing on it
         if warning:
             log(f"      {warning}")

@@ -16,7 +16,8 @@ from ampq_pass.core.measure import Backend
 from ampq_pass.core.samples import Samples
 from ampq_pass.stages.calibrate import compute_ranges
 from ampq_pass.stages.layers import find_layers
-from ampq_pass.stages.numerics import check_numerics, relative_error, unfaithful
+from ampq_pass.stages.numerics import RATIO_MIN, check_numerics, relative_error, scale_sensitivity, unfaithful
+from ampq_pass.stages.sensitivity import CutLoss, Sensitivity
 
 HAVE_OV = importlib.util.find_spec("openvino") is not None
 
@@ -111,6 +112,56 @@ def test_a_faithful_backend_costs_one_test_per_format(mlp):
     found = check_numerics(model, layers, candidates, ranges, backend, batch)
     assert found.entries == [] and found.tests == 2 and found.candidates == candidates
     assert found.summary() == "int8: faithful; int8_sym: faithful (2 tests on the backend)"
+
+
+class Amplifying(Garbling):
+    """A device that computes every quantized model ``factor`` times as far from the hp outputs
+    as ONNX Runtime does (faithful for ``factor`` < 2, but not to the digit)."""
+
+    def __init__(self, layers, hp_model, factor):
+        super().__init__(layers, [])
+        self.hp_model, self.factor = hp_model, factor
+
+    def key(self):
+        return {"backend": "amplifying", "factor": self.factor}
+
+    def outputs(self, model, batches):
+        self.runs += 1
+        hp = ort.run_batches(self.hp_model, batches)
+        out = ort.run_batches(model, batches)
+        return [{k: h[k] + self.factor * (o[k] - h[k]) for k in o} for o, h in zip(out, hp)]
+
+
+def test_a_faithful_backend_with_a_larger_error_scales_that_formats_loss(mlp, tmp_path):
+    model, layers, ranges, batch = mlp
+    candidates = {l.name: ["hp", "int8", "int8_sym"] for l in layers}
+    backend = Amplifying(layers, model, 1.5)
+    found = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
+    assert found.entries == [] and found.candidates == candidates  # faithful: nothing dropped
+    assert found.ratios == {"int8": pytest.approx(1.5, rel=1e-3), "int8_sym": pytest.approx(1.5, rel=1e-3)}
+    assert found.loss_scales() == {"int8": pytest.approx(2.25, rel=2e-3), "int8_sym": pytest.approx(2.25, rel=2e-3)}
+    assert "int8: faithful, output error 1.50x ONNX Runtime's" in found.summary() and "scaled by 2.25" in found.summary()
+    assert found.to_json()["loss_scales"]["int8"] == pytest.approx(2.25, rel=2e-3)
+    runs = backend.runs  # cached with the ratio
+    again = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
+    assert again.ratios == found.ratios and backend.runs == runs
+    # within RATIO_MIN the two agree: the loss is not scaled
+    close = check_numerics(model, layers, candidates, ranges, Amplifying(layers, model, 1.05), batch)
+    assert close.ratios["int8"] == pytest.approx(1.05, rel=1e-3) and 1.05 < RATIO_MIN and close.loss_scales() == {}
+    assert close.summary() == "int8: faithful; int8_sym: faithful (2 tests on the backend)"
+
+
+def test_scale_sensitivity_scales_one_formats_terms_and_leaves_the_rest():
+    cut = CutLoss({"int8": 0.5})
+    sens = Sensitivity(values={"a": {"int8": 2.0, "fp16": 1.0}}, weight={"a": {"int8": 1.0, "fp16": 0.5}},
+                       activation={"a": {"int8": 0.5, "fp16": 0.5}}, loss_mean=1.0, loss_sq_mean=2.0, samples=4,
+                       loss="mse", cuts={"t": cut})
+    out = scale_sensitivity(sens, {"int8": 3.0})
+    assert out.values == {"a": {"int8": 6.0, "fp16": 1.0}} and out.weight["a"] == {"int8": 3.0, "fp16": 0.5}
+    assert out.activation["a"] == {"int8": 1.5, "fp16": 0.5} and out.cuts == {"t": cut}
+    assert out.extra["backend_loss_scales"] == {"int8": 3.0} and "backend_loss_scales" in out.to_json()
+    assert sens.values["a"]["int8"] == 2.0  # the input is not changed
+    assert scale_sensitivity(sens, {}) is sens
 
 
 def test_a_backend_that_runs_qdq_as_onnx_runtime_does_is_not_checked(mlp):
