@@ -44,6 +44,9 @@ EARLIER = [  # per-stage benchmarks from earlier issues
      "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backends.py --no-minilm --detector --out backends_yolov8n.md"),
     ("backends_minilm.md", "the same, MiniLM only, at budget 0.4 (issue 14's MiniLM target), with the decode-shape probe",
      "benchmarks/run_snapshot.sh benchmarks/bench_backends.py --budget 0.4 --out backends_minilm.md"),
+    ("backends_minilm_metric.md", "the same, MiniLM only, each plan by the metric search (cosine drop <= 0.01): "
+     "issue 14's MiniLM target at equal quality",
+     "benchmarks/run_snapshot.sh benchmarks/bench_backends.py --max-metric-drop 0.01 --out backends_minilm_metric.md"),
     ("cuda.md", "ONNX Runtime's CUDA EP on a lent H100: formats probe and the pass",
      "bash benchmarks/gpu_check.sh (on a GPU machine; see its header)"),
 ]
