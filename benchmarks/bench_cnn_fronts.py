@@ -28,7 +28,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ sys.path.insert(0, str(HERE / "corpus"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import front  # noqa: E402
-from common import OUT, RESULTS, wait_for_quiet  # noqa: E402
+from common import OUT, RESULTS, cpu_name, wait_for_quiet  # noqa: E402
 
 from ampq_pass.backends.ort import time_interleaved  # noqa: E402
 from ampq_pass.core.errors import AmpqError  # noqa: E402
@@ -170,20 +169,10 @@ def bench(name: str) -> dict:
         lo, hi = median_ci(ratios)
         e.update(ms=timings[e["name"]].median * 1e3, speedup=float(np.median(ratios)), ci=[float(lo), float(hi)])
     return {"model": name, "date": datetime.datetime.now().isoformat(timespec="minutes"),
-            "cpu": _cpu(), "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"), "eval": ev_note,
+            "cpu": cpu_name(), "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"), "eval": ev_note,
             "timing": {"models": len(live), "rounds": len(ref_t), "seconds": seconds, "busy_before": busy,
                        "load_before": load_before, "load_after": load_after},
             "entries": entries}
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def front_check(entries: list[dict]) -> list[str]:

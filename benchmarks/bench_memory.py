@@ -34,6 +34,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import cpu_name  # noqa: E402
 CORPUS = HERE / "corpus" / "models"
 OUT = REPO / "benchmarks" / "out" / "memory"
 RESULT = HERE / "results" / "memory.md"
@@ -94,8 +96,7 @@ def gb(x) -> str:
 
 
 def write(results: dict, ref: str, samples: int) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     lines = ["# Peak memory of calibration + sensitivity", "",
              f"CPU: {cpu}, {os.cpu_count()} cores (shared), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "

@@ -22,16 +22,26 @@ def minilm_path() -> Path:
     return path
 
 
+def cpu_name() -> str:
+    """The CPU's model name (machines change between sessions: every figure names its CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def header(title: str) -> str:
     import numpy
     import onnx
     import onnxruntime
     import torch
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     return (f"# {title}\n\n"
             f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
-            f"- machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}\n"
+            f"- machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}\n"
             f"- versions: onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, torch {torch.__version__}, "
             f"numpy {numpy.__version__}\n"
             f"- note: shared 2-core machine; ratios come from interleaved runs in one process\n\n")
