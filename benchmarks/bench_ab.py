@@ -1,6 +1,8 @@
 """A against B on one corpus model: is a gap between two plans real, or timing noise?
 
     benchmarks/run_snapshot.sh benchmarks/bench_ab.py NAME MODEL_A MODEL_B [--rounds 200] [--out ab.md]
+    benchmarks/run_snapshot.sh benchmarks/bench_ab.py NAME MODEL_A MODEL_B --fp32 MODEL --inputs FEEDS.npz
+                                                      (a model outside the corpus: its fp32 file and 16 inputs)
 
 ``bench_cnn_fronts.py`` times a dozen models in 30 rounds; two points 2-3% apart there have
 overlapping intervals. This times only fp32 (the corpus file), A and B, interleaved round-robin in
@@ -56,22 +58,35 @@ def _ops(c: collections.Counter) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("name", help="corpus model (benchmarks/corpus/models/NAME)")
+    ap.add_argument("name", help="corpus model (benchmarks/corpus/models/NAME), or a label with --fp32 and --inputs")
     ap.add_argument("a", help="model A (.onnx)")
     ap.add_argument("b", help="model B (.onnx)")
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--fp32", help="the fp32 model, for a model outside the corpus")
+    ap.add_argument("--inputs", help="an .npz with one array per model input (axis 0: samples; the first 16 are timed)")
     ap.add_argument("--out", default="ab.md", help="file under benchmarks/results to append to (default ab.md)")
     args = ap.parse_args()
     if args.rounds < 10:
         ap.error(f"--rounds must be >= 10, got {args.rounds}")
-    key, ev, ev_note = eval_inputs(args.name)
-    paths = {"fp32": MODELS / args.name / "model.onnx", "A": Path(args.a), "B": Path(args.b)}
+    if (args.fp32 is None) != (args.inputs is None):
+        ap.error("--fp32 and --inputs go together")
+    if args.fp32 is None:
+        key, ev, ev_note = eval_inputs(args.name)
+        feeds = {key: ev}
+        fp32 = MODELS / args.name / "model.onnx"
+    else:
+        with np.load(args.inputs) as z:
+            feeds = {k: z[k][:2 * BATCH] for k in z.files}
+        if any(len(v) < 2 * BATCH for v in feeds.values()):
+            ap.error(f"--inputs {args.inputs}: every array needs at least {2 * BATCH} samples")
+        fp32, ev_note = Path(args.fp32), f"the first {2 * BATCH} samples of {args.inputs}"
+    paths = {"fp32": fp32, "A": Path(args.a), "B": Path(args.b)}
     for k, p in paths.items():
         if not p.is_file():
             ap.error(f"{k}: no such file {p}")
     ops = {k: compiled_ops(p) for k, p in paths.items() if k != "fp32"}
     sessions = {k: make_session(str(p), threads=2, spinning=False) for k, p in paths.items()}
-    batches = [{key: ev[s:s + BATCH]} for s in (0, BATCH)]
+    batches = [{k: v[s:s + BATCH] for k, v in feeds.items()} for s in (0, BATCH)]
     busy = wait_for_quiet(limit=0.25, patience=90.0)
     load_before, t0 = os.getloadavg(), time.perf_counter()
     protocol = Protocol(warmup=5, min_repeats=args.rounds, max_repeats=args.rounds, max_seconds=None)
