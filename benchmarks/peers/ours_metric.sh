@@ -1,7 +1,7 @@
 #!/bin/sh
 # Our pass's metric-driven search (--metric/--max-metric-drop, README "A budget in your own metric")
-# on MiniLM with the metric INC and AIMET search with (ours_metric.py: cosine on search.npz), same
-# snapshot and cache as ours.sh, under /usr/bin/time -v.
+# on MiniLM with the metric INC and AIMET search with (ours_metric.py: cosine on search.npz), the
+# same cache as ours.sh, under /usr/bin/time -v.
 #   benchmarks/peers/ours_metric.sh 0.01
 # AMPQ_BACKEND=openvino:cpu: the search timing on OpenVINO (its cache, as ours.sh's)
 # The code: the commit in ours/<backend prefix>metric_commit, else HEAD (written there and beside
