@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,14 +41,11 @@ from ampq_pass.core.ort import make_session  # noqa: E402
 
 
 def compiled_ops(path: str | Path) -> collections.Counter:
-    """The op types of the graph ONNX Runtime's CPU EP runs ``path`` as (optimisation level ALL)."""
+    """The op types of the graph ONNX Runtime's CPU EP runs ``path`` as (its default level, ALL)."""
     with tempfile.TemporaryDirectory() as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        so.log_severity_level = 3  # its warning about hardware-specific layouts is expected here
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        optimized = str(Path(tmp) / "optimized.onnx")
+        make_session(path, optimized_path=optimized)
+        return collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
 
 
 def _ops(c: collections.Counter) -> str:
