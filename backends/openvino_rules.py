@@ -68,4 +68,7 @@ OPENVINO_CPU_RULES = FusionRules("openvino:cpu", {
     # activations removed by the FakeQuantize after them
     "Relu": OpRule(ABSORBED, (0,), source="common_optimizations/relu_fake_quantize_fusion.cpp"),
     "Clip": OpRule(ABSORBED, (0,), source="intel_cpu: Clamp fused into the convolution as a post-op"),
-}, layer_outputs=True)  # int8_sym leaves a conv's output float; a residual Add needs it quantized (stages/fusion.py)
+}, layer_outputs=True,  # int8_sym leaves a conv's output float; a residual Add needs it quantized (stages/fusion.py)
+   # a Concat in 8 bits with int8 codes feeds the next convolution wrong values (measured: stages/fusion.py
+   # recode_unsigned); uint8 codes with zero point 128 carry the same values and run as fast
+   unsigned_only=frozenset({"Concat"}))

@@ -106,6 +106,10 @@ class FusionRules:
     #: 8-bit formats leave the layer's output float (OpenVINO's int8_sym); ONNX Runtime's int8
     #: quantizes a convolution's output itself (QLinearConv)
     layer_outputs: bool = False
+    #: op types the backend computes wrong on *signed* 8-bit codes: an 8-bit region holding one
+    #: is written with uint8 codes, zero point + 128, the same values
+    #: (:func:`ampq_pass.stages.fusion.recode_unsigned`)
+    unsigned_only: frozenset[str] = frozenset()
 
     def rule(self, node: onnx.NodeProto, opset: int) -> OpRule | None:
         """The rule for ``node`` at ``opset``, or None when the backend keeps it in float (no
@@ -121,7 +125,8 @@ class FusionRules:
                                                   r.min_opset, *(["on_quantized", r.value_input] if r.on_quantized else []),
                                                   *([[list(map(list, c)) for c in r.float_when]] if r.float_when else [])]
                                              for op, r in sorted(self.rules.items())},
-                **({"layer_outputs": True} if self.layer_outputs else {})}
+                **({"layer_outputs": True} if self.layer_outputs else {}),
+                **({"unsigned_only": sorted(self.unsigned_only)} if self.unsigned_only else {})}
 
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:

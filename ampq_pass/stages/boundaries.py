@@ -181,9 +181,11 @@ def forced_cuts(cuts: dict[str, Cut], formats: dict[str, str], layers: dict[str,
 
 # --------------------------------------------------------------------------- timing models
 
-def feed_name(tensor: str, state: str) -> str:
-    """Name of the 8-bit graph input that replaces an input cut in ``state`` in a timed subgraph."""
-    return f"{tensor}__{state}"
+def feed_name(tensor: str, state: str, elem_type: int) -> str:
+    """Name of the 8-bit graph input of element type ``elem_type`` (uint8 or int8) that replaces
+    an input cut in ``state`` in a timed subgraph. The type is part of the name because a
+    backend may read a format's int8 codes as uint8 ones (:func:`ampq_pass.stages.fusion.recode_unsigned`)."""
+    return f"{tensor}__{state}__{helper.tensor_dtype_to_np_dtype(elem_type).name}"
 
 
 def split_at_cuts(model: onnx.ModelProto, inputs: dict[str, str], outputs: list[str]) -> onnx.ModelProto:
@@ -205,11 +207,12 @@ def split_at_cuts(model: onnx.ModelProto, inputs: dict[str, str], outputs: list[
         q = readers[0]
         quantized = q.output[0]
         g.node.remove(q)
+        fed = feed_name(tensor, state, zero_type[q.input[2]])
         for n in g.node:
             for i, name in enumerate(n.input):
                 if name == quantized:
-                    n.input[i] = feed_name(tensor, state)
-        _as_quantized(g.input, tensor, feed_name(tensor, state), zero_type[q.input[2]])
+                    n.input[i] = fed
+        _as_quantized(g.input, tensor, fed, zero_type[q.input[2]])
     for tensor in outputs:
         makers = [n for n in g.node if tensor in n.output]
         if len(makers) != 1 or makers[0].op_type != "DequantizeLinear":
@@ -236,11 +239,20 @@ def quantized_feeds(batches: list[dict[str, np.ndarray]], cuts: list[tuple[str, 
                     ranges: Ranges | None) -> list[dict[str, np.ndarray]]:
     """``batches`` with, for each 8-bit input cut ``(tensor, state)``, its captured value
     quantized as the cut's QuantizeLinear would (the state's format with the calibrated range:
-    :meth:`ampq_pass.core.formats.Int8.activation_codes`) under :func:`feed_name`."""
+    :meth:`ampq_pass.core.formats.Int8.activation_codes`) under :func:`feed_name`; int8 codes
+    also as the uint8 codes of the same values (+ 128), for a subgraph whose backend reads them so."""
     if not cuts:
         return batches
     for t, _ in cuts:
         if ranges is None or t not in ranges:
             raise AmpqError(f"no calibrated range for cut tensor {t!r}; calibrate before timing")
-    return [{**b, **{feed_name(t, st): FORMATS[st].activation_codes(b[t], *ranges[t]) for t, st in cuts}}
-            for b in batches]
+    out = []
+    for b in batches:
+        fed = dict(b)
+        for t, st in cuts:
+            codes = FORMATS[st].activation_codes(b[t], *ranges[t])
+            fed[feed_name(t, st, helper.np_dtype_to_tensor_dtype(codes.dtype))] = codes
+            if codes.dtype == np.int8:
+                fed[feed_name(t, st, onnx.TensorProto.UINT8)] = (codes.astype(np.int16) + 128).astype(np.uint8)
+        out.append(fed)
+    return out

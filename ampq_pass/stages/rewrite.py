@@ -25,7 +25,7 @@ from ampq_pass.core.graph import drop_unused_initializers, ensure_node_names, in
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.proto import copy_model, fits_protobuf, raise_opset, stripped_copy
 from ampq_pass.stages.calibrate import Ranges
-from ampq_pass.stages.fusion import follow_rules, shared_ranges
+from ampq_pass.stages.fusion import follow_rules, recode_unsigned, shared_ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.plan import Plan, validate_plan
 
@@ -112,6 +112,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
         used = plan.used_formats() | set(cuts.values())
         # ops between layers are quantized in the plan's 8-bit format (int8_sym where the plan has it)
         follow_rules(out, rules, ranges, next((f for f in reversed(CUT_STATES) if f in used), CUT_STATES[0]))
+        recode_unsigned(out, rules)  # signed codes where the backend gets them wrong
         drop_unused_initializers(out.graph)
     return _fill_weights(out, model) if large else out
 

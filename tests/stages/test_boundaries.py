@@ -120,7 +120,7 @@ def test_subgraphs_split_at_int8_cuts_compose_to_the_rewritten_model(cnn, fmt):
             if cut is not None and mine[cut] == fmt:
                 lo = ranges[cut][0]
                 assert v.dtype == (np.uint8 if fmt == "int8" or lo >= 0 else np.int8)
-                values[feed_name(cut, fmt)] = v
+                values[feed_name(cut, fmt, helper.np_dtype_to_tensor_dtype(v.dtype))] = v
             values[o.name] = v
     assert np.allclose(values[model.graph.output[0].name], whole, atol=1e-5)
 
@@ -130,7 +130,7 @@ def test_quantized_feeds_match_quantize_linear(cnn):
     t = next(iter(boundary_cuts(model, part, layers)))
     captured = capture_inputs(model, part, samples, batch_size=8)
     batch = next(b for b in captured.values() if t in b[0])
-    fed = quantized_feeds(batch, [(t, STATE)], ranges)[0][feed_name(t, STATE)]
+    fed = quantized_feeds(batch, [(t, STATE)], ranges)[0][feed_name(t, STATE, onnx.TensorProto.UINT8)]
     q = rewrite(model, layers, Plan({}, {t: STATE}), ranges)
     qnode = next(n for n in q.graph.node if n.op_type == "QuantizeLinear")
     from onnx import helper, TensorProto, numpy_helper
@@ -273,3 +273,55 @@ def test_an_edge_the_rules_moved_is_timed_with_float_edges(cnn, monkeypatch):
     m = timed_model(extract(model, sg), [by_name[l] for l in sg.layers], ({}, {cut: STATE}), ranges)
     assert cut in [i.name for i in m.graph.input]  # float input, its Q/DQ inside
     assert any(n.op_type == "QuantizeLinear" and n.input[0] == cut for n in m.graph.node)
+
+
+def test_a_cut_that_a_recoded_region_reads_is_fed_uint8_codes_of_the_same_values():
+    """x -> conv a -> t; conv b reads t and a Concat reads t and conv b's output. With OpenVINO's
+    table the Concat's region is written in uint8 codes (:func:`ampq_pass.stages.fusion.recode_unsigned`),
+    so the subgraph that reads cut t takes a uint8 input though int8_sym writes t's codes as int8:
+    :func:`quantized_feeds` gives both, under names that carry the type, and the subgraphs run in
+    order (each cut's codes passed on, shifted by 128 where the reader takes the other type)
+    compute what the whole rewritten model computes."""
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES as rules
+
+    rng = np.random.default_rng(5)
+    w = lambda name, o, i: numpy_helper.from_array(rng.normal(0, 0.3, (o, i, 1, 1)).astype(np.float32), name)  # noqa: E731
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "wa"], ["t"], name="conv_a"), helper.make_node("Conv", ["t", "wb"], ["u"], name="conv_b"),
+         helper.make_node("Concat", ["t", "u"], ["cat"], axis=1, name="concat"),
+         helper.make_node("Conv", ["cat", "wc"], ["y"], name="conv_c")], "cut_concat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 16, 16])], [w("wa", 4, 3), w("wb", 4, 4), w("wc", 4, 8)])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    layers = find_layers(model)
+    by_name = {l.name: l for l in layers}
+    feeds = {"x": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    ranges = compute_ranges(model, layers, Samples(feeds), rules=rules)
+    part = partition(model, layers, formats={l.name: ["int8_sym"] for l in layers})
+    formats = {l.name: "int8_sym" for l in layers}
+    plan = Plan(formats, forced_cuts(boundary_cuts(model, part, layers), formats, by_name))
+    assert plan.cuts.get("t") == "int8_sym" and ranges["t"][0] < 0  # signed: int8 codes
+    whole = make_session(rewrite(model, layers, plan, ranges, rules=rules)).run(None, feeds)[0]
+    captured = capture_inputs(model, part, Samples(feeds), batch_size=8)
+    values: dict[str, np.ndarray] = dict(feeds)  # tensor -> what its producer subgraph returned
+    for sg in part.subgraphs:
+        mine = {t: s for t, s in plan.cuts.items() if t in sg.inputs or t in sg.outputs}
+        m = timed_model(extract(model, sg), [by_name[l] for l in sg.layers],
+                        ({l: formats[l] for l in sg.layers}, mine), ranges, rules)
+        types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+        if sg.index == 1:
+            fed = quantized_feeds(captured[1], [("t", "int8_sym")], ranges)[0]
+            u8, i8 = (feed_name("t", "int8_sym", k) for k in (TensorProto.UINT8, TensorProto.INT8))
+            assert types == {u8: TensorProto.UINT8}
+            assert np.array_equal(fed[u8].astype(np.int16) - 128, fed[i8])
+        run = {}
+        for name, kind in types.items():
+            t = next((c for c in mine if name.startswith(c + "__")), name)
+            v = values[t]
+            if v.dtype != helper.tensor_dtype_to_np_dtype(kind):  # int8 codes <-> uint8 codes, zero point + 128
+                v = (v.astype(np.int16) + (128 if kind == TensorProto.UINT8 else -128)).astype(helper.tensor_dtype_to_np_dtype(kind))
+            run[name] = v
+        sess = make_session(m)
+        for o, v in zip(sess.get_outputs(), sess.run(None, run)):
+            values[next((c for c in mine if o.name.startswith(c)), o.name)] = v
+    assert np.allclose(values["y"], whole, atol=1e-5)

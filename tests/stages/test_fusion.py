@@ -596,3 +596,55 @@ def test_a_layers_float_output_is_quantized_for_an_8_bit_reader_only_where_the_t
     ref = _session(model).run(None, _feeds(8, seed=3))[0]
     out = _session(fused).run(None, _feeds(8, seed=3))[0]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
+
+
+def _concat_cnn() -> onnx.ModelProto:
+    """x -> conv a, conv b -> Concat -> conv c -> conv d: no activations, so every tensor after
+    a conv is signed and int8_sym writes it with int8 codes."""
+    rng = np.random.default_rng(5)
+    w = lambda name, o, i: numpy_helper.from_array(rng.normal(0, 0.3, (o, i, 1, 1)).astype(np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="concat"),
+             helper.make_node("Conv", ["cat", "wc"], ["c"], name="conv_c"),
+             helper.make_node("Conv", ["c", "wd"], ["y"], name="conv_d")]
+    graph = helper.make_graph(nodes, "concat_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 16, 16])],
+                              [w("wa", 4, 3), w("wb", 4, 3), w("wc", 4, 8), w("wd", 4, 4)])
+    return _inferred(graph)
+
+
+@pytest.mark.parametrize("table", ["openvino", "ort_with_unsigned_concat"])
+def test_recode_unsigned_writes_a_concat_region_in_uint8_codes_with_the_same_values(table):
+    """Every signed Q/DQ of the 8-bit region around the Concat (OpenVINO's table: on its inputs,
+    the conv outputs, and after it; a table that leaves the conv outputs float: after it only) is
+    written as uint8 with zero point 128; the input's and conv d's, outside it, keep int8 codes;
+    the values are the same to the last bit."""
+    from dataclasses import replace
+
+    from ampq_pass.backends.openvino_rules import OPENVINO_CPU_RULES
+    from ampq_pass.stages.fusion import recode_unsigned
+
+    rules = OPENVINO_CPU_RULES if table == "openvino" else replace(ORT_CPU_RULES, unsigned_only=frozenset({"Concat"}))
+    model = _concat_cnn()
+    layers = find_layers(model)
+    ranges = compute_ranges(model, layers, Samples(_feeds()), rules=rules)
+    plan = Plan({l.name: "int8_sym" for l in layers})
+    signed = rewrite(model, layers, plan, ranges, rules=replace(rules, unsigned_only=frozenset()))
+    recoded = rewrite(model, layers, plan, ranges, rules=rules)
+    onnx.checker.check_model(recoded, full_check=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in recoded.graph.initializer}
+    zero = {n.input[0]: inits[n.input[2]] for n in recoded.graph.node if n.op_type == "QuantizeLinear"}
+    before = {n.input[0]: numpy_helper.to_array(next(t for t in signed.graph.initializer if t.name == n.input[2]))
+              for n in signed.graph.node if n.op_type == "QuantizeLinear"}
+    region = {t for t in zero if t in ("a", "b", "cat") or t.startswith(("a_", "b_", "cat_"))}
+    assert "cat" in region and (table != "openvino" or {"a", "b"} <= {t.split("_")[0] for t in region})
+    for t, zp in zero.items():
+        if t in region:
+            assert zp.dtype == np.uint8 and int(zp) == 128, t
+        else:
+            assert zp.dtype == np.int8 and int(zp) == 0, t  # x and c: no Concat in their region
+    assert {t: b.dtype for t, b in before.items()} == {t: np.dtype(np.int8) for t in before}  # all signed before
+    feeds = _feeds(4, seed=9)
+    np.testing.assert_array_equal(_session(recoded).run(None, feeds)[0], _session(signed).run(None, feeds)[0])
+    assert recode_unsigned(recoded, rules) is False and recode_unsigned(signed, None) is False
