@@ -137,7 +137,7 @@ def cmd_rewrite(args) -> int:
     model, samples = model_from_args(args)
     check_output_path(args.output, args.model)
     plan = load_plan(args.plan)
-    layers = find_layers(model)
+    layers = find_layers(model, activation_matmuls=args.activation_matmuls)
     validate_plan(plan, layers, source=args.plan)
     ranges = rules = None
     if plan.used_formats():

@@ -73,6 +73,8 @@ def entries_for(model: str) -> list[dict]:
         onnx_path = ours / f"{name}.onnx"
         knob = (f"--max-loss-rmse {name.split('rmse_')[1]}" if "rmse_" in name else
                 f"--max-metric-drop {name.split('drop')[1]} (cosine on search.npz)")
+        if (ours / f"{name}.flags").exists():  # more pass flags (ours.sh AMPQ_FLAGS)
+            knob += " " + (ours / f"{name}.flags").read_text().strip()
         e = {"method": "ours", "config": name, "knob": knob, "search_s": wall,
              "peak_rss_mb": rss, "path": str(onnx_path),
              "search_note": "",

@@ -47,6 +47,27 @@ def test_rewrite_with_plan_works(work, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_plan_may_name_attention_matmuls_with_activation_matmuls(work, capsys):
+    """--plan with --activation-matmuls applies a format to an activation-by-activation MatMul
+    (both inputs get a Q/DQ); without the flag the same plan is refused in one line."""
+    from ampq_pass.stages.layers import find_layers
+
+    model = onnx.load(work / "block.onnx")
+    scores = next(l.name for l in find_layers(model, activation_matmuls=True) if l.weight is None)
+    plan = work / "scores.json"
+    plan.write_text(json.dumps({"formats": {scores: "int8"}}))
+    _fails(capsys, [work / "block.onnx", "-o", work / "out.onnx", "--plan", plan, "--calib", work / "calib.npz"],
+           "is not a quantizable layer of the model", work)
+    out = work / "out.onnx"
+    rc = main([str(work / "block.onnx"), "-o", str(out), "--plan", str(plan), "--calib", str(work / "calib.npz"),
+               "--activation-matmuls"])
+    assert rc == 0, capsys.readouterr().err
+    written = onnx.load(out)
+    node = next(n for n in written.graph.node if n.name == scores)
+    makers = {o: n.op_type for n in written.graph.node for o in n.output}
+    assert [makers.get(i) for i in node.input[:2]] == ["DequantizeLinear", "DequantizeLinear"]
+
+
 def _multiple_of_32_model() -> onnx.ModelProto:
     """Conv (stride 32) -> BatchNormalization -> Resize x32 -> Add with the input: runs only on
     sizes that are multiples of 32 (as a text detector's FPN does); its BN is folded at load."""
