@@ -71,8 +71,9 @@ class PassOptions:
     holdout: int | None = None
     calib_method: str = "minmax"
     max_configs: int = 64
-    #: also treat activation-by-activation MatMuls (attention scores) as layers
-    activation_matmuls: bool = False
+    #: also treat activation-by-activation MatMuls (attention scores) as layers; None: where the
+    #: backend runs them in 8 bits (:attr:`ampq_pass.core.measure.Capabilities.activation_matmuls`)
+    activation_matmuls: bool | None = None
     timing_batches: int = 1
     pareto: int = 0
     seed: int = 0
@@ -393,7 +394,8 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
             raise AmpqError(f"formats: backend {opts.backend} does not run {missing[0]!r} fast "
                             f"(it offers {', '.join(offered) or 'none'})")
         offered = tuple(f for f in offered if f in opts.formats)
-    layers = require_layers(model, find_layers(model, activation_matmuls=opts.activation_matmuls), str(model_path))
+    act_matmuls = backend.capabilities().activation_matmuls if opts.activation_matmuls is None else opts.activation_matmuls
+    layers = require_layers(model, find_layers(model, activation_matmuls=act_matmuls), str(model_path))
     check_supported(model)  # an op the sensitivity executor lacks is named before any work
     if samples is None:
         samples = synthetic_samples(model, count=32, seed=opts.seed)

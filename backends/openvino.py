@@ -180,7 +180,9 @@ class OpenVinoBackend(Backend):
                                 f"{', '.join(possible) or 'hp only'}")
             fast = tuple(f for f in possible if f in formats)
         rules = OPENVINO_CPU_RULES if fusion and wanted == "CPU" and set(fast) & set(CUT_STATES) else None
-        self._caps = Capabilities(fast, "fp32", self._device_name(), rules)
+        # LPT's MatMul transformation takes two 8-bit activations: MiniLM's attention MatMuls in
+        # int8_sym added 2.57x -> 2.62x over fp32 in the pass (benchmarks/results/peers.md)
+        self._caps = Capabilities(fast, "fp32", self._device_name(), rules, activation_matmuls=rules is not None)
         self.name = f"openvino:{wanted.lower()}"
 
     @staticmethod

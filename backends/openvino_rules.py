@@ -30,6 +30,13 @@ openvinotoolkit/openvino (2025/2026):
   convolution's post-ops anyway). Pad with a non-zero zero point on several axes is refused
   by ``pad.cpp``; the project's activations are asymmetric, so Pad stays out.
 
+- Signed codes through a Concat: ``Concat -> Q/DQ (int8, zero point 0) -> Conv`` (and the same
+  with the Q/DQ on the Concat's inputs) is computed wrong by the 2026.4 CPU plugin (relative
+  error 0.22 against ONNX Runtime, a single conv without the Concat: 0.00003); with uint8 codes
+  and zero point 128 (the same values) it is right and as fast. So a Concat is ``unsigned_only``:
+  the rewrite writes every signed Q/DQ of its 8-bit region that way
+  (:func:`ampq_pass.stages.fusion.recode_unsigned`).
+
 ``tests/backends/test_openvino.py`` checks each 8-bit entry, and the ops left out, against the
 installed OpenVINO: compiled on the CPU plugin, a data-movement entry runs in u8 and an op
 left out in f32; ``benchmarks/results/fusion_openvino.md`` times the table against ONNX

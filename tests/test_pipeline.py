@@ -121,6 +121,22 @@ def test_activation_matmuls_as_layers(tmp_path, block_file):
     assert any(l["format"] != "hp" for l in scores)  # a loose budget quantizes them too
 
 
+@pytest.mark.parametrize("asked, layers", [(None, 8), (False, 6)])
+def test_attention_matmuls_are_layers_where_the_backend_runs_them_in_8_bits(tmp_path, block_file, asked, layers):
+    """By default the activation-by-activation MatMuls are layers exactly where the backend's
+    capabilities say its 8-bit formats run them (OpenVINO's CPU plugin); a user's False wins."""
+    from dataclasses import replace
+
+    from ampq_pass.backends import get_backend
+
+    mac = get_backend("mac")
+    assert mac.capabilities().activation_matmuls is False
+    mac._caps = replace(mac.capabilities(), activation_matmuls=True)  # a backend that runs them in 8 bits
+    res = run_pass(block_file, tmp_path / "out.onnx", calib=tmp_path / "calib.npz", backend=mac,
+                   max_loss_rmse=1.0, activation_matmuls=asked, cache_dir=None, progress=False, log=lambda s: None)
+    assert len(res.report["layers"]) == layers
+
+
 class _SlowerWhenWritten(Backend):
     """A timing backend whose subgraph measurements promise a gain (every quantized
     configuration half the hp time) while the end-to-end check of the written model takes

@@ -86,8 +86,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
                        help="sensitivity loss: projection (default, no labels), pseudo_label[:output]")
         g.add_argument("--holdout", type=int, help="held-out samples for verification (default: a quarter, <= 32)")
         g.add_argument("--max-configs", type=int, default=64, help="configurations per subgraph (default 64)")
-        g.add_argument("--activation-matmuls", action="store_true",
-                       help="also quantize activation-by-activation MatMuls (attention scores)")
+        g.add_argument("--activation-matmuls", action=argparse.BooleanOptionalAction, default=None,
+                       help="also quantize activation-by-activation MatMuls (attention scores); default: where the "
+                            "backend runs them in 8 bits (openvino:cpu)")
         g.add_argument("--no-boundary-states", action="store_true",
                        help="time every cut tensor in high precision only (the paper's model; fewer configurations)")
         g.add_argument("--no-screen", action="store_true",
@@ -137,7 +138,8 @@ def cmd_rewrite(args) -> int:
     model, samples = model_from_args(args)
     check_output_path(args.output, args.model)
     plan = load_plan(args.plan)
-    layers = find_layers(model, activation_matmuls=args.activation_matmuls)
+    # a plan that names an attention MatMul asks for it; only --no-activation-matmuls refuses it
+    layers = find_layers(model, activation_matmuls=args.activation_matmuls is not False)
     validate_plan(plan, layers, source=args.plan)
     ranges = rules = None
     if plan.used_formats():

@@ -217,6 +217,9 @@ class Capabilities:
     device: str
     #: the ops between layers it fuses in 8 bits (:mod:`ampq_pass.core.fusion`); None: none
     rules: FusionRules | None = None
+    #: whether its 8-bit formats run a MatMul of two activations (attention scores and context)
+    #: in an integer kernel, so the pass treats those MatMuls as layers unless told otherwise
+    activation_matmuls: bool = False
 
     def filter(self, formats: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         """``formats`` restricted to what this backend offers, in the caller's order."""

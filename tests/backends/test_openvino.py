@@ -67,6 +67,18 @@ def test_a_user_may_ask_for_int8_but_not_for_a_format_the_device_emulates():
 
 
 @needs_ov
+def test_attention_matmuls_are_layers_on_the_cpu_plugin_only_with_its_8_bit_formats():
+    from ampq_pass.backends.openvino import OpenVinoBackend
+
+    b = OpenVinoBackend("cpu")
+    if "int8_sym" not in b.capabilities().formats:
+        pytest.skip("this CPU does not list INT8")
+    assert b.capabilities().activation_matmuls is True
+    assert OpenVinoBackend("cpu", formats=("int4",)).capabilities().activation_matmuls is False
+    assert get_backend("ort:cpu").capabilities().activation_matmuls is False
+
+
+@needs_ov
 def test_capabilities_key_and_compiled_settings():
     b = get_backend("openvino:cpu", protocol=FAST)
     caps = b.capabilities()

@@ -47,20 +47,19 @@ def test_rewrite_with_plan_works(work, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_a_plan_may_name_attention_matmuls_with_activation_matmuls(work, capsys):
-    """--plan with --activation-matmuls applies a format to an activation-by-activation MatMul
-    (both inputs get a Q/DQ); without the flag the same plan is refused in one line."""
+def test_a_plan_may_name_attention_matmuls_unless_told_not_to(work, capsys):
+    """--plan applies a format to an activation-by-activation MatMul it names (both inputs get a
+    Q/DQ); with --no-activation-matmuls the same plan is refused in one line."""
     from ampq_pass.stages.layers import find_layers
 
     model = onnx.load(work / "block.onnx")
     scores = next(l.name for l in find_layers(model, activation_matmuls=True) if l.weight is None)
     plan = work / "scores.json"
     plan.write_text(json.dumps({"formats": {scores: "int8"}}))
-    _fails(capsys, [work / "block.onnx", "-o", work / "out.onnx", "--plan", plan, "--calib", work / "calib.npz"],
-           "is not a quantizable layer of the model", work)
+    _fails(capsys, [work / "block.onnx", "-o", work / "out.onnx", "--plan", plan, "--calib", work / "calib.npz",
+                    "--no-activation-matmuls"], "is not a quantizable layer of the model", work)
     out = work / "out.onnx"
-    rc = main([str(work / "block.onnx"), "-o", str(out), "--plan", str(plan), "--calib", str(work / "calib.npz"),
-               "--activation-matmuls"])
+    rc = main([str(work / "block.onnx"), "-o", str(out), "--plan", str(plan), "--calib", str(work / "calib.npz")])
     assert rc == 0, capsys.readouterr().err
     written = onnx.load(out)
     node = next(n for n in written.graph.node if n.name == scores)
