@@ -378,34 +378,46 @@ def section(res) -> str:
                   f"bias of that size; gaps of that size between methods are not attributable to quantization.")
     s += (f"\nFront check (each peer point against the fastest of our plans, or fp32, with equal or better "
           f"{'mean cosine' if kind == 'embedding' else 'relative error'}; point estimates, the CIs above say how "
-          f"much of a gap is noise): {above} of {len(lines)} peer points above our front.{extra}\n\n"
+          f"much of a gap is noise): {above} of {len(lines)} peer points above our front{_clear(lines)}.{extra}\n\n"
           + "\n".join(lines) + "\n\n")
     if ov:
         ov_lines = front_lines(res, "ov_speedup")
         s += (f"On OpenVINO (same check with the OpenVINO column and the quality OpenVINO's outputs have, where "
               f"measured; our plans marked `openvino` were made by the pass "
               f"timing on OpenVINO, the others for ONNX Runtime): {sum('above ours**' in l for l in ov_lines)} of "
-              f"{len(ov_lines)} peer points above our front.\n\n" + "\n".join(ov_lines) + "\n\n")
+              f"{len(ov_lines)} peer points above our front{_clear(ov_lines)}.\n\n" + "\n".join(ov_lines) + "\n\n")
     s += f"![front](peers_{res['model']}.png)\n\n"
     return s
+
+
+def _clear(lines: list[str]) -> str:
+    """How many of the points above ours are so beyond both 95% CIs."""
+    above = sum("above ours**" in l for l in lines)
+    return f" ({sum('beyond both CIs' in l for l in lines)} of them beyond both 95% CIs)" if above else ""
 
 
 def front_lines(res, key: str) -> list[str]:
     """Each peer point (speed-up ``key``) against the fastest of our shipped plans, or fp32,
     with equal or better quality."""
     kind = res["meta"]["kind"]
-    ours = [(primary(res, e, key), e[key]) for e in res["entries"]
+    ci_key = "ci" if key == "speedup" else "ov_ci"
+    ours = [(primary(res, e, key), e[key], e.get(ci_key) or [e[key], e[key]]) for e in res["entries"]
             if e["method"] in ("ours", "fp32") and e.get(key) and not e.get("rejected")]
     lines = []
     for e in res["entries"]:
         if e["method"] in ("ours", "fp32") or not e.get(key):
             continue
         q = primary(res, e, key)
-        best = max((sp for qq, sp in ours if qq >= q), default=None)
-        verdict = "above ours" if best is None or best < e[key] else "at or below ours"
+        best = max(((sp, ci) for qq, sp, ci in ours if qq >= q), default=None, key=lambda x: x[0])
+        verdict = "above ours**" if best is None or best[0] < e[key] else "at or below ours**"
+        if best is not None and best[0] < e[key] and e.get(ci_key):
+            # a point estimate above ours may be noise: say whether the two 95% CIs leave a gap
+            clear = e[ci_key][0] > best[1][1]
+            verdict += (f" ({'beyond both CIs' if clear else 'CIs overlap'}: [{e[ci_key][0]:.2f}, {e[ci_key][1]:.2f}] "
+                        f"against ours [{best[1][0]:.2f}, {best[1][1]:.2f}])")
         lines.append(f"  - {PEER_NAMES[e['method']]} `{e['config']}`: {e[key]:.2f}x at "
                      f"{'cosine' if kind == 'embedding' else 'rel. err'} {abs(q):.4f}; best of ours at equal or better "
-                     f"quality: {'none' if best is None else f'{best:.2f}x'} -> **{verdict}**")
+                     f"quality: {'none' if best is None else f'{best[0]:.2f}x'} -> **{verdict}")
     return lines
 
 
