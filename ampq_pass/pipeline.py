@@ -961,9 +961,10 @@ def _anchor_solution(table: GainTable, options: list[list[Option]], sens: Sensit
         return None
     plan_formats = anchor["formats"]  # the plan the timing stage measured
     fmt = "/".join(sorted(set(plan_formats.values())))
+    what = anchor.get("plan") or f"every {fmt}-capable layer in {fmt}"
     try:
         return solution_of(options, table.plan(plan_formats), tau, status="measured",
-                           message=f"every {fmt}-capable layer in {fmt} (measured {anchor['measured_speedup']:.3f}x in the "
+                           message=f"{what} (measured {anchor['measured_speedup']:.3f}x in the "
                                    f"whole model while timing): faster than the solver's plan",
                            cut_bonus=table.cut_bonus)
     except AmpqError:  # the configuration cap left this plan out of some subgraph

@@ -207,7 +207,8 @@ def render_text(report: dict) -> str:
     if report.get("numerics"):
         lines.append(f"numerics on the backend: {report['numerics']['summary']}")
     for fmt, anchor in ((bd or {}).get("format_anchors") or {}).items():
-        lines.append(f"time model: every {fmt}-capable layer in {fmt} ({anchor['layers']} layers) measured "
+        what = anchor.get("plan") or f"every {fmt}-capable layer in {fmt}"
+        lines.append(f"time model: {what} ({anchor['layers']} layers) measured "
                      f"{anchor['measured_speedup']:.3f}x against {anchor['predicted_speedup']:.3f}x from the parts; "
                      f"{anchor['outcome']}")
     lines.append(f"speed-up: predicted {_fmt(p['speedup'], '.3f')}x, measured {_fmt(m.get('speedup'), '.3f')}x"

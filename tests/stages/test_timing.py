@@ -1209,3 +1209,44 @@ def test_the_uniform_plan_leaves_out_layers_tied_to_one_the_format_was_screened_
     table.lookup_all(uniform_formats(table, "int4"))  # a plan the table can price
     # and so the int4 candidate is measured (a plan from the candidates was skipped: no configuration)
     assert table.format_anchors["int4"]["layers"] == 3
+
+
+def test_weight_layers_and_attention_matmuls_in_two_formats_are_a_whole_model_candidate(block_model):
+    """With the attention MatMuls as layers and two 8-bit formats offered, the timing stage also
+    measures the plans that put the weight layers in one and the attention MatMuls in the other
+    (a backend may run each kind fastest in a different format, which no uniform plan shows);
+    they scale nothing and carry what they are in words."""
+    from ampq_pass.stages.partition import partition
+    from ampq_pass.stages.subgraphs import capture_inputs
+    from ampq_pass.stages.timing import gain_table
+
+    layers = find_layers(block_model, activation_matmuls=True)
+    scores = {l.name for l in layers if l.weight is None}
+    assert scores and len(scores) < len(layers)
+    feeds = models.feeds_for(block_model, n=8)
+    ranges = compute_ranges(block_model, layers, Samples(feeds))
+    offered = {l.name: [f for f in ("int8", "int8_sym") if f in l.formats] for l in layers}
+    part = partition(block_model, layers, formats=offered)
+    captured = capture_inputs(block_model, part, Samples(feeds), batch_size=8)
+    from dataclasses import replace
+
+    class TwoFormats(EdgeClock):  # a backend whose 8-bit formats are int8 and int8_sym (OpenVINO's)
+        def capabilities(self):
+            return replace(super().capabilities(), formats=("int8", "int8_sym"))
+
+    clock = TwoFormats(edge=0.1)
+    table = gain_table(block_model, layers, part, ranges, captured, clock, formats=("int8", "int8_sym"),
+                       progress=False, model_inputs=[feeds])
+    assert {"int8", "int8_sym", "int8+int8_sym", "int8_sym+int8"} <= set(table.format_anchors)
+    for fw, fa in (("int8", "int8_sym"), ("int8_sym", "int8")):
+        rec = table.format_anchors[f"{fw}+{fa}"]
+        assert {l: f for l, f in rec["formats"].items() if l in scores} == {l: fa for l in scores}
+        assert set(f for l, f in rec["formats"].items() if l not in scores) == {fw}
+        assert rec["plan"] == f"weight layers in {fw}, activation-by-activation MatMuls in {fa}"
+        assert not rec["applied"] and "whole-model candidate" in rec["outcome"]
+    plain = find_layers(block_model)  # no attention MatMul layer: no split candidate
+    part2 = partition(block_model, plain, formats={l.name: ["int8", "int8_sym"] for l in plain})
+    table2 = gain_table(block_model, plain, part2, compute_ranges(block_model, plain, Samples(feeds)),
+                        capture_inputs(block_model, part2, Samples(feeds), batch_size=8), clock,
+                        formats=("int8", "int8_sym"), progress=False, model_inputs=[feeds])
+    assert not any("+" in k for k in table2.format_anchors)
