@@ -151,6 +151,54 @@ def test_a_faithful_backend_with_a_larger_error_scales_that_formats_loss(mlp, tm
     assert close.summary() == "int8: faithful; int8_sym: faithful (2 tests on the backend)"
 
 
+class Hiding(Garbling):
+    """A device that adds a fixed error, 1.2 times ONNX Runtime's error of every layer quantized,
+    whenever ``culprit`` is quantized: within FACTOR for the whole set (1.1-1.6x), far off for
+    the culprit alone, whose own error is small."""
+
+    def __init__(self, layers, culprit, delta):
+        super().__init__(layers, [])
+        self.culprit, self.delta = culprit, delta
+
+    def key(self):
+        return {"backend": "hiding", "culprit": self.culprit}
+
+    def outputs(self, model, batches):
+        self.runs += 1
+        stored = {t.name for t in model.graph.initializer}
+        out = ort.run_batches(model, batches)
+        if self.weight[self.culprit] not in stored:
+            out = [{k: v + self.delta[k] for k, v in o.items()} for o in out]
+        return out
+
+
+def test_a_layer_far_off_alone_is_found_inside_a_set_within_the_factor(mlp):
+    """A set whose error ratio is beyond RATIO_MIN but within FACTOR is searched: the layer the
+    device gets wrong alone is dropped, the rest kept, and the ratio of what is left is ~1."""
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    model, layers, ranges, batch = mlp
+    ref = ort.run_batches(model, [batch])[0]
+    every = ort.run_batches(rewrite(model, layers, Plan({l.name: "int8" for l in layers}), ranges), [batch])[0]
+    rng = np.random.default_rng(3)
+    delta = {}
+    for k, v in ref.items():
+        d = rng.standard_normal(v.shape).astype(v.dtype)
+        delta[k] = d * (1.2 * np.linalg.norm(every[k] - v) / np.linalg.norm(d))
+    culprit = layers[-1].name
+    backend = Hiding(layers, culprit, delta)
+    candidates = {l.name: ["hp", "int8"] for l in layers}
+    whole = relative_error(backend.outputs(rewrite(model, layers, Plan({l.name: "int8" for l in layers}), ranges),
+                                           [batch])[0], ref) / relative_error(every, ref)
+    assert RATIO_MIN < whole < 2.0  # the whole set is faithful by FACTOR
+    found = check_numerics(model, layers, candidates, ranges, backend, batch)
+    assert [(e.layers, e.reason) for e in found.entries] == [([culprit], "unfaithful alone")]
+    assert found.candidates[culprit] == ["hp"] and all(found.candidates[l.name] == ["hp", "int8"]
+                                                      for l in layers if l.name != culprit)
+    assert found.ratios["int8"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_scale_sensitivity_scales_one_formats_terms_and_leaves_the_rest():
     cut = CutLoss({"int8": 0.5})
     sens = Sensitivity(values={"a": {"int8": 2.0, "fp16": 1.0}}, weight={"a": {"int8": 1.0, "fp16": 0.5}},
