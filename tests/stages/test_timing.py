@@ -1244,6 +1244,10 @@ def test_weight_layers_and_attention_matmuls_in_two_formats_are_a_whole_model_ca
         assert set(f for l, f in rec["formats"].items() if l not in scores) == {fw}
         assert rec["plan"] == f"weight layers in {fw}, activation-by-activation MatMuls in {fa}"
         assert not rec["applied"] and "whole-model candidate" in rec["outcome"]
+    # measured as the anchors are even when the timing allowance is spent
+    spent = gain_table(block_model, layers, part, ranges, captured, TwoFormats(edge=0.2), formats=("int8", "int8_sym"),
+                       progress=False, model_inputs=[feeds], seconds=1e-9)
+    assert {"int8+int8_sym", "int8_sym+int8"} <= set(spent.format_anchors)
     plain = find_layers(block_model)  # no attention MatMul layer: no split candidate
     part2 = partition(block_model, plain, formats={l.name: ["int8", "int8_sym"] for l in plain})
     table2 = gain_table(block_model, plain, part2, compute_ranges(block_model, plain, Samples(feeds)),
