@@ -17,7 +17,8 @@ Pipeline of :func:`partition`:
    folds segments without a quantizable layer into a neighbour.
 5. :func:`fit_cap` - above ``max_configs`` configurations, layers reading the same tensor
    are tied to one decision, then the subgraph is split at finer cuts
-   (:func:`finer_cuts`, articulation points), and as a last resort all its layers are tied.
+   (:func:`finer_cuts`, articulation points), then groups of one kind are merged
+   (:func:`coarsen_groups`), and as a last resort all its layers are tied.
 """
 
 from __future__ import annotations
@@ -312,6 +313,38 @@ def tie_shared_inputs(layers: list[Layer], formats: dict[str, list[str]]) -> lis
     return sorted(out, key=lambda grp: order[grp[0]])
 
 
+def coarsen_groups(groups: list[list[str]], layers: list[Layer], formats: dict[str, list[str]],
+                   max_configs: int) -> list[list[str]] | None:
+    """``groups`` merged pair by pair until they have at most ``max_configs`` configurations.
+
+    Two groups may merge if their layers are of one kind - weight layers, or MatMuls of two
+    activations - and they are neighbours among that kind's groups in layer order, and they
+    share a format besides ``hp``. Each step merges the allowed pair with the fewest layers
+    (the earliest of equals). Returns the groups in layer order, or ``None`` where no
+    sequence of such merges reaches the cap.
+
+    Kinds stay apart because a backend may run them fastest in different formats: on
+    OpenVINO MiniLM's weight MatMuls in ``int8`` with its attention MatMuls in ``int8_sym``
+    beat every uniform plan, and one decision for a whole attention block cannot express it.
+    """
+    is_scores = {l.name: l.weight is None for l in layers}
+    out = [list(g) for g in groups]
+    while n_configs(out, formats) > max_configs:
+        best = None
+        for i, first in enumerate(out):
+            j = next((j for j in range(i + 1, len(out)) if is_scores[out[j][0]] == is_scores[first[0]]), None)
+            if j is None or len(group_candidates(first + out[j], formats)) < 2:
+                continue
+            size = len(first) + len(out[j])
+            if best is None or size < best[0]:
+                best = (size, i, j)
+        if best is None:
+            return None
+        _, i, j = best
+        out[i] = out[i] + out.pop(j)
+    return out
+
+
 def finer_cuts(g: nx.DiGraph, nodes: list[tuple[str, str]]) -> list[tuple[str, list, list]]:
     """Ways to cut a subgraph in two at one of its own tensors.
 
@@ -351,7 +384,8 @@ def fit_cap(g: nx.DiGraph, nodes: list, layers: list[Layer], formats: dict[str, 
     Returns ``(ops, groups, note, cut)`` parts in flow order (``cut``: the finer cut tensor
     that ends the part, if any). Tying layers that read the same tensor keeps them timed
     jointly, so it is tried first; then the subgraph is split at the finer cut that best
-    balances the parts; a part that can be neither tied nor split has all its layers tied.
+    balances the parts; in a part that cannot be split, groups of one kind are merged
+    (:func:`coarsen_groups`), and where that is not enough all its layers are tied.
     """
     names = {op_key(l.name): l for l in layers}
     mine = [names[n] for n in sorted(nodes, key=lambda n: g.nodes[n]["index"]) if n in names]
@@ -381,6 +415,10 @@ def fit_cap(g: nx.DiGraph, nodes: list, layers: list[Layer], formats: dict[str, 
         tail = fit_cap(g, down, mine, formats, max_configs)
         split_note = f"split at finer cut {tensor} (cap {max_configs})"
         return [(n, grp, "; ".join(x for x in (split_note, note) if x), c) for n, grp, note, c in head + tail]
+    coarse = coarsen_groups(tied, mine, formats, max_configs)
+    if coarse is not None:
+        note = "; ".join(f"tied {','.join(short_name(x) for x in grp)} (same input or kind)" for grp in coarse if len(grp) > 1)
+        return [(nodes, coarse, f"{note} (cap {max_configs}, no finer cut)", None)]
     everything = [[l.name for l in mine]]
     note = f"all {len(mine)} layers tied to one decision to fit {max_configs} configs (no finer cut)"
     if n_configs(everything, formats) > max_configs:

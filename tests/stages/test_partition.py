@@ -10,7 +10,9 @@ import pytest
 
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.stages.layers import find_layers
-from ampq_pass.stages.partition import Partition, configs, cut_tensors, main_flow, main_graph, dataflow_graph, partition
+from ampq_pass.stages.layers import Layer
+from ampq_pass.stages.partition import (Partition, coarsen_groups, configs, cut_tensors, dataflow_graph, main_flow,
+                                        main_graph, partition)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +169,44 @@ def test_parallel_layers_without_finer_cut_are_tied_together(mlp_model):
     p = partition(mlp_model, layers, formats=formats, max_configs=2)
     # one layer alone has 3 configs > 2 and nothing to tie or split: the cap cannot be met
     assert all("exceed the cap" in s.note for s in p.subgraphs)
+
+
+def test_without_finer_cut_groups_of_one_kind_merge_before_all_are_tied(llama_model):
+    """Layer 0's attention has no finer cut; at cap 9 its q,k,v and o become one decision and its
+    two score MatMuls another, so the mix "weights int8, scores int8_sym" stays a configuration."""
+    layers = find_layers(llama_model, activation_matmuls=True)
+    scores = {l.name for l in layers if l.weight is None}
+    formats = {l.name: ["int8", "int8_sym"] for l in layers}
+    p = partition(llama_model, layers, formats=formats, max_configs=9)
+    att = p.subgraphs[0]
+    assert "same input or kind" in att.note and "tied to one decision" not in att.note
+    assert sorted(len(g) for g in att.groups) == [2, 4]
+    assert all(len({x in scores for x in g}) == 1 for g in att.groups)  # no group mixes kinds
+    cfgs = configs(att, formats)
+    assert len(cfgs) == 9
+    assert {l: ("int8_sym" if l in scores else "int8") for l in att.layers} in cfgs
+    # at the default cap the weight layers keep two decisions (q,k,v and o)
+    att64 = partition(llama_model, layers, formats=formats).subgraphs[0]
+    assert len(att64.groups) == 3 and len(configs(att64, formats)) == 27
+
+
+def _layer(name: str, scores: bool = False) -> Layer:
+    return Layer(name, "MatMul", f"{name}_in", None if scores else f"{name}_w", None if scores else (4, 4), 1, f"{name}_out",
+                 activation2=f"{name}_in2" if scores else None)
+
+
+def test_coarsen_groups_merges_the_smallest_pair_of_one_kind_first():
+    layers = [_layer("a"), _layer("b"), _layer("s", scores=True), _layer("c"), _layer("t", scores=True)]
+    formats = {l.name: ["int8", "int8_sym"] for l in layers}
+    groups = [["a", "b"], ["s"], ["c"], ["t"]]
+    assert coarsen_groups(groups, layers, formats, 81) == groups  # already within the cap
+    # s and t (2 layers) merge before a,b and c (3 layers), though a,b and c come first
+    assert coarsen_groups(groups, layers, formats, 27) == [["a", "b"], ["s", "t"], ["c"]]
+    assert coarsen_groups(groups, layers, formats, 9) == [["a", "b", "c"], ["s", "t"]]
+    assert coarsen_groups(groups, layers, formats, 8) is None  # two kinds: 9 configurations at least
+    # groups without a common format besides hp never merge
+    formats["c"] = ["fp16"]
+    assert coarsen_groups(groups, layers, formats, 9) is None
 
 
 def test_default_cap_with_all_formats(llama_model):
