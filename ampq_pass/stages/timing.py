@@ -20,7 +20,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import onnx
@@ -927,11 +927,12 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
             continue
         mine = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if fmt in c.formats.values()]
         if mine:
-            todo.append((fmt, uniform, chosen, mine))
+            todo.append(WholeModelPlan(fmt, uniform, chosen, mine))
     todo += _split_candidates(table, layers, [f for f in offered if f in wanted])
-    for k, (fmt, uniform, chosen, mine) in enumerate(todo):
+    for k, candidate in enumerate(todo):
+        fmt, uniform, chosen, mine = candidate.label, candidate.formats, candidate.chosen, candidate.mine
         left = None if seconds is None else seconds - (time.monotonic() - started)
-        if fmt not in wanted and "+" not in fmt and left is not None and left <= 0:
+        if fmt not in wanted and candidate.split is None and left is not None and left <= 0:
             # a candidate, not part of the time model: only while time is left (a split one is
             # measured as the anchors are, at the protocol's fewest rounds if need be: on
             # OpenVINO, MiniLM's timing stage spent its allowance and the split plan was never seen)
@@ -956,7 +957,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         predicted = rest + parts
         lo, hi = (table.hp_total * r for r in got["ratio_ci"])
         record = {"layers": len(plan.formats), "formats": uniform, "predicted_speedup": table.hp_total / predicted,
-                  **({"plan": _SPLIT_PLAN.format(*fmt.split("+"))} if "+" in fmt else {}),
+                  **({"plan": _SPLIT_PLAN.format(*candidate.split)} if candidate.split else {}),
                   "measured_speedup": 1.0 / got["ratio"],
                   "measured_speedup_ci": [1.0 / got["ratio_ci"][1], 1.0 / got["ratio_ci"][0]],
                   "factor": factor, "applied": False}
@@ -993,11 +994,24 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
     return records
 
 
+class WholeModelPlan(NamedTuple):
+    """A whole-model plan :func:`fit_formats_to_model` measures: ``label`` names its record (a
+    format, or ``"int8+int8_sym"`` for a split one), ``chosen`` is its configuration in every
+    subgraph, ``mine`` the subgraphs where it is not all hp; ``split`` is ``(weight layers'
+    format, activation MatMuls' format)`` for a split plan, ``None`` for a uniform one."""
+
+    label: str
+    formats: dict[str, str]
+    chosen: list[ConfigGain]
+    mine: list[tuple[SubgraphGains, ConfigGain]]
+    split: tuple[str, str] | None = None
+
+
 #: what a split candidate of :func:`_split_candidates` is, in words
 _SPLIT_PLAN = "weight layers in {0}, activation-by-activation MatMuls in {1}"
 
 
-def _split_candidates(table: GainTable, layers: list[Layer], formats: list[str]) -> list[tuple]:
+def _split_candidates(table: GainTable, layers: list[Layer], formats: list[str]) -> list[WholeModelPlan]:
     """Whole-model candidates beside the uniform ones where the model has both weight layers and
     activation-by-activation MatMuls: the weight layers in one of ``formats``, those MatMuls in
     another (labelled ``"int8+int8_sym"``). A backend may run the two kinds fastest in different
@@ -1022,7 +1036,7 @@ def _split_candidates(table: GainTable, layers: list[Layer], formats: list[str])
             except AmpqError:  # the configuration cap left this mix out of some subgraph
                 continue
             mine = [(sg, c) for sg, c in zip(table.subgraphs, chosen) if set(c.formats.values()) - {HP}]
-            out.append((f"{fw}+{fa}", split, chosen, mine))
+            out.append(WholeModelPlan(f"{fw}+{fa}", split, chosen, mine, split=(fw, fa)))
     return out
 
 

@@ -9,7 +9,7 @@ ours (ours/rmse_*.onnx from ours.sh, wall time and peak RSS from /usr/bin/time -
 eval.npz (held out from every search): MiniLM = cosine of mean-pooled embeddings to fp32 (mean,
 min); classifier = top-1 agreement with fp32 and relative L2 error of the logits. Timing: every
 model interleaved round-robin in this one process with the project's measurer
-(ampq_pass.backends.ort.time_interleaved, a Protocol of 20-40 rounds), ORT CPU EP, 2 intra-op
+(ampq_pass.backends.ort.time_interleaved, a Protocol of 20-40 rounds, up to PEERS_MAX_ROUNDS), ORT CPU EP, 2 intra-op
 threads, two evaluation batches; speed-up = median over rounds of the paired ratio
 t_fp32/t_model, CI = 95% CI of that median. Writes benchmarks/out/peers/<model>/score.json,
 then benchmarks/results/peers.md (every scored model) and results/peers_<model>.png.
@@ -178,6 +178,9 @@ def qdq_summary(path: str) -> str:
 
 
 SMOKE = os.environ.get("PEERS_SMOKE") == "1"  # development: 2 eval batches, 3 rounds, nothing written to results/
+# PEERS_MAX_ROUNDS=300: more rounds where a round is short (a Llama decode step: 40 rounds of 28 models took
+# 7 s, and two scorings an hour apart moved its ratios by up to 25%); each row states the rounds it had
+MAX_ROUNDS = int(os.environ.get("PEERS_MAX_ROUNDS", "40"))
 
 
 def time_on_openvino(live: list[dict], feeds: list[dict], protocol, kind: str, ref: list, ev: list[dict]) -> dict | None:
@@ -257,7 +260,8 @@ def score(model: str) -> dict:
     up_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t0 = time.perf_counter()
     protocol = (Protocol(warmup=1, min_repeats=3, max_repeats=3, max_seconds=None) if SMOKE else
-                Protocol(warmup=2, min_repeats=20, max_repeats=40, rel_ci=0.01, max_seconds=400, retries=0))
+                Protocol(warmup=2, min_repeats=min(20, MAX_ROUNDS), max_repeats=MAX_ROUNDS, rel_ci=0.01,
+                         max_seconds=400, retries=0))
     timings = time_interleaved(sessions, feeds, protocol=protocol)
     t_e2e = time.perf_counter() - t0
     up_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
