@@ -63,11 +63,11 @@ LEARNED = """## What we learned (read with the tables below)
   that let the pass measure and ship the weights-`int8` / attention-`int8_sym` plan (budget 0.3: 2.57x over
   OpenVINO's fp32 at cosine 0.9911, 100 rounds), above ModelOpt's int8 QDQ with attention (2.53x at 0.978). The
   Llama decode step scored with 40 rounds (7 s for 28 models) gave CIs of +-5-10% and ratios that moved by 25%
-  between two runs an hour apart; with 300 rounds (`PEERS_MAX_ROUNDS`) the CIs are 1-3% and three peer points
+  between two runs an hour apart; with 300 rounds (`PEERS_MAX_ROUNDS`) the CIs are 1-3% and four peer points
   come out above our front beyond both CIs, all on the decoder LM: ORT's dynamic int8 (our sensitivity ranks
   dynamic int8 as the lossier format where the measurement says static is: 0.0317 every MatMul static against
-  0.0207 every MatMul dynamic), ModelOpt's AWQ int4 (a better int4 than round-to-nearest) and, on OpenVINO,
-  AIMET's W8A8 (our OpenVINO plans at small budgets keep most layers hp). A cold run's subgraph timings taken
+  0.0207 every MatMul dynamic), ModelOpt's AWQ int4 (a better int4 than round-to-nearest; on both backends) and, on
+  OpenVINO, AIMET's W8A8 (our OpenVINO plans at small budgets keep most layers hp). A cold run's subgraph timings taken
   while a unit test ran beside it over-predicted its plans by 17-20% (`parts_scale` 0.86; 1.0 in the clean
   re-run): that run was thrown away; nothing may run beside a cold pass.
 
