@@ -929,10 +929,9 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         if mine:
             todo.append(WholeModelPlan(fmt, uniform, chosen, mine))
     todo += _split_candidates(table, layers, [f for f in offered if f in wanted])
-    for k, candidate in enumerate(todo):
-        fmt, uniform, chosen, mine = candidate.label, candidate.formats, candidate.chosen, candidate.mine
+    for k, (fmt, uniform, chosen, mine, split) in enumerate(todo):
         left = None if seconds is None else seconds - (time.monotonic() - started)
-        if fmt not in wanted and candidate.split is None and left is not None and left <= 0:
+        if fmt not in wanted and split is None and left is not None and left <= 0:
             # a candidate, not part of the time model: only while time is left (a split one is
             # measured as the anchors are, at the protocol's fewest rounds if need be: on
             # OpenVINO, MiniLM's timing stage spent its allowance and the split plan was never seen)
@@ -957,7 +956,7 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
         predicted = rest + parts
         lo, hi = (table.hp_total * r for r in got["ratio_ci"])
         record = {"layers": len(plan.formats), "formats": uniform, "predicted_speedup": table.hp_total / predicted,
-                  **({"plan": _SPLIT_PLAN.format(*candidate.split)} if candidate.split else {}),
+                  **({"plan": _SPLIT_PLAN.format(*split)} if split else {}),
                   "measured_speedup": 1.0 / got["ratio"],
                   "measured_speedup_ci": [1.0 / got["ratio_ci"][1], 1.0 / got["ratio_ci"][0]],
                   "factor": factor, "applied": False}
