@@ -30,7 +30,7 @@ from ampq_pass.core.formats import FORMATS, HP
 from ampq_pass.core.model import check_output_path, finish_loading, read_model, save_model
 from ampq_pass.core.normalize import Normalized
 from ampq_pass.core.params import Integer, Number, OneOf, Shapes, SubsetOf, validate_params
-from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthetic_samples, timing_feeds
+from ampq_pass.core.samples import Samples, load_samples, samples_digest, synthetic_samples, timing_batch, timing_feeds
 from ampq_pass.stages.boundaries import STATES
 from ampq_pass.stages.calibrate import CALIBRATION_METHODS, Ranges, compute_ranges
 from ampq_pass.stages.layers import Layer, find_layers, require_layers, weight_array
@@ -150,17 +150,18 @@ def make_backend(spec, formats: tuple[str, ...] | None = None):
 
 def cached_sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, samples: Samples,
                        formats: tuple[str, ...], opts: PassOptions, cache: Cache | None,
-                       pool=None) -> tuple[Sensitivity, bool]:
+                       pool=None, run_batch: int | None = None) -> tuple[Sensitivity, bool]:
     """:func:`ampq_pass.stages.sensitivity.sensitivity`, read from the cache when nothing changed
     (a pool changes the float summation order only, so it shares the cache entry)."""
     # 2: the record holds the outputs that never varied (constant_output_warning reads them)
     # 3: the record holds the cut tensors' losses (Sensitivity.cuts)
-    key = digest("sensitivity", 3, model_digest(model), samples_digest(samples), ranges.to_json(),
-                 sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers])
+    # 4: dynamic scales span the run batch (run_batch), not the calibration sub-batch
+    key = digest("sensitivity", 4, model_digest(model), samples_digest(samples), ranges.to_json(),
+                 sorted(formats), opts.loss, opts.seed, opts.batch_size, [l.name for l in layers], run_batch)
     return cached(cache, "sensitivity", key,
                   lambda: sensitivity(model, layers, ranges, samples, formats=formats, loss=opts.loss,
                                       batch_size=opts.batch_size, seed=opts.seed, progress=opts.progress,
-                                      pool=pool),
+                                      run_batch=run_batch, pool=pool),
                   dump=Sensitivity.to_json, load=Sensitivity.from_json)
 
 
@@ -540,7 +541,8 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     # One pool for the two stages that spread over workers: its actors start once.
     with pool_for(opts.ray, inp.backend, opts.backend, log) as pool:
         log(f"[2/7] sensitivity ({opts.loss} loss, formats {', '.join(inp.offered)})")
-        sens, hit = cached_sensitivity(model, layers, ranges, inp.calib, inp.offered, opts, cache, pool)
+        sens, hit = cached_sensitivity(model, layers, ranges, inp.calib, inp.offered, opts, cache, pool,
+                                       run_batch=timing_batch(inp.timing_inputs, inp.timing_info))
         if hit:
             log("      (from cache)")
         scales = numerics.loss_scales()
@@ -779,8 +781,10 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         fits = [r for r in rounds if r.formats and loss_fits(r.measured, tau)]
         if over and not fits:  # faster, but each over the loss budget
             last = min(over, key=lambda r: r.measured["loss_mse"])
+            speed = last.measured.get("speedup")  # None: a cost-model backend times nothing
             status, message = "loss", (
-                f"the plan measured {last.measured['speedup']:.3f}x, but its measured loss "
+                f"the plan {'is faster by the cost model' if speed is None else f'measured {speed:.3f}x'}, "
+                f"but its measured loss "
                 f"{last.measured['loss_mse']:.3g} is over {LOSS_SLACK:g}x the budget {tau:.3g} (no plan solved under "
                 f"a tighter budget fit either), so every layer stays hp")
         else:

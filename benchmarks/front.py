@@ -41,7 +41,7 @@ from ampq_pass.backends import Protocol, get_backend  # noqa: E402
 from ampq_pass.core.ort import make_session  # noqa: E402
 from ampq_pass.backends.ort import time_interleaved  # noqa: E402
 from ampq_pass.core.cache import Cache  # noqa: E402
-from ampq_pass.core.samples import Samples  # noqa: E402
+from ampq_pass.core.samples import Samples, timing_batch  # noqa: E402
 from ampq_pass.core.formats import HP  # noqa: E402
 from ampq_pass.stages.layers import find_layers  # noqa: E402
 from ampq_pass.core.model import load_model  # noqa: E402
@@ -319,10 +319,11 @@ def _run(spec: Spec) -> dict:
     rules = backend.capabilities().rules  # the pass calibrates, times and rewrites with the backend's fusion rules
     ranges = compute_ranges(model, layers, calib_set, method=opts.calib_method, batch_size=opts.batch_size, cache=cache,
                             rules=rules)
-    sens, hit = cached_sensitivity(model, layers, ranges, calib_set, offered, opts, cache)
+    timing_inputs = list(calib_set.batches(opts.batch_size))[: opts.timing_batches]
+    sens, hit = cached_sensitivity(model, layers, ranges, calib_set, offered, opts, cache,
+                                   run_batch=timing_batch(timing_inputs, {}))
     assert hit, "sensitivity should come from the pass's cache"
     part = partition(model, layers, formats=formats, max_configs=opts.max_configs)
-    timing_inputs = list(calib_set.batches(opts.batch_size))[: opts.timing_batches]
     captured = capture_inputs(model, part, Samples({k: np.concatenate([b[k] for b in timing_inputs])
                                                     for k in timing_inputs[0]}), batch_size=opts.batch_size)
     calls = {"n": 0}

@@ -13,6 +13,7 @@ from ampq_pass.cli import main
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import Backend
 from ampq_pass.pipeline import PassOptions, run_pass
+from hardware import needs_exact_ort_int8
 
 
 def test_mac_backend_end_to_end(tmp_path, block_file):
@@ -498,6 +499,7 @@ class _FasterWithLayers(_SlowerWhenWritten):
         return super().time(models, inputs)
 
 
+@needs_exact_ort_int8
 def test_a_plan_measured_far_under_its_predicted_loss_is_solved_again_under_a_looser_budget(
         tmp_path, block_file, monkeypatch):
     """Where the first-order loss over-predicts (every verified loss here a tenth of what the

@@ -572,6 +572,14 @@ def timing_feeds(model: onnx.ModelProto, samples: Samples, *, shapes: dict[str, 
     return feeds, info
 
 
+def timing_batch(feeds: list[dict[str, np.ndarray]], info: dict) -> int | None:
+    """Samples per run of the timing feeds (:func:`timing_feeds`), the batch the model is timed
+    and deployed at; None for whole feeds, each of which is one run as it is."""
+    if info.get("whole_feeds") or not feeds or not feeds[0]:
+        return None
+    return len(next(iter(feeds[0].values())))
+
+
 def _whole_feeds_for_timing(samples: Samples, shapes: dict[str, tuple[int, ...]] | None, n_batches: int,
                             available: list[dict]) -> tuple[list[dict[str, np.ndarray]], dict]:
     if shapes:

@@ -20,6 +20,7 @@ from ampq_pass.backends import available_backends, get_backend
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.measure import Protocol, Timing
 from ampq_pass.core.ort import make_session
+from hardware import needs_exact_openvino_int8
 
 HAVE_OV = importlib.util.find_spec("openvino") is not None
 needs_ov = pytest.mark.skipif(not HAVE_OV, reason="openvino is not installed (pip install 'ampq-pass[openvino]')")
@@ -453,6 +454,7 @@ def test_int8_sym_convolutions_run_in_integer_kernels_on_signed_and_unsigned_inp
     assert inits[silu_q.input[2]].data_type == TensorProto.INT8  # the SiLU output is signed: int8
 
 
+@needs_exact_openvino_int8
 @needs_ov
 def test_a_concat_before_an_int8_sym_conv_computes_as_onnx_runtime_does():
     """Concat -> Q/DQ (int8 codes) -> Conv: OpenVINO 2026.4's CPU plugin computed it wrong on

@@ -9,6 +9,7 @@ import models
 from ampq_pass.core.ort import make_session
 from ampq_pass.core.formats import FORMATS, Int8, get_format
 from ampq_pass.core.errors import AmpqError
+from hardware import needs_exact_ort_int8
 
 
 def _run_emitted(emitted, feeds, opset):
@@ -108,6 +109,7 @@ def test_unknown_format():
         get_format("int3")
 
 
+@needs_exact_ort_int8
 def test_dynamic_int8_matmul_matches_reference():
     """int8_dyn replaces the MatMul: the graph equals fake_activation(x) @ fake_weight(w) up to
     float rounding of the int32 -> float rescale, and the scale follows each batch."""

@@ -4,7 +4,7 @@ import pytest
 
 import models
 from ampq_pass.stages.calibrate import Ranges, calibrate
-from ampq_pass.core.samples import Samples, load_samples, synthetic_samples
+from ampq_pass.core.samples import Samples, load_samples, synthetic_samples, timing_batch
 from ampq_pass.core.errors import AmpqError
 from ampq_pass.stages.layers import find_layers
 from ampq_pass.core.ort import observed_shapes
@@ -99,3 +99,16 @@ def test_whole_feeds_of_one_shape_are_one_calibration_shape():
     feeds, info = timing_feeds(model, s, shapes=None, batch_size=8, n_batches=2)
     assert len(feeds) == 2 and feeds[0]["gain"].shape == ()
     assert info["calibration_shapes"] == [{"shape": {"x": [1, 8], "gain": [], "state": [2, 1, 8]}, "samples": 5}]
+    assert timing_batch(feeds, info) is None  # each whole feed is one run as it is
+
+
+def test_timing_batch_is_the_samples_per_timed_run(mlp_model):
+    """What dynamic scales span in the sensitivity: the default batch, or the one --shape names."""
+    from ampq_pass.core.samples import timing_feeds
+
+    s = Samples(models.feeds_for(mlp_model, n=12))
+    feeds, info = timing_feeds(mlp_model, s, shapes=None, batch_size=8, n_batches=1)
+    assert timing_batch(feeds, info) == 8
+    name, value = next(iter(s.inputs.items()))
+    feeds, info = timing_feeds(mlp_model, s, shapes={name: (1, *value.shape[1:])}, batch_size=8, n_batches=1)
+    assert timing_batch(feeds, info) == 1

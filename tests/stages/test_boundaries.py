@@ -22,6 +22,7 @@ from ampq_pass.stages.rewrite import rewrite
 from ampq_pass.stages.solve import Option, solve
 from ampq_pass.stages.subgraphs import capture_inputs, extract
 from ampq_pass.stages.timing import gain_table, predict_speedup, timed_model
+from hardware import needs_exact_ort_int8
 
 STATE = "int8"  # the cut state of ONNX Runtime's int8 (uint8 asymmetric activations)
 FAST = Protocol(warmup=1, min_repeats=3, max_repeats=5, rel_ci=0.5, max_seconds=5)
@@ -275,6 +276,7 @@ def test_an_edge_the_rules_moved_is_timed_with_float_edges(cnn, monkeypatch):
     assert any(n.op_type == "QuantizeLinear" and n.input[0] == cut for n in m.graph.node)
 
 
+@needs_exact_ort_int8
 def test_a_cut_that_a_recoded_region_reads_is_fed_uint8_codes_of_the_same_values():
     """x -> conv a -> t; conv b reads t and a Concat reads t and conv b's output. With OpenVINO's
     table the Concat's region is written in uint8 codes (:func:`ampq_pass.stages.fusion.recode_unsigned`),

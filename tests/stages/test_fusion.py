@@ -23,6 +23,7 @@ from ampq_pass.stages.fusion import follow_rules
 from ampq_pass.stages.layers import find_layers
 from ampq_pass.stages.plan import Plan
 from ampq_pass.stages.rewrite import rewrite
+from hardware import needs_exact_ort_int8
 
 
 def _feeds(n=16, seed=1):
@@ -366,6 +367,7 @@ def _silu_pad_cnn(pad_value=None):
     return model
 
 
+@needs_exact_ort_int8
 @pytest.mark.parametrize("pad_value", [None, 0.25])
 def test_pad_before_an_int8_conv_runs_on_uint8_and_takes_the_silu_with_it(tmp_path, pad_value):
     """All three convolutions int8: the Pad reads the uint8 tensor and feeds the depthwise

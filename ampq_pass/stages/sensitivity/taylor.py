@@ -216,10 +216,24 @@ def _prepare(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, format
     return prepared
 
 
-def _activation_error(fmt: Format, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Q(x) - x with the format's own numpy reference (bit-identical to the rewritten graph)."""
+def _activation_error(fmt: Format, x: torch.Tensor, lo: float, hi: float, samples: int = 1,
+                      run_batch: int | None = None) -> torch.Tensor:
+    """Q(x) - x with the format's own numpy reference (bit-identical to the rewritten graph).
+
+    A format with dynamic scales (``needs_range`` false: ``int8_dyn``) computes its scale over
+    the tensor of one run, so the error depends on how many samples a run holds: with
+    ``run_batch``, ``x`` (``samples`` samples along axis 0, batch-major) is quantized
+    ``run_batch`` samples at a time, as the deployed model at that batch would; without it,
+    as one run. (A decode step served at batch 1 quantizes one token's row: its range is that
+    token's, not the widest of the 8 a calibration sub-batch holds.)"""
     x32 = x.detach().to(torch.float32).numpy()
-    return torch.from_numpy(fmt.fake_activation(x32, lo, hi)).to(x.dtype) - x.detach()
+    if (fmt.needs_range or run_batch is None or run_batch >= samples or x32.ndim == 0
+            or x32.shape[0] % samples):
+        q = fmt.fake_activation(x32, lo, hi)
+    else:
+        rows = x32.shape[0] // samples * run_batch
+        q = np.concatenate([fmt.fake_activation(x32[i:i + rows], lo, hi) for i in range(0, x32.shape[0], rows)])
+    return torch.from_numpy(q).to(x.dtype) - x.detach()
 
 
 def _per_sample(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
@@ -284,8 +298,8 @@ class _Stream:
     """
 
     def __init__(self, ex: Executor, items: list[_LayerErrors], weights: "_WeightErrors", n: int, n_probes: int,
-                 cuts: list[_CutTensor] | None = None):
-        self.ex, self.weights, self.n, self.n_probes = ex, weights, n, n_probes
+                 cuts: list[_CutTensor] | None = None, run_batch: int | None = None):
+        self.ex, self.weights, self.n, self.n_probes, self.run_batch = ex, weights, n, n_probes, run_batch
         self.items = {item.layer.name: item for item in items}
         # cut tensors: their value until their (all readers') gradient arrives, and per
         # (tensor, state) the terms <G_t, E> and the sum of the layer readers' <G_r, E>
@@ -367,7 +381,7 @@ class _Stream:
             for f in item.formats:
                 fmt = FORMATS[f]
                 if fmt.quantizes_activation and fmt.quantizes_output(item.layer.op_type):
-                    err = _activation_error(fmt, y, *item.ranges[item.layer.output])
+                    err = _activation_error(fmt, y, *item.ranges[item.layer.output], n, self.run_batch)
                     self._add(self.t_a, (name, f), _per_sample(g_y * err, n, f"output {item.layer.output!r}"))
                     del err
             if self.probe + 1 == self.n_probes:
@@ -388,7 +402,7 @@ class _Stream:
                 continue
             term = None
             if f in item.formats:
-                err = _activation_error(fmt, a, *item.ranges.get(tensor, (0.0, 0.0)))
+                err = _activation_error(fmt, a, *item.ranges.get(tensor, (0.0, 0.0)), n, self.run_batch)
                 term = _per_sample(g * err, n, f"input {tensor!r}")
                 self._add(self.t_a, (name, f), term)
             if f in states:  # this layer's share of the error a cut's Q->DQ on its input makes
@@ -549,7 +563,8 @@ def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges
                      batches: Iterable[tuple[int, dict[str, np.ndarray]]], *, whole_feeds: bool = False,
                      formats: Iterable[str] | None = None, loss: str | Loss = "projection", seed: int = 0,
                      labels: np.ndarray | None = None, probes: int = 1, dtype: torch.dtype = torch.float32,
-                     memory_budget: int = DEFAULT_MEMORY_BUDGET, on_batch=None) -> SensitivitySums:
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET, run_batch: int | None = None,
+                     on_batch=None) -> SensitivitySums:
     """The :class:`SensitivitySums` of ``batches`` (``(index of the first sample, batch)``, as
     :meth:`Samples.numbered_batches` gives them; with ``whole_feeds`` each batch is one whole
     feed). ``on_batch()`` is called after each batch (progress). See :func:`sensitivity`."""
@@ -578,7 +593,7 @@ def sensitivity_sums(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges
         for offset in range(0, n, sub):
             part = batch if whole_feeds else {k: v[offset:offset + sub] for k, v in batch.items()}
             m = 1 if whole_feeds else len(next(iter(part.values())))
-            stream = _Stream(ex, items, weights, m, n_probes, cuts)
+            stream = _Stream(ex, items, weights, m, n_probes, cuts, None if whole_feeds else run_batch)
             with torch.enable_grad():
                 result = ex.run(part, outputs=read, input_hooks=stream.input_hooks(),
                                 output_hooks=stream.output_hooks())
@@ -639,7 +654,7 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
                 formats: Iterable[str] | None = None, loss: str | Loss = "projection", batch_size: int = 8,
                 seed: int = 0, progress: bool = True, labels: np.ndarray | None = None, probes: int = 1,
                 dtype: torch.dtype = torch.float32, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                pool=None) -> Sensitivity:
+                run_batch: int | None = None, pool=None) -> Sensitivity:
     """``s[layer][format]`` for every layer and candidate format (``formats`` filters them).
 
     One forward and ``probes`` backward passes per batch on the torch executor; per-sample
@@ -651,7 +666,9 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     freed as soon as its terms are accumulated, and weight errors are kept only while they
     fit the same budget. The result does not depend on the sub-batch size (up to float
     summation order), except for formats with dynamic scales (``int8_dyn``), whose scale is
-    taken over the tensor that is run: the sub-batch, as ONNX Runtime would at that batch size.
+    taken over the tensor of one run: ``run_batch`` samples (the batch the model is deployed
+    and timed at; the pass gives its timing batch), or without it the sub-batch that is run
+    (which is at most ``run_batch`` samples either way).
     The projection loss draws ``r`` per sample index, so batching does not change it either.
 
     ``pool`` (a :class:`ampq_pass.backends.ray_pool.RayPool`): the batches are split into one
@@ -661,12 +678,14 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     """
     from tqdm import tqdm
 
+    if run_batch is not None and (isinstance(run_batch, bool) or not isinstance(run_batch, int) or run_batch < 1):
+        raise AmpqError(f"run_batch must be a positive integer or None, got {run_batch!r}")
     loss_fn = make_loss(loss, labels=labels, probes=probes)
     n_probes = getattr(loss_fn, "probes", 1)
     items = _prepare(model, layers, ranges, formats, dtype)  # checks the layers before any work
     batches = list(samples.numbered_batches(batch_size))  # slices: views of the calibration arrays
     kwargs = dict(whole_feeds=samples.whole_feeds, formats=formats, loss=loss, seed=seed, labels=labels,
-                  probes=probes, dtype=dtype, memory_budget=memory_budget)
+                  probes=probes, dtype=dtype, memory_budget=memory_budget, run_batch=run_batch)
     with tqdm(total=len(batches), desc="sensitivity", unit="batch", disable=not progress, file=sys.stderr) as bar:
         if pool is None:
             sums = sensitivity_sums(model, layers, ranges, batches, on_batch=bar.update, **kwargs)
@@ -696,6 +715,8 @@ def sensitivity(model: onnx.ModelProto, layers: list[Layer], ranges: Ranges, sam
     view = loss_tensors(model, loss_fn)
     if view:
         extra["loss_tensors"] = dict(view)
+    if run_batch is not None and not samples.whole_feeds:
+        extra["run_batch"] = run_batch  # the samples one dynamic scale spanned
     if sums.constant.to_json() is not None:
         extra["constant_outputs"] = sums.constant.to_json()
     cut_losses = {c.tensor: CutLoss({f: v * scale for f, v in sums.cuts.get(c.tensor, {}).items()}, c.layer, c.covered)
