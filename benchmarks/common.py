@@ -33,6 +33,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+    """What the CPU's 8-bit and 16-bit kernels can use, from its flags: ``AVX-512 VNNI, BF16``,
+    ``AVX2 only (no VNNI)``, ... Machines of this project differ in it between sessions, and
+    the int8 numbers depend on it: without VNNI ONNX Runtime's u8s8 GEMM adds pairs of
+    products in int16 and saturates (tests/hardware.py), and int8 runs slower."""
+    try:
+        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines()
+                         if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return platform.machine()
+    parts = []
+    if "avx512f" in flags:
+        parts.append("AVX-512" + (" VNNI" if "avx512_vnni" in flags else ""))
+    elif "avx2" in flags:
+        parts.append("AVX2" + (" + AVX-VNNI" if "avx_vnni" in flags else " only (no VNNI)"))
+    parts += [name for flag, name in (("avx512_bf16", "BF16"), ("amx_int8", "AMX")) if flag in flags]
+    return ", ".join(parts) or "no AVX2"
+
+
 def header(title: str) -> str:
     import numpy
     import onnx
@@ -41,7 +60,7 @@ def header(title: str) -> str:
 
     return (f"# {title}\n\n"
             f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}\n"
-            f"- machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}\n"
+            f"- machine: {cpu_name()} ({cpu_isa()}), {os.cpu_count()} cores, Python {platform.python_version()}\n"
             f"- versions: onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, torch {torch.__version__}, "
             f"numpy {numpy.__version__}\n"
             f"- note: shared 2-core machine; ratios come from interleaved runs in one process\n\n")

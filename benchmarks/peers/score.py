@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import peerlib  # noqa: E402
-from common import RESULTS, wait_for_quiet  # noqa: E402
+from common import RESULTS, cpu_isa, wait_for_quiet  # noqa: E402
 
 #: every model's score, committed (peers.md and its plots are drawn from these)
 SCORES = RESULTS / "peers"
@@ -278,7 +278,8 @@ def score(model: str) -> dict:
     res = {"model": model, "meta": m, "entries": ents, "rounds": len(ref_t), "timing_s": t_e2e,
            "busy_before": busy, "uptime_before": up_before, "uptime_after": up_after,
            "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
-           "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+           "isa": cpu_isa(), "cores": os.cpu_count(), "python": platform.python_version(),
+           "onnxruntime": onnxruntime.__version__,
            "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"),
            "pass_code": ((peerlib.model_dir(model) / "ours" / "commit").read_text().strip()
                          if (peerlib.model_dir(model) / "ours" / "commit").exists() else "?"),
@@ -321,7 +322,8 @@ def section(res) -> str:
     qname = {"embedding": "mean cosine to fp32 (min)", "detector": "relative output error, fp32 detections kept"}.get(
         kind, "top-1 agreement, relative logit error")
     s = (f"## {m['model']}\n\n"
-         f"- date {res['date']}; CPU: {res['cpu']}, {res['cores']} cores; Python {res['python']}, onnxruntime "
+         f"- date {res['date']}; CPU: {res['cpu']}{' (' + res['isa'] + ')' if res.get('isa') else ''}, "
+         f"{res['cores']} cores; Python {res['python']}, onnxruntime "
          f"{res['onnxruntime']}; our pass ran at git {res.get('pass_code', '?')}"
          + (f" (its OpenVINO plans at git {res['pass_code_openvino']})" if res.get("pass_code_openvino") else "")
          + f" (clean snapshot), the scoring "
