@@ -396,7 +396,7 @@ def _check_inputs(model_path, output, calib, samples: Samples | None, opts: Pass
                             f"(it offers {', '.join(offered) or 'none'})")
         offered = tuple(f for f in offered if f in opts.formats)
     act_matmuls = backend.capabilities().activation_matmuls if opts.activation_matmuls is None else opts.activation_matmuls
-    layers = require_layers(model, find_layers(model, activation_matmuls=act_matmuls), str(model_path))
+    layers = require_layers(model, find_layers(model, activation_matmuls=act_matmuls, offered=offered), str(model_path))
     check_supported(model)  # an op the sensitivity executor lacks is named before any work
     if samples is None:
         samples = synthetic_samples(model, count=32, seed=opts.seed)

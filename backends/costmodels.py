@@ -50,9 +50,9 @@ class MacModel(CostModel):
         bad = {f: t for f, t in self.throughput.items() if not t > 0}
         if bad:
             raise AmpqError(f"mac cost model: throughput must be > 0, got {bad}")
-        offered = tuple(f for f in FORMATS if f in self.throughput)
-        if formats is not None:
-            offered = tuple(f for f in offered if f in formats)
+        # a format offered only on request (int8_w7) only where named
+        offered = tuple(f for f in FORMATS if f in self.throughput
+                        and (f in formats if formats is not None else not FORMATS[f].on_request))
         self._caps = Capabilities(offered, HP, "theoretical")
         # Per-instance memo: MAC counts need one ONNX Runtime run per (model, shapes),
         # and every configuration of a subgraph shares them.
@@ -101,7 +101,8 @@ class MemoryModel(CostModel):
 
     def __init__(self, *, activations: bool = False, formats: tuple[str, ...] | None = None):
         self.activations = activations
-        offered = tuple(FORMATS) if formats is None else tuple(f for f in FORMATS if f in formats)
+        offered = (tuple(f for f in FORMATS if not FORMATS[f].on_request) if formats is None
+                   else tuple(f for f in FORMATS if f in formats))
         self._caps = Capabilities(offered, HP, "theoretical")
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 

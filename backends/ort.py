@@ -18,6 +18,10 @@ would emulate slowly is not offered):
   fp32 MatMuls (0.39-0.69x), int8_dyn's MatMulInteger falls back to the CPU (0.02-0.07x),
   int4 fuses into MatMulNBits only in part (0.54-0.57x), fp16/bf16 Cast pairs 0.71-0.83x.
   So nothing beyond hp is offered; a 16-bit compute format (the op itself in fp16) would be.
+- CPU EP on x86 without VNNI (AVX2 only): its u8s8 integer GEMM adds pairs of products in
+  int16 and saturates (:func:`u8s8_saturates` probes it), so int8 and int8_dyn would not
+  compute what the sensitivity models; ``int8_w7`` and ``int8_dyn_w7`` (weights in
+  [-64, 64], exact there) are offered in their place.
 - TensorRT EP: consumes explicit QDQ as int8 (and fp8 on GPUs that have it) kernels.
   Not measured here.
 - OpenVINO EP: consumes int8 QDQ. Not measured here.
@@ -34,6 +38,7 @@ import onnx
 import onnxruntime as ort
 
 from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.formats import CUT_STATES
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.ort import make_session, session_outputs
@@ -48,6 +53,28 @@ PROVIDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tensorrt": ("TensorrtExecutionProvider", ("int8", "fp8_e4m3"), "fp32"),
     "openvino": ("OpenVINOExecutionProvider", ("int8",), "fp32"),
 }
+
+
+#: the CPU EP's 8-bit formats -> what it offers in their place where its u8s8 GEMM saturates
+_EXACT_ON_SATURATING_CPU = {"int8": "int8_w7", "int8_dyn": "int8_dyn_w7"}
+
+
+def u8s8_saturates() -> bool:
+    """Whether the CPU EP's uint8 x int8 MatMulInteger loses the exact sum of 255 x 127 over 64
+    terms: on x86 without VNNI MLAS adds pairs of products in int16 (``vpmaddubsw``), which
+    saturates at 32767 where a pair makes 64770. A run of the kernel, not a CPU-flag lookup:
+    the kernel MLAS dispatches to is what decides. One tiny session (a few ms)."""
+    from onnx import TensorProto, helper
+
+    k = 64
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "u8s8_probe",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 8])],
+        [onnx.numpy_helper.from_array(np.full((k, 8), 127, np.int8), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    y = make_session(model, what="u8s8 probe").run(None, {"x": np.full((4, k), 255, np.uint8)})[0]
+    return not bool((y == 255 * 127 * k).all())
 
 
 def available_providers() -> list[str]:
@@ -125,10 +152,15 @@ def _cpu_name() -> str:
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime on one execution provider (``ort:cpu`` by default)."""
+    """ONNX Runtime on one execution provider (``ort:cpu`` by default).
+
+    On a CPU whose u8s8 GEMM saturates (:func:`u8s8_saturates`) the CPU EP offers ``int8_w7`` /
+    ``int8_dyn_w7`` in place of ``int8`` / ``int8_dyn``; ``saturating_int8=True`` keeps the
+    latter (to time them: their loss there is not the QDQ arithmetic's)."""
 
     def __init__(self, provider: str = "cpu", *, threads: int = 2, protocol: Protocol | None = None,
-                 device_id: int = 0, formats: tuple[str, ...] | None = None, fusion: bool = True):
+                 device_id: int = 0, formats: tuple[str, ...] | None = None, fusion: bool = True,
+                 saturating_int8: bool = False):
         if provider not in PROVIDERS:
             raise AmpqError(f"unknown ONNX Runtime provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
         if provider not in available_providers():
@@ -139,13 +171,24 @@ class OrtBackend(Backend):
         self.protocol = protocol or Protocol()
         self.device_id = device_id
         full, fast, hp = PROVIDERS[provider]
+        # ``saturating_int8``: int8 and int8_dyn stay offered where the GEMM saturates (timing
+        # them is still right; their loss is not what the sensitivity models)
+        self.saturates = provider == "cpu" and u8s8_saturates()
+        if self.saturates and not saturating_int8:
+            fast = tuple(_EXACT_ON_SATURATING_CPU.get(f, f) for f in fast)
         if formats is not None:  # a user restriction can only narrow what runs fast
             unknown = [f for f in formats if f not in fast]
             if unknown:
-                raise AmpqError(f"ort:{provider} does not run {unknown[0]!r} fast; it offers {', '.join(fast) or 'hp only'}")
+                why = ""
+                if self.saturates and unknown[0] in _EXACT_ON_SATURATING_CPU:
+                    why = (f" on this CPU: its u8s8 integer GEMM saturates int16 pair sums (x86 without VNNI), "
+                           f"so {unknown[0]!r} would not compute its QDQ arithmetic; "
+                           f"{_EXACT_ON_SATURATING_CPU[unknown[0]]!r} (7-bit weights) does")
+                raise AmpqError(f"ort:{provider} does not run {unknown[0]!r} fast{why}; it offers "
+                                f"{', '.join(fast) or 'hp only'}")
             fast = tuple(f for f in fast if f in formats)
         # the CPU EP's integer kernels between layers (ort_rules.py); ``fusion=False``: layers only
-        rules = ORT_CPU_RULES if fusion and provider == "cpu" and "int8" in fast else None
+        rules = ORT_CPU_RULES if fusion and provider == "cpu" and set(fast) & set(CUT_STATES) else None
         self._caps = Capabilities(fast, hp, self._device(), rules)
         self.name = f"ort:{provider}"
 
@@ -161,7 +204,8 @@ class OrtBackend(Backend):
         return {"backend": "ort", "provider": PROVIDERS[self.provider][0], "device": self._caps.device,
                 "onnxruntime": ort.__version__, "onnx": onnx.__version__, "threads": self.threads,
                 "inter_op_threads": 1, "spinning": False, "io": "binding", "protocol": self.protocol.key(),
-                "fusion": self._caps.rules.key() if self._caps.rules is not None else None}
+                "fusion": self._caps.rules.key() if self._caps.rules is not None else None,
+                **({"u8s8_saturates": True} if self.saturates else {})}
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         """A session with the fixed thread settings this backend's timings are keyed by.

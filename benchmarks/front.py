@@ -308,9 +308,9 @@ def _run(spec: Spec) -> dict:
     # The same stages as the pass, read from its cache (nothing is recomputed).
     opts = PassOptions(holdout=spec.holdout, cache_dir=str(cache_dir), progress=False).validate()
     model = load_model(spec.model_path)
-    layers = find_layers(model)
     backend = get_backend("ort:cpu")
     offered = backend.capabilities().formats
+    layers = find_layers(model, offered=offered)
     formats = layer_formats(layers, offered)
     with np.load(npz) as z:
         samples = Samples({k: z[k] for k in z.files}, source="benchmark")

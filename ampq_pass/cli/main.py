@@ -138,8 +138,9 @@ def cmd_rewrite(args) -> int:
     model, samples = model_from_args(args)
     check_output_path(args.output, args.model)
     plan = load_plan(args.plan)
-    # a plan that names an attention MatMul asks for it; only --no-activation-matmuls refuses it
-    layers = find_layers(model, activation_matmuls=args.activation_matmuls is not False)
+    # a plan that names an attention MatMul asks for it, and so does one naming an on-request
+    # format (int8_w7); only --no-activation-matmuls refuses the former
+    layers = find_layers(model, activation_matmuls=args.activation_matmuls is not False, offered=plan.used_formats())
     validate_plan(plan, layers, source=args.plan)
     ranges = rules = None
     if plan.used_formats():

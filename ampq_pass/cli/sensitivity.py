@@ -56,7 +56,7 @@ def rows(sens, layers, formats: list[str]) -> list[list[object]]:
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.formats)
     model = load_model(args.model)
-    layers = require_layers(model, find_layers(model), args.model)
+    layers = require_layers(model, find_layers(model, offered=formats or ()), args.model)
     labels = load_labels(args.labels) if args.labels else None
     loss = args.loss or ("cross_entropy" if labels is not None else "projection")
     make_loss(loss, labels=labels, probes=args.probes)  # refuse a bad loss before calibrating

@@ -97,6 +97,9 @@ class Format:
     #: whether a cut tensor between subgraphs can carry this format's activation Q/DQ as its
     #: state (design.md §3 "Boundary states"): only formats whose Q/DQ the runtimes fuse across ops
     cut_state: bool = False
+    #: a variant a backend offers in another format's place on some hardware: a layer's
+    #: candidate only where the backend offers it (:func:`ampq_pass.stages.layers.candidate_formats`)
+    on_request: bool = False
 
     def accepts(self, op_type: str, weight_shape: tuple[int, ...] | None) -> bool:
         """Whether a layer of ``op_type`` (weight shape, None for activation x activation) can take it."""
@@ -149,13 +152,15 @@ class Int8(Format):
     throughput = 4.0
     activation_bytes = 1.0
     cut_state = True
+    #: largest weight code: weights are symmetric in [-WEIGHT_MAX, WEIGHT_MAX]
+    WEIGHT_MAX = 127
 
     # ---- parameters
-    @staticmethod
-    def weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
+    @classmethod
+    def weight_scale(cls, w: np.ndarray, axis: int | None) -> np.ndarray:
         # Vectorised over channels; ORT's compute_scale_zp works on one scalar range at a time.
         # Symmetric int8 in ORT maps [-absmax, absmax] to [-127, 127]: scale = 2*absmax/254.
-        return _safe_scale(_per_channel_absmax(w, axis) * np.float32(2.0) / np.float32(254.0))
+        return _safe_scale(_per_channel_absmax(w, axis) * np.float32(2.0) / np.float32(2 * cls.WEIGHT_MAX))
 
     @staticmethod
     def activation_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
@@ -172,7 +177,7 @@ class Int8(Format):
         # (a 256 MB weight of a >2 GB model would otherwise add 768 MB at a time)
         t = w / _expand(scale, w.ndim, axis)
         np.rint(t, out=t)
-        np.clip(t, -127, 127, out=t)
+        np.clip(t, -self.WEIGHT_MAX, self.WEIGHT_MAX, out=t)
         return t.astype(np.int8), scale
 
     def fake_weight(self, w, axis):
@@ -242,6 +247,22 @@ class Int8(Format):
         dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale", base + "_zero_point"],
                       base + "_dequantized", 0 if scale.ndim else None)
         return Emitted(inits, [dq], base + "_dequantized")
+
+
+class Int8Weights7(Int8):
+    """:class:`Int8` with weights in [-64, 64] (7 bits: ONNX Runtime's quantizers call it
+    ``reduce_range``). On x86 CPUs without VNNI ONNX Runtime's u8s8 GEMM (MLAS, ``vpmaddubsw``)
+    adds pairs of uint8 x int8 products in int16, which saturates where a pair passes 32767
+    (255 x 127 x 2 = 64770): the model then differs from the QDQ arithmetic by whole steps on
+    some outputs (one 48x20 MatMul on a 2-core AMD EPYC without AVX-512: 11 of 160 outputs off
+    by up to 7.6, each matching the int16-saturated sum to 1e-6). With |w| <= 64 a pair is at
+    most 32640: the kernel is exact again, at half the weight resolution, and the sensitivity
+    models what runs. The ONNX Runtime CPU backend offers it in place of ``int8`` where its
+    probe finds the saturation."""
+
+    name = "int8_w7"
+    WEIGHT_MAX = 64
+    on_request = True
 
 
 class Int8Symmetric(Int8):
@@ -497,9 +518,18 @@ class Int8Dynamic(Int8):
         ]
 
 
+class Int8DynamicWeights7(Int8Dynamic):
+    """:class:`Int8Dynamic` with weights in [-64, 64], for the same CPUs and reason as
+    :class:`Int8Weights7` (ONNX Runtime's ``quantize_dynamic(reduce_range=True)``)."""
+
+    name = "int8_dyn_w7"
+    WEIGHT_MAX = 64
+    on_request = True
+
+
 #: The table of formats: add a class above and a line here.
 FORMATS: dict[str, Format] = {f.name: f for f in (Int8(), Int8Symmetric(), Int8Dynamic(), Fp8E4M3(), Fp16(), Bf16(),
-                                                   Int4(), Int4Block128())}
+                                                   Int4(), Int4Block128(), Int8Weights7(), Int8DynamicWeights7())}
 ALL_FORMATS: tuple[str, ...] = (HP, *FORMATS)
 #: the formats a cut tensor can carry as its state (:attr:`Format.cut_state`), in table order
 CUT_STATES: tuple[str, ...] = tuple(name for name, f in FORMATS.items() if f.cut_state)

@@ -4,6 +4,7 @@ a low-precision kernel on some backend."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -47,19 +48,26 @@ class Layer:
         return [self.activation] + ([self.activation2] if self.activation2 else [])
 
 
-def candidate_formats(op_type: str, weight_shape: tuple[int, ...] | None) -> tuple[str, ...]:
+def candidate_formats(op_type: str, weight_shape: tuple[int, ...] | None,
+                      offered: Iterable[str] = ()) -> tuple[str, ...]:
     """Formats the rewrite can express for this layer (backends filter what runs fast):
-    every format that accepts the op and weight shape, in the table's order."""
-    return tuple(name for name, fmt in FORMATS.items() if fmt.accepts(op_type, weight_shape))
+    every format that accepts the op and weight shape, in the table's order; a format a
+    backend offers only on request (:attr:`ampq_pass.core.formats.Format.on_request`, such as
+    ``int8_w7``) only where ``offered`` names it."""
+    offered = set(offered)
+    return tuple(name for name, fmt in FORMATS.items()
+                 if (not fmt.on_request or name in offered) and fmt.accepts(op_type, weight_shape))
 
 
-def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False) -> list[Layer]:
+def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False,
+                offered: Iterable[str] = ()) -> list[Layer]:
     """Every quantizable layer of ``model`` in graph order.
 
     A layer is a node of an op in :data:`ampq_pass.core.ops.OPS` whose weight input is a
     float initializer and whose data input is an activation; with ``activation_matmuls``
     also MatMuls of two activations (attention scores). Nodes are named at load
     (:func:`ampq_pass.core.normalize.normalize`), so a layer's name is its node's name.
+    ``offered``: the backend's formats, which bring in its on-request ones (:func:`candidate_formats`).
     """
     inits = initializers(model)
     node_names(model)  # every node named (a layer is known by its node's name)
@@ -76,10 +84,10 @@ def find_layers(model: onnx.ModelProto, *, activation_matmuls: bool = False) -> 
             shape = tuple(int(d) for d in inits[w].dims)
             axis = OPS[node.op_type].channel_axis(node, len(shape))
             layers.append(Layer(node.name, node.op_type, x, w, shape, axis, node.output[0],
-                                formats=candidate_formats(node.op_type, shape)))
+                                formats=candidate_formats(node.op_type, shape, offered)))
         elif activation_matmuls and node.op_type == "MatMul":
             layers.append(Layer(node.name, node.op_type, x, None, None, None, node.output[0], activation2=w,
-                                formats=candidate_formats(node.op_type, None)))
+                                formats=candidate_formats(node.op_type, None, offered)))
     return layers
 
 

@@ -13,6 +13,7 @@ from ampq_pass.backends.costmodels import MacModel, MemoryModel
 from ampq_pass.backends.ort import OrtBackend, available_providers, time_interleaved
 from ampq_pass.core.ort import make_session
 from ampq_pass.core.errors import AmpqError
+from hardware import ORT_INT8, ORT_INT8_DYN
 
 FAST = Protocol(warmup=1, min_repeats=3, max_repeats=6, rel_ci=0.5, max_seconds=5)
 
@@ -75,13 +76,34 @@ def test_timing_json_roundtrip():
 
 def test_cpu_capabilities_exclude_unfused_formats():
     caps = OrtBackend("cpu").capabilities()
-    assert caps.formats == ("int8", "int8_dyn", "int4", "int4_b128") and caps.hp == "fp32"
+    assert caps.formats == (ORT_INT8, ORT_INT8_DYN, "int4", "int4_b128") and caps.hp == "fp32"
     for slow in ("fp16", "bf16", "fp8_e4m3"):
         assert slow not in caps.formats
-    assert caps.filter(("fp8_e4m3", "int4", "fp16", "int8")) == ("int4", "int8")
-    assert OrtBackend("cpu", formats=("int8",)).capabilities().formats == ("int8",)
+    assert caps.filter(("fp8_e4m3", "int4", "fp16", ORT_INT8)) == ("int4", ORT_INT8)
+    assert OrtBackend("cpu", formats=(ORT_INT8,)).capabilities().formats == (ORT_INT8,)
     with pytest.raises(AmpqError, match="does not run 'fp16' fast"):
         OrtBackend("cpu", formats=("fp16",))
+
+
+def test_where_the_u8s8_gemm_saturates_the_cpu_ep_offers_the_seven_bit_int8s(monkeypatch):
+    """On a CPU whose u8s8 GEMM saturates (x86 without VNNI) ``int8`` and ``int8_dyn`` give way
+    to ``int8_w7`` / ``int8_dyn_w7``, and a restriction to ``int8`` is refused saying why;
+    elsewhere nothing changes. The probe itself agrees with tests/hardware.py's premise."""
+    import ampq_pass.backends.ort as module
+
+    monkeypatch.setattr(module, "u8s8_saturates", lambda: True)
+    b = OrtBackend("cpu")
+    assert b.capabilities().formats == ("int8_w7", "int8_dyn_w7", "int4", "int4_b128")
+    assert b.capabilities().rules is not None and b.key()["u8s8_saturates"] is True
+    assert OrtBackend("cpu", formats=("int8_w7",)).capabilities().formats == ("int8_w7",)
+    kept = OrtBackend("cpu", formats=("int8",), saturating_int8=True)  # to time int8 as it runs there
+    assert kept.capabilities().formats == ("int8",)
+    with pytest.raises(AmpqError, match="saturates int16 pair sums.*'int8_w7' \\(7-bit weights\\) does"):
+        OrtBackend("cpu", formats=("int8",))
+    monkeypatch.setattr(module, "u8s8_saturates", lambda: False)
+    assert OrtBackend("cpu").capabilities().formats == ("int8", "int8_dyn", "int4", "int4_b128")
+    with pytest.raises(AmpqError, match="does not run 'int8_w7' fast; it offers"):
+        OrtBackend("cpu", formats=("int8_w7",))
 
 
 def test_provider_errors():

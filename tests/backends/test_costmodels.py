@@ -27,6 +27,12 @@ def setup():
     return m, layers, [feeds], compute_ranges(m, layers, Samples(feeds))
 
 
+def test_on_request_formats_are_offered_only_when_named():
+    for model in (MacModel, MemoryModel):
+        assert "int8" in model().capabilities().formats and "int8_w7" not in model().capabilities().formats
+        assert model(formats=("int8_w7", "int4")).capabilities().formats == ("int4", "int8_w7")
+
+
 def test_mac_costs_by_hand(setup):
     m, layers, inputs, _ = setup
     mac = MacModel()

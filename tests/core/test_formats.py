@@ -132,6 +132,38 @@ def test_dynamic_int8_matmul_matches_reference():
         assert np.abs(got - x @ w).max() > 0  # it is quantized
 
 
+@pytest.mark.parametrize("name", ["int8_w7", "int8_dyn_w7"])
+def test_seven_bit_weight_formats_run_exactly_in_onnx_runtime_on_every_cpu(name):
+    """int8_w7 / int8_dyn_w7: weights in [-64, 64] (scale absmax/64), so ONNX Runtime's u8s8 GEMM
+    computes the reference to float rounding even where it adds product pairs in int16 (x86
+    without VNNI, tests/hardware.py): the activations span the whole uint8 range and every
+    weight column reaches its largest code, the case that saturates int8's [-127, 127] there."""
+    from ampq_pass.stages.calibrate import compute_ranges
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    w[::2] = np.abs(w[::2]).max(axis=0)  # k-pairs whose products reach 255 x 64 each
+    w[1::2] = np.abs(w[1::2]).max(axis=0)
+    model = models.single_matmul(w)
+    layers = find_layers(model, offered=(name,))
+    assert name in layers[0].formats and name not in find_layers(model)[0].formats  # on request only
+    x = rng.uniform(0.0, 4.0, (8, 64)).astype(np.float32)
+    x[:, 0] = 0.0
+    ranges = compute_ranges(model, layers, Samples({"x": x})) if fmt.needs_range else None
+    out = rewrite(model, layers, Plan({"mm": name}), ranges)
+    q = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.data_type == TensorProto.INT8)
+    assert np.abs(q).max() == 64
+    lo, hi = ranges["x"] if ranges else (0.0, 0.0)
+    ref = fmt.fake_activation(x, lo, hi).astype(np.float64) @ fmt.fake_weight(w, 1).astype(np.float64)
+    got = make_session(out).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("lo,hi,dtype", [(0.0, 6.0, np.uint8), (-0.28, 9.0, np.int8), (-4.0, 1.0, np.int8)])
 def test_int8_sym_activations_are_symmetric_with_the_range_sign_picking_the_type(lo, hi, dtype):
     """int8_sym: zero point 0 always; uint8 over [0, hi] when nothing is negative, else int8 over

@@ -221,7 +221,7 @@ def test_gain_table_with_states_predicts_a_plan_from_its_formats(cnn):
     model, layers, samples, ranges, part = cnn
     by_name = {l.name: l for l in layers}
     captured = capture_inputs(model, part, samples, batch_size=4)
-    backend = OrtBackend(protocol=FAST, formats=("int8",))
+    backend = OrtBackend(protocol=FAST, formats=("int8",), saturating_int8=True)
     table = gain_table(model, layers, part, ranges, captured, backend, progress=False)
     plain = gain_table(model, layers, part, ranges, captured, backend, progress=False, boundary_states=False)
     assert table.n_configs > plain.n_configs
@@ -244,7 +244,7 @@ def test_edge_only_configurations_are_added_up_not_timed():
     ranges = compute_ranges(model, layers, samples)
     part = partition(model, layers, formats={l.name: [f for f in l.formats if f in ("int8", "int8_dyn")] for l in layers})
     captured = capture_inputs(model, part, samples, batch_size=4)
-    backend = Counting(OrtBackend(protocol=FAST, formats=("int8", "int8_dyn")))
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8", "int8_dyn"), saturating_int8=True))
     table = gain_table(model, layers, part, ranges, captured, backend, progress=False)
     derived = [(sg, c) for sg in table.subgraphs for c in sg.configs if c.derived]
     assert derived, "an int8_dyn configuration next to an int8-capable neighbour"

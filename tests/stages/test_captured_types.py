@@ -114,7 +114,7 @@ def test_timing_path_on_the_computed_reshape():
     formats = {l.name: [f for f in l.formats if f == "int8"] for l in layers}
     part = partition(model, layers, formats=formats)
     captured = capture_inputs(model, part, samples, batch_size=4)
-    table = gain_table(model, layers, part, ranges, captured, OrtBackend(protocol=FAST, formats=("int8",)),
+    table = gain_table(model, layers, part, ranges, captured, OrtBackend(protocol=FAST, formats=("int8",), saturating_int8=True),
                        progress=False, model_inputs=list(samples.batches(4)), boundary_states=False)
     assert len(table.subgraphs) == 3 and all(len(sg.configs) == 2 for sg in table.subgraphs)
 

@@ -13,6 +13,15 @@ def test_mlp_layers(mlp_model):
     assert "int4" in layers[0].formats and "int4" not in fc2.formats
 
 
+def test_on_request_formats_are_candidates_only_where_offered(mlp_model):
+    """int8_w7 (a backend's variant of int8 for CPUs whose u8s8 GEMM saturates) is a layer's
+    candidate only where the backend's formats name it."""
+    assert all("int8_w7" not in l.formats and "int8" in l.formats for l in find_layers(mlp_model))
+    offered = find_layers(mlp_model, offered=("int8_w7", "int8_dyn_w7"))
+    assert all("int8_w7" in l.formats for l in offered)
+    assert ["int8_dyn_w7" in l.formats for l in offered] == [True, False, True]  # MatMul only
+
+
 def test_cnn_and_block_layers(cnn_model, block_model):
     cnn = find_layers(cnn_model)
     assert [l.op_type for l in cnn] == ["Conv"] * 5 + ["Gemm"]

@@ -198,7 +198,7 @@ def test_gain_table_rerun_and_resume(tmp_path, block_model, monkeypatch):
     layers = find_layers(m)
     feeds = models.feeds_for(m, n=8)
     ranges = compute_ranges(m, layers, Samples(feeds))
-    backend = OrtBackend(protocol=FAST, formats=("int8",))
+    backend = OrtBackend(protocol=FAST, formats=("int8",), saturating_int8=True)
     formats = {l.name: [f for f in l.formats if f == "int8"] for l in layers}
     part = partition(m, layers, formats=formats)
     assert len(part.subgraphs) >= 2
@@ -268,7 +268,11 @@ class SizeClock(Backend):
     name, unit = "size-clock", "s"
 
     def capabilities(self):
-        return OrtBackend().capabilities()
+        # the CPU EP's formats and fusion rules, fixed: not what this machine's CPU EP offers
+        # (int8_w7 where its u8s8 GEMM saturates), which the clock does not run
+        from ampq_pass.backends.ort_rules import ORT_CPU_RULES
+
+        return Capabilities(("int8", "int8_dyn", "int4", "int4_b128"), "fp32", "size-clock", ORT_CPU_RULES)
 
     def key(self):
         return {"backend": "size-clock"}
@@ -829,7 +833,7 @@ def test_repeated_blocks_are_timed_once(tmp_path, use_cache, monkeypatch, decode
 
     monkeypatch.setattr(timing, "GROUP", 64)  # one timing call per subgraph: the calls count subgraphs
     m, layers, ranges, part, captured = decoder3_setup
-    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",), saturating_int8=True))
     table = gain_table(m, layers, part, ranges, captured, backend, cache=Cache(tmp_path) if use_cache else None,
                        progress=False, boundary_states=False)
     repeats = [s for s in table.subgraphs if s.repeat_of is not None]
@@ -864,7 +868,7 @@ def test_pool_times_each_structure_once_even_when_repeats_are_in_flight(monkeypa
 
     monkeypatch.setattr(timing, "GROUP", 64)
     m, layers, ranges, part, captured = decoder3_setup
-    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",)))
+    backend = Counting(OrtBackend(protocol=FAST, formats=("int8",), saturating_int8=True))
     pool = _AllAtOncePool(backend)
     table = gain_table(m, layers, part, ranges, captured, backend, pool=pool, progress=False, boundary_states=False)
     distinct = len({s.key for s in table.subgraphs})
@@ -1018,7 +1022,7 @@ def test_gain_table_shares_its_allowance_by_configurations(block_model, monkeypa
         return real(sub, sub_layers, cfgs, *args, **kw)
 
     monkeypatch.setattr(timing, "time_subgraph", recording)
-    gain_table(m, layers, part, ranges, captured, OrtBackend(protocol=FAST, formats=("int8",)), progress=False,
+    gain_table(m, layers, part, ranges, captured, OrtBackend(protocol=FAST, formats=("int8",), saturating_int8=True), progress=False,
                boundary_states=False, seconds=20.0)
     assert len(given) == len(part.subgraphs) >= 2
     total, spent = sum(n for n, _ in given), 0.0
