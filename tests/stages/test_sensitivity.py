@@ -215,6 +215,27 @@ def test_metric_predicts_measured_loss_mse_transformer_block(block_model):
     assert predicted.max() / predicted.min() > 20  # the plans span a range worth ranking
 
 
+def test_metric_predicts_the_loss_of_what_the_cpu_backend_offers_on_this_cpu(block_model):
+    """What a user of ``ort:cpu`` gets on any CPU - ``int8`` / ``int8_dyn``, or ``int8_w7`` /
+    ``int8_dyn_w7`` where the u8s8 GEMM saturates (tests/hardware.py), and int4 - predicted as
+    ONNX Runtime measures it: 16 random mixed plans of those formats only."""
+    import dataclasses
+
+    from ampq_pass.backends.ort import OrtBackend
+
+    offered = OrtBackend().capabilities().formats
+    model = ensure_node_names(block_model)
+    layers = [dataclasses.replace(l, formats=tuple(f for f in l.formats if f in offered))
+              for l in find_layers(model, offered=offered)]
+    assert {f for l in layers for f in l.formats} == set(offered) - {"int4_b128"}  # K = 64 here: one block
+    samples = Samples(models.feeds_for(model, n=128, seed=3))
+    calib, held = samples.split(64)
+    plans = random_plans(layers, 16, seed=2)
+    predicted, measured, *_ = predicted_vs_measured(model, layers, calib, held, plans)
+    assert spearman(predicted, measured) >= 0.85
+    assert 0.6 <= float(np.median(measured / predicted)) <= 1.6
+
+
 def test_metric_predicts_measured_loss_mse_cnn():
     """The same on a CNN with BatchNorm/pooling/Resize/ConvTranspose, int8 Convs with quantized
     outputs. Measured with ONNX Runtime's graph optimisations off: with them on, ONNX Runtime
