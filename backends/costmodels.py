@@ -38,6 +38,13 @@ def _signature(inputs: list[dict[str, np.ndarray]]) -> list:
     return sorted((k, str(v.dtype), list(v.shape)) for k, v in _first_feeds(inputs).items())
 
 
+def _offered(formats: tuple[str, ...] | None, among=FORMATS) -> tuple[str, ...]:
+    """The formats of the table (in its order, those in ``among``) a cost model offers: the ones
+    ``formats`` names, or without it every one but those offered only on request (int8_w7)."""
+    return tuple(f for f in FORMATS if f in among
+                 and (f in formats if formats is not None else not FORMATS[f].on_request))
+
+
 class MacModel(CostModel):
     """Theoretical time from multiply-accumulate counts and per-format throughput."""
 
@@ -50,10 +57,7 @@ class MacModel(CostModel):
         bad = {f: t for f, t in self.throughput.items() if not t > 0}
         if bad:
             raise AmpqError(f"mac cost model: throughput must be > 0, got {bad}")
-        # a format offered only on request (int8_w7) only where named
-        offered = tuple(f for f in FORMATS if f in self.throughput
-                        and (f in formats if formats is not None else not FORMATS[f].on_request))
-        self._caps = Capabilities(offered, HP, "theoretical")
+        self._caps = Capabilities(_offered(formats, among=self.throughput), HP, "theoretical")
         # Per-instance memo: MAC counts need one ONNX Runtime run per (model, shapes),
         # and every configuration of a subgraph shares them.
         self._macs: dict[str, dict[str, int]] = {}
@@ -101,9 +105,7 @@ class MemoryModel(CostModel):
 
     def __init__(self, *, activations: bool = False, formats: tuple[str, ...] | None = None):
         self.activations = activations
-        offered = (tuple(f for f in FORMATS if not FORMATS[f].on_request) if formats is None
-                   else tuple(f for f in FORMATS if f in formats))
-        self._caps = Capabilities(offered, HP, "theoretical")
+        self._caps = Capabilities(_offered(formats), HP, "theoretical")
         self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
 
     def capabilities(self) -> Capabilities:

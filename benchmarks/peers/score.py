@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import peerlib  # noqa: E402
-from common import RESULTS, cpu_isa, wait_for_quiet  # noqa: E402
+from common import RESULTS, cpu_isa, cpu_name, wait_for_quiet  # noqa: E402
 
 #: every model's score, committed (peers.md and its plots are drawn from these)
 SCORES = RESULTS / "peers"
@@ -277,7 +277,7 @@ def score(model: str) -> dict:
 
     res = {"model": model, "meta": m, "entries": ents, "rounds": len(ref_t), "timing_s": t_e2e,
            "busy_before": busy, "uptime_before": up_before, "uptime_after": up_after,
-           "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+           "cpu": cpu_name(),
            "isa": cpu_isa(), "cores": os.cpu_count(), "python": platform.python_version(),
            "onnxruntime": onnxruntime.__version__,
            "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"),
