@@ -531,7 +531,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
 
     log(f"[1/7] calibrating activation ranges ({opts.calib_method}, {len(inp.calib)} samples)")
     ranges = compute_ranges(model, layers, inp.calib, method=opts.calib_method, batch_size=opts.batch_size, cache=cache,
-                            rules=_rules(inp))
+                            rules=_rules(inp), clip_formats=inp.offered)
     clock.lap("calibrate")
     numerics = numerics_stage(model, layers, formats, ranges, inp, opts, cache, log,
                               seconds=None if opts.time_budget is None else max(budget.left(), 0.0) * NUMERICS_SHARE)

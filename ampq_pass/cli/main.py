@@ -147,7 +147,7 @@ def cmd_rewrite(args) -> int:
         rules = get_backend(args.backend).capabilities().rules  # the ops between layers it fuses in 8 bits
         samples = samples if samples is not None else samples_from_args(args, model)
         ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
-                                cache=Cache(args.cache_dir), rules=rules)
+                                cache=Cache(args.cache_dir), rules=rules, clip_formats=plan.used_formats())
     out = rewrite(model, layers, plan, ranges, rules=rules)
     save_model(out, args.output, source=args.model)
     counts: dict[str, int] = {}

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if labels is not None and len(labels) < len(samples):
         raise AmpqError(f"{args.labels}: {len(labels)} labels for {len(samples)} calibration samples")
     ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
-                            cache=Cache(args.cache_dir))
+                            cache=Cache(args.cache_dir), clip_formats=formats)
     sens = sensitivity(model, layers, ranges, samples, formats=formats, loss=loss, batch_size=args.batch_size,
                        seed=args.seed, progress=not args.no_progress, labels=labels, probes=args.probes,
                        dtype=torch.float64 if args.float64 else torch.float32)

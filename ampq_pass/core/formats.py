@@ -100,6 +100,10 @@ class Format:
     #: a variant a backend offers in another format's place on some hardware: a layer's
     #: candidate only where the backend offers it (:func:`ampq_pass.stages.layers.candidate_formats`)
     on_request: bool = False
+    #: the length along K of the weight blocks whose clipping calibration searches against the
+    #: layer's input (:meth:`search_clip`; the ratios then reach :meth:`fake_weight` and
+    #: :meth:`weight_nodes`); None: no search
+    clip_block: int | None = None
 
     def accepts(self, op_type: str, weight_shape: tuple[int, ...] | None) -> bool:
         """Whether a layer of ``op_type`` (weight shape, None for activation x activation) can take it."""
@@ -125,13 +129,19 @@ class Format:
             total += (n * bits + 7) // 8
         return int(total)
 
-    def fake_weight(self, w: np.ndarray, axis: int | None) -> np.ndarray:
+    def fake_weight(self, w: np.ndarray, axis: int | None, clip: np.ndarray | None = None) -> np.ndarray:
+        """``w`` quantized and dequantized; ``clip``: the calibrated clip ratios of
+        :meth:`search_clip` (only formats with a :attr:`clip_block` get one)."""
         raise NotImplementedError
 
     def fake_activation(self, x: np.ndarray, lo: float, hi: float) -> np.ndarray:
         raise NotImplementedError
 
-    def weight_nodes(self, name: str, w: np.ndarray, axis: int | None) -> Emitted:
+    def weight_nodes(self, name: str, w: np.ndarray, axis: int | None, clip: np.ndarray | None = None) -> Emitted:
+        raise NotImplementedError
+
+    def search_clip(self, w: np.ndarray, gram: np.ndarray) -> np.ndarray:
+        """Clip ratios for ``w`` given its input's per-block second moments (formats with a :attr:`clip_block`)."""
         raise NotImplementedError
 
     def activation_nodes(self, name: str, lo: float, hi: float) -> Emitted:
@@ -180,7 +190,7 @@ class Int8(Format):
         np.clip(t, -self.WEIGHT_MAX, self.WEIGHT_MAX, out=t)
         return t.astype(np.int8), scale
 
-    def fake_weight(self, w, axis):
+    def fake_weight(self, w, axis, clip=None):
         q, scale = self.quantize_weight(w, axis)
         return (q.astype(np.float32) * _expand(scale, w.ndim, axis)).astype(np.float32)
 
@@ -198,7 +208,7 @@ class Int8(Format):
         return ((q - np.float32(zp)) * scale).astype(np.float32)
 
     # ---- graph
-    def weight_nodes(self, name, w, axis):
+    def weight_nodes(self, name, w, axis, clip=None):
         q, scale = self.quantize_weight(w, axis)
         base = f"{name}_{self.name}"
         inits = [numpy_helper.from_array(q, base),
@@ -314,7 +324,7 @@ class Fp8E4M3(Format):
         # QuantizeLinear saturates by default; a plain cast would turn overflow into NaN.
         return np.clip(v, -448.0, 448.0).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
 
-    def fake_weight(self, w, axis):
+    def fake_weight(self, w, axis, clip=None):
         scale = _expand(self._scale(_per_channel_absmax(w, axis)), w.ndim, axis)
         return (self._to_fp8(w / scale).astype(np.float32) * scale).astype(np.float32)
 
@@ -322,7 +332,7 @@ class Fp8E4M3(Format):
         scale = self._scale(max(abs(lo), abs(hi)))
         return (self._to_fp8(x.astype(np.float32) / scale).astype(np.float32) * scale).astype(np.float32)
 
-    def weight_nodes(self, name, w, axis):
+    def weight_nodes(self, name, w, axis, clip=None):
         scale = self._scale(_per_channel_absmax(w, axis))
         q = self._to_fp8(w / _expand(scale, w.ndim, axis))
         base = f"{name}_fp8"
@@ -356,13 +366,13 @@ class _Float16Like(Format):
     np_type: type = np.float16
     onnx_type: int = TensorProto.FLOAT16
 
-    def fake_weight(self, w, axis):
+    def fake_weight(self, w, axis, clip=None):
         return w.astype(self.np_type).astype(np.float32)
 
     def fake_activation(self, x, lo, hi):
         return x.astype(np.float32).astype(self.np_type).astype(np.float32)
 
-    def weight_nodes(self, name, w, axis):
+    def weight_nodes(self, name, w, axis, clip=None):
         base = f"{name}_{self.name}"
         cast = helper.make_node("Cast", [base], [base + "_float"], name=base + "_Cast", to=TensorProto.FLOAT)
         return Emitted([numpy_helper.from_array(w.astype(self.np_type), base)], [cast], base + "_float")
@@ -390,18 +400,33 @@ class Int4(Format):
     """int4 weight-only, block-wise along the reduction axis (K) with symmetric per-block
     scales (signed: the largest magnitude of a block is -8, as ONNX Runtime quantizes); the
     blocked DequantizeLinear (opset 21) -> MatMul pattern is what ONNX Runtime fuses into
-    MatMulNBits. Activations stay in high precision."""
+    MatMulNBits. Activations stay in high precision.
+
+    Calibration clips each block's range (:meth:`search_clip`): the ratio of the block's
+    largest magnitude that minimises the error of the layer's output on the calibration
+    inputs, not of the weight (NVIDIA ModelOpt's ``awq_clip``). Without calibration data the
+    ratio is 1: round to nearest, as ONNX Runtime's quantizer."""
 
     name = "int4"
     opset = 21
     quantizes_activation = False
     needs_range = False
     BLOCK = 32
+    #: the clip ratios searched, as ModelOpt's AWQ-clip (0.5 to 0.95 by 0.05, and 1)
+    CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    #: columns searched at a time: bounds the search's temporaries to a few times this many floats per K
+    _SEARCH_COLUMNS = 4096
+
+    @property
+    def clip_block(self) -> int:
+        return self.BLOCK
 
     def accepts(self, op_type, weight_shape):
         return op_type == "MatMul" and weight_shape is not None and len(weight_shape) == 2
 
-    def quantize_weight(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def quantize_weight(self, w: np.ndarray, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """int4 codes [K, N] and scales [ceil(K/BLOCK), N]; ``clip`` [ceil(K/BLOCK), N] scales each
+        block's range (values beyond it saturate to -8 or 7)."""
         k, n = w.shape
         pad = (-k) % self.BLOCK
         wp = np.pad(w, ((0, pad), (0, 0))) if pad else w
@@ -412,22 +437,60 @@ class Int4(Format):
         # positive amax/7 would use 7 (the corpus's Llama, every MatMul block 128: logits error
         # 0.212 against ORT's 0.195)
         extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
-        magnitude = _safe_scale(np.abs(extreme) / np.float32(8.0))  # [K/B, N]; an all-zero block: 1
+        magnitude = np.abs(extreme) / np.float32(8.0)
+        if clip is not None:
+            if clip.shape != magnitude.shape:
+                raise ValueError(f"{self.name} clip ratios have shape {list(clip.shape)}, expected "
+                                 f"{list(magnitude.shape)} (blocks x columns)")
+            magnitude = magnitude * clip.astype(np.float32)
+        magnitude = _safe_scale(magnitude)  # [K/B, N]; an all-zero block: 1
         scale = np.where(extreme > 0, -magnitude, magnitude).astype(np.float32)
         q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).reshape(-1, n)[:k]
         return q.astype(ml_dtypes.int4), scale
 
-    def fake_weight(self, w, axis):
-        q, scale = self.quantize_weight(w)
+    def fake_weight(self, w, axis, clip=None):
+        q, scale = self.quantize_weight(w, clip)
         return (q.astype(np.float32) * np.repeat(scale, self.BLOCK, axis=0)[: w.shape[0]]).astype(np.float32)
 
     def fake_activation(self, x, lo, hi):
         return x
 
-    def weight_nodes(self, name, w, axis):
+    def search_clip(self, w, gram):
+        """Per block b and output column n, the ratio r of :data:`CLIP_GRID` minimising
+
+            e^T G_b e,  e = (w - Q_r(w))[block b, column n],  G_b = mean over tokens of x_b x_b^T
+
+        where x_b is the block's slice of the layer's input: the mean squared error that the
+        block's quantization adds to output n (ModelOpt's AWQ-clip objective, written with the
+        block's second-moment matrix ``gram`` [ceil(K/BLOCK), BLOCK, BLOCK] instead of 64 sampled
+        tokens). Ties keep the larger ratio, so a block whose inputs are zero keeps ratio 1."""
+        k, n = w.shape
+        nb = -(-k // self.BLOCK)
+        if gram.shape != (nb, self.BLOCK, self.BLOCK):
+            raise ValueError(f"{self.name} clip search needs a [{nb}, {self.BLOCK}, {self.BLOCK}] second-moment "
+                             f"matrix for a {list(w.shape)} weight, got {list(gram.shape)}")
+        gram = gram.astype(np.float32)
+        pad = nb * self.BLOCK - k
+        best_ratio = np.ones((nb, n), np.float32)
+        for c0 in range(0, n, self._SEARCH_COLUMNS):
+            wc = np.ascontiguousarray(w[:, c0:c0 + self._SEARCH_COLUMNS], dtype=np.float32)
+            best = np.full((nb, wc.shape[1]), np.inf, np.float32)
+            for r in self.CLIP_GRID:
+                ratio = np.full(best.shape, r, np.float32)
+                e = self.fake_weight(wc, 1, ratio) - wc
+                if pad:
+                    e = np.pad(e, ((0, pad), (0, 0)))
+                e = e.reshape(nb, self.BLOCK, -1)
+                loss = np.einsum("bkn,bkn->bn", e, gram @ e)
+                better = loss < best
+                best = np.where(better, loss, best)
+                best_ratio[:, c0:c0 + wc.shape[1]][better] = r
+        return best_ratio
+
+    def weight_nodes(self, name, w, axis, clip=None):
         if w.ndim != 2:
             raise ValueError(f"int4 block-wise needs a 2-D MatMul weight, {name!r} has shape {list(w.shape)}")
-        q, scale = self.quantize_weight(w)
+        q, scale = self.quantize_weight(w, clip)
         base = f"{name}_{self.name}"
         inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale")]
         dq = _dq_node(base + "_DequantizeLinear", [base, base + "_scale"], base + "_dequantized", 0, self.BLOCK)
@@ -499,7 +562,7 @@ class Int8Dynamic(Int8):
                                 name=base + "_DynamicQuantizeLinear")
         return Emitted([], [node], base + "_quantized")
 
-    def weight_nodes(self, name, w, axis):
+    def weight_nodes(self, name, w, axis, clip=None):
         q, scale = self.quantize_weight(w, axis)
         base = f"{name}_int8_dyn"
         inits = [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scale"),

@@ -1,12 +1,16 @@
 """Calibrate: activation ranges from ONNX Runtime's own calibrators (MinMax, Percentile,
-Entropy), kept as plain data. Sensitivity, timing and rewrite all derive their scales
-from the same :class:`Ranges`, computed once and cached.
+Entropy), and the clipped ranges of weight blocks that formats search against the layer's
+calibration inputs (int4: :meth:`ampq_pass.core.formats.Int4.search_clip`), kept as plain
+data. Sensitivity, timing and rewrite all derive their scales from the same :class:`Ranges`,
+computed once and cached.
 """
 
 from __future__ import annotations
 
+import base64
 import tempfile
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,10 @@ import onnx
 from ampq_pass.core.cache import Cache, cached, digest, model_digest
 from ampq_pass.core.errors import AmpqError, runtime_errors
 from ampq_pass.core.formats import FORMATS
+from ampq_pass.core.graph import initializers
 from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.fusion import FusionRules, rule_tensors
+from ampq_pass.core.ort import run_exposed
 from ampq_pass.core.proto import fits_protobuf, save_external
 from ampq_pass.core.samples import Samples, samples_digest
 from ampq_pass.stages.layers import Layer
@@ -54,10 +60,12 @@ def required_ranges(layers: list[Layer]) -> list[str]:
 
 @dataclass
 class Ranges:
-    """Calibrated [lowest, highest] of activation tensors, by tensor name."""
+    """Calibrated [lowest, highest] of activation tensors, by tensor name; and the clip ratios of
+    weight blocks, by (weight tensor, format), for the formats that search them."""
 
     method: str
     tensors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    clips: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> tuple[float, float]:
         try:
@@ -68,12 +76,23 @@ class Ranges:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def clip(self, weight: str, fmt: str) -> np.ndarray | None:
+        """The calibrated clip ratios of ``weight`` in format ``fmt``; None: round to nearest."""
+        return self.clips.get((weight, fmt))
+
     def to_json(self) -> dict:
-        return {"method": self.method, "tensors": {k: list(v) for k, v in self.tensors.items()}}
+        # clip ratios are multiples of 0.05 (the formats' grids): stored exactly as uint8 percent
+        clips = [{"weight": w, "format": f, "shape": list(r.shape),
+                  "percent": base64.b64encode(np.rint(r * 100).astype(np.uint8).tobytes()).decode()}
+                 for (w, f), r in sorted(self.clips.items())]
+        return {"method": self.method, "tensors": {k: list(v) for k, v in self.tensors.items()}, "clips": clips}
 
     @classmethod
     def from_json(cls, data: dict) -> "Ranges":
-        return cls(data["method"], {k: (float(a), float(b)) for k, (a, b) in data["tensors"].items()})
+        clips = {(c["weight"], c["format"]): (np.frombuffer(base64.b64decode(c["percent"]), np.uint8)
+                                              .reshape(c["shape"]).astype(np.float32) / np.float32(100))
+                 for c in data.get("clips", [])}
+        return cls(data["method"], {k: (float(a), float(b)) for k, (a, b) in data["tensors"].items()}, clips)
 
 
 def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, method: str = "minmax",
@@ -145,19 +164,90 @@ def calibrate(model: onnx.ModelProto, samples: Samples, tensors: list[str], *, m
     return Ranges(method, dict(sorted(found.items())))
 
 
+def _block_grams(x: np.ndarray, block: int) -> np.ndarray:
+    """Sum over the tokens of ``x`` [..., K] of x_b x_b^T for each block b of ``block`` along K:
+    [ceil(K/block), block, block] (K padded with zeros, as the block quantizer pads)."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+    pad = (-x.shape[1]) % block
+    if pad:
+        x = np.pad(x, ((0, 0), (0, pad)))
+    xb = x.reshape(x.shape[0], -1, block).transpose(1, 0, 2)  # [blocks, tokens, block]
+    return np.matmul(xb.transpose(0, 2, 1), xb).astype(np.float64)
+
+
+def _clip_searches(layers: list[Layer], formats: Iterable[str] | None) -> dict[tuple[str, str], list[Layer]]:
+    """(weight, format) -> the layers reading that weight, for each candidate format of
+    ``formats`` (None: any) that searches its clipping."""
+    wanted: dict[tuple[str, str], list[Layer]] = {}
+    for layer in layers:
+        if layer.weight is None:
+            continue
+        for f in layer.formats:
+            if FORMATS[f].clip_block and (formats is None or f in formats):
+                wanted.setdefault((layer.weight, f), []).append(layer)
+    return wanted
+
+
+def search_clips(model: onnx.ModelProto, layers: list[Layer], samples: Samples, *,
+                 formats: Iterable[str] | None = None, batch_size: int = 8,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict[tuple[str, str], np.ndarray]:
+    """Clip ratios of every (weight, format) where a layer's candidate format (of ``formats``;
+    None: any) searches them (:attr:`~ampq_pass.core.formats.Format.clip_block`), from the
+    per-block second moments of the layer's input over ``samples``. A weight read by several
+    layers is searched against the sum of their inputs' moments (one stored weight serves them all)."""
+    wanted = _clip_searches(layers, None if formats is None else set(formats))
+    if not wanted:
+        return {}
+    blocks: dict[str, set[int]] = {}
+    for (_, f), users in wanted.items():
+        for layer in users:
+            blocks.setdefault(layer.activation, set()).add(FORMATS[f].clip_block)
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    tokens: dict[str, int] = {}
+    names = sorted(blocks)
+    for _, values in run_exposed(model, calibration_batches(samples, batch_size, memory_budget), names,
+                                 what="model (clip search)"):
+        for name, x in values.items():
+            tokens[name] = tokens.get(name, 0) + int(np.prod(x.shape[:-1]))
+            for b in blocks[name]:
+                g = _block_grams(np.asarray(x), b)
+                sums[(name, b)] = g if (name, b) not in sums else sums[(name, b)] + g
+    inits = initializers(model)
+    clips = {}
+    for (weight, f), users in sorted(wanted.items()):
+        fmt = FORMATS[f]
+        w = onnx.numpy_helper.to_array(inits[weight]).astype(np.float32, copy=False)
+        gram = sum(sums[(layer.activation, fmt.clip_block)] / max(tokens[layer.activation], 1) for layer in users)
+        clips[(weight, f)] = fmt.search_clip(w, gram)
+    return clips
+
+
 def compute_ranges(model: onnx.ModelProto, layers: list[Layer], samples: Samples, *, method: str = "minmax",
-                   batch_size: int = 8, cache: Cache | None = None, rules: FusionRules | None = None) -> Ranges:
+                   batch_size: int = 8, cache: Cache | None = None, rules: FusionRules | None = None,
+                   clip_formats: Iterable[str] | None = None) -> Ranges:
     """Calibrated ranges of every activation a plan over ``layers`` may quantize (and, with a
     backend's fusion ``rules``, the tensors between layers that a rewrite following them may
     quantize: :func:`ampq_pass.core.fusion.rule_tensors`).
+
+    Also the clip ratios of the weights whose candidate formats search them (:func:`search_clips`),
+    for the formats of ``clip_formats`` (None: all; a backend passes the formats it offers; an
+    empty one: none, and those formats round to nearest).
 
     Computed once per (model, samples, method) and kept in ``cache``: sensitivity, timing
     and rewrite all read these same ranges.
     """
     needed = required_ranges(layers)
     tensors = sorted(set(needed) | set(rule_tensors(model, rules, needed)))
-    key = digest("ranges", model_digest(model), samples_digest(samples), method, batch_size, tensors)
-    ranges, _ = cached(cache, "ranges", key, lambda: calibrate(model, samples, tensors, method=method,
-                                                             batch_size=batch_size),
-                       dump=Ranges.to_json, load=Ranges.from_json)
+    clip_formats = None if clip_formats is None else sorted(set(clip_formats))
+    searched = sorted(_clip_searches(layers, clip_formats))
+    key = digest("ranges", model_digest(model), samples_digest(samples), method, batch_size, tensors, "clips", 1,
+                 searched)
+
+    def compute() -> Ranges:
+        ranges = calibrate(model, samples, tensors, method=method, batch_size=batch_size)
+        if searched:
+            ranges.clips = search_clips(model, layers, samples, formats=clip_formats, batch_size=batch_size)
+        return ranges
+
+    ranges, _ = cached(cache, "ranges", key, compute, dump=Ranges.to_json, load=Ranges.from_json)
     return ranges

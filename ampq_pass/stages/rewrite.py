@@ -162,12 +162,13 @@ def _rewrite_layer(edits: _Edits, layer: Layer, fmt: Format, node: onnx.NodeProt
     if layer.weight is not None:
         w = numpy_helper.to_array(inits[layer.weight])
         axis = layer.channel_axis
+        clip = ranges.clip(layer.weight, fmt.name) if ranges is not None else None
         # a weight shared by two layers is dequantized once per format and channel axis
         # (a MatMul reads it per column, a Gemm with transB per row)
         taken = {k[2] for k in edits.shared if len(k) == 3 and k[:2] == (layer.weight, fmt.name)}
         wname = layer.weight if not taken or axis in taken else f"{layer.weight}_axis{axis}"
         node.input[1] = edits.once(layer.name, (layer.weight, fmt.name, axis),
-                                   lambda: fmt.weight_nodes(wname, w, axis))
+                                   lambda: fmt.weight_nodes(wname, w, axis, clip))
         bias = OPS[layer.op_type].bias(node)
         if fmt.replaces_op:
             edits.replaced[layer.name] = fmt.op_nodes(node, node.input[0], node.input[1])

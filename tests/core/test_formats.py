@@ -57,6 +57,74 @@ def test_weight_reference_matches_graph(name):
     assert np.all(np.isfinite(ref)) and np.all(ref[:, 3] == 0)
 
 
+CLIPPED = sorted(n for n, f in FORMATS.items() if f.clip_block)
+
+
+@pytest.mark.parametrize("name", CLIPPED)
+def test_clipped_weight_reference_matches_graph(name):
+    """With calibrated clip ratios the emitted weight is still the numpy reference, bit for bit."""
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, (300, 24)).astype(np.float32)  # K not a multiple of the block; heavy tails
+    clip = rng.choice(fmt.CLIP_GRID, (-(-300 // fmt.clip_block), 24)).astype(np.float32)
+    emitted = fmt.weight_nodes("w", w, 1, clip)
+    graph = helper.make_graph(emitted.nodes, "g", [helper.make_tensor_value_info("unused", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(emitted.output, TensorProto.FLOAT, None)],
+                              emitted.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", fmt.opset)])
+    model.ir_version = 10
+    got = make_session(model).run(None, {"unused": np.zeros(1, np.float32)})[0]
+    np.testing.assert_array_equal(got, fmt.fake_weight(w, 1, clip))
+    assert not np.array_equal(got, fmt.fake_weight(w, 1))
+    with pytest.raises(ValueError, match=r"clip ratios have shape \[2, 24\], expected \[.*, 24\]"):
+        fmt.fake_weight(w, 1, clip[:2])
+
+
+def _tokens(rng, t, k):
+    # activations whose channels differ in scale, as a transformer's hidden states do
+    return (rng.standard_normal((t, k)) * rng.lognormal(0, 1, k)).astype(np.float32)
+
+
+def _block_gram(x, block):
+    pad = (-x.shape[1]) % block
+    xb = np.pad(x, ((0, 0), (0, pad))).reshape(len(x), -1, block)
+    return np.einsum("tbi,tbj->bij", xb, xb) / len(x)
+
+
+@pytest.mark.parametrize("name", CLIPPED)
+def test_clip_search_picks_each_blocks_ratio_of_least_output_error(name):
+    """Each (block, column) ratio is the grid's minimiser of that block's contribution to the
+    output error over the tokens, computed here from the tokens themselves; the clipped weight's
+    whole output error on the tokens is then well below round-to-nearest's."""
+    fmt = FORMATS[name]
+    block = fmt.clip_block
+    rng = np.random.default_rng(7)
+    k, n = 2 * block + 40, 12
+    w = rng.standard_t(3, (k, n)).astype(np.float32)
+    x = _tokens(rng, 256, k)
+    ratio = fmt.search_clip(w, _block_gram(x, block))
+    nb = -(-k // block)
+    assert ratio.shape == (nb, n) and set(np.unique(ratio)) <= set(np.float32(fmt.CLIP_GRID))
+    xp = np.pad(x, ((0, 0), (0, nb * block - k))).astype(np.float64)
+    losses = []
+    for r in fmt.CLIP_GRID:
+        e = np.pad(fmt.fake_weight(w, 1, np.full((nb, n), r, np.float32)) - w, ((0, nb * block - k), (0, 0)))
+        # per block b and column: mean over tokens of (x_b . e_b)^2
+        losses.append(np.stack([np.mean((xp[:, b * block:(b + 1) * block] @ e[b * block:(b + 1) * block]) ** 2, axis=0)
+                                for b in range(nb)]))
+    losses = np.array(losses)  # [grid, blocks, columns]
+    chosen = np.take_along_axis(losses, np.searchsorted(-np.float32(fmt.CLIP_GRID), -ratio)[None], 0)[0]
+    np.testing.assert_allclose(chosen, losses.min(axis=0), rtol=1e-4)
+    assert np.mean(ratio < 1) > 0.3
+    rtn, clipped = fmt.fake_weight(w, 1), fmt.fake_weight(w, 1, ratio)
+    assert np.sum((x @ (clipped - w)) ** 2) < 0.9 * np.sum((x @ (rtn - w)) ** 2)
+    # a block whose inputs are all zero has no output error: it keeps round to nearest
+    x[:, :block] = 0
+    assert np.all(fmt.search_clip(w, _block_gram(x, block))[0] == 1)
+    with pytest.raises(ValueError, match="second-moment matrix"):
+        fmt.search_clip(w, _block_gram(x, block)[:1])
+
+
 def test_int8_weight_error_bound_and_symmetry():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((32, 16)).astype(np.float32)

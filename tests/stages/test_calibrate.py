@@ -91,3 +91,74 @@ def test_calibration_streams_sub_batches(block_model, monkeypatch):
     monkeypatch.setattr(ort_calibrate.HistogramCalibrater, "collect_data", spy)
     ranges = calibrate(block_model, samples, tensors, method="percentile", batch_size=2)
     assert len(held) == 4 and set(held) == {0} and set(ranges.tensors) == set(tensors)
+
+
+def _varied_tokens(rng, n, k):
+    # inputs whose channels differ in scale, as a transformer's hidden states do
+    return (rng.standard_normal((n, k)) * rng.lognormal(0, 1, k)).astype(np.float32)
+
+
+def _gram(x, block):
+    xb = np.pad(x, ((0, 0), (0, (-x.shape[1]) % block))).reshape(len(x), -1, block)
+    return np.einsum("tbi,tbj->bij", xb.astype(np.float64), xb) / len(x)
+
+
+def test_int4_clip_ratios_are_searched_on_the_layers_calibration_input(tmp_path):
+    """compute_ranges searches int4's clip ratios against the MatMul's calibration input; the
+    rewritten model then errs less on held-out inputs than round to nearest; the ratios survive
+    the cache and JSON exactly; with no clip formats there are none."""
+    from ampq_pass.core.cache import Cache
+    from ampq_pass.core.formats import FORMATS
+    from ampq_pass.core.ort import make_session
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_t(3, (96, 16)).astype(np.float32)
+    model = models.single_matmul(w)
+    layers = find_layers(model)
+    assert "int4" in layers[0].formats
+    x = _varied_tokens(rng, 192, 96)
+    calib, held = Samples({"x": x[:128]}), x[128:]
+    cache = Cache(tmp_path)
+    ranges = compute_ranges(model, layers, calib, cache=cache)
+    expected = FORMATS["int4"].search_clip(w, _gram(x[:128], 32))
+    assert np.mean(ranges.clip("w", "int4") == expected) > 0.95  # float summation order may flip a near-tie
+    assert np.any(ranges.clip("w", "int4") < 1)
+    again = compute_ranges(model, layers, calib, cache=cache)
+    np.testing.assert_array_equal(again.clip("w", "int4"), ranges.clip("w", "int4"))
+    np.testing.assert_array_equal(Ranges.from_json(ranges.to_json()).clip("w", "int4"), ranges.clip("w", "int4"))
+    rtn = compute_ranges(model, layers, calib, cache=cache, clip_formats=())
+    assert rtn.clip("w", "int4") is None and rtn.tensors == ranges.tensors
+
+    def error(r):
+        out = make_session(rewrite(model, layers, Plan({"mm": "int4"}), r)).run(None, {"x": held})[0]
+        return float(np.mean((out - held @ w) ** 2))
+
+    assert error(ranges) < 0.9 * error(rtn)
+
+
+def test_a_weight_read_by_two_matmuls_is_clipped_for_both_inputs():
+    """One stored weight serves both layers: its ratios minimise the sum of their output errors."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ampq_pass.core.formats import FORMATS
+    from ampq_pass.stages.calibrate import search_clips
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(3, (64, 48)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["ya"], name="mm_a"), helper.make_node("MatMul", ["b", "w"], ["yb"],
+                                                                                        name="mm_b")],
+        "shared", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 64]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 48]) for n in ("ya", "yb")],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layers = find_layers(model)
+    a, b = _varied_tokens(rng, 64, 64), _varied_tokens(rng, 64, 64)
+    clips = search_clips(model, layers, Samples({"a": a, "b": b}))
+    assert set(clips) == {("w", "int4")}  # K = 64: no int4_b128
+    both = FORMATS["int4"].search_clip(w, _gram(a, 32) + _gram(b, 32))
+    assert np.mean(clips[("w", "int4")] == both) > 0.95
+    for one in (a, b):  # neither input alone gives those ratios
+        assert np.mean(FORMATS["int4"].search_clip(w, _gram(one, 32)) == both) < 0.8

@@ -92,14 +92,17 @@ def test_int4_on_matmul_layers(block_model, tmp_path, fmt):
             if a.name == "block_size"} == {block}
     ref, got = run(make_session(block_model), feeds)[0], run(make_session(out), feeds)[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.3
-    # MatMulNBits computes with the weights the format stores (signed scales included): the float
-    # model with those weights substituted gives the same output, up to its int8 activations
+    # MatMulNBits computes with the weights the format stores (signed scales and calibrated clip
+    # ratios included): the float model with those weights substituted gives the same output
     fake = copy.deepcopy(block_model)
     weights = {t.name: t for t in fake.graph.initializer}
     for l in layers:
         if l.name in taking:
             w = numpy_helper.to_array(weights[l.weight])
-            weights[l.weight].CopyFrom(numpy_helper.from_array(FORMATS[fmt].fake_weight(w, l.channel_axis), l.weight))
+            clip = ranges.clip(l.weight, fmt)
+            assert clip is not None and np.any(clip < 1)
+            weights[l.weight].CopyFrom(numpy_helper.from_array(FORMATS[fmt].fake_weight(w, l.channel_axis, clip),
+                                                               l.weight))
     want = run(make_session(fake), feeds)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
 

@@ -46,15 +46,17 @@ def _finite_difference_terms(model, layer, fmt_name, ranges, feeds, loss, eps=1e
     """Per-sample first-order loss change for one layer/format, by central differences.
 
     Independent of sensitivity.py: the layer's weight, bias, input (and, for int8 Conv, output)
-    are replaced in the executor by x + t·(Q(x) - x), with Q the formats.py references and
-    the rewrite's int32 bias, and dL/dt at t=0 is taken numerically (float64).
+    are replaced in the executor by x + t·(Q(x) - x), with Q the formats.py references (int4
+    weights with the calibrated clip ratios) and the rewrite's int32 bias, and dL/dt at t=0 is
+    taken numerically (float64).
     """
     fmt = FORMATS[fmt_name]
     ex = Executor(model, dtype=torch.float64)
     inits = initializers(model)
     node = next(n for n in model.graph.node if n.name == layer.name)
     w = onnx.numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
-    e_w = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).double()
+    # the weight as the rewrite stores it: with the calibrated clip ratios where the format searches them
+    e_w = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis, ranges.clip(layer.weight, fmt_name)) - w).double()
     e_b = None
     if isinstance(fmt, Int8) and len(node.input) > 2 and node.input[2] in inits and layer.op_type != "MatMul":
         b = onnx.numpy_helper.to_array(inits[node.input[2]])

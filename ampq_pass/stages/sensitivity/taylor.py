@@ -461,7 +461,8 @@ class _WeightErrors:
         w_err, b_err = {}, {}
         for f in item.formats:
             fmt = FORMATS[f]
-            err = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis) - w).to(self.dtype)
+            clip = self.ranges.clip(layer.weight, f)
+            err = torch.from_numpy(fmt.fake_weight(w, layer.channel_axis, clip) - w).to(self.dtype)
             # int8 and int8_dyn quantize weights alike: one tensor for both halves what is kept
             w_err[f] = next((e for e in w_err.values() if torch.equal(e, err)), err)
             e = _bias_error(fmt, self.inits, self.nodes[layer.name], w, layer, self.ranges)
