@@ -414,8 +414,9 @@ class Int4(Format):
     BLOCK = 32
     #: the clip ratios searched, as ModelOpt's AWQ-clip (0.5 to 0.95 by 0.05, and 1)
     CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
-    #: columns searched at a time: bounds the search's temporaries to a few times this many floats per K
-    _SEARCH_COLUMNS = 4096
+    #: weight elements searched at a time (whole columns): the search's temporaries are a few
+    #: float arrays of this size (16 MB each), whatever the weight's size
+    _SEARCH_ELEMENTS = 1 << 22
 
     @property
     def clip_block(self) -> int:
@@ -472,8 +473,9 @@ class Int4(Format):
         gram = gram.astype(np.float32)
         pad = nb * self.BLOCK - k
         best_ratio = np.ones((nb, n), np.float32)
-        for c0 in range(0, n, self._SEARCH_COLUMNS):
-            wc = np.ascontiguousarray(w[:, c0:c0 + self._SEARCH_COLUMNS], dtype=np.float32)
+        step = max(1, self._SEARCH_ELEMENTS // k)
+        for c0 in range(0, n, step):
+            wc = np.ascontiguousarray(w[:, c0:c0 + step], dtype=np.float32)
             best = np.full((nb, wc.shape[1]), np.inf, np.float32)
             for r in self.CLIP_GRID:
                 ratio = np.full(best.shape, r, np.float32)

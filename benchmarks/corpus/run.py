@@ -44,6 +44,8 @@ import tomllib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import cpu_isa  # noqa: E402
 REPO = HERE.parent.parent
 
 def places(backend: str) -> tuple[Path, Path, Path]:
@@ -218,7 +220,7 @@ def parse_result(entry: dict, d: Path, rev: str) -> dict:
     rss_kb = int(rss.group(1)) if rss else run.get("sampled_peak_rss_kb") or None
     res = {"name": name, "exporter": entry.get("exporter", ""), "source": entry.get("source", ""), "rc": rc,
            "wall_s": round(wall, 1), "load": run.get("load_mean"), "peak_rss_mb": round(rss_kb / 1024) if rss_kb else None,
-           "commit": rev, "cpu": cpu_model(), "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
+           "commit": rev, "cpu": cpu_model(), "isa": cpu_isa(), "flags": entry.get("flags", ""), "when": time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "run.json").stat().st_mtime))}
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
     if timed_out:
         res["result"], res["detail"] = "timeout", f"> {timeout} s"
@@ -329,7 +331,7 @@ def write_table(results: dict[str, dict], manifest: list[dict], rev: str, backen
         sp = f"{fmt(r.get('pred_speedup'))} / {fmt(r.get('meas_speedup'))}" if r.get("pred_speedup") else "-"
         rows.append(f"| {name} | {e.get('exporter', '')} | {weights} | {r.get('layers', '-')} | "
                     f"{r.get('subgraphs', '-')} | {res.replace('|', '/')} | {r.get('stage', '')} | {r['wall_s']:.0f} | "
-                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} | {fmt(r.get('load'), '{:.1f}')} | {short_cpu(r.get('cpu', '?'))} |")
+                    f"{fmt(r.get('peak_rss_mb'), '{:.0f}')} | {sp} | {fmt(r.get('loss_ratio'), '{:.3g}')} | {fmt(r.get('load'), '{:.1f}')} | {short_cpu(r.get('cpu', '?'))}{', ' + r['isa'] if r.get('isa') else ''} |")
         over_file = (f"; measured {r['meas_speedup_over_file']:.2f}x over the input file as given (the table's "
                      f"speed-ups are over the normalised model)" if r.get("meas_speedup_over_file") else "")
         if r["result"] == "ok" and r.get("plan_line"):

@@ -275,3 +275,14 @@ def test_int4_weights_are_the_ones_onnx_runtimes_quantizer_writes(name, block):
     codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k].astype(np.float32) - 8
     theirs = (codes * np.repeat(scales, block, axis=1)[:, :k]).T
     np.testing.assert_allclose(FORMATS[name].fake_weight(w, 1), theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_clip_search_in_column_chunks_gives_the_same_ratios(monkeypatch):
+    """Large weights are searched a few columns at a time (bounded temporaries): same result."""
+    fmt = FORMATS["int4"]
+    rng = np.random.default_rng(8)
+    w = rng.standard_t(3, (96, 40)).astype(np.float32)
+    gram = _block_gram(_tokens(rng, 64, 96), 32)
+    whole = fmt.search_clip(w, gram)
+    monkeypatch.setattr(type(fmt), "_SEARCH_ELEMENTS", 96 * 3)  # three columns at a time, a short last chunk
+    np.testing.assert_array_equal(fmt.search_clip(w, gram), whole)
