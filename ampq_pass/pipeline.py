@@ -467,7 +467,7 @@ def _reference_points(inp: _Inputs, formats, table: GainTable, sens: Sensitivity
     sol = _uniform_int8(inp, formats, table, sens)
     if sol is None:
         return points
-    q = rewrite(inp.model, inp.layers, sol.plan, ranges, rules=_rules(inp))
+    q = _written(inp, sol.plan, ranges)
     m = verify(inp.model, q, inp.holdout, backend, inp.timing_inputs, **check)
     try:
         predicted = predict_speedup(table, sol.plan)
@@ -501,7 +501,7 @@ def _verify_front(front: list[Solution], table: GainTable, inp: _Inputs, ranges:
         if point.plan.formats == solution.plan.formats:
             points.append(_front_entry(point, table, sens, measured, protocol="full", chosen=True))
         elif point.plan.formats:
-            q = rewrite(inp.model, inp.layers, point.plan, ranges, rules=_rules(inp))
+            q = _written(inp, point.plan, ranges)
             m = verify(inp.model, q, inp.holdout, quick, inp.timing_inputs, **check)
             points.append(_front_entry(point, table, sens, m, protocol="quick"))
         else:
@@ -595,7 +595,7 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
     clock.lap("solve")
 
     log("[6/7] rewriting")
-    rewritten = rewrite(model, layers, solution.plan, ranges, rules=_rules(inp))
+    rewritten = _written(inp, solution.plan, ranges)
     clock.lap("rewrite")
 
     log(f"[7/7] verifying on {len(inp.holdout)} held-out samples")
@@ -666,7 +666,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     def loss_round(new: Solution, under: float, ratio: float) -> tuple[onnx.ModelProto, dict]:
         """Write and verify ``new``, solved under loss budget ``under`` because the plan before
         measured ``ratio`` x its predicted loss; the round is recorded."""
-        written = rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
+        written = _written(inp, new.plan, ranges)
         got = verify(model, written, inp.holdout, inp.backend, inp.timing_inputs, **check)
         rounds.append(Round(len(rounds), dict(new.plan.formats), _speedup(table, new), got,
                             note=f"loss budget {under:.3g}: the plan before measured {ratio:.3g}x its predicted loss"))
@@ -744,7 +744,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
             predicted = _speedup(table, new)
         if new.plan.formats == solution.plan.formats:
             break  # measured in context, the same plan is still the best one
-        solution, rewritten = new, rewrite(model, layers, new.plan, ranges, rules=_rules(inp))
+        solution, rewritten = new, _written(inp, new.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
         rounds.append(Round(len(rounds), dict(solution.plan.formats), predicted, measured))
         verified.append((solution, rewritten))
@@ -758,7 +758,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     if anchor is not None and _worth_verifying(table, anchor, rounds, tau, log) \
             and budget.fits(0.0 if budget.left() > 0 else once,
                             f"verifying the every-{kind} plan (the {kind} anchor)", log):
-        candidate = rewrite(model, layers, anchor.plan, ranges, rules=_rules(inp))
+        candidate = _written(inp, anchor.plan, ranges)
         # predicted at what it measured in the whole model while timing, as a reverted variant is
         # at its measurement: the table, corrected for the solver's plan by the repair rounds, is
         # not what chose it (YOLOv8n: 1.51x from the corrected table, 1.91x timed, 1.89x verified)
@@ -796,7 +796,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
         rejected = {"formats": dict(last.formats), "predicted_speedup": last.predicted_speedup, "measured": last.measured}
         log(f"      {message}")
         solution = hp_solution(option_table, tau, status=status, message=message)
-        rewritten = rewrite(model, layers, solution.plan, ranges, rules=_rules(inp))
+        rewritten = _written(inp, solution.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, inp.backend, inp.timing_inputs, **check)
         predicted = 1.0
     else:
@@ -839,7 +839,7 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
 
     def plan_model(i: int, sol: Solution) -> onnx.ModelProto:
         if i not in written:
-            written[i] = rewrite(model, layers, sol.plan, ranges, rules=_rules(inp))
+            written[i] = _written(inp, sol.plan, ranges)
         return written[i]
 
     def measure(i: int, sol: Solution, how: str) -> dict:
@@ -866,7 +866,7 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
     else:
         status = "not-faster" if result.rejected is not None else "metric-bound"
         solution = hp_solution(option_table, 0.0, status=status, message=result.message)
-        rewritten = rewrite(model, layers, solution.plan, ranges, rules=_rules(inp))
+        rewritten = _written(inp, solution.plan, ranges)
         measured = verify(model, rewritten, inp.holdout, full, inp.timing_inputs, **check)
         if result.rejected is not None:
             r = result.rejected
@@ -914,6 +914,14 @@ def _metric_pass(model_path, output, opts: PassOptions, inp: _Inputs, formats, r
 def _rules(inp: _Inputs):
     """The backend's fusion rules: calibration, timing and every rewrite follow the same ones."""
     return inp.backend.capabilities().rules
+
+
+def _written(inp: _Inputs, plan: Plan, ranges: Ranges) -> onnx.ModelProto:
+    """``plan`` rewritten into the model in the form the pass writes it for the backend
+    (:meth:`~ampq_pass.core.measure.Measurer.deployed`), so that what is verified is what is
+    written; a plan that quantizes nothing is the model itself."""
+    rewritten = rewrite(inp.model, inp.layers, plan, ranges, rules=_rules(inp))
+    return inp.backend.deployed(rewritten) if plan.formats else rewritten
 
 
 def loss_fits(measured: dict, tau: float) -> bool:

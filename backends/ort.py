@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ampq_pass.core.errors import AmpqError
+from ampq_pass.core.errors import AmpqError, runtime_errors
 from ampq_pass.core.formats import CUT_STATES
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.ort import make_session, session_outputs
+from ampq_pass.core.proto import fits_protobuf
 from ampq_pass.backends.ort_rules import ORT_CPU_RULES
 
 __all__ = ["OrtBackend", "Timing", "available_providers", "io_device", "time_interleaved"]
@@ -220,6 +223,27 @@ class OrtBackend(Backend):
         options = None if self.provider == "cpu" else {"device_id": str(self.device_id)}
         return make_session(model, threads=self.threads, spinning=False, provider=PROVIDERS[self.provider][0],
                             provider_options=options, what=f"model on ort:{self.provider}")
+
+    def deployed(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """On the CPU EP: ``model`` after ONNX Runtime's basic-level graph optimisations (constant
+        folding, redundant-node and common-subexpression elimination: ONNX operators only, no
+        provider's kernels), saved as ONNX Runtime saves an optimised model. ONNX Runtime runs
+        such a file faster than the same graph it optimises while loading it (the corpus's
+        Llama decode step, each file against its own pre-optimised copy, interleaved, 2-core AMD
+        EPYC: every MatMul int4 1.99x -> 2.08-2.12x over fp32, every MatMul int8_dyn_w7 1.76x ->
+        1.86x; fp32 itself 1.00x -> 0.99-1.01x), and ONNX Runtime's own quantizers write their
+        models after the same optimisation. Other providers, and models above protobuf's 2 GB
+        (ONNX Runtime would write their weights to a second file), get ``model`` itself."""
+        if self.provider != "cpu" or not fits_protobuf(model):
+            return model
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        with tempfile.TemporaryDirectory(prefix="ampq-deployed-") as tmp:
+            so.optimized_model_filepath = str(Path(tmp) / "model.onnx")
+            with runtime_errors("the rewritten model"):
+                ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return onnx.load(so.optimized_model_filepath)
 
     @property
     def own_numerics(self) -> bool:

@@ -142,13 +142,16 @@ def cmd_rewrite(args) -> int:
     # format (int8_w7); only --no-activation-matmuls refuses the former
     layers = find_layers(model, activation_matmuls=args.activation_matmuls is not False, offered=plan.used_formats())
     validate_plan(plan, layers, source=args.plan)
-    ranges = rules = None
+    ranges = rules = backend = None
     if plan.used_formats():
-        rules = get_backend(args.backend).capabilities().rules  # the ops between layers it fuses in 8 bits
+        backend = get_backend(args.backend)
+        rules = backend.capabilities().rules  # the ops between layers it fuses in 8 bits
         samples = samples if samples is not None else samples_from_args(args, model)
         ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
                                 cache=Cache(args.cache_dir), rules=rules, clip_formats=plan.used_formats())
     out = rewrite(model, layers, plan, ranges, rules=rules)
+    if backend is not None:  # in the form the pass writes for that backend (Measurer.deployed)
+        out = backend.deployed(out)
     save_model(out, args.output, source=args.model)
     counts: dict[str, int] = {}
     for layer in layers:

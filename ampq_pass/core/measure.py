@@ -260,6 +260,11 @@ class Measurer(ABC):
         """Everything a measurement depends on besides the model: backend, provider, device,
         library versions, threads, protocol. Part of every cache key."""
 
+    def deployed(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` as the pass writes it for this backend: the file its users load. The pass
+        verifies this form, so what it measures is what it writes. Default: ``model`` itself."""
+        return model
+
 
 class Backend(Measurer):
     """Something that measures subgraph configurations on hardware."""

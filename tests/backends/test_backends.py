@@ -204,3 +204,36 @@ def test_the_cpu_ep_computes_qdq_as_the_sensitivity_models_it_and_another_provid
     want = make_session(model).run(None, feeds)[0]
     assert len(got) == 2 and got[0]["y"].dtype == np.float64
     np.testing.assert_allclose(got[1]["y"], want, rtol=1e-6)
+
+
+def test_the_cpu_ep_writes_its_models_after_onnx_runtimes_basic_optimisation(block_model):
+    """What the pass writes for ort:cpu: the rewritten graph after ONNX Runtime's basic-level
+    optimisation - ONNX operators only, fewer nodes, the same outputs, and a fixed point (its
+    own optimisation finds nothing more to do); the cost models write the graph as it is."""
+    import onnx
+
+    from ampq_pass.core.graph import ensure_node_names
+    from ampq_pass.stages.calibrate import compute_ranges
+    from ampq_pass.core.samples import Samples
+    from ampq_pass.stages.layers import find_layers
+    from ampq_pass.stages.plan import Plan
+    from ampq_pass.stages.rewrite import rewrite
+
+    model = ensure_node_names(block_model)
+    layers = find_layers(model)
+    feeds = models.feeds_for(model, n=4)
+    ranges = compute_ranges(model, layers, Samples(feeds))
+    plan = Plan({l.name: ("int4" if "int4" in l.formats else "int8") for l in layers})
+    written = rewrite(model, layers, plan, ranges)
+    backend = OrtBackend()
+    deployed = backend.deployed(written)
+    onnx.checker.check_model(deployed)
+    assert {n.domain for n in deployed.graph.node} <= {"", "ai.onnx"}
+    assert len(deployed.graph.node) < len(written.graph.node)
+    assert [i.name for i in deployed.graph.input] == [i.name for i in written.graph.input]
+    want = make_session(written).run(None, feeds)
+    got = make_session(deployed).run(None, feeds)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(backend.deployed(deployed).graph.node) == len(deployed.graph.node)
+    assert MacModel().deployed(written) is written
