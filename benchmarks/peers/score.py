@@ -475,9 +475,13 @@ def plot(res) -> str:
         err = [[e["speedup"] - e["ci"][0] for e in pts], [e["ci"][1] - e["speedup"] for e in pts]]
         ax.errorbar(x, y, yerr=err, fmt=mk, c=c, label=PEER_NAMES.get(meth, meth), ms=8 if meth == "ours" else 7,
                     capsize=2, zorder=3, mfc="none" if meth == "rejected" else c)
-        if meth == "ours":
-            o = sorted(zip(x, y))
-            ax.plot([p[0] for p in o], [p[1] for p in o], c=c, lw=1.2, alpha=0.7)
+        if meth == "ours":  # our front: the fastest of our plans at each error or lower, as a staircase
+            front, best = [], 0.0
+            for xx, yy in sorted(zip(x, y)):
+                if yy > best:
+                    front.append((xx, yy))
+                    best = yy
+            ax.plot([p[0] for p in front], [p[1] for p in front], c=c, lw=1.2, alpha=0.7, drawstyle="steps-post")
         for e, xx, yy in zip(pts, x, y):
             ax.annotate(e["config"].replace("rmse_", "").replace(" rejected plan", ""), (xx, yy), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(1.0, c="black", lw=0.8, ls=":", label="fp32")
