@@ -188,6 +188,38 @@ def test_a_plan_not_faster_beyond_noise_is_never_written(tmp_path, block_file, p
         assert "not faster than the input beyond the noise" in res.report["budget"]["message"]
 
 
+class _Deploying(_SlowerWhenWritten):
+    """Plans measure 2x; the backend's file form (``deployed``) carries a mark, and the models
+    the end-to-end check is asked to time are recorded."""
+
+    def __init__(self):
+        super().__init__(0.5)
+        self.verified = []
+
+    def deployed(self, model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        onnx.helper.set_model_props(out, {"deployed_for": "test"})
+        return out
+
+    def time(self, models, inputs):
+        if set(models) == {"hp", "plan"}:
+            self.verified.append({p.key: p.value for p in models["plan"].metadata_props})
+        return super().time(models, inputs)
+
+
+def test_what_is_verified_and_written_is_the_backends_file_form(tmp_path, block_file):
+    """The pass writes a plan in the form the backend's users load (OrtBackend: after ONNX
+    Runtime's basic optimisation), and the end-to-end check measured that same form."""
+    backend = _Deploying()
+    res = run_pass(block_file, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=1.0,
+                   backend=backend, cache_dir=None, progress=False, log=lambda s: None)
+    assert res.solution.plan.formats and res.report["rejected_plan"] is None
+    written = onnx.load(tmp_path / "o.onnx")
+    assert {p.key: p.value for p in written.metadata_props} == {"deployed_for": "test"}
+    assert backend.verified and all(v == {"deployed_for": "test"} for v in backend.verified)
+
+
 class _FileSlowerThanNormalised(_SlowerWhenWritten):
     """Plans measure 2x over the normalised model; the file as given takes 3 s against the
     written model's 1 s (what folding EfficientNet's Pads does to its timing)."""

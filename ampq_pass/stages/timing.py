@@ -938,11 +938,12 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
             continue
         timer = backend if left is None else within(backend, max(left, 0.0) / (len(todo) - k))
         plan = table.plan(uniform)
-        key = digest("format_anchor", _CACHE_VERSION, model_digest(model), plan.to_json(),
+        key = digest("format_anchor", _CACHE_VERSION, "deployed", model_digest(model), plan.to_json(),
                      input_signature(model_inputs), backend.key())
 
         def measure(plan=plan, timer=timer) -> dict:
-            quantized = rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules)
+            # in the form the pass writes it (Measurer.deployed), as the verification measures plans
+            quantized = backend.deployed(rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules))
             t = timer.time({"hp": model, "plan": quantized}, model_inputs)
             ratios = np.asarray(t["plan"].samples) / np.asarray(t["hp"].samples)  # paired, round by round
             lo, hi = median_ci(ratios)
