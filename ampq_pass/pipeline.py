@@ -40,7 +40,7 @@ from ampq_pass.stages.partition import partition
 from ampq_pass.stages.repair import (Round, context_gains, correct, falls_short, fit_to_measured, measure_context,
                                      reverted, variants_at_once)
 from ampq_pass.stages.report import PassRecord, build_report
-from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.rewrite import written_for
 from ampq_pass.stages.screen import Screen, screen_formats, screened_formats
 from ampq_pass.stages.search import (Meter, evaluate_metric, load_metric, metric_name, plan_between, quick_protocol,
                                      search_front, timed_backend, timing_saving, with_protocol)
@@ -917,11 +917,8 @@ def _rules(inp: _Inputs):
 
 
 def _written(inp: _Inputs, plan: Plan, ranges: Ranges) -> onnx.ModelProto:
-    """``plan`` rewritten into the model in the form the pass writes it for the backend
-    (:meth:`~ampq_pass.core.measure.Measurer.deployed`), so that what is verified is what is
-    written; a plan that quantizes nothing is the model itself."""
-    rewritten = rewrite(inp.model, inp.layers, plan, ranges, rules=_rules(inp))
-    return inp.backend.deployed(rewritten) if plan.formats else rewritten
+    """``plan`` rewritten into the model as the pass writes it for the backend (:func:`written_for`)."""
+    return written_for(inp.backend, inp.model, inp.layers, plan, ranges)
 
 
 def loss_fits(measured: dict, tau: float) -> bool:

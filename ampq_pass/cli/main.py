@@ -27,7 +27,7 @@ from ampq_pass.core.text import table
 from ampq_pass.stages.calibrate import compute_ranges
 from ampq_pass.stages.layers import find_layers, layer_macs, require_layers
 from ampq_pass.stages.plan import load_plan, validate_plan
-from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.rewrite import rewrite, written_for
 
 #: subcommand -> module with ``add_arguments(parser)`` and ``run(args) -> int``; "" = this module.
 #: Modules are imported only when their command runs, so the CLI starts fast.
@@ -149,9 +149,8 @@ def cmd_rewrite(args) -> int:
         samples = samples if samples is not None else samples_from_args(args, model)
         ranges = compute_ranges(model, layers, samples, method=args.calib_method, batch_size=args.batch_size,
                                 cache=Cache(args.cache_dir), rules=rules, clip_formats=plan.used_formats())
-    out = rewrite(model, layers, plan, ranges, rules=rules)
-    if backend is not None:  # in the form the pass writes for that backend (Measurer.deployed)
-        out = backend.deployed(out)
+    # a plan naming formats is written as the pass writes it for that backend
+    out = written_for(backend, model, layers, plan, ranges) if backend is not None else rewrite(model, layers, plan, None)
     save_model(out, args.output, source=args.model)
     counts: dict[str, int] = {}
     for layer in layers:

@@ -22,6 +22,7 @@ from ampq_pass.core.errors import AmpqError
 from ampq_pass.core.formats import CUT_STATES, FORMATS, HP, Emitted, Format
 from ampq_pass.core.fusion import FusionRules
 from ampq_pass.core.graph import drop_unused_initializers, ensure_node_names, initializers
+from ampq_pass.core.measure import Measurer
 from ampq_pass.core.ops import OPS
 from ampq_pass.core.proto import copy_model, fits_protobuf, raise_opset, stripped_copy
 from ampq_pass.stages.calibrate import Ranges
@@ -115,6 +116,16 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
         recode_unsigned(out, rules)  # signed codes where the backend gets them wrong
         drop_unused_initializers(out.graph)
     return _fill_weights(out, model) if large else out
+
+
+
+def written_for(backend: Measurer, model: onnx.ModelProto, layers: list[Layer], plan: Plan,
+                ranges: Ranges | None) -> onnx.ModelProto:
+    """:func:`rewrite` following ``backend``'s fusion rules, in the form the pass writes for that
+    backend (:meth:`~ampq_pass.core.measure.Measurer.deployed`), so that what is measured is what
+    is written; a plan that quantizes nothing is :func:`rewrite`'s copy as it is."""
+    rewritten = rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules)
+    return backend.deployed(rewritten) if plan.formats else rewritten
 
 
 def _quantize_cut(edits: _Edits, tensor: str, fmt: Format, plan: Plan, layers: dict[str, Layer],

@@ -41,7 +41,7 @@ from ampq_pass.stages.calibrate import Ranges
 from ampq_pass.stages.layers import Layer
 from ampq_pass.stages.partition import Partition, Subgraph, configs as partition_configs
 from ampq_pass.stages.plan import Plan
-from ampq_pass.stages.rewrite import rewrite
+from ampq_pass.stages.rewrite import rewrite, written_for
 from ampq_pass.stages.subgraphs import extract
 
 
@@ -942,8 +942,8 @@ def fit_formats_to_model(table: GainTable, model: onnx.ModelProto, layers: list[
                      input_signature(model_inputs), backend.key())
 
         def measure(plan=plan, timer=timer) -> dict:
-            # in the form the pass writes it (Measurer.deployed), as the verification measures plans
-            quantized = backend.deployed(rewrite(model, layers, plan, ranges, rules=backend.capabilities().rules))
+            # in the form the pass writes it, as the verification measures plans
+            quantized = written_for(backend, model, layers, plan, ranges)
             t = timer.time({"hp": model, "plan": quantized}, model_inputs)
             ratios = np.asarray(t["plan"].samples) / np.asarray(t["hp"].samples)  # paired, round by round
             lo, hi = median_ci(ratios)
