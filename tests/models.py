@@ -246,3 +246,15 @@ def residual_cnn(seed: int = 0, c: int = 8, head: bool = True) -> onnx.ModelProt
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return onnx.shape_inference.infer_shapes(model)
+
+
+def varied_tokens(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """``n`` tokens of ``k`` channels whose scales differ (lognormal), as a transformer's hidden states do."""
+    return (rng.standard_normal((n, k)) * rng.lognormal(0, 1, k)).astype(np.float32)
+
+
+def block_gram(x: np.ndarray, block: int) -> np.ndarray:
+    """Mean over the tokens of ``x`` [n, K] of x_b x_b^T per block of ``block`` along K (zero-padded):
+    the second moments int4's clip search reads, computed here independently of the pass."""
+    xb = np.pad(x, ((0, 0), (0, (-x.shape[1]) % block))).reshape(len(x), -1, block)
+    return np.einsum("tbi,tbj->bij", xb.astype(np.float64), xb) / len(x)

@@ -80,17 +80,6 @@ def test_clipped_weight_reference_matches_graph(name):
         fmt.fake_weight(w, 1, clip[:2])
 
 
-def _tokens(rng, t, k):
-    # activations whose channels differ in scale, as a transformer's hidden states do
-    return (rng.standard_normal((t, k)) * rng.lognormal(0, 1, k)).astype(np.float32)
-
-
-def _block_gram(x, block):
-    pad = (-x.shape[1]) % block
-    xb = np.pad(x, ((0, 0), (0, pad))).reshape(len(x), -1, block)
-    return np.einsum("tbi,tbj->bij", xb, xb) / len(x)
-
-
 @pytest.mark.parametrize("name", CLIPPED)
 def test_clip_search_picks_each_blocks_ratio_of_least_output_error(name):
     """Each (block, column) ratio is the grid's minimiser of that block's contribution to the
@@ -101,8 +90,8 @@ def test_clip_search_picks_each_blocks_ratio_of_least_output_error(name):
     rng = np.random.default_rng(7)
     k, n = 2 * block + 40, 12
     w = rng.standard_t(3, (k, n)).astype(np.float32)
-    x = _tokens(rng, 256, k)
-    ratio = fmt.search_clip(w, _block_gram(x, block))
+    x = models.varied_tokens(rng, 256, k)
+    ratio = fmt.search_clip(w, models.block_gram(x, block))
     nb = -(-k // block)
     assert ratio.shape == (nb, n) and set(np.unique(ratio)) <= set(np.float32(fmt.CLIP_GRID))
     xp = np.pad(x, ((0, 0), (0, nb * block - k))).astype(np.float64)
@@ -120,9 +109,9 @@ def test_clip_search_picks_each_blocks_ratio_of_least_output_error(name):
     assert np.sum((x @ (clipped - w)) ** 2) < 0.9 * np.sum((x @ (rtn - w)) ** 2)
     # a block whose inputs are all zero has no output error: it keeps round to nearest
     x[:, :block] = 0
-    assert np.all(fmt.search_clip(w, _block_gram(x, block))[0] == 1)
+    assert np.all(fmt.search_clip(w, models.block_gram(x, block))[0] == 1)
     with pytest.raises(ValueError, match="second-moment matrix"):
-        fmt.search_clip(w, _block_gram(x, block)[:1])
+        fmt.search_clip(w, models.block_gram(x, block)[:1])
 
 
 def test_int8_weight_error_bound_and_symmetry():
@@ -282,7 +271,7 @@ def test_clip_search_in_column_chunks_gives_the_same_ratios(monkeypatch):
     fmt = FORMATS["int4"]
     rng = np.random.default_rng(8)
     w = rng.standard_t(3, (96, 40)).astype(np.float32)
-    gram = _block_gram(_tokens(rng, 64, 96), 32)
+    gram = models.block_gram(models.varied_tokens(rng, 64, 96), 32)
     whole = fmt.search_clip(w, gram)
     monkeypatch.setattr(type(fmt), "_SEARCH_ELEMENTS", 96 * 3)  # three columns at a time, a short last chunk
     np.testing.assert_array_equal(fmt.search_clip(w, gram), whole)

@@ -93,16 +93,6 @@ def test_calibration_streams_sub_batches(block_model, monkeypatch):
     assert len(held) == 4 and set(held) == {0} and set(ranges.tensors) == set(tensors)
 
 
-def _varied_tokens(rng, n, k):
-    # inputs whose channels differ in scale, as a transformer's hidden states do
-    return (rng.standard_normal((n, k)) * rng.lognormal(0, 1, k)).astype(np.float32)
-
-
-def _gram(x, block):
-    xb = np.pad(x, ((0, 0), (0, (-x.shape[1]) % block))).reshape(len(x), -1, block)
-    return np.einsum("tbi,tbj->bij", xb.astype(np.float64), xb) / len(x)
-
-
 def test_int4_clip_ratios_are_searched_on_the_layers_calibration_input(tmp_path):
     """compute_ranges searches int4's clip ratios against the MatMul's calibration input; the
     rewritten model then errs less on held-out inputs than round to nearest; the ratios survive
@@ -118,11 +108,11 @@ def test_int4_clip_ratios_are_searched_on_the_layers_calibration_input(tmp_path)
     model = models.single_matmul(w)
     layers = find_layers(model)
     assert "int4" in layers[0].formats
-    x = _varied_tokens(rng, 192, 96)
+    x = models.varied_tokens(rng, 192, 96)
     calib, held = Samples({"x": x[:128]}), x[128:]
     cache = Cache(tmp_path)
     ranges = compute_ranges(model, layers, calib, cache=cache)
-    expected = FORMATS["int4"].search_clip(w, _gram(x[:128], 32))
+    expected = FORMATS["int4"].search_clip(w, models.block_gram(x[:128], 32))
     assert np.mean(ranges.clip("w", "int4") == expected) > 0.95  # float summation order may flip a near-tie
     assert np.any(ranges.clip("w", "int4") < 1)
     again = compute_ranges(model, layers, calib, cache=cache)
@@ -155,10 +145,10 @@ def test_a_weight_read_by_two_matmuls_is_clipped_for_both_inputs():
         [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     layers = find_layers(model)
-    a, b = _varied_tokens(rng, 64, 64), _varied_tokens(rng, 64, 64)
+    a, b = models.varied_tokens(rng, 64, 64), models.varied_tokens(rng, 64, 64)
     clips = search_clips(model, layers, Samples({"a": a, "b": b}))
     assert set(clips) == {("w", "int4")}  # K = 64: no int4_b128
-    both = FORMATS["int4"].search_clip(w, _gram(a, 32) + _gram(b, 32))
+    both = FORMATS["int4"].search_clip(w, models.block_gram(a, 32) + models.block_gram(b, 32))
     assert np.mean(clips[("w", "int4")] == both) > 0.95
     for one in (a, b):  # neither input alone gives those ratios
-        assert np.mean(FORMATS["int4"].search_clip(w, _gram(one, 32)) == both) < 0.8
+        assert np.mean(FORMATS["int4"].search_clip(w, models.block_gram(one, 32)) == both) < 0.8
