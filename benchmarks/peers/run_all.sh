@@ -27,7 +27,7 @@ if [ "$MODEL" = llama ]; then
       # 0.035 and 0.033 between 0.03 and 0.04 (the int4 group-32 recipes), 0.003 under ORT's dynamic int8
       ours)     "$P/ours.sh" "$MODEL" 0.03 0.005 0.01 0.1 0.05 0.07 0.04 0.003 0.035 0.033; "$P/ours_rejected.sh" "$MODEL" ;;
       # the plans made for OpenVINO (int8, int8_sym, int4, int4_b128 offered there)
-      ours_ov)  AMPQ_BACKEND=openvino:cpu "$P/ours.sh" "$MODEL" 0.03 0.005 0.01 0.1 0.05 0.003 0.035 0.04 ;;
+      ours_ov)  AMPQ_BACKEND=openvino:cpu "$P/ours.sh" "$MODEL" 0.03 0.005 0.01 0.1 0.05 0.003 0.035 0.04; "$P/ours_rejected.sh" "$MODEL" ;;
       ort)      $N "$V/ort/bin/python" "$P/ort.py" "$MODEL" ;;
       modelopt) for c in int8_matmul int4_rtn int4_awq_clip; do $N "$V/modelopt/bin/python" "$P/modelopt.py" "$MODEL" --configs $c; done ;;
       quark)    $N "$V/quark/bin/python" "$P/quark.py" "$MODEL" --matmul-nbits ;;
@@ -50,7 +50,8 @@ for peer in ${PEERS:-ours ours_ov ours_ov_int8 ort modelopt quark inc aimet}; do
                           AMPQ_BACKEND=openvino:cpu "$P/ours_metric.sh" 0.01 ;;
                 resnet50) AMPQ_BACKEND=openvino:cpu "$P/ours.sh" "$MODEL" 0.05 0.07 0.03 0.04 ;;
                 yolov8n)  AMPQ_BACKEND=openvino:cpu "$P/ours.sh" "$MODEL" 0.03 0.05 0.02 0.01 0.007 ;;
-              esac ;;
+              esac
+              "$P/ours_rejected.sh" "$MODEL" ;;
     # the same with ONNX Runtime's uint8 asymmetric activations (OpenVINO's int8 on request): slower, more accurate
     ours_ov_int8) AMPQ_BACKEND=openvino:cpu AMPQ_FORMATS=int8 "$P/ours.sh" "$MODEL" 0.1 ;;
     ort)      $N "$V/ort/bin/python" "$P/ort.py" "$MODEL" ;;
