@@ -29,8 +29,8 @@ would emulate slowly is not offered):
 
 from __future__ import annotations
 
+import functools
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -41,6 +41,7 @@ import onnxruntime as ort
 
 from ampq_pass.core.errors import AmpqError, runtime_errors
 from ampq_pass.core.formats import CUT_STATES
+from ampq_pass.core.machine import cpu_name
 from ampq_pass.core.measure import Backend, Capabilities, Protocol, Timing, interleave
 from ampq_pass.core.memory import release_freed_memory
 from ampq_pass.core.ort import make_session, session_outputs
@@ -62,11 +63,13 @@ PROVIDERS: dict[str, tuple[str, tuple[str, ...], str]] = {
 _EXACT_ON_SATURATING_CPU = {"int8": "int8_w7", "int8_dyn": "int8_dyn_w7"}
 
 
+@functools.lru_cache(maxsize=1)
 def u8s8_saturates() -> bool:
     """Whether the CPU EP's uint8 x int8 MatMulInteger loses the exact sum of 255 x 127 over 64
     terms: on x86 without VNNI MLAS adds pairs of products in int16 (``vpmaddubsw``), which
     saturates at 32767 where a pair makes 64770. A run of the kernel, not a CPU-flag lookup:
-    the kernel MLAS dispatches to is what decides. One tiny session (a few ms)."""
+    the kernel MLAS dispatches to is what decides. One tiny session (a few ms), run once per
+    process (the answer is the machine's: every backend built after the first reuses it)."""
     from onnx import TensorProto, helper
 
     k = 64
@@ -143,17 +146,6 @@ def _restrict(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) ->
     return {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in names}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class OrtBackend(Backend):
     """ONNX Runtime on one execution provider (``ort:cpu`` by default).
 
@@ -197,7 +189,7 @@ class OrtBackend(Backend):
 
     def _device(self) -> str:
         if self.provider == "cpu":
-            return f"{_cpu_name()} ({os.cpu_count()} cpus)"
+            return f"{cpu_name()} ({os.cpu_count()} cpus)"
         return f"{self.provider}:{self.device_id}"
 
     def capabilities(self) -> Capabilities:

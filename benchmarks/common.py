@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+from ampq_pass.core.machine import cpu_flags, cpu_name
+
 OUT = Path(__file__).parent / "out"
 RESULTS = Path(__file__).parent / "results"
 
@@ -22,26 +24,13 @@ def minilm_path() -> Path:
     return path
 
 
-def cpu_name() -> str:
-    """The CPU's model name (machines change between sessions: every figure names its CPU)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_isa() -> str:
     """What the CPU's 8-bit and 16-bit kernels can use, from its flags: ``AVX-512 VNNI, BF16``,
     ``AVX2 only (no VNNI)``, ... Machines of this project differ in it between sessions, and
     the int8 numbers depend on it: without VNNI ONNX Runtime's u8s8 GEMM adds pairs of
     products in int16 and saturates (tests/hardware.py), and int8 runs slower."""
-    try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines()
-                         if l.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
+    flags = cpu_flags()
+    if flags is None:
         return platform.machine()
     parts = []
     if "avx512f" in flags:

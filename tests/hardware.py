@@ -16,12 +16,11 @@ run on every CPU.)
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 
+from ampq_pass.core.machine import cpu_flags
 
-@functools.lru_cache(maxsize=None)
+
 def ort_int8_is_exact() -> bool:
     """Whether ONNX Runtime's CPU u8s8 GEMM computes int8 exactly here (the backend's own probe)."""
     from ampq_pass.backends.ort import u8s8_saturates
@@ -32,15 +31,10 @@ def ort_int8_is_exact() -> bool:
 def cpu_has_vnni() -> bool:
     """Whether the CPU lists an 8-bit dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8);
     non-x86 CPUs count as having one (their int8 kernels do not take the AVX2 path)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    flags = cpu_flags()
     if flags is None or "avx2" not in flags:
         return True
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 needs_exact_ort_int8 = pytest.mark.skipif(

@@ -429,25 +429,38 @@ class Int4(Format):
         """int4 codes [K, N] and scales [ceil(K/BLOCK), N]; ``clip`` [ceil(K/BLOCK), N] scales each
         block's range (values beyond it saturate to -8 or 7)."""
         k, n = w.shape
-        pad = (-k) % self.BLOCK
-        wp = np.pad(w, ((0, pad), (0, 0))) if pad else w
-        blocks = wp.reshape(-1, self.BLOCK, n)
+        blocks, extreme = self._blocks(w)
+        if clip is not None and clip.shape != extreme.shape:
+            raise ValueError(f"{self.name} clip ratios have shape {list(clip.shape)}, expected "
+                             f"{list(extreme.shape)} (blocks x columns)")
+        scale = self._scale(extreme, None if clip is None else clip.astype(np.float32))
+        q = self._codes(blocks, scale).reshape(-1, n)[:k]
+        return q.astype(ml_dtypes.int4), scale
+
+    def _blocks(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``w`` zero-padded to whole blocks [ceil(K/BLOCK), BLOCK, N], and each block's value of
+        largest magnitude [ceil(K/BLOCK), N]."""
+        pad = (-w.shape[0]) % self.BLOCK
+        blocks = (np.pad(w, ((0, pad), (0, 0))) if pad else w).reshape(-1, self.BLOCK, w.shape[1])
+        return blocks, np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+
+    @staticmethod
+    def _scale(extreme: np.ndarray, clip: np.ndarray | np.float32 | None) -> np.ndarray:
         # As ONNX Runtime's own block quantizer (MLAS's MlasQuantizeBlockwise, which
         # MatMulNBitsQuantizer's RTN calls): the block's value of largest magnitude maps to -8
         # exactly, its sign carried by the scale, so a block spans 8 steps of amax/8 where a
         # positive amax/7 would use 7 (the corpus's Llama, every MatMul block 128: logits error
         # 0.212 against ORT's 0.195)
-        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
         magnitude = np.abs(extreme) / np.float32(8.0)
         if clip is not None:
-            if clip.shape != magnitude.shape:
-                raise ValueError(f"{self.name} clip ratios have shape {list(clip.shape)}, expected "
-                                 f"{list(magnitude.shape)} (blocks x columns)")
-            magnitude = magnitude * clip.astype(np.float32)
-        magnitude = _safe_scale(magnitude)  # [K/B, N]; an all-zero block: 1
-        scale = np.where(extreme > 0, -magnitude, magnitude).astype(np.float32)
-        q = np.clip(np.rint(blocks / scale[:, None, :]), -8, 7).reshape(-1, n)[:k]
-        return q.astype(ml_dtypes.int4), scale
+            magnitude = magnitude * clip
+        magnitude = _safe_scale(magnitude)  # an all-zero block: 1
+        return np.where(extreme > 0, -magnitude, magnitude).astype(np.float32)
+
+    @staticmethod
+    def _codes(blocks: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """The blocks' int4 codes, as float32 [ceil(K/BLOCK), BLOCK, N]."""
+        return np.clip(np.rint(blocks / scale[:, None, :]), -8, 7)
 
     def fake_weight(self, w, axis, clip=None):
         q, scale = self.quantize_weight(w, clip)
@@ -471,22 +484,19 @@ class Int4(Format):
             raise ValueError(f"{self.name} clip search needs a [{nb}, {self.BLOCK}, {self.BLOCK}] second-moment "
                              f"matrix for a {list(w.shape)} weight, got {list(gram.shape)}")
         gram = gram.astype(np.float32)
-        pad = nb * self.BLOCK - k
         best_ratio = np.ones((nb, n), np.float32)
         step = max(1, self._SEARCH_ELEMENTS // k)
         for c0 in range(0, n, step):
-            wc = np.ascontiguousarray(w[:, c0:c0 + step], dtype=np.float32)
-            best = np.full((nb, wc.shape[1]), np.inf, np.float32)
+            # the blocks and their extremes once per chunk; each ratio only rescales
+            blocks, extreme = self._blocks(np.ascontiguousarray(w[:, c0:c0 + step], dtype=np.float32))
+            best = np.full(extreme.shape, np.inf, np.float32)
             for r in self.CLIP_GRID:
-                ratio = np.full(best.shape, r, np.float32)
-                e = self.fake_weight(wc, 1, ratio) - wc
-                if pad:
-                    e = np.pad(e, ((0, pad), (0, 0)))
-                e = e.reshape(nb, self.BLOCK, -1)
+                scale = self._scale(extreme, np.float32(r))
+                e = self._codes(blocks, scale) * scale[:, None, :] - blocks  # padded rows: 0 - 0
                 loss = np.einsum("bkn,bkn->bn", e, gram @ e)
                 better = loss < best
                 best = np.where(better, loss, best)
-                best_ratio[:, c0:c0 + wc.shape[1]][better] = r
+                best_ratio[:, c0:c0 + extreme.shape[1]][better] = r
         return best_ratio
 
     def weight_nodes(self, name, w, axis, clip=None):
