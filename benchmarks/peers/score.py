@@ -62,6 +62,15 @@ def _gnu_time(path: Path) -> tuple[float | None, float | None]:
     return wall, rss
 
 
+def _ours_knob(ours: Path, name: str) -> str:
+    """The flags of our run ``name`` (ours.sh: PRE + rmse_B; ours_metric.sh: PRE + metric_dropD)."""
+    knob = (f"--max-loss-rmse {name.split('rmse_')[1]}" if "rmse_" in name else
+            f"--max-metric-drop {name.split('drop')[1]} (cosine on search.npz)")
+    if (ours / f"{name}.flags").exists():  # more pass flags (ours.sh AMPQ_FLAGS)
+        knob += " " + (ours / f"{name}.flags").read_text().strip()
+    return knob
+
+
 def entries_for(model: str) -> list[dict]:
     d = peerlib.model_dir(model)
     out = [{"method": "fp32", "config": "fp32", "knob": "-", "path": str(d / "fp32.onnx"), "status": "ok"}]
@@ -71,11 +80,7 @@ def entries_for(model: str) -> list[dict]:
         wall, rss = _gnu_time(tf)
         rep = ours / f"{name}.report.json"
         onnx_path = ours / f"{name}.onnx"
-        knob = (f"--max-loss-rmse {name.split('rmse_')[1]}" if "rmse_" in name else
-                f"--max-metric-drop {name.split('drop')[1]} (cosine on search.npz)")
-        if (ours / f"{name}.flags").exists():  # more pass flags (ours.sh AMPQ_FLAGS)
-            knob += " " + (ours / f"{name}.flags").read_text().strip()
-        e = {"method": "ours", "config": name, "knob": knob, "search_s": wall,
+        e = {"method": "ours", "config": name, "knob": _ours_knob(ours, name), "search_s": wall,
              "peak_rss_mb": rss, "path": str(onnx_path),
              "search_note": "",
              "status": "ok" if onnx_path.exists() and rep.exists() else "failed"}
@@ -111,7 +116,7 @@ def entries_for(model: str) -> list[dict]:
         rej = rep["rejected_plan"]
         n_q = sum(1 for f in rej["formats"].values() if f not in ("hp", "fp32"))
         out.append({"method": "ours", "config": f"{name} rejected plan", "rejected": True,
-                    "knob": f"--max-loss-rmse {name.split('rmse_')[1]}", "path": str(plan), "status": "ok",
+                    "knob": _ours_knob(ours, name), "path": str(plan), "status": "ok",
                     "search_note": "NOT the pass's output: the plan its verification rejected (written with --plan)",
                     "detail": (f"{n_q}/{len(rep['layers'])} layers low precision; pass predicted "
                                f"{rej['predicted_speedup']:.2f}x, its verification measured "
