@@ -118,7 +118,6 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], plan: Plan, ranges: Ran
     return _fill_weights(out, model) if large else out
 
 
-
 def written_for(backend: Measurer, model: onnx.ModelProto, layers: list[Layer], plan: Plan,
                 ranges: Ranges | None) -> onnx.ModelProto:
     """:func:`rewrite` following ``backend``'s fusion rules, in the form the pass writes for that

@@ -14,7 +14,6 @@ D="$ROOT/benchmarks/out/peers/$MODEL"
 OUTD="$D/ours"
 for REP in "$OUTD"/*.report.json; do
   N=$(basename "$REP" .report.json)
-  case "$N" in *.rejected_plan) continue ;; esac
   # written already for this report (run_all calls this after each backend's runs)
   [ "$OUTD/$N.rejected_plan.onnx" -nt "$REP" ] && continue
   # the name's prefix before rmse_/metric_drop is ours.sh's PRE: backend, formats, tag
