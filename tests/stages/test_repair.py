@@ -85,6 +85,44 @@ def test_the_loop_drops_the_subgraph_that_slows_the_model(tmp_path, block, at_on
     assert _quantized_layers(onnx.load(tmp_path / "o.onnx")) == set(res.solution.plan.formats)
 
 
+class RisingLoadBackend(InteractingBackend):
+    """:class:`InteractingBackend` on a machine whose load rises with each measurement of
+    reverted variants in context (a repair round's): after the k-th, every whole model with a
+    quantized layer runs 1 + 0.3 k times as long, so what a repair round measured in context
+    no longer holds when its plan is verified."""
+
+    def __init__(self, effects):
+        super().__init__(effects)
+        self.in_context = 0
+
+    def time(self, models, inputs):
+        out = super().time(models, inputs)
+        factor = 1.0 + 0.3 * self.in_context
+        for label, model in models.items():
+            if not model.graph.name.startswith("subgraph") and _quantized_layers(model):
+                out[label] = _timing(out[label].median * factor)
+        self.in_context += any(label.startswith("revert") for label in models)
+        return out
+
+
+def test_no_further_repair_round_after_one_that_measured_slower(tmp_path, block):
+    """Round 0 (both subgraphs int8) measures 2.0/2.1 s; in context reverting the attention is
+    faster (1.7 s), but its plan verifies at 1.7 x 1.3 s, slower than round 0. A second round
+    would start from that plan (and, the load risen again, revert the MLP too); the loop stops
+    instead, and the pass ships neither (both slower than the input)."""
+    path, (attention, mlp) = block
+    lines = []
+    res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0,
+                   backend=RisingLoadBackend([(attention, 0.4), (mlp, -0.3)]), cache_dir=None,
+                   progress=False, log=lines.append, repair_rounds=2)
+    rounds = res.report["rounds"]
+    assert [r["measured_speedup"] for r in rounds] == [pytest.approx(2.0 / 2.1, rel=0.01),
+                                                        pytest.approx(2.0 / (1.7 * 1.3), rel=0.01)]
+    assert set(rounds[1]["formats"]) and set(rounds[1]["formats"]) <= mlp  # the attention reverted
+    assert any("repair round 1 measured 0.905x, no faster than the 0.952x it repaired" in line for line in lines)
+    assert res.report["rejected_plan"] is not None and res.solution.plan.formats == {}
+
+
 def test_a_pass_out_of_time_skips_the_repair_round_and_still_never_writes_a_slow_down(tmp_path, block, monkeypatch):
     import ampq_pass.pipeline as pipeline
 
