@@ -10,8 +10,9 @@ such CPUs halves the int8 weights to avoid the same overflow (relative error 2e-
 gives 1e-6). Tests that check a rewritten model against the formats' reference to float
 rounding, or the sensitivity's prediction against ONNX Runtime's measured loss, hold only
 where the kernels are exact, and skip elsewhere saying so. (The ONNX Runtime backend offers
-``int8_w7`` / ``int8_dyn_w7`` there, whose 7-bit weights keep the kernels exact; their tests
-run on every CPU.)
+``int8_pairs`` / ``int8_dyn_pairs`` there, whose same-sign neighbouring weights add up to at
+most 128, and ``int8_w7`` / ``int8_dyn_w7`` (7-bit weights) on request: both keep the
+kernels exact; their tests run on every CPU.)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ needs_exact_openvino_int8 = pytest.mark.skipif(
     reason="OpenVINO's CPU plugin halves int8 weights on x86 without VNNI (tests/hardware.py)")
 
 #: the 8-bit formats the ONNX Runtime CPU backend offers on this machine: ``int8`` / ``int8_dyn``,
-#: or where its u8s8 GEMM saturates their 7-bit-weight variants (tests of what the backend
+#: or where its u8s8 GEMM saturates their pair-bounded variants (tests of what the backend
 #: offers and ships name these)
-ORT_INT8 = "int8" if ort_int8_is_exact() else "int8_w7"
-ORT_INT8_DYN = "int8_dyn" if ort_int8_is_exact() else "int8_dyn_w7"
+ORT_INT8 = "int8" if ort_int8_is_exact() else "int8_pairs"
+ORT_INT8_DYN = "int8_dyn" if ort_int8_is_exact() else "int8_dyn_pairs"

@@ -85,25 +85,30 @@ def test_cpu_capabilities_exclude_unfused_formats():
         OrtBackend("cpu", formats=("fp16",))
 
 
-def test_where_the_u8s8_gemm_saturates_the_cpu_ep_offers_the_seven_bit_int8s(monkeypatch):
+def test_where_the_u8s8_gemm_saturates_the_cpu_ep_offers_the_exact_int8s(monkeypatch):
     """On a CPU whose u8s8 GEMM saturates (x86 without VNNI) ``int8`` and ``int8_dyn`` give way
-    to ``int8_w7`` / ``int8_dyn_w7``, and a restriction to ``int8`` is refused saying why;
-    elsewhere nothing changes. The probe itself agrees with tests/hardware.py's premise."""
+    to ``int8_pairs`` / ``int8_dyn_pairs``, the 7-bit ``int8_w7`` / ``int8_dyn_w7`` stay
+    available on request, and a restriction to ``int8`` is refused saying why; elsewhere
+    nothing changes."""
     import ampq_pass.backends.ort as module
 
     monkeypatch.setattr(module, "u8s8_saturates", lambda: True)
     b = OrtBackend("cpu")
-    assert b.capabilities().formats == ("int8_w7", "int8_dyn_w7", "int4", "int4_b128")
+    assert b.capabilities().formats == ("int8_pairs", "int8_dyn_pairs", "int4", "int4_b128")
     assert b.capabilities().rules is not None and b.key()["u8s8_saturates"] is True
     assert OrtBackend("cpu", formats=("int8_w7",)).capabilities().formats == ("int8_w7",)
+    assert OrtBackend("cpu", formats=("int8_dyn_w7", "int8_pairs")).capabilities().formats == \
+        ("int8_pairs", "int8_dyn_w7")
     kept = OrtBackend("cpu", formats=("int8",), saturating_int8=True)  # to time int8 as it runs there
     assert kept.capabilities().formats == ("int8",)
-    with pytest.raises(AmpqError, match="saturates int16 pair sums.*'int8_w7' \\(7-bit weights\\) does"):
+    with pytest.raises(AmpqError, match="saturates int16 pair sums.*'int8_pairs' \\(8-bit weights, neighbours "
+                                        "bounded\\) and 'int8_w7' \\(7-bit weights\\) do"):
         OrtBackend("cpu", formats=("int8",))
     monkeypatch.setattr(module, "u8s8_saturates", lambda: False)
     assert OrtBackend("cpu").capabilities().formats == ("int8", "int8_dyn", "int4", "int4_b128")
-    with pytest.raises(AmpqError, match="does not run 'int8_w7' fast; it offers"):
-        OrtBackend("cpu", formats=("int8_w7",))
+    for name in ("int8_w7", "int8_pairs"):
+        with pytest.raises(AmpqError, match=f"does not run '{name}' fast; it offers"):
+            OrtBackend("cpu", formats=(name,))
 
 
 def test_provider_errors():
