@@ -384,3 +384,21 @@ def test_pair_bounded_int8_convolutions_run_exactly_in_onnx_runtime(cout, cin_g,
     assert steps["int8_pairs"].max() <= 1.01 and (steps["int8_pairs"] > 0.5).mean() < 0.01
     if u8s8_saturates() and cin_g > 1:
         assert steps["int8"].max() > 4
+
+
+def test_pair_bounded_scale_answers_a_weight_searched_before_from_memory(monkeypatch):
+    """The timing stage quantizes a layer once per configuration: the second search of the
+    same weight (another array, same content) is not run again, and what a caller does to
+    the returned scale does not reach the next one; another weight is searched."""
+    import ampq_pass.core.formats as formats
+
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    first = formats.pair_bounded_scale(w, 1)
+    monkeypatch.setattr(formats, "_best_pair_scale", lambda *a: pytest.fail("searched again"))
+    again = formats.pair_bounded_scale(w.copy(), 1)
+    assert np.array_equal(first, again)
+    again *= 2
+    assert np.array_equal(formats.pair_bounded_scale(w, -1), first)  # axis -1 is axis 1
+    with pytest.raises(pytest.fail.Exception, match="searched again"):
+        formats.pair_bounded_scale(w + 1, 1)
