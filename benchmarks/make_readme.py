@@ -68,7 +68,7 @@ LEARNED = """## What we learned (read with the tables below)
   of 7-bit error on Gaussian weights, never worse). The naive version (scale absmax/127, then cut) had 18-150x
   int8's error: most cuts are large. ResNet-50 at budget 0.1: 53 of 54 layers, 1.89x at logit error 0.0365
   (7-bit: 1.80x at 0.052); peers ORT 1 of 14, OpenVINO 2 of 13 above our front (was 5 and 3). MiniLM: 1.285x
-  at budget 0.1 (7-bit 1.208x); ORT 4 of 12 above at 40 rounds, all ties (0 of 12 at 100 rounds before).
+  at budget 0.1 (7-bit 1.208x); ORT 2 of 12 above at 72 rounds, both ties (0 of 12 at 100 rounds before).
   Also: no repair round after one whose plan measured no faster than the plan it repaired.
 
 - **2026-11-28, morning (AMD EPYC with AVX2 only; no GPU lent): clip int4 against the layer's input; write
