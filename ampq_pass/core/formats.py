@@ -122,12 +122,19 @@ _PAIR_SCALES: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _PAIR_SCALES_MAX = 4096
 
 
-def _pair_bounded_codes(w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
-    """int16 codes of ``w`` at ``scale`` in [-127, 127], then :func:`bound_pairs`."""
+def _symmetric_codes(w: np.ndarray, scale: np.ndarray, axis: int | None, limit: int) -> np.ndarray:
+    """int8 codes of ``w`` at ``scale``, rounded half to even and clipped to [-limit, limit]."""
+    # in place after the division: one float temporary of the weight's size, not three
+    # (a 256 MB weight of a >2 GB model would otherwise add 768 MB at a time)
     t = w / _expand(scale, w.ndim, axis)
     np.rint(t, out=t)
-    np.clip(t, -127, 127, out=t)
-    return bound_pairs(t.astype(np.int8), axis)
+    np.clip(t, -limit, limit, out=t)
+    return t.astype(np.int8)
+
+
+def _pair_bounded_codes(w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    """int16 codes of ``w`` at ``scale`` in [-127, 127], then :func:`bound_pairs`."""
+    return bound_pairs(_symmetric_codes(w, scale, axis, 127), axis)
 
 
 def pair_bounded_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
@@ -298,12 +305,7 @@ class Int8(Format):
     # ---- numpy reference
     def quantize_weight(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
         scale = self.weight_scale(w, axis)
-        # in place after the division: one float temporary of the weight's size, not three
-        # (a 256 MB weight of a >2 GB model would otherwise add 768 MB at a time)
-        t = w / _expand(scale, w.ndim, axis)
-        np.rint(t, out=t)
-        np.clip(t, -self.WEIGHT_MAX, self.WEIGHT_MAX, out=t)
-        return t.astype(np.int8), scale
+        return _symmetric_codes(w, scale, axis, self.WEIGHT_MAX), scale
 
     def fake_weight(self, w, axis, clip=None):
         q, scale = self.quantize_weight(w, axis)
