@@ -258,3 +258,20 @@ def block_gram(x: np.ndarray, block: int) -> np.ndarray:
     the second moments int4's clip search reads, computed here independently of the pass."""
     xb = np.pad(x, ((0, 0), (0, (-x.shape[1]) % block))).reshape(len(x), -1, block)
     return np.einsum("tbi,tbj->bij", xb.astype(np.float64), xb) / len(x)
+
+
+def shrunk_block_gram(x: np.ndarray, block: int) -> np.ndarray:
+    """:func:`block_gram` with its off-diagonal entries shrunk toward zero by Schafer and
+    Strimmer's intensity (the sum over i != j of each entry's estimated variance over the sum
+    of its square), computed here from the tokens themselves (one outer product per token),
+    not from the pass's running sums: what int4's clip search reads after calibration."""
+    xb = np.pad(x, ((0, 0), (0, (-x.shape[1]) % block))).reshape(len(x), -1, block).astype(np.float64)
+    s = block_gram(x, block)
+    out = np.empty_like(s)
+    off = ~np.eye(block, dtype=bool)
+    for b in range(s.shape[0]):
+        var = sum((np.outer(t, t) - s[b]) ** 2 for t in xb[:, b]) / len(x) ** 2
+        spread = np.sum(s[b][off] ** 2)
+        lam = min(1.0, np.sum(var[off]) / spread) if spread > 0 else 0.0
+        out[b] = lam * np.diag(np.diag(s[b])) + (1 - lam) * s[b]
+    return out

@@ -112,7 +112,7 @@ def test_int4_clip_ratios_are_searched_on_the_layers_calibration_input(tmp_path)
     calib, held = Samples({"x": x[:128]}), x[128:]
     cache = Cache(tmp_path)
     ranges = compute_ranges(model, layers, calib, cache=cache)
-    expected = FORMATS["int4"].search_clip(w, models.block_gram(x[:128], 32))
+    expected = FORMATS["int4"].search_clip(w, models.shrunk_block_gram(x[:128], 32))
     assert np.mean(ranges.clip("w", "int4") == expected) > 0.95  # float summation order may flip a near-tie
     assert np.any(ranges.clip("w", "int4") < 1)
     again = compute_ranges(model, layers, calib, cache=cache)
@@ -148,7 +148,75 @@ def test_a_weight_read_by_two_matmuls_is_clipped_for_both_inputs():
     a, b = models.varied_tokens(rng, 64, 64), models.varied_tokens(rng, 64, 64)
     clips = search_clips(model, layers, Samples({"a": a, "b": b}))
     assert set(clips) == {("w", "int4")}  # K = 64: no int4_b128
-    both = FORMATS["int4"].search_clip(w, models.block_gram(a, 32) + models.block_gram(b, 32))
+    both = FORMATS["int4"].search_clip(w, models.shrunk_block_gram(a, 32) + models.shrunk_block_gram(b, 32))
     assert np.mean(clips[("w", "int4")] == both) > 0.95
     for one in (a, b):  # neither input alone gives those ratios
-        assert np.mean(FORMATS["int4"].search_clip(w, models.block_gram(one, 32)) == both) < 0.8
+        assert np.mean(FORMATS["int4"].search_clip(w, models.shrunk_block_gram(one, 32)) == both) < 0.8
+
+
+def _sums(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: the sums over tokens of x_b x_b^T and of (x_b * x_b)(x_b * x_b)^T (the calibration's)."""
+    return models.block_gram(x, block) * len(x), models.block_gram(x.astype(np.float64) ** 2, block) * len(x)
+
+
+def test_shrunk_second_moment_equals_the_formula_computed_from_the_tokens():
+    """From the two running sums, the same matrix as Schafer and Strimmer's diagonal-target
+    shrinkage evaluated on the tokens themselves (tests/models.py: one outer product per
+    token), K padded to whole blocks."""
+    from ampq_pass.stages.calibrate import shrunk_second_moment
+
+    rng = np.random.default_rng(3)
+    x = models.varied_tokens(rng, 40, 72)  # 72 = 2 blocks of 32 and a padded one
+    got, lam = shrunk_second_moment(*_sums(x, 32), len(x))
+    np.testing.assert_allclose(got, models.shrunk_block_gram(x, 32), rtol=1e-5, atol=1e-9)
+    assert lam.shape == (3,) and np.all((lam > 0) & (lam <= 1))
+
+
+def test_shrinkage_fades_with_many_tokens_and_fills_in_a_rank_deficient_moment():
+    """Many tokens of correlated channels: lam near 0, the sample moment kept. Fewer tokens
+    than the block: the sample moment is singular, the shrunk one positive definite."""
+    from ampq_pass.stages.calibrate import shrunk_second_moment
+
+    rng = np.random.default_rng(4)
+    mix = rng.standard_normal((32, 32)) * np.linspace(0.2, 3.0, 32)
+    many = (rng.standard_normal((20000, 32)) @ mix).astype(np.float32)
+    got, lam = shrunk_second_moment(*_sums(many, 32), len(many))
+    assert lam[0] < 0.02
+    np.testing.assert_allclose(got, models.block_gram(many, 32), rtol=0.02, atol=0.02 * np.abs(got).max())
+    few = many[:12]
+    s = models.block_gram(few, 32)[0]
+    got, lam = shrunk_second_moment(*_sums(few, 32), len(few))
+    assert np.linalg.matrix_rank(s) == 12
+    assert lam[0] > 0.2 and np.linalg.eigvalsh(got[0]).min() > 0
+
+
+def test_shrinkage_leaves_a_diagonal_moment_alone():
+    """Tokens whose second moment is exactly diagonal: nothing to shrink."""
+    from ampq_pass.stages.calibrate import shrunk_second_moment
+
+    x = np.concatenate([np.eye(32), -np.eye(32)]).astype(np.float32) * 2.0
+    got, lam = shrunk_second_moment(*_sums(x, 32), len(x))
+    assert lam[0] == 0
+    np.testing.assert_allclose(got[0], np.eye(32) * 8 / 64, atol=1e-12)  # each +-2 e_i twice, 64 tokens
+
+
+def test_with_few_tokens_the_shrunk_search_errs_less_on_held_out_inputs():
+    """Fewer calibration tokens than the block (int4_b128, 24 tokens): clip ratios searched on
+    the shrunk moment give a lower output error on held-out inputs than on the sample moment,
+    which is blind to every direction the few tokens miss."""
+    from ampq_pass.core.formats import FORMATS
+    from ampq_pass.stages.calibrate import shrunk_second_moment
+
+    fmt = FORMATS["int4_b128"]
+    rng = np.random.default_rng(5)
+    w = rng.standard_t(3, (256, 64)).astype(np.float32)
+    x = models.varied_tokens(rng, 24 + 2000, 256)
+    calib, held = x[:24], x[24:]
+    sums = _sums(calib, 128)
+    plain = fmt.search_clip(w, sums[0] / len(calib))
+    shrunk = fmt.search_clip(w, shrunk_second_moment(*sums, len(calib))[0])
+
+    def error(clip):
+        return float(np.mean((held @ fmt.fake_weight(w, None, clip) - held @ w) ** 2))
+
+    assert error(shrunk) < 0.97 * error(plain)
