@@ -50,7 +50,7 @@ from ampq_pass.stages.solve import Option, Solution, hp_solution, loss_budget, p
 from ampq_pass.stages.subgraphs import capture_inputs
 from ampq_pass.stages.timing import GainTable, fit_timing_batch, gain_table, predict_speedup
 from ampq_pass.stages.plan import Plan
-from ampq_pass.stages.verify import run_batches, speedup_interval, verify
+from ampq_pass.stages.verify import run_batches, speedup_interval, time_together, verify
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -784,7 +784,7 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     over = [rounds[i] for i in beat if i not in faster]
     rejected = None
     if faster:
-        best = max(faster, key=lambda i: rounds[i].measured["speedup"])
+        best = _fastest_together(inp, faster, rounds, verified, budget, once, log)
         (solution, rewritten), measured = verified[best], rounds[best].measured
         predicted = rounds[best].predicted_speedup
     elif solution.plan.formats or len(rounds) > 1:
@@ -813,6 +813,34 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
     else:
         predicted = rounds[-1].predicted_speedup
     return solution, rewritten, measured, predicted, rounds, rejected
+
+
+def _fastest_together(inp: _Inputs, candidates: list[int], rounds: list[Round], verified: list, budget: TimeBudget,
+                      once: float, log) -> int:
+    """Of the verified plans ``candidates`` (indices into ``rounds``, each faster than the input
+    and within the loss budget), the one to ship: with two or more, the fastest in one run
+    timing them together (:func:`ampq_pass.stages.verify.time_together`; the fastest few by
+    their own verification, as many as :func:`ampq_pass.stages.repair.variants_at_once` lets
+    beside the input), else the fastest by its own verification. Each timed round's measurement
+    gets ``together``: its speed-up in that run."""
+    best = max(candidates, key=lambda i: rounds[i].measured["speedup"])
+    if len(candidates) < 2:
+        return best
+    at_once = max(2, variants_at_once(inp.model, inp.timing_inputs[0] if inp.timing_inputs else None))
+    picked = sorted(candidates, key=lambda i: -rounds[i].measured["speedup"])[:at_once]
+    if not budget.fits(once, f"timing the {len(picked)} verified plans together", log):
+        return best
+    together = time_together(inp.model, {f"round{i}": verified[i][1] for i in picked}, inp.backend,
+                             inp.timing_inputs)
+    if together is None:
+        return best
+    for i in picked:
+        rounds[i].measured["together"] = together[f"round{i}"]
+    chosen = max(picked, key=lambda i: together[f"round{i}"]["speedup"])
+    log("      the verified plans timed together: " + ", ".join(
+        f"round {i} {together[f'round{i}']['speedup']:.3f}x (alone {rounds[i].measured['speedup']:.3f}x)"
+        for i in picked) + f"; shipping round {chosen}")
+    return chosen
 
 
 def _quick_backend(backend):

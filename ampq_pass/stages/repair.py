@@ -78,6 +78,8 @@ class Round:
         return {"round": self.index, "layers_quantized": len(self.formats), "formats": dict(self.formats),
                 "predicted_speedup": self.predicted_speedup, "measured_speedup": self.measured.get("speedup"),
                 "measured_loss_mse": self.measured.get("loss_mse"),
+                # its speed-up in the run that timed the verified plans together (pipeline's ship choice)
+                "measured_together": (self.measured.get("together") or {}).get("speedup"),
                 "corrections": {str(k): v for k, v in self.corrections.items()}, "note": self.note}
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from ampq_pass.core.measure import Backend, Capabilities, Timing
 from ampq_pass.pipeline import faster_beyond_noise
-from ampq_pass.stages.verify import speedup_interval, verify
+from ampq_pass.stages.verify import speedup_interval, time_together, verify
 from ampq_pass.core.samples import Samples
 
 
@@ -36,6 +36,44 @@ def test_the_speed_up_interval_pairs_the_rounds(mlp_model):
     assert m["speedup"] == pytest.approx(1.05) and lo == pytest.approx(1.05) and hi == pytest.approx(1.05)
     # 5% faster every round: beyond the noise, though the medians' own intervals overlap
     assert m["plan_ci"][1] > m["hp_ci"][0] and faster_beyond_noise(m)
+
+
+class ByName(Backend):
+    """Each model runs in a time set by its graph's name (seconds), every round slowed alike by a load."""
+
+    name, unit = "by-name", "s"
+
+    def __init__(self, times: dict[str, float]):
+        self.times, self.calls = times, []
+
+    def capabilities(self):
+        return Capabilities(formats=("int8",), hp="fp32", device="none")
+
+    def key(self):
+        return {"backend": self.name}
+
+    def time(self, models, inputs):
+        self.calls.append(list(models))
+        load = np.random.default_rng(2).uniform(1.0, 1.5, 20)
+        return {label: Timing.of([self.times[m.graph.name] * f for f in load]) for label, m in models.items()}
+
+
+def test_candidates_are_timed_together_against_the_input(mlp_model):
+    import onnx
+
+    def named(name):
+        m = onnx.ModelProto()
+        m.CopyFrom(mlp_model)
+        m.graph.name = name
+        return m
+
+    backend = ByName({"input": 0.010, "a": 0.008, "b": 0.005})
+    got = time_together(named("input"), {"r0": named("a"), "r1": named("b")}, backend, [{}])
+    assert backend.calls == [["hp", "r0", "r1"]]  # one run, the input first
+    assert got["r0"]["speedup"] == pytest.approx(1.25) and got["r1"]["speedup"] == pytest.approx(2.0)
+    assert got["r1"]["speedup_ci"] == pytest.approx([2.0, 2.0])
+    with pytest.raises(ValueError, match="'hp' names the input"):
+        time_together(named("input"), {"hp": named("a")}, backend, [{}])
 
 
 def test_without_paired_rounds_the_medians_intervals_are_used():
