@@ -390,7 +390,9 @@ def section(res) -> str:
     s += (f"\nFront check (each peer point against the fastest of our plans, or fp32, with equal (within a "
           f"relative {QUALITY_TIE:g}: float summation order) or better "
           f"{'mean cosine' if kind == 'embedding' else 'relative error'}; point estimates, the CIs above say how "
-          f"much of a gap is noise): {above} of {len(lines)} peer points above our front{_clear(lines)}.{extra}\n\n"
+          f"much of a gap is noise): {above} of {len(lines)} peer points above our front{_clear(lines)}.{extra}"
+          f"{' Each point above ours is timed head to head against our plan in peers_ties.md (ties.py).' if above else ''}"
+          f"\n\n"
           + "\n".join(lines) + "\n\n")
     if ov:
         ov_lines = front_lines(res, "ov_speedup")

@@ -13,7 +13,7 @@ Two models with the same optimised graph differed by about 5% by their place in 
 (benchmarks/peers/README.md), so a head-to-head in one order only would carry that bias; the
 two orders' per-round ratios t_peer / t_ours are pooled. Verdict: ours faster, peer faster,
 or a tie (the 95% CI of the pooled median ratio holds 1). Writes
-``benchmarks/results/peers_ties.md`` and ``benchmarks/results/peers/ties_<model>.json``.
+``benchmarks/results/peers_ties.md`` and ``benchmarks/results/peers/ties/<model>.json``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import score  # noqa: E402
 from common import RESULTS, cpu_isa, cpu_name, wait_for_quiet  # noqa: E402
 
 COLUMNS = {"speedup": "ONNX Runtime CPU EP", "ov_speedup": "OpenVINO CPU plugin"}
+#: each model's head-to-head results (a folder of their own: score.py reads every JSON of SCORES as a model's score)
+TIES = score.SCORES / "ties"
 
 
 def tied_pairs(res: dict, key: str) -> list[tuple[dict, dict]]:
@@ -153,7 +155,8 @@ def run(model: str, rounds: int) -> dict:
             print(f"[ties] {model} {COLUMNS[key]}: {peer['method']}/{peer['config']} vs ours {ours['config']}",
                   flush=True)
             out["pairs"].append(head_to_head(model, key, peer, ours, rounds, m, ev, ref))
-    (score.SCORES / f"ties_{model}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    TIES.mkdir(parents=True, exist_ok=True)
+    (TIES / f"{model}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     return out
 
 
@@ -170,7 +173,7 @@ def report() -> str:
          "timed alone against that plan (and fp32), interleaved, in two runs, ours created first and then the "
          "peer first; ratio = median over the pooled rounds of t_peer / t_ours (> 1: ours faster), [95% CI]. "
          "Quality re-measured on the evaluation data for the files timed here.\n\n")
-    for f in sorted(score.SCORES.glob("ties_*.json")):
+    for f in sorted(TIES.glob("*.json")):
         r = json.loads(f.read_text())
         kind = peerlib.meta(r["model"])["kind"] if (peerlib.model_dir(r["model"]) / "meta.json").exists() else ""
         s += (f"## {r['title']}\n\n- date {r['date']} (pairs from the scoring of {r['scored']}); CPU {r['cpu']} "
