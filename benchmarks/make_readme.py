@@ -57,6 +57,21 @@ EARLIER = [  # per-stage benchmarks from earlier issues
 
 LEARNED = """## What we learned (read with the tables below)
 
+- **2026-11-28, afternoon (AMD EPYC with AVX2 only; no GPU lent): call ties head to head; decide between
+  verified plans in one run.** The peer points left above our front all had overlapping CIs, so
+  `benchmarks/peers/ties.py` times each against the plan of ours it beat, alone, in two runs with the
+  creation order swapped: the model created first ran 0.4-1.3% slower on MiniLM and 2-5% at the Llama decode
+  step, more than most gaps. MiniLM's two points, ResNet-50's ORT point and the decode step's two are ties;
+  on OpenVINO AIMET's every-quantizer ResNet-50 models ran 0.5-0.6% faster than ours (missed). Quark's int4
+  decode step ran 4.7% faster than our previous plan in one head-to-head and tied our new one in the next;
+  its file has about 100 fewer shape nodes (onnxslim). The pass itself made the same mistake: each verified
+  plan was timed against the input in a run of its own, and at budget 0.05 it shipped a plan that verified
+  at 2.00x over the every-int4 one at 1.94x, scored 2.11x against 2.44x; with two or more candidates it now
+  times them together (`verify.time_together`) and budget 0.05 ships every-int4. int4's clip search shrinks
+  each block's second moment toward its diagonal (Schafer-Strimmer): 16 decode tokens gave a rank-16 moment
+  per block of 128 (every-int4 logit error 0.1452 -> 0.1441; a Ledoit-Wolf identity target did as well there
+  but erred 4-14% more than no shrinkage on synthetic tokens with unequal channels).
+
 - **2026-11-28, noon (AMD EPYC with AVX2 only; no GPU lent): 8-bit weights that the saturating kernel
   computes exactly.** On ResNet-50 our every-layer 7-bit plan ran as fast as the peers' every-layer int8 (a
   quiet interleaved check: 242-249 ms for ours, AIMET, ORT and INC alike) but lost on error: one 3x3
