@@ -137,7 +137,10 @@ def m_path(model: str) -> str:
     return str(peerlib.model_dir(model) / "fp32.onnx")
 
 
-def run(model: str, rounds: int) -> dict:
+def run(model: str, rounds: int, ours_config: str | None = None, columns: list[str] | None = None) -> dict:
+    """The head-to-heads of ``model``'s tied pairs; ``ours_config``: time each peer point against
+    that plan of ours instead (it must have equal or better quality: checked), written to
+    ``ties/<model>_<config>.json``; ``columns``: only these (``speedup``, ``ov_speedup``)."""
     res = json.loads((score.SCORES / f"{model}.json").read_text())
     m = peerlib.meta(model)
     ev = peerlib.batches(peerlib.load(model, "eval"), m["batch"])
@@ -146,8 +149,15 @@ def run(model: str, rounds: int) -> dict:
     out = {"model": model, "title": m["model"], "scored": res["date"], "date": datetime.datetime.now().isoformat(
         timespec="minutes"), "cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "busy_before": busy,
         "code": os.environ.get("AMPQ_CODE_COMMIT", "working tree"), "rounds": rounds, "pairs": []}
-    for key in COLUMNS:
+    if ours_config:
+        out["ours_config"] = ours_config
+    for key in columns or list(COLUMNS):
         for peer, ours in tied_pairs(res, key):
+            if ours_config:
+                ours = next(e for e in res["entries"] if e["method"] == "ours" and e["config"] == ours_config)
+                q = score.primary(res, peer, key)
+                if score.primary(res, ours, key) < q - score.QUALITY_TIE * abs(q):
+                    raise SystemExit(f"--ours {ours_config}: its quality is below {peer['method']}/{peer['config']}'s")
             if not (Path(peer["path"]).exists() and Path(ours["path"]).exists()):
                 out["pairs"].append({"column": COLUMNS[key], "peer": f"{peer['method']}/{peer['config']}",
                                      "ours": ours["config"], "error": "model file missing (not produced here)"})
@@ -156,7 +166,8 @@ def run(model: str, rounds: int) -> dict:
                   flush=True)
             out["pairs"].append(head_to_head(model, key, peer, ours, rounds, m, ev, ref))
     TIES.mkdir(parents=True, exist_ok=True)
-    (TIES / f"{model}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
+    (TIES / f"{model}{'_' + ours_config if ours_config else ''}.json").write_text(
+        json.dumps(out, indent=1, default=str) + "\n")
     return out
 
 
@@ -176,9 +187,12 @@ def report() -> str:
     for f in sorted(TIES.glob("*.json")):
         r = json.loads(f.read_text())
         kind = peerlib.meta(r["model"])["kind"] if (peerlib.model_dir(r["model"]) / "meta.json").exists() else ""
-        s += (f"## {r['title']}\n\n- date {r['date']} (pairs from the scoring of {r['scored']}); CPU {r['cpu']} "
+        chosen = (f" Each peer point against our `{r['ours_config']}` plan (equal or better quality), not the "
+                  f"fastest of ours by the scoring's point estimate." if r.get("ours_config") else "")
+        s += (f"## {r['title']}{' (against ' + r['ours_config'] + ')' if r.get('ours_config') else ''}\n\n"
+              f"- date {r['date']} (pairs from the scoring of {r['scored']}); CPU {r['cpu']} "
               f"({r['isa']}), {r['cores']} cores; {r['rounds']} rounds per run, two runs per pair; code at git "
-              f"{r['code']}; CPU busy before: {r['busy_before']:.0%}.\n\n")
+              f"{r['code']}; CPU busy before: {r['busy_before']:.0%}.{chosen}\n\n")
         if not r["pairs"]:
             s += "No peer point above our front in that scoring.\n\n"
             continue
@@ -204,12 +218,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", help="minilm, resnet50, yolov8n, llama (scored by score.py)")
     ap.add_argument("--rounds", type=int, default=150, help="rounds per run (two runs per pair)")
+    ap.add_argument("--ours", help="time every tied peer point against this plan of ours (e.g. rmse_0.2) instead")
+    ap.add_argument("--column", choices=list(COLUMNS), action="append",
+                    help="only this backend's column (speedup: ONNX Runtime, ov_speedup: OpenVINO); repeatable")
     ap.add_argument("--report-only", action="store_true", help="rewrite peers_ties.md from the JSON files")
     a = ap.parse_args()
     if a.rounds < 10:
         ap.error(f"--rounds: at least 10 rounds for a median's CI, got {a.rounds}")
     for model in a.models if not a.report_only else []:
-        run(model, a.rounds)
+        run(model, a.rounds, a.ours, a.column)
     (RESULTS / "peers_ties.md").write_text(report())
     print(f"wrote {RESULTS / 'peers_ties.md'}")
 
