@@ -106,7 +106,7 @@ def head_to_head(model: str, key: str, peer: dict, ours: dict, rounds: int, m: d
     protocol = Protocol(warmup=3, min_repeats=rounds, max_repeats=rounds, max_seconds=None)
     legs, ratios, vs_fp32 = [], [], {"peer": [], "ours": []}
     for first in ("ours", "peer"):
-        order = {"fp32": m_path(model), first: out[f"{first}_path"]}
+        order = {"fp32": fp32_path(model), first: out[f"{first}_path"]}
         other = "peer" if first == "ours" else "ours"
         order[other] = out[f"{other}_path"]
         up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -133,7 +133,8 @@ def head_to_head(model: str, key: str, peer: dict, ours: dict, rounds: int, m: d
     return out
 
 
-def m_path(model: str) -> str:
+def fp32_path(model: str) -> str:
+    """The prepared fp32 model of the peers benchmark for ``model``."""
     return str(peerlib.model_dir(model) / "fp32.onnx")
 
 
@@ -144,7 +145,7 @@ def run(model: str, rounds: int, ours_config: str | None = None, columns: list[s
     res = json.loads((score.SCORES / f"{model}.json").read_text())
     m = peerlib.meta(model)
     ev = peerlib.batches(peerlib.load(model, "eval"), m["batch"])
-    ref = peerlib.run_model(Path(m_path(model)), ev)
+    ref = peerlib.run_model(Path(fp32_path(model)), ev)
     busy = wait_for_quiet(limit=0.25, patience=90.0)
     out = {"model": model, "title": m["model"], "scored": res["date"], "date": datetime.datetime.now().isoformat(
         timespec="minutes"), "cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "busy_before": busy,
