@@ -173,11 +173,14 @@ def _token_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return x.reshape(x.shape[0], -1, block).transpose(1, 0, 2)
 
 
-def _block_grams(x: np.ndarray, block: int) -> np.ndarray:
-    """Sum over the tokens of ``x`` [..., K] of x_b x_b^T for each block b of ``block`` along K:
-    [ceil(K/block), block, block]."""
+def _block_grams(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums over the tokens of ``x`` [..., K], for each block b of ``block`` along K, of x_b x_b^T
+    and of (x_b * x_b)(x_b * x_b)^T (what :func:`shrunk_second_moment` reads): two
+    [ceil(K/block), block, block] arrays."""
     xb = _token_blocks(x, block)
-    return np.matmul(xb.transpose(0, 2, 1), xb).astype(np.float64)
+    sq = np.square(xb)
+    return (np.matmul(xb.transpose(0, 2, 1), xb).astype(np.float64),
+            np.matmul(sq.transpose(0, 2, 1), sq).astype(np.float64))
 
 
 def shrunk_second_moment(sum_xx: np.ndarray, sum_x2x2: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,8 +254,7 @@ def search_clips(model: onnx.ModelProto, layers: list[Layer], samples: Samples, 
         for name, x in values.items():
             tokens[name] = tokens.get(name, 0) + int(np.prod(x.shape[:-1]))
             for b in blocks[name]:
-                g = _block_grams(np.asarray(x), b)
-                q = _block_grams(np.square(np.asarray(x, np.float32)), b)
+                g, q = _block_grams(np.asarray(x), b)
                 sums[(name, b)] = g if (name, b) not in sums else sums[(name, b)] + g
                 squares[(name, b)] = q if (name, b) not in squares else squares[(name, b)] + q
     inits = initializers(model)

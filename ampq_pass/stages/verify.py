@@ -112,12 +112,20 @@ def verify(model: onnx.ModelProto, rewritten: onnx.ModelProto, holdout: Samples,
         out["note"] = f"backend {getattr(backend, 'name', backend)} is a cost model: no time measured"
         return out
     t = backend.time({"hp": model, "plan": rewritten}, timing_inputs)
-    out.update(speedup=t["hp"].median / t["plan"].median, hp_time=t["hp"].median, plan_time=t["plan"].median,
+    out.update(hp_time=t["hp"].median, plan_time=t["plan"].median,
                hp_ci=[t["hp"].ci_low, t["hp"].ci_high], plan_ci=[t["plan"].ci_low, t["plan"].ci_high])
-    paired = paired_ratio(t["hp"], t["plan"])
-    if paired is not None:
-        out.update(speedup=paired[0], speedup_ci=[paired[1], paired[2]])
+    out.update(_speedup(t["hp"], t["plan"]))
     return out
+
+
+def _speedup(hp, plan) -> dict:
+    """``speedup`` of ``plan`` over ``hp`` (two timings of one interleaved run): the median
+    per-round ratio with its 95% CI ``speedup_ci`` where the rounds pair, else the ratio of
+    the medians."""
+    paired = paired_ratio(hp, plan)
+    if paired is None:
+        return {"speedup": hp.median / plan.median}
+    return {"speedup": paired[0], "speedup_ci": [paired[1], paired[2]]}
 
 
 def time_together(model: onnx.ModelProto, candidates: dict[str, onnx.ModelProto], backend,
@@ -135,14 +143,7 @@ def time_together(model: onnx.ModelProto, candidates: dict[str, onnx.ModelProto]
     if "hp" in candidates:
         raise ValueError("time_together: 'hp' names the input model; name the candidates otherwise")
     t = backend.time({"hp": model, **candidates}, timing_inputs)
-    out = {}
-    for name in candidates:
-        got = {"speedup": t["hp"].median / t[name].median}
-        paired = paired_ratio(t["hp"], t[name])
-        if paired is not None:
-            got.update(speedup=paired[0], speedup_ci=[paired[1], paired[2]])
-        out[name] = got
-    return out
+    return {name: _speedup(t["hp"], t[name]) for name in candidates}
 
 
 def speedup_interval(measured: dict) -> tuple[float, float]:

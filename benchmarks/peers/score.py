@@ -416,20 +416,26 @@ def _clear(lines: list[str]) -> str:
 QUALITY_TIE = 1e-4
 
 
+def best_of_ours(res, e, key: str) -> dict | None:
+    """The fastest (speed-up ``key``) of our shipped plans, or fp32, with quality equal (within
+    :data:`QUALITY_TIE`) to or better than entry ``e``'s; None when there is none."""
+    q = primary(res, e, key)
+    ours = [o for o in res["entries"] if o["method"] in ("ours", "fp32") and o.get(key) and not o.get("rejected")
+            and primary(res, o, key) >= q - QUALITY_TIE * abs(q)]
+    return max(ours, key=lambda o: o[key], default=None)
+
+
 def front_lines(res, key: str) -> list[str]:
-    """Each peer point (speed-up ``key``) against the fastest of our shipped plans, or fp32,
-    with equal (within :data:`QUALITY_TIE`) or better quality."""
+    """Each peer point (speed-up ``key``) against :func:`best_of_ours`."""
     kind = res["meta"]["kind"]
     ci_key = "ci" if key == "speedup" else "ov_ci"
-    ours = [(primary(res, e, key), e[key], e.get(ci_key) or [e[key], e[key]]) for e in res["entries"]
-            if e["method"] in ("ours", "fp32") and e.get(key) and not e.get("rejected")]
     lines = []
     for e in res["entries"]:
         if e["method"] in ("ours", "fp32") or not e.get(key):
             continue
         q = primary(res, e, key)
-        best = max(((sp, ci) for qq, sp, ci in ours if qq >= q - QUALITY_TIE * abs(q)), default=None,
-                   key=lambda x: x[0])
+        o = best_of_ours(res, e, key)
+        best = None if o is None else (o[key], o.get(ci_key) or [o[key], o[key]])
         verdict = "above ours**" if best is None or best[0] < e[key] else "at or below ours**"
         if best is not None and best[0] < e[key] and e.get(ci_key):
             # a point estimate above ours may be noise: say whether the two 95% CIs leave a gap

@@ -47,14 +47,11 @@ def tied_pairs(res: dict, key: str) -> list[tuple[dict, dict]]:
     """Each peer entry of a score whose speed-up ``key`` is above the fastest of our shipped
     plans (or fp32) at equal or better quality, with that plan: the pairs score.front_lines
     marks 'above ours'."""
-    ours = [e for e in res["entries"] if e["method"] in ("ours", "fp32") and e.get(key) and not e.get("rejected")]
     pairs = []
     for e in res["entries"]:
         if e["method"] in ("ours", "fp32") or not e.get(key):
             continue
-        q = score.primary(res, e, key)
-        ok = [o for o in ours if score.primary(res, o, key) >= q - score.QUALITY_TIE * abs(q)]
-        best = max(ok, key=lambda o: o[key], default=None)
+        best = score.best_of_ours(res, e, key)
         if best is not None and best[key] < e[key]:
             pairs.append((e, best))
     return pairs
