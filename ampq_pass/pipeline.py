@@ -319,6 +319,9 @@ LOSS_ROUNDS = 2
 LOSS_AIM = 0.9
 #: the most a plan's measured loss far under its prediction may loosen the budget, as a factor of it
 LOOSEN_MAX = 4.0
+#: the verified plans, fastest by their own verification first, that are timed together before one
+#: ships (each verification ran at its own moment; a small Llama's decode moved 7% between runs)
+SHIP_FINALISTS = 4
 
 
 @dataclass
@@ -818,28 +821,52 @@ def _verify_and_repair(inp: _Inputs, ranges: Ranges, table: GainTable, sens: Sen
 def _fastest_together(inp: _Inputs, candidates: list[int], rounds: list[Round], verified: list, budget: TimeBudget,
                       once: float, log) -> int:
     """Of the verified plans ``candidates`` (indices into ``rounds``, each faster than the input
-    and within the loss budget), the one to ship: with two or more, the fastest in one run
-    timing them together (:func:`ampq_pass.stages.verify.time_together`; the fastest few by
-    their own verification, as many as :func:`ampq_pass.stages.repair.variants_at_once` lets
-    beside the input), else the fastest by its own verification. Each timed round's measurement
-    gets ``together``: its speed-up in that run."""
+    and within the loss budget), the one to ship: with two or more, the fastest when timed
+    together (:func:`ampq_pass.stages.verify.time_together`) of the :data:`SHIP_FINALISTS`
+    fastest by their own verification, else the fastest by its own verification.
+
+    Where memory holds the input and as many plans
+    (:func:`ampq_pass.stages.repair.variants_at_once`), one run times them all with the input.
+    Where it holds one variant at a time, a knockout: the leader and the next finalist timed
+    against each other without the input (two whole-model sessions, as a verification holds,
+    not three), the faster leading on. Each timed round's measurement gets ``together``: its
+    speed-up in its last such run, ``over`` the input or the round it was timed against."""
     best = max(candidates, key=lambda i: rounds[i].measured["speedup"])
     if len(candidates) < 2:
         return best
-    at_once = max(2, variants_at_once(inp.model, inp.timing_inputs[0] if inp.timing_inputs else None))
-    picked = sorted(candidates, key=lambda i: -rounds[i].measured["speedup"])[:at_once]
-    if not budget.fits(once, f"timing the {len(picked)} verified plans together", log):
-        return best
-    together = time_together(inp.model, {f"round{i}": verified[i][1] for i in picked}, inp.backend,
-                             inp.timing_inputs)
-    if together is None:
-        return best
-    for i in picked:
-        rounds[i].measured["together"] = together[f"round{i}"]
-    chosen = max(picked, key=lambda i: together[f"round{i}"]["speedup"])
-    log("      the verified plans timed together: " + ", ".join(
-        f"round {i} {together[f'round{i}']['speedup']:.3f}x (alone {rounds[i].measured['speedup']:.3f}x)"
-        for i in picked) + f"; shipping round {chosen}")
+    at_once = variants_at_once(inp.model, inp.timing_inputs[0] if inp.timing_inputs else None)
+    picked = sorted(candidates, key=lambda i: -rounds[i].measured["speedup"])[:SHIP_FINALISTS]
+    if at_once > 1:
+        picked = picked[:max(2, at_once)]
+        if not budget.fits(once, f"timing the {len(picked)} verified plans together", log):
+            return best
+        together = time_together(inp.model, {f"round{i}": verified[i][1] for i in picked}, inp.backend,
+                                 inp.timing_inputs)
+        if together is None:
+            return best
+        for i in picked:
+            rounds[i].measured["together"] = together[f"round{i}"]
+        chosen = max(picked, key=lambda i: together[f"round{i}"]["speedup"])
+        log("      the verified plans timed together: " + ", ".join(
+            f"round {i} {together[f'round{i}']['speedup']:.3f}x (alone {rounds[i].measured['speedup']:.3f}x)"
+            for i in picked) + f"; shipping round {chosen}")
+        return chosen
+    chosen = picked[0]
+    for challenger in picked[1:]:
+        if not budget.fits(once, f"timing verified round {challenger} against round {chosen}", log):
+            break
+        pair = time_together(None, {f"round{chosen}": verified[chosen][1],
+                                    f"round{challenger}": verified[challenger][1]}, inp.backend, inp.timing_inputs)
+        if pair is None:
+            break
+        rounds[chosen].measured["together"] = pair[f"round{chosen}"]
+        rounds[challenger].measured["together"] = pair[f"round{challenger}"]
+        ratio = pair[f"round{challenger}"]["speedup"]
+        log(f"      verified round {challenger} (alone {rounds[challenger].measured['speedup']:.3f}x) timed "
+            f"against round {chosen} (alone {rounds[chosen].measured['speedup']:.3f}x): {ratio:.3f}x")
+        if ratio > 1.0:
+            chosen = challenger
+    log(f"      shipping round {chosen}")
     return chosen
 
 

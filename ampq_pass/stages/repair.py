@@ -78,8 +78,10 @@ class Round:
         return {"round": self.index, "layers_quantized": len(self.formats), "formats": dict(self.formats),
                 "predicted_speedup": self.predicted_speedup, "measured_speedup": self.measured.get("speedup"),
                 "measured_loss_mse": self.measured.get("loss_mse"),
-                # its speed-up in the run that timed the verified plans together (pipeline's ship choice)
+                # its speed-up in the run that timed the verified plans together (pipeline's ship choice),
+                # over the input or, where memory holds one variant at a time, over the other plan
                 "measured_together": (self.measured.get("together") or {}).get("speedup"),
+                "measured_together_over": (self.measured.get("together") or {}).get("over"),
                 "corrections": {str(k): v for k, v in self.corrections.items()}, "note": self.note}
 
 

@@ -128,11 +128,14 @@ def _speedup(hp, plan) -> dict:
     return {"speedup": paired[0], "speedup_ci": [paired[1], paired[2]]}
 
 
-def time_together(model: onnx.ModelProto, candidates: dict[str, onnx.ModelProto], backend,
+def time_together(model: onnx.ModelProto | None, candidates: dict[str, onnx.ModelProto], backend,
                   timing_inputs) -> dict[str, dict] | None:
     """Each of ``candidates``' speed-up over ``model`` from one run timing them all and ``model``
     interleaved on ``timing_inputs``: ``speedup`` (the median per-round ratio where the rounds
-    pair, else the ratio of the medians) and ``speedup_ci``; None on a cost model.
+    pair, else the ratio of the medians), ``speedup_ci`` and ``over`` ("input"); None on a cost
+    model. ``model`` None: the candidates alone (a model of which memory holds two whole-model
+    sessions at a time, as a verification does), each one's speed-up over the first candidate
+    (``over``: its name; the first gets 1).
 
     Why: each plan the pass verifies is timed against the input in a run of its own, and two
     such runs at different moments do not order two plans reliably (a small Llama's decode
@@ -142,8 +145,12 @@ def time_together(model: onnx.ModelProto, candidates: dict[str, onnx.ModelProto]
         return None
     if "hp" in candidates:
         raise ValueError("time_together: 'hp' names the input model; name the candidates otherwise")
+    if model is None:
+        first = next(iter(candidates))
+        t = backend.time(dict(candidates), timing_inputs)
+        return {name: {**_speedup(t[first], t[name]), "over": first} for name in candidates}
     t = backend.time({"hp": model, **candidates}, timing_inputs)
-    return {name: _speedup(t["hp"], t[name]) for name in candidates}
+    return {name: {**_speedup(t["hp"], t[name]), "over": "input"} for name in candidates}
 
 
 def speedup_interval(measured: dict) -> tuple[float, float]:

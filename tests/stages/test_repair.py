@@ -380,3 +380,33 @@ def test_the_verified_plans_are_timed_together_before_one_ships(tmp_path, block)
     assert res.solution.plan.formats == mlp_only[0]["formats"]
     assert _quantized_layers(onnx.load(tmp_path / "o.onnx")) <= mlp
     assert any("timed together" in line and f"shipping round {mlp_only[0]['round']}" in line for line in lines)
+
+
+def test_where_memory_holds_one_variant_the_verified_plans_are_timed_in_pairs(tmp_path, block, monkeypatch):
+    """As above on a model of which memory holds one reverted variant at a time: each timing run
+    of the ship choice holds two whole-model sessions (two plans, without the input), as a
+    verification does; the faster of each pair meets the next plan, and the MLP-only plan, 1.45 /
+    1.4 = 1.04x the other plans there, ships."""
+    import ampq_pass.stages.repair as repair
+
+    monkeypatch.setattr(repair, "VARIANTS_AT_ONCE", 1)
+    path, (attention, mlp) = block
+    backend = SeparateRunsMislead([(attention, 0.05), (mlp, -0.6)], mlp)
+    calls = []
+    time = backend.time
+    backend.time = lambda models, inputs: calls.append(sorted(models)) or time(models, inputs)
+    lines = []
+    res = run_pass(path, tmp_path / "o.onnx", calib=tmp_path / "calib.npz", max_loss_rmse=10.0, backend=backend,
+                   cache_dir=None, progress=False, log=lines.append)
+    rounds = res.report["rounds"]
+    mlp_only = [r for r in rounds if set(r["formats"]) <= mlp]
+    assert len(mlp_only) == 1 and len(rounds) >= 2
+    pairs = [c for c in calls if any(label.startswith("round") for label in c)]
+    assert pairs and all(len(c) == 2 and "hp" not in c for c in pairs)
+    assert len(pairs) == min(len(rounds), 4) - 1  # a knockout of the (at most four) finalists
+    name = f"round{mlp_only[0]['round']}"
+    assert any(name in c for c in pairs)
+    assert mlp_only[0]["measured_together_over"] != "input"
+    assert mlp_only[0]["measured_together"] == pytest.approx(1.45 / 1.4, rel=0.01)
+    assert res.solution.plan.formats == mlp_only[0]["formats"]
+    assert any(f"shipping round {mlp_only[0]['round']}" in line for line in lines)

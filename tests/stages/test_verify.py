@@ -58,22 +58,39 @@ class ByName(Backend):
         return {label: Timing.of([self.times[m.graph.name] * f for f in load]) for label, m in models.items()}
 
 
-def test_candidates_are_timed_together_against_the_input(mlp_model):
+def _renamer(model):
+    """Copies of ``model`` told apart by their graph's name (what :class:`ByName` times)."""
     import onnx
 
     def named(name):
         m = onnx.ModelProto()
-        m.CopyFrom(mlp_model)
+        m.CopyFrom(model)
         m.graph.name = name
         return m
 
+    return named
+
+
+def test_candidates_are_timed_together_against_the_input(mlp_model):
+    named = _renamer(mlp_model)
     backend = ByName({"input": 0.010, "a": 0.008, "b": 0.005})
     got = time_together(named("input"), {"r0": named("a"), "r1": named("b")}, backend, [{}])
     assert backend.calls == [["hp", "r0", "r1"]]  # one run, the input first
     assert got["r0"]["speedup"] == pytest.approx(1.25) and got["r1"]["speedup"] == pytest.approx(2.0)
     assert got["r1"]["speedup_ci"] == pytest.approx([2.0, 2.0])
+    assert got["r0"]["over"] == got["r1"]["over"] == "input"
     with pytest.raises(ValueError, match="'hp' names the input"):
         time_together(named("input"), {"hp": named("a")}, backend, [{}])
+
+
+def test_without_the_input_candidates_are_timed_against_the_first(mlp_model):
+    """A model of which memory holds two sessions at a time: the candidates alone, one run."""
+    named = _renamer(mlp_model)
+    backend = ByName({"a": 0.008, "b": 0.005})
+    got = time_together(None, {"r0": named("a"), "r1": named("b")}, backend, [{}])
+    assert backend.calls == [["r0", "r1"]]
+    assert got["r0"]["speedup"] == pytest.approx(1.0) and got["r1"]["speedup"] == pytest.approx(1.6)
+    assert got["r0"]["over"] == got["r1"]["over"] == "r0"
 
 
 def test_without_paired_rounds_the_medians_intervals_are_used():
