@@ -549,10 +549,12 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
         if hit:
             log("      (from cache)")
         scales = numerics.loss_scales()
-        if scales:  # the backend computes these formats less accurately than the QDQ semantics say
-            sens = scale_sensitivity(sens, scales)
+        if scales or numerics.layer_scales:  # the backend computes these less accurately than QDQ says
+            sens = scale_sensitivity(sens, scales, numerics.layer_scales)
             log("      loss scaled for the backend's own error: "
-                + ", ".join(f"{f} x{k:.2f}" for f, k in sorted(scales.items())))
+                + ", ".join([f"{f} x{k:.2f}" for f, k in sorted(scales.items())]
+                            + [f"{l} in {f} x{k:.3g}" for l, per in sorted(numerics.layer_scales.items())
+                               for f, k in sorted(per.items())]))
         warning = constant_output_warning(sens)  # an output that never varies: the budget means nothing on it
         if warning:
             log(f"      {warning}")

@@ -16,7 +16,8 @@ from ampq_pass.core.measure import Backend
 from ampq_pass.core.samples import Samples
 from ampq_pass.stages.calibrate import compute_ranges
 from ampq_pass.stages.layers import find_layers
-from ampq_pass.stages.numerics import RATIO_MIN, check_numerics, relative_error, scale_sensitivity, unfaithful
+from ampq_pass.stages.numerics import (RATIO_MAX, RATIO_MIN, SCALED, NumericsEntry, check_numerics, less_accurate_scale,
+                                       relative_error, scale_sensitivity, unfaithful)
 from ampq_pass.stages.sensitivity import CutLoss, Sensitivity
 
 HAVE_OV = importlib.util.find_spec("openvino") is not None
@@ -90,7 +91,8 @@ def test_a_layer_the_backend_gets_wrong_loses_that_format_and_only_it(mlp, tmp_p
     assert {(e.format, tuple(e.layers), e.reason) for e in found.entries} == {
         ("int8", ("fc2",), "unfaithful alone"), ("int8_sym", ("fc2",), "unfaithful alone")}
     assert found.candidates["fc2"] == ["hp"] and found.candidates["fc1"] == ["hp", "int8", "int8_sym"]
-    assert all(e.backend_error > 10 * e.reference_error for e in found.entries)
+    assert all(e.backend_error > RATIO_MAX * e.reference_error for e in found.entries)  # wrong, not less accurate
+    assert found.layer_scales == {}
     # cached: a second run asks the backend nothing
     runs = backend.runs
     again = check_numerics(model, layers, candidates, ranges, backend, batch, cache=Cache(tmp_path))
@@ -156,7 +158,8 @@ def test_a_faithful_backend_with_a_larger_error_scales_that_formats_loss(mlp, tm
 
 def test_a_layer_far_off_alone_is_found_inside_a_set_within_the_factor(mlp):
     """A set whose error ratio is beyond RATIO_MIN but within FACTOR is searched: the layer the
-    device gets wrong alone is dropped, the rest kept, and the ratio of what is left is ~1."""
+    device computes far off alone is found, the rest kept, and the ratio of what is left is ~1.
+    Its own ratio is within RATIO_MAX: it keeps the format, its loss scaled by that ratio squared."""
     from ampq_pass.stages.plan import Plan
     from ampq_pass.stages.rewrite import rewrite
 
@@ -177,10 +180,14 @@ def test_a_layer_far_off_alone_is_found_inside_a_set_within_the_factor(mlp):
                                            [batch])[0], ref) / relative_error(every, ref)
     assert RATIO_MIN < whole < 2.0  # the whole set is faithful by FACTOR
     found = check_numerics(model, layers, candidates, ranges, backend, batch)
-    assert [(e.layers, e.reason) for e in found.entries] == [([culprit], "unfaithful alone")]
-    assert found.candidates[culprit] == ["hp"] and all(found.candidates[l.name] == ["hp", "int8"]
-                                                      for l in layers if l.name != culprit)
+    assert [(e.layers, e.reason) for e in found.entries] == [([culprit], SCALED)]
+    e = found.entries[0]
+    assert 2.0 < e.backend_error / e.reference_error <= RATIO_MAX
+    assert all(found.candidates[l.name] == ["hp", "int8"] for l in layers)
+    assert found.layer_scales == {culprit: {"int8": pytest.approx((e.backend_error / e.reference_error) ** 2)}}
     assert found.ratios["int8"] == pytest.approx(1.0, abs=0.05)
+    assert "int8: faithful but 1 layer less accurate alone kept (loss scaled by" in found.summary()
+    assert found.to_json()["layer_scales"] == found.layer_scales
 
 
 def test_scale_sensitivity_scales_one_formats_terms_and_leaves_the_rest():
@@ -194,6 +201,32 @@ def test_scale_sensitivity_scales_one_formats_terms_and_leaves_the_rest():
     assert out.extra["backend_loss_scales"] == {"int8": 3.0} and "backend_loss_scales" in out.to_json()
     assert sens.values["a"]["int8"] == 2.0  # the input is not changed
     assert scale_sensitivity(sens, {}) is sens
+
+
+def test_a_layer_off_alone_within_ratio_max_keeps_its_format_with_its_loss_scaled():
+    """The loss MSE is quadratic in the output error: the ratio's square; beyond RATIO_MAX, or
+    not computed at all, or a set wrong only together, the pair is dropped."""
+    def entry(eb, er, reason="unfaithful alone", layers=("c",)):
+        return NumericsEntry("int8_sym", list(layers), eb, er, reason)
+
+    assert less_accurate_scale(entry(0.0891, 0.0033)) == pytest.approx((0.0891 / 0.0033) ** 2)  # YOLOv8n model.0
+    assert less_accurate_scale(entry(0.1199, 0.0006)) is None  # its box head in int8: 200x
+    assert less_accurate_scale(entry(float("inf"), 0.01)) is None  # the backend cannot run it
+    assert less_accurate_scale(entry(0.01, 0.0)) is None
+    assert less_accurate_scale(entry(0.03, 0.01, "unfaithful only together", ("a", "b"))) is None
+    assert less_accurate_scale(entry(0.03, 0.01, "not resolved within the test cap", ("a", "b"))) is None
+
+
+def test_scale_sensitivity_takes_a_layers_own_scale_where_it_is_larger():
+    sens = Sensitivity(values={"a": {"int8": 2.0}, "b": {"int8": 2.0, "fp16": 1.0}},
+                       weight={"a": {"int8": 1.0}, "b": {"int8": 1.0, "fp16": 0.5}},
+                       activation={"a": {"int8": 1.0}, "b": {"int8": 1.0, "fp16": 0.5}}, loss_mean=1.0,
+                       loss_sq_mean=2.0, samples=4, loss="mse")
+    out = scale_sensitivity(sens, {"int8": 3.0}, {"b": {"int8": 10.0, "fp16": 2.0}, "a": {"int8": 1.5}})
+    assert out.values == {"a": {"int8": 6.0}, "b": {"int8": 20.0, "fp16": 2.0}}
+    assert out.weight["b"] == {"int8": 10.0, "fp16": 1.0} and out.activation["a"] == {"int8": 3.0}
+    assert out.extra["backend_layer_loss_scales"]["b"] == {"int8": 10.0, "fp16": 2.0}
+    assert scale_sensitivity(sens, {}, {}) is sens
 
 
 def test_a_backend_that_runs_qdq_as_onnx_runtime_does_is_not_checked(mlp):
