@@ -201,8 +201,10 @@ def numerics_stage(model: onnx.ModelProto, layers: list[Layer], formats: dict[st
     log(f"      numerics: {found.summary()}")
     for e in found.entries:
         names = ", ".join(e.layers[:3]) + (f" and {len(e.layers) - 3} more" if len(e.layers) > 3 else "")
-        log(f"        {e.format} off on {names}: output error {e.backend_error:.3g} on {opts.backend} against "
-            f"{e.reference_error:.3g} in ONNX Runtime ({e.reason})")
+        kept = found.layer_scales.get(e.layers[0], {}).get(e.format) if len(e.layers) == 1 else None
+        log(f"        {e.format} {'less accurate' if kept else 'off'} on {names}: output error {e.backend_error:.3g} "
+            f"on {opts.backend} against {e.reference_error:.3g} in ONNX Runtime "
+            + (f"(kept, its loss scaled by {kept:.3g})" if kept else f"({e.reason}: dropped)"))
     return found
 
 
