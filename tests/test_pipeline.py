@@ -565,3 +565,48 @@ def test_a_plan_measured_near_its_predicted_loss_is_not_solved_again(tmp_path, b
     rounds = res.report["rounds"]
     assert 0 < rounds[0]["layers_quantized"] < len(res.report["layers"])
     assert not any(rd["note"].startswith("loss budget") for rd in rounds)
+
+
+class _LessAccurateOnOneLayer(_SlowerWhenWritten):
+    """:class:`_SlowerWhenWritten` (plans faster) that computes models its own way: where the
+    layer ``culprit`` is quantized (its float weight gone), its outputs are ``factor`` times as
+    far from the hp model's as ONNX Runtime's; otherwise as ONNX Runtime computes them."""
+
+    own_numerics = True
+
+    def __init__(self, hp_model, culprit_weight: str, factor: float):
+        super().__init__(0.5)
+        self.hp_model, self.weight, self.factor = hp_model, culprit_weight, factor
+
+    def key(self):
+        return {**super().key(), "culprit": self.weight, "factor": self.factor}
+
+    def outputs(self, model, batches):
+        from ampq_pass.core import ort
+
+        out = ort.run_batches(model, batches)
+        if self.weight in {t.name for t in model.graph.initializer}:
+            return out
+        hp = ort.run_batches(self.hp_model, batches)
+        return [{k: h[k] + self.factor * (o[k] - h[k]) for k in o} for o, h in zip(out, hp)]
+
+
+def test_a_layer_the_backend_computes_less_accurately_keeps_its_format_with_its_loss_scaled(
+        tmp_path, block_file, block_model):
+    """Five times ONNX Runtime's error alone: within numerics.RATIO_MAX, so the layer stays a
+    candidate and its sensitivity reaches the solver 25 times what the QDQ semantics give."""
+    from ampq_pass.stages.layers import find_layers
+
+    culprit = find_layers(block_model)[0]
+    kw = dict(calib=tmp_path / "calib.npz", max_loss_rmse=1.0, cache_dir=None, progress=False, log=lambda s: None)
+    plain = run_pass(block_file, tmp_path / "a.onnx", backend=_SlowerWhenWritten(0.5), **kw).report
+    lines = []
+    res = run_pass(block_file, tmp_path / "b.onnx", backend=_LessAccurateOnOneLayer(block_model, culprit.weight, 5.0),
+                   **{**kw, "log": lines.append}).report
+    assert res["numerics"]["layer_scales"] == {culprit.name: {"int8": pytest.approx(25.0, rel=0.02)}}
+    assert [e["reason"] for e in res["numerics"]["entries"]] == ["less accurate alone (kept, its loss scaled)"]
+    sens = {l["name"]: l["sensitivity"] for l in res["layers"]}
+    base = {l["name"]: l["sensitivity"] for l in plain["layers"]}
+    assert sens[culprit.name]["int8"] == pytest.approx(25.0 * base[culprit.name]["int8"], rel=0.02)
+    assert all(sens[n]["int8"] == pytest.approx(base[n]["int8"]) for n in base if n != culprit.name)
+    assert any(f"int8 less accurate on {culprit.name}" in line and "kept, its loss scaled by" in line for line in lines)
