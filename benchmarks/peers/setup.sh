@@ -1,6 +1,6 @@
 #!/bin/sh
 # Creates one peer's own virtualenv: benchmarks/peers/.venvs/<peer>/ (ignored by git).
-#   benchmarks/peers/setup.sh ort|inc|aimet|modelopt|quark
+#   benchmarks/peers/setup.sh ort|inc|aimet|modelopt|quark|olive
 # Each peer pins its own versions, so each gets its own venv. Where a peer needs torch, the CPU
 # build torch==2.13.0 (on local disk) goes in FIRST; then `pip install --dry-run` of the peer's
 # packages is checked: if it would install any torch other than the one present, or any nvidia-*
@@ -19,7 +19,9 @@ case "$PEER" in
   # modelopt: the [onnx] extra minus its GPU packages (onnxruntime-gpu, cupy-cuda12x)
   modelopt) TORCH=1; PKGS="nvidia-modelopt==0.47.0 onnxruntime==1.32.0 onnx onnx-graphsurgeon onnxconverter-common~=1.16.0 onnxslim onnxscript polygraphy ml_dtypes lief cppimport" ;;
   quark)    TORCH=1; PKGS="amd-quark==0.13 onnxruntime==1.32.0 onnx" ;;
-  *) echo "usage: $0 ort|inc|aimet|modelopt|quark" >&2; exit 2 ;;
+  # olive: Microsoft Olive's search over ONNX Runtime's quantizer options (OnnxQuantization)
+  olive)    TORCH=1; PKGS="olive-ai==0.13.0 onnxruntime==1.32.0 onnx requests" ;;
+  *) echo "usage: $0 ort|inc|aimet|modelopt|quark|olive" >&2; exit 2 ;;
 esac
 mkdir -p "$HERE/.venvs"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -41,4 +43,33 @@ if bad:
 PY
 rm -f "$REPORT"
 $PIP install -q $PKGS $EXTRA
+if [ "$PEER" = olive ]; then
+  # Olive 0.13.0 cannot serialise any run config holding a custom metric (its validator sets the
+  # metric's backend to None, its serializer then calls None.model_dump(): PydanticSerializationError
+  # in run_engine before anything runs; the same for its sub-metrics' metric_config). Two one-line
+  # fixes of those serializers (None serialised as None), and its resource search's enum lookup of
+  # those None values (not a member); nothing else changed.
+  "$VENV/bin/python" - <<'PY'
+import pathlib, olive.evaluator.metric as m
+p = pathlib.Path(m.__file__)
+s = p.read_text()
+fixes = {"return backend if isinstance(backend, str) else backend.model_dump()":
+         "return backend if backend is None or isinstance(backend, str) else backend.model_dump()",
+         "return metric_config.model_dump()": "return None if metric_config is None else metric_config.model_dump()"}
+for old, new in fixes.items():
+    if old in s:
+        s = s.replace(old, new)
+        print("patched", p, ":", new)
+p.write_text(s)
+# and its resource search then feeds those None values to a case-insensitive enum lookup
+import olive.common.config_utils as cu
+p = pathlib.Path(cu.__file__)
+s = p.read_text()
+old = "    def _missing_(cls, value):\n        value = value.lower()"
+new = "    def _missing_(cls, value):\n        if not isinstance(value, str):\n            return None\n        value = value.lower()"
+if old in s:
+    p.write_text(s.replace(old, new))
+    print("patched", p, ": a non-string value is no member")
+PY
+fi
 echo "$PEER venv ready: $VENV"
