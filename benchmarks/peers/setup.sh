@@ -48,7 +48,8 @@ if [ "$PEER" = olive ]; then
   # metric's backend to None, its serializer then calls None.model_dump(): PydanticSerializationError
   # in run_engine before anything runs; the same for its sub-metrics' metric_config). Two one-line
   # fixes of those serializers (None serialised as None), and its resource search's enum lookup of
-  # those None values (not a member); nothing else changed.
+  # those None values (not a member), and the metric's user_config serialised as its own class (not
+  # as the base class, which drops every field); nothing else changed.
   "$VENV/bin/python" - <<'PY'
 import pathlib, olive.evaluator.metric as m
 p = pathlib.Path(m.__file__)
@@ -70,6 +71,16 @@ new = "    def _missing_(cls, value):\n        if not isinstance(value, str):\n 
 if old in s:
     p.write_text(s.replace(old, new))
     print("patched", p, ": a non-string value is no member")
+# and the metric's user_config, declared as the base ConfigBase, serialises as {} (pydantic 2 writes a
+# field as its declared type): the custom metric's evaluate_func is lost on the way to the evaluator
+p = pathlib.Path(m.__file__)
+s = p.read_text()
+old = "    user_config: Optional[ConfigBase] = Field("
+new = "    user_config: Optional[SerializeAsAny[ConfigBase]] = Field("
+if old in s:
+    s = s.replace(old, new).replace("from pydantic import Field,", "from pydantic import Field, SerializeAsAny,", 1)
+    p.write_text(s)
+    print("patched", p, ": user_config serialised as its own class")
 PY
 fi
 echo "$PEER venv ready: $VENV"
