@@ -246,7 +246,9 @@ def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict
         for e in got["entries"]:
             entry = NumericsEntry(**e)
             scale = less_accurate_scale(entry)
-            if scale is not None:  # kept: the budget decides (decided here, not cached: see RATIO_MAX)
+            # kept, the budget decides; decided after the cache (its entries keep the raw reason),
+            # so a change of RATIO_MAX needs no new cache version
+            if scale is not None:
                 result.entries.append(dataclasses.replace(entry, reason=SCALED))
                 result.layer_scales.setdefault(entry.layers[0], {})[fmt] = scale
                 continue
