@@ -199,9 +199,10 @@ def numerics_stage(model: onnx.ModelProto, layers: list[Layer], formats: dict[st
         found = check_numerics(model, layers, formats, ranges, inp.backend, batch, rules=_rules(inp), cache=cache,
                                progress=lambda n: bar.update(1), seconds=seconds)
     log(f"      numerics: {found.summary()}")
+    scaled = found.layer_scales
     for e in found.entries:
         names = ", ".join(e.layers[:3]) + (f" and {len(e.layers) - 3} more" if len(e.layers) > 3 else "")
-        kept = found.layer_scales.get(e.layers[0], {}).get(e.format) if len(e.layers) == 1 else None
+        kept = scaled.get(e.layers[0], {}).get(e.format) if len(e.layers) == 1 else None
         log(f"        {e.format} {'less accurate' if kept else 'off'} on {names}: output error {e.backend_error:.3g} "
             f"on {opts.backend} against {e.reference_error:.3g} in ONNX Runtime "
             + (f"(kept, its loss scaled by {kept:.3g})" if kept else f"({e.reason}: dropped)"))
@@ -550,12 +551,12 @@ def run_pass(model_path: str | os.PathLike, output: str | os.PathLike, *, calib:
                                        run_batch=timing_batch(inp.timing_inputs, inp.timing_info))
         if hit:
             log("      (from cache)")
-        scales = numerics.loss_scales()
-        if scales or numerics.layer_scales:  # the backend computes these less accurately than QDQ says
-            sens = scale_sensitivity(sens, scales, numerics.layer_scales)
+        scales, layer_scales = numerics.loss_scales(), numerics.layer_scales
+        if scales or layer_scales:  # the backend computes these less accurately than QDQ says
+            sens = scale_sensitivity(sens, scales, layer_scales)
             log("      loss scaled for the backend's own error: "
                 + ", ".join([f"{f} x{k:.2f}" for f, k in sorted(scales.items())]
-                            + [f"{l} in {f} x{k:.3g}" for l, per in sorted(numerics.layer_scales.items())
+                            + [f"{l} in {f} x{k:.3g}" for l, per in sorted(layer_scales.items())
                                for f, k in sorted(per.items())]))
         warning = constant_output_warning(sens)  # an output that never varies: the budget means nothing on it
         if warning:

@@ -125,13 +125,21 @@ class Numerics:
     #: format -> the backend's output error over ONNX Runtime's with every layer left in that
     #: format quantized together (absent: no layer left, or both errors at rounding level)
     ratios: dict[str, float] = field(default_factory=dict)
-    #: layer -> format -> the factor its sensitivity takes: layers off alone within RATIO_MAX
-    layer_scales: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def loss_scales(self) -> dict[str, float]:
         """format -> the factor its sensitivity takes on this backend: the squared error ratio
         where it exceeds :data:`RATIO_MIN` (the loss MSE is quadratic in the output error)."""
         return {f: r * r for f, r in self.ratios.items() if r > RATIO_MIN}
+
+    @property
+    def layer_scales(self) -> dict[str, dict[str, float]]:
+        """layer -> format -> the factor its sensitivity takes on this backend: the layers kept
+        though off alone (:data:`SCALED` entries), each its squared error ratio."""
+        out: dict[str, dict[str, float]] = {}
+        for e in self.entries:
+            if e.reason == SCALED:
+                out.setdefault(e.layers[0], {})[e.format] = _squared_ratio(e)
+        return out
 
     def to_json(self) -> dict:
         return {"checked": list(self.checked), "tests": self.tests, "entries": [e.to_json() for e in self.entries],
@@ -189,7 +197,11 @@ def less_accurate_scale(entry: NumericsEntry) -> float | None:
     if entry.reason != "unfaithful alone" or len(entry.layers) != 1 or entry.reference_error <= 0:
         return None
     ratio = entry.backend_error / entry.reference_error
-    return ratio * ratio if math.isfinite(ratio) and ratio <= RATIO_MAX else None
+    return _squared_ratio(entry) if math.isfinite(ratio) and ratio <= RATIO_MAX else None
+
+
+def _squared_ratio(entry: NumericsEntry) -> float:
+    return (entry.backend_error / entry.reference_error) ** 2
 
 
 def relative_error(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
@@ -245,12 +257,10 @@ def check_numerics(model: onnx.ModelProto, layers: list[Layer], candidates: dict
             result.ratios[fmt] = float(got["ratio"])
         for e in got["entries"]:
             entry = NumericsEntry(**e)
-            scale = less_accurate_scale(entry)
             # kept, the budget decides; decided after the cache (its entries keep the raw reason),
             # so a change of RATIO_MAX needs no new cache version
-            if scale is not None:
+            if less_accurate_scale(entry) is not None:
                 result.entries.append(dataclasses.replace(entry, reason=SCALED))
-                result.layer_scales.setdefault(entry.layers[0], {})[fmt] = scale
                 continue
             result.entries.append(entry)
             for name in entry.layers:
